@@ -1,0 +1,57 @@
+//! CPU reference ops. Each op mirrors one CUDA kernel contract: inputs and
+//! explicit output buffers, shapes spelled out, and what is saved for the
+//! backward named in the docs. Compute is generic over [`Real`] (f32 for
+//! running, f64 for gradient checks); bf16 storage converts at the edges
+//! ([`cast`]).
+//!
+//! Backward conventions: gradients of *parameters* (weights, biases, the
+//! embedding table) accumulate (`+=`), so shared and tied weights just work;
+//! gradients of *activations* are overwritten.
+
+pub mod activations;
+pub mod adamw;
+pub mod attention;
+pub mod cast;
+pub mod embedding;
+pub mod gemm;
+pub mod kl;
+pub mod linear;
+pub mod logprob;
+pub mod real;
+pub mod rmsnorm;
+pub mod rope;
+pub mod topk;
+
+pub use real::Real;
+
+/// Errors an op reports instead of panicking, because they come from data
+/// (token ids, sequence layouts) rather than from the code's own shapes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpError {
+    #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        id: u32,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("cu_seqlens must start at 0, never decrease and end at {expected_total}; got {found:?}")]
+    BadSeqlens {
+        expected_total: usize,
+        found: Vec<i32>,
+    },
+}
+
+/// Checks a packed-sequence boundary array and returns it as usize offsets.
+pub fn check_cu_seqlens(cu_seqlens: &[i32], total: usize) -> Result<Vec<usize>, OpError> {
+    let bad = || OpError::BadSeqlens {
+        expected_total: total,
+        found: cu_seqlens.to_vec(),
+    };
+    if cu_seqlens.first() != Some(&0) || cu_seqlens.last().copied() != i32::try_from(total).ok() {
+        return Err(bad());
+    }
+    if cu_seqlens.windows(2).any(|w| w[1] < w[0]) {
+        return Err(bad());
+    }
+    Ok(cu_seqlens.iter().map(|&c| c as usize).collect())
+}

@@ -1,0 +1,110 @@
+//! CUDA backend: finds devices without panicking on machines that have no
+//! driver, loads the kernel modules embedded by `build.rs`, and launches them
+//! (`ops`). Each launcher matches a CPU op of `backend::cpu` one to one.
+//!
+//! Nothing here is global: a [`CudaBackend`] is one device and one stream, so
+//! several can live in one process (one per rank, later).
+
+mod ops;
+
+use crate::kernels;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA driver library (libcuda.so) on this machine")]
+    NoDriver,
+    #[error("the CUDA driver is present but reports no device")]
+    NoDevice,
+    #[error("this binary was built without CUDA kernels: {0}")]
+    NoKernels(&'static str),
+    #[error("kernel module `{0}` is not embedded in this binary")]
+    MissingModule(&'static str),
+    #[error("shape not supported by kernel `{kernel}`: {reason}")]
+    Unsupported { kernel: &'static str, reason: String },
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] DriverError),
+}
+
+/// Whether libcuda can be loaded. cudarc panics on first use without it, so
+/// every entry point checks this first.
+pub fn driver_present() -> bool {
+    // SAFETY: only attempts to dlopen the driver library by its usual names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// What `info` and the benches print about a device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_mem_bytes: usize,
+    pub multiprocessors: i32,
+}
+
+/// Lists the CUDA devices, or says why there are none.
+pub fn list_devices() -> Result<Vec<DeviceInfo>, CudaError> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    let count = CudaContext::device_count()?;
+    (0..count as usize)
+        .map(|ordinal| {
+            let ctx = CudaContext::new(ordinal)?;
+            Ok(DeviceInfo {
+                ordinal,
+                name: ctx.name()?,
+                compute_capability: ctx.compute_capability()?,
+                total_mem_bytes: ctx.total_mem()?,
+                multiprocessors: ctx
+                    .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            })
+        })
+        .collect()
+}
+
+/// One device with every embedded kernel module loaded.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and loads all embedded modules.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        if !kernels::kernels_embedded() {
+            return Err(CudaError::NoKernels(kernels::BUILD_NOTE));
+        }
+        if !driver_present() {
+            return Err(CudaError::NoDriver);
+        }
+        if CudaContext::device_count()? <= ordinal as i32 {
+            return Err(CudaError::NoDevice);
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let mut modules = HashMap::new();
+        for m in kernels::KERNEL_MODULES {
+            let image = cudarc::nvrtc::Ptx::from_binary(m.fatbin.to_vec());
+            modules.insert(m.name, ctx.load_module(image)?);
+        }
+        Ok(Self { ctx, stream, modules })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction, CudaError> {
+        let m = self.modules.get(module).ok_or(CudaError::MissingModule(module))?;
+        Ok(m.load_function(name)?)
+    }
+}

@@ -1,0 +1,9 @@
+//! vppo-engine: VPPO reinforcement-learning fine-tuning of Qwen2.5-VL.
+//!
+//! Layers (arrows point down only): `cli` -> ... -> `backend`. The CPU backend
+//! is the reference every CUDA kernel is tested against and the fallback when
+//! no GPU is present.
+
+pub mod backend;
+pub mod info;
+pub mod kernels;
