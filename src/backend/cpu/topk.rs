@@ -8,7 +8,8 @@ use std::cmp::Ordering;
 
 /// Tokens kept out of `len`: `ceil(len * ratio)` computed in f32, as the
 /// reference code does (`torch.ceil(num_valid_tokens * top_p)` on an f32
-/// tensor), so that e.g. 0.4 * 15 gives 6, not 7.
+/// tensor): 50 * 0.3 rounds to 15.000001 in f32 and keeps 16 tokens, where
+/// an f64 product would keep 15.
 pub fn topk_count(len: usize, ratio: f32) -> usize {
     ((len as f32) * ratio).ceil().max(0.0) as usize
 }
