@@ -18,7 +18,11 @@ pub fn report() -> String {
         }
     }
     if kernels::kernels_embedded() {
-        let _ = writeln!(s, "CUDA kernels: embedded ({} modules)", kernels::KERNEL_MODULES.len());
+        let _ = writeln!(
+            s,
+            "CUDA kernels: embedded ({} modules)",
+            kernels::KERNEL_MODULES.len()
+        );
     } else {
         let _ = writeln!(s, "CUDA kernels: NOT embedded (built without kernels)");
     }

@@ -21,7 +21,13 @@ use vppo_engine::backend::cpu::rope::{rope_fwd, RopeTable};
 use vppo_engine::backend::cpu::topk::{topk_count, topk_select_mask};
 use vppo_engine::backend::cpu::OpError;
 
-fn naive_matmul(m: usize, k: usize, n: usize, a: impl Fn(usize, usize) -> f64, b: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+fn naive_matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Fn(usize, usize) -> f64,
+    b: impl Fn(usize, usize) -> f64,
+) -> Vec<f64> {
     let mut c = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -35,14 +41,32 @@ fn naive_matmul(m: usize, k: usize, n: usize, a: impl Fn(usize, usize) -> f64, b
 fn matmul_matches_naive_for_every_transpose_and_split() {
     let mut r = rng(10);
     // Small (serial), tall (row split), short and wide (column split), empty k.
-    for &(m, k, n) in &[(1, 1, 1), (3, 5, 2), (300, 40, 30), (3, 80, 2000), (4, 0, 3)] {
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (3, 5, 2),
+        (300, 40, 30),
+        (3, 80, 2000),
+        (4, 0, 3),
+    ] {
         for ta in [Trans::No, Trans::Yes] {
             for tb in [Trans::No, Trans::Yes] {
                 let a = randn(&mut r, m * k, 1.0);
                 let b = randn(&mut r, k * n, 1.0);
                 let c0 = randn(&mut r, m * n, 1.0);
-                let get_a = |i: usize, p: usize| if ta == Trans::No { a[i * k + p] } else { a[p * m + i] };
-                let get_b = |p: usize, j: usize| if tb == Trans::No { b[p * n + j] } else { b[j * k + p] };
+                let get_a = |i: usize, p: usize| {
+                    if ta == Trans::No {
+                        a[i * k + p]
+                    } else {
+                        a[p * m + i]
+                    }
+                };
+                let get_b = |p: usize, j: usize| {
+                    if tb == Trans::No {
+                        b[p * n + j]
+                    } else {
+                        b[j * k + p]
+                    }
+                };
                 let ab = naive_matmul(m, k, n, get_a, get_b);
                 let expect: Vec<f64> = ab.iter().zip(&c0).map(|(x, c)| 0.5 * x + 2.0 * c).collect();
                 let mut c = c0.clone();
@@ -56,7 +80,10 @@ fn matmul_matches_naive_for_every_transpose_and_split() {
                 matmul(m, k, n, 0.5, &a32, ta, &b32, tb, 2.0, &mut c32);
                 let c32: Vec<f64> = c32.iter().map(|&v| v as f64).collect();
                 let e = rel_err(&c32, &expect);
-                assert!(e < 1e-5, "matmul f32 {m}x{k}x{n} {ta:?}/{tb:?}: rel err {e}");
+                assert!(
+                    e < 1e-5,
+                    "matmul f32 {m}x{k}x{n} {ta:?}/{tb:?}: rel err {e}"
+                );
             }
         }
     }
@@ -73,7 +100,10 @@ fn linear_matches_naive() {
     linear_fwd(&x, &w, Some(&b), t, i, o, &mut y);
     for tt in 0..t {
         for oo in 0..o {
-            let expect: f64 = b[oo] + (0..i).map(|ii| x[tt * i + ii] * w[oo * i + ii]).sum::<f64>();
+            let expect: f64 = b[oo]
+                + (0..i)
+                    .map(|ii| x[tt * i + ii] * w[oo * i + ii])
+                    .sum::<f64>();
             assert!((y[tt * o + oo] - expect).abs() < 1e-12);
         }
     }
@@ -104,7 +134,12 @@ fn activations_match_known_values() {
     let mut y = [0.0; 4];
     gelu_fwd(&x, &mut y);
     // x * Phi(x); Phi(1) = 0.8413447460685429, Phi(3) = 0.9986501019683699.
-    let expect = [0.0, 0.841_344_746_068_542_9, -0.158_655_253_931_457_05, 2.995_950_305_905_11];
+    let expect = [
+        0.0,
+        0.841_344_746_068_542_9,
+        -0.158_655_253_931_457_05,
+        2.995_950_305_905_11,
+    ];
     for (a, b) in y.iter().zip(expect) {
         assert!((a - b).abs() < 1e-12, "gelu {a} vs {b}");
     }
@@ -124,7 +159,13 @@ fn activations_match_known_values() {
 }
 
 /// Rotates pairs `(j, j + half)` of every head by `angle(t, j)`.
-fn naive_rope(x: &[f64], tokens: usize, heads: usize, head_dim: usize, angle: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+fn naive_rope(
+    x: &[f64],
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    angle: impl Fn(usize, usize) -> f64,
+) -> Vec<f64> {
     let half = head_dim / 2;
     let mut y = x.to_vec();
     for t in 0..tokens {
@@ -150,7 +191,9 @@ fn rope_layouts_match_their_definitions() {
     let x = randn(&mut r, pos.len() * heads * d, 1.0);
     let mut y = vec![0.0; x.len()];
     rope_fwd(&RopeTable::text_1d(&pos, d, 10000.0), &x, heads, &mut y);
-    let want = naive_rope(&x, pos.len(), heads, d, |t, j| pos[t] as f64 / 10000f64.powf(2.0 * j as f64 / d as f64));
+    let want = naive_rope(&x, pos.len(), heads, d, |t, j| {
+        pos[t] as f64 / 10000f64.powf(2.0 * j as f64 / d as f64)
+    });
     assert!(rel_err(&y, &want) < 1e-12);
 
     // M-RoPE, Qwen sections: j < 16 reads t, 16..40 reads h, 40..64 reads w.
@@ -158,7 +201,12 @@ fn rope_layouts_match_their_definitions() {
     let d = 128;
     let x = randn(&mut r, 3 * d, 1.0);
     let mut y = vec![0.0; x.len()];
-    rope_fwd(&RopeTable::mrope([&tt, &hh, &ww], [16, 24, 24], d, 1e6), &x, 1, &mut y);
+    rope_fwd(
+        &RopeTable::mrope([&tt, &hh, &ww], [16, 24, 24], d, 1e6),
+        &x,
+        1,
+        &mut y,
+    );
     let want = naive_rope(&x, 3, 1, d, |t, j| {
         let p = if j < 16 {
             tt[t]
@@ -174,7 +222,12 @@ fn rope_layouts_match_their_definitions() {
     // Equal streams reduce M-RoPE to 1D RoPE.
     let mut y1 = vec![0.0; x.len()];
     rope_fwd(&RopeTable::text_1d(&tt, d, 1e6), &x, 1, &mut y1);
-    rope_fwd(&RopeTable::mrope([&tt, &tt, &tt], [16, 24, 24], d, 1e6), &x, 1, &mut y);
+    rope_fwd(
+        &RopeTable::mrope([&tt, &tt, &tt], [16, 24, 24], d, 1e6),
+        &x,
+        1,
+        &mut y,
+    );
     assert!(rel_err(&y, &y1) < 1e-15);
 
     // Vision 2D, head_dim 80: 20 frequencies 1/10000^(2i/40); angles
@@ -183,7 +236,12 @@ fn rope_layouts_match_their_definitions() {
     let d = 80;
     let x = randn(&mut r, 4 * 2 * d, 1.0);
     let mut y = vec![0.0; x.len()];
-    rope_fwd(&RopeTable::vision_2d(&rows, &cols, d, 10000.0), &x, 2, &mut y);
+    rope_fwd(
+        &RopeTable::vision_2d(&rows, &cols, d, 10000.0),
+        &x,
+        2,
+        &mut y,
+    );
     let want = naive_rope(&x, 4, 2, d, |t, j| {
         let f = |i: usize| 1.0 / 10000f64.powf(2.0 * i as f64 / 40.0);
         if j < 20 {
@@ -214,7 +272,8 @@ fn naive_attention(
             let g = h * hkv / hq;
             for i in 0..lq {
                 let qi = &q[((q0 + i) * hq + h) * d..][..d];
-                let allowed: Vec<usize> = (0..lk).filter(|&j| !causal || j + lq <= i + lk).collect();
+                let allowed: Vec<usize> =
+                    (0..lk).filter(|&j| !causal || j + lq <= i + lk).collect();
                 if allowed.is_empty() {
                     continue;
                 }
@@ -244,7 +303,9 @@ fn naive_attention(
 #[test]
 fn attention_matches_naive_softmax_attention() {
     let mut r = rng(14);
-    let cases: &[(&[usize], &[usize], usize, usize, usize, bool)] = &[
+    // (q lens, k lens, q heads, kv heads, head_dim, causal)
+    type Case<'a> = (&'a [usize], &'a [usize], usize, usize, usize, bool);
+    let cases: &[Case] = &[
         (&[1, 4, 2], &[1, 4, 2], 2, 2, 8, false),
         (&[5, 1], &[5, 1], 4, 2, 16, true),
         (&[3], &[7], 6, 2, 80, true),
@@ -253,8 +314,18 @@ fn attention_matches_naive_softmax_attention() {
         (&[4], &[2], 1, 1, 4, true),
     ];
     for &(ql, kl, hq, hkv, d, causal) in cases {
-        let cq: Vec<i32> = std::iter::once(0).chain(ql.iter().scan(0, |s, &l| { *s += l as i32; Some(*s) })).collect();
-        let ck: Vec<i32> = std::iter::once(0).chain(kl.iter().scan(0, |s, &l| { *s += l as i32; Some(*s) })).collect();
+        let cq: Vec<i32> = std::iter::once(0)
+            .chain(ql.iter().scan(0, |s, &l| {
+                *s += l as i32;
+                Some(*s)
+            }))
+            .collect();
+        let ck: Vec<i32> = std::iter::once(0)
+            .chain(kl.iter().scan(0, |s, &l| {
+                *s += l as i32;
+                Some(*s)
+            }))
+            .collect();
         let tq: usize = ql.iter().sum();
         let tk: usize = kl.iter().sum();
         let q = randn(&mut r, tq * hq * d, 2.0);
@@ -274,14 +345,25 @@ fn attention_matches_naive_softmax_attention() {
         attention_fwd(&cfg, &q, &k, &v, &mut o, &mut lse).unwrap();
         let want = naive_attention(&q, &k, &v, ql, kl, hq, hkv, d, causal);
         let e = rel_err(&o, &want);
-        assert!(e < 1e-12, "attention {ql:?}/{kl:?} h{hq}/{hkv} d{d} causal={causal}: rel err {e}");
+        assert!(
+            e < 1e-12,
+            "attention {ql:?}/{kl:?} h{hq}/{hkv} d{d} causal={causal}: rel err {e}"
+        );
         assert!(lse.iter().all(|l| !l.is_nan()), "lse left unwritten");
     }
     // A malformed layout is an error, not a panic.
     let bad = [0, 3, 2];
-    let cfg = VarlenAttention { cu_seqlens_q: &bad, cu_seqlens_k: &bad, q_heads: 1, kv_heads: 1, head_dim: 2, causal: false, scale: 1.0 };
+    let cfg = VarlenAttention {
+        cu_seqlens_q: &bad,
+        cu_seqlens_k: &bad,
+        q_heads: 1,
+        kv_heads: 1,
+        head_dim: 2,
+        causal: false,
+        scale: 1.0,
+    };
     let x = vec![0.0; 4];
-    let err = attention_fwd(&cfg, &x, &x, &x, &mut vec![0.0; 4], &mut vec![0.0; 2]).unwrap_err();
+    let err = attention_fwd(&cfg, &x, &x, &x, &mut [0.0; 4], &mut [0.0; 2]).unwrap_err();
     assert!(matches!(err, OpError::BadSeqlens { .. }));
 }
 
@@ -292,7 +374,14 @@ fn embedding_gathers_rows_and_rejects_bad_ids() {
     embedding_fwd(&[2, 0], &table, 3, &mut out).unwrap();
     assert_eq!(out, vec![6.0, 7.0, 8.0, 0.0, 1.0, 2.0]);
     let err = embedding_fwd(&[1, 4], &table, 3, &mut out).unwrap_err();
-    assert_eq!(err, OpError::TokenOutOfRange { id: 4, position: 1, vocab: 4 });
+    assert_eq!(
+        err,
+        OpError::TokenOutOfRange {
+            id: 4,
+            position: 1,
+            vocab: 4
+        }
+    );
 }
 
 #[test]
@@ -311,8 +400,16 @@ fn token_logprob_matches_naive_softmax() {
         let h: f64 = -p.iter().map(|pi| pi * pi.ln()).sum::<f64>();
         assert!((ent[t] - h).abs() < 1e-12);
     }
-    let err = token_logprob_fwd(&z, vocab, &[0, 1, 37, 2], &mut lp, &mut ent, &mut lse).unwrap_err();
-    assert!(matches!(err, OpError::TokenOutOfRange { id: 37, position: 2, .. }));
+    let err =
+        token_logprob_fwd(&z, vocab, &[0, 1, 37, 2], &mut lp, &mut ent, &mut lse).unwrap_err();
+    assert!(matches!(
+        err,
+        OpError::TokenOutOfRange {
+            id: 37,
+            position: 2,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -361,7 +458,7 @@ fn k3_dependency_matches_hand_values() {
     assert!((s[2] - (0.5 + ln2 - 1.0)).abs() < 1e-15); // d = -ln 2
     assert_eq!(s[3], 10.0); // d clamps to 20, score caps at 10
     assert_eq!(s[4], 10.0); // d = 50 -> 20
-    // d = -37 clamps to -20: exp(-20) + 20 - 1 = 19.000000002 -> capped at 10.
+                            // d = -37 clamps to -20: exp(-20) + 20 - 1 = 19.000000002 -> capped at 10.
     assert_eq!(s[5], 10.0);
 }
 
@@ -398,8 +495,15 @@ fn topk_selects_largest_scores_per_response() {
     // Random rows against a rank-counting formulation.
     let mut r = rng(17);
     let lens = [1usize, 2, 7, 33, 100];
-    let scores: Vec<f64> = (0..lens.iter().sum()).map(|_| r.random_range(0..5) as f64).collect();
-    let cu: Vec<i32> = std::iter::once(0).chain(lens.iter().scan(0, |s, &l| { *s += l as i32; Some(*s) })).collect();
+    let scores: Vec<f64> = (0..lens.iter().sum())
+        .map(|_| r.random_range(0..5) as f64)
+        .collect();
+    let cu: Vec<i32> = std::iter::once(0)
+        .chain(lens.iter().scan(0, |s, &l| {
+            *s += l as i32;
+            Some(*s)
+        }))
+        .collect();
     let mut mask = vec![0.0; scores.len()];
     topk_select_mask(&scores, &cu, 0.4, &mut mask).unwrap();
     let mut start = 0;
@@ -407,7 +511,9 @@ fn topk_selects_largest_scores_per_response() {
         let row = &scores[start..start + len];
         let k = (len as f32 * 0.4).ceil() as usize;
         for i in 0..len {
-            let rank = (0..len).filter(|&j| row[j] > row[i] || (row[j] == row[i] && j < i)).count();
+            let rank = (0..len)
+                .filter(|&j| row[j] > row[i] || (row[j] == row[i] && j < i))
+                .count();
             assert_eq!(mask[start + i], if rank < k { 1.0 } else { 0.0 });
         }
         assert_eq!(mask[start..start + len].iter().sum::<f64>() as usize, k);
@@ -441,7 +547,11 @@ fn naive_adamw(cfg: &AdamWConfig, steps: &[Vec<f64>], p0: &[f64]) -> Vec<f64> {
 #[test]
 fn adamw_matches_torch_formula_over_several_steps() {
     let mut r = rng(18);
-    let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..AdamWConfig::default() };
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    };
     let n = 1000;
     let p0 = randn(&mut r, n, 1.0);
     let grads: Vec<Vec<f64>> = (0..5).map(|_| randn(&mut r, n, 1.0)).collect();
@@ -450,7 +560,15 @@ fn adamw_matches_torch_formula_over_several_steps() {
     let mut model = vec![bf16::ZERO; n];
     for (t, g) in grads.iter().enumerate() {
         let g32: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-        adamw_step(&cfg, t as u64 + 1, &mut p, &g32, &mut m, &mut v, Some(&mut model));
+        adamw_step(
+            &cfg,
+            t as u64 + 1,
+            &mut p,
+            &g32,
+            &mut m,
+            &mut v,
+            Some(&mut model),
+        );
     }
     let want = naive_adamw(&cfg, &grads, &p0);
     let got: Vec<f64> = p.iter().map(|&x| x as f64).collect();
@@ -461,7 +579,12 @@ fn adamw_matches_torch_formula_over_several_steps() {
     }
     // First step by hand: m_hat = g, v_hat = g^2, so the update is
     // lr * g / (|g| + eps), i.e. lr * sign(g), after the decay.
-    let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.5, eps: 0.0, ..AdamWConfig::default() };
+    let cfg = AdamWConfig {
+        lr: 0.1,
+        weight_decay: 0.5,
+        eps: 0.0,
+        ..AdamWConfig::default()
+    };
     let mut p = vec![2.0f32, -1.0];
     let (mut m, mut v) = (vec![0.0f32; 2], vec![0.0f32; 2]);
     adamw_step(&cfg, 1, &mut p, &[3.0, -0.25], &mut m, &mut v, None);
@@ -482,7 +605,7 @@ fn grad_norm_clipping_scales_only_above_the_limit() {
     let norm = clip_grad_norm(&mut [&mut c[..]], 1.0);
     assert!((norm - 0.5).abs() < 1e-7);
     assert_eq!(c, vec![0.3, 0.4]);
-    let mut d = vec![f32::NAN, 1.0];
+    let mut d = [f32::NAN, 1.0];
     assert!(clip_grad_norm(&mut [&mut d[..]], 1.0).is_nan());
     assert_eq!(d[1], 1.0);
 }

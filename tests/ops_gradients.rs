@@ -38,15 +38,35 @@ fn linear_backward_matches_finite_differences() {
             // Parameter grads accumulate: start from a known offset.
             let mut dw = vec![0.5; o * i];
             let mut db = vec![0.25; o];
-            linear_bwd(&up, &x, &w, t, i, o, Some(&mut dx), &mut dw, with_bias.then_some(&mut db[..]));
+            linear_bwd(
+                &up,
+                &x,
+                &w,
+                t,
+                i,
+                o,
+                Some(&mut dx),
+                &mut dw,
+                with_bias.then_some(&mut db[..]),
+            );
             dw.iter_mut().for_each(|v| *v -= 0.5);
             db.iter_mut().for_each(|v| *v -= 0.25);
             check_gradient("linear.dx", &x, &dx, |x| fwd(x, &w, bias), &mut r, PROBES);
             check_gradient("linear.dw", &w, &dw, |w| fwd(&x, w, bias), &mut r, PROBES);
             if with_bias {
-                check_gradient("linear.db", &b, &db, |b| fwd(&x, &w, Some(b)), &mut r, PROBES);
+                check_gradient(
+                    "linear.db",
+                    &b,
+                    &db,
+                    |b| fwd(&x, &w, Some(b)),
+                    &mut r,
+                    PROBES,
+                );
             } else {
-                assert!(db.iter().all(|&v| v == 0.0), "bias grad touched without a bias");
+                assert!(
+                    db.iter().all(|&v| v == 0.0),
+                    "bias grad touched without a bias"
+                );
             }
         }
     }
@@ -125,13 +145,33 @@ fn rope_backward_matches_finite_differences_for_all_layouts() {
     let mut r = rng(4);
     let pos: Vec<i32> = (0..5).map(|_| r.random_range(0..4000)).collect();
     check_rope("rope1d", &RopeTable::text_1d(&pos, 8, 10000.0), 3, &mut r);
-    check_rope("rope1d.len1", &RopeTable::text_1d(&[7], 128, 1e6), 2, &mut r);
+    check_rope(
+        "rope1d.len1",
+        &RopeTable::text_1d(&[7], 128, 1e6),
+        2,
+        &mut r,
+    );
     let t: Vec<i32> = (0..4).collect();
     let h: Vec<i32> = vec![0, 1, 1, 2];
     let w: Vec<i32> = vec![0, 0, 1, 3];
-    check_rope("mrope", &RopeTable::mrope([&t, &h, &w], [2, 3, 3], 16, 1e6), 2, &mut r);
-    check_rope("mrope.qwen", &RopeTable::mrope([&t, &h, &w], [16, 24, 24], 128, 1e6), 1, &mut r);
-    check_rope("vision2d", &RopeTable::vision_2d(&h, &w, 80, 10000.0), 2, &mut r);
+    check_rope(
+        "mrope",
+        &RopeTable::mrope([&t, &h, &w], [2, 3, 3], 16, 1e6),
+        2,
+        &mut r,
+    );
+    check_rope(
+        "mrope.qwen",
+        &RopeTable::mrope([&t, &h, &w], [16, 24, 24], 128, 1e6),
+        1,
+        &mut r,
+    );
+    check_rope(
+        "vision2d",
+        &RopeTable::vision_2d(&h, &w, 80, 10000.0),
+        2,
+        &mut r,
+    );
 }
 
 struct AttnCase {
@@ -156,17 +196,59 @@ fn attention_backward_matches_finite_differences() {
     let mut r = rng(5);
     let cases = [
         // length-1 sequences, bidirectional, plain MHA
-        AttnCase { q_lens: vec![1, 3, 1], k_lens: vec![1, 3, 1], q_heads: 2, kv_heads: 2, head_dim: 4, causal: false },
+        AttnCase {
+            q_lens: vec![1, 3, 1],
+            k_lens: vec![1, 3, 1],
+            q_heads: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            causal: false,
+        },
         // causal GQA ratio 2, odd sizes
-        AttnCase { q_lens: vec![5, 2], k_lens: vec![5, 2], q_heads: 4, kv_heads: 2, head_dim: 6, causal: true },
+        AttnCase {
+            q_lens: vec![5, 2],
+            k_lens: vec![5, 2],
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 6,
+            causal: true,
+        },
         // GQA ratio 3, head_dim 80 (vision), bidirectional windows
-        AttnCase { q_lens: vec![4, 3], k_lens: vec![4, 3], q_heads: 3, kv_heads: 1, head_dim: 80, causal: false },
+        AttnCase {
+            q_lens: vec![4, 3],
+            k_lens: vec![4, 3],
+            q_heads: 3,
+            kv_heads: 1,
+            head_dim: 80,
+            causal: false,
+        },
         // head_dim 128 (text), causal, queries fewer than keys (decode-like)
-        AttnCase { q_lens: vec![2, 1], k_lens: vec![4, 3], q_heads: 2, kv_heads: 1, head_dim: 128, causal: true },
+        AttnCase {
+            q_lens: vec![2, 1],
+            k_lens: vec![4, 3],
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 128,
+            causal: true,
+        },
         // more queries than keys: the first queries see nothing
-        AttnCase { q_lens: vec![4], k_lens: vec![2], q_heads: 1, kv_heads: 1, head_dim: 5, causal: true },
+        AttnCase {
+            q_lens: vec![4],
+            k_lens: vec![2],
+            q_heads: 1,
+            kv_heads: 1,
+            head_dim: 5,
+            causal: true,
+        },
         // longer than one query block (64 rows), causal GQA
-        AttnCase { q_lens: vec![70], k_lens: vec![70], q_heads: 2, kv_heads: 1, head_dim: 8, causal: true },
+        AttnCase {
+            q_lens: vec![70],
+            k_lens: vec![70],
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 8,
+            causal: true,
+        },
     ];
     for c in &cases {
         let cq = cu(&c.q_lens);
@@ -199,10 +281,34 @@ fn attention_backward_matches_finite_differences() {
         let mut dk = vec![f64::NAN; k.len()];
         let mut dv = vec![f64::NAN; v.len()];
         attention_bwd(&cfg, &q, &k, &v, &o, &lse, &up, &mut dq, &mut dk, &mut dv).unwrap();
-        let tag = format!("attn(q{:?} k{:?} h{}/{} d{} causal={})", c.q_lens, c.k_lens, c.q_heads, c.kv_heads, c.head_dim, c.causal);
-        check_gradient(&format!("{tag}.dq"), &q, &dq, |q| fwd(q, &k, &v), &mut r, PROBES);
-        check_gradient(&format!("{tag}.dk"), &k, &dk, |k| fwd(&q, k, &v), &mut r, PROBES);
-        check_gradient(&format!("{tag}.dv"), &v, &dv, |v| fwd(&q, &k, v), &mut r, PROBES);
+        let tag = format!(
+            "attn(q{:?} k{:?} h{}/{} d{} causal={})",
+            c.q_lens, c.k_lens, c.q_heads, c.kv_heads, c.head_dim, c.causal
+        );
+        check_gradient(
+            &format!("{tag}.dq"),
+            &q,
+            &dq,
+            |q| fwd(q, &k, &v),
+            &mut r,
+            PROBES,
+        );
+        check_gradient(
+            &format!("{tag}.dk"),
+            &k,
+            &dk,
+            |k| fwd(&q, k, &v),
+            &mut r,
+            PROBES,
+        );
+        check_gradient(
+            &format!("{tag}.dv"),
+            &v,
+            &dv,
+            |v| fwd(&q, &k, v),
+            &mut r,
+            PROBES,
+        );
     }
 }
 

@@ -71,7 +71,12 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     if a.iter().chain(b).any(|v| v.is_nan()) {
         return f64::INFINITY;
     }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if den == 0.0 {
         num

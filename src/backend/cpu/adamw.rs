@@ -44,7 +44,10 @@ pub fn adamw_step(
 ) {
     assert!(step >= 1, "adamw: step counts from 1");
     let n = param.len();
-    assert!(grad.len() == n && exp_avg.len() == n && exp_avg_sq.len() == n, "adamw: lengths differ");
+    assert!(
+        grad.len() == n && exp_avg.len() == n && exp_avg_sq.len() == n,
+        "adamw: lengths differ"
+    );
     let decay = (1.0 - cfg.lr * cfg.weight_decay) as f32;
     let one_minus_b1 = (1.0 - cfg.beta1) as f32;
     let b2 = cfg.beta2 as f32;
@@ -67,7 +70,10 @@ pub fn adamw_step(
         });
     if let Some(model) = model {
         assert_eq!(model.len(), n, "adamw: model copy length");
-        model.par_iter_mut().zip(param.par_iter()).for_each(|(w, &p)| *w = bf16::from_f32(p));
+        model
+            .par_iter_mut()
+            .zip(param.par_iter())
+            .for_each(|(w, &p)| *w = bf16::from_f32(p));
     }
 }
 

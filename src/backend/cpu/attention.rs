@@ -54,18 +54,36 @@ impl Plan {
 
 impl VarlenAttention<'_> {
     fn plan(&self, q_len: usize, k_len: usize, v_len: usize) -> Result<Plan, OpError> {
-        assert!(self.head_dim > 0 && self.q_heads > 0 && self.kv_heads > 0, "attention: empty heads");
-        assert_eq!(self.q_heads % self.kv_heads, 0, "attention: q_heads must be a multiple of kv_heads");
+        assert!(
+            self.head_dim > 0 && self.q_heads > 0 && self.kv_heads > 0,
+            "attention: empty heads"
+        );
+        assert_eq!(
+            self.q_heads % self.kv_heads,
+            0,
+            "attention: q_heads must be a multiple of kv_heads"
+        );
         assert_eq!(
             self.cu_seqlens_q.len(),
             self.cu_seqlens_k.len(),
             "attention: q and k sequence counts differ"
         );
-        assert!(!self.cu_seqlens_q.is_empty(), "attention: cu_seqlens is empty");
+        assert!(
+            !self.cu_seqlens_q.is_empty(),
+            "attention: cu_seqlens is empty"
+        );
         let q_row = self.q_heads * self.head_dim;
         let k_row = self.kv_heads * self.head_dim;
-        assert_eq!(q_len % q_row, 0, "attention: q is not [T, q_heads, head_dim]");
-        assert_eq!(k_len % k_row, 0, "attention: k is not [T, kv_heads, head_dim]");
+        assert_eq!(
+            q_len % q_row,
+            0,
+            "attention: q is not [T, q_heads, head_dim]"
+        );
+        assert_eq!(
+            k_len % k_row,
+            0,
+            "attention: k is not [T, kv_heads, head_dim]"
+        );
         assert_eq!(k_len, v_len, "attention: k and v differ in length");
         Ok(Plan {
             q_start: check_cu_seqlens(self.cu_seqlens_q, q_len / q_row)?,
@@ -149,7 +167,11 @@ impl VarlenAttention<'_> {
                 None => log_sum_exp(&row[..visible]),
             };
             for (j, v) in row.iter_mut().enumerate() {
-                *v = if j < visible && lse.is_finite() { (*v - lse).exp() } else { R::zero() };
+                *v = if j < visible && lse.is_finite() {
+                    (*v - lse).exp()
+                } else {
+                    R::zero()
+                };
             }
             lse_rows.push(lse);
         }
@@ -245,8 +267,14 @@ pub fn attention_bwd<R: Real>(
     dv: &mut [R],
 ) -> Result<(), OpError> {
     let plan = cfg.plan(q.len(), k.len(), v.len())?;
-    assert!(o.len() == q.len() && dout.len() == q.len() && dq.len() == q.len(), "attention: q-side lengths");
-    assert!(dk.len() == k.len() && dv.len() == v.len(), "attention: kv-side lengths");
+    assert!(
+        o.len() == q.len() && dout.len() == q.len() && dq.len() == q.len(),
+        "attention: q-side lengths"
+    );
+    assert!(
+        dk.len() == k.len() && dv.len() == v.len(),
+        "attention: kv-side lengths"
+    );
     assert_eq!(lse.len(), q.len() / cfg.head_dim, "attention: lse length");
     let d = cfg.head_dim;
     let scale = R::from_f64(cfg.scale);
@@ -269,14 +297,25 @@ pub fn attention_bwd<R: Real>(
                     if keys == 0 {
                         continue;
                     }
-                    let saved: Vec<R> = (0..bq).map(|r| lse[(qs + i0 + r) * cfg.q_heads + h]).collect();
+                    let saved: Vec<R> = (0..bq)
+                        .map(|r| lse[(qs + i0 + r) * cfg.q_heads + h])
+                        .collect();
                     let mut p = vec![R::zero(); bq * keys];
                     cfg.probabilities(&plan, s, h, i0, bq, keys, q, k, Some(&saved), &mut p);
                     let p_view = MatView::row_major(bq, keys);
                     let do_view = cfg.q_view(qs + i0, h, bq);
                     let acc_view = MatView::row_major(keys, d);
                     // dV += P^T dO
-                    gemm_view(R::one(), &p, p_view.t(), dout, do_view, R::one(), &mut dv_acc, acc_view);
+                    gemm_view(
+                        R::one(),
+                        &p,
+                        p_view.t(),
+                        dout,
+                        do_view,
+                        R::one(),
+                        &mut dv_acc,
+                        acc_view,
+                    );
                     // dP = dO V^T, then dS = P * (dP - rowsum(dO * O)) in place.
                     let mut ds = vec![R::zero(); bq * keys];
                     gemm_view(
@@ -308,7 +347,16 @@ pub fn attention_bwd<R: Real>(
                         &mut dq_h,
                         MatView::row_major(bq, d).at(i0 * d),
                     );
-                    gemm_view(scale, &ds, p_view.t(), q, cfg.q_view(qs + i0, h, bq), R::one(), &mut dk_acc, acc_view);
+                    gemm_view(
+                        scale,
+                        &ds,
+                        p_view.t(),
+                        q,
+                        cfg.q_view(qs + i0, h, bq),
+                        R::one(),
+                        &mut dk_acc,
+                        acc_view,
+                    );
                 }
                 dq_heads.push(dq_h);
             }

@@ -2,7 +2,7 @@
 //! across rayon threads by rows (or by columns when C is short and wide).
 //! GPU twin: cuBLAS / cuBLASLt GEMMs (no kernel of ours).
 
-use super::Real;
+use super::{Real, SharedMut};
 use rayon::prelude::*;
 
 /// Whether an operand is used as stored or transposed.
@@ -83,10 +83,24 @@ pub fn gemm_view<R: Real>(
 ) {
     assert_eq!(av.cols, bv.rows, "gemm: inner dimensions differ");
     assert_eq!((av.rows, bv.cols), (cv.rows, cv.cols), "gemm: output shape");
-    assert!(av.end() <= a.len() && bv.end() <= b.len() && cv.end() <= c.len(), "gemm: view out of bounds");
+    assert!(
+        av.end() <= a.len() && bv.end() <= b.len() && cv.end() <= c.len(),
+        "gemm: view out of bounds"
+    );
     // SAFETY: the asserts above keep every addressed element inside its
     // slice, and `c` is a unique borrow so it cannot alias `a` or `b`.
-    unsafe { gemm_ptr(alpha, a.as_ptr(), av, b.as_ptr(), bv, beta, c.as_mut_ptr(), cv) }
+    unsafe {
+        gemm_ptr(
+            alpha,
+            a.as_ptr(),
+            av,
+            b.as_ptr(),
+            bv,
+            beta,
+            c.as_mut_ptr(),
+            cv,
+        )
+    }
 }
 
 /// # Safety
@@ -113,7 +127,13 @@ unsafe fn gemm_ptr<R: Real>(
                 // SAFETY: (i, j) is inside the C view, in bounds by contract.
                 let p = unsafe { c.add(cv.offset + i * cv.row_stride + j * cv.col_stride) };
                 // SAFETY: as above.
-                unsafe { *p = if beta == R::zero() { R::zero() } else { beta * *p } };
+                unsafe {
+                    *p = if beta == R::zero() {
+                        R::zero()
+                    } else {
+                        beta * *p
+                    }
+                };
             }
         }
         return;
@@ -140,14 +160,6 @@ unsafe fn gemm_ptr<R: Real>(
     }
 }
 
-/// A raw pointer that may cross threads: each task writes a disjoint block.
-#[derive(Clone, Copy)]
-struct SharedMut<R>(*mut R);
-// SAFETY: only used for disjoint column blocks of C, one per task.
-unsafe impl<R> Send for SharedMut<R> {}
-// SAFETY: as above.
-unsafe impl<R> Sync for SharedMut<R> {}
-
 /// Below this many multiply-adds a GEMM runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
 
@@ -167,9 +179,24 @@ pub fn matmul<R: Real>(
     beta: R,
     c: &mut [R],
 ) {
-    assert_eq!(a.len(), m * k, "matmul: A has {} elements, expected {m}x{k}", a.len());
-    assert_eq!(b.len(), k * n, "matmul: B has {} elements, expected {k}x{n}", b.len());
-    assert_eq!(c.len(), m * n, "matmul: C has {} elements, expected {m}x{n}", c.len());
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul: A has {} elements, expected {m}x{k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "matmul: B has {} elements, expected {k}x{n}",
+        b.len()
+    );
+    assert_eq!(
+        c.len(),
+        m * n,
+        "matmul: C has {} elements, expected {m}x{n}",
+        c.len()
+    );
     let av = MatView::operand(m, k, ta);
     let bv = MatView::operand(k, n, tb);
     let cv = MatView::row_major(m, n);
@@ -181,21 +208,31 @@ pub fn matmul<R: Real>(
     let tasks = threads * 2;
     if m >= n || m >= 64 * tasks {
         let rows_per = m.div_ceil(tasks).max(8);
-        c.par_chunks_mut(rows_per * n).enumerate().for_each(|(t, c_rows)| {
-            let r0 = t * rows_per;
-            let rows = c_rows.len() / n;
-            let a_block = MatView {
-                rows,
-                offset: r0 * av.row_stride,
-                ..av
-            };
-            gemm_view(alpha, a, a_block, b, bv, beta, c_rows, MatView::row_major(rows, n));
-        });
+        c.par_chunks_mut(rows_per * n)
+            .enumerate()
+            .for_each(|(t, c_rows)| {
+                let r0 = t * rows_per;
+                let rows = c_rows.len() / n;
+                let a_block = MatView {
+                    rows,
+                    offset: r0 * av.row_stride,
+                    ..av
+                };
+                gemm_view(
+                    alpha,
+                    a,
+                    a_block,
+                    b,
+                    bv,
+                    beta,
+                    c_rows,
+                    MatView::row_major(rows, n),
+                );
+            });
     } else {
         let cols_per = n.div_ceil(tasks).max(32);
         let c_ptr = SharedMut(c.as_mut_ptr());
         (0..n.div_ceil(cols_per)).into_par_iter().for_each(|t| {
-            let c_ptr = c_ptr;
             let c0 = t * cols_per;
             let cols = cols_per.min(n - c0);
             let b_block = MatView {
@@ -211,7 +248,18 @@ pub fn matmul<R: Real>(
             // SAFETY: the views lie inside a, b and c (checked by the length
             // asserts above), and column blocks [c0, c0 + cols) are disjoint
             // across tasks, so no two tasks write the same element of C.
-            unsafe { gemm_ptr(alpha, a.as_ptr(), av, b.as_ptr(), b_block, beta, c_ptr.0, c_block) }
+            unsafe {
+                gemm_ptr(
+                    alpha,
+                    a.as_ptr(),
+                    av,
+                    b.as_ptr(),
+                    b_block,
+                    beta,
+                    c_ptr.get(),
+                    c_block,
+                )
+            }
         });
     }
 }

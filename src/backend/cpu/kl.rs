@@ -23,8 +23,14 @@ pub fn softmax_kl_fwd<R: Real>(
     lse_q: &mut [R],
 ) {
     let rows = kl.len();
-    assert!(logits_p.len() == rows * vocab && logits_q.len() == rows * vocab, "kl: logits are not [T, vocab]");
-    assert!(lse_p.len() == rows && lse_q.len() == rows, "kl: saved lengths");
+    assert!(
+        logits_p.len() == rows * vocab && logits_q.len() == rows * vocab,
+        "kl: logits are not [T, vocab]"
+    );
+    assert!(
+        lse_p.len() == rows && lse_q.len() == rows,
+        "kl: saved lengths"
+    );
     kl.par_iter_mut()
         .zip(lse_p.par_iter_mut().zip(lse_q.par_iter_mut()))
         .enumerate()
@@ -60,8 +66,14 @@ pub fn softmax_kl_bwd<R: Real>(
     dlogits_q: &mut [R],
 ) {
     let rows = kl.len();
-    assert!(dlogits_p.len() == rows * vocab && dlogits_q.len() == rows * vocab, "kl: grad lengths");
-    assert!(lse_p.len() == rows && lse_q.len() == rows && dkl.len() == rows, "kl: saved lengths");
+    assert!(
+        dlogits_p.len() == rows * vocab && dlogits_q.len() == rows * vocab,
+        "kl: grad lengths"
+    );
+    assert!(
+        lse_p.len() == rows && lse_q.len() == rows && dkl.len() == rows,
+        "kl: saved lengths"
+    );
     dlogits_p
         .par_chunks_mut(vocab)
         .zip(dlogits_q.par_chunks_mut(vocab))
@@ -71,7 +83,11 @@ pub fn softmax_kl_bwd<R: Real>(
                 let log_p = logits_p[t * vocab + v] - lse_p[t];
                 let log_q = logits_q[t * vocab + v] - lse_q[t];
                 let (p, q) = (log_p.exp(), log_q.exp());
-                dp[v] = if p > R::zero() { dkl[t] * p * (log_p - log_q - kl[t]) } else { R::zero() };
+                dp[v] = if p > R::zero() {
+                    dkl[t] * p * (log_p - log_q - kl[t])
+                } else {
+                    R::zero()
+                };
                 dq[v] = dkl[t] * (q - p);
             }
         });
@@ -81,7 +97,10 @@ pub fn softmax_kl_bwd<R: Real>(
 /// `d = clamp(lp_mask - lp_orig, -20, 20)`, `S = clamp(exp(d) - d - 1, 0, 10)`.
 /// Not differentiated: the dependency only weights the loss.
 pub fn dependency_k3<R: Real>(lp_orig: &[R], lp_mask: &[R], score: &mut [R]) {
-    assert!(lp_orig.len() == lp_mask.len() && lp_mask.len() == score.len(), "k3: lengths differ");
+    assert!(
+        lp_orig.len() == lp_mask.len() && lp_mask.len() == score.len(),
+        "k3: lengths differ"
+    );
     let (lo, hi) = (R::from_f64(-20.0), R::from_f64(20.0));
     let cap = R::from_f64(10.0);
     score.par_iter_mut().enumerate().for_each(|(i, s)| {

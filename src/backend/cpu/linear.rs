@@ -15,7 +15,18 @@ pub fn linear_fwd<R: Real>(
     out_features: usize,
     y: &mut [R],
 ) {
-    matmul(tokens, in_features, out_features, R::one(), x, Trans::No, w, Trans::Yes, R::zero(), y);
+    matmul(
+        tokens,
+        in_features,
+        out_features,
+        R::one(),
+        x,
+        Trans::No,
+        w,
+        Trans::Yes,
+        R::zero(),
+        y,
+    );
     if let Some(b) = bias {
         assert_eq!(b.len(), out_features, "linear: bias length");
         y.par_chunks_mut(out_features.max(1)).for_each(|row| {
@@ -41,9 +52,31 @@ pub fn linear_bwd<R: Real>(
     dbias: Option<&mut [R]>,
 ) {
     if let Some(dx) = dx {
-        matmul(tokens, out_features, in_features, R::one(), dy, Trans::No, w, Trans::No, R::zero(), dx);
+        matmul(
+            tokens,
+            out_features,
+            in_features,
+            R::one(),
+            dy,
+            Trans::No,
+            w,
+            Trans::No,
+            R::zero(),
+            dx,
+        );
     }
-    matmul(out_features, tokens, in_features, R::one(), dy, Trans::Yes, x, Trans::No, R::one(), dw);
+    matmul(
+        out_features,
+        tokens,
+        in_features,
+        R::one(),
+        dy,
+        Trans::Yes,
+        x,
+        Trans::No,
+        R::one(),
+        dw,
+    );
     if let Some(db) = dbias {
         assert_eq!(db.len(), out_features, "linear: bias grad length");
         db.par_iter_mut().enumerate().for_each(|(o, acc)| {

@@ -16,8 +16,15 @@ pub fn token_logprob_fwd<R: Real>(
     lse: &mut [R],
 ) -> Result<(), OpError> {
     let rows = targets.len();
-    assert_eq!(logits.len(), rows * vocab, "logprob: logits are not [T, vocab]");
-    assert!(logp.len() == rows && entropy.len() == rows && lse.len() == rows, "logprob: output lengths");
+    assert_eq!(
+        logits.len(),
+        rows * vocab,
+        "logprob: logits are not [T, vocab]"
+    );
+    assert!(
+        logp.len() == rows && entropy.len() == rows && lse.len() == rows,
+        "logprob: output lengths"
+    );
     if let Some(position) = targets.iter().position(|&t| t as usize >= vocab) {
         return Err(OpError::TokenOutOfRange {
             id: targets[position],
@@ -62,18 +69,39 @@ pub fn token_logprob_bwd<R: Real>(
     dlogits: &mut [R],
 ) {
     let rows = targets.len();
-    assert_eq!(logits.len(), rows * vocab, "logprob: logits are not [T, vocab]");
+    assert_eq!(
+        logits.len(),
+        rows * vocab,
+        "logprob: logits are not [T, vocab]"
+    );
     assert_eq!(dlogits.len(), logits.len(), "logprob: dlogits length");
-    assert!(lse.len() == rows && entropy.len() == rows, "logprob: saved lengths");
-    assert!(dlogp.len() == rows && dentropy.len() == rows, "logprob: grad lengths");
-    dlogits.par_chunks_mut(vocab).enumerate().for_each(|(t, dz)| {
-        let z = &logits[t * vocab..(t + 1) * vocab];
-        for (v, (o, &zv)) in dz.iter_mut().zip(z).enumerate() {
-            let logp_v = zv - lse[t];
-            let p = logp_v.exp();
-            let onehot = if v == targets[t] as usize { R::one() } else { R::zero() };
-            let d_ent = if p > R::zero() { -p * (logp_v + entropy[t]) } else { R::zero() };
-            *o = dlogp[t] * (onehot - p) + dentropy[t] * d_ent;
-        }
-    });
+    assert!(
+        lse.len() == rows && entropy.len() == rows,
+        "logprob: saved lengths"
+    );
+    assert!(
+        dlogp.len() == rows && dentropy.len() == rows,
+        "logprob: grad lengths"
+    );
+    dlogits
+        .par_chunks_mut(vocab)
+        .enumerate()
+        .for_each(|(t, dz)| {
+            let z = &logits[t * vocab..(t + 1) * vocab];
+            for (v, (o, &zv)) in dz.iter_mut().zip(z).enumerate() {
+                let logp_v = zv - lse[t];
+                let p = logp_v.exp();
+                let onehot = if v == targets[t] as usize {
+                    R::one()
+                } else {
+                    R::zero()
+                };
+                let d_ent = if p > R::zero() {
+                    -p * (logp_v + entropy[t])
+                } else {
+                    R::zero()
+                };
+                *o = dlogp[t] * (onehot - p) + dentropy[t] * d_ent;
+            }
+        });
 }

@@ -34,12 +34,34 @@ pub enum OpError {
         position: usize,
         vocab: usize,
     },
-    #[error("cu_seqlens must start at 0, never decrease and end at {expected_total}; got {found:?}")]
+    #[error(
+        "cu_seqlens must start at 0, never decrease and end at {expected_total}; got {found:?}"
+    )]
     BadSeqlens {
         expected_total: usize,
         found: Vec<i32>,
     },
 }
+
+/// A raw pointer handed to parallel tasks that each write a disjoint part of
+/// one buffer (columns of a matrix, say), where `split_at_mut` cannot express
+/// the split.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<R>(pub(crate) *mut R);
+
+impl<R> SharedMut<R> {
+    /// Going through a method makes closures capture the whole wrapper (which
+    /// is Send) rather than the bare pointer field.
+    pub(crate) fn get(self) -> *mut R {
+        self.0
+    }
+}
+
+// SAFETY: users write disjoint elements from each task and the buffer
+// outlives the parallel section; see each use site.
+unsafe impl<R> Send for SharedMut<R> {}
+// SAFETY: as above.
+unsafe impl<R> Sync for SharedMut<R> {}
 
 /// Checks a packed-sequence boundary array and returns it as usize offsets.
 pub fn check_cu_seqlens(cu_seqlens: &[i32], total: usize) -> Result<Vec<usize>, OpError> {

@@ -4,14 +4,7 @@
 use std::fmt::Debug;
 
 pub trait Real:
-    num_traits::Float
-    + num_traits::NumAssign
-    + std::iter::Sum
-    + Send
-    + Sync
-    + Default
-    + Debug
-    + 'static
+    num_traits::Float + num_traits::NumAssign + std::iter::Sum + Send + Sync + Default + Debug + 'static
 {
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -68,7 +61,9 @@ impl Real for f32 {
         csc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }
 
@@ -99,6 +94,8 @@ impl Real for f64 {
         csc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }

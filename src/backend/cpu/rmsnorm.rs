@@ -23,7 +23,15 @@ pub fn rmsnorm_fwd<R: Real>(x: &[R], w: &[R], dim: usize, eps: R, y: &mut [R], r
 
 /// Backward. With `xh = x * r` and `u = dy * w`:
 /// `dx = r * (u - xh * mean(u * xh))` (overwritten), `dw += sum_rows dy * xh`.
-pub fn rmsnorm_bwd<R: Real>(dy: &[R], x: &[R], w: &[R], rstd: &[R], dim: usize, dx: &mut [R], dw: &mut [R]) {
+pub fn rmsnorm_bwd<R: Real>(
+    dy: &[R],
+    x: &[R],
+    w: &[R],
+    rstd: &[R],
+    dim: usize,
+    dx: &mut [R],
+    dw: &mut [R],
+) {
     let rows = check_shapes(x.len(), w.len(), dim, rstd.len());
     assert_eq!(dy.len(), rows * dim, "rmsnorm: dy length");
     assert_eq!(dx.len(), rows * dim, "rmsnorm: dx length");
@@ -33,7 +41,13 @@ pub fn rmsnorm_bwd<R: Real>(dy: &[R], x: &[R], w: &[R], rstd: &[R], dim: usize, 
         .zip(dy.par_chunks(dim).zip(x.par_chunks(dim)))
         .zip(rstd.par_iter())
         .for_each(|((dxr, (dyr, xr)), &r)| {
-            let mean: R = dyr.iter().zip(xr).zip(w).map(|((&g, &xv), &wv)| g * wv * xv * r).sum::<R>() * inv_dim;
+            let mean: R = dyr
+                .iter()
+                .zip(xr)
+                .zip(w)
+                .map(|((&g, &xv), &wv)| g * wv * xv * r)
+                .sum::<R>()
+                * inv_dim;
             for (((o, &g), &xv), &wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
                 *o = r * (g * wv - xv * r * mean);
             }
@@ -51,7 +65,11 @@ pub fn rmsnorm_bwd<R: Real>(dy: &[R], x: &[R], w: &[R], rstd: &[R], dim: usize, 
 fn check_shapes(x_len: usize, w_len: usize, dim: usize, rstd_len: usize) -> usize {
     assert!(dim > 0, "rmsnorm: dim must be positive");
     assert_eq!(w_len, dim, "rmsnorm: weight length");
-    assert_eq!(x_len % dim, 0, "rmsnorm: input length not a multiple of dim");
+    assert_eq!(
+        x_len % dim,
+        0,
+        "rmsnorm: input length not a multiple of dim"
+    );
     let rows = x_len / dim;
     assert_eq!(rstd_len, rows, "rmsnorm: rstd length");
     rows

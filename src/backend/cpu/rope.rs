@@ -42,36 +42,66 @@ impl<R: Real> RopeTable<R> {
                     s[j] = a.sin();
                 }
             });
-        Self { cos, sin, tokens, half }
+        Self {
+            cos,
+            sin,
+            tokens,
+            half,
+        }
     }
 
     /// Ordinary 1D RoPE: angle `pos[t] * inv_freq[j]`.
     pub fn text_1d(positions: &[i32], head_dim: usize, theta: f64) -> Self {
         assert!(head_dim % 2 == 0, "rope: head_dim must be even");
         let f = inv_freq::<R>(head_dim, theta);
-        Self::from_angles(positions.len(), head_dim / 2, |t, j| R::from_f64(positions[t] as f64) * f[j])
+        Self::from_angles(positions.len(), head_dim / 2, |t, j| {
+            R::from_f64(positions[t] as f64) * f[j]
+        })
     }
 
     /// M-RoPE: three position streams (t, h, w); frequency `j` reads the
     /// stream whose contiguous section contains it (`sections` sum to
     /// `head_dim / 2`, e.g. `[16, 24, 24]` for head_dim 128).
-    pub fn mrope(positions: [&[i32]; 3], sections: [usize; 3], head_dim: usize, theta: f64) -> Self {
+    pub fn mrope(
+        positions: [&[i32]; 3],
+        sections: [usize; 3],
+        head_dim: usize,
+        theta: f64,
+    ) -> Self {
         let half = head_dim / 2;
         assert!(head_dim % 2 == 0, "rope: head_dim must be even");
-        assert_eq!(sections.iter().sum::<usize>(), half, "mrope: sections must sum to head_dim/2");
+        assert_eq!(
+            sections.iter().sum::<usize>(),
+            half,
+            "mrope: sections must sum to head_dim/2"
+        );
         let tokens = positions[0].len();
-        assert!(positions.iter().all(|p| p.len() == tokens), "mrope: streams differ in length");
-        let stream_of: Vec<usize> = (0..3).flat_map(|s| std::iter::repeat_n(s, sections[s])).collect();
+        assert!(
+            positions.iter().all(|p| p.len() == tokens),
+            "mrope: streams differ in length"
+        );
+        let stream_of: Vec<usize> = (0..3)
+            .flat_map(|s| std::iter::repeat_n(s, sections[s]))
+            .collect();
         let f = inv_freq::<R>(head_dim, theta);
-        Self::from_angles(tokens, half, |t, j| R::from_f64(positions[stream_of[j]][t] as f64) * f[j])
+        Self::from_angles(tokens, half, |t, j| {
+            R::from_f64(positions[stream_of[j]][t] as f64) * f[j]
+        })
     }
 
     /// Vision 2D RoPE: the rotary dim is `head_dim / 2` with
     /// `inv_freq[i] = 1 / theta^(2i / (head_dim/2))`; each patch's angles are
     /// `[row * inv_freq | col * inv_freq]` (`head_dim / 2` angles in all).
     pub fn vision_2d(rows: &[i32], cols: &[i32], head_dim: usize, theta: f64) -> Self {
-        assert!(head_dim % 4 == 0, "vision rope: head_dim must be a multiple of 4");
-        assert_eq!(rows.len(), cols.len(), "vision rope: rows and cols differ in length");
+        assert!(
+            head_dim % 4 == 0,
+            "vision rope: head_dim must be a multiple of 4"
+        );
+        assert_eq!(
+            rows.len(),
+            cols.len(),
+            "vision rope: rows and cols differ in length"
+        );
         let half = head_dim / 2;
         let f = inv_freq::<R>(half, theta);
         let nf = f.len();
@@ -98,22 +128,29 @@ pub fn rope_bwd<R: Real>(table: &RopeTable<R>, dy: &[R], heads: usize, dx: &mut 
 fn rotate<R: Real>(table: &RopeTable<R>, x: &[R], heads: usize, y: &mut [R], sin_sign: R) {
     let half = table.half;
     let row = heads * 2 * half;
-    assert_eq!(x.len(), table.tokens * row, "rope: input is not [tokens, heads, head_dim]");
+    assert_eq!(
+        x.len(),
+        table.tokens * row,
+        "rope: input is not [tokens, heads, head_dim]"
+    );
     assert_eq!(y.len(), x.len(), "rope: output length");
     if row == 0 {
         return;
     }
-    y.par_chunks_mut(row).zip(x.par_chunks(row)).enumerate().for_each(|(t, (yt, xt))| {
-        let c = &table.cos[t * half..(t + 1) * half];
-        let s = &table.sin[t * half..(t + 1) * half];
-        for h in 0..heads {
-            let base = h * 2 * half;
-            for j in 0..half {
-                let (x1, x2) = (xt[base + j], xt[base + j + half]);
-                let sj = s[j] * sin_sign;
-                yt[base + j] = x1 * c[j] - x2 * sj;
-                yt[base + j + half] = x2 * c[j] + x1 * sj;
+    y.par_chunks_mut(row)
+        .zip(x.par_chunks(row))
+        .enumerate()
+        .for_each(|(t, (yt, xt))| {
+            let c = &table.cos[t * half..(t + 1) * half];
+            let s = &table.sin[t * half..(t + 1) * half];
+            for h in 0..heads {
+                let base = h * 2 * half;
+                for j in 0..half {
+                    let (x1, x2) = (xt[base + j], xt[base + j + half]);
+                    let sj = s[j] * sin_sign;
+                    yt[base + j] = x1 * c[j] - x2 * sj;
+                    yt[base + j + half] = x2 * c[j] + x1 * sj;
+                }
             }
-        }
-    });
+        });
 }

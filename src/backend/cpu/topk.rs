@@ -18,12 +18,20 @@ pub fn topk_count(len: usize, ratio: f32) -> usize {
 /// position first (a deterministic rule every backend can follow).
 fn selection_order<R: Real>(a: (usize, R), b: (usize, R)) -> Ordering {
     let key = |v: R| if v.is_nan() { R::neg_infinity() } else { v };
-    key(b.1).partial_cmp(&key(a.1)).unwrap_or(Ordering::Equal).then(a.0.cmp(&b.0))
+    key(b.1)
+        .partial_cmp(&key(a.1))
+        .unwrap_or(Ordering::Equal)
+        .then(a.0.cmp(&b.0))
 }
 
 /// Writes `mask[i] = 1` for the selected tokens of each packed response
 /// (`cu_seqlens` delimits them), `0` elsewhere.
-pub fn topk_select_mask<R: Real>(scores: &[R], cu_seqlens: &[i32], ratio: f32, mask: &mut [R]) -> Result<(), OpError> {
+pub fn topk_select_mask<R: Real>(
+    scores: &[R],
+    cu_seqlens: &[i32],
+    ratio: f32,
+    mask: &mut [R],
+) -> Result<(), OpError> {
     let starts = check_cu_seqlens(cu_seqlens, scores.len())?;
     assert_eq!(mask.len(), scores.len(), "topk: mask length");
     let mut rows: Vec<&mut [R]> = Vec::with_capacity(starts.len().saturating_sub(1));
@@ -33,14 +41,16 @@ pub fn topk_select_mask<R: Real>(scores: &[R], cu_seqlens: &[i32], ratio: f32, m
         rows.push(row);
         rest = tail;
     }
-    rows.into_par_iter().zip(starts.par_windows(2)).for_each(|(row, w)| {
-        let s = &scores[w[0]..w[1]];
-        let mut order: Vec<(usize, R)> = s.iter().copied().enumerate().collect();
-        order.sort_by(|&a, &b| selection_order(a, b));
-        row.fill(R::zero());
-        for &(i, _) in order.iter().take(topk_count(s.len(), ratio)) {
-            row[i] = R::one();
-        }
-    });
+    rows.into_par_iter()
+        .zip(starts.par_windows(2))
+        .for_each(|(row, w)| {
+            let s = &scores[w[0]..w[1]];
+            let mut order: Vec<(usize, R)> = s.iter().copied().enumerate().collect();
+            order.sort_by(|&a, &b| selection_order(a, b));
+            row.fill(R::zero());
+            for &(i, _) in order.iter().take(topk_count(s.len(), ratio)) {
+                row[i] = R::one();
+            }
+        });
     Ok(())
 }

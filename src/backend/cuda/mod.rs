@@ -23,7 +23,10 @@ pub enum CudaError {
     #[error("kernel module `{0}` is not embedded in this binary")]
     MissingModule(&'static str),
     #[error("shape not supported by kernel `{kernel}`: {reason}")]
-    Unsupported { kernel: &'static str, reason: String },
+    Unsupported {
+        kernel: &'static str,
+        reason: String,
+    },
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),
 }
@@ -92,7 +95,11 @@ impl CudaBackend {
             let image = cudarc::nvrtc::Ptx::from_binary(m.fatbin.to_vec());
             modules.insert(m.name, ctx.load_module(image)?);
         }
-        Ok(Self { ctx, stream, modules })
+        Ok(Self {
+            ctx,
+            stream,
+            modules,
+        })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -104,7 +111,10 @@ impl CudaBackend {
     }
 
     fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction, CudaError> {
-        let m = self.modules.get(module).ok_or(CudaError::MissingModule(module))?;
+        let m = self
+            .modules
+            .get(module)
+            .ok_or(CudaError::MissingModule(module))?;
         Ok(m.load_function(name)?)
     }
 }

@@ -34,6 +34,7 @@ impl CudaBackend {
     /// Twin of `cpu::rmsnorm::rmsnorm_fwd`.
     // rmsnorm_fwd_f32(const float* x, const float* weight, float* y,
     //                 float* rstd, int rows, int dim, float eps)
+    #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_fwd(
         &self,
         x: &CudaSlice<f32>,
@@ -48,9 +49,19 @@ impl CudaBackend {
             return Ok(());
         }
         let f = self.function("rmsnorm", "rmsnorm_fwd_f32")?;
-        let (rows_i, dim_i) = (to_i32("rmsnorm_fwd", "rows", rows)?, to_i32("rmsnorm_fwd", "dim", dim)?);
+        let (rows_i, dim_i) = (
+            to_i32("rmsnorm_fwd", "rows", rows)?,
+            to_i32("rmsnorm_fwd", "dim", dim)?,
+        );
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(weight).arg(y).arg(rstd).arg(&rows_i).arg(&dim_i).arg(&eps);
+        launch
+            .arg(x)
+            .arg(weight)
+            .arg(y)
+            .arg(rstd)
+            .arg(&rows_i)
+            .arg(&dim_i)
+            .arg(&eps);
         // SAFETY: argument types and order match the C signature above, and
         // the buffers hold rows*dim (x, y), dim (weight) and rows (rstd) floats
         // as the CPU twin's contract requires.
@@ -83,7 +94,9 @@ impl CudaBackend {
         if smem > DEFAULT_SMEM_LIMIT {
             return Err(CudaError::Unsupported {
                 kernel: "rmsnorm_bwd",
-                reason: format!("dim {dim} needs {smem} bytes of shared memory (limit {DEFAULT_SMEM_LIMIT})"),
+                reason: format!(
+                    "dim {dim} needs {smem} bytes of shared memory (limit {DEFAULT_SMEM_LIMIT})"
+                ),
             });
         }
         let partial_rows = rows.div_ceil(RMSNORM_BWD_ROWS_PER_BLOCK);
@@ -203,7 +216,12 @@ impl CudaBackend {
         let f = self.function("topk_select", "topk_select_mask_f32")?;
         let rows_i = to_i32("topk_select_mask", "rows", rows)?;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(scores).arg(cu_seqlens).arg(mask).arg(&rows_i).arg(&ratio);
+        launch
+            .arg(scores)
+            .arg(cu_seqlens)
+            .arg(mask)
+            .arg(&rows_i)
+            .arg(&ratio);
         // SAFETY: matches the C signature above; cu_seqlens holds rows+1
         // offsets into scores and mask, validated by the caller.
         unsafe { launch.launch(row_grid(rows)) }?;
