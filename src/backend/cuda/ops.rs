@@ -18,8 +18,13 @@ fn to_i32(kernel: &'static str, what: &str, v: usize) -> Result<i32, CudaError> 
     })
 }
 
-fn blocks(n: usize) -> u32 {
-    n.div_ceil(BLOCK as usize).max(1) as u32
+/// One thread per element.
+fn elementwise_grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn row_grid(rows: usize) -> LaunchConfig {
@@ -128,13 +133,8 @@ impl CudaBackend {
         unsafe { launch.launch(cfg) }?;
         let mut launch = self.stream.launch_builder(&reduce);
         launch.arg(&partial).arg(dw).arg(&partial_i).arg(&dim_i);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(dim), 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: matches the C signature above; one thread per column of dw.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(elementwise_grid(dim)) }?;
         Ok(())
     }
 
@@ -189,13 +189,8 @@ impl CudaBackend {
         let n_i = to_i32("dependency_k3", "n", n)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(lp_orig).arg(lp_mask).arg(score).arg(&n_i);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(n), 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: matches the C signature above; all three buffers hold n floats.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { launch.launch(elementwise_grid(n)) }?;
         Ok(())
     }
 
