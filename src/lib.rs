@@ -5,5 +5,6 @@
 //! no GPU is present.
 
 pub mod backend;
+pub mod model;
 pub mod info;
 pub mod kernels;
