@@ -6,5 +6,6 @@
 
 pub mod backend;
 pub mod model;
+pub mod processor;
 pub mod info;
 pub mod kernels;

@@ -2,6 +2,8 @@
 //! finite-difference gradient checker.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -1,0 +1,5 @@
+//! Turning user inputs into model inputs: images (decode, resize,
+//! normalise, patchify) and text (chat template, tokenizer).
+
+pub mod image;
+pub mod resize;
