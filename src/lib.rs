@@ -5,7 +5,7 @@
 //! no GPU is present.
 
 pub mod backend;
-pub mod model;
-pub mod processor;
 pub mod info;
 pub mod kernels;
+pub mod model;
+pub mod processor;

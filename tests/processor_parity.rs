@@ -55,9 +55,15 @@ fn unreadable_images_are_clear_errors() {
     let bad = dir.join("not-an-image.png");
     std::fs::write(&bad, b"this is text").unwrap();
     let err = RgbImage::open(&bad).unwrap_err().to_string();
-    assert!(err.contains("not-an-image.png") && err.contains("cannot decode"), "{err}");
+    assert!(
+        err.contains("not-an-image.png") && err.contains("cannot decode"),
+        "{err}"
+    );
     let missing = dir.join("missing.png");
     let err = RgbImage::open(&missing).unwrap_err().to_string();
-    assert!(err.contains("missing.png") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("missing.png") && err.contains("cannot read"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

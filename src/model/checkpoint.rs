@@ -100,10 +100,11 @@ impl Checkpoint {
             // while we read it would give wrong values, not memory unsafety
             // in our code (the mapping stays valid until dropped).
             let mmap = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             for (name, info) in metadata.tensors() {
                 tensors.insert(name, (shards.len(), info.clone()));
             }
@@ -113,7 +114,10 @@ impl Checkpoint {
                 data_start: 8 + header_len,
             });
         }
-        let layout = if tensors.keys().any(|k| k.starts_with("model.language_model.") || k.starts_with("model.visual.")) {
+        let layout = if tensors
+            .keys()
+            .any(|k| k.starts_with("model.language_model.") || k.starts_with("model.visual."))
+        {
             NameLayout::Nested
         } else {
             NameLayout::Hub
@@ -138,10 +142,13 @@ impl Checkpoint {
     /// Reads a tensor by canonical name as f32, checking its shape.
     pub fn read_f32(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
         let name = self.layout.file_name(canonical);
-        let (shard_idx, info) = self.tensors.get(&name).ok_or_else(|| LoadError::MissingTensor {
-            name: name.clone(),
-            dir: self.dir.clone(),
-        })?;
+        let (shard_idx, info) =
+            self.tensors
+                .get(&name)
+                .ok_or_else(|| LoadError::MissingTensor {
+                    name: name.clone(),
+                    dir: self.dir.clone(),
+                })?;
         let shard = &self.shards[*shard_idx];
         if info.shape != shape {
             return Err(LoadError::Shape {
@@ -156,15 +163,24 @@ impl Checkpoint {
         let mut out = vec![0.0f32; shape.iter().product()];
         // The data is not necessarily aligned for its type: decode bytes.
         match info.dtype {
-            Dtype::F32 => out.par_iter_mut().zip(bytes.par_chunks_exact(4)).for_each(|(o, b)| {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }),
-            Dtype::BF16 => out.par_iter_mut().zip(bytes.par_chunks_exact(2)).for_each(|(o, b)| {
-                *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
-            }),
-            Dtype::F16 => out.par_iter_mut().zip(bytes.par_chunks_exact(2)).for_each(|(o, b)| {
-                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-            }),
+            Dtype::F32 => out
+                .par_iter_mut()
+                .zip(bytes.par_chunks_exact(4))
+                .for_each(|(o, b)| {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }),
+            Dtype::BF16 => out
+                .par_iter_mut()
+                .zip(bytes.par_chunks_exact(2))
+                .for_each(|(o, b)| {
+                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }),
+            Dtype::F16 => out
+                .par_iter_mut()
+                .zip(bytes.par_chunks_exact(2))
+                .for_each(|(o, b)| {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }),
             dtype => {
                 return Err(LoadError::Dtype {
                     name,
@@ -178,8 +194,11 @@ impl Checkpoint {
 
     /// Loads every parameter of the layout.
     pub fn load_params(&self, layout: &ParamLayout) -> Result<Tensors, LoadError> {
-        let data: Result<Vec<Vec<f32>>, LoadError> =
-            layout.specs.iter().map(|s| self.read_f32(&s.name, &s.shape)).collect();
+        let data: Result<Vec<Vec<f32>>, LoadError> = layout
+            .specs
+            .iter()
+            .map(|s| self.read_f32(&s.name, &s.shape))
+            .collect();
         Ok(Tensors(data?))
     }
 }
@@ -195,22 +214,32 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Corrupt {
-            path: index.clone(),
-            reason: e.to_string(),
-        })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Corrupt {
-            path: index.clone(),
-            reason: "no `weight_map` object".into(),
-        })?;
-        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| LoadError::Corrupt {
+                path: index.clone(),
+                reason: e.to_string(),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LoadError::Corrupt {
+                path: index.clone(),
+                reason: "no `weight_map` object".into(),
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
         files.sort();
         files.dedup();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
             return Err(LoadError::Io {
                 path: missing.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("shard listed in {} is missing", index.display())),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("shard listed in {} is missing", index.display()),
+                ),
             });
         }
         return Ok(paths);
@@ -227,7 +256,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         .collect();
     any.sort();
     if any.is_empty() {
-        return Err(LoadError::NoWeights { dir: dir.to_path_buf() });
+        return Err(LoadError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
     }
     Ok(any)
 }

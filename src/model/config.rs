@@ -106,7 +106,10 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn find(&self, key: &str) -> Option<&Value> {
-        self.scopes.iter().find_map(|s| s.get(key)).filter(|v| !v.is_null())
+        self.scopes
+            .iter()
+            .find_map(|s| s.get(key))
+            .filter(|v| !v.is_null())
     }
     fn err(&self, field: &str, expected: &'static str) -> ConfigError {
         ConfigError::Field {
@@ -147,7 +150,11 @@ impl Fields<'_> {
 impl ModelConfig {
     /// Reads `config.json` from a checkpoint directory (or the file itself).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
         let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
             path: file.clone(),
             source,
@@ -169,7 +176,9 @@ impl ModelConfig {
         }
         if let Some(mt) = json.get("model_type").and_then(Value::as_str) {
             if mt != "qwen2_5_vl" {
-                return Err(invalid(format!("model_type is `{mt}`, expected `qwen2_5_vl`")));
+                return Err(invalid(format!(
+                    "model_type is `{mt}`, expected `qwen2_5_vl`"
+                )));
             }
         }
         let mut scopes = Vec::new();
@@ -181,7 +190,9 @@ impl ModelConfig {
 
         // RoPE: `rope_scaling` (flat Hub) or `rope_parameters` (newer), in
         // either scope; rope_theta may live inside rope_parameters.
-        let rope = top.find("rope_parameters").or_else(|| top.find("rope_scaling"));
+        let rope = top
+            .find("rope_parameters")
+            .or_else(|| top.find("rope_scaling"));
         let rope_fields = Fields {
             path,
             scopes: rope.into_iter().chain(top.scopes.iter().copied()).collect(),
@@ -189,7 +200,12 @@ impl ModelConfig {
         let section: Vec<usize> = rope
             .and_then(|r| r.get("mrope_section"))
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|v| v as usize)
+                    .collect()
+            })
             .ok_or_else(|| top.err("rope_scaling.mrope_section", "a list of 3 integers"))?;
         let mrope_section: [usize; 3] = section
             .clone()
@@ -199,7 +215,9 @@ impl ModelConfig {
         let hidden_size = top.usize("hidden_size")?;
         let num_heads = top.usize("num_attention_heads")?;
         if num_heads == 0 || hidden_size % num_heads != 0 && top.find("head_dim").is_none() {
-            return Err(invalid(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")));
+            return Err(invalid(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
+            )));
         }
         let num_kv_heads = top.usize_or("num_key_value_heads", num_heads)?;
         let head_dim = top.usize_or("head_dim", hidden_size / num_heads)?;
@@ -207,7 +225,10 @@ impl ModelConfig {
             return Err(invalid(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
         }
         if mrope_section.iter().sum::<usize>() * 2 != head_dim {
-            return Err(invalid(format!("mrope_section {mrope_section:?} must sum to head_dim/2 = {}", head_dim / 2)));
+            return Err(invalid(format!(
+                "mrope_section {mrope_section:?} must sum to head_dim/2 = {}",
+                head_dim / 2
+            )));
         }
         // tie_word_embeddings: the nested layout may set it on either level;
         // the top level wins because that is what transformers reads.
@@ -243,7 +264,9 @@ impl ModelConfig {
         };
         if let Some(act) = v.find("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(invalid(format!("vision_config.hidden_act `{act}` is not supported (silu only)")));
+                return Err(invalid(format!(
+                    "vision_config.hidden_act `{act}` is not supported (silu only)"
+                )));
             }
         }
         let vision = VisionConfig {
@@ -259,13 +282,21 @@ impl ModelConfig {
             fullatt_block_indexes: v
                 .find("fullatt_block_indexes")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .map(|x| x as usize)
+                        .collect()
+                })
                 .unwrap_or_default(),
             out_hidden_size: v.usize_or("out_hidden_size", hidden_size)?,
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
         };
-        if vision.num_heads == 0 || vision.hidden_size % vision.num_heads != 0 || vision.head_dim() % 4 != 0 {
+        if vision.num_heads == 0
+            || vision.hidden_size % vision.num_heads != 0
+            || vision.head_dim() % 4 != 0
+        {
             return Err(invalid(format!(
                 "vision hidden_size {} / num_heads {} must give a head_dim divisible by 4",
                 vision.hidden_size, vision.num_heads
@@ -283,6 +314,10 @@ impl ModelConfig {
             vision_start_token_id: top.u32_or("vision_start_token_id", 151_652)?,
             vision_end_token_id: top.u32_or("vision_end_token_id", 151_653)?,
         };
-        Ok(Self { text, vision, tokens })
+        Ok(Self {
+            text,
+            vision,
+            tokens,
+        })
     }
 }

@@ -108,7 +108,13 @@ impl ParamLayout {
         let (vh, vi) = (v.hidden_size, v.intermediate_size);
         let patch_embed = b.add(
             "visual.patch_embed.proj.weight",
-            &[vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+            &[
+                vh,
+                v.in_channels,
+                v.temporal_patch_size,
+                v.patch_size,
+                v.patch_size,
+            ],
         );
         let blocks = (0..v.depth)
             .map(|i| {

@@ -83,12 +83,18 @@ impl ImageProcessorConfig {
         cfg.max_pixels = uint(&json, "max_pixels").unwrap_or(cfg.max_pixels);
         cfg.patch_size = uint(&json, "patch_size").unwrap_or(cfg.patch_size);
         cfg.merge_size = uint(&json, "merge_size").unwrap_or(cfg.merge_size);
-        cfg.temporal_patch_size = uint(&json, "temporal_patch_size").unwrap_or(cfg.temporal_patch_size);
+        cfg.temporal_patch_size =
+            uint(&json, "temporal_patch_size").unwrap_or(cfg.temporal_patch_size);
         let triple = |key: &str, into: &mut [f32; 3]| -> Result<(), ImageError> {
             if let Some(v) = json.get(key) {
                 let vals: Vec<f32> = v
                     .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_f64).map(|x| x as f32).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_f64)
+                            .map(|x| x as f32)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 *into = vals
                     .try_into()
@@ -102,10 +108,15 @@ impl ImageProcessorConfig {
             cfg.rescale_factor = r;
         }
         if cfg.patch_size == 0 || cfg.merge_size == 0 || cfg.temporal_patch_size == 0 {
-            return Err(bad("patch_size, merge_size and temporal_patch_size must be positive".into()));
+            return Err(bad(
+                "patch_size, merge_size and temporal_patch_size must be positive".into(),
+            ));
         }
         if cfg.min_pixels > cfg.max_pixels {
-            return Err(bad(format!("min_pixels {} exceeds max_pixels {}", cfg.min_pixels, cfg.max_pixels)));
+            return Err(bad(format!(
+                "min_pixels {} exceeds max_pixels {}",
+                cfg.min_pixels, cfg.max_pixels
+            )));
         }
         Ok(cfg)
     }
@@ -150,7 +161,11 @@ impl RgbImage {
         } else {
             img.to_rgb8().into_raw()
         };
-        Ok(Self { width, height, data })
+        Ok(Self {
+            width,
+            height,
+            data,
+        })
     }
 
     pub fn open(path: &Path) -> Result<Self, ImageError> {
@@ -177,7 +192,11 @@ fn round_half_even(x: f64) -> f64 {
 
 /// The target `(height, width)`: multiples of `factor`, area within
 /// `[min_pixels, max_pixels]`, aspect ratio kept as far as possible.
-pub fn smart_resize(height: usize, width: usize, cfg: &ImageProcessorConfig) -> Option<(usize, usize)> {
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    cfg: &ImageProcessorConfig,
+) -> Option<(usize, usize)> {
     let f = cfg.factor() as f64;
     let (h, w) = (height as f64, width as f64);
     if height == 0 || width == 0 || h.max(w) / h.min(w) > 200.0 {
@@ -216,12 +235,17 @@ impl ProcessedImage {
 }
 
 /// Resizes, normalises and patchifies one image.
-pub fn process_image(img: &RgbImage, cfg: &ImageProcessorConfig, source: &Path) -> Result<ProcessedImage, ImageError> {
-    let (h, w) = smart_resize(img.height, img.width, cfg).ok_or_else(|| ImageError::AspectRatio {
-        path: source.to_path_buf(),
-        width: img.width,
-        height: img.height,
-    })?;
+pub fn process_image(
+    img: &RgbImage,
+    cfg: &ImageProcessorConfig,
+    source: &Path,
+) -> Result<ProcessedImage, ImageError> {
+    let (h, w) =
+        smart_resize(img.height, img.width, cfg).ok_or_else(|| ImageError::AspectRatio {
+            path: source.to_path_buf(),
+            width: img.width,
+            height: img.height,
+        })?;
     let resized = img.resize(w, h);
     let pixel_values = patchify(&resized, cfg);
     let p = cfg.patch_size;
@@ -257,7 +281,9 @@ pub fn patchify(img: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
                         for _t in 0..tp {
                             for y in 0..p {
                                 let row = ((y0 + y) * img.width + x0) * 3;
-                                out.extend((0..p).map(|x| table[img.data[row + x * 3 + c] as usize]));
+                                out.extend(
+                                    (0..p).map(|x| table[img.data[row + x * 3 + c] as usize]),
+                                );
                             }
                         }
                     }

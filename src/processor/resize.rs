@@ -53,13 +53,25 @@ fn precompute_taps(in_size: usize, out_size: usize) -> Taps {
         }
         let row = &mut coeffs[xx * ksize..(xx + 1) * ksize];
         for x in 0..count {
-            let k = if total != 0.0 { weights[x] / total } else { weights[x] };
+            let k = if total != 0.0 {
+                weights[x] / total
+            } else {
+                weights[x]
+            };
             let scaled = k * (1u32 << PRECISION_BITS) as f64;
-            row[x] = if k < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+            row[x] = if k < 0.0 {
+                (scaled - 0.5) as i32
+            } else {
+                (scaled + 0.5) as i32
+            };
         }
         bounds.push((xmin, count));
     }
-    Taps { bounds, coeffs, ksize }
+    Taps {
+        bounds,
+        coeffs,
+        ksize,
+    }
 }
 
 fn clip8(acc: i64) -> u8 {
@@ -99,7 +111,14 @@ fn resample_axis(
 
 /// Resizes an interleaved 8-bit image (`channels` samples per pixel) to
 /// `out_w x out_h` as `PIL.Image.resize(size, Image.BICUBIC)` does.
-pub fn resize_bicubic(src: &[u8], width: usize, height: usize, channels: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+pub fn resize_bicubic(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
     assert_eq!(src.len(), width * height * channels, "resize: buffer size");
     if (out_w, out_h) == (width, height) {
         return src.to_vec();
@@ -109,7 +128,17 @@ pub fn resize_bicubic(src: &[u8], width: usize, height: usize, channels: usize, 
     let (mid, mid_w) = if out_w != width {
         let taps = precompute_taps(width, out_w);
         let mut out = vec![0u8; out_w * height * channels];
-        resample_axis(src, &mut out, &taps, height, width * channels, channels, out_w * channels, channels, channels);
+        resample_axis(
+            src,
+            &mut out,
+            &taps,
+            height,
+            width * channels,
+            channels,
+            out_w * channels,
+            channels,
+            channels,
+        );
         horizontal = out;
         (&horizontal[..], out_w)
     } else {
@@ -121,7 +150,17 @@ pub fn resize_bicubic(src: &[u8], width: usize, height: usize, channels: usize, 
     let taps = precompute_taps(height, out_h);
     let mut out = vec![0u8; mid_w * out_h * channels];
     // Vertical: lines are columns (stepping one pixel), neighbours a row apart.
-    resample_axis(mid, &mut out, &taps, mid_w, channels, mid_w * channels, channels, mid_w * channels, channels);
+    resample_axis(
+        mid,
+        &mut out,
+        &taps,
+        mid_w,
+        channels,
+        mid_w * channels,
+        channels,
+        mid_w * channels,
+        channels,
+    );
     out
 }
 
@@ -145,8 +184,14 @@ mod tests {
         for (i, o) in [(10, 3), (3, 10), (100, 37), (28, 56)] {
             let t = precompute_taps(i, o);
             for (out, &(_, count)) in t.bounds.iter().enumerate() {
-                let s: i64 = t.coeffs[out * t.ksize..out * t.ksize + count].iter().map(|&c| c as i64).sum();
-                assert!((s - (1 << PRECISION_BITS)).abs() <= count as i64, "{i}->{o} sample {out}: {s}");
+                let s: i64 = t.coeffs[out * t.ksize..out * t.ksize + count]
+                    .iter()
+                    .map(|&c| c as i64)
+                    .sum();
+                assert!(
+                    (s - (1 << PRECISION_BITS)).abs() <= count as i64,
+                    "{i}->{o} sample {out}: {s}"
+                );
             }
         }
     }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub const CASES: [&str; 4] = ["single_noresize", "partial_windows", "two_images", "resize"];
 
 pub fn case_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2_5_vl")
+        .join(case)
 }
 
 pub fn inputs(case: &str) -> serde_json::Value {
@@ -29,28 +31,48 @@ impl Reference {
 
     fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name} missing"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name} missing"));
         (t.dtype(), t.shape().to_vec(), t.data().to_vec())
     }
 
     pub fn names(&self) -> Vec<String> {
-        SafeTensors::deserialize(&self.bytes).unwrap().names().into_iter().map(str::to_string).collect()
+        SafeTensors::deserialize(&self.bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let (dtype, shape, data) = self.view(name);
         assert_eq!(dtype, Dtype::F32, "{name}");
-        (shape, data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        (
+            shape,
+            data.chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
     }
 
     pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
         let (dtype, shape, data) = self.view(name);
         assert_eq!(dtype, Dtype::I64, "{name}");
-        (shape, data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect())
+        (
+            shape,
+            data.chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
     }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
