@@ -41,6 +41,8 @@ pub struct ImageProcessorConfig {
 }
 
 impl Default for ImageProcessorConfig {
+    // CLIP's mean/std as published (and as numpy rounds them to f32).
+    #[allow(clippy::excessive_precision)]
     fn default() -> Self {
         Self {
             min_pixels: 56 * 56,
