@@ -4,3 +4,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod params;
+pub mod positions;
+pub mod qwen;
+pub mod text;
+pub mod vision;
+
+pub use qwen::{ForwardOutput, ModelError, Qwen25Vl, SequenceInput};
