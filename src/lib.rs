@@ -9,3 +9,5 @@ pub mod info;
 pub mod kernels;
 pub mod model;
 pub mod processor;
+pub mod safetensors_io;
+pub mod score;

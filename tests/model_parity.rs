@@ -22,7 +22,12 @@ fn forward_matches_transformers_on_every_fixture() {
         let r = Reference::open(case, "reference.safetensors");
         let ids: Vec<u32> = r.i64("input_ids").1.iter().map(|&v| v as u32).collect();
         let prompt_len = r.i64("prompt_len").1[0] as usize;
-        let grids: Vec<[usize; 3]> = r.i64("image_grid_thw").1.chunks(3).map(|g| [g[0] as usize, g[1] as usize, g[2] as usize]).collect();
+        let grids: Vec<[usize; 3]> = r
+            .i64("image_grid_thw")
+            .1
+            .chunks(3)
+            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+            .collect();
         let input = SequenceInput {
             ids: ids.clone(),
             pixel_values: r.f32("pixel_values").1,
@@ -37,7 +42,11 @@ fn forward_matches_transformers_on_every_fixture() {
             .flat_map(|s| s.iter().map(|&v| v as i64))
             .collect();
         assert_eq!(got, pos, "{case}: position ids");
-        assert_eq!(out.positions.rope_delta, r.i64("rope_deltas").1[0], "{case}: rope delta");
+        assert_eq!(
+            out.positions.rope_delta,
+            r.i64("rope_deltas").1[0],
+            "{case}: rope delta"
+        );
 
         let d_vision = max_abs_diff(&out.vision_embeds, &r.f32("vision_embeds").1);
         let d_hidden = max_abs_diff(&out.hidden, &r.f32("hidden_last").1);
@@ -48,11 +57,16 @@ fn forward_matches_transformers_on_every_fixture() {
         let logprobs: Vec<f32> = rows
             .iter()
             .enumerate()
-            .map(|(i, &row)| log_softmax_at(&logits[i * vocab..(i + 1) * vocab], ids[row + 1] as usize))
+            .map(|(i, &row)| {
+                log_softmax_at(&logits[i * vocab..(i + 1) * vocab], ids[row + 1] as usize)
+            })
             .collect();
         let d_lp = max_abs_diff(&logprobs, &r.f32("response_logprobs").1);
         println!("{case}: max abs diff vision {d_vision:.2e} hidden {d_hidden:.2e} logits {d_logits:.2e} logprobs {d_lp:.2e}");
-        assert!(d_vision < TOL, "{case}: vision embeddings differ by {d_vision}");
+        assert!(
+            d_vision < TOL,
+            "{case}: vision embeddings differ by {d_vision}"
+        );
         assert!(d_hidden < TOL, "{case}: hidden states differ by {d_hidden}");
         assert!(d_logits < TOL, "{case}: logits differ by {d_logits}");
         assert!(d_lp < TOL, "{case}: log-probs differ by {d_lp}");

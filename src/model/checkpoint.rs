@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{dir}: no model.safetensors, model.safetensors.index.json or *.safetensors file")]
+    #[error("{dir}: no model.safetensors or model.safetensors.index.json")]
     NoWeights { dir: PathBuf },
     #[error("cannot read {path}: {source}")]
     Io {
@@ -248,17 +248,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    let mut any: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    any.sort();
-    if any.is_empty() {
-        return Err(LoadError::NoWeights {
-            dir: dir.to_path_buf(),
-        });
-    }
-    Ok(any)
+    // Other *.safetensors files (adapters, saved gradients...) are not the
+    // model: refuse rather than guess.
+    Err(LoadError::NoWeights {
+        dir: dir.to_path_buf(),
+    })
 }

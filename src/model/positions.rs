@@ -6,7 +6,9 @@
 pub enum PositionError {
     #[error("the sequence has more image token runs than the {images} image(s) given")]
     TooFewImages { images: usize },
-    #[error("image {image} needs {expected} consecutive image tokens at position {at}, found {found}")]
+    #[error(
+        "image {image} needs {expected} consecutive image tokens at position {at}, found {found}"
+    )]
     ShortImageRun {
         image: usize,
         at: usize,
@@ -38,7 +40,11 @@ pub fn mrope_positions(
     merge: usize,
 ) -> Result<MropePositions, PositionError> {
     let n = ids.len();
-    let (mut t, mut h, mut w) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut t, mut h, mut w) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let mut next: i64 = 0;
     let mut i = 0;
     let mut image = 0;
@@ -51,10 +57,16 @@ pub fn mrope_positions(
             i += 1;
             continue;
         }
-        let grid = grids.get(image).ok_or(PositionError::TooFewImages { images: grids.len() })?;
+        let grid = grids.get(image).ok_or(PositionError::TooFewImages {
+            images: grids.len(),
+        })?;
         let (gt, gh, gw) = (grid[0], grid[1] / merge, grid[2] / merge);
         let count = gt * gh * gw;
-        let run = ids[i..].iter().take(count).take_while(|&&id| id == image_token_id).count();
+        let run = ids[i..]
+            .iter()
+            .take(count)
+            .take_while(|&&id| id == image_token_id)
+            .count();
         if run != count {
             return Err(PositionError::ShortImageRun {
                 image,
@@ -141,7 +153,9 @@ impl VisionLayout {
                         let mut size = 0;
                         for r in wr * window..((wr + 1) * window).min(lh) {
                             for c in wc * window..((wc + 1) * window).min(lw) {
-                                layout.window_index.push(merged_offset + f * lh * lw + r * lw + c);
+                                layout
+                                    .window_index
+                                    .push(merged_offset + f * lh * lw + r * lw + c);
                                 size += 1;
                             }
                         }
@@ -157,7 +171,10 @@ impl VisionLayout {
 
     /// Patch permutation matching `window_index` (groups of `unit` patches move together).
     pub fn patch_order(&self, unit: usize) -> Vec<usize> {
-        self.window_index.iter().flat_map(|&m| (0..unit).map(move |u| m * unit + u)).collect()
+        self.window_index
+            .iter()
+            .flat_map(|&m| (0..unit).map(move |u| m * unit + u))
+            .collect()
     }
 }
 
@@ -192,7 +209,11 @@ mod tests {
         );
         assert!(matches!(
             mrope_positions(&[9, 9, 1], 9, &[[1, 4, 4]], 2),
-            Err(PositionError::ShortImageRun { expected: 4, found: 2, .. })
+            Err(PositionError::ShortImageRun {
+                expected: 4,
+                found: 2,
+                ..
+            })
         ));
         assert_eq!(
             mrope_positions(&[1], 9, &[[1, 2, 2]], 2),

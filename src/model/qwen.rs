@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error("checkpoint directory {0} does not exist or is not a directory")]
+    NotADirectory(PathBuf),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -59,6 +61,9 @@ pub struct Qwen25Vl {
 impl Qwen25Vl {
     /// Loads `config.json` and the weights of a Hugging Face checkpoint directory.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::NotADirectory(dir.to_path_buf()));
+        }
         let config = ModelConfig::load(dir)?;
         let layout = ParamLayout::new(&config);
         let ckpt = Checkpoint::open(dir)?;
@@ -78,7 +83,12 @@ impl Qwen25Vl {
         let h = tc.hidden_size;
         let t = input.ids.len();
         let mut x = vec![0.0; t * h];
-        embedding_fwd(&input.ids, self.weights.get(self.layout.text.embed), h, &mut x)?;
+        embedding_fwd(
+            &input.ids,
+            self.weights.get(self.layout.text.embed),
+            h,
+            &mut x,
+        )?;
 
         let image_id = self.config.tokens.image_token_id;
         let image_rows: Vec<usize> = (0..t).filter(|&i| input.ids[i] == image_id).collect();
@@ -91,7 +101,15 @@ impl Qwen25Vl {
                     patch_dim: vc.patch_dim(),
                 });
             }
-            vision_fwd(vc, &self.layout.vision, &self.weights, &input.pixel_values, &input.grids, false)?.0
+            vision_fwd(
+                vc,
+                &self.layout.vision,
+                &self.weights,
+                &input.pixel_values,
+                &input.grids,
+                false,
+            )?
+            .0
         };
         let features = vision_embeds.len() / h;
         if features != image_rows.len() {
@@ -122,6 +140,12 @@ impl Qwen25Vl {
 
     /// Logits of the selected rows of a forward's hidden states.
     pub fn logits(&self, out: &ForwardOutput, rows: &[usize]) -> Vec<f32> {
-        lm_head_rows(&self.config.text, &self.layout.text, &self.weights, &out.hidden, rows)
+        lm_head_rows(
+            &self.config.text,
+            &self.layout.text,
+            &self.weights,
+            &out.hidden,
+            rows,
+        )
     }
 }

@@ -46,9 +46,29 @@ pub fn text_layer_fwd(
     let x_in = x.to_vec();
     let (mut h1, mut rstd1) = (vec![0.0; t * h], vec![0.0; t]);
     rmsnorm_fwd(x, w.get(p.input_norm), h, eps, &mut h1, &mut rstd1);
-    let (mut q_raw, mut k_raw, mut v) = (vec![0.0; t * q_out], vec![0.0; t * kv_out], vec![0.0; t * kv_out]);
-    linear_fwd(&h1, w.get(p.q_w), Some(w.get(p.q_b)), t, h, q_out, &mut q_raw);
-    linear_fwd(&h1, w.get(p.k_w), Some(w.get(p.k_b)), t, h, kv_out, &mut k_raw);
+    let (mut q_raw, mut k_raw, mut v) = (
+        vec![0.0; t * q_out],
+        vec![0.0; t * kv_out],
+        vec![0.0; t * kv_out],
+    );
+    linear_fwd(
+        &h1,
+        w.get(p.q_w),
+        Some(w.get(p.q_b)),
+        t,
+        h,
+        q_out,
+        &mut q_raw,
+    );
+    linear_fwd(
+        &h1,
+        w.get(p.k_w),
+        Some(w.get(p.k_b)),
+        t,
+        h,
+        kv_out,
+        &mut k_raw,
+    );
     linear_fwd(&h1, w.get(p.v_w), Some(w.get(p.v_b)), t, h, kv_out, &mut v);
     let (mut q, mut k) = (vec![0.0; t * q_out], vec![0.0; t * kv_out]);
     rope_fwd(rope, &q_raw, cfg.num_heads, &mut q);
@@ -70,7 +90,11 @@ pub fn text_layer_fwd(
     let x_mid = x.to_vec();
     let (mut h2, mut rstd2) = (vec![0.0; t * h], vec![0.0; t]);
     rmsnorm_fwd(x, w.get(p.post_norm), h, eps, &mut h2, &mut rstd2);
-    let (mut gate, mut up, mut act) = (vec![0.0; t * inter], vec![0.0; t * inter], vec![0.0; t * inter]);
+    let (mut gate, mut up, mut act) = (
+        vec![0.0; t * inter],
+        vec![0.0; t * inter],
+        vec![0.0; t * inter],
+    );
     linear_fwd(&h2, w.get(p.gate_w), None, t, h, inter, &mut gate);
     linear_fwd(&h2, w.get(p.up_w), None, t, h, inter, &mut up);
     swiglu_fwd(&gate, &up, &mut act);
@@ -123,7 +147,14 @@ pub fn decoder_fwd(
         }
     }
     let (mut out, mut rstd) = (vec![0.0; t * h], vec![0.0; t]);
-    rmsnorm_fwd(&x, w.get(p.norm), h, cfg.rms_norm_eps as f32, &mut out, &mut rstd);
+    rmsnorm_fwd(
+        &x,
+        w.get(p.norm),
+        h,
+        cfg.rms_norm_eps as f32,
+        &mut out,
+        &mut rstd,
+    );
     let acts = keep.then(|| TextActs {
         layers,
         final_in: x,
@@ -134,7 +165,13 @@ pub fn decoder_fwd(
 
 /// Logits `[rows.len(), vocab]` of the selected rows of `hidden[T, hidden]`
 /// (the tied embedding serves as the head when there is no lm_head).
-pub fn lm_head_rows(cfg: &TextConfig, p: &TextParams, w: &Tensors, hidden: &[f32], rows: &[usize]) -> Vec<f32> {
+pub fn lm_head_rows(
+    cfg: &TextConfig,
+    p: &TextParams,
+    w: &Tensors,
+    hidden: &[f32],
+    rows: &[usize],
+) -> Vec<f32> {
     let h = cfg.hidden_size;
     let mut selected = Vec::with_capacity(rows.len() * h);
     for &r in rows {
@@ -142,6 +179,17 @@ pub fn lm_head_rows(cfg: &TextConfig, p: &TextParams, w: &Tensors, hidden: &[f32
     }
     let head = w.get(p.lm_head.unwrap_or(p.embed));
     let mut logits = vec![0.0; rows.len() * cfg.vocab_size];
-    matmul(rows.len(), h, cfg.vocab_size, 1.0, &selected, Trans::No, head, Trans::Yes, 0.0, &mut logits);
+    matmul(
+        rows.len(),
+        h,
+        cfg.vocab_size,
+        1.0,
+        &selected,
+        Trans::No,
+        head,
+        Trans::Yes,
+        0.0,
+        &mut logits,
+    );
     logits
 }

@@ -33,7 +33,11 @@ pub struct VisionBlockActs {
 
 /// Splits fused `qkv[N, 3 * hidden]` (rows q | k | v, head-major) into three.
 fn split_qkv(qkv: &[f32], n: usize, hidden: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mut q, mut k, mut v) = (Vec::with_capacity(n * hidden), Vec::with_capacity(n * hidden), Vec::with_capacity(n * hidden));
+    let (mut q, mut k, mut v) = (
+        Vec::with_capacity(n * hidden),
+        Vec::with_capacity(n * hidden),
+        Vec::with_capacity(n * hidden),
+    );
     for row in qkv.chunks(3 * hidden) {
         q.extend_from_slice(&row[..hidden]);
         k.extend_from_slice(&row[hidden..2 * hidden]);
@@ -58,14 +62,27 @@ pub fn vision_block_fwd(
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
 ) -> Result<VisionBlockActs, OpError> {
-    let (hd, heads, hid, inter) = (cfg.head_dim(), cfg.num_heads, cfg.hidden_size, cfg.intermediate_size);
+    let (hd, heads, hid, inter) = (
+        cfg.head_dim(),
+        cfg.num_heads,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+    );
     let n = x.len() / hid;
     let eps = cfg.rms_norm_eps as f32;
     let x_in = x.to_vec();
     let (mut h1, mut rstd1) = (vec![0.0; n * hid], vec![0.0; n]);
     rmsnorm_fwd(x, w.get(p.norm1), hid, eps, &mut h1, &mut rstd1);
     let mut qkv = vec![0.0; n * 3 * hid];
-    linear_fwd(&h1, w.get(p.qkv_w), Some(w.get(p.qkv_b)), n, hid, 3 * hid, &mut qkv);
+    linear_fwd(
+        &h1,
+        w.get(p.qkv_w),
+        Some(w.get(p.qkv_b)),
+        n,
+        hid,
+        3 * hid,
+        &mut qkv,
+    );
     let (q_raw, k_raw, v) = split_qkv(&qkv, n, hid);
     let (mut q, mut k) = (vec![0.0; n * hid], vec![0.0; n * hid]);
     rope_fwd(rope, &q_raw, heads, &mut q);
@@ -82,17 +99,53 @@ pub fn vision_block_fwd(
     let (mut attn, mut lse) = (vec![0.0; n * hid], vec![0.0; n * heads]);
     attention_fwd(&attn_cfg, &q, &k, &v, &mut attn, &mut lse)?;
     let mut proj = vec![0.0; n * hid];
-    linear_fwd(&attn, w.get(p.proj_w), Some(w.get(p.proj_b)), n, hid, hid, &mut proj);
+    linear_fwd(
+        &attn,
+        w.get(p.proj_w),
+        Some(w.get(p.proj_b)),
+        n,
+        hid,
+        hid,
+        &mut proj,
+    );
     add_into(x, &proj);
     let x_mid = x.to_vec();
     let (mut h2, mut rstd2) = (vec![0.0; n * hid], vec![0.0; n]);
     rmsnorm_fwd(x, w.get(p.norm2), hid, eps, &mut h2, &mut rstd2);
-    let (mut gate, mut up, mut act) = (vec![0.0; n * inter], vec![0.0; n * inter], vec![0.0; n * inter]);
-    linear_fwd(&h2, w.get(p.gate_w), Some(w.get(p.gate_b)), n, hid, inter, &mut gate);
-    linear_fwd(&h2, w.get(p.up_w), Some(w.get(p.up_b)), n, hid, inter, &mut up);
+    let (mut gate, mut up, mut act) = (
+        vec![0.0; n * inter],
+        vec![0.0; n * inter],
+        vec![0.0; n * inter],
+    );
+    linear_fwd(
+        &h2,
+        w.get(p.gate_w),
+        Some(w.get(p.gate_b)),
+        n,
+        hid,
+        inter,
+        &mut gate,
+    );
+    linear_fwd(
+        &h2,
+        w.get(p.up_w),
+        Some(w.get(p.up_b)),
+        n,
+        hid,
+        inter,
+        &mut up,
+    );
     swiglu_fwd(&gate, &up, &mut act);
     let mut down = vec![0.0; n * hid];
-    linear_fwd(&act, w.get(p.down_w), Some(w.get(p.down_b)), n, inter, hid, &mut down);
+    linear_fwd(
+        &act,
+        w.get(p.down_w),
+        Some(w.get(p.down_b)),
+        n,
+        inter,
+        hid,
+        &mut down,
+    );
     add_into(x, &down);
     Ok(VisionBlockActs {
         x_in,
@@ -122,20 +175,48 @@ pub struct MergerActs {
 }
 
 /// `fc2(gelu(fc1(concat of each merge block's ln_q(patch)))) -> [N / unit, out]`.
-pub fn merger_fwd(cfg: &VisionConfig, p: &MergerParams, w: &Tensors, x: &[f32]) -> (Vec<f32>, MergerActs) {
+pub fn merger_fwd(
+    cfg: &VisionConfig,
+    p: &MergerParams,
+    w: &Tensors,
+    x: &[f32],
+) -> (Vec<f32>, MergerActs) {
     let hid = cfg.hidden_size;
     let n = x.len() / hid;
     let merged = hid * cfg.merge_unit();
     let m = n / cfg.merge_unit();
     let (mut normed, mut rstd) = (vec![0.0; n * hid], vec![0.0; n]);
-    rmsnorm_fwd(x, w.get(p.ln_q), hid, cfg.rms_norm_eps as f32, &mut normed, &mut rstd);
+    rmsnorm_fwd(
+        x,
+        w.get(p.ln_q),
+        hid,
+        cfg.rms_norm_eps as f32,
+        &mut normed,
+        &mut rstd,
+    );
     // [N, hid] row-major is already [N / unit, unit * hid]: consecutive patches concatenate.
     let mut fc1 = vec![0.0; m * merged];
-    linear_fwd(&normed, w.get(p.fc1_w), Some(w.get(p.fc1_b)), m, merged, merged, &mut fc1);
+    linear_fwd(
+        &normed,
+        w.get(p.fc1_w),
+        Some(w.get(p.fc1_b)),
+        m,
+        merged,
+        merged,
+        &mut fc1,
+    );
     let mut gelu = vec![0.0; m * merged];
     gelu_fwd(&fc1, &mut gelu);
     let mut out = vec![0.0; m * cfg.out_hidden_size];
-    linear_fwd(&gelu, w.get(p.fc2_w), Some(w.get(p.fc2_b)), m, merged, cfg.out_hidden_size, &mut out);
+    linear_fwd(
+        &gelu,
+        w.get(p.fc2_w),
+        Some(w.get(p.fc2_b)),
+        m,
+        merged,
+        cfg.out_hidden_size,
+        &mut out,
+    );
     (
         out,
         MergerActs {
@@ -171,13 +252,28 @@ pub fn vision_fwd(
 ) -> Result<(Vec<f32>, Option<VisionActs>), OpError> {
     let (hid, pd, unit) = (cfg.hidden_size, cfg.patch_dim(), cfg.merge_unit());
     let n = pixel_values.len() / pd;
-    assert_eq!(n, grids.iter().map(|g| g.iter().product::<usize>()).sum::<usize>(), "vision: pixel rows vs grids");
+    assert_eq!(
+        n,
+        grids
+            .iter()
+            .map(|g| g.iter().product::<usize>())
+            .sum::<usize>(),
+        "vision: pixel rows vs grids"
+    );
     let layout = VisionLayout::new(grids, cfg.spatial_merge_size, cfg.window_merged());
     let order = layout.patch_order(unit);
 
     // Patch embed (Conv3d without bias == matmul), then the window permutation.
     let mut embedded = vec![0.0; n * hid];
-    linear_fwd(pixel_values, w.get(p.patch_embed), None, n, pd, hid, &mut embedded);
+    linear_fwd(
+        pixel_values,
+        w.get(p.patch_embed),
+        None,
+        n,
+        pd,
+        hid,
+        &mut embedded,
+    );
     let mut x = vec![0.0; n * hid];
     for (dst, &src) in x.chunks_mut(hid).zip(&order) {
         dst.copy_from_slice(&embedded[src * hid..(src + 1) * hid]);
@@ -203,7 +299,8 @@ pub fn vision_fwd(
     let out_hid = cfg.out_hidden_size;
     let mut out = vec![0.0; merged.len()];
     for (i, &dst) in layout.window_index.iter().enumerate() {
-        out[dst * out_hid..(dst + 1) * out_hid].copy_from_slice(&merged[i * out_hid..(i + 1) * out_hid]);
+        out[dst * out_hid..(dst + 1) * out_hid]
+            .copy_from_slice(&merged[i * out_hid..(i + 1) * out_hid]);
     }
     let acts = keep.then(|| VisionActs {
         layout,

@@ -1,0 +1,129 @@
+//! `vppo-engine score`: the log-probability of a response given a prompt
+//! with images, under a checkpoint: the engine's "old log-probs".
+
+use crate::model::{ModelError, Qwen25Vl, SequenceInput};
+use crate::processor::image::{process_image, ImageError, ImageProcessorConfig, RgbImage};
+use crate::processor::text::{TextError, TextProcessor};
+use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("the response is empty after tokenisation: nothing to score")]
+    EmptyResponse,
+}
+
+/// What `score` computes for one (prompt, images, response).
+pub struct Scored {
+    /// Prompt + response ids.
+    pub input_ids: Vec<u32>,
+    pub prompt_len: usize,
+    /// `log p(response_i | everything before it)`.
+    pub response_logprobs: Vec<f32>,
+    /// `[R, vocab]` logits at the positions that predict each response token.
+    pub response_logits: Vec<f32>,
+    pub vocab: usize,
+}
+
+/// Loads what scoring needs from a checkpoint directory.
+pub struct Scorer {
+    pub model: Qwen25Vl,
+    pub text: TextProcessor,
+    pub images: ImageProcessorConfig,
+}
+
+impl Scorer {
+    pub fn load(dir: &Path) -> Result<Self, ScoreError> {
+        Ok(Self {
+            model: Qwen25Vl::load(dir)?,
+            text: TextProcessor::load(dir)?,
+            images: ImageProcessorConfig::load(dir)?,
+        })
+    }
+
+    /// Builds the model input: chat prompt with the images, then the
+    /// response tokenised without special tokens.
+    pub fn prepare(
+        &self,
+        images: &[PathBuf],
+        prompt: &str,
+        response: &str,
+    ) -> Result<(SequenceInput, usize), ScoreError> {
+        let mut input = SequenceInput::default();
+        let mut tokens_per_image = Vec::with_capacity(images.len());
+        for path in images {
+            let img = RgbImage::open(path)?;
+            let processed = process_image(&img, &self.images, path)?;
+            tokens_per_image.push(processed.num_tokens(self.images.merge_size));
+            input.pixel_values.extend(processed.pixel_values);
+            input.grids.push(processed.grid_thw);
+        }
+        let mut ids = self.text.prompt_ids(prompt, &tokens_per_image)?;
+        let prompt_len = ids.len();
+        let response_ids = self.text.encode(response, false)?;
+        if response_ids.is_empty() {
+            return Err(ScoreError::EmptyResponse);
+        }
+        ids.extend(response_ids);
+        input.ids = ids;
+        Ok((input, prompt_len))
+    }
+
+    pub fn score(
+        &self,
+        images: &[PathBuf],
+        prompt: &str,
+        response: &str,
+    ) -> Result<Scored, ScoreError> {
+        let (input, prompt_len) = self.prepare(images, prompt, response)?;
+        let out = self.model.forward(&input)?;
+        let t = input.ids.len();
+        let rows: Vec<usize> = (prompt_len - 1..t - 1).collect();
+        let logits = self.model.logits(&out, &rows);
+        let vocab = self.model.config.text.vocab_size;
+        let targets: Vec<u32> = input.ids[prompt_len..].to_vec();
+        let r = targets.len();
+        let (mut logp, mut entropy, mut lse) = (vec![0.0; r], vec![0.0; r], vec![0.0; r]);
+        crate::backend::cpu::logprob::token_logprob_fwd(
+            &logits,
+            vocab,
+            &targets,
+            &mut logp,
+            &mut entropy,
+            &mut lse,
+        )
+        .map_err(ModelError::from)?;
+        Ok(Scored {
+            input_ids: input.ids,
+            prompt_len,
+            response_logprobs: logp,
+            response_logits: logits,
+            vocab,
+        })
+    }
+}
+
+impl Scored {
+    /// Writes `input_ids` (i64 [T]), `response_logprobs` (f32 [R]) and
+    /// `response_logits` (f32 [R, V]) to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<(), WriteError> {
+        let ids: Vec<i64> = self.input_ids.iter().map(|&v| v as i64).collect();
+        let r = self.response_logprobs.len();
+        write_atomic(
+            path,
+            &[
+                OwnedTensor::i64("input_ids", &[ids.len()], &ids),
+                OwnedTensor::f32("response_logprobs", &[r], &self.response_logprobs),
+                OwnedTensor::f32("response_logits", &[r, self.vocab], &self.response_logits),
+            ],
+        )
+    }
+}
