@@ -155,7 +155,7 @@ pub fn decoder_fwd(
         &mut out,
         &mut rstd,
     );
-    let acts = keep.then(|| TextActs {
+    let acts = keep.then_some(TextActs {
         layers,
         final_in: x,
         final_rstd: rstd,

@@ -302,7 +302,7 @@ pub fn vision_fwd(
         out[dst * out_hid..(dst + 1) * out_hid]
             .copy_from_slice(&merged[i * out_hid..(i + 1) * out_hid]);
     }
-    let acts = keep.then(|| VisionActs {
+    let acts = keep.then_some(VisionActs {
         layout,
         rope,
         patch_order: order,
