@@ -136,11 +136,16 @@ fn cli_writes_the_documented_tensors() {
     assert!(max_abs_diff(&got, &r.f32("response_logprobs").1) < 1e-4);
 }
 
+/// name -> (dtype, shape, bytes) of every tensor in a file.
+type TensorMap = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+/// (name, shape, bytes) of the tensors of one shard.
+type Shard = Vec<(String, Vec<usize>, Vec<u8>)>;
+
 /// Rewrites a checkpoint file through `edit` (name -> (dtype, shape, bytes)).
-fn rewrite(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) {
+fn rewrite(path: &Path, edit: impl FnOnce(&mut TensorMap)) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut map: TensorMap = st
         .tensors()
         .into_iter()
         .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
@@ -164,7 +169,7 @@ fn bf16_sharded_hub_checkpoint_scores_close_to_fp32() {
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     let mut weight_map = serde_json::Map::new();
-    let mut shards: [Vec<(String, Vec<usize>, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+    let mut shards: [Shard; 2] = [Vec::new(), Vec::new()];
     for (i, name) in names.iter().enumerate() {
         let t = st.tensor(name).unwrap();
         let bf: Vec<u8> = t
