@@ -9,4 +9,7 @@ pub mod qwen;
 pub mod text;
 pub mod vision;
 
-pub use qwen::{ForwardOutput, ModelError, Qwen25Vl, SequenceInput};
+pub use qwen::{
+    ForwardOutput, ModelError, PackedForward, Qwen25Vl, SequenceInput, TrainForward, TrainSequence,
+};
+pub mod grad_util;

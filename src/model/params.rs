@@ -202,4 +202,15 @@ impl Tensors {
     pub fn get_mut(&mut self, id: ParamId) -> &mut [f32] {
         &mut self.0[id.0]
     }
+    /// Two different tensors mutably at once (a weight and its bias).
+    pub fn pair_mut(&mut self, a: ParamId, b: ParamId) -> (&mut [f32], &mut [f32]) {
+        assert_ne!(a, b, "pair_mut: the same tensor twice");
+        if a.0 < b.0 {
+            let (lo, hi) = self.0.split_at_mut(b.0);
+            (&mut lo[a.0], &mut hi[0])
+        } else {
+            let (lo, hi) = self.0.split_at_mut(a.0);
+            (&mut hi[0], &mut lo[b.0])
+        }
+    }
 }

@@ -1,13 +1,16 @@
 //! Qwen2.5-VL as one object: load a checkpoint directory, run the forward on
-//! a sequence with images.
+//! packed sequences with images, and (for training) the chunked loss head
+//! and the backward through the whole graph.
 
 use super::checkpoint::{Checkpoint, LoadError, NameLayout};
 use super::config::{ConfigError, ModelConfig};
 use super::params::{ParamLayout, Tensors};
 use super::positions::{mrope_positions, MropePositions, PositionError};
-use super::text::{decoder_fwd, lm_head_rows};
-use super::vision::vision_fwd;
-use crate::backend::cpu::embedding::embedding_fwd;
+use super::text::{decoder_bwd, decoder_fwd, lm_head_rows, TextActs};
+use super::vision::{vision_bwd, vision_fwd, Save, VisionActs};
+use crate::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
+use crate::backend::cpu::gemm::{matmul, Trans};
+use crate::backend::cpu::logprob::{token_logprob_bwd, token_logprob_fwd};
 use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cpu::OpError;
 use std::path::{Path, PathBuf};
@@ -24,10 +27,18 @@ pub enum ModelError {
     Positions(#[from] PositionError),
     #[error(transparent)]
     Op(#[from] OpError),
-    #[error("the sequence has {tokens} image tokens but the images give {features} features")]
+    #[error("the batch has {tokens} image tokens but the images give {features} features")]
     ImageTokens { tokens: usize, features: usize },
     #[error("pixel_values has {len} values, not a multiple of the patch size {patch_dim}")]
     PixelShape { len: usize, patch_dim: usize },
+    #[error("sequence {seq}: prompt length {prompt_len} leaves no response in {len} tokens")]
+    NoResponse {
+        seq: usize,
+        prompt_len: usize,
+        len: usize,
+    },
+    #[error("loss gradients have {found} entries for {expected} response tokens")]
+    GradLength { expected: usize, found: usize },
 }
 
 /// One token sequence and its images (already processed).
@@ -48,6 +59,46 @@ pub struct ForwardOutput {
     /// Vision tower + merger output `[image tokens, hidden]`, in scatter order.
     pub vision_embeds: Vec<f32>,
 }
+
+/// A forward over packed sequences, with what a backward needs.
+pub struct PackedForward {
+    pub ids: Vec<u32>,
+    pub cu_seqlens: Vec<i32>,
+    pub positions: Vec<MropePositions>,
+    pub hidden: Vec<f32>,
+    pub vision_embeds: Vec<f32>,
+    /// Packed rows holding image tokens, in scatter order.
+    pub image_rows: Vec<usize>,
+    pixel_values: Vec<f32>,
+    rope: RopeTable<f32>,
+    vision_acts: Option<VisionActs>,
+    text_acts: Option<TextActs>,
+}
+
+/// A training sequence: the model input and where its response starts.
+#[derive(Debug, Clone)]
+pub struct TrainSequence {
+    pub input: SequenceInput,
+    pub prompt_len: usize,
+}
+
+/// The loss head's forward over all response tokens of a batch.
+pub struct TrainForward {
+    pub packed: PackedForward,
+    /// `log p(token)` of every response token, sequences concatenated.
+    pub logprobs: Vec<f32>,
+    /// Entropy of the next-token distribution at the same positions.
+    pub entropy: Vec<f32>,
+    /// Response tokens per sequence.
+    pub response_lens: Vec<usize>,
+    rows: Vec<usize>,
+    targets: Vec<u32>,
+    lse: Vec<f32>,
+}
+
+/// Response rows per lm_head chunk: bounds the `[rows, vocab]` logits held
+/// at once (training never holds the full `[T, vocab]`).
+const LOSS_CHUNK_ROWS: usize = 256;
 
 pub struct Qwen25Vl {
     pub dir: PathBuf,
@@ -79,37 +130,63 @@ impl Qwen25Vl {
 
     /// Runs vision tower, image scatter and decoder on one sequence.
     pub fn forward(&self, input: &SequenceInput) -> Result<ForwardOutput, ModelError> {
+        let packed = self.forward_packed(std::slice::from_ref(input), Save::Nothing)?;
+        Ok(ForwardOutput {
+            hidden: packed.hidden,
+            positions: packed.positions.into_iter().next().expect("one sequence"),
+            vision_embeds: packed.vision_embeds,
+        })
+    }
+
+    /// Forward over several sequences packed into one batch (no padding):
+    /// all images go through the vision tower together, each sequence gets
+    /// its own M-RoPE positions and causal attention span.
+    pub fn forward_packed(
+        &self,
+        seqs: &[SequenceInput],
+        save: Save,
+    ) -> Result<PackedForward, ModelError> {
         let (tc, vc) = (&self.config.text, &self.config.vision);
         let h = tc.hidden_size;
-        let t = input.ids.len();
-        let mut x = vec![0.0; t * h];
-        embedding_fwd(
-            &input.ids,
-            self.weights.get(self.layout.text.embed),
-            h,
-            &mut x,
-        )?;
-
+        let mut ids = Vec::new();
+        let mut cu_seqlens = vec![0i32];
+        let mut pixel_values = Vec::new();
+        let mut grids = Vec::new();
+        let mut positions = Vec::with_capacity(seqs.len());
         let image_id = self.config.tokens.image_token_id;
-        let image_rows: Vec<usize> = (0..t).filter(|&i| input.ids[i] == image_id).collect();
-        let vision_embeds = if input.grids.is_empty() {
-            Vec::new()
-        } else {
-            if input.pixel_values.len() % vc.patch_dim() != 0 {
+        for s in seqs {
+            if s.pixel_values.len() % vc.patch_dim() != 0 {
                 return Err(ModelError::PixelShape {
-                    len: input.pixel_values.len(),
+                    len: s.pixel_values.len(),
                     patch_dim: vc.patch_dim(),
                 });
             }
+            positions.push(mrope_positions(
+                &s.ids,
+                image_id,
+                &s.grids,
+                vc.spatial_merge_size,
+            )?);
+            ids.extend_from_slice(&s.ids);
+            cu_seqlens.push(ids.len() as i32);
+            pixel_values.extend_from_slice(&s.pixel_values);
+            grids.extend_from_slice(&s.grids);
+        }
+        let t = ids.len();
+        let mut x = vec![0.0; t * h];
+        embedding_fwd(&ids, self.weights.get(self.layout.text.embed), h, &mut x)?;
+        let image_rows: Vec<usize> = (0..t).filter(|&i| ids[i] == image_id).collect();
+        let (vision_embeds, vision_acts) = if grids.is_empty() {
+            (Vec::new(), None)
+        } else {
             vision_fwd(
                 vc,
                 &self.layout.vision,
                 &self.weights,
-                &input.pixel_values,
-                &input.grids,
-                false,
+                &pixel_values,
+                &grids,
+                save,
             )?
-            .0
         };
         let features = vision_embeds.len() / h;
         if features != image_rows.len() {
@@ -121,20 +198,39 @@ impl Qwen25Vl {
         for (k, &row) in image_rows.iter().enumerate() {
             x[row * h..(row + 1) * h].copy_from_slice(&vision_embeds[k * h..(k + 1) * h]);
         }
-
-        let positions = mrope_positions(&input.ids, image_id, &input.grids, vc.spatial_merge_size)?;
+        let stream = |f: fn(&MropePositions) -> &Vec<i32>| -> Vec<i32> {
+            positions
+                .iter()
+                .flat_map(|p| f(p).iter().copied())
+                .collect()
+        };
+        let (pt, ph, pw) = (stream(|p| &p.t), stream(|p| &p.h), stream(|p| &p.w));
         let rope = RopeTable::mrope(
-            [&positions.t, &positions.h, &positions.w],
+            [&pt, &ph, &pw],
             tc.mrope_section,
             tc.head_dim,
             tc.rope_theta,
         );
-        let cu = [0, t as i32];
-        let (hidden, _) = decoder_fwd(tc, &self.layout.text, &self.weights, x, &rope, &cu, false)?;
-        Ok(ForwardOutput {
-            hidden,
+        let (hidden, text_acts) = decoder_fwd(
+            tc,
+            &self.layout.text,
+            &self.weights,
+            x,
+            &rope,
+            &cu_seqlens,
+            save,
+        )?;
+        Ok(PackedForward {
+            ids,
+            cu_seqlens,
             positions,
+            hidden,
             vision_embeds,
+            image_rows,
+            pixel_values,
+            rope,
+            vision_acts,
+            text_acts,
         })
     }
 
@@ -147,5 +243,215 @@ impl Qwen25Vl {
             &out.hidden,
             rows,
         )
+    }
+
+    fn head(&self) -> &[f32] {
+        let t = &self.layout.text;
+        self.weights.get(t.lm_head.unwrap_or(t.embed))
+    }
+
+    /// Training forward: packed forward keeping activations (`save`), then
+    /// log-prob and entropy of every response token, chunk by chunk over
+    /// the vocabulary head.
+    pub fn train_forward(
+        &self,
+        batch: &[TrainSequence],
+        save: Save,
+    ) -> Result<TrainForward, ModelError> {
+        let inputs: Vec<SequenceInput> = batch.iter().map(|s| s.input.clone()).collect();
+        let packed = self.forward_packed(&inputs, save)?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut response_lens = Vec::with_capacity(batch.len());
+        for (i, s) in batch.iter().enumerate() {
+            let start = packed.cu_seqlens[i] as usize;
+            let len = s.input.ids.len();
+            if s.prompt_len == 0 || s.prompt_len >= len {
+                return Err(ModelError::NoResponse {
+                    seq: i,
+                    prompt_len: s.prompt_len,
+                    len,
+                });
+            }
+            for pos in s.prompt_len..len {
+                rows.push(start + pos - 1);
+                targets.push(s.input.ids[pos]);
+            }
+            response_lens.push(len - s.prompt_len);
+        }
+        let n = rows.len();
+        let (mut logprobs, mut entropy, mut lse) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let tc = &self.config.text;
+        for c0 in (0..n).step_by(LOSS_CHUNK_ROWS) {
+            let c1 = (c0 + LOSS_CHUNK_ROWS).min(n);
+            let logits = lm_head_rows(
+                tc,
+                &self.layout.text,
+                &self.weights,
+                &packed.hidden,
+                &rows[c0..c1],
+            );
+            token_logprob_fwd(
+                &logits,
+                tc.vocab_size,
+                &targets[c0..c1],
+                &mut logprobs[c0..c1],
+                &mut entropy[c0..c1],
+                &mut lse[c0..c1],
+            )?;
+        }
+        Ok(TrainForward {
+            packed,
+            logprobs,
+            entropy,
+            response_lens,
+            rows,
+            targets,
+            lse,
+        })
+    }
+
+    /// Backward of a loss given as its gradient w.r.t. each response
+    /// token's log-prob and entropy (`d_logprob`, `d_entropy`, in
+    /// [`TrainForward::logprobs`] order): GRPO/VPPO losses are a weighting,
+    /// not new graph code. Accumulates every parameter's gradient into `grads`.
+    pub fn train_backward(
+        &self,
+        fwd: &TrainForward,
+        d_logprob: &[f32],
+        d_entropy: &[f32],
+        grads: &mut Tensors,
+    ) -> Result<(), ModelError> {
+        let n = fwd.rows.len();
+        for found in [d_logprob.len(), d_entropy.len()] {
+            if found != n {
+                return Err(ModelError::GradLength { expected: n, found });
+            }
+        }
+        let (tc, vc) = (&self.config.text, &self.config.vision);
+        let (h, vocab) = (tc.hidden_size, tc.vocab_size);
+        let packed = &fwd.packed;
+        let head_id = self.layout.text.lm_head.unwrap_or(self.layout.text.embed);
+        // Loss head, chunk by chunk: recompute the chunk's logits, take their
+        // gradient, push it through the head.
+        let mut d_hidden = vec![0.0; packed.hidden.len()];
+        for c0 in (0..n).step_by(LOSS_CHUNK_ROWS) {
+            let c1 = (c0 + LOSS_CHUNK_ROWS).min(n);
+            let rows = &fwd.rows[c0..c1];
+            let m = rows.len();
+            let mut hidden_rows = Vec::with_capacity(m * h);
+            for &r in rows {
+                hidden_rows.extend_from_slice(&packed.hidden[r * h..(r + 1) * h]);
+            }
+            let mut logits = vec![0.0; m * vocab];
+            matmul(
+                m,
+                h,
+                vocab,
+                1.0,
+                &hidden_rows,
+                Trans::No,
+                self.head(),
+                Trans::Yes,
+                0.0,
+                &mut logits,
+            );
+            let mut d_logits = vec![0.0; m * vocab];
+            token_logprob_bwd(
+                &logits,
+                vocab,
+                &fwd.targets[c0..c1],
+                &fwd.lse[c0..c1],
+                &fwd.entropy[c0..c1],
+                &d_logprob[c0..c1],
+                &d_entropy[c0..c1],
+                &mut d_logits,
+            );
+            drop(logits);
+            let mut d_rows = vec![0.0; m * h];
+            matmul(
+                m,
+                vocab,
+                h,
+                1.0,
+                &d_logits,
+                Trans::No,
+                self.head(),
+                Trans::No,
+                0.0,
+                &mut d_rows,
+            );
+            matmul(
+                vocab,
+                m,
+                h,
+                1.0,
+                &d_logits,
+                Trans::Yes,
+                &hidden_rows,
+                Trans::No,
+                1.0,
+                grads.get_mut(head_id),
+            );
+            for (k, &r) in rows.iter().enumerate() {
+                for (a, b) in d_hidden[r * h..(r + 1) * h]
+                    .iter_mut()
+                    .zip(&d_rows[k * h..(k + 1) * h])
+                {
+                    *a += b;
+                }
+            }
+        }
+        let text_acts = packed
+            .text_acts
+            .as_ref()
+            .expect("train_forward keeps decoder activations");
+        let d_embeds = decoder_bwd(
+            tc,
+            &self.layout.text,
+            &self.weights,
+            text_acts,
+            &packed.rope,
+            &packed.cu_seqlens,
+            &d_hidden,
+            grads,
+        )?;
+        // Image rows were replaced by vision features: their gradient goes to
+        // the vision tower, the embedding rows of image tokens get none.
+        let mut d_vision = vec![0.0; packed.image_rows.len() * h];
+        let mut is_image = vec![false; packed.ids.len()];
+        for (k, &r) in packed.image_rows.iter().enumerate() {
+            d_vision[k * h..(k + 1) * h].copy_from_slice(&d_embeds[r * h..(r + 1) * h]);
+            is_image[r] = true;
+        }
+        let (text_ids, text_grads): (Vec<u32>, Vec<f32>) = {
+            let mut ids = Vec::new();
+            let mut g = Vec::new();
+            for (i, &id) in packed.ids.iter().enumerate() {
+                if !is_image[i] {
+                    ids.push(id);
+                    g.extend_from_slice(&d_embeds[i * h..(i + 1) * h]);
+                }
+            }
+            (ids, g)
+        };
+        embedding_bwd(
+            &text_ids,
+            &text_grads,
+            h,
+            grads.get_mut(self.layout.text.embed),
+        )?;
+        if let Some(vacts) = &packed.vision_acts {
+            vision_bwd(
+                vc,
+                &self.layout.vision,
+                &self.weights,
+                vacts,
+                &packed.pixel_values,
+                &d_vision,
+                grads,
+            )?;
+        }
+        Ok(())
     }
 }

@@ -2,13 +2,15 @@
 //! Each layer's forward returns the activations its backward will need.
 
 use super::config::TextConfig;
+use super::grad_util::{add_into, linear_bwd_acc};
 use super::params::{Tensors, TextLayerParams, TextParams};
-use crate::backend::cpu::activations::swiglu_fwd;
-use crate::backend::cpu::attention::{attention_fwd, VarlenAttention};
+use super::vision::Save;
+use crate::backend::cpu::activations::{swiglu_bwd, swiglu_fwd};
+use crate::backend::cpu::attention::{attention_bwd, attention_fwd, VarlenAttention};
 use crate::backend::cpu::gemm::{matmul, Trans};
-use crate::backend::cpu::linear::linear_fwd;
-use crate::backend::cpu::rmsnorm::rmsnorm_fwd;
-use crate::backend::cpu::rope::{rope_fwd, RopeTable};
+use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
+use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
+use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
 use crate::backend::cpu::OpError;
 
 /// What one decoder layer saw and made (input to its backward).
@@ -28,6 +30,19 @@ pub struct TextLayerActs {
     pub gate: Vec<f32>,
     pub up: Vec<f32>,
     pub act: Vec<f32>,
+}
+
+/// Causal GQA over the packed sequences.
+fn attention_shape<'a>(cfg: &TextConfig, cu_seqlens: &'a [i32]) -> VarlenAttention<'a> {
+    VarlenAttention {
+        cu_seqlens_q: cu_seqlens,
+        cu_seqlens_k: cu_seqlens,
+        q_heads: cfg.num_heads,
+        kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        causal: true,
+        scale: 1.0 / (cfg.head_dim as f64).sqrt(),
+    }
 }
 
 /// One layer: `x += o_proj(attn(rmsnorm(x)))`, `x += down(silu(gate) * up)`.
@@ -73,17 +88,15 @@ pub fn text_layer_fwd(
     let (mut q, mut k) = (vec![0.0; t * q_out], vec![0.0; t * kv_out]);
     rope_fwd(rope, &q_raw, cfg.num_heads, &mut q);
     rope_fwd(rope, &k_raw, cfg.num_kv_heads, &mut k);
-    let attn_cfg = VarlenAttention {
-        cu_seqlens_q: cu_seqlens,
-        cu_seqlens_k: cu_seqlens,
-        q_heads: cfg.num_heads,
-        kv_heads: cfg.num_kv_heads,
-        head_dim: hd,
-        causal: true,
-        scale: 1.0 / (hd as f64).sqrt(),
-    };
     let (mut attn, mut lse) = (vec![0.0; t * q_out], vec![0.0; t * cfg.num_heads]);
-    attention_fwd(&attn_cfg, &q, &k, &v, &mut attn, &mut lse)?;
+    attention_fwd(
+        &attention_shape(cfg, cu_seqlens),
+        &q,
+        &k,
+        &v,
+        &mut attn,
+        &mut lse,
+    )?;
     let mut o = vec![0.0; t * h];
     linear_fwd(&attn, w.get(p.o_w), None, t, q_out, h, &mut o);
     x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
@@ -119,9 +132,137 @@ pub fn text_layer_fwd(
     })
 }
 
+/// Backward of [`text_layer_fwd`]: `dx` holds the gradient w.r.t. the
+/// layer's output on entry and w.r.t. its input on return; weight gradients
+/// accumulate into `g`.
+#[allow(clippy::too_many_arguments)]
+pub fn text_layer_bwd(
+    cfg: &TextConfig,
+    p: &TextLayerParams,
+    w: &Tensors,
+    acts: &TextLayerActs,
+    rope: &RopeTable<f32>,
+    cu_seqlens: &[i32],
+    dx: &mut [f32],
+    g: &mut Tensors,
+) -> Result<(), OpError> {
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let t = dx.len() / h;
+    // MLP branch: x_out = x_mid + down(silu(gate(h2)) * up(h2)).
+    let mut d_act = vec![0.0; t * inter];
+    linear_bwd(
+        dx,
+        &acts.act,
+        w.get(p.down_w),
+        t,
+        inter,
+        h,
+        Some(&mut d_act),
+        g.get_mut(p.down_w),
+        None,
+    );
+    let (mut d_gate, mut d_up) = (vec![0.0; t * inter], vec![0.0; t * inter]);
+    swiglu_bwd(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up);
+    let mut d_h2 = vec![0.0; t * h];
+    linear_bwd_acc(
+        &d_gate,
+        &acts.h2,
+        w.get(p.gate_w),
+        t,
+        h,
+        inter,
+        &mut d_h2,
+        g.get_mut(p.gate_w),
+        None,
+    );
+    linear_bwd_acc(
+        &d_up,
+        &acts.h2,
+        w.get(p.up_w),
+        t,
+        h,
+        inter,
+        &mut d_h2,
+        g.get_mut(p.up_w),
+        None,
+    );
+    let mut d_norm = vec![0.0; t * h];
+    rmsnorm_bwd(
+        &d_h2,
+        &acts.x_mid,
+        w.get(p.post_norm),
+        &acts.rstd2,
+        h,
+        &mut d_norm,
+        g.get_mut(p.post_norm),
+    );
+    add_into(dx, &d_norm);
+    // Attention branch: x_mid = x_in + o_proj(attn(rope(q), rope(k), v)).
+    let mut d_attn = vec![0.0; t * q_out];
+    linear_bwd(
+        dx,
+        &acts.attn,
+        w.get(p.o_w),
+        t,
+        q_out,
+        h,
+        Some(&mut d_attn),
+        g.get_mut(p.o_w),
+        None,
+    );
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; t * q_out],
+        vec![0.0; t * kv_out],
+        vec![0.0; t * kv_out],
+    );
+    attention_bwd(
+        &attention_shape(cfg, cu_seqlens),
+        &acts.q,
+        &acts.k,
+        &acts.v,
+        &acts.attn,
+        &acts.lse,
+        &d_attn,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    )?;
+    let (mut dq_raw, mut dk_raw) = (vec![0.0; t * q_out], vec![0.0; t * kv_out]);
+    rope_bwd(rope, &dq, cfg.num_heads, &mut dq_raw);
+    rope_bwd(rope, &dk, cfg.num_kv_heads, &mut dk_raw);
+    let mut d_h1 = vec![0.0; t * h];
+    for (dy, out, wid, bid) in [
+        (&dq_raw, q_out, p.q_w, p.q_b),
+        (&dk_raw, kv_out, p.k_w, p.k_b),
+        (&dv, kv_out, p.v_w, p.v_b),
+    ] {
+        let (dw, db) = g.pair_mut(wid, bid);
+        linear_bwd_acc(dy, &acts.h1, w.get(wid), t, h, out, &mut d_h1, dw, Some(db));
+    }
+    rmsnorm_bwd(
+        &d_h1,
+        &acts.x_in,
+        w.get(p.input_norm),
+        &acts.rstd1,
+        h,
+        &mut d_norm,
+        g.get_mut(p.input_norm),
+    );
+    add_into(dx, &d_norm);
+    Ok(())
+}
+
+/// What a forward keeps of a layer for the backward.
+pub enum LayerSave {
+    All(TextLayerActs),
+    /// Only the layer input; the backward re-runs the layer's forward.
+    Input(Vec<f32>),
+}
+
 /// Activations of a whole decoder forward (kept only when training).
 pub struct TextActs {
-    pub layers: Vec<TextLayerActs>,
+    pub layers: Vec<LayerSave>,
     pub final_in: Vec<f32>,
     pub final_rstd: Vec<f32>,
 }
@@ -135,15 +276,17 @@ pub fn decoder_fwd(
     mut x: Vec<f32>,
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
-    keep: bool,
+    save: Save,
 ) -> Result<(Vec<f32>, Option<TextActs>), OpError> {
     let h = cfg.hidden_size;
     let t = x.len() / h;
     let mut layers = Vec::new();
     for lp in &p.layers {
         let acts = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
-        if keep {
-            layers.push(acts);
+        match save {
+            Save::Nothing => {}
+            Save::All => layers.push(LayerSave::All(acts)),
+            Save::Inputs => layers.push(LayerSave::Input(acts.x_in)),
         }
     }
     let (mut out, mut rstd) = (vec![0.0; t * h], vec![0.0; t]);
@@ -155,12 +298,51 @@ pub fn decoder_fwd(
         &mut out,
         &mut rstd,
     );
-    let acts = keep.then_some(TextActs {
+    let acts = (save != Save::Nothing).then_some(TextActs {
         layers,
         final_in: x,
         final_rstd: rstd,
     });
     Ok((out, acts))
+}
+
+/// Backward of [`decoder_fwd`] from the gradient w.r.t. the final-norm
+/// hidden states; returns the gradient w.r.t. the input embeddings.
+#[allow(clippy::too_many_arguments)]
+pub fn decoder_bwd(
+    cfg: &TextConfig,
+    p: &TextParams,
+    w: &Tensors,
+    acts: &TextActs,
+    rope: &RopeTable<f32>,
+    cu_seqlens: &[i32],
+    d_hidden: &[f32],
+    g: &mut Tensors,
+) -> Result<Vec<f32>, OpError> {
+    let h = cfg.hidden_size;
+    let mut dx = vec![0.0; d_hidden.len()];
+    rmsnorm_bwd(
+        d_hidden,
+        &acts.final_in,
+        w.get(p.norm),
+        &acts.final_rstd,
+        h,
+        &mut dx,
+        g.get_mut(p.norm),
+    );
+    for (lp, saved) in p.layers.iter().zip(&acts.layers).rev() {
+        let recomputed;
+        let layer_acts = match saved {
+            LayerSave::All(a) => a,
+            LayerSave::Input(x_in) => {
+                let mut x = x_in.clone();
+                recomputed = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
+                &recomputed
+            }
+        };
+        text_layer_bwd(cfg, lp, w, layer_acts, rope, cu_seqlens, &mut dx, g)?;
+    }
+    Ok(dx)
 }
 
 /// Logits `[rows.len(), vocab]` of the selected rows of `hidden[T, hidden]`
