@@ -11,3 +11,4 @@ pub mod model;
 pub mod processor;
 pub mod safetensors_io;
 pub mod score;
+pub mod train;

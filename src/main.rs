@@ -52,6 +52,10 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+        /// Also write the gradient of sum(response_logprobs) w.r.t. every
+        /// parameter (f32, under the checkpoint's own tensor names) here.
+        #[arg(long)]
+        grad_out: Option<PathBuf>,
     },
 }
 
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             response,
             device,
             out,
+            grad_out,
         } => {
             if device == Device::Cuda {
                 bail!("--device cuda: the model does not run on the CUDA backend yet (only single kernels do); use --device cpu");
@@ -76,6 +81,17 @@ fn main() -> anyhow::Result<()> {
             let loaded = start.elapsed();
             let scored = scorer.score(&images, &prompt, &response)?;
             scored.save(&out)?;
+            if let Some(path) = &grad_out {
+                let t = Instant::now();
+                let grads = scorer.logprob_sum_grad(&images, &prompt, &response)?;
+                scorer.save_grads(&grads, path)?;
+                eprintln!(
+                    "wrote gradients of {} tensors to {} ({:.2?})",
+                    grads.0.len(),
+                    path.display(),
+                    t.elapsed()
+                );
+            }
             let r = scored.response_logprobs.len();
             let total: f32 = scored.response_logprobs.iter().sum();
             eprintln!(

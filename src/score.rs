@@ -1,7 +1,9 @@
 //! `vppo-engine score`: the log-probability of a response given a prompt
 //! with images, under a checkpoint: the engine's "old log-probs".
 
-use crate::model::{ModelError, Qwen25Vl, SequenceInput};
+use crate::model::params::Tensors;
+use crate::model::vision::Save;
+use crate::model::{ModelError, Qwen25Vl, SequenceInput, TrainSequence};
 use crate::processor::image::{process_image, ImageError, ImageProcessorConfig, RgbImage};
 use crate::processor::text::{TextError, TextProcessor};
 use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};
@@ -108,6 +110,42 @@ impl Scorer {
             response_logits: logits,
             vocab,
         })
+    }
+}
+
+impl Scorer {
+    /// The gradient of `sum(response_logprobs)` w.r.t. every parameter (f32),
+    /// activations recomputed layer by layer to bound memory.
+    pub fn logprob_sum_grad(
+        &self,
+        images: &[PathBuf],
+        prompt: &str,
+        response: &str,
+    ) -> Result<Tensors, ScoreError> {
+        let (input, prompt_len) = self.prepare(images, prompt, response)?;
+        let batch = [TrainSequence { input, prompt_len }];
+        let fwd = self.model.train_forward(&batch, Save::Inputs)?;
+        let n = fwd.logprobs.len();
+        let mut grads = Tensors::zeros(&self.model.layout);
+        self.model
+            .train_backward(&fwd, &vec![1.0; n], &vec![0.0; n], &mut grads)?;
+        Ok(grads)
+    }
+
+    /// Writes gradients under the checkpoint's own tensor names and shapes
+    /// (for a tied head the embedding carries both contributions).
+    pub fn save_grads(&self, grads: &Tensors, path: &Path) -> Result<(), WriteError> {
+        let tensors: Vec<OwnedTensor> = self
+            .model
+            .layout
+            .specs
+            .iter()
+            .zip(&grads.0)
+            .map(|(spec, g)| {
+                OwnedTensor::f32(&self.model.names.file_name(&spec.name), &spec.shape, g)
+            })
+            .collect();
+        write_atomic(path, &tensors)
     }
 }
 

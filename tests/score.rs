@@ -103,6 +103,7 @@ fn cli_writes_the_documented_tensors() {
     let img = images_of(case, &dir)[0].display().to_string();
     let response = inputs(case)["response"].as_str().unwrap().to_string();
     let prompt = prompt_with_placeholders(case);
+    let grad_out = out.with_extension("grads.safetensors");
     let (ok, stderr) = run_cli(&[
         "score",
         "--model",
@@ -115,8 +116,28 @@ fn cli_writes_the_documented_tensors() {
         &response,
         "--out",
         out.to_str().unwrap(),
+        "--grad-out",
+        grad_out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
+    // --grad-out: every tensor of the checkpoint, torch's gradient of sum(log-probs).
+    let grad_bytes = std::fs::read(&grad_out).unwrap();
+    std::fs::remove_file(&grad_out).unwrap();
+    let grads = SafeTensors::deserialize(&grad_bytes).unwrap();
+    let torch = Reference::open(case, "grads.safetensors");
+    assert_eq!(grads.len(), torch.names().len());
+    for name in torch.names() {
+        let t = grads.tensor(&name).unwrap();
+        let got: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let (shape, want) = torch.f32(&name);
+        assert_eq!(t.shape(), shape.as_slice(), "{name}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        assert!(max_abs_diff(&got, &want) / scale < 1e-4, "{name}");
+    }
     let bytes = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();

@@ -91,7 +91,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
 
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let files = weight_files(dir)?;
+        Self::from_files(dir, weight_files(dir)?)
+    }
+
+    /// One safetensors file read with the same checks (names used as given).
+    pub fn open_file(path: &Path) -> Result<Self, LoadError> {
+        if !path.is_file() {
+            return Err(LoadError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::from_files(dir, vec![path.to_path_buf()])
+    }
+
+    fn from_files(dir: &Path, files: Vec<PathBuf>) -> Result<Self, LoadError> {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = HashMap::new();
         for path in files {

@@ -1,0 +1,343 @@
+//! Checkpoints: model weights in the Hugging Face Hub layout (sharded
+//! safetensors + index, config, tokenizer and processor files copied) that
+//! transformers loads as they are, plus a resumable training state.
+//!
+//! Nothing is ever half-written in place: a checkpoint is written into a
+//! temporary sibling directory and renamed into place; a training run keeps
+//! numbered checkpoints and a `latest` file (itself replaced by rename), so a
+//! run killed during a save still resumes from the previous checkpoint.
+
+use super::optimizer::{AdamW, WeightPrecision};
+use crate::backend::cpu::adamw::AdamWConfig;
+use crate::model::checkpoint::{Checkpoint, LoadError};
+use crate::model::params::{ParamLayout, Tensors};
+use crate::model::{ModelError, Qwen25Vl};
+use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};
+use half::bf16;
+use safetensors::tensor::Dtype;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{path}: {reason}")]
+    State { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Storage dtype of saved weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    Bf16,
+}
+
+/// Files of a checkpoint directory that are the weights (not copied over).
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == "model.safetensors.index.json"
+}
+
+/// Writes the model's weights in the Hub layout into `dir` (which must
+/// exist and be empty), in shards of at most `max_shard_bytes`, with
+/// `model.safetensors.index.json`; copies the source checkpoint's other
+/// files (config, tokenizer, chat template, processor config). `on_file` is
+/// told about every file written (progress, and crash tests).
+pub fn write_hub_weights(
+    model: &Qwen25Vl,
+    dir: &Path,
+    dtype: SaveDtype,
+    max_shard_bytes: usize,
+    on_file: &mut dyn FnMut(&Path),
+) -> Result<(), CheckpointError> {
+    for entry in std::fs::read_dir(&model.dir)
+        .map_err(io(&model.dir))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_file() && !is_weight_file(&name) {
+            let dest = dir.join(&name);
+            std::fs::copy(entry.path(), &dest).map_err(io(&dest))?;
+            on_file(&dest);
+        }
+    }
+    let elem = match dtype {
+        SaveDtype::F32 => 4,
+        SaveDtype::Bf16 => 2,
+    };
+    // Greedy sharding in table order, as transformers does.
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0;
+    for (i, spec) in model.layout.specs.iter().enumerate() {
+        let bytes = spec.numel() * elem;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().unwrap().push(i);
+        size += bytes;
+    }
+    let total = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0usize;
+    for (k, shard) in shards.iter().enumerate() {
+        let file = if total == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, total)
+        };
+        let tensors: Vec<OwnedTensor> = shard
+            .iter()
+            .map(|&i| {
+                let spec = &model.layout.specs[i];
+                let values = &model.weights.0[i];
+                total_size += spec.numel() * elem;
+                weight_map.insert(spec.name.clone(), file.clone().into());
+                match dtype {
+                    SaveDtype::F32 => OwnedTensor::f32(&spec.name, &spec.shape, values),
+                    SaveDtype::Bf16 => OwnedTensor {
+                        name: spec.name.clone(),
+                        dtype: Dtype::BF16,
+                        shape: spec.shape.clone(),
+                        bytes: values
+                            .iter()
+                            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                            .collect(),
+                    },
+                }
+            })
+            .collect();
+        let path = dir.join(&file);
+        write_atomic(&path, &tensors)?;
+        on_file(&path);
+    }
+    if total > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&index).unwrap()).map_err(io(&path))?;
+        on_file(&path);
+    }
+    Ok(())
+}
+
+/// Creates `dest` by filling a temporary sibling directory and renaming it
+/// into place. An existing `dest` is replaced only after the new one is
+/// complete.
+fn write_dir_atomically(
+    dest: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dest.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dest, &old).map_err(io(dest))?;
+        std::fs::rename(&tmp, dest).map_err(io(dest))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    }
+    Ok(())
+}
+
+/// Saves the model as a Hub checkpoint directory at `dest`.
+pub fn save_hub_checkpoint(
+    model: &Qwen25Vl,
+    dest: &Path,
+    dtype: SaveDtype,
+    max_shard_bytes: usize,
+) -> Result<(), CheckpointError> {
+    write_dir_atomically(dest, |tmp| {
+        write_hub_weights(model, tmp, dtype, max_shard_bytes, &mut |_| {})
+    })
+}
+
+/// Where a run is: enough to resume it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Seed of the run; per-step randomness derives from (seed, step).
+    pub seed: u64,
+    /// Rows of the data set consumed so far.
+    pub data_position: u64,
+    /// Anything else the trainer wants back (resolved config, metrics).
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OptimizerMeta {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    max_grad_norm: Option<f64>,
+    optimizer_step: u64,
+    bf16_model: bool,
+}
+
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+const LATEST_FILE: &str = "latest";
+
+pub fn checkpoint_dir_name(step: u64) -> String {
+    format!("checkpoint-{step:08}")
+}
+
+/// Saves model (f32, Hub layout), optimizer and training state as
+/// `run_dir/checkpoint-<step>/`, then points `run_dir/latest` at it.
+/// `on_file` sees every file as it is written.
+pub fn save_training_checkpoint(
+    run_dir: &Path,
+    model: &Qwen25Vl,
+    optimizer: &AdamW,
+    state: &TrainingState,
+    on_file: &mut dyn FnMut(&Path),
+) -> Result<PathBuf, CheckpointError> {
+    let name = checkpoint_dir_name(state.step);
+    let dest = run_dir.join(&name);
+    write_dir_atomically(&dest, |tmp| {
+        write_hub_weights(model, tmp, SaveDtype::F32, 2 << 30, on_file)?;
+        let mut tensors = Vec::new();
+        for (i, spec) in model.layout.specs.iter().enumerate() {
+            tensors.push(OwnedTensor::f32(
+                &format!("exp_avg.{}", spec.name),
+                &spec.shape,
+                &optimizer.exp_avg.0[i],
+            ));
+            tensors.push(OwnedTensor::f32(
+                &format!("exp_avg_sq.{}", spec.name),
+                &spec.shape,
+                &optimizer.exp_avg_sq.0[i],
+            ));
+            if let Some(master) = &optimizer.master {
+                tensors.push(OwnedTensor::f32(
+                    &format!("master.{}", spec.name),
+                    &spec.shape,
+                    &master.0[i],
+                ));
+            }
+        }
+        let path = tmp.join(OPTIMIZER_FILE);
+        write_atomic(&path, &tensors)?;
+        on_file(&path);
+        let meta = OptimizerMeta {
+            lr: optimizer.cfg.lr,
+            beta1: optimizer.cfg.beta1,
+            beta2: optimizer.cfg.beta2,
+            eps: optimizer.cfg.eps,
+            weight_decay: optimizer.cfg.weight_decay,
+            max_grad_norm: optimizer.max_grad_norm,
+            optimizer_step: optimizer.step,
+            bf16_model: optimizer.master.is_some(),
+        };
+        let json = serde_json::json!({"state": state, "optimizer": meta});
+        let path = tmp.join(STATE_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).map_err(io(&path))?;
+        on_file(&path);
+        Ok(())
+    })?;
+    // Point `latest` at the new checkpoint (write + rename: never torn).
+    let latest = run_dir.join(LATEST_FILE);
+    let tmp = run_dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, &name).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &latest).map_err(io(&latest))?;
+    Ok(dest)
+}
+
+/// The checkpoint `run_dir/latest` points at, if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    let latest = run_dir.join(LATEST_FILE);
+    if !latest.is_file() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
+    let dir = run_dir.join(name.trim());
+    if !dir.is_dir() {
+        return Err(CheckpointError::State {
+            path: latest,
+            reason: format!("points at {}, which does not exist", dir.display()),
+        });
+    }
+    Ok(Some(dir))
+}
+
+/// Loads model, optimizer and training state from a training checkpoint.
+pub fn load_training_checkpoint(
+    dir: &Path,
+) -> Result<(Qwen25Vl, AdamW, TrainingState), CheckpointError> {
+    let model = Qwen25Vl::load(dir)?;
+    let state_path = dir.join(STATE_FILE);
+    let bad = |reason: String| CheckpointError::State {
+        path: state_path.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let state: TrainingState =
+        serde_json::from_value(json["state"].clone()).map_err(|e| bad(format!("state: {e}")))?;
+    let meta: OptimizerMeta = serde_json::from_value(json["optimizer"].clone())
+        .map_err(|e| bad(format!("optimizer: {e}")))?;
+    let precision = if meta.bf16_model {
+        WeightPrecision::Bf16Model
+    } else {
+        WeightPrecision::Fp32
+    };
+    let cfg = AdamWConfig {
+        lr: meta.lr,
+        beta1: meta.beta1,
+        beta2: meta.beta2,
+        eps: meta.eps,
+        weight_decay: meta.weight_decay,
+    };
+    let mut optimizer = AdamW::new(&model.weights, cfg, meta.max_grad_norm, precision);
+    optimizer.step = meta.optimizer_step;
+    let opt = Checkpoint::open_file(&dir.join(OPTIMIZER_FILE))?;
+    let read_all = |prefix: &str, layout: &ParamLayout| -> Result<Tensors, LoadError> {
+        let data: Result<Vec<Vec<f32>>, LoadError> = layout
+            .specs
+            .iter()
+            .map(|s| opt.read_f32(&format!("{prefix}.{}", s.name), &s.shape))
+            .collect();
+        Ok(Tensors(data?))
+    };
+    optimizer.exp_avg = read_all("exp_avg", &model.layout)?;
+    optimizer.exp_avg_sq = read_all("exp_avg_sq", &model.layout)?;
+    if meta.bf16_model {
+        optimizer.master = Some(read_all("master", &model.layout)?);
+    }
+    Ok((model, optimizer, state))
+}

@@ -1,0 +1,5 @@
+//! Training machinery: the optimizer over the parameter table and
+//! checkpoints (Hub-layout weights + resumable training state).
+
+pub mod checkpoint;
+pub mod optimizer;

@@ -1,0 +1,115 @@
+//! AdamW over every tensor of the parameter table, with global grad-norm
+//! clipping, optional bf16 model weights over fp32 master weights, and
+//! state that saves and restores.
+
+use crate::backend::cpu::adamw::{adamw_step, clip_grad_norm, AdamWConfig};
+use crate::model::params::Tensors;
+use half::bf16;
+
+/// What the model's weights are kept in between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightPrecision {
+    /// The model weights are the fp32 master weights.
+    Fp32,
+    /// fp32 master weights live in the optimizer; the model gets them
+    /// rounded to bf16 after every step (mixed-precision training).
+    Bf16Model,
+}
+
+/// The result of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// True when the norm was not finite and the step was skipped.
+    pub skipped: bool,
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    /// Clip the global grad norm to this before each step (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Steps taken so far (the next step is `step + 1`).
+    pub step: u64,
+    pub exp_avg: Tensors,
+    pub exp_avg_sq: Tensors,
+    /// fp32 master weights when the model holds bf16-rounded ones.
+    pub master: Option<Tensors>,
+}
+
+impl AdamW {
+    /// Fresh state (zero moments) for `weights`.
+    pub fn new(
+        weights: &Tensors,
+        cfg: AdamWConfig,
+        max_grad_norm: Option<f64>,
+        precision: WeightPrecision,
+    ) -> Self {
+        let zeros = || Tensors(weights.0.iter().map(|w| vec![0.0; w.len()]).collect());
+        Self {
+            cfg,
+            max_grad_norm,
+            step: 0,
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            master: (precision == WeightPrecision::Bf16Model).then(|| weights.clone()),
+        }
+    }
+
+    pub fn precision(&self) -> WeightPrecision {
+        if self.master.is_some() {
+            WeightPrecision::Bf16Model
+        } else {
+            WeightPrecision::Fp32
+        }
+    }
+
+    /// Clips `grads` (in place) and applies one AdamW step to `weights`.
+    /// A non-finite gradient norm skips the step and leaves everything as is.
+    pub fn step(&mut self, weights: &mut Tensors, grads: &mut Tensors) -> StepReport {
+        let grad_norm = {
+            let mut views: Vec<&mut [f32]> = grads.0.iter_mut().map(|g| g.as_mut_slice()).collect();
+            clip_grad_norm(&mut views, self.max_grad_norm.unwrap_or(f64::INFINITY))
+        };
+        if !grad_norm.is_finite() {
+            return StepReport {
+                grad_norm,
+                skipped: true,
+            };
+        }
+        self.step += 1;
+        for i in 0..grads.0.len() {
+            let (m, v) = (&mut self.exp_avg.0[i], &mut self.exp_avg_sq.0[i]);
+            match &mut self.master {
+                None => adamw_step(
+                    &self.cfg,
+                    self.step,
+                    &mut weights.0[i],
+                    &grads.0[i],
+                    m,
+                    v,
+                    None,
+                ),
+                Some(master) => {
+                    let mut rounded = vec![bf16::ZERO; master.0[i].len()];
+                    adamw_step(
+                        &self.cfg,
+                        self.step,
+                        &mut master.0[i],
+                        &grads.0[i],
+                        m,
+                        v,
+                        Some(&mut rounded),
+                    );
+                    for (w, r) in weights.0[i].iter_mut().zip(&rounded) {
+                        *w = r.to_f32();
+                    }
+                }
+            }
+        }
+        StepReport {
+            grad_norm,
+            skipped: false,
+        }
+    }
+}
