@@ -19,6 +19,12 @@ enum Device {
     Cuda,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SaveDtypeArg {
+    F32,
+    Bf16,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show the build (version, embedded CUDA kernels with their registers,
@@ -57,10 +63,30 @@ enum Command {
         #[arg(long)]
         grad_out: Option<PathBuf>,
     },
+    /// Re-save a checkpoint in the Hub layout (`visual.*` / `model.*`
+    /// names, sharded safetensors + index, other files copied), e.g. to
+    /// convert dtypes or the newer `model.language_model.*` names.
+    Convert {
+        /// Source checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Destination directory (replaced atomically if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the saved weights.
+        #[arg(long, value_enum, default_value_t = SaveDtypeArg::Bf16)]
+        dtype: SaveDtypeArg,
+        /// Largest shard, in MiB.
+        #[arg(long, default_value_t = 4096)]
+        max_shard_mib: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    run(Cli::parse())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => print!("{}", vppo_engine::info::report()),
         Command::Score {
@@ -102,6 +128,33 @@ fn main() -> anyhow::Result<()> {
                 loaded,
                 start.elapsed() - loaded,
                 out.display()
+            );
+        }
+        Command::Convert {
+            model,
+            out,
+            dtype,
+            max_shard_mib,
+        } => {
+            let start = Instant::now();
+            let loaded = vppo_engine::model::Qwen25Vl::load(&model)
+                .with_context(|| format!("loading checkpoint {}", model.display()))?;
+            let dtype = match dtype {
+                SaveDtypeArg::F32 => vppo_engine::train::checkpoint::SaveDtype::F32,
+                SaveDtypeArg::Bf16 => vppo_engine::train::checkpoint::SaveDtype::Bf16,
+            };
+            vppo_engine::train::checkpoint::save_hub_checkpoint(
+                &loaded,
+                &out,
+                dtype,
+                max_shard_mib << 20,
+            )?;
+            eprintln!(
+                "saved {} tensors ({:.1}M parameters) to {} in {:.2?}",
+                loaded.layout.specs.len(),
+                loaded.layout.numel() as f64 / 1e6,
+                out.display(),
+                start.elapsed()
             );
         }
     }

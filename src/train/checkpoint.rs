@@ -49,9 +49,16 @@ pub enum SaveDtype {
     Bf16,
 }
 
-/// Files of a checkpoint directory that are the weights (not copied over).
-fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors") || name == "model.safetensors.index.json"
+/// Non-weight files of a checkpoint directory worth carrying over: configs,
+/// tokenizer and processor files, chat templates, model card and license.
+fn is_companion_file(name: &str) -> bool {
+    let ext = Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("");
+    name != "model.safetensors.index.json"
+        && (matches!(ext, "json" | "txt" | "jinja" | "model" | "tiktoken" | "md")
+            || name.starts_with("LICENSE"))
 }
 
 /// Writes the model's weights in the Hub layout into `dir` (which must
@@ -71,7 +78,7 @@ pub fn write_hub_weights(
         .flatten()
     {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.path().is_file() && !is_weight_file(&name) {
+        if entry.path().is_file() && is_companion_file(&name) {
             let dest = dir.join(&name);
             std::fs::copy(entry.path(), &dest).map_err(io(&dest))?;
             on_file(&dest);
