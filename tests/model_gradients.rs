@@ -133,7 +133,7 @@ fn finite_differences_agree_on_the_largest_entries() {
             .unwrap();
         let h = 1e-2f32;
         let orig = model.weights.0[id][j];
-        let mut eval = |v: f32, m: &mut Qwen25Vl| {
+        let eval = |v: f32, m: &mut Qwen25Vl| {
             m.weights.0[id][j] = v;
             let f = m.train_forward(&batch, Save::Nothing).unwrap();
             f.logprobs.iter().map(|&x| x as f64).sum::<f64>()

@@ -255,7 +255,7 @@ pub fn text_layer_bwd(
 
 /// What a forward keeps of a layer for the backward.
 pub enum LayerSave {
-    All(TextLayerActs),
+    All(Box<TextLayerActs>),
     /// Only the layer input; the backward re-runs the layer's forward.
     Input(Vec<f32>),
 }
@@ -285,7 +285,7 @@ pub fn decoder_fwd(
         let acts = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
         match save {
             Save::Nothing => {}
-            Save::All => layers.push(LayerSave::All(acts)),
+            Save::All => layers.push(LayerSave::All(Box::new(acts))),
             Save::Inputs => layers.push(LayerSave::Input(acts.x_in)),
         }
     }

@@ -426,7 +426,7 @@ pub struct VisionActs {
 
 /// What a forward keeps of a block for the backward.
 pub enum BlockSave {
-    All(VisionBlockActs),
+    All(Box<VisionBlockActs>),
     /// Only the block input; the backward re-runs the block's forward.
     Input(Vec<f32>),
 }
@@ -497,7 +497,7 @@ pub fn vision_fwd(
         let acts = vision_block_fwd(cfg, bp, w, &mut x, &rope, cu)?;
         match save {
             Save::Nothing => {}
-            Save::All => blocks.push(BlockSave::All(acts)),
+            Save::All => blocks.push(BlockSave::All(Box::new(acts))),
             Save::Inputs => blocks.push(BlockSave::Input(acts.x_in)),
         }
     }
