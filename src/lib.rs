@@ -9,6 +9,7 @@ pub mod info;
 pub mod kernels;
 pub mod model;
 pub mod processor;
+pub mod rollout;
 pub mod safetensors_io;
 pub mod score;
 pub mod train;

@@ -146,6 +146,17 @@ impl Qwen25Vl {
         seqs: &[SequenceInput],
         save: Save,
     ) -> Result<PackedForward, ModelError> {
+        self.forward_packed_kv(seqs, save, None)
+    }
+
+    /// [`Self::forward_packed`], handing each layer's post-RoPE keys and
+    /// values to `kv_sink` (prefill of a KV cache).
+    pub fn forward_packed_kv(
+        &self,
+        seqs: &[SequenceInput],
+        save: Save,
+        kv_sink: Option<&mut dyn FnMut(usize, &[f32], &[f32])>,
+    ) -> Result<PackedForward, ModelError> {
         let (tc, vc) = (&self.config.text, &self.config.vision);
         let h = tc.hidden_size;
         let mut ids = Vec::new();
@@ -219,6 +230,7 @@ impl Qwen25Vl {
             &rope,
             &cu_seqlens,
             save,
+            kv_sink,
         )?;
         Ok(PackedForward {
             ids,

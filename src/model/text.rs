@@ -269,6 +269,8 @@ pub struct TextActs {
 
 /// Runs the decoder on input embeddings `x[T, hidden]` (packed sequences
 /// delimited by `cu_seqlens`), returning the final-norm hidden states.
+/// `kv_sink` receives each layer's post-RoPE keys and values (prefill into
+/// a KV cache).
 pub fn decoder_fwd(
     cfg: &TextConfig,
     p: &TextParams,
@@ -277,12 +279,16 @@ pub fn decoder_fwd(
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
     save: Save,
+    mut kv_sink: Option<&mut dyn FnMut(usize, &[f32], &[f32])>,
 ) -> Result<(Vec<f32>, Option<TextActs>), OpError> {
     let h = cfg.hidden_size;
     let t = x.len() / h;
     let mut layers = Vec::new();
-    for lp in &p.layers {
+    for (l, lp) in p.layers.iter().enumerate() {
         let acts = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
+        if let Some(sink) = kv_sink.as_mut() {
+            sink(l, &acts.k, &acts.v);
+        }
         match save {
             Save::Nothing => {}
             Save::All => layers.push(LayerSave::All(Box::new(acts))),
@@ -374,4 +380,107 @@ pub fn lm_head_rows(
         &mut logits,
     );
     logits
+}
+
+/// One decode step for `B` sequences, one new token each: `x[B, hidden]` are
+/// the new tokens' embeddings, `rope` their positions, `slots` the cache
+/// slots reserved for them (already counted in `seqs[b].len`). Writes the
+/// new keys/values into the cache, attends over each sequence's cache and
+/// returns the final-norm hidden states `[B, hidden]`.
+pub fn decode_step(
+    cfg: &TextConfig,
+    p: &TextParams,
+    w: &Tensors,
+    mut x: Vec<f32>,
+    rope: &RopeTable<f32>,
+    cache: &mut crate::rollout::kv_cache::PagedKvCache,
+    seqs: &[crate::rollout::kv_cache::SeqCache],
+    slots: &[usize],
+) -> Vec<f32> {
+    use crate::backend::cpu::paged_attention::{paged_decode_attention, PagedSeq, PagedShape};
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let b = slots.len();
+    let eps = cfg.rms_norm_eps as f32;
+    let shape = PagedShape {
+        block_size: cache.block_size,
+        q_heads: cfg.num_heads,
+        kv_heads: cfg.num_kv_heads,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let (mut h1, mut rstd) = (vec![0.0; b * h], vec![0.0; b]);
+    for (l, lp) in p.layers.iter().enumerate() {
+        rmsnorm_fwd(&x, w.get(lp.input_norm), h, eps, &mut h1, &mut rstd);
+        let (mut q_raw, mut k_raw, mut v) = (
+            vec![0.0; b * q_out],
+            vec![0.0; b * kv_out],
+            vec![0.0; b * kv_out],
+        );
+        linear_fwd(
+            &h1,
+            w.get(lp.q_w),
+            Some(w.get(lp.q_b)),
+            b,
+            h,
+            q_out,
+            &mut q_raw,
+        );
+        linear_fwd(
+            &h1,
+            w.get(lp.k_w),
+            Some(w.get(lp.k_b)),
+            b,
+            h,
+            kv_out,
+            &mut k_raw,
+        );
+        linear_fwd(
+            &h1,
+            w.get(lp.v_w),
+            Some(w.get(lp.v_b)),
+            b,
+            h,
+            kv_out,
+            &mut v,
+        );
+        let (mut q, mut k) = (vec![0.0; b * q_out], vec![0.0; b * kv_out]);
+        rope_fwd(rope, &q_raw, cfg.num_heads, &mut q);
+        rope_fwd(rope, &k_raw, cfg.num_kv_heads, &mut k);
+        for (i, &slot) in slots.iter().enumerate() {
+            cache.write(
+                l,
+                slot,
+                &k[i * kv_out..(i + 1) * kv_out],
+                &v[i * kv_out..(i + 1) * kv_out],
+            );
+        }
+        let paged: Vec<PagedSeq> = seqs
+            .iter()
+            .map(|s| PagedSeq {
+                block_table: &s.blocks,
+                len: s.len,
+            })
+            .collect();
+        let mut attn = vec![0.0; b * q_out];
+        paged_decode_attention(&shape, &q, &cache.k[l], &cache.v[l], &paged, &mut attn);
+        let mut o = vec![0.0; b * h];
+        linear_fwd(&attn, w.get(lp.o_w), None, b, q_out, h, &mut o);
+        add_into(&mut x, &o);
+        rmsnorm_fwd(&x, w.get(lp.post_norm), h, eps, &mut h1, &mut rstd);
+        let (mut gate, mut up, mut act) = (
+            vec![0.0; b * inter],
+            vec![0.0; b * inter],
+            vec![0.0; b * inter],
+        );
+        linear_fwd(&h1, w.get(lp.gate_w), None, b, h, inter, &mut gate);
+        linear_fwd(&h1, w.get(lp.up_w), None, b, h, inter, &mut up);
+        swiglu_fwd(&gate, &up, &mut act);
+        let mut down = vec![0.0; b * h];
+        linear_fwd(&act, w.get(lp.down_w), None, b, inter, h, &mut down);
+        add_into(&mut x, &down);
+    }
+    let mut out = vec![0.0; b * h];
+    rmsnorm_fwd(&x, w.get(p.norm), h, eps, &mut out, &mut rstd);
+    out
 }

@@ -17,6 +17,7 @@ pub mod gemm;
 pub mod kl;
 pub mod linear;
 pub mod logprob;
+pub mod paged_attention;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;

@@ -1,0 +1,149 @@
+//! Generation with the paged KV cache against transformers (greedy ids on
+//! the fixtures) and against our own scoring (sampled tokens' log-probs);
+//! prefill reuse, reproducibility, stopping.
+
+mod common;
+
+use common::fixtures::{case_dir, Reference, CASES};
+use vppo_engine::model::vision::Save;
+use vppo_engine::model::{Qwen25Vl, SequenceInput, TrainSequence};
+use vppo_engine::rollout::generate::{eos_ids, FinishReason, Generator};
+use vppo_engine::rollout::sampling::SamplingParams;
+
+fn prompt_of(case: &str) -> SequenceInput {
+    let r = Reference::open(case, "reference.safetensors");
+    let prompt_len = r.i64("prompt_len").1[0] as usize;
+    SequenceInput {
+        ids: r.i64("input_ids").1[..prompt_len]
+            .iter()
+            .map(|&v| v as u32)
+            .collect(),
+        pixel_values: r.f32("pixel_values").1,
+        grids: r
+            .i64("image_grid_thw")
+            .1
+            .chunks(3)
+            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+            .collect(),
+    }
+}
+
+const GREEDY: SamplingParams = SamplingParams {
+    temperature: 0.0,
+    top_p: 1.0,
+    top_k: 0,
+};
+
+#[test]
+fn greedy_decoding_reproduces_transformers_generate() {
+    for case in CASES {
+        let model = Qwen25Vl::load(&case_dir(case)).unwrap();
+        let want: Vec<u32> = Reference::open(case, "reference.safetensors")
+            .i64("greedy_ids")
+            .1
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        let mut generator = Generator::new(&model, eos_ids(&case_dir(case)));
+        let out = generator
+            .generate(&[prompt_of(case)], 1, &GREEDY, want.len(), 0)
+            .unwrap();
+        assert_eq!(out[0].token_ids, want, "{case}: greedy ids");
+    }
+}
+
+#[test]
+fn sampled_log_probs_equal_scoring_the_same_tokens() {
+    let case = "two_images";
+    let model = Qwen25Vl::load(&case_dir(case)).unwrap();
+    let prompt = prompt_of(case);
+    let mut generator = Generator::new(&model, eos_ids(&case_dir(case)));
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 50,
+    };
+    let samples = generator
+        .generate(std::slice::from_ref(&prompt), 3, &params, 12, 7)
+        .unwrap();
+    assert_eq!(samples.len(), 3);
+    assert!(
+        samples[0].token_ids != samples[1].token_ids
+            || samples[1].token_ids != samples[2].token_ids
+    );
+    for s in &samples {
+        let mut input = prompt.clone();
+        input.ids.extend(&s.token_ids);
+        let batch = [TrainSequence {
+            input,
+            prompt_len: prompt.ids.len(),
+        }];
+        let scored = model.train_forward(&batch, Save::Nothing).unwrap();
+        let d = s
+            .logprobs
+            .iter()
+            .zip(&scored.logprobs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            d < 1e-4,
+            "sample {}: generate vs score log-probs differ by {d}",
+            s.sample_index
+        );
+    }
+}
+
+#[test]
+fn samples_share_one_prefill_and_are_reproducible() {
+    let model = Qwen25Vl::load(&case_dir("resize")).unwrap();
+    let prompts = [prompt_of("resize"), prompt_of("resize")];
+    let params = SamplingParams::default();
+    let mut generator = Generator::new(&model, vec![]);
+    let out = generator.generate(&prompts, 4, &params, 6, 42).unwrap();
+    assert_eq!(out.len(), 8);
+    // Two prompts: two prefills and their three images each, for 8 samples.
+    assert_eq!(generator.stats.prefills, 2);
+    assert_eq!(generator.stats.images_encoded, 6);
+    assert_eq!(generator.stats.prefill_tokens, 2 * prompts[0].ids.len());
+    assert_eq!(
+        generator.cache_blocks_in_use(),
+        0,
+        "finished samples must free their cache blocks"
+    );
+    assert!(out
+        .iter()
+        .all(|s| s.token_ids.len() == 6 && s.finish_reason == FinishReason::Length));
+    // Sample (p, s) depends only on (seed, p, s): alone or batched, same tokens.
+    let mut alone = Generator::new(&model, vec![]);
+    let single = alone.generate(&prompts[..1], 4, &params, 6, 42).unwrap();
+    for (a, b) in single.iter().zip(&out[..4]) {
+        assert_eq!(a.token_ids, b.token_ids);
+    }
+    // Same prompt, different prompt index: a different stream.
+    assert_ne!(
+        out[..4].iter().map(|s| &s.token_ids).collect::<Vec<_>>(),
+        out[4..].iter().map(|s| &s.token_ids).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn an_end_of_sequence_token_stops_the_sample() {
+    let case = "single_noresize";
+    let model = Qwen25Vl::load(&case_dir(case)).unwrap();
+    let greedy: Vec<u32> = Reference::open(case, "reference.safetensors")
+        .i64("greedy_ids")
+        .1
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    // Declare the third greedy token an end-of-sequence id.
+    let mut generator = Generator::new(&model, vec![greedy[2]]);
+    let out = generator
+        .generate(&[prompt_of(case)], 1, &GREEDY, 50, 0)
+        .unwrap();
+    assert_eq!(out[0].finish_reason, FinishReason::Stop);
+    assert_eq!(out[0].token_ids, greedy[..3]);
+    // The fixtures' generation_config.json names <|im_end|> (and <|endoftext|>).
+    let eos = eos_ids(&case_dir(case));
+    assert!(eos.contains(&362), "{eos:?}");
+}
