@@ -6,7 +6,7 @@ use super::checkpoint::{Checkpoint, LoadError, NameLayout};
 use super::config::{ConfigError, ModelConfig};
 use super::params::{ParamLayout, Tensors};
 use super::positions::{mrope_positions, MropePositions, PositionError};
-use super::text::{decoder_bwd, decoder_fwd, lm_head_rows, TextActs};
+use super::text::{decoder_bwd, decoder_fwd, lm_head_rows, KvSink, TextActs};
 use super::vision::{vision_bwd, vision_fwd, Save, VisionActs};
 use crate::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
 use crate::backend::cpu::gemm::{matmul, Trans};
@@ -155,7 +155,7 @@ impl Qwen25Vl {
         &self,
         seqs: &[SequenceInput],
         save: Save,
-        kv_sink: Option<&mut dyn FnMut(usize, &[f32], &[f32])>,
+        kv_sink: Option<KvSink>,
     ) -> Result<PackedForward, ModelError> {
         let (tc, vc) = (&self.config.text, &self.config.vision);
         let h = tc.hidden_size;

@@ -267,10 +267,14 @@ pub struct TextActs {
     pub final_rstd: Vec<f32>,
 }
 
+/// Receives `(layer, keys [T, kv_heads * head_dim], values)` after RoPE.
+pub type KvSink<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32]);
+
 /// Runs the decoder on input embeddings `x[T, hidden]` (packed sequences
 /// delimited by `cu_seqlens`), returning the final-norm hidden states.
 /// `kv_sink` receives each layer's post-RoPE keys and values (prefill into
 /// a KV cache).
+#[allow(clippy::too_many_arguments)]
 pub fn decoder_fwd(
     cfg: &TextConfig,
     p: &TextParams,
@@ -279,7 +283,7 @@ pub fn decoder_fwd(
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
     save: Save,
-    mut kv_sink: Option<&mut dyn FnMut(usize, &[f32], &[f32])>,
+    mut kv_sink: Option<KvSink>,
 ) -> Result<(Vec<f32>, Option<TextActs>), OpError> {
     let h = cfg.hidden_size;
     let t = x.len() / h;
@@ -387,6 +391,7 @@ pub fn lm_head_rows(
 /// slots reserved for them (already counted in `seqs[b].len`). Writes the
 /// new keys/values into the cache, attends over each sequence's cache and
 /// returns the final-norm hidden states `[B, hidden]`.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_step(
     cfg: &TextConfig,
     p: &TextParams,
