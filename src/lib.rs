@@ -8,6 +8,7 @@ pub mod backend;
 pub mod info;
 pub mod kernels;
 pub mod model;
+pub mod pipeline;
 pub mod processor;
 pub mod rollout;
 pub mod safetensors_io;

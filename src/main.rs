@@ -63,6 +63,47 @@ enum Command {
         #[arg(long)]
         grad_out: Option<PathBuf>,
     },
+    /// Sample responses: prints one JSON object per line per sample with
+    /// `prompt_index`, `sample_index`, `text`, `token_ids`, `logprobs`
+    /// (temperature-1 log-probs, as `score` computes) and `finish_reason`
+    /// (`stop` or `length`). Each prompt is prefilled once and its images
+    /// encoded once, whatever `--n`.
+    Generate {
+        /// Hugging Face Qwen2.5-VL checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// An image file; repeat for several images, in order.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// The user's text (`<image>` marks where each image goes).
+        #[arg(long, required_unless_present = "prompts")]
+        prompt: Option<String>,
+        /// Batch mode: a JSONL file of {"prompt": ..., "images": [paths]}
+        /// (paths relative to the file), instead of --prompt/--image.
+        #[arg(long, conflicts_with_all = ["prompt", "images"])]
+        prompts: Option<PathBuf>,
+        /// Samples per prompt.
+        #[arg(long, default_value_t = 1)]
+        n: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Nucleus sampling mass (1.0 disables).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Keep only the k most likely tokens (0 disables).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Most tokens generated per sample.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Seed; each (prompt, sample) has its own reproducible stream.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to run the model.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+    },
     /// Re-save a checkpoint in the Hub layout (`visual.*` / `model.*`
     /// names, sharded safetensors + index, other files copied), e.g. to
     /// convert dtypes or the newer `model.language_model.*` names.
@@ -102,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--device cuda: the model does not run on the CUDA backend yet (only single kernels do); use --device cpu");
             }
             let start = Instant::now();
-            let scorer = vppo_engine::score::Scorer::load(&model)
+            let scorer = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
             let loaded = start.elapsed();
             let scored = scorer.score(&images, &prompt, &response)?;
@@ -128,6 +169,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 loaded,
                 start.elapsed() - loaded,
                 out.display()
+            );
+        }
+        Command::Generate {
+            model,
+            images,
+            prompt,
+            prompts,
+            n,
+            temperature,
+            top_p,
+            top_k,
+            max_new_tokens,
+            seed,
+            device,
+        } => {
+            if device == Device::Cuda {
+                bail!("--device cuda: the model does not run on the CUDA backend yet (only single kernels do); use --device cpu");
+            }
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            if temperature < 0.0 {
+                bail!("--temperature must be >= 0, got {temperature}");
+            }
+            let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
+                .with_context(|| format!("loading checkpoint {}", model.display()))?;
+            let requests = match prompts {
+                Some(file) => read_prompt_file(&file)?,
+                None => vec![(prompt.unwrap_or_default(), images)],
+            };
+            let inputs = requests
+                .iter()
+                .map(|(text, imgs)| pipeline.prompt_input(imgs, text))
+                .collect::<Result<Vec<_>, _>>()?;
+            let params = vppo_engine::rollout::sampling::SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+            };
+            let eos = vppo_engine::rollout::generate::eos_ids(&model);
+            let start = Instant::now();
+            let mut generator =
+                vppo_engine::rollout::generate::Generator::new(&pipeline.model, eos);
+            let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
+            for s in &samples {
+                let text = pipeline.text.decode(&s.token_ids, true)?;
+                let line = serde_json::json!({
+                    "prompt_index": s.prompt_index,
+                    "sample_index": s.sample_index,
+                    "text": text,
+                    "token_ids": s.token_ids,
+                    "logprobs": s.logprobs,
+                    "finish_reason": s.finish_reason,
+                });
+                println!("{line}");
+            }
+            let st = generator.stats;
+            eprintln!(
+                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens in {:.2?}",
+                samples.len(),
+                inputs.len(),
+                st.prefills,
+                st.prefill_tokens,
+                st.images_encoded,
+                st.decode_steps,
+                st.decoded_tokens + samples.len(),
+                start.elapsed()
             );
         }
         Command::Convert {
@@ -159,4 +267,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads a JSONL prompt file: one {"prompt": ..., "images": [...]} per line.
+fn read_prompt_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<PathBuf>)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not valid JSON", path.display(), i + 1))?;
+        let Some(prompt) = row.get("prompt").and_then(|p| p.as_str()) else {
+            bail!("{} line {}: no \"prompt\" string", path.display(), i + 1);
+        };
+        let images = match row.get("images") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|p| p.as_str().map(|s| base.join(s)))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .with_context(|| {
+                    format!(
+                        "{} line {}: \"images\" must be a list of paths",
+                        path.display(),
+                        i + 1
+                    )
+                })?,
+        };
+        out.push((prompt.to_string(), images));
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
 }

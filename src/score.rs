@@ -3,25 +3,10 @@
 
 use crate::model::params::Tensors;
 use crate::model::vision::Save;
-use crate::model::{ModelError, Qwen25Vl, SequenceInput, TrainSequence};
-use crate::processor::image::{process_image, ImageError, ImageProcessorConfig, RgbImage};
-use crate::processor::text::{TextError, TextProcessor};
+use crate::model::{ModelError, TrainSequence};
+use crate::pipeline::{Pipeline, PipelineError};
 use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ScoreError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    #[error(transparent)]
-    Text(#[from] TextError),
-    #[error(transparent)]
-    Write(#[from] WriteError),
-    #[error("the response is empty after tokenisation: nothing to score")]
-    EmptyResponse,
-}
 
 /// What `score` computes for one (prompt, images, response).
 pub struct Scored {
@@ -35,56 +20,13 @@ pub struct Scored {
     pub vocab: usize,
 }
 
-/// Loads what scoring needs from a checkpoint directory.
-pub struct Scorer {
-    pub model: Qwen25Vl,
-    pub text: TextProcessor,
-    pub images: ImageProcessorConfig,
-}
-
-impl Scorer {
-    pub fn load(dir: &Path) -> Result<Self, ScoreError> {
-        Ok(Self {
-            model: Qwen25Vl::load(dir)?,
-            text: TextProcessor::load(dir)?,
-            images: ImageProcessorConfig::load(dir)?,
-        })
-    }
-
-    /// Builds the model input: chat prompt with the images, then the
-    /// response tokenised without special tokens.
-    pub fn prepare(
-        &self,
-        images: &[PathBuf],
-        prompt: &str,
-        response: &str,
-    ) -> Result<(SequenceInput, usize), ScoreError> {
-        let mut input = SequenceInput::default();
-        let mut tokens_per_image = Vec::with_capacity(images.len());
-        for path in images {
-            let img = RgbImage::open(path)?;
-            let processed = process_image(&img, &self.images, path)?;
-            tokens_per_image.push(processed.num_tokens(self.images.merge_size));
-            input.pixel_values.extend(processed.pixel_values);
-            input.grids.push(processed.grid_thw);
-        }
-        let mut ids = self.text.prompt_ids(prompt, &tokens_per_image)?;
-        let prompt_len = ids.len();
-        let response_ids = self.text.encode(response, false)?;
-        if response_ids.is_empty() {
-            return Err(ScoreError::EmptyResponse);
-        }
-        ids.extend(response_ids);
-        input.ids = ids;
-        Ok((input, prompt_len))
-    }
-
+impl Pipeline {
     pub fn score(
         &self,
         images: &[PathBuf],
         prompt: &str,
         response: &str,
-    ) -> Result<Scored, ScoreError> {
+    ) -> Result<Scored, PipelineError> {
         let (input, prompt_len) = self.prepare(images, prompt, response)?;
         let out = self.model.forward(&input)?;
         let t = input.ids.len();
@@ -113,7 +55,7 @@ impl Scorer {
     }
 }
 
-impl Scorer {
+impl Pipeline {
     /// The gradient of `sum(response_logprobs)` w.r.t. every parameter (f32),
     /// activations recomputed layer by layer to bound memory.
     pub fn logprob_sum_grad(
@@ -121,7 +63,7 @@ impl Scorer {
         images: &[PathBuf],
         prompt: &str,
         response: &str,
-    ) -> Result<Tensors, ScoreError> {
+    ) -> Result<Tensors, PipelineError> {
         let (input, prompt_len) = self.prepare(images, prompt, response)?;
         let batch = [TrainSequence { input, prompt_len }];
         let fwd = self.model.train_forward(&batch, Save::Inputs)?;

@@ -147,3 +147,85 @@ fn an_end_of_sequence_token_stops_the_sample() {
     let eos = eos_ids(&case_dir(case));
     assert!(eos.contains(&362), "{eos:?}");
 }
+
+#[test]
+fn cli_prints_one_json_line_per_sample_in_batch_mode() {
+    let case = "single_noresize";
+    let dir = case_dir(case);
+    let file = std::env::temp_dir().join(format!("vppo-gen-prompts-{}.jsonl", std::process::id()));
+    let img = dir.join("img0.png");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"prompt": "<image>What is shown?", "images": [img]}),
+            serde_json::json!({"prompt": "Count to three."})
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompts",
+            file.to_str().unwrap(),
+        ])
+        .args([
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+        ])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["prompt_index"], i / 2);
+        assert_eq!(l["sample_index"], i % 2);
+        let ids = l["token_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), l["logprobs"].as_array().unwrap().len());
+        assert!(l["text"].is_string());
+        let reason = l["finish_reason"].as_str().unwrap();
+        assert!(
+            reason == "length" && ids.len() == 5 || reason == "stop",
+            "{l}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 prefill(s)"), "{stderr}");
+    // A bad prompt file is a clear error naming the line.
+    let bad = std::env::temp_dir().join(format!("vppo-gen-bad-{}.jsonl", std::process::id()));
+    std::fs::write(&bad, "{\"prompt\": \"ok\"}\n{\"images\": []}\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompts",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&bad).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("line 2") && stderr.contains("prompt"),
+        "{stderr}"
+    );
+}

@@ -622,3 +622,82 @@ fn bf16_casts_round_to_nearest_even() {
     assert_eq!(back, vec![1.0, 1.0, 1.0 + 1.0 / 64.0, -2.5, back[4]]);
     assert!(back[4] > 0.0 && back[4] < 1e-39);
 }
+
+#[test]
+fn paged_decode_attention_matches_the_last_row_of_causal_attention() {
+    use vppo_engine::backend::cpu::paged_attention::{
+        paged_decode_attention, PagedSeq, PagedShape,
+    };
+    let mut r = rng(19);
+    let (hq, hkv, d, bs) = (6usize, 2usize, 8usize, 4usize);
+    let lens = [1usize, 5, 9];
+    // Scatter each sequence's keys into shuffled cache blocks.
+    let blocks_needed: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
+    let mut free: Vec<usize> = (0..blocks_needed + 3).rev().collect();
+    free.swap(0, 4);
+    let slot = hkv * d;
+    let mut k_cache = vec![0f32; (blocks_needed + 3) * bs * slot];
+    let mut v_cache = k_cache.clone();
+    let mut tables = Vec::new();
+    let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+    for &len in &lens {
+        let k = randn(&mut r, len * slot, 1.0);
+        let v = randn(&mut r, len * slot, 1.0);
+        let table: Vec<usize> = (0..len.div_ceil(bs)).map(|_| free.pop().unwrap()).collect();
+        for i in 0..len {
+            let at = (table[i / bs] * bs + i % bs) * slot;
+            for j in 0..slot {
+                k_cache[at + j] = k[i * slot + j] as f32;
+                v_cache[at + j] = v[i * slot + j] as f32;
+            }
+        }
+        // Queries: any for the prefix, the last one is the decode query.
+        qs.push(randn(&mut r, len * hq * d, 1.0));
+        ks.push(k);
+        vs.push(v);
+        tables.push(table);
+    }
+    let seqs: Vec<PagedSeq> = tables
+        .iter()
+        .zip(&lens)
+        .map(|(t, &len)| PagedSeq {
+            block_table: t,
+            len,
+        })
+        .collect();
+    let q_last: Vec<f32> = qs
+        .iter()
+        .zip(&lens)
+        .flat_map(|(q, &len)| q[(len - 1) * hq * d..].iter().map(|&x| x as f32))
+        .collect();
+    let shape = PagedShape {
+        block_size: bs,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let mut o = vec![f32::NAN; q_last.len()];
+    paged_decode_attention(&shape, &q_last, &k_cache, &v_cache, &seqs, &mut o);
+    for (b, &len) in lens.iter().enumerate() {
+        let cu = [0, len as i32];
+        let cfg = VarlenAttention {
+            cu_seqlens_q: &cu,
+            cu_seqlens_k: &cu,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+            causal: true,
+            scale: 1.0 / (d as f64).sqrt(),
+        };
+        let mut full = vec![0.0; len * hq * d];
+        let mut lse = vec![0.0; len * hq];
+        attention_fwd(&cfg, &qs[b], &ks[b], &vs[b], &mut full, &mut lse).unwrap();
+        let want = &full[(len - 1) * hq * d..];
+        let got: Vec<f64> = o[b * hq * d..(b + 1) * hq * d]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        assert!(rel_err(&got, want) < 1e-5, "sequence {b}");
+    }
+}

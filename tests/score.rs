@@ -9,7 +9,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vppo_engine::score::Scorer;
+use vppo_engine::pipeline::Pipeline;
 
 /// A scratch copy of a fixture case.
 struct Scratch(PathBuf);
@@ -61,7 +61,7 @@ fn images_of(case: &str, dir: &Path) -> Vec<PathBuf> {
 fn score_matches_transformers_from_raw_inputs() {
     for case in CASES {
         let dir = case_dir(case);
-        let scorer = Scorer::load(&dir).unwrap();
+        let scorer = Pipeline::load(&dir).unwrap();
         let response = inputs(case)["response"].as_str().unwrap().to_string();
         let scored = scorer
             .score(
@@ -234,7 +234,7 @@ fn bf16_sharded_hub_checkpoint_scores_close_to_fp32() {
     )
     .unwrap();
 
-    let scorer = Scorer::load(s.path()).unwrap();
+    let scorer = Pipeline::load(s.path()).unwrap();
     let response = inputs(case)["response"].as_str().unwrap().to_string();
     let scored = scorer
         .score(
@@ -254,7 +254,7 @@ fn bf16_sharded_hub_checkpoint_scores_close_to_fp32() {
 
 /// Loads a broken checkpoint and returns the error text.
 fn load_error(dir: &Path) -> String {
-    match Scorer::load(dir) {
+    match Pipeline::load(dir) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -367,7 +367,7 @@ fn bad_checkpoints_give_errors_naming_the_file_and_problem() {
 fn bad_score_inputs_give_clear_errors() {
     let case = "single_noresize";
     let dir = case_dir(case);
-    let scorer = Scorer::load(&dir).unwrap();
+    let scorer = Pipeline::load(&dir).unwrap();
     let img = images_of(case, &dir);
     let err = scorer
         .score(&img, "<image><image> two?", "yes")

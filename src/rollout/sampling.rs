@@ -55,12 +55,19 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -
 fn pick(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> usize {
     let inv_t = 1.0 / params.temperature;
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    // Descending by logit, ties by index: a deterministic candidate order.
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if params.top_k > 0 || params.top_p < 1.0 {
+        // Descending by logit, ties by index: a deterministic candidate
+        // order (a total order, so the unstable sort is deterministic too).
+        order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    }
     if params.top_k > 0 {
         order.truncate(params.top_k);
     }
-    let m = logits[order[0]] * inv_t;
+    let m = order
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max)
+        * inv_t;
     let mut probs: Vec<f32> = order
         .iter()
         .map(|&i| (logits[i] * inv_t - m).exp())
