@@ -5,6 +5,7 @@
 //! no GPU is present.
 
 pub mod backend;
+pub mod data;
 pub mod info;
 pub mod kernels;
 pub mod model;

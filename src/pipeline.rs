@@ -45,11 +45,24 @@ impl Pipeline {
         images: &[PathBuf],
         prompt: &str,
     ) -> Result<SequenceInput, PipelineError> {
+        let decoded = images
+            .iter()
+            .map(|p| RgbImage::open(p).map(|img| (img, p.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.prompt_input_from_images(&decoded, prompt)
+    }
+
+    /// [`Self::prompt_input`] for images already decoded, each with the name
+    /// errors should give it (its path, or its place in a data set).
+    pub fn prompt_input_from_images(
+        &self,
+        images: &[(RgbImage, PathBuf)],
+        prompt: &str,
+    ) -> Result<SequenceInput, PipelineError> {
         let mut input = SequenceInput::default();
         let mut tokens_per_image = Vec::with_capacity(images.len());
-        for path in images {
-            let img = RgbImage::open(path)?;
-            let processed = process_image(&img, &self.images, path)?;
+        for (img, name) in images {
+            let processed = process_image(img, &self.images, name)?;
             tokens_per_image.push(processed.num_tokens(self.images.merge_size));
             input.pixel_values.extend(processed.pixel_values);
             input.grids.push(processed.grid_thw);
