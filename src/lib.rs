@@ -9,5 +9,6 @@ pub mod info;
 pub mod kernels;
 pub mod model;
 pub mod processor;
+pub mod reward;
 pub mod safetensors_io;
 pub mod score;
