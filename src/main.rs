@@ -53,12 +53,25 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Grade a response with the VPPO accuracy reward: prints the answer in
+    /// its last \boxed{...} (or that there is none), then `1` or `0`.
+    Grade {
+        /// The ground-truth answer.
+        #[arg(long)]
+        answer: String,
+        /// The model's response.
+        #[arg(long)]
+        response: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info => print!("{}", vppo_engine::info::report()),
+        Command::Grade { answer, response } => {
+            print!("{}", vppo_engine::reward::grade_report(&response, &answer))
+        }
         Command::Score {
             model,
             images,

@@ -16,7 +16,19 @@ struct Case {
 
 /// Cases where the Rust reward knowingly differs from the reference, each
 /// with the reason: (response, ground truth, why).
-const KNOWN_DIFFERENCES: &[(&str, &str, &str)] = &[];
+const KNOWN_DIFFERENCES: &[(&str, &str, &str)] = &[
+    (
+        "<think>\nsteps\n</think>\n\nSo the final answer is $\\boxed{sqrt(-((4)*(4))+(sqrt(a)))}$",
+        "\\sqrt{\\sqrt{a}-\\left(4\\right)^2}",
+        "the root of a negative number: sympy cancels it as a complex value; the Rust grader \
+         treats it as undefined (not equal) at every sample point",
+    ),
+    (
+        "<think>Let me work it out.</think> The answer is \\boxed{(sqrt(-(pi)+(1.5)))+(0.5)}.",
+        "0.5+\\sqrt{1.5-\\pi}",
+        "the root of a negative number (1.5 - pi): complex in sympy, undefined in the Rust grader",
+    ),
+];
 
 fn cases() -> Vec<Case> {
     let path = concat!(

@@ -182,8 +182,7 @@ impl P<'_> {
             "Float" => {
                 let lit = self.literal_arg()?;
                 let text = unquote(&lit)?.replace('_', "");
-                let v: f64 = text.parse().map_err(|_| Unsupported)?;
-                Ok(Ast::Num(Num::float(v).map_err(|_| Unsupported)?))
+                Ok(Ast::Num(Num::decimal(&text).map_err(|_| Unsupported)?))
             }
             "Symbol" => {
                 let lit = self.literal_arg()?;
@@ -289,12 +288,7 @@ fn ln(x: Num) -> Result<Num, Undefined> {
     if x.to_f64() <= 0.0 {
         return Err(Undefined);
     }
-    let v = x.to_f64().ln();
-    if x.is_float() {
-        Num::float(v)
-    } else {
-        Num::irrational(v)
-    }
+    x.apply(x.to_f64().ln())
 }
 
 fn factorial(x: Num) -> Result<Num, Undefined> {
@@ -306,15 +300,10 @@ fn factorial(x: Num) -> Result<Num, Undefined> {
         for k in 2..=n {
             match acc.checked_mul(k) {
                 Some(v) => acc = v,
-                None => return Num::irrational(libm::tgamma(n as f64 + 1.0)),
+                None => return x.apply(libm::tgamma(n as f64 + 1.0)),
             }
         }
         return Ok(Num::int(acc));
     }
-    let v = libm::tgamma(x.to_f64() + 1.0);
-    if x.is_float() {
-        Num::float(v)
-    } else {
-        Num::irrational(v)
-    }
+    x.apply(libm::tgamma(x.to_f64() + 1.0))
 }

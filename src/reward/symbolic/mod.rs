@@ -107,9 +107,12 @@ fn zero_difference(a: &eval::Ast, b: &eval::Ast) -> bool {
 
 fn is_zero(d: Num, x: Num, y: Num) -> bool {
     match d {
-        Num::Rat(n, _) => n == 0,
-        Num::Real { v, float: true } => v == 0.0,
-        Num::Real { v, float: false } => {
+        Num::Rat(n, _) | Num::Dec(n, _) => n == 0,
+        // A Float never cancels a symbolic root or pi: sympy keeps both.
+        Num::Real { v, float: true, .. } => x.is_irrational() == y.is_irrational() && v == 0.0,
+        Num::Real {
+            v, float: false, ..
+        } => {
             let scale = 1f64.max(x.to_f64().abs()).max(y.to_f64().abs());
             v.abs() <= 1e-10 * scale
         }

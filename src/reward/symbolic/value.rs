@@ -15,9 +15,15 @@ pub struct Undefined;
 pub enum Num {
     /// `n / d`, reduced, `d > 0`.
     Rat(i128, i128),
-    /// An approximate value; `float` when a decimal literal took part (then
-    /// only an exact 0.0 counts as zero, as sympy's Float arithmetic does).
-    Real { v: f64, float: bool },
+    /// A decimal literal with more than 15 significant digits, kept exactly:
+    /// sympy gives such a `Float` more than 53 bits, so f64 would merge
+    /// values it keeps apart.
+    Dec(i128, i128),
+    /// An approximate value. `float`: a decimal literal took part (only an
+    /// exact 0.0 is zero, as in sympy's Float arithmetic). `irr`: an
+    /// irrational atom (pi, a root, a logarithm) took part, which sympy
+    /// keeps symbolic, so it never cancels against a plain Float.
+    Real { v: f64, float: bool, irr: bool },
 }
 
 fn gcd(mut a: i128, mut b: i128) -> i128 {
@@ -35,6 +41,10 @@ impl Num {
     }
 
     pub fn rat(n: i128, d: i128) -> Result<Num, Undefined> {
+        Num::ratio(n, d, false)
+    }
+
+    fn ratio(n: i128, d: i128, dec: bool) -> Result<Num, Undefined> {
         if d == 0 {
             return Err(Undefined);
         }
@@ -44,20 +54,51 @@ impl Num {
             n = n.checked_neg().ok_or(Undefined)?;
             d = d.checked_neg().ok_or(Undefined)?;
         }
-        Ok(Num::Rat(n, d))
+        Ok(if dec { Num::Dec(n, d) } else { Num::Rat(n, d) })
     }
 
+    /// An irrational constant (pi, a root, a logarithm).
     pub fn irrational(v: f64) -> Result<Num, Undefined> {
-        Num::real(v, false)
+        Num::real(v, false, true)
     }
 
+    /// A sympy `Float` of the default precision.
     pub fn float(v: f64) -> Result<Num, Undefined> {
-        Num::real(v, true)
+        Num::real(v, true, false)
     }
 
-    fn real(v: f64, float: bool) -> Result<Num, Undefined> {
+    /// A decimal literal as sympy reads it: 53-bit up to 15 significant
+    /// digits, exact (standing in for sympy's wider precision) beyond.
+    pub fn decimal(text: &str) -> Result<Num, Undefined> {
+        let lower = text.to_ascii_lowercase();
+        let (mantissa, exp) = match lower.split_once('e') {
+            Some((m, e)) => (m, e.parse::<i32>().map_err(|_| Undefined)?),
+            None => (lower.as_str(), 0),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let digits = format!("{int}{frac}");
+        let significant = digits.trim_start_matches('0').len();
+        if significant > 15 {
+            let scale = exp - frac.len() as i32;
+            let exact = (|| {
+                let n: i128 = digits.parse().ok()?;
+                let p = 10i128.checked_pow(scale.unsigned_abs())?;
+                if scale >= 0 {
+                    Some((n.checked_mul(p)?, 1))
+                } else {
+                    Some((n, p))
+                }
+            })();
+            if let Some((n, d)) = exact {
+                return Num::ratio(n, d, true);
+            }
+        }
+        Num::float(text.parse::<f64>().map_err(|_| Undefined)?)
+    }
+
+    fn real(v: f64, float: bool, irr: bool) -> Result<Num, Undefined> {
         if v.is_finite() {
-            Ok(Num::Real { v, float })
+            Ok(Num::Real { v, float, irr })
         } else {
             Err(Undefined)
         }
@@ -65,13 +106,17 @@ impl Num {
 
     pub fn to_f64(self) -> f64 {
         match self {
-            Num::Rat(n, d) => n as f64 / d as f64,
+            Num::Rat(n, d) | Num::Dec(n, d) => n as f64 / d as f64,
             Num::Real { v, .. } => v,
         }
     }
 
     pub fn is_float(self) -> bool {
-        matches!(self, Num::Real { float: true, .. })
+        matches!(self, Num::Dec(..) | Num::Real { float: true, .. })
+    }
+
+    pub fn is_irrational(self) -> bool {
+        matches!(self, Num::Real { irr: true, .. })
     }
 
     pub fn as_integer(self) -> Option<i128> {
@@ -81,19 +126,30 @@ impl Num {
         }
     }
 
+    fn exact(self) -> Option<(i128, i128)> {
+        match self {
+            Num::Rat(n, d) | Num::Dec(n, d) => Some((n, d)),
+            Num::Real { .. } => None,
+        }
+    }
+
     /// The result of an approximate operation on `a` and `b`.
     fn approx(a: Num, b: Num, v: f64) -> Result<Num, Undefined> {
-        Num::real(v, a.is_float() || b.is_float())
+        Num::real(
+            v,
+            a.is_float() || b.is_float(),
+            a.is_irrational() || b.is_irrational(),
+        )
     }
 
     pub fn add(self, o: Num) -> Result<Num, Undefined> {
-        if let (Num::Rat(a, b), Num::Rat(c, d)) = (self, o) {
+        if let (Some((a, b)), Some((c, d))) = (self.exact(), o.exact()) {
             let exact = (|| {
                 let n = a.checked_mul(d)?.checked_add(c.checked_mul(b)?)?;
                 Some((n, b.checked_mul(d)?))
             })();
             if let Some((n, d)) = exact {
-                return Num::rat(n, d);
+                return Num::ratio(n, d, self.is_float() || o.is_float());
             }
         }
         Num::approx(self, o, self.to_f64() + o.to_f64())
@@ -102,7 +158,8 @@ impl Num {
     pub fn neg(self) -> Result<Num, Undefined> {
         match self {
             Num::Rat(n, d) => Ok(Num::Rat(n.checked_neg().ok_or(Undefined)?, d)),
-            Num::Real { v, float } => Ok(Num::Real { v: -v, float }),
+            Num::Dec(n, d) => Ok(Num::Dec(n.checked_neg().ok_or(Undefined)?, d)),
+            Num::Real { v, float, irr } => Ok(Num::Real { v: -v, float, irr }),
         }
     }
 
@@ -111,9 +168,9 @@ impl Num {
     }
 
     pub fn mul(self, o: Num) -> Result<Num, Undefined> {
-        if let (Num::Rat(a, b), Num::Rat(c, d)) = (self, o) {
+        if let (Some((a, b)), Some((c, d))) = (self.exact(), o.exact()) {
             if let (Some(n), Some(d)) = (a.checked_mul(c), b.checked_mul(d)) {
-                return Num::rat(n, d);
+                return Num::ratio(n, d, self.is_float() || o.is_float());
             }
         }
         Num::approx(self, o, self.to_f64() * o.to_f64())
@@ -121,8 +178,9 @@ impl Num {
 
     pub fn div(self, o: Num) -> Result<Num, Undefined> {
         match o {
-            Num::Rat(0, _) => Err(Undefined),
+            Num::Rat(0, _) | Num::Dec(0, _) => Err(Undefined),
             Num::Rat(c, d) => self.mul(Num::rat(d, c)?),
+            Num::Dec(c, d) => self.mul(Num::ratio(d, c, true)?),
             Num::Real { v, .. } => {
                 if v == 0.0 {
                     return Err(Undefined);
@@ -137,7 +195,8 @@ impl Num {
         let q = self.div(o)?;
         match q {
             Num::Rat(n, d) => Ok(Num::int(n.div_euclid(d))),
-            Num::Real { v, float } => Num::real(v.floor(), float),
+            Num::Dec(n, d) => Num::ratio(n.div_euclid(d), 1, true),
+            Num::Real { v, float, irr } => Num::real(v.floor(), float, irr),
         }
     }
 
@@ -154,21 +213,30 @@ impl Num {
             }
         }
         let base = self.to_f64();
-        if base < 0.0 && e.as_integer().is_none() && !e.is_float() {
+        let exp = e.to_f64();
+        if base < 0.0 && exp.fract() != 0.0 {
             // A negative base to a fractional power is complex.
             return Err(Undefined);
         }
-        if base < 0.0 && e.as_integer().is_none() && e.to_f64().fract() != 0.0 {
+        if base == 0.0 && exp < 0.0 {
             return Err(Undefined);
         }
-        if base == 0.0 && e.to_f64() < 0.0 {
-            return Err(Undefined);
-        }
-        Num::approx(self, e, base.powf(e.to_f64()))
+        let float = self.is_float() || e.is_float();
+        // Numbers to a Float power are evaluated by sympy; an exact base to
+        // an exact power that is not rational stays a symbolic root.
+        let irr = self.is_irrational() || e.is_irrational() || !float;
+        Num::real(base.powf(exp), float, irr)
     }
 
     pub fn sqrt(self) -> Result<Num, Undefined> {
         self.pow(Num::Rat(1, 2))
+    }
+
+    /// A function sympy evaluates numerically on a Float and keeps symbolic
+    /// on an exact argument.
+    pub fn apply(self, v: f64) -> Result<Num, Undefined> {
+        let float = self.is_float();
+        Num::real(v, float, self.is_irrational() || !float)
     }
 }
 
@@ -232,6 +300,22 @@ mod tests {
         assert_eq!(Num::int(1).div(Num::int(0)), Err(Undefined));
         assert_eq!(Num::int(-4).sqrt(), Err(Undefined));
         assert_eq!(Num::int(0).pow(Num::int(-1)), Err(Undefined));
+    }
+
+    #[test]
+    fn long_decimals_are_exact() {
+        assert_eq!(
+            Num::decimal("0.5").unwrap(),
+            Num::Real {
+                v: 0.5,
+                float: true,
+                irr: false
+            }
+        );
+        let third = Num::decimal("0.3333333333333333333").unwrap();
+        assert_ne!(third.sub(Num::Rat(1, 3)).unwrap(), Num::Dec(0, 1));
+        let half = Num::decimal("0.5000000000000000000").unwrap();
+        assert_eq!(half.sub(Num::Rat(1, 2)).unwrap(), Num::Dec(0, 1));
     }
 
     #[test]
