@@ -97,14 +97,9 @@ struct Parser {
 
 impl Parser {
     fn starts_with(&self, pos: usize, pat: &str) -> bool {
-        let mut i = pos;
-        for c in pat.chars() {
-            if self.s.get(i) != Some(&c) {
-                return false;
-            }
-            i += 1;
-        }
-        true
+        (pos..)
+            .zip(pat.chars())
+            .all(|(i, c)| self.s.get(i) == Some(&c))
     }
 
     fn token(

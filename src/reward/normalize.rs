@@ -31,7 +31,7 @@ pub fn normalize(expr: &str) -> String {
         None => expr.to_string(),
     };
     e = e.replace("\\%", "%").replace("\\$", "$");
-    e = e.replace('$', "").replace('%', "");
+    e = e.replace(['$', '%'], "");
     e = e.replace(" or ", " , ").replace(" and ", " , ");
     e = e.replace("million", "*10^6");
     e = e.replace("billion", "*10^9");
@@ -80,8 +80,7 @@ fn parse_latex(e: &str) -> Result<String, latex_text::ConversionFailed> {
         .replace('π', "pi")
         .replace('∞', "inf")
         .replace('∪', "U")
-        .replace('·', "*")
-        .replace('×', "*");
+        .replace(['·', '×'], "*");
     Ok(pystr::strip(&text).to_string())
 }
 

@@ -572,7 +572,6 @@ fn implicit_multiplication(tokens: Vec<Tok>) -> Result<Vec<Tok>, TokenError> {
         let next_is_open = items[k + 1].is_op("(");
         let next_applied = items[k + 1].is_applied();
         let next_name = items[k + 1].is_name();
-        let next_callable = items[k + 1].tok().is_some_and(is_callable);
         let tok_item = &mut items[k];
         // The function of an applied `Function('f')(..)` followed by `(`
         // turns into a symbol: `f(x)(y)` is `f*x*y`-like.
@@ -596,7 +595,9 @@ fn implicit_multiplication(tokens: Vec<Tok>) -> Result<Vec<Tok>, TokenError> {
         } else if tok.is_op(")") {
             next_applied || next_name || next_is_open
         } else if tok.is_name() && !tok.tok().is_some_and(is_callable) {
-            next_applied || (next_name && next_callable) || next_is_open || next_name
+            // (The reference also tests "a callable name follows", which
+            // the plain "a name follows" already covers.)
+            next_applied || next_is_open || next_name
         } else {
             false
         };
@@ -638,14 +639,12 @@ fn implicit_application(tokens: Vec<Tok>) -> Result<Vec<Tok>, TokenError> {
                 exponent_skip = true;
             }
         } else if exponent_skip {
-            if tok.is_applied() || tok.is_op("*") {
-                if !next.is_op("*") {
-                    if !next.is_op("(") {
-                        out.push(open());
-                        append_paren += 1;
-                    }
-                    exponent_skip = false;
+            if (tok.is_applied() || tok.is_op("*")) && !next.is_op("*") {
+                if !next.is_op("(") {
+                    out.push(open());
+                    append_paren += 1;
                 }
+                exponent_skip = false;
             }
         } else if append_paren > 0 {
             if next.is_op("^") || next.is_op("**") || next.is_op("*") {
