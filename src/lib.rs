@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod processor;
+pub mod reward;
 pub mod rollout;
 pub mod safetensors_io;
 pub mod score;

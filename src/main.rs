@@ -121,6 +121,16 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         max_shard_mib: usize,
     },
+    /// Grade a response with the VPPO accuracy reward: prints the answer in
+    /// its last \boxed{...} (or that there is none), then `1` or `0`.
+    Grade {
+        /// The ground-truth answer.
+        #[arg(long)]
+        answer: String,
+        /// The model's response.
+        #[arg(long)]
+        response: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,6 +140,9 @@ fn main() -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => print!("{}", vppo_engine::info::report()),
+        Command::Grade { answer, response } => {
+            print!("{}", vppo_engine::reward::grade_report(&response, &answer))
+        }
         Command::Score {
             model,
             images,
