@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod eval;
 pub mod info;
 pub mod kernels;
 pub mod model;

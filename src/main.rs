@@ -104,6 +104,59 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },
+    /// Benchmark a checkpoint: average accuracy@n (mean reward over n
+    /// samples per problem, then over problems), the metric of the VPPO
+    /// model cards. Reads parquet or JSONL rows (`problem` with `<image>`
+    /// placeholders, `answer`, `images`), prompts with the recipe's
+    /// instruction suffix, prints a summary table; per-problem results go to
+    /// `--out` as JSONL.
+    Eval {
+        /// Hugging Face Qwen2.5-VL checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Benchmark file (.parquet, .jsonl).
+        #[arg(long)]
+        data: PathBuf,
+        /// Samples per problem.
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        /// Sampling temperature (the recipe validates at 1.0).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Nucleus sampling mass (1.0 disables).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Most tokens per response.
+        #[arg(long, default_value_t = 2048)]
+        max_new_tokens: usize,
+        /// Evaluate only the first K usable problems.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Per-problem results (JSONL).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Prompts generated together.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Seed of the sampling streams.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Problems longer than this many prompt tokens are skipped.
+        #[arg(long, default_value_t = 4096)]
+        max_prompt_tokens: usize,
+        /// Column (or JSON key) holding the problem text.
+        #[arg(long, default_value = "problem")]
+        problem_column: String,
+        /// Column holding the ground-truth answer.
+        #[arg(long, default_value = "answer")]
+        answer_column: String,
+        /// Column holding the images.
+        #[arg(long, default_value = "images")]
+        images_column: String,
+        /// Instruction appended after a blank line (default: the recipe's).
+        #[arg(long)]
+        prompt_suffix: Option<String>,
+    },
     /// Re-save a checkpoint in the Hub layout (`visual.*` / `model.*`
     /// names, sharded safetensors + index, other files copied), e.g. to
     /// convert dtypes or the newer `model.language_model.*` names.
@@ -250,6 +303,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 st.decoded_tokens + samples.len(),
                 start.elapsed()
             );
+        }
+        Command::Eval {
+            model,
+            data,
+            n,
+            temperature,
+            top_p,
+            max_new_tokens,
+            limit,
+            out,
+            batch,
+            seed,
+            max_prompt_tokens,
+            problem_column,
+            answer_column,
+            images_column,
+            prompt_suffix,
+        } => {
+            use std::io::Write as _;
+            if n == 0 {
+                bail!("--n must be at least 1");
+            }
+            let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
+                .with_context(|| format!("loading checkpoint {}", model.display()))?;
+            let opts = vppo_engine::eval::EvalOptions {
+                n,
+                sampling: vppo_engine::rollout::sampling::SamplingParams {
+                    temperature,
+                    top_p,
+                    top_k: 0,
+                },
+                max_new_tokens,
+                limit,
+                batch,
+                seed,
+                columns: vppo_engine::data::Columns {
+                    problem: problem_column,
+                    answer: answer_column,
+                    images: images_column,
+                },
+                format: vppo_engine::data::prompt::PromptFormat {
+                    suffix: prompt_suffix
+                        .unwrap_or_else(|| vppo_engine::data::VPPO_PROMPT_SUFFIX.to_string()),
+                    max_prompt_tokens,
+                },
+            };
+            let mut writer = match &out {
+                Some(path) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => None,
+            };
+            let bar = match limit {
+                Some(l) => indicatif::ProgressBar::new(l as u64),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {pos} problems {wide_msg}",
+                )
+                .expect("valid progress template"),
+            );
+            let mut correct = 0.0;
+            let mut write_error = None;
+            let summary = vppo_engine::eval::evaluate(
+                &pipeline,
+                &data,
+                &opts,
+                &mut |p| {
+                    correct += p.accuracy;
+                    bar.inc(1);
+                    bar.set_message(format!(
+                        "avg accuracy@{n} so far {:.3}",
+                        correct / bar.position() as f64
+                    ));
+                    if let Some(w) = writer.as_mut() {
+                        let line = serde_json::to_string(p).expect("results serialize");
+                        if let Err(e) = writeln!(w, "{line}") {
+                            write_error.get_or_insert(e);
+                        }
+                    }
+                },
+                &mut |why| bar.println(format!("skipped {why}")),
+            )?;
+            bar.finish_and_clear();
+            if let Some(e) = write_error {
+                bail!("writing {}: {e}", out.as_ref().unwrap().display());
+            }
+            if let Some(mut w) = writer {
+                w.flush()
+                    .with_context(|| format!("writing {}", out.as_ref().unwrap().display()))?;
+            }
+            println!("{}", summary.table(n));
         }
         Command::Convert {
             model,

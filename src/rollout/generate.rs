@@ -11,6 +11,7 @@ use crate::model::text::{decode_step, lm_head_rows};
 use crate::model::vision::Save;
 use crate::model::{ModelError, Qwen25Vl, SequenceInput};
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 use std::path::Path;
 
 /// Tokens per KV-cache block.
@@ -174,12 +175,14 @@ impl<'m> Generator<'m> {
                 break;
             }
             let logits = self.decode(&mut live)?;
-            for (i, s) in live.iter_mut().enumerate() {
-                let (tok, lp) =
-                    sample_token(&logits[i * vocab..(i + 1) * vocab], params, &mut s.rng);
-                s.tokens.push(tok);
-                s.logprobs.push(lp);
-            }
+            // Top-p sorts the vocabulary: sample the live sequences in parallel.
+            live.par_iter_mut()
+                .zip(logits.par_chunks(vocab))
+                .for_each(|(s, row)| {
+                    let (tok, lp) = sample_token(row, params, &mut s.rng);
+                    s.tokens.push(tok);
+                    s.logprobs.push(lp);
+                });
         }
         done.sort_by_key(|s| (s.prompt_index, s.sample_index));
         Ok(done)
