@@ -4,6 +4,7 @@
 //! is the reference every CUDA kernel is tested against and the fallback when
 //! no GPU is present.
 
+pub mod alloc_stats;
 pub mod backend;
 pub mod data;
 pub mod eval;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod pipeline;
 pub mod processor;
 pub mod reward;
+pub mod rl;
 pub mod rollout;
 pub mod safetensors_io;
 pub mod score;

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::fixtures::{case_dir, Reference};
+use common::fixtures::{case_dir, fixture_input};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
@@ -25,20 +25,6 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-fn fixture_input(case: &str) -> SequenceInput {
-    let r = Reference::open(case, "reference.safetensors");
-    SequenceInput {
-        ids: r.i64("input_ids").1.iter().map(|&v| v as u32).collect(),
-        pixel_values: r.f32("pixel_values").1,
-        grids: r
-            .i64("image_grid_thw")
-            .1
-            .chunks(3)
-            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-            .collect(),
-    }
-}
-
 fn last_logits(model: &Qwen25Vl, input: &SequenceInput) -> Vec<f32> {
     let out = model.forward(input).unwrap();
     model.logits(&out, &[input.ids.len() - 1])
@@ -50,7 +36,7 @@ fn hub_save_reloads_to_the_same_model() {
     // save is always in the Hub layout.
     for case in ["resize", "partial_windows"] {
         let model = Qwen25Vl::load(&case_dir(case)).unwrap();
-        let input = fixture_input(case);
+        let input = fixture_input(case).0;
         let want = last_logits(&model, &input);
         let root = scratch(case);
         let dest = root.join("saved");

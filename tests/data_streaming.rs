@@ -6,35 +6,12 @@ use arrow_array::{Array, ArrayRef, BinaryArray, ListArray, RecordBatch, StringAr
 use arrow_buffer::OffsetBuffer;
 use arrow_schema::{DataType, Field, Schema};
 use parquet::file::properties::WriterProperties;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use vppo_engine::alloc_stats::{peak_bytes, start_peak, CountingAllocator};
 use vppo_engine::data::{open_rows, Columns};
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as System.alloc.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as System.dealloc.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 const ROWS: usize = 40_000;
 const IMAGE_BYTES: usize = 2_000;
@@ -123,8 +100,7 @@ fn a_40k_row_image_set_streams_in_bounded_memory() {
         "the file should hold the image bytes ({file_bytes} bytes)"
     );
 
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = start_peak();
     let mut rows = 0;
     let mut image_bytes = 0;
     for row in open_rows(&path, &Columns::default()).unwrap() {
@@ -133,7 +109,7 @@ fn a_40k_row_image_set_streams_in_bounded_memory() {
         rows += 1;
         image_bytes += ex.images.len() * IMAGE_BYTES;
     }
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = peak_bytes() - base;
     std::fs::remove_file(&path).unwrap();
     assert_eq!(rows, ROWS);
     assert_eq!(image_bytes, ROWS * IMAGE_BYTES);

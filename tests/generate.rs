@@ -4,28 +4,16 @@
 
 mod common;
 
-use common::fixtures::{case_dir, Reference, CASES};
+use common::fixtures::{case_dir, fixture_input, Reference, CASES};
 use vppo_engine::model::vision::Save;
 use vppo_engine::model::{Qwen25Vl, SequenceInput, TrainSequence};
 use vppo_engine::rollout::generate::{eos_ids, FinishReason, Generator};
 use vppo_engine::rollout::sampling::SamplingParams;
 
 fn prompt_of(case: &str) -> SequenceInput {
-    let r = Reference::open(case, "reference.safetensors");
-    let prompt_len = r.i64("prompt_len").1[0] as usize;
-    SequenceInput {
-        ids: r.i64("input_ids").1[..prompt_len]
-            .iter()
-            .map(|&v| v as u32)
-            .collect(),
-        pixel_values: r.f32("pixel_values").1,
-        grids: r
-            .i64("image_grid_thw")
-            .1
-            .chunks(3)
-            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-            .collect(),
-    }
+    let (mut input, prompt_len) = fixture_input(case);
+    input.ids.truncate(prompt_len);
+    input
 }
 
 const GREEDY: SamplingParams = SamplingParams {

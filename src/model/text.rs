@@ -45,64 +45,96 @@ fn attention_shape<'a>(cfg: &TextConfig, cu_seqlens: &'a [i32]) -> VarlenAttenti
     }
 }
 
-/// One layer: `x += o_proj(attn(rmsnorm(x)))`, `x += down(silu(gate) * up)`.
-pub fn text_layer_fwd(
+/// The attention half's inputs: the normed layer input and q, k (after
+/// RoPE) and v, shared by the full forward and the decode step.
+struct Qkv {
+    rstd1: Vec<f32>,
+    h1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn qkv_fwd(
     cfg: &TextConfig,
     p: &TextLayerParams,
     w: &Tensors,
-    x: &mut [f32],
+    x: &[f32],
     rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-) -> Result<TextLayerActs, OpError> {
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+) -> Qkv {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let t = x.len() / h;
-    let eps = cfg.rms_norm_eps as f32;
-    let x_in = x.to_vec();
     let (mut h1, mut rstd1) = (vec![0.0; t * h], vec![0.0; t]);
-    rmsnorm_fwd(x, w.get(p.input_norm), h, eps, &mut h1, &mut rstd1);
-    let (mut q_raw, mut k_raw, mut v) = (
-        vec![0.0; t * q_out],
-        vec![0.0; t * kv_out],
-        vec![0.0; t * kv_out],
-    );
-    linear_fwd(
-        &h1,
-        w.get(p.q_w),
-        Some(w.get(p.q_b)),
-        t,
+    rmsnorm_fwd(
+        x,
+        w.get(p.input_norm),
         h,
-        q_out,
-        &mut q_raw,
+        cfg.rms_norm_eps as f32,
+        &mut h1,
+        &mut rstd1,
     );
-    linear_fwd(
-        &h1,
-        w.get(p.k_w),
-        Some(w.get(p.k_b)),
-        t,
-        h,
-        kv_out,
-        &mut k_raw,
+    let project = |wid, bid, out: usize| {
+        let mut y = vec![0.0; t * out];
+        linear_fwd(&h1, w.get(wid), Some(w.get(bid)), t, h, out, &mut y);
+        y
+    };
+    let (q_raw, k_raw, v) = (
+        project(p.q_w, p.q_b, q_out),
+        project(p.k_w, p.k_b, kv_out),
+        project(p.v_w, p.v_b, kv_out),
     );
-    linear_fwd(&h1, w.get(p.v_w), Some(w.get(p.v_b)), t, h, kv_out, &mut v);
     let (mut q, mut k) = (vec![0.0; t * q_out], vec![0.0; t * kv_out]);
     rope_fwd(rope, &q_raw, cfg.num_heads, &mut q);
     rope_fwd(rope, &k_raw, cfg.num_kv_heads, &mut k);
-    let (mut attn, mut lse) = (vec![0.0; t * q_out], vec![0.0; t * cfg.num_heads]);
-    attention_fwd(
-        &attention_shape(cfg, cu_seqlens),
-        &q,
-        &k,
-        &v,
-        &mut attn,
-        &mut lse,
-    )?;
+    Qkv { rstd1, h1, q, k, v }
+}
+
+/// The MLP half's activations.
+struct Mlp {
+    rstd2: Vec<f32>,
+    h2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// `x += o_proj(attn)`.
+fn o_proj_residual(
+    cfg: &TextConfig,
+    p: &TextLayerParams,
+    w: &Tensors,
+    attn: &[f32],
+    x: &mut [f32],
+) {
+    let h = cfg.hidden_size;
+    let t = x.len() / h;
     let mut o = vec![0.0; t * h];
-    linear_fwd(&attn, w.get(p.o_w), None, t, q_out, h, &mut o);
-    x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-    let x_mid = x.to_vec();
+    linear_fwd(
+        attn,
+        w.get(p.o_w),
+        None,
+        t,
+        cfg.num_heads * cfg.head_dim,
+        h,
+        &mut o,
+    );
+    add_into(x, &o);
+}
+
+/// `x += down(silu(gate(h2)) * up(h2))` with `h2 = rmsnorm(x)`.
+fn mlp_fwd(cfg: &TextConfig, p: &TextLayerParams, w: &Tensors, x: &mut [f32]) -> Mlp {
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let t = x.len() / h;
     let (mut h2, mut rstd2) = (vec![0.0; t * h], vec![0.0; t]);
-    rmsnorm_fwd(x, w.get(p.post_norm), h, eps, &mut h2, &mut rstd2);
+    rmsnorm_fwd(
+        x,
+        w.get(p.post_norm),
+        h,
+        cfg.rms_norm_eps as f32,
+        &mut h2,
+        &mut rstd2,
+    );
     let (mut gate, mut up, mut act) = (
         vec![0.0; t * inter],
         vec![0.0; t * inter],
@@ -113,7 +145,43 @@ pub fn text_layer_fwd(
     swiglu_fwd(&gate, &up, &mut act);
     let mut down = vec![0.0; t * h];
     linear_fwd(&act, w.get(p.down_w), None, t, inter, h, &mut down);
-    x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+    add_into(x, &down);
+    Mlp {
+        rstd2,
+        h2,
+        gate,
+        up,
+        act,
+    }
+}
+
+/// One layer: `x += o_proj(attn(rmsnorm(x)))`, `x += down(silu(gate) * up)`.
+pub fn text_layer_fwd(
+    cfg: &TextConfig,
+    p: &TextLayerParams,
+    w: &Tensors,
+    x: &mut [f32],
+    rope: &RopeTable<f32>,
+    cu_seqlens: &[i32],
+) -> Result<TextLayerActs, OpError> {
+    let t = x.len() / cfg.hidden_size;
+    let x_in = x.to_vec();
+    let Qkv { rstd1, h1, q, k, v } = qkv_fwd(cfg, p, w, x, rope);
+    let (mut attn, mut lse) = (
+        vec![0.0; t * cfg.num_heads * cfg.head_dim],
+        vec![0.0; t * cfg.num_heads],
+    );
+    attention_fwd(
+        &attention_shape(cfg, cu_seqlens),
+        &q,
+        &k,
+        &v,
+        &mut attn,
+        &mut lse,
+    )?;
+    o_proj_residual(cfg, p, w, &attn, x);
+    let x_mid = x.to_vec();
+    let mlp = mlp_fwd(cfg, p, w, x);
     Ok(TextLayerActs {
         x_in,
         rstd1,
@@ -124,11 +192,11 @@ pub fn text_layer_fwd(
         attn,
         lse,
         x_mid,
-        rstd2,
-        h2,
-        gate,
-        up,
-        act,
+        rstd2: mlp.rstd2,
+        h2: mlp.h2,
+        gate: mlp.gate,
+        up: mlp.up,
+        act: mlp.act,
     })
 }
 
@@ -403,7 +471,7 @@ pub fn decode_step(
     slots: &[usize],
 ) -> Vec<f32> {
     use crate::backend::cpu::paged_attention::{paged_decode_attention, PagedSeq, PagedShape};
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let b = slots.len();
     let eps = cfg.rms_norm_eps as f32;
@@ -414,44 +482,15 @@ pub fn decode_step(
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
     };
-    let (mut h1, mut rstd) = (vec![0.0; b * h], vec![0.0; b]);
+    let paged: Vec<PagedSeq> = seqs
+        .iter()
+        .map(|s| PagedSeq {
+            block_table: &s.blocks,
+            len: s.len,
+        })
+        .collect();
     for (l, lp) in p.layers.iter().enumerate() {
-        rmsnorm_fwd(&x, w.get(lp.input_norm), h, eps, &mut h1, &mut rstd);
-        let (mut q_raw, mut k_raw, mut v) = (
-            vec![0.0; b * q_out],
-            vec![0.0; b * kv_out],
-            vec![0.0; b * kv_out],
-        );
-        linear_fwd(
-            &h1,
-            w.get(lp.q_w),
-            Some(w.get(lp.q_b)),
-            b,
-            h,
-            q_out,
-            &mut q_raw,
-        );
-        linear_fwd(
-            &h1,
-            w.get(lp.k_w),
-            Some(w.get(lp.k_b)),
-            b,
-            h,
-            kv_out,
-            &mut k_raw,
-        );
-        linear_fwd(
-            &h1,
-            w.get(lp.v_w),
-            Some(w.get(lp.v_b)),
-            b,
-            h,
-            kv_out,
-            &mut v,
-        );
-        let (mut q, mut k) = (vec![0.0; b * q_out], vec![0.0; b * kv_out]);
-        rope_fwd(rope, &q_raw, cfg.num_heads, &mut q);
-        rope_fwd(rope, &k_raw, cfg.num_kv_heads, &mut k);
+        let Qkv { q, k, v, .. } = qkv_fwd(cfg, lp, w, &x, rope);
         for (i, &slot) in slots.iter().enumerate() {
             cache.write(
                 l,
@@ -460,31 +499,12 @@ pub fn decode_step(
                 &v[i * kv_out..(i + 1) * kv_out],
             );
         }
-        let paged: Vec<PagedSeq> = seqs
-            .iter()
-            .map(|s| PagedSeq {
-                block_table: &s.blocks,
-                len: s.len,
-            })
-            .collect();
         let mut attn = vec![0.0; b * q_out];
         paged_decode_attention(&shape, &q, &cache.k[l], &cache.v[l], &paged, &mut attn);
-        let mut o = vec![0.0; b * h];
-        linear_fwd(&attn, w.get(lp.o_w), None, b, q_out, h, &mut o);
-        add_into(&mut x, &o);
-        rmsnorm_fwd(&x, w.get(lp.post_norm), h, eps, &mut h1, &mut rstd);
-        let (mut gate, mut up, mut act) = (
-            vec![0.0; b * inter],
-            vec![0.0; b * inter],
-            vec![0.0; b * inter],
-        );
-        linear_fwd(&h1, w.get(lp.gate_w), None, b, h, inter, &mut gate);
-        linear_fwd(&h1, w.get(lp.up_w), None, b, h, inter, &mut up);
-        swiglu_fwd(&gate, &up, &mut act);
-        let mut down = vec![0.0; b * h];
-        linear_fwd(&act, w.get(lp.down_w), None, b, inter, h, &mut down);
-        add_into(&mut x, &down);
+        o_proj_residual(cfg, lp, w, &attn, &mut x);
+        mlp_fwd(cfg, lp, w, &mut x);
     }
+    let mut rstd = vec![0.0; b];
     let mut out = vec![0.0; b * h];
     rmsnorm_fwd(&x, w.get(p.norm), h, eps, &mut out, &mut rstd);
     out

@@ -3,6 +3,7 @@
 
 use safetensors::tensor::{Dtype, SafeTensors};
 use std::path::PathBuf;
+use vppo_engine::model::SequenceInput;
 
 pub const CASES: [&str; 4] = ["single_noresize", "partial_windows", "two_images", "resize"];
 
@@ -75,4 +76,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// The case's full model input (prompt + response) from its reference file,
+/// and the prompt length.
+pub fn fixture_input(case: &str) -> (SequenceInput, usize) {
+    let r = Reference::open(case, "reference.safetensors");
+    let input = SequenceInput {
+        ids: r.i64("input_ids").1.iter().map(|&v| v as u32).collect(),
+        pixel_values: r.f32("pixel_values").1,
+        grids: r
+            .i64("image_grid_thw")
+            .1
+            .chunks(3)
+            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+            .collect(),
+    };
+    (input, r.i64("prompt_len").1[0] as usize)
 }
