@@ -164,7 +164,7 @@ fn packed_sequences_give_the_sum_of_their_separate_gradients() {
     };
     let weights = |n: usize, salt: f32| -> (Vec<f32>, Vec<f32>) {
         (
-            (0..n).map(|i| ((i as f32 * 0.37 + salt).sin())).collect(),
+            (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect(),
             (0..n)
                 .map(|i| ((i as f32 * 0.11 - salt).cos()) * 0.1)
                 .collect(),
