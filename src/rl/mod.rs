@@ -8,8 +8,12 @@
 
 pub mod advantage;
 pub mod loss;
+pub mod objective;
+pub mod perturb;
 pub mod shaping;
 
 pub use advantage::{group_advantages, keep_group};
 pub use loss::{PolicyLoss, PolicyLossConfig};
-pub use shaping::{tas_scales, tgf_mask, visual_dependency};
+pub use objective::{micro_batch_objective, MicroBatch, VppoConfig};
+pub use perturb::blacken_patches;
+pub use shaping::{dependency_range, tas_scales, tgf_mask, visual_dependency};

@@ -1,0 +1,146 @@
+//! One micro-batch's VPPO objective, composed from the pieces: visual
+//! dependency from the two rollout-time log-probs, TAS-scaled advantages,
+//! the TGF token mask, and the dual-clip loss. DAPO/GRPO are the same call
+//! without the perturbed log-probs (no shaping, no filtering).
+
+use super::loss::{PolicyLoss, PolicyLossConfig};
+use super::shaping::{tas_scales, tgf_mask, visual_dependency};
+use crate::backend::cpu::OpError;
+
+/// The VPPO-specific settings (the published recipe's values by default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VppoConfig {
+    /// TAS lower scale beta_min (the upper one is dynamic).
+    pub beta_min: f32,
+    /// TGF: fraction of each response's tokens that keep their policy gradient.
+    pub tgf_ratio: f32,
+}
+
+impl Default for VppoConfig {
+    fn default() -> Self {
+        Self {
+            beta_min: 0.9,
+            tgf_ratio: 0.4,
+        }
+    }
+}
+
+/// Mean dependency of each response (tokens concatenated, `lens` per response).
+pub fn mean_dependency(dependency: &[f32], lens: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &len in lens {
+        let s: f32 = dependency[at..at + len].iter().sum();
+        out.push(s / len.max(1) as f32);
+        at += len;
+    }
+    out
+}
+
+/// Inputs of one micro-batch, tokens of its responses concatenated.
+pub struct MicroBatch<'a> {
+    pub lp_new: &'a [f32],
+    pub lp_old: &'a [f32],
+    /// Log-probs with the perturbed image (`None`: DAPO/GRPO).
+    pub lp_perturbed: Option<&'a [f32]>,
+    pub response_lens: &'a [usize],
+    /// One GRPO advantage per response.
+    pub advantages: &'a [f32],
+}
+
+/// The loss and per-token gradients of a micro-batch. `dependency_range`
+/// is the min/max mean dependency over the whole update mini-batch;
+/// `total_tokens` its valid response tokens.
+pub fn micro_batch_objective(
+    mb: &MicroBatch,
+    vppo: &VppoConfig,
+    loss: &PolicyLossConfig,
+    dependency_range: Option<(f32, f32)>,
+    total_tokens: usize,
+) -> Result<PolicyLoss, OpError> {
+    let n: usize = mb.response_lens.iter().sum();
+    assert_eq!(mb.lp_new.len(), n, "objective: token count");
+    assert_eq!(
+        mb.advantages.len(),
+        mb.response_lens.len(),
+        "objective: one advantage per response"
+    );
+    let (scales, mask) = match mb.lp_perturbed {
+        Some(lp_mask) => {
+            let dep = visual_dependency(mb.lp_old, lp_mask);
+            let scales = tas_scales(
+                &mean_dependency(&dep, mb.response_lens),
+                dependency_range,
+                vppo.beta_min,
+            );
+            let mut cu = vec![0i32];
+            for &l in mb.response_lens {
+                cu.push(cu.last().unwrap() + l as i32);
+            }
+            (scales, tgf_mask(&dep, &cu, vppo.tgf_ratio)?)
+        }
+        None => (vec![1.0; mb.response_lens.len()], vec![1.0; n]),
+    };
+    let token_adv: Vec<f32> = mb
+        .response_lens
+        .iter()
+        .zip(mb.advantages.iter().zip(&scales))
+        .flat_map(|(&len, (&a, &s))| std::iter::repeat_n(a * s, len))
+        .collect();
+    Ok(loss.evaluate(mb.lp_new, mb.lp_old, &token_adv, &mask, total_tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vppo_scales_advantages_and_filters_tokens() {
+        let lp_old = [-1.0f32, -1.0, -1.0, -2.0, -2.0];
+        // Response 0 (3 tokens) depends on the image at token 1; response 1 at both tokens.
+        let lp_mask = [-1.0f32, -3.0, -1.0, -2.5, -1.0];
+        let lens = [3usize, 2];
+        let adv = [1.0f32, -1.0];
+        let loss = PolicyLossConfig {
+            entropy_penalty: 0.0,
+            ..Default::default()
+        };
+        let mb = MicroBatch {
+            lp_new: &lp_old,
+            lp_old: &lp_old,
+            lp_perturbed: Some(&lp_mask),
+            response_lens: &lens,
+            advantages: &adv,
+        };
+        let dep = visual_dependency(&lp_old, &lp_mask);
+        let sbar = mean_dependency(&dep, &lens);
+        let range = super::super::shaping::dependency_range(&sbar);
+        let out = micro_batch_objective(&mb, &VppoConfig::default(), &loss, range, 5).unwrap();
+        let scales = tas_scales(&sbar, range, 0.9);
+        // TGF keeps ceil(0.4*3)=2 of response 0 (token 1 and the earlier tie),
+        // ceil(0.4*2)=1 of response 1 (the larger shift, token 4).
+        let kept = [true, true, false, false, true];
+        let owner = [0, 0, 0, 1, 1];
+        for t in 0..5 {
+            let want = if kept[t] {
+                -adv[owner[t]] * scales[owner[t]] / 5.0
+            } else {
+                0.0
+            };
+            assert!(
+                (out.token_grads[t] - want).abs() < 1e-6,
+                "token {t}: {} vs {want}",
+                out.token_grads[t]
+            );
+        }
+        // Without the perturbed pass: plain advantages, every token.
+        let plain = MicroBatch {
+            lp_perturbed: None,
+            ..mb
+        };
+        let out = micro_batch_objective(&plain, &VppoConfig::default(), &loss, None, 5).unwrap();
+        for t in 0..5 {
+            assert!((out.token_grads[t] + adv[owner[t]] / 5.0).abs() < 1e-6);
+        }
+    }
+}
