@@ -1,0 +1,106 @@
+//! One RL step end to end on a fixture checkpoint: rollouts, rewards,
+//! dynamic sampling, old/perturbed log-probs, objective, backward, AdamW.
+//!
+//! The fixture model has random weights and never boxes an answer, so the
+//! reference grader scores every response of a prompt alike (1 when the
+//! ground truth is "None"): all groups are uniform. VPPO/DAPO's dynamic
+//! sampling must then drop them all and skip the update; GRPO keeps them,
+//! with zero advantages, and the entropy penalty alone moves the weights.
+
+mod common;
+
+use common::fixtures::{case_dir, fixture_input};
+use vppo_engine::backend::cpu::adamw::AdamWConfig;
+use vppo_engine::pipeline::Pipeline;
+use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
+use vppo_engine::train::step::{train_step, Algo, Prompt, StepConfig};
+
+fn prompts() -> Vec<Prompt> {
+    let (mut input, prompt_len) = fixture_input("single_noresize");
+    input.ids.truncate(prompt_len);
+    vec![
+        Prompt {
+            input: input.clone(),
+            answer: "None".into(),
+        },
+        Prompt {
+            input,
+            answer: "42".into(),
+        },
+    ]
+}
+
+fn config(algo: Algo) -> StepConfig {
+    StepConfig {
+        n: 3,
+        max_new_tokens: 5,
+        micro_batch: 2,
+        ..StepConfig::recipe(algo)
+    }
+}
+
+fn optimizer(p: &Pipeline) -> AdamW {
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        ..AdamWConfig::default()
+    };
+    AdamW::new(&p.model.weights, cfg, Some(1.0), WeightPrecision::Fp32)
+}
+
+#[test]
+fn dynamic_sampling_drops_uniform_groups_and_skips_the_update() {
+    for algo in [Algo::Vppo, Algo::Dapo] {
+        let mut p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+        let before = p.model.weights.clone();
+        let mut opt = optimizer(&p);
+        let stats = train_step(&mut p, &mut opt, &prompts(), &config(algo), 1).unwrap();
+        assert_eq!(stats.responses, 6);
+        assert!((stats.mean_reward - 0.5).abs() < 1e-6, "{stats:?}");
+        assert_eq!((stats.kept_groups, stats.dropped_groups), (0, 2));
+        assert!(stats.optimizer.is_none());
+        assert_eq!(p.model.weights.0, before.0);
+    }
+}
+
+#[test]
+fn grpo_keeps_every_group_and_steps() {
+    let mut p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let before = p.model.weights.clone();
+    let mut opt = optimizer(&p);
+    let cfg = config(Algo::Grpo);
+    let stats = train_step(&mut p, &mut opt, &prompts(), &cfg, 1).unwrap();
+    assert_eq!(stats.kept_groups, 2);
+    let report = stats.optimizer.expect("an update");
+    assert!(!report.skipped && report.grad_norm > 0.0);
+    assert_eq!(opt.step, 1);
+    // Zero advantages: the loss is the entropy penalty, 0.06 * mean(-logp) > 0.
+    assert!(stats.loss > 0.0 && stats.loss.is_finite(), "{stats:?}");
+    assert_ne!(p.model.weights.0, before.0);
+    // Deterministic: the same seed from the same weights gives the same step.
+    let mut q = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let mut opt_q = optimizer(&q);
+    let again = train_step(&mut q, &mut opt_q, &prompts(), &cfg, 1).unwrap();
+    assert_eq!(again, stats);
+    assert_eq!(q.model.weights.0, p.model.weights.0);
+}
+
+#[test]
+fn vppo_runs_the_perturbed_pass_when_groups_are_kept() {
+    // Dynamic sampling off so the uniform groups survive: the step runs the
+    // blackened-image pass, TAS and TGF, and updates the weights.
+    let mut p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let before = p.model.weights.clone();
+    let mut opt = optimizer(&p);
+    let cfg = StepConfig {
+        dynamic_sampling: None,
+        recompute: true,
+        ..config(Algo::Vppo)
+    };
+    let stats = train_step(&mut p, &mut opt, &prompts(), &cfg, 3).unwrap();
+    assert_eq!(stats.kept_groups, 2);
+    assert!(stats
+        .optimizer
+        .is_some_and(|r| !r.skipped && r.grad_norm > 0.0));
+    assert!(stats.loss.is_finite());
+    assert_ne!(p.model.weights.0, before.0);
+}
