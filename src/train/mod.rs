@@ -2,5 +2,6 @@
 //! checkpoints (Hub-layout weights + resumable training state).
 
 pub mod checkpoint;
+pub mod config;
 pub mod optimizer;
 pub mod step;

@@ -1,0 +1,283 @@
+//! The training configuration: a TOML file whose defaults are the published
+//! VPPO 7B recipe (shared/docs/vppo.md), every field overridable on the
+//! command line as `key=value`, and the resolved config saved with the run.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("override `{given}`: {reason}")]
+    Override { given: String, reason: String },
+}
+
+/// Which objective to train with (`vppo`, or the baselines `dapo`, `grpo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlgoName {
+    Vppo,
+    Dapo,
+    Grpo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face checkpoint directory (none: the built-in default model).
+    pub model: Option<PathBuf>,
+    /// Training data, parquet or JSONL (none: the built-in default task).
+    pub data: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub algo: AlgoName,
+    pub seed: u64,
+    /// Prompts per rollout batch.
+    pub rollout_batch: usize,
+    /// Responses per prompt.
+    pub group_size: usize,
+    /// Prompts per optimizer step (rollout_batch / mini_batch steps per rollout).
+    pub mini_batch: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub max_grad_norm: f64,
+    pub clip_low: f32,
+    pub clip_high: f32,
+    /// Dual-clip constant for negative advantages (0 disables).
+    pub clip_dual: f32,
+    pub entropy_penalty: f32,
+    pub tgf_ratio: f32,
+    pub tas_beta_min: f32,
+    /// Probability of blackening each 14x14 tile in the perturbed pass.
+    pub blacken_p: f64,
+    /// Dynamic sampling bounds on a group's mean accuracy (off for grpo).
+    pub dynamic_sampling: bool,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_response_tokens: usize,
+    pub max_prompt_tokens: usize,
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    /// Appended to every problem after a blank line.
+    pub prompt_suffix: String,
+    /// Recompute activations in the backward (activation checkpointing).
+    pub recompute: bool,
+    /// Keep fp32 master weights and bf16 model weights.
+    pub bf16: bool,
+    /// Save a checkpoint every this many optimizer steps.
+    pub save_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            data: None,
+            output_dir: PathBuf::from("runs/vppo"),
+            algo: AlgoName::Vppo,
+            seed: 1,
+            rollout_batch: 384,
+            group_size: 8,
+            mini_batch: 128,
+            epochs: 2,
+            lr: 1e-6,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            max_grad_norm: 1.0,
+            clip_low: 0.2,
+            clip_high: 0.28,
+            clip_dual: 3.0,
+            entropy_penalty: 0.06,
+            tgf_ratio: 0.4,
+            tas_beta_min: 0.9,
+            blacken_p: 0.5,
+            dynamic_sampling: true,
+            temperature: 1.0,
+            top_p: 0.99,
+            max_response_tokens: 2048,
+            max_prompt_tokens: 4096,
+            min_pixels: 200_704,
+            max_pixels: 1_003_520,
+            prompt_suffix: crate::data::VPPO_PROMPT_SUFFIX.to_string(),
+            recompute: false,
+            bf16: true,
+            save_every: 10,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; fields it leaves out keep the recipe defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Applies `key=value` overrides (values in TOML syntax; bare words are
+    /// taken as strings), then checks the result.
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(&self).expect("the config serializes to a table");
+        for given in overrides {
+            let bad = |reason: String| ConfigError::Override {
+                given: given.clone(),
+                reason,
+            };
+            let (key, raw) = given
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value".into()))?;
+            let key = key.trim().replace('-', "_");
+            let value = parse_value(raw.trim());
+            table.insert(key, value);
+        }
+        let text = toml::to_string(&table).expect("a table serializes");
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Override {
+            given: overrides.join(" "),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()
+    }
+
+    fn validate(self) -> Result<Self, ConfigError> {
+        let bad = |reason: &str| {
+            Err(ConfigError::Override {
+                given: "(resolved config)".into(),
+                reason: reason.into(),
+            })
+        };
+        if self.group_size == 0 || self.rollout_batch == 0 || self.mini_batch == 0 {
+            return bad("group_size, rollout_batch and mini_batch must be positive");
+        }
+        if self.rollout_batch % self.mini_batch != 0 {
+            return bad("rollout_batch must be a multiple of mini_batch");
+        }
+        if !(0.0..=1.0).contains(&self.tgf_ratio) || !(0.0..=1.0).contains(&self.blacken_p) {
+            return bad("tgf_ratio and blacken_p must be in [0, 1]");
+        }
+        if self.top_p <= 0.0 || self.top_p > 1.0 || self.temperature < 0.0 {
+            return bad("top_p must be in (0, 1] and temperature >= 0");
+        }
+        Ok(self)
+    }
+
+    /// The resolved config as TOML, saved with every run.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serializes")
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    // Parse as a TOML value when it is one (numbers, booleans, quoted
+    // strings); otherwise it is a bare string such as a path.
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_published_recipe() {
+        let c = TrainConfig::default();
+        assert_eq!(
+            (c.group_size, c.rollout_batch, c.mini_batch, c.epochs),
+            (8, 384, 128, 2)
+        );
+        assert_eq!((c.lr, c.weight_decay, c.max_grad_norm), (1e-6, 0.01, 1.0));
+        assert_eq!((c.clip_low, c.clip_high, c.clip_dual), (0.2, 0.28, 3.0));
+        assert_eq!(
+            (c.entropy_penalty, c.tgf_ratio, c.tas_beta_min),
+            (0.06, 0.4, 0.9)
+        );
+        assert_eq!(
+            (c.min_pixels, c.max_pixels),
+            (256 * 28 * 28, 1280 * 28 * 28)
+        );
+        assert_eq!(
+            (
+                c.temperature,
+                c.top_p,
+                c.max_response_tokens,
+                c.max_prompt_tokens
+            ),
+            (1.0, 0.99, 2048, 4096)
+        );
+    }
+
+    #[test]
+    fn files_and_overrides_change_fields_and_round_trip() {
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(
+            &path,
+            "algo = \"dapo\"\nlr = 2e-6\nmodel = \"/models/qwen\"\n",
+        )
+        .unwrap();
+        let c = TrainConfig::load(&path).unwrap();
+        assert_eq!((c.algo, c.lr), (AlgoName::Dapo, 2e-6));
+        assert_eq!(c.model, Some(PathBuf::from("/models/qwen")));
+        assert_eq!(c.group_size, 8, "unset fields keep the recipe defaults");
+        let c = c
+            .with_overrides(&[
+                "group-size=4".into(),
+                "algo=grpo".into(),
+                "output_dir=/tmp/run 1".into(),
+                "recompute=true".into(),
+            ])
+            .unwrap();
+        assert_eq!(
+            (c.group_size, c.algo, c.recompute),
+            (4, AlgoName::Grpo, true)
+        );
+        assert_eq!(c.output_dir, PathBuf::from("/tmp/run 1"));
+        let again: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_configs_are_clear_errors() {
+        let err = TrainConfig::default()
+            .with_overrides(&["lrr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lrr"), "{err}");
+        let err = TrainConfig::default()
+            .with_overrides(&["lr".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key=value"), "{err}");
+        let err = TrainConfig::default()
+            .with_overrides(&["group_size=many".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("group_size"), "{err}");
+        let err = TrainConfig::default()
+            .with_overrides(&["mini_batch=100".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("multiple"), "{err}");
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "algo = \"ppo\"\n").unwrap();
+        let err = TrainConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("ppo"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
