@@ -8,8 +8,8 @@ mod common;
 
 use std::time::Instant;
 use vppo_engine::alloc_stats::{peak_bytes, start_peak, CountingAllocator};
+use vppo_engine::model::acts::Save;
 use vppo_engine::model::params::Tensors;
-use vppo_engine::model::vision::Save;
 use vppo_engine::model::TrainSequence;
 
 #[global_allocator]

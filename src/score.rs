@@ -1,8 +1,8 @@
 //! `vppo-engine score`: the log-probability of a response given a prompt
 //! with images, under a checkpoint: the engine's "old log-probs".
 
+use crate::model::acts::Save;
 use crate::model::params::Tensors;
-use crate::model::vision::Save;
 use crate::model::{ModelError, TrainSequence};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};

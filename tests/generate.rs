@@ -5,7 +5,7 @@
 mod common;
 
 use common::fixtures::{case_dir, fixture_input, Reference, CASES};
-use vppo_engine::model::vision::Save;
+use vppo_engine::model::acts::Save;
 use vppo_engine::model::{Qwen25Vl, SequenceInput, TrainSequence};
 use vppo_engine::rollout::generate::{eos_ids, FinishReason, Generator};
 use vppo_engine::rollout::sampling::SamplingParams;

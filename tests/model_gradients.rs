@@ -6,8 +6,8 @@
 mod common;
 
 use common::fixtures::{case_dir, fixture_input, Reference, CASES};
+use vppo_engine::model::acts::Save;
 use vppo_engine::model::params::Tensors;
-use vppo_engine::model::vision::Save;
 use vppo_engine::model::{Qwen25Vl, SequenceInput, TrainSequence};
 
 fn fixture_batch(case: &str) -> Vec<TrainSequence> {

@@ -2,12 +2,13 @@
 //! packed sequences with images, and (for training) the chunked loss head
 //! and the backward through the whole graph.
 
+use super::acts::Save;
 use super::checkpoint::{Checkpoint, LoadError, NameLayout};
 use super::config::{ConfigError, ModelConfig};
 use super::params::{ParamLayout, Tensors};
 use super::positions::{mrope_positions, MropePositions, PositionError};
 use super::text::{decoder_bwd, decoder_fwd, lm_head_rows, KvSink, TextActs};
-use super::vision::{vision_bwd, vision_fwd, Save, VisionActs};
+use super::vision::{vision_bwd, vision_fwd, VisionActs};
 use crate::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
 use crate::backend::cpu::gemm::{matmul, Trans};
 use crate::backend::cpu::logprob::{token_logprob_bwd, token_logprob_fwd};

@@ -1,10 +1,10 @@
 //! The Qwen2 decoder with M-RoPE over packed sequences, and the lm_head.
 //! Each layer's forward returns the activations its backward will need.
 
+use super::acts::{BlockActs, Save, SavedBlock};
 use super::config::TextConfig;
 use super::grad_util::{add_into, linear_bwd_acc};
 use super::params::{Tensors, TextLayerParams, TextParams};
-use super::vision::Save;
 use crate::backend::cpu::activations::{swiglu_bwd, swiglu_fwd};
 use crate::backend::cpu::attention::{attention_bwd, attention_fwd, VarlenAttention};
 use crate::backend::cpu::gemm::{matmul, Trans};
@@ -12,25 +12,6 @@ use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
 use crate::backend::cpu::OpError;
-
-/// What one decoder layer saw and made (input to its backward).
-pub struct TextLayerActs {
-    pub x_in: Vec<f32>,
-    pub rstd1: Vec<f32>,
-    pub h1: Vec<f32>,
-    /// q, k after RoPE, and v: `[T, heads, head_dim]` / `[T, kv_heads, head_dim]`.
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub attn: Vec<f32>,
-    pub lse: Vec<f32>,
-    pub x_mid: Vec<f32>,
-    pub rstd2: Vec<f32>,
-    pub h2: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub act: Vec<f32>,
-}
 
 /// Causal GQA over the packed sequences.
 fn attention_shape<'a>(cfg: &TextConfig, cu_seqlens: &'a [i32]) -> VarlenAttention<'a> {
@@ -163,7 +144,7 @@ pub fn text_layer_fwd(
     x: &mut [f32],
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
-) -> Result<TextLayerActs, OpError> {
+) -> Result<BlockActs, OpError> {
     let t = x.len() / cfg.hidden_size;
     let x_in = x.to_vec();
     let Qkv { rstd1, h1, q, k, v } = qkv_fwd(cfg, p, w, x, rope);
@@ -182,7 +163,7 @@ pub fn text_layer_fwd(
     o_proj_residual(cfg, p, w, &attn, x);
     let x_mid = x.to_vec();
     let mlp = mlp_fwd(cfg, p, w, x);
-    Ok(TextLayerActs {
+    Ok(BlockActs {
         x_in,
         rstd1,
         h1,
@@ -208,7 +189,7 @@ pub fn text_layer_bwd(
     cfg: &TextConfig,
     p: &TextLayerParams,
     w: &Tensors,
-    acts: &TextLayerActs,
+    acts: &BlockActs,
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
     dx: &mut [f32],
@@ -321,16 +302,9 @@ pub fn text_layer_bwd(
     Ok(())
 }
 
-/// What a forward keeps of a layer for the backward.
-pub enum LayerSave {
-    All(Box<TextLayerActs>),
-    /// Only the layer input; the backward re-runs the layer's forward.
-    Input(Vec<f32>),
-}
-
 /// Activations of a whole decoder forward (kept only when training).
 pub struct TextActs {
-    pub layers: Vec<LayerSave>,
+    pub layers: Vec<SavedBlock>,
     pub final_in: Vec<f32>,
     pub final_rstd: Vec<f32>,
 }
@@ -361,11 +335,7 @@ pub fn decoder_fwd(
         if let Some(sink) = kv_sink.as_mut() {
             sink(l, &acts.k, &acts.v);
         }
-        match save {
-            Save::Nothing => {}
-            Save::All => layers.push(LayerSave::All(Box::new(acts))),
-            Save::Inputs => layers.push(LayerSave::Input(acts.x_in)),
-        }
+        layers.extend(SavedBlock::keep(acts, save));
     }
     let (mut out, mut rstd) = (vec![0.0; t * h], vec![0.0; t]);
     rmsnorm_fwd(
@@ -411,8 +381,8 @@ pub fn decoder_bwd(
     for (lp, saved) in p.layers.iter().zip(&acts.layers).rev() {
         let recomputed;
         let layer_acts = match saved {
-            LayerSave::All(a) => a,
-            LayerSave::Input(x_in) => {
+            SavedBlock::All(a) => a,
+            SavedBlock::Input(x_in) => {
                 let mut x = x_in.clone();
                 recomputed = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
                 &recomputed

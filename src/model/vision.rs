@@ -2,6 +2,7 @@
 //! full attention), the patch merger, and the inverse permutation.
 //! Each layer's forward returns the activations its backward will need.
 
+use super::acts::{BlockActs, Save, SavedBlock};
 use super::config::VisionConfig;
 use super::grad_util::{add_into, linear_bwd_acc};
 use super::params::{MergerParams, Tensors, VisionBlockParams, VisionParams};
@@ -12,25 +13,6 @@ use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
 use crate::backend::cpu::OpError;
-
-/// What one vision block saw and made (input to its backward).
-pub struct VisionBlockActs {
-    pub x_in: Vec<f32>,
-    pub rstd1: Vec<f32>,
-    pub h1: Vec<f32>,
-    /// q, k after RoPE and v, each `[N, heads, head_dim]`.
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub attn: Vec<f32>,
-    pub lse: Vec<f32>,
-    pub x_mid: Vec<f32>,
-    pub rstd2: Vec<f32>,
-    pub h2: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub act: Vec<f32>,
-}
 
 /// Splits fused `qkv[N, 3 * hidden]` (rows q | k | v, head-major) into three.
 fn split_qkv(qkv: &[f32], n: usize, hidden: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -68,7 +50,7 @@ pub fn vision_block_fwd(
     x: &mut [f32],
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
-) -> Result<VisionBlockActs, OpError> {
+) -> Result<BlockActs, OpError> {
     let (heads, hid, inter) = (cfg.num_heads, cfg.hidden_size, cfg.intermediate_size);
     let n = x.len() / hid;
     let eps = cfg.rms_norm_eps as f32;
@@ -147,7 +129,7 @@ pub fn vision_block_fwd(
         &mut down,
     );
     add_into(x, &down);
-    Ok(VisionBlockActs {
+    Ok(BlockActs {
         x_in,
         rstd1,
         h1,
@@ -173,7 +155,7 @@ pub fn vision_block_bwd(
     cfg: &VisionConfig,
     p: &VisionBlockParams,
     w: &Tensors,
-    acts: &VisionBlockActs,
+    acts: &BlockActs,
     rope: &RopeTable<f32>,
     cu_seqlens: &[i32],
     dx: &mut [f32],
@@ -420,27 +402,8 @@ pub struct VisionActs {
     pub rope: RopeTable<f32>,
     pub patch_order: Vec<usize>,
     /// Per block: its activations, or only its input when recomputing.
-    pub blocks: Vec<BlockSave>,
+    pub blocks: Vec<SavedBlock>,
     pub merger: MergerActs,
-}
-
-/// What a forward keeps of a block for the backward.
-pub enum BlockSave {
-    All(Box<VisionBlockActs>),
-    /// Only the block input; the backward re-runs the block's forward.
-    Input(Vec<f32>),
-}
-
-/// How much of a forward to keep for a backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Save {
-    /// Inference: keep nothing.
-    Nothing,
-    /// Keep every layer's activations.
-    All,
-    /// Keep only each layer's input and recompute the rest in the backward
-    /// (activation checkpointing: less memory, one more forward).
-    Inputs,
 }
 
 /// Runs the tower on the concatenated `pixel_values [N, patch_dim]` of the
@@ -495,11 +458,7 @@ pub fn vision_fwd(
             &layout.cu_window
         };
         let acts = vision_block_fwd(cfg, bp, w, &mut x, &rope, cu)?;
-        match save {
-            Save::Nothing => {}
-            Save::All => blocks.push(BlockSave::All(Box::new(acts))),
-            Save::Inputs => blocks.push(BlockSave::Input(acts.x_in)),
-        }
+        blocks.extend(SavedBlock::keep(acts, save));
     }
     let (merged, merger) = merger_fwd(cfg, &p.merger, w, &x);
     // Undo the window permutation on merged tokens.
@@ -547,8 +506,8 @@ pub fn vision_bwd(
         };
         let recomputed;
         let block_acts = match saved {
-            BlockSave::All(a) => a,
-            BlockSave::Input(x_in) => {
+            SavedBlock::All(a) => a,
+            SavedBlock::Input(x_in) => {
                 let mut x = x_in.clone();
                 recomputed = vision_block_fwd(cfg, bp, w, &mut x, &acts.rope, cu)?;
                 &recomputed

@@ -5,8 +5,8 @@
 //! drops dynamic sampling and uses a symmetric clip.
 
 use super::optimizer::{AdamW, StepReport};
+use crate::model::acts::Save;
 use crate::model::params::Tensors;
-use crate::model::vision::Save;
 use crate::model::{ModelError, SequenceInput, TrainSequence};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::reward::accuracy_reward;
