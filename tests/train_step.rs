@@ -104,3 +104,29 @@ fn vppo_runs_the_perturbed_pass_when_groups_are_kept() {
     assert!(stats.loss.is_finite());
     assert_ne!(p.model.weights.0, before.0);
 }
+
+#[test]
+fn a_rollout_batch_splits_into_mini_batch_updates_on_the_same_old_log_probs() {
+    use vppo_engine::train::step::{collect_rollouts, update};
+    let mut p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let cfg = StepConfig {
+        dynamic_sampling: None,
+        ..config(Algo::Vppo)
+    };
+    let rollouts = collect_rollouts(&p, &prompts(), &cfg, 5).unwrap();
+    assert_eq!(rollouts.groups(), 2);
+    assert_eq!(rollouts.lp_old.len(), rollouts.lens.iter().sum::<usize>());
+    assert_eq!(
+        rollouts.lp_perturbed.as_ref().unwrap().len(),
+        rollouts.lp_old.len()
+    );
+    let mut opt = optimizer(&p);
+    let first = p.model.weights.clone();
+    let (loss_a, _, a) = update(&mut p, &mut opt, &rollouts, 0..1, &cfg).unwrap();
+    let after_one = p.model.weights.clone();
+    let (loss_b, _, b) = update(&mut p, &mut opt, &rollouts, 1..2, &cfg).unwrap();
+    assert!(!a.skipped && !b.skipped && loss_a.is_finite() && loss_b.is_finite());
+    assert_eq!(opt.step, 2);
+    assert_ne!(after_one.0, first.0);
+    assert_ne!(p.model.weights.0, after_one.0);
+}

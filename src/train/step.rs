@@ -89,16 +89,46 @@ pub struct StepStats {
     pub optimizer: Option<StepReport>,
 }
 
-/// Runs one step; updates `pipeline.model.weights` through `optimizer`.
-pub fn train_step(
-    pipeline: &mut Pipeline,
-    optimizer: &mut AdamW,
+/// A rollout batch ready for updates: the kept groups' sequences with their
+/// advantages and the log-probs taken before any update (old, and with the
+/// blackened image for VPPO).
+pub struct Rollouts {
+    pub batch: Vec<TrainSequence>,
+    /// One advantage per response.
+    pub advantages: Vec<f32>,
+    /// Response tokens per response.
+    pub lens: Vec<usize>,
+    pub lp_old: Vec<f32>,
+    pub lp_perturbed: Option<Vec<f32>>,
+    /// Responses per group.
+    pub group_size: usize,
+    pub stats: StepStats,
+}
+
+impl Rollouts {
+    pub fn groups(&self) -> usize {
+        self.batch.len() / self.group_size.max(1)
+    }
+}
+
+/// Chunks of at most `size` consecutive items of `range`.
+fn chunks(range: std::ops::Range<usize>, size: usize) -> Vec<std::ops::Range<usize>> {
+    range
+        .clone()
+        .step_by(size.max(1))
+        .map(|a| a..(a + size.max(1)).min(range.end))
+        .collect()
+}
+
+/// Rollouts, rewards, dynamic sampling, GRPO advantages, then the old and
+/// (VPPO) perturbed log-probs of every kept response with the current weights.
+pub fn collect_rollouts(
+    pipeline: &Pipeline,
     prompts: &[Prompt],
     cfg: &StepConfig,
     seed: u64,
-) -> Result<StepStats, PipelineError> {
+) -> Result<Rollouts, PipelineError> {
     let mut stats = StepStats::default();
-    // 1. Rollouts and rewards.
     let inputs: Vec<SequenceInput> = prompts.iter().map(|p| p.input.clone()).collect();
     let samples = {
         let mut generator = Generator::new(&pipeline.model, eos_ids(&pipeline.model.dir));
@@ -111,7 +141,6 @@ pub fn train_step(
     }
     stats.responses = samples.len();
     stats.mean_reward = rewards.iter().sum::<f32>() / rewards.len().max(1) as f32;
-    // 2. Dynamic sampling, then GRPO advantages of the kept groups.
     let mut batch = Vec::new();
     let mut advantages = Vec::new();
     for (g, group) in rewards.chunks(cfg.n).enumerate() {
@@ -133,39 +162,29 @@ pub fn train_step(
             });
         }
     }
-    if batch.is_empty() {
-        return Ok(stats);
-    }
     let lens: Vec<usize> = batch
         .iter()
         .map(|s| s.input.ids.len() - s.prompt_len)
         .collect();
-    let total_tokens: usize = lens.iter().sum();
-    stats.mean_response_tokens = total_tokens as f32 / lens.len() as f32;
+    if !lens.is_empty() {
+        stats.mean_response_tokens = lens.iter().sum::<usize>() as f32 / lens.len() as f32;
+    }
     let model = &pipeline.model;
-    let chunks: Vec<std::ops::Range<usize>> = (0..batch.len())
-        .step_by(cfg.micro_batch.max(1))
-        .map(|a| a..(a + cfg.micro_batch.max(1)).min(batch.len()))
-        .collect();
-    // 3. Old log-probs (current weights, no gradient) and, for VPPO, the
-    //    same tokens with a freshly blackened image per response.
     let logprobs_of = |seqs: &[TrainSequence]| -> Result<Vec<f32>, ModelError> {
         Ok(model.train_forward(seqs, Save::Nothing)?.logprobs)
     };
-    let mut lp_old = Vec::with_capacity(total_tokens);
-    for r in &chunks {
-        lp_old.extend(logprobs_of(&batch[r.clone()])?);
+    let mut lp_old = Vec::new();
+    for r in chunks(0..batch.len(), cfg.micro_batch) {
+        lp_old.extend(logprobs_of(&batch[r])?);
     }
     let lp_perturbed = if cfg.algo == Algo::Vppo {
-        let mut out = Vec::with_capacity(total_tokens);
-        for r in &chunks {
-            let perturbed: Vec<TrainSequence> = batch[r.clone()]
-                .iter()
-                .enumerate()
-                .map(|(k, s)| {
-                    let mut s = s.clone();
-                    let mask_seed =
-                        seed ^ ((r.start + k) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut out = Vec::new();
+        for r in chunks(0..batch.len(), cfg.micro_batch) {
+            let perturbed: Vec<TrainSequence> = r
+                .clone()
+                .map(|i| {
+                    let mut s = batch[i].clone();
+                    let mask_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     blacken_patches(
                         &mut s.input.pixel_values,
                         &pipeline.images,
@@ -181,36 +200,85 @@ pub fn train_step(
     } else {
         None
     };
-    let range = lp_perturbed.as_ref().and_then(|lp_mask| {
-        let dep = crate::rl::visual_dependency(&lp_old, lp_mask);
-        dependency_range(&mean_dependency(&dep, &lens))
+    Ok(Rollouts {
+        batch,
+        advantages,
+        lens,
+        lp_old,
+        lp_perturbed,
+        group_size: cfg.n,
+        stats,
+    })
+}
+
+/// One optimizer step on the groups `groups` of a rollout batch (an update
+/// mini-batch): TAS's dependency range and the loss's token count are over
+/// this mini-batch; gradients accumulate micro-batch by micro-batch.
+pub fn update(
+    pipeline: &mut Pipeline,
+    optimizer: &mut AdamW,
+    rollouts: &Rollouts,
+    groups: std::ops::Range<usize>,
+    cfg: &StepConfig,
+) -> Result<(f64, f32, StepReport), PipelineError> {
+    let n = rollouts.group_size;
+    let responses = groups.start * n..groups.end * n;
+    let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
+    let tokens = offset(responses.start)..offset(responses.end);
+    let total_tokens = tokens.len();
+    let range = rollouts.lp_perturbed.as_ref().and_then(|lp_mask| {
+        let dep = crate::rl::visual_dependency(
+            &rollouts.lp_old[tokens.clone()],
+            &lp_mask[tokens.clone()],
+        );
+        dependency_range(&mean_dependency(&dep, &rollouts.lens[responses.clone()]))
     });
-    // 4. Loss and gradients, micro-batch by micro-batch, then one AdamW step.
+    let model = &pipeline.model;
     let save = if cfg.recompute {
         Save::Inputs
     } else {
         Save::All
     };
     let mut grads = Tensors::zeros(&model.layout);
-    let mut clipped = 0.0;
-    for r in &chunks {
-        let tok = lens[..r.start].iter().sum::<usize>()..lens[..r.end].iter().sum::<usize>();
-        let fwd = model.train_forward(&batch[r.clone()], save)?;
+    let (mut loss, mut clipped) = (0.0, 0.0);
+    for r in chunks(responses, cfg.micro_batch) {
+        let tok = offset(r.start)..offset(r.end);
+        let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
         let mb = MicroBatch {
             lp_new: &fwd.logprobs,
-            lp_old: &lp_old[tok.clone()],
-            lp_perturbed: lp_perturbed.as_ref().map(|l| &l[tok.clone()]),
-            response_lens: &lens[r.clone()],
-            advantages: &advantages[r.clone()],
+            lp_old: &rollouts.lp_old[tok.clone()],
+            lp_perturbed: rollouts.lp_perturbed.as_ref().map(|l| &l[tok.clone()]),
+            response_lens: &rollouts.lens[r.clone()],
+            advantages: &rollouts.advantages[r.clone()],
         };
         let objective = micro_batch_objective(&mb, &cfg.vppo, &cfg.loss, range, total_tokens)
             .map_err(ModelError::from)?;
-        stats.loss += objective.loss;
+        loss += objective.loss;
         clipped += objective.clip_fraction * tok.len() as f32;
         let zeros = vec![0.0; fwd.logprobs.len()];
         model.train_backward(&fwd, &objective.token_grads, &zeros, &mut grads)?;
     }
-    stats.clip_fraction = clipped / total_tokens as f32;
-    stats.optimizer = Some(optimizer.step(&mut pipeline.model.weights, &mut grads));
+    let report = optimizer.step(&mut pipeline.model.weights, &mut grads);
+    Ok((loss, clipped / total_tokens.max(1) as f32, report))
+}
+
+/// Rollouts and one update over every kept group: the whole rollout batch
+/// as a single mini-batch.
+pub fn train_step(
+    pipeline: &mut Pipeline,
+    optimizer: &mut AdamW,
+    prompts: &[Prompt],
+    cfg: &StepConfig,
+    seed: u64,
+) -> Result<StepStats, PipelineError> {
+    let rollouts = collect_rollouts(pipeline, prompts, cfg, seed)?;
+    let mut stats = rollouts.stats.clone();
+    if rollouts.groups() > 0 {
+        let (loss, clip_fraction, report) =
+            update(pipeline, optimizer, &rollouts, 0..rollouts.groups(), cfg)?;
+        stats.loss = loss;
+        stats.clip_fraction = clip_fraction;
+        stats.optimizer = Some(report);
+    }
     Ok(stats)
 }
