@@ -3,14 +3,14 @@
 
 use super::acts::{BlockActs, Save, SavedBlock};
 use super::config::TextConfig;
-use super::grad_util::{add_into, linear_bwd_acc};
+use super::grad_util::{add_into, attention_rope_bwd, linear_bwd_acc};
 use super::params::{Tensors, TextLayerParams, TextParams};
 use crate::backend::cpu::activations::{swiglu_bwd, swiglu_fwd};
-use crate::backend::cpu::attention::{attention_bwd, attention_fwd, VarlenAttention};
+use crate::backend::cpu::attention::{attention_fwd, VarlenAttention};
 use crate::backend::cpu::gemm::{matmul, Trans};
 use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
-use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
+use crate::backend::cpu::rope::{rope_fwd, RopeTable};
 use crate::backend::cpu::OpError;
 
 /// Causal GQA over the packed sequences.
@@ -260,26 +260,8 @@ pub fn text_layer_bwd(
         g.get_mut(p.o_w),
         None,
     );
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0; t * q_out],
-        vec![0.0; t * kv_out],
-        vec![0.0; t * kv_out],
-    );
-    attention_bwd(
-        &attention_shape(cfg, cu_seqlens),
-        &acts.q,
-        &acts.k,
-        &acts.v,
-        &acts.attn,
-        &acts.lse,
-        &d_attn,
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    )?;
-    let (mut dq_raw, mut dk_raw) = (vec![0.0; t * q_out], vec![0.0; t * kv_out]);
-    rope_bwd(rope, &dq, cfg.num_heads, &mut dq_raw);
-    rope_bwd(rope, &dk, cfg.num_kv_heads, &mut dk_raw);
+    let (dq_raw, dk_raw, dv) =
+        attention_rope_bwd(&attention_shape(cfg, cu_seqlens), acts, rope, &d_attn)?;
     let mut d_h1 = vec![0.0; t * h];
     for (dy, out, wid, bid) in [
         (&dq_raw, q_out, p.q_w, p.q_b),

@@ -4,14 +4,14 @@
 
 use super::acts::{BlockActs, Save, SavedBlock};
 use super::config::VisionConfig;
-use super::grad_util::{add_into, linear_bwd_acc};
+use super::grad_util::{add_into, attention_rope_bwd, linear_bwd_acc};
 use super::params::{MergerParams, Tensors, VisionBlockParams, VisionParams};
 use super::positions::VisionLayout;
 use crate::backend::cpu::activations::{gelu_bwd, gelu_fwd, swiglu_bwd, swiglu_fwd};
-use crate::backend::cpu::attention::{attention_bwd, attention_fwd, VarlenAttention};
+use crate::backend::cpu::attention::{attention_fwd, VarlenAttention};
 use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
-use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
+use crate::backend::cpu::rope::{rope_fwd, RopeTable};
 use crate::backend::cpu::OpError;
 
 /// Splits fused `qkv[N, 3 * hidden]` (rows q | k | v, head-major) into three.
@@ -161,7 +161,7 @@ pub fn vision_block_bwd(
     dx: &mut [f32],
     g: &mut Tensors,
 ) -> Result<(), OpError> {
-    let (heads, hid, inter) = (cfg.num_heads, cfg.hidden_size, cfg.intermediate_size);
+    let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
     let n = dx.len() / hid;
     // MLP branch.
     let mut d_act = vec![0.0; n * inter];
@@ -223,22 +223,8 @@ pub fn vision_block_bwd(
             Some(db),
         );
     }
-    let (mut dq, mut dk, mut dv) = (vec![0.0; n * hid], vec![0.0; n * hid], vec![0.0; n * hid]);
-    attention_bwd(
-        &attention_shape(cfg, cu_seqlens),
-        &acts.q,
-        &acts.k,
-        &acts.v,
-        &acts.attn,
-        &acts.lse,
-        &d_attn,
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    )?;
-    let (mut dq_raw, mut dk_raw) = (vec![0.0; n * hid], vec![0.0; n * hid]);
-    rope_bwd(rope, &dq, heads, &mut dq_raw);
-    rope_bwd(rope, &dk, heads, &mut dk_raw);
+    let (dq_raw, dk_raw, dv) =
+        attention_rope_bwd(&attention_shape(cfg, cu_seqlens), acts, rope, &d_attn)?;
     // Re-fuse into d_qkv rows (q | k | v) for the fused projection.
     let mut d_qkv = Vec::with_capacity(n * 3 * hid);
     for i in 0..n {
