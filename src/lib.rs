@@ -6,6 +6,7 @@
 
 pub mod alloc_stats;
 pub mod backend;
+pub mod builtin;
 pub mod data;
 pub mod eval;
 pub mod info;
