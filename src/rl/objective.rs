@@ -48,6 +48,18 @@ pub struct MicroBatch<'a> {
     pub advantages: &'a [f32],
 }
 
+/// A micro-batch's loss with what the shaping did (for the run's metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    pub policy: PolicyLoss,
+    /// TAS scale of each response (all 1 without the perturbed pass).
+    pub scales: Vec<f32>,
+    /// Tokens whose policy gradient TGF kept.
+    pub kept_tokens: usize,
+    /// Sum of the token visual dependencies (0 without the perturbed pass).
+    pub dependency_sum: f64,
+}
+
 /// The loss and per-token gradients of a micro-batch. `dependency_range`
 /// is the min/max mean dependency over the whole update mini-batch;
 /// `total_tokens` its valid response tokens.
@@ -57,7 +69,7 @@ pub fn micro_batch_objective(
     loss: &PolicyLossConfig,
     dependency_range: Option<(f32, f32)>,
     total_tokens: usize,
-) -> Result<PolicyLoss, OpError> {
+) -> Result<Objective, OpError> {
     let n: usize = mb.response_lens.iter().sum();
     assert_eq!(mb.lp_new.len(), n, "objective: token count");
     assert_eq!(
@@ -65,9 +77,11 @@ pub fn micro_batch_objective(
         mb.response_lens.len(),
         "objective: one advantage per response"
     );
+    let mut dependency_sum = 0.0;
     let (scales, mask) = match mb.lp_perturbed {
         Some(lp_mask) => {
             let dep = visual_dependency(mb.lp_old, lp_mask);
+            dependency_sum = dep.iter().map(|&d| d as f64).sum();
             let scales = tas_scales(
                 &mean_dependency(&dep, mb.response_lens),
                 dependency_range,
@@ -87,7 +101,12 @@ pub fn micro_batch_objective(
         .zip(mb.advantages.iter().zip(&scales))
         .flat_map(|(&len, (&a, &s))| std::iter::repeat_n(a * s, len))
         .collect();
-    Ok(loss.evaluate(mb.lp_new, mb.lp_old, &token_adv, &mask, total_tokens))
+    Ok(Objective {
+        policy: loss.evaluate(mb.lp_new, mb.lp_old, &token_adv, &mask, total_tokens),
+        kept_tokens: mask.iter().filter(|&&m| m > 0.0).count(),
+        scales,
+        dependency_sum,
+    })
 }
 
 #[cfg(test)]
@@ -117,6 +136,11 @@ mod tests {
         let range = super::super::shaping::dependency_range(&sbar);
         let out = micro_batch_objective(&mb, &VppoConfig::default(), &loss, range, 5).unwrap();
         let scales = tas_scales(&sbar, range, 0.9);
+        assert_eq!(out.scales, scales);
+        assert_eq!(out.kept_tokens, 3);
+        let dep_sum: f32 = dep.iter().sum();
+        assert!((out.dependency_sum - dep_sum as f64).abs() < 1e-6);
+        let out = out.policy;
         // TGF keeps ceil(0.4*3)=2 of response 0 (token 1 and the earlier tie),
         // ceil(0.4*2)=1 of response 1 (the larger shift, token 4).
         let kept = [true, true, false, false, true];
@@ -139,6 +163,8 @@ mod tests {
             ..mb
         };
         let out = micro_batch_objective(&plain, &VppoConfig::default(), &loss, None, 5).unwrap();
+        assert_eq!((out.kept_tokens, out.dependency_sum), (5, 0.0));
+        let out = out.policy;
         for t in 0..5 {
             assert!((out.token_grads[t] + adv[owner[t]] / 5.0).abs() < 1e-6);
         }

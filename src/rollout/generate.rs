@@ -87,6 +87,9 @@ struct Live {
 pub struct Generator<'m> {
     pub model: &'m Qwen25Vl,
     pub eos: Vec<u32>,
+    /// Never sampled: the image and video placeholders, which stand for
+    /// vision embeddings and would make a response unreadable by the model.
+    pub banned: Vec<u32>,
     pub stats: GenerationStats,
     cache: PagedKvCache,
 }
@@ -97,8 +100,20 @@ impl<'m> Generator<'m> {
         Self {
             model,
             eos,
+            banned: vec![
+                model.config.tokens.image_token_id,
+                model.config.tokens.video_token_id,
+            ],
             stats: GenerationStats::default(),
             cache: PagedKvCache::new(t.num_layers, t.num_kv_heads, t.head_dim, KV_BLOCK_SIZE),
+        }
+    }
+
+    fn ban(&self, row: &mut [f32]) {
+        for &id in &self.banned {
+            if let Some(z) = row.get_mut(id as usize) {
+                *z = f32::NEG_INFINITY;
+            }
         }
     }
 
@@ -121,7 +136,8 @@ impl<'m> Generator<'m> {
         let mut live: Vec<Live> = Vec::new();
         let vocab = self.model.config.text.vocab_size;
         for (pi, prompt) in prompts.iter().enumerate() {
-            let (cache, logits, rope_delta) = self.prefill(prompt)?;
+            let (cache, mut logits, rope_delta) = self.prefill(prompt)?;
+            self.ban(&mut logits[..vocab]);
             for si in 0..n {
                 let seq_cache = if si + 1 == n {
                     cache.clone()
@@ -174,7 +190,8 @@ impl<'m> Generator<'m> {
             if live.is_empty() {
                 break;
             }
-            let logits = self.decode(&mut live)?;
+            let mut logits = self.decode(&mut live)?;
+            logits.chunks_mut(vocab).for_each(|row| self.ban(row));
             // Top-p sorts the vocabulary: sample the live sequences in parallel.
             live.par_iter_mut()
                 .zip(logits.par_chunks(vocab))

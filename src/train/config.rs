@@ -71,6 +71,21 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Save a checkpoint every this many optimizer steps.
     pub save_every: usize,
+    /// Stop after this many optimizer steps (0: run `epochs` over the data).
+    pub max_steps: usize,
+    /// Responses per forward/backward chunk (gradient accumulation).
+    pub micro_batch: usize,
+    /// Dynamic sampling: generation batches tried per rollout batch to fill
+    /// it with informative groups before training on what there is.
+    pub max_gen_batches: usize,
+    /// Supervised warm-up steps on the reference answers before RL (the
+    /// built-in task only; 0: none).
+    pub warmup_steps: usize,
+    pub warmup_lr: f64,
+    /// Prompts per warm-up step.
+    pub warmup_batch: usize,
+    /// Grid side of the built-in counting task (cells x cells shapes).
+    pub builtin_grid: usize,
 }
 
 impl Default for TrainConfig {
@@ -108,9 +123,40 @@ impl Default for TrainConfig {
             recompute: false,
             bf16: true,
             save_every: 10,
+            max_steps: 0,
+            micro_batch: 8,
+            max_gen_batches: 3,
+            warmup_steps: 0,
+            warmup_lr: 1e-3,
+            warmup_batch: 32,
+            builtin_grid: 2,
         }
     }
 }
+
+/// What `vppo-engine train` changes when neither a model nor a data set is
+/// given: the built-in tiny model on the built-in counting task, sized to
+/// learn in minutes on a laptop CPU. Fields set by the user still win.
+const BUILTIN_PRESET: &str = r#"
+output_dir = "runs/builtin"
+rollout_batch = 16
+group_size = 8
+mini_batch = 8
+lr = 3e-4
+weight_decay = 0.0
+max_steps = 40
+micro_batch = 64
+max_response_tokens = 8
+max_prompt_tokens = 256
+min_pixels = 3136
+max_pixels = 3136
+prompt_suffix = ""
+bf16 = false
+save_every = 10
+warmup_steps = 25
+warmup_lr = 2e-3
+warmup_batch = 32
+"#;
 
 impl TrainConfig {
     /// Reads a TOML file; fields it leaves out keep the recipe defaults.
@@ -125,22 +171,62 @@ impl TrainConfig {
         })
     }
 
+    /// The run's config: recipe defaults, then the built-in preset when the
+    /// user names neither `model` nor `data`, then the file, then the
+    /// command-line `key=value` overrides.
+    pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(Self::default()).expect("the config serializes");
+        let file_table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        let pairs = parse_overrides(overrides)?;
+        let names_input = |key: &str| {
+            file_table.contains_key(key) || pairs.iter().any(|(k, _)| k == key)
+        };
+        if !names_input("model") && !names_input("data") {
+            let preset: toml::Table = BUILTIN_PRESET.parse().expect("the preset parses");
+            table.extend(preset);
+        }
+        table.extend(file_table);
+        table.extend(pairs);
+        let text = toml::to_string(&table).expect("a table serializes");
+        let cfg: Self = toml::from_str(&text).map_err(|e| {
+            let reason = e.to_string();
+            match file {
+                Some(path) => ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    reason: format!("{reason} (with overrides: {})", overrides.join(" ")),
+                },
+                None => ConfigError::Override {
+                    given: overrides.join(" "),
+                    reason,
+                },
+            }
+        })?;
+        cfg.validate()
+    }
+
+    /// Whether this run uses the built-in model and task.
+    pub fn is_builtin(&self) -> bool {
+        self.model.is_none() && self.data.is_none()
+    }
+
     /// Applies `key=value` overrides (values in TOML syntax; bare words are
     /// taken as strings), then checks the result.
     pub fn with_overrides(self, overrides: &[String]) -> Result<Self, ConfigError> {
         let mut table = toml::Table::try_from(&self).expect("the config serializes to a table");
-        for given in overrides {
-            let bad = |reason: String| ConfigError::Override {
-                given: given.clone(),
-                reason,
-            };
-            let (key, raw) = given
-                .split_once('=')
-                .ok_or_else(|| bad("expected key=value".into()))?;
-            let key = key.trim().replace('-', "_");
-            let value = parse_value(raw.trim());
-            table.insert(key, value);
-        }
+        table.extend(parse_overrides(overrides)?);
         let text = toml::to_string(&table).expect("a table serializes");
         let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Override {
             given: overrides.join(" "),
@@ -162,6 +248,18 @@ impl TrainConfig {
         if self.rollout_batch % self.mini_batch != 0 {
             return bad("rollout_batch must be a multiple of mini_batch");
         }
+        if self.micro_batch == 0 || self.max_gen_batches == 0 || self.save_every == 0 {
+            return bad("micro_batch, max_gen_batches and save_every must be positive");
+        }
+        if self.max_response_tokens == 0 {
+            return bad("max_response_tokens must be positive");
+        }
+        if !self.is_builtin() && self.warmup_steps > 0 {
+            return bad("warmup_steps needs the built-in task (no model, no data)");
+        }
+        if self.is_builtin() && !(1..=3).contains(&self.builtin_grid) {
+            return bad("builtin_grid must be 1, 2 or 3");
+        }
         if !(0.0..=1.0).contains(&self.tgf_ratio) || !(0.0..=1.0).contains(&self.blacken_p) {
             return bad("tgf_ratio and blacken_p must be in [0, 1]");
         }
@@ -175,6 +273,19 @@ impl TrainConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the config serializes")
     }
+}
+
+fn parse_overrides(overrides: &[String]) -> Result<Vec<(String, toml::Value)>, ConfigError> {
+    overrides
+        .iter()
+        .map(|given| {
+            let (key, raw) = given.split_once('=').ok_or_else(|| ConfigError::Override {
+                given: given.clone(),
+                reason: "expected key=value".into(),
+            })?;
+            Ok((key.trim().replace('-', "_"), parse_value(raw.trim())))
+        })
+        .collect()
 }
 
 fn parse_value(raw: &str) -> toml::Value {
@@ -248,6 +359,17 @@ mod tests {
         let again: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(again, c);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_builtin_preset_applies_only_without_model_and_data() {
+        let c = TrainConfig::resolve(None, &[]).unwrap();
+        assert!(c.is_builtin());
+        assert_eq!((c.rollout_batch, c.max_steps, c.prompt_suffix.as_str()), (16, 40, ""));
+        let c = TrainConfig::resolve(None, &["max_steps=3".into()]).unwrap();
+        assert_eq!((c.max_steps, c.rollout_batch), (3, 16), "the user's value wins");
+        let c = TrainConfig::resolve(None, &["data=train.parquet".into()]).unwrap();
+        assert_eq!((c.rollout_batch, c.max_steps), (384, 0), "recipe defaults");
     }
 
     #[test]

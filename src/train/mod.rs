@@ -5,3 +5,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod optimizer;
 pub mod step;
+pub mod source;
+pub mod warmup;
+pub mod metrics;
+pub mod plot;
+pub mod run;

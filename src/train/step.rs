@@ -80,8 +80,11 @@ pub struct Prompt {
 pub struct StepStats {
     pub responses: usize,
     pub mean_reward: f32,
+    /// Fraction of responses with the full reward (a correct answer).
+    pub accuracy: f32,
     pub kept_groups: usize,
     pub dropped_groups: usize,
+    /// Over every generated response, kept or not.
     pub mean_response_tokens: f32,
     pub loss: f64,
     pub clip_fraction: f32,
@@ -109,6 +112,50 @@ impl Rollouts {
     pub fn groups(&self) -> usize {
         self.batch.len() / self.group_size.max(1)
     }
+
+    /// Adds the kept groups of another generation batch (dynamic sampling's
+    /// refill); both must come from the same weights.
+    pub fn append(&mut self, other: Rollouts) {
+        let (a, b) = (self.stats.clone(), other.stats.clone());
+        let responses = a.responses + b.responses;
+        let weighted = |x: f32, y: f32| {
+            (x * a.responses as f32 + y * b.responses as f32) / responses.max(1) as f32
+        };
+        self.batch.extend(other.batch);
+        self.advantages.extend(other.advantages);
+        self.lens.extend(other.lens);
+        self.lp_old.extend(other.lp_old);
+        if let (Some(mine), Some(theirs)) = (&mut self.lp_perturbed, other.lp_perturbed) {
+            mine.extend(theirs);
+        }
+        self.stats.responses = responses;
+        self.stats.mean_reward = weighted(a.mean_reward, b.mean_reward);
+        self.stats.accuracy = weighted(a.accuracy, b.accuracy);
+        self.stats.kept_groups += other.stats.kept_groups;
+        self.stats.dropped_groups += other.stats.dropped_groups;
+        self.stats.mean_response_tokens =
+            weighted(a.mean_response_tokens, b.mean_response_tokens);
+    }
+
+    /// Keeps the first `groups` groups (a full batch after refilling).
+    pub fn truncate_groups(&mut self, groups: usize) {
+        let keep = groups * self.group_size;
+        if keep >= self.batch.len() {
+            return;
+        }
+        let tokens: usize = self.lens[..keep].iter().sum();
+        self.batch.truncate(keep);
+        self.advantages.truncate(keep);
+        self.lens.truncate(keep);
+        self.lp_old.truncate(tokens);
+        if let Some(lp) = &mut self.lp_perturbed {
+            lp.truncate(tokens);
+        }
+    }
+}
+
+fn mean_len(lens: &[usize]) -> f32 {
+    lens.iter().sum::<usize>() as f32 / lens.len().max(1) as f32
 }
 
 /// Chunks of at most `size` consecutive items of `range`.
@@ -141,6 +188,8 @@ pub fn collect_rollouts(
     }
     stats.responses = samples.len();
     stats.mean_reward = rewards.iter().sum::<f32>() / rewards.len().max(1) as f32;
+    stats.accuracy =
+        rewards.iter().filter(|&&r| r >= 1.0).count() as f32 / rewards.len().max(1) as f32;
     let mut batch = Vec::new();
     let mut advantages = Vec::new();
     for (g, group) in rewards.chunks(cfg.n).enumerate() {
@@ -166,9 +215,8 @@ pub fn collect_rollouts(
         .iter()
         .map(|s| s.input.ids.len() - s.prompt_len)
         .collect();
-    if !lens.is_empty() {
-        stats.mean_response_tokens = lens.iter().sum::<usize>() as f32 / lens.len() as f32;
-    }
+    let generated: Vec<usize> = samples.iter().map(|s| s.token_ids.len()).collect();
+    stats.mean_response_tokens = mean_len(&generated);
     let model = &pipeline.model;
     let logprobs_of = |seqs: &[TrainSequence]| -> Result<Vec<f32>, ModelError> {
         Ok(model.train_forward(seqs, Save::Nothing)?.logprobs)
@@ -211,6 +259,27 @@ pub fn collect_rollouts(
     })
 }
 
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateStats {
+    pub loss: f64,
+    pub clip_fraction: f32,
+    /// Mean negative log-prob of the mini-batch's response tokens under the
+    /// policy being updated.
+    pub entropy: f64,
+    /// Mean token visual dependency (`None` without the perturbed pass).
+    pub visual_dependency_mean: Option<f64>,
+    /// Fraction of response tokens TGF kept.
+    pub tgf_kept_frac: f32,
+    pub adv_scale_min: f32,
+    pub adv_scale_max: f32,
+    /// Response tokens in the mini-batch.
+    pub response_tokens: usize,
+    /// All tokens (prompt + response) in the mini-batch.
+    pub tokens: usize,
+    pub optimizer: StepReport,
+}
+
 /// One optimizer step on the groups `groups` of a rollout batch (an update
 /// mini-batch): TAS's dependency range and the loss's token count are over
 /// this mini-batch; gradients accumulate micro-batch by micro-batch.
@@ -220,7 +289,7 @@ pub fn update(
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-) -> Result<(f64, f32, StepReport), PipelineError> {
+) -> Result<UpdateStats, PipelineError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
@@ -240,8 +309,10 @@ pub fn update(
         Save::All
     };
     let mut grads = Tensors::zeros(&model.layout);
-    let (mut loss, mut clipped) = (0.0, 0.0);
-    for r in chunks(responses, cfg.micro_batch) {
+    let (mut loss, mut clipped, mut neg_logprob, mut dependency, mut kept) =
+        (0.0, 0.0, 0.0f64, 0.0f64, 0usize);
+    let (mut scale_min, mut scale_max) = (f32::INFINITY, f32::NEG_INFINITY);
+    for r in chunks(responses.clone(), cfg.micro_batch) {
         let tok = offset(r.start)..offset(r.end);
         let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
         let mb = MicroBatch {
@@ -253,13 +324,35 @@ pub fn update(
         };
         let objective = micro_batch_objective(&mb, &cfg.vppo, &cfg.loss, range, total_tokens)
             .map_err(ModelError::from)?;
-        loss += objective.loss;
-        clipped += objective.clip_fraction * tok.len() as f32;
+        loss += objective.policy.loss;
+        clipped += objective.policy.clip_fraction * tok.len() as f32;
+        neg_logprob -= fwd.logprobs.iter().map(|&l| l as f64).sum::<f64>();
+        dependency += objective.dependency_sum;
+        kept += objective.kept_tokens;
+        for &s in &objective.scales {
+            scale_min = scale_min.min(s);
+            scale_max = scale_max.max(s);
+        }
         let zeros = vec![0.0; fwd.logprobs.len()];
-        model.train_backward(&fwd, &objective.token_grads, &zeros, &mut grads)?;
+        model.train_backward(&fwd, &objective.policy.token_grads, &zeros, &mut grads)?;
     }
     let report = optimizer.step(&mut pipeline.model.weights, &mut grads);
-    Ok((loss, clipped / total_tokens.max(1) as f32, report))
+    let denom = total_tokens.max(1) as f64;
+    Ok(UpdateStats {
+        loss,
+        clip_fraction: clipped / total_tokens.max(1) as f32,
+        entropy: neg_logprob / denom,
+        visual_dependency_mean: rollouts.lp_perturbed.as_ref().map(|_| dependency / denom),
+        tgf_kept_frac: (kept as f64 / denom) as f32,
+        adv_scale_min: scale_min,
+        adv_scale_max: scale_max,
+        response_tokens: total_tokens,
+        tokens: rollouts.batch[responses]
+            .iter()
+            .map(|s| s.input.ids.len())
+            .sum(),
+        optimizer: report,
+    })
 }
 
 /// Rollouts and one update over every kept group: the whole rollout batch
@@ -274,11 +367,10 @@ pub fn train_step(
     let rollouts = collect_rollouts(pipeline, prompts, cfg, seed)?;
     let mut stats = rollouts.stats.clone();
     if rollouts.groups() > 0 {
-        let (loss, clip_fraction, report) =
-            update(pipeline, optimizer, &rollouts, 0..rollouts.groups(), cfg)?;
-        stats.loss = loss;
-        stats.clip_fraction = clip_fraction;
-        stats.optimizer = Some(report);
+        let update = update(pipeline, optimizer, &rollouts, 0..rollouts.groups(), cfg)?;
+        stats.loss = update.loss;
+        stats.clip_fraction = update.clip_fraction;
+        stats.optimizer = Some(update.optimizer);
     }
     Ok(stats)
 }

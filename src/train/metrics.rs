@@ -1,0 +1,122 @@
+//! The run's metrics: one JSON object per optimizer step in
+//! `metrics.jsonl`, appended as the run goes (a crash loses nothing
+//! written), trimmed back to the checkpoint's step when a run resumes.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer step, from 1.
+    pub step: u64,
+    /// Rollout batch this step trained on, from 0.
+    pub rollout_batch: u64,
+    /// Mean reward over every response generated for the rollout batch.
+    pub reward_mean: f64,
+    /// Fraction of those responses that are correct.
+    pub accuracy: f64,
+    pub loss: f64,
+    /// Mean negative log-prob of the step's response tokens.
+    pub entropy: f64,
+    /// Mean token visual dependency (null without the perturbed pass).
+    pub visual_dependency_mean: Option<f64>,
+    /// Fraction of response tokens kept by top-k gradient filtering.
+    pub tgf_kept_frac: f64,
+    pub adv_scale_min: f64,
+    pub adv_scale_max: f64,
+    pub response_len_mean: f64,
+    /// Groups dropped by dynamic sampling for this rollout batch.
+    pub filtered_groups: usize,
+    /// Groups this step trained on.
+    pub groups: usize,
+    pub clip_fraction: f64,
+    pub grad_norm: f64,
+    /// This step's update plus its share of the rollout batch's generation
+    /// and scoring time.
+    pub step_time_s: f64,
+    /// Prompt and response tokens of the step's sequences per second of
+    /// `step_time_s`.
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path} line {line}: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+    pub records: Vec<StepMetrics>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> MetricsError + '_ {
+    move |e| MetricsError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Reads every record of a metrics file.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, MetricsError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| MetricsError::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl MetricsLog {
+    /// Starts `path` afresh, or (resuming) keeps the records up to
+    /// `keep_up_to` and drops later ones, which the resumed run rewrites.
+    pub fn open(path: &Path, keep_up_to: Option<u64>) -> Result<Self, MetricsError> {
+        let records = match keep_up_to {
+            Some(step) if path.exists() => {
+                let mut r = read_metrics(path)?;
+                r.retain(|m| m.step <= step);
+                r
+            }
+            _ => Vec::new(),
+        };
+        let tmp = path.with_extension("jsonl.tmp");
+        let mut text = String::new();
+        for r in &records {
+            text.push_str(&serde_json::to_string(r).expect("metrics serialize"));
+            text.push('\n');
+        }
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            records,
+        })
+    }
+
+    pub fn push(&mut self, m: StepMetrics) -> Result<(), MetricsError> {
+        let line = serde_json::to_string(&m).expect("metrics serialize");
+        writeln!(self.file, "{line}").map_err(io(&self.path))?;
+        self.file.flush().map_err(io(&self.path))?;
+        self.records.push(m);
+        Ok(())
+    }
+}

@@ -1,0 +1,508 @@
+//! `vppo-engine train`: the whole run. Prompts in a reproducible order ->
+//! rollouts with dynamic-sampling refill -> one optimizer step per update
+//! mini-batch -> metrics, checkpoints every `save_every` steps, a plot at
+//! the end. A run resumes exactly from its latest checkpoint: weights,
+//! optimizer moments, data position and every seed (all derived from the
+//! run seed and the rollout-batch index) come back as they were.
+
+use super::checkpoint::{
+    latest_checkpoint, load_training_checkpoint, save_training_checkpoint, CheckpointError,
+    TrainingState,
+};
+use super::config::{AlgoName, ConfigError, TrainConfig};
+use super::metrics::{MetricsError, MetricsLog, StepMetrics};
+use super::optimizer::{AdamW, WeightPrecision};
+use super::source::{PromptSource, SourceError};
+use super::step::{collect_rollouts, update, Algo, Prompt, Rollouts, StepConfig};
+use super::warmup::warmup_step;
+use crate::backend::cpu::adamw::AdamWConfig;
+use crate::builtin::{write_model_dir, BuiltinError, CountingTask, TinySizes};
+use crate::data::prompt::PromptFormat;
+use crate::data::Columns;
+use crate::model::Qwen25Vl;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::processor::image::ImageProcessorConfig;
+use crate::processor::text::TextProcessor;
+use crate::rl::{PolicyLossConfig, VppoConfig};
+use crate::rollout::sampling::SamplingParams;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const WARMUP_FILE: &str = "warmup.jsonl";
+pub const PLOT_FILE: &str = "reward.png";
+const BASE_MODEL_DIR: &str = "base-model";
+/// Keeps the warm-up's problems apart from the RL prompts.
+const WARMUP_SEED_SALT: u64 = 0x5EED_0F_5F7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Builtin(#[from] BuiltinError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
+    move |e| RunError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: u64,
+    /// Mean reward over the first and the last fifth of the optimizer steps.
+    pub reward_first_fifth: f64,
+    pub reward_last_fifth: f64,
+    pub seconds: f64,
+    pub checkpoint: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+}
+
+/// Mean reward over the first and last fifth of the steps.
+pub fn reward_fifths(records: &[StepMetrics]) -> (f64, f64) {
+    let k = (records.len() / 5).max(1).min(records.len());
+    let mean = |r: &[StepMetrics]| r.iter().map(|m| m.reward_mean).sum::<f64>() / r.len().max(1) as f64;
+    (mean(&records[..k]), mean(&records[records.len() - k..]))
+}
+
+/// The step settings the config describes.
+pub fn step_config(cfg: &TrainConfig) -> StepConfig {
+    let algo = match cfg.algo {
+        AlgoName::Vppo => Algo::Vppo,
+        AlgoName::Dapo => Algo::Dapo,
+        AlgoName::Grpo => Algo::Grpo,
+    };
+    let mut step = StepConfig::recipe(algo);
+    step.n = cfg.group_size;
+    step.sampling = SamplingParams {
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        top_k: 0,
+    };
+    step.max_new_tokens = cfg.max_response_tokens;
+    step.dynamic_sampling =
+        (cfg.dynamic_sampling && algo != Algo::Grpo).then_some((0.01, 0.99));
+    step.vppo = VppoConfig {
+        beta_min: cfg.tas_beta_min,
+        tgf_ratio: cfg.tgf_ratio,
+    };
+    step.loss = PolicyLossConfig {
+        clip_low: cfg.clip_low,
+        // GRPO clips symmetrically.
+        clip_high: if algo == Algo::Grpo {
+            cfg.clip_low
+        } else {
+            cfg.clip_high
+        },
+        clip_dual: (cfg.clip_dual > 0.0).then_some(cfg.clip_dual),
+        entropy_penalty: cfg.entropy_penalty,
+    };
+    step.blacken_p = cfg.blacken_p;
+    step.micro_batch = cfg.micro_batch;
+    step.recompute = cfg.recompute;
+    step
+}
+
+fn new_optimizer(model: &Qwen25Vl, cfg: &TrainConfig, lr: f64) -> AdamW {
+    let precision = if cfg.bf16 {
+        WeightPrecision::Bf16Model
+    } else {
+        WeightPrecision::Fp32
+    };
+    AdamW::new(
+        &model.weights,
+        AdamWConfig {
+            lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        },
+        Some(cfg.max_grad_norm),
+        precision,
+    )
+}
+
+/// A seed for rollout batch `index`, generation attempt `attempt`.
+fn rollout_seed(seed: u64, index: u64, attempt: u64) -> u64 {
+    let mut x = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ attempt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    // splitmix64 finaliser: nearby indices give unrelated streams.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn load_pipeline(dir: &Path, model: Qwen25Vl, cfg: &TrainConfig) -> Result<Pipeline, RunError> {
+    let mut images = ImageProcessorConfig::load(dir).map_err(PipelineError::from)?;
+    images.min_pixels = cfg.min_pixels;
+    images.max_pixels = cfg.max_pixels;
+    Ok(Pipeline {
+        model,
+        text: TextProcessor::load(dir).map_err(PipelineError::from)?,
+        images,
+    })
+}
+
+fn prompt_format(cfg: &TrainConfig) -> PromptFormat {
+    PromptFormat {
+        suffix: cfg.prompt_suffix.clone(),
+        max_prompt_tokens: cfg.max_prompt_tokens,
+    }
+}
+
+fn open_source(cfg: &TrainConfig, position: u64) -> Result<PromptSource, RunError> {
+    Ok(match &cfg.data {
+        None => PromptSource::builtin(
+            CountingTask::new(cfg.builtin_grid, cfg.seed),
+            prompt_format(cfg),
+            position,
+        ),
+        Some(path) => PromptSource::dataset(
+            path,
+            Columns::default(),
+            prompt_format(cfg),
+            cfg.epochs,
+            position,
+        )?,
+    })
+}
+
+fn next_prompts(
+    source: &mut PromptSource,
+    pipeline: &Pipeline,
+    count: usize,
+) -> Result<Vec<Prompt>, RunError> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        match source.next_prompt(pipeline)? {
+            Some(p) => out.push(p),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+struct Progress {
+    bar: ProgressBar,
+    /// Plain lines instead of a bar when stderr is not a terminal (CI, logs).
+    plain: bool,
+}
+
+impl Progress {
+    fn new(total: Option<u64>, enabled: bool) -> Self {
+        let plain = enabled && !std::io::stderr().is_terminal();
+        let bar = if !enabled || plain {
+            ProgressBar::hidden()
+        } else if let Some(total) = total {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::new_spinner()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed}<{eta}]")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Self { bar, plain }
+    }
+
+    fn line(&self, text: &str) {
+        if self.plain {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+}
+
+/// Runs (or, with `resume`, continues) the training run in `out`.
+/// `overrides` are the command line's `key=value` settings, also applied
+/// on top of a resumed run's saved config.
+pub fn run(
+    config_file: Option<&Path>,
+    overrides: &[String],
+    out: Option<&Path>,
+    resume: bool,
+    show_progress: bool,
+) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let (cfg, out) = if resume {
+        let out = out.ok_or_else(|| RunError::Usage("--resume needs the run directory".into()))?;
+        let saved = out.join(CONFIG_FILE);
+        if !saved.is_file() {
+            return Err(RunError::Usage(format!(
+                "{} holds no run to resume (no {CONFIG_FILE})",
+                out.display()
+            )));
+        }
+        (TrainConfig::resolve(Some(&saved), overrides)?, out.to_path_buf())
+    } else {
+        let cfg = TrainConfig::resolve(config_file, overrides)?;
+        let out = out.map(Path::to_path_buf).unwrap_or_else(|| cfg.output_dir.clone());
+        if out.join(METRICS_FILE).exists() || out.join("latest").exists() {
+            return Err(RunError::Usage(format!(
+                "{} already holds a run: continue it with --resume {0}, or choose another --out",
+                out.display()
+            )));
+        }
+        (cfg, out)
+    };
+    std::fs::create_dir_all(&out).map_err(io(&out))?;
+    let cfg_path = out.join(CONFIG_FILE);
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
+    let progress = Progress::new(
+        (cfg.max_steps > 0).then_some(cfg.max_steps as u64),
+        show_progress,
+    );
+
+    // The model: the latest checkpoint of a resumed run, else the given
+    // checkpoint, else a freshly written built-in one.
+    let checkpoint = if resume { latest_checkpoint(&out)? } else { None };
+    let (mut pipeline, mut optimizer, mut state) = match &checkpoint {
+        Some(dir) => {
+            progress.line(&format!("resuming from {}", dir.display()));
+            let (model, optimizer, state) = load_training_checkpoint(dir)?;
+            (load_pipeline(dir, model, &cfg)?, optimizer, state)
+        }
+        None => {
+            let dir = match &cfg.model {
+                Some(dir) => dir.clone(),
+                None => {
+                    let dir = out.join(BASE_MODEL_DIR);
+                    let task = CountingTask::new(cfg.builtin_grid, cfg.seed);
+                    write_model_dir(
+                        &dir,
+                        &TinySizes::default(),
+                        task.image_size(),
+                        &task.corpus(),
+                        cfg.seed,
+                    )?;
+                    dir
+                }
+            };
+            let model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
+            let optimizer = new_optimizer(&model, &cfg, cfg.lr);
+            let state = TrainingState {
+                step: 0,
+                seed: cfg.seed,
+                data_position: 0,
+                extra: serde_json::json!({"rollout_batches": 0, "warmup_done": false}),
+            };
+            (load_pipeline(&dir, model, &cfg)?, optimizer, state)
+        }
+    };
+    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.then_some(state.step))?;
+
+    if cfg.warmup_steps > 0 && state.extra["warmup_done"] != true {
+        warmup(&mut pipeline, &cfg, &out, &progress)?;
+        optimizer = new_optimizer(&pipeline.model, &cfg, cfg.lr);
+        state.extra["warmup_done"] = true.into();
+        save_training_checkpoint(&out, &pipeline.model, &optimizer, &state, &mut |_| {})?;
+    }
+
+    let step_cfg = step_config(&cfg);
+    let mut source = open_source(&cfg, state.data_position)?;
+    let mut rollout_index = state.extra["rollout_batches"].as_u64().unwrap_or(0);
+    let mut last_saved = state.step;
+    progress.bar.set_position(state.step);
+    progress.bar.set_prefix(format!("{:?}", cfg.algo).to_lowercase());
+    let mini_groups = cfg.mini_batch;
+    'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
+        let t0 = Instant::now();
+        let mut rollouts: Option<Rollouts> = None;
+        for attempt in 0..cfg.max_gen_batches as u64 {
+            let prompts = next_prompts(&mut source, &pipeline, cfg.rollout_batch)?;
+            if prompts.is_empty() {
+                break;
+            }
+            let seed = rollout_seed(cfg.seed, rollout_index, attempt);
+            let more = collect_rollouts(&pipeline, &prompts, &step_cfg, seed)?;
+            match &mut rollouts {
+                None => rollouts = Some(more),
+                Some(r) => r.append(more),
+            }
+            let r = rollouts.as_ref().expect("set above");
+            if step_cfg.dynamic_sampling.is_none() || r.groups() >= cfg.rollout_batch {
+                break;
+            }
+        }
+        let Some(mut rollouts) = rollouts else {
+            progress.line("the data set is exhausted");
+            break 'run;
+        };
+        rollouts.truncate_groups(cfg.rollout_batch);
+        let rollout_time = t0.elapsed().as_secs_f64();
+        let groups = rollouts.groups();
+        let stats = rollouts.stats.clone();
+        if groups < cfg.rollout_batch && step_cfg.dynamic_sampling.is_some() {
+            progress.line(&format!(
+                "rollout batch {rollout_index}: {groups} of {} groups informative after {} generation batches ({} filtered)",
+                cfg.rollout_batch, cfg.max_gen_batches, stats.dropped_groups
+            ));
+        }
+        let updates: Vec<std::ops::Range<usize>> = (0..groups)
+            .step_by(mini_groups)
+            .map(|g| g..(g + mini_groups).min(groups))
+            .collect();
+        for range in updates.iter().cloned() {
+            let t1 = Instant::now();
+            let u = update(&mut pipeline, &mut optimizer, &rollouts, range.clone(), &step_cfg)?;
+            state.step += 1;
+            let step_time = t1.elapsed().as_secs_f64() + rollout_time / updates.len() as f64;
+            let m = StepMetrics {
+                step: state.step,
+                rollout_batch: rollout_index,
+                reward_mean: stats.mean_reward as f64,
+                accuracy: stats.accuracy as f64,
+                loss: u.loss,
+                entropy: u.entropy,
+                visual_dependency_mean: u.visual_dependency_mean,
+                tgf_kept_frac: u.tgf_kept_frac as f64,
+                adv_scale_min: u.adv_scale_min as f64,
+                adv_scale_max: u.adv_scale_max as f64,
+                response_len_mean: stats.mean_response_tokens as f64,
+                filtered_groups: stats.dropped_groups,
+                groups: range.len(),
+                clip_fraction: u.clip_fraction as f64,
+                grad_norm: u.optimizer.grad_norm,
+                step_time_s: step_time,
+                tokens_per_s: u.tokens as f64 / step_time.max(1e-9),
+            };
+            progress.bar.set_position(state.step);
+            progress.bar.set_message(format!(
+                "reward {:.3} dep {} {:.0} tok/s",
+                m.reward_mean,
+                m.visual_dependency_mean
+                    .map_or("-".to_string(), |d| format!("{d:.3}")),
+                m.tokens_per_s
+            ));
+            if progress.plain {
+                eprintln!(
+                    "step {:>4} reward {:.3} acc {:.3} loss {:+.4} entropy {:.3} dep {} kept {:.2} len {:.1} {:.0} tok/s",
+                    m.step,
+                    m.reward_mean,
+                    m.accuracy,
+                    m.loss,
+                    m.entropy,
+                    m.visual_dependency_mean.map_or("-".into(), |d| format!("{d:.4}")),
+                    m.tgf_kept_frac,
+                    m.response_len_mean,
+                    m.tokens_per_s
+                );
+            }
+            metrics.push(m)?;
+        }
+        if updates.is_empty() {
+            progress.line(&format!(
+                "rollout batch {rollout_index}: every group filtered out (mean reward {:.3}); no update",
+                stats.mean_reward
+            ));
+        }
+        rollout_index += 1;
+        state.data_position = source.position();
+        state.extra["rollout_batches"] = rollout_index.into();
+        let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
+        if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64 || done {
+            save_training_checkpoint(&out, &pipeline.model, &optimizer, &state, &mut |_| {})?;
+            last_saved = state.step;
+        }
+    }
+    progress.bar.finish_and_clear();
+    if state.step != last_saved {
+        save_training_checkpoint(&out, &pipeline.model, &optimizer, &state, &mut |_| {})?;
+    }
+    let plot = out.join(PLOT_FILE);
+    let title = format!(
+        "{} on {} ({} steps)",
+        format!("{:?}", cfg.algo).to_lowercase(),
+        cfg.data
+            .as_ref()
+            .map_or("the built-in counting task".to_string(), |d| d.display().to_string()),
+        state.step
+    );
+    let plot = match super::plot::write_plot(&metrics.records, &title, &plot) {
+        Ok(()) => Some(plot),
+        Err(e) => {
+            progress.line(&format!("warning: no plot: {e}"));
+            None
+        }
+    };
+    if let Some(skipped) = source.skipped() {
+        if skipped.corrupt + skipped.too_long > 0 {
+            progress.line(&format!(
+                "skipped rows: {} corrupt, {} too long (e.g. {})",
+                skipped.corrupt,
+                skipped.too_long,
+                skipped.examples.join("; ")
+            ));
+        }
+    }
+    let (first, last) = reward_fifths(&metrics.records);
+    Ok(RunSummary {
+        steps: state.step,
+        reward_first_fifth: first,
+        reward_last_fifth: last,
+        seconds: started.elapsed().as_secs_f64(),
+        checkpoint: latest_checkpoint(&out)?,
+        plot,
+    })
+}
+
+/// The supervised warm-up on the built-in task, logged to `warmup.jsonl`.
+fn warmup(
+    pipeline: &mut Pipeline,
+    cfg: &TrainConfig,
+    out: &Path,
+    progress: &Progress,
+) -> Result<(), RunError> {
+    let end_of_turn = pipeline
+        .text
+        .token_id("<|im_end|>")
+        .ok_or_else(|| RunError::Usage("the tokenizer has no <|im_end|>".into()))?;
+    let mut optimizer = new_optimizer(&pipeline.model, cfg, cfg.warmup_lr);
+    let mut source = PromptSource::builtin(
+        CountingTask::new(cfg.builtin_grid, cfg.seed ^ WARMUP_SEED_SALT),
+        prompt_format(cfg),
+        0,
+    );
+    let path = out.join(WARMUP_FILE);
+    let mut log = String::new();
+    progress.bar.set_prefix("warm-up");
+    progress.bar.set_length(cfg.warmup_steps as u64);
+    for step in 1..=cfg.warmup_steps {
+        let prompts = next_prompts(&mut source, pipeline, cfg.warmup_batch)?;
+        let s = warmup_step(pipeline, &mut optimizer, &prompts, end_of_turn, cfg.micro_batch)?;
+        log.push_str(&format!(
+            "{{\"step\":{step},\"loss\":{:.6},\"token_prob\":{:.6}}}\n",
+            s.loss, s.token_prob
+        ));
+        progress.bar.set_position(step as u64);
+        progress.bar.set_message(format!("loss {:.3}", s.loss));
+        if progress.plain && (step % 5 == 0 || step == cfg.warmup_steps) {
+            eprintln!("warm-up step {step:>3} loss {:.4} token prob {:.3}", s.loss, s.token_prob);
+        }
+    }
+    std::fs::write(&path, log).map_err(io(&path))?;
+    progress.bar.set_length(cfg.max_steps as u64);
+    progress.bar.set_position(0);
+    Ok(())
+}

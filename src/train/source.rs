@@ -1,0 +1,226 @@
+//! Where training prompts come from, in a reproducible order: the built-in
+//! counting task (item i is a pure function of the seed and i), or a
+//! parquet/JSONL data set streamed row by row, epoch after epoch. The
+//! position (rows consumed) is all a resumed run needs to continue exactly.
+
+use super::step::Prompt;
+use crate::builtin::CountingTask;
+use crate::data::prompt::{build_prompt, prompt_text, PromptFormat, Skip};
+use crate::data::{open_rows, Columns, DataError, RowResult};
+use crate::pipeline::{Pipeline, PipelineError};
+use std::path::{Path, PathBuf};
+
+type Rows = Box<dyn Iterator<Item = Result<RowResult, DataError>>>;
+
+pub enum PromptSource {
+    Builtin {
+        task: CountingTask,
+        format: PromptFormat,
+        position: u64,
+    },
+    Dataset {
+        path: PathBuf,
+        columns: Columns,
+        format: PromptFormat,
+        epochs: usize,
+        rows: Rows,
+        epoch: usize,
+        /// Rows consumed over all epochs (usable or not).
+        position: u64,
+        /// Rows in one pass, once a pass has ended.
+        rows_per_epoch: Option<u64>,
+        skipped: SkippedRows,
+    },
+}
+
+/// Rows a data set pass could not use, with the first few reasons.
+#[derive(Debug, Default, Clone)]
+pub struct SkippedRows {
+    pub corrupt: usize,
+    pub too_long: usize,
+    pub examples: Vec<String>,
+}
+
+impl SkippedRows {
+    fn note(&mut self, skip: Skip) {
+        let text = match skip {
+            Skip::Corrupt(e) => {
+                self.corrupt += 1;
+                e.to_string()
+            }
+            Skip::TooLong { row, tokens } => {
+                self.too_long += 1;
+                format!("row {row}: prompt of {tokens} tokens is over max_prompt_tokens")
+            }
+        };
+        if self.examples.len() < 5 {
+            self.examples.push(text);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{path}: no usable row (corrupt: {corrupt}, too long: {too_long}; e.g. {example})")]
+    NoUsableRow {
+        path: PathBuf,
+        corrupt: usize,
+        too_long: usize,
+        example: String,
+    },
+}
+
+impl PromptSource {
+    pub fn builtin(task: CountingTask, format: PromptFormat, position: u64) -> Self {
+        Self::Builtin {
+            task,
+            format,
+            position,
+        }
+    }
+
+    /// Opens `path` and skips the `position` rows a previous run consumed.
+    pub fn dataset(
+        path: &Path,
+        columns: Columns,
+        format: PromptFormat,
+        epochs: usize,
+        position: u64,
+    ) -> Result<Self, SourceError> {
+        let mut source = Self::Dataset {
+            rows: open_rows(path, &columns)?,
+            path: path.to_path_buf(),
+            columns,
+            format,
+            epochs,
+            epoch: 0,
+            position: 0,
+            rows_per_epoch: None,
+            skipped: SkippedRows::default(),
+        };
+        source.skip_rows(position)?;
+        Ok(source)
+    }
+
+    pub fn position(&self) -> u64 {
+        match self {
+            Self::Builtin { position, .. } | Self::Dataset { position, .. } => *position,
+        }
+    }
+
+    pub fn skipped(&self) -> Option<&SkippedRows> {
+        match self {
+            Self::Builtin { .. } => None,
+            Self::Dataset { skipped, .. } => Some(skipped),
+        }
+    }
+
+    fn skip_rows(&mut self, count: u64) -> Result<(), SourceError> {
+        for _ in 0..count {
+            if self.next_row()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next row of the data set, moving to the next epoch at the end of
+    /// a pass; `None` once every epoch is done.
+    fn next_row(&mut self) -> Result<Option<RowResult>, SourceError> {
+        let Self::Dataset {
+            path,
+            columns,
+            epochs,
+            rows,
+            epoch,
+            position,
+            rows_per_epoch,
+            ..
+        } = self
+        else {
+            unreachable!("next_row is for data sets")
+        };
+        loop {
+            if *epoch >= *epochs {
+                return Ok(None);
+            }
+            match rows.next() {
+                Some(row) => {
+                    *position += 1;
+                    return Ok(Some(row?));
+                }
+                None => {
+                    rows_per_epoch.get_or_insert(*position / (*epoch as u64 + 1));
+                    *epoch += 1;
+                    if *epoch < *epochs {
+                        *rows = open_rows(path, columns)?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next usable prompt, or `None` when the data set is exhausted.
+    pub fn next_prompt(&mut self, pipeline: &Pipeline) -> Result<Option<Prompt>, SourceError> {
+        if let Self::Builtin {
+            task,
+            format,
+            position,
+        } = self
+        {
+            let item = task.item(*position);
+            let name = PathBuf::from(format!("built-in item {position}"));
+            *position += 1;
+            let input = pipeline
+                .prompt_input_from_images(&[(item.image, name)], &prompt_text(&item.question, format))?;
+            return Ok(Some(Prompt {
+                input,
+                answer: item.answer,
+            }));
+        }
+        // Stop at a full pass without one usable row rather than loop forever.
+        let mut since_usable = 0u64;
+        loop {
+            let Some(row) = self.next_row()? else {
+                return Ok(None);
+            };
+            let Self::Dataset {
+                path,
+                format,
+                skipped,
+                rows_per_epoch,
+                ..
+            } = self
+            else {
+                unreachable!()
+            };
+            let built = row
+                .map_err(Skip::Corrupt)
+                .and_then(|example| Ok((build_prompt(pipeline, &example, format)?, example)));
+            match built {
+                Ok((input, example)) => {
+                    return Ok(Some(Prompt {
+                        input,
+                        answer: example.answer,
+                    }))
+                }
+                Err(skip) => {
+                    skipped.note(skip);
+                    since_usable += 1;
+                    if rows_per_epoch.is_some_and(|n| since_usable >= n) {
+                        return Err(SourceError::NoUsableRow {
+                            path: path.clone(),
+                            corrupt: skipped.corrupt,
+                            too_long: skipped.too_long,
+                            example: skipped.examples.first().cloned().unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
