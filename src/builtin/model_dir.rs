@@ -5,8 +5,8 @@
 //! pre-tokeniser, trained on the built-in task's texts, with Qwen's special
 //! tokens after the BPE vocabulary as in the released tokenizers.
 
-use crate::model::params::{ParamLayout, Tensors};
 use crate::model::config::ModelConfig;
+use crate::model::params::{ParamLayout, Tensors};
 use crate::processor::text::BUILTIN_CHAT_TEMPLATE;
 use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};
 use rand::rngs::StdRng;
@@ -16,11 +16,11 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::models::TrainerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// Qwen2's pre-tokeniser regex, as in its tokenizer.json.
@@ -323,7 +323,10 @@ mod tests {
 
     #[test]
     fn tokenizer_round_trips_and_places_added_tokens_after_bpe() {
-        let corpus = vec!["How many red shapes are there?".to_string(), "\\boxed{3}".into()];
+        let corpus = vec![
+            "How many red shapes are there?".to_string(),
+            "\\boxed{3}".into(),
+        ];
         let tok = train_tokenizer(&corpus).unwrap();
         let bpe = tok.get_vocab_size(false);
         assert_eq!(tok.token_to_id("<|endoftext|>"), Some(bpe as u32));

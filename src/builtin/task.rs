@@ -166,7 +166,12 @@ mod tests {
                 .find(|(name, _)| item.question.contains(&format!(" {name} ")))
                 .map(|c| c.1);
             let expected = count_colored_cells(&task, &item.image, color);
-            assert_eq!(item.answer, expected.to_string(), "item {i}: {}", item.question);
+            assert_eq!(
+                item.answer,
+                expected.to_string(),
+                "item {i}: {}",
+                item.question
+            );
             seen[expected] += 1;
         }
         assert!(seen.iter().all(|&s| s > 0), "every count occurs: {seen:?}");
@@ -177,6 +182,9 @@ mod tests {
         let a = CountingTask::new(2, 3);
         assert_eq!(a.item(5).image.data, a.item(5).image.data);
         assert_ne!(a.item(5).image.data, a.item(6).image.data);
-        assert_ne!(a.item(5).image.data, CountingTask::new(2, 4).item(5).image.data);
+        assert_ne!(
+            a.item(5).image.data,
+            CountingTask::new(2, 4).item(5).image.data
+        );
     }
 }

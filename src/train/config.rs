@@ -142,9 +142,9 @@ output_dir = "runs/builtin"
 rollout_batch = 16
 group_size = 8
 mini_batch = 8
-lr = 3e-4
+lr = 1e-3
 weight_decay = 0.0
-max_steps = 40
+max_steps = 300
 micro_batch = 64
 max_response_tokens = 8
 max_prompt_tokens = 256
@@ -153,7 +153,7 @@ max_pixels = 3136
 prompt_suffix = ""
 bf16 = false
 save_every = 10
-warmup_steps = 25
+warmup_steps = 60
 warmup_lr = 2e-3
 warmup_batch = 32
 "#;
@@ -191,9 +191,8 @@ impl TrainConfig {
             None => toml::Table::new(),
         };
         let pairs = parse_overrides(overrides)?;
-        let names_input = |key: &str| {
-            file_table.contains_key(key) || pairs.iter().any(|(k, _)| k == key)
-        };
+        let names_input =
+            |key: &str| file_table.contains_key(key) || pairs.iter().any(|(k, _)| k == key);
         if !names_input("model") && !names_input("data") {
             let preset: toml::Table = BUILTIN_PRESET.parse().expect("the preset parses");
             table.extend(preset);
@@ -365,9 +364,16 @@ mod tests {
     fn the_builtin_preset_applies_only_without_model_and_data() {
         let c = TrainConfig::resolve(None, &[]).unwrap();
         assert!(c.is_builtin());
-        assert_eq!((c.rollout_batch, c.max_steps, c.prompt_suffix.as_str()), (16, 40, ""));
+        assert_eq!(
+            (c.rollout_batch, c.max_steps, c.prompt_suffix.as_str()),
+            (16, 300, "")
+        );
         let c = TrainConfig::resolve(None, &["max_steps=3".into()]).unwrap();
-        assert_eq!((c.max_steps, c.rollout_batch), (3, 16), "the user's value wins");
+        assert_eq!(
+            (c.max_steps, c.rollout_batch),
+            (3, 16),
+            "the user's value wins"
+        );
         let c = TrainConfig::resolve(None, &["data=train.parquet".into()]).unwrap();
         assert_eq!((c.rollout_batch, c.max_steps), (384, 0), "recipe defaults");
     }

@@ -3,10 +3,10 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod optimizer;
-pub mod step;
-pub mod source;
-pub mod warmup;
 pub mod metrics;
+pub mod optimizer;
 pub mod plot;
 pub mod run;
+pub mod source;
+pub mod step;
+pub mod warmup;

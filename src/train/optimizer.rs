@@ -17,7 +17,7 @@ pub enum WeightPrecision {
 }
 
 /// The result of one optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepReport {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,

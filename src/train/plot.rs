@@ -62,7 +62,10 @@ fn draw(records: &[StepMetrics], title: &str, buf: &mut [u8]) -> Result<(), Stri
             .collect::<Vec<_>>()
     };
     reward
-        .draw_series(LineSeries::new(line(|r| r.reward_mean), BLUE.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            line(|r| r.reward_mean),
+            BLUE.stroke_width(2),
+        ))
         .map_err(|e| e.to_string())?
         .label("reward_mean")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));

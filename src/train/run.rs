@@ -35,8 +35,10 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const WARMUP_FILE: &str = "warmup.jsonl";
 pub const PLOT_FILE: &str = "reward.png";
 const BASE_MODEL_DIR: &str = "base-model";
+/// Rollout batches in a row without an update before the run gives up.
+const MAX_BATCHES_WITHOUT_UPDATE: usize = 20;
 /// Keeps the warm-up's problems apart from the RL prompts.
-const WARMUP_SEED_SALT: u64 = 0x5EED_0F_5F7;
+const WARMUP_SEED_SALT: u64 = 0x5EED_0F5F;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -80,7 +82,8 @@ pub struct RunSummary {
 /// Mean reward over the first and last fifth of the steps.
 pub fn reward_fifths(records: &[StepMetrics]) -> (f64, f64) {
     let k = (records.len() / 5).max(1).min(records.len());
-    let mean = |r: &[StepMetrics]| r.iter().map(|m| m.reward_mean).sum::<f64>() / r.len().max(1) as f64;
+    let mean =
+        |r: &[StepMetrics]| r.iter().map(|m| m.reward_mean).sum::<f64>() / r.len().max(1) as f64;
     (mean(&records[..k]), mean(&records[records.len() - k..]))
 }
 
@@ -99,8 +102,7 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
         top_k: 0,
     };
     step.max_new_tokens = cfg.max_response_tokens;
-    step.dynamic_sampling =
-        (cfg.dynamic_sampling && algo != Algo::Grpo).then_some((0.01, 0.99));
+    step.dynamic_sampling = (cfg.dynamic_sampling && algo != Algo::Grpo).then_some((0.01, 0.99));
     step.vppo = VppoConfig {
         beta_min: cfg.tas_beta_min,
         tgf_ratio: cfg.tgf_ratio,
@@ -144,7 +146,9 @@ fn new_optimizer(model: &Qwen25Vl, cfg: &TrainConfig, lr: f64) -> AdamW {
 
 /// A seed for rollout batch `index`, generation attempt `attempt`.
 fn rollout_seed(seed: u64, index: u64, attempt: u64) -> u64 {
-    let mut x = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ attempt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut x = seed
+        ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ attempt.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     // splitmix64 finaliser: nearby indices give unrelated streams.
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -254,10 +258,15 @@ pub fn run(
                 out.display()
             )));
         }
-        (TrainConfig::resolve(Some(&saved), overrides)?, out.to_path_buf())
+        (
+            TrainConfig::resolve(Some(&saved), overrides)?,
+            out.to_path_buf(),
+        )
     } else {
         let cfg = TrainConfig::resolve(config_file, overrides)?;
-        let out = out.map(Path::to_path_buf).unwrap_or_else(|| cfg.output_dir.clone());
+        let out = out
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| cfg.output_dir.clone());
         if out.join(METRICS_FILE).exists() || out.join("latest").exists() {
             return Err(RunError::Usage(format!(
                 "{} already holds a run: continue it with --resume {0}, or choose another --out",
@@ -276,7 +285,11 @@ pub fn run(
 
     // The model: the latest checkpoint of a resumed run, else the given
     // checkpoint, else a freshly written built-in one.
-    let checkpoint = if resume { latest_checkpoint(&out)? } else { None };
+    let checkpoint = if resume {
+        latest_checkpoint(&out)?
+    } else {
+        None
+    };
     let (mut pipeline, mut optimizer, mut state) = match &checkpoint {
         Some(dir) => {
             progress.line(&format!("resuming from {}", dir.display()));
@@ -324,8 +337,11 @@ pub fn run(
     let mut rollout_index = state.extra["rollout_batches"].as_u64().unwrap_or(0);
     let mut last_saved = state.step;
     progress.bar.set_position(state.step);
-    progress.bar.set_prefix(format!("{:?}", cfg.algo).to_lowercase());
+    progress
+        .bar
+        .set_prefix(format!("{:?}", cfg.algo).to_lowercase());
     let mini_groups = cfg.mini_batch;
+    let mut batches_without_update = 0usize;
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
         let t0 = Instant::now();
         let mut rollouts: Option<Rollouts> = None;
@@ -363,9 +379,15 @@ pub fn run(
             .step_by(mini_groups)
             .map(|g| g..(g + mini_groups).min(groups))
             .collect();
-        for range in updates.iter().cloned() {
+        for range in &updates {
             let t1 = Instant::now();
-            let u = update(&mut pipeline, &mut optimizer, &rollouts, range.clone(), &step_cfg)?;
+            let u = update(
+                &mut pipeline,
+                &mut optimizer,
+                &rollouts,
+                range.clone(),
+                &step_cfg,
+            )?;
             state.step += 1;
             let step_time = t1.elapsed().as_secs_f64() + rollout_time / updates.len() as f64;
             let m = StepMetrics {
@@ -412,10 +434,21 @@ pub fn run(
             metrics.push(m)?;
         }
         if updates.is_empty() {
+            batches_without_update += 1;
             progress.line(&format!(
                 "rollout batch {rollout_index}: every group filtered out (mean reward {:.3}); no update",
                 stats.mean_reward
             ));
+            if batches_without_update >= MAX_BATCHES_WITHOUT_UPDATE {
+                return Err(RunError::Usage(format!(
+                    "{MAX_BATCHES_WITHOUT_UPDATE} rollout batches in a row had no group with mixed rewards \
+                     (last mean reward {:.3}): every response is right, or every one is wrong. \
+                     Check the answers in the data, max_response_tokens, or the warm-up",
+                    stats.mean_reward
+                )));
+            }
+        } else {
+            batches_without_update = 0;
         }
         rollout_index += 1;
         state.data_position = source.position();
@@ -436,7 +469,9 @@ pub fn run(
         format!("{:?}", cfg.algo).to_lowercase(),
         cfg.data
             .as_ref()
-            .map_or("the built-in counting task".to_string(), |d| d.display().to_string()),
+            .map_or("the built-in counting task".to_string(), |d| d
+                .display()
+                .to_string()),
         state.step
     );
     let plot = match super::plot::write_plot(&metrics.records, &title, &plot) {
@@ -490,7 +525,13 @@ fn warmup(
     progress.bar.set_length(cfg.warmup_steps as u64);
     for step in 1..=cfg.warmup_steps {
         let prompts = next_prompts(&mut source, pipeline, cfg.warmup_batch)?;
-        let s = warmup_step(pipeline, &mut optimizer, &prompts, end_of_turn, cfg.micro_batch)?;
+        let s = warmup_step(
+            pipeline,
+            &mut optimizer,
+            &prompts,
+            end_of_turn,
+            cfg.micro_batch,
+        )?;
         log.push_str(&format!(
             "{{\"step\":{step},\"loss\":{:.6},\"token_prob\":{:.6}}}\n",
             s.loss, s.token_prob
@@ -498,7 +539,10 @@ fn warmup(
         progress.bar.set_position(step as u64);
         progress.bar.set_message(format!("loss {:.3}", s.loss));
         if progress.plain && (step % 5 == 0 || step == cfg.warmup_steps) {
-            eprintln!("warm-up step {step:>3} loss {:.4} token prob {:.3}", s.loss, s.token_prob);
+            eprintln!(
+                "warm-up step {step:>3} loss {:.4} token prob {:.3}",
+                s.loss, s.token_prob
+            );
         }
     }
     std::fs::write(&path, log).map_err(io(&path))?;

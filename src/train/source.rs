@@ -175,8 +175,10 @@ impl PromptSource {
             let item = task.item(*position);
             let name = PathBuf::from(format!("built-in item {position}"));
             *position += 1;
-            let input = pipeline
-                .prompt_input_from_images(&[(item.image, name)], &prompt_text(&item.question, format))?;
+            let input = pipeline.prompt_input_from_images(
+                &[(item.image, name)],
+                &prompt_text(&item.question, format),
+            )?;
             return Ok(Some(Prompt {
                 input,
                 answer: item.answer,

@@ -7,7 +7,7 @@
 use super::optimizer::{AdamW, StepReport};
 use crate::model::acts::Save;
 use crate::model::params::Tensors;
-use crate::model::{ModelError, SequenceInput, TrainSequence};
+use crate::model::{ModelError, Qwen25Vl, SequenceInput, TrainSequence};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::reward::accuracy_reward;
 use crate::rl::objective::{mean_dependency, micro_batch_objective, MicroBatch, VppoConfig};
@@ -133,8 +133,7 @@ impl Rollouts {
         self.stats.accuracy = weighted(a.accuracy, b.accuracy);
         self.stats.kept_groups += other.stats.kept_groups;
         self.stats.dropped_groups += other.stats.dropped_groups;
-        self.stats.mean_response_tokens =
-            weighted(a.mean_response_tokens, b.mean_response_tokens);
+        self.stats.mean_response_tokens = weighted(a.mean_response_tokens, b.mean_response_tokens);
     }
 
     /// Keeps the first `groups` groups (a full batch after refilling).
@@ -281,8 +280,7 @@ pub struct UpdateStats {
 }
 
 /// One optimizer step on the groups `groups` of a rollout batch (an update
-/// mini-batch): TAS's dependency range and the loss's token count are over
-/// this mini-batch; gradients accumulate micro-batch by micro-batch.
+/// mini-batch).
 pub fn update(
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,
@@ -290,6 +288,21 @@ pub fn update(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, PipelineError> {
+    let (mut grads, mut stats) = mini_batch_gradients(&pipeline.model, rollouts, groups, cfg)?;
+    stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
+    Ok(stats)
+}
+
+/// The loss and parameter gradients of an update mini-batch (the groups
+/// `groups` of a rollout batch): TAS's dependency range and the loss's
+/// token count are over this mini-batch; gradients accumulate
+/// micro-batch by micro-batch. `optimizer` in the stats is left empty.
+pub fn mini_batch_gradients(
+    model: &Qwen25Vl,
+    rollouts: &Rollouts,
+    groups: std::ops::Range<usize>,
+    cfg: &StepConfig,
+) -> Result<(Tensors, UpdateStats), PipelineError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
@@ -302,7 +315,6 @@ pub fn update(
         );
         dependency_range(&mean_dependency(&dep, &rollouts.lens[responses.clone()]))
     });
-    let model = &pipeline.model;
     let save = if cfg.recompute {
         Save::Inputs
     } else {
@@ -336,9 +348,8 @@ pub fn update(
         let zeros = vec![0.0; fwd.logprobs.len()];
         model.train_backward(&fwd, &objective.policy.token_grads, &zeros, &mut grads)?;
     }
-    let report = optimizer.step(&mut pipeline.model.weights, &mut grads);
     let denom = total_tokens.max(1) as f64;
-    Ok(UpdateStats {
+    let stats = UpdateStats {
         loss,
         clip_fraction: clipped / total_tokens.max(1) as f32,
         entropy: neg_logprob / denom,
@@ -351,8 +362,9 @@ pub fn update(
             .iter()
             .map(|s| s.input.ids.len())
             .sum(),
-        optimizer: report,
-    })
+        optimizer: StepReport::default(),
+    };
+    Ok((grads, stats))
 }
 
 /// Rollouts and one update over every kept group: the whole rollout batch
@@ -373,4 +385,82 @@ pub fn train_step(
         stats.optimizer = Some(update.optimizer);
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake generation batch: `groups` kept groups of `n` responses, the
+    /// response of group g, sample i having g + i + 1 tokens whose old
+    /// log-probs all equal `tag`.
+    fn batch(groups: usize, n: usize, tag: f32, dropped: usize, reward: f32) -> Rollouts {
+        let mut r = Rollouts {
+            batch: Vec::new(),
+            advantages: Vec::new(),
+            lens: Vec::new(),
+            lp_old: Vec::new(),
+            lp_perturbed: Some(Vec::new()),
+            group_size: n,
+            stats: StepStats {
+                responses: (groups + dropped) * n,
+                mean_reward: reward,
+                accuracy: reward,
+                kept_groups: groups,
+                dropped_groups: dropped,
+                mean_response_tokens: 2.0,
+                ..Default::default()
+            },
+        };
+        for g in 0..groups {
+            for i in 0..n {
+                let len = g + i + 1;
+                r.batch.push(TrainSequence {
+                    input: SequenceInput {
+                        ids: vec![0; 3 + len],
+                        ..Default::default()
+                    },
+                    prompt_len: 3,
+                });
+                r.advantages.push(tag);
+                r.lens.push(len);
+                r.lp_old.extend(std::iter::repeat_n(tag, len));
+                r.lp_perturbed
+                    .as_mut()
+                    .unwrap()
+                    .extend(std::iter::repeat_n(-tag, len));
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn dynamic_sampling_refill_appends_then_truncates_to_a_full_batch() {
+        // Want 3 groups: the first generation batch kept 2 (dropped 2), the
+        // refill kept 2 more (dropped 2); the batch keeps the first 3.
+        let mut r = batch(2, 2, 1.0, 2, 0.25);
+        r.append(batch(2, 2, 2.0, 2, 0.75));
+        assert_eq!(
+            (r.groups(), r.stats.kept_groups, r.stats.dropped_groups),
+            (4, 4, 4)
+        );
+        assert_eq!(r.stats.responses, 16);
+        assert!(
+            (r.stats.mean_reward - 0.5).abs() < 1e-6,
+            "response-weighted mean"
+        );
+        r.truncate_groups(3);
+        assert_eq!(r.groups(), 3);
+        assert_eq!(r.lens, vec![1, 2, 2, 3, 1, 2]);
+        assert_eq!(r.advantages, vec![1.0, 1.0, 1.0, 1.0, 2.0, 2.0]);
+        // Token-level arrays cut at the same response boundary.
+        let tokens: usize = r.lens.iter().sum();
+        assert_eq!(r.lp_old.len(), tokens);
+        assert_eq!(r.lp_perturbed.as_ref().unwrap().len(), tokens);
+        assert_eq!(r.lp_old[..8], [1.0; 8]);
+        assert_eq!(r.lp_old[8..], [2.0, 2.0, 2.0]);
+        // Fewer groups than asked: nothing to cut.
+        r.truncate_groups(10);
+        assert_eq!(r.groups(), 3);
+    }
 }

@@ -6,7 +6,7 @@ use super::optimizer::{AdamW, StepReport};
 use super::step::Prompt;
 use crate::model::acts::Save;
 use crate::model::params::Tensors;
-use crate::model::{ModelError, TrainSequence};
+use crate::model::TrainSequence;
 use crate::pipeline::{Pipeline, PipelineError};
 
 /// The response the warm-up teaches for `answer`.
@@ -35,9 +35,11 @@ pub fn warmup_step(
     for p in prompts {
         let mut input = p.input.clone();
         let prompt_len = input.ids.len();
-        input
-            .ids
-            .extend(pipeline.text.encode(&reference_response(&p.answer), false)?);
+        input.ids.extend(
+            pipeline
+                .text
+                .encode(&reference_response(&p.answer), false)?,
+        );
         input.ids.push(end_of_turn);
         batch.push(TrainSequence { input, prompt_len });
     }
@@ -51,9 +53,7 @@ pub fn warmup_step(
         prob += fwd.logprobs.iter().map(|&l| (l as f64).exp()).sum::<f64>();
         let d_logprob = vec![-1.0 / total as f32; fwd.logprobs.len()];
         let zeros = vec![0.0; fwd.logprobs.len()];
-        model
-            .train_backward(&fwd, &d_logprob, &zeros, &mut grads)
-            .map_err(ModelError::from)?;
+        model.train_backward(&fwd, &d_logprob, &zeros, &mut grads)?;
     }
     let report = optimizer.step(&mut pipeline.model.weights, &mut grads);
     Ok(WarmupStats {
