@@ -6,6 +6,8 @@
 //! Without a CUDA device (or without embedded kernels) every case is reported
 //! as skipped, with the reason. Runs as `cargo test --test shaders`.
 
+mod attention;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vppo_engine::backend::cpu;
@@ -251,6 +253,9 @@ fn cases() -> Vec<Case> {
         topk_case(vec![2048, 4097, 3], 0.4, true),
         topk_case(vec![50, 25, 7], 0.3, true),
     ]
+    .into_iter()
+    .chain(attention::cases())
+    .collect()
 }
 
 fn main() {

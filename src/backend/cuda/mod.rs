@@ -5,7 +5,11 @@
 //! Nothing here is global: a [`CudaBackend`] is one device and one stream, so
 //! several can live in one process (one per rank, later).
 
+mod attention;
+mod launch_util;
 mod ops;
+
+pub use attention::{flatten_block_tables, FlashAttnShape};
 
 use crate::kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
