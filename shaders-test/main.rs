@@ -7,6 +7,7 @@
 //! as skipped, with the reason. Runs as `cargo test --test shaders`.
 
 mod attention;
+mod elementwise;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -255,6 +256,7 @@ fn cases() -> Vec<Case> {
     ]
     .into_iter()
     .chain(attention::cases())
+    .chain(elementwise::cases())
     .collect()
 }
 

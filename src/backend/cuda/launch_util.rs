@@ -3,7 +3,6 @@
 use super::CudaError;
 use cudarc::driver::LaunchConfig;
 
-#[allow(dead_code)]
 pub(super) const BLOCK: u32 = 256;
 
 pub(super) fn to_i32(kernel: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
@@ -31,7 +30,6 @@ pub(super) fn need(
 }
 
 /// One thread per element (grid-stride loops cover the rest).
-#[allow(dead_code)]
 pub(super) fn elementwise_grid(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
@@ -45,7 +43,6 @@ pub(super) fn elementwise_grid(n: usize) -> LaunchConfig {
 }
 
 /// One block of `threads` per row.
-#[allow(dead_code)]
 pub(super) fn row_grid(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),

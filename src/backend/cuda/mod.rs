@@ -6,10 +6,12 @@
 //! several can live in one process (one per rank, later).
 
 mod attention;
+mod elementwise;
 mod launch_util;
 mod ops;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
+pub use elementwise::RopeFreqsDevice;
 
 use crate::kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
