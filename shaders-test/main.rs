@@ -8,6 +8,7 @@
 
 mod attention;
 mod elementwise;
+mod loss;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -257,11 +258,21 @@ fn cases() -> Vec<Case> {
     .into_iter()
     .chain(attention::cases())
     .chain(elementwise::cases())
+    .chain(loss::cases())
     .collect()
 }
 
 fn main() {
-    let cases = cases();
+    // Optional arguments keep only the cases whose name contains one of them
+    // (`shaders flash_attn paged`); cargo's own flags are ignored.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name.contains(f.as_str())))
+        .collect();
     let backend = match CudaBackend::new(0) {
         Ok(b) => b,
         Err(e) => {

@@ -8,10 +8,12 @@
 mod attention;
 mod elementwise;
 mod launch_util;
+mod loss;
 mod ops;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
 pub use elementwise::RopeFreqsDevice;
+pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
 
 use crate::kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
