@@ -9,6 +9,7 @@
 mod attention;
 mod elementwise;
 mod loss;
+mod optim;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -259,6 +260,7 @@ fn cases() -> Vec<Case> {
     .chain(attention::cases())
     .chain(elementwise::cases())
     .chain(loss::cases())
+    .chain(optim::cases())
     .collect()
 }
 

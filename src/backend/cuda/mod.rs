@@ -10,10 +10,12 @@ mod elementwise;
 mod launch_util;
 mod loss;
 mod ops;
+mod optim;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
 pub use elementwise::RopeFreqsDevice;
 pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
+pub use optim::{clip_coefficient, AdamWTensor};
 
 use crate::kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
