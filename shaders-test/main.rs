@@ -10,6 +10,7 @@ mod attention;
 mod elementwise;
 mod loss;
 mod optim;
+mod sampling;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -261,6 +262,7 @@ fn cases() -> Vec<Case> {
     .chain(elementwise::cases())
     .chain(loss::cases())
     .chain(optim::cases())
+    .chain(sampling::cases())
     .collect()
 }
 

@@ -11,6 +11,7 @@ mod launch_util;
 mod loss;
 mod ops;
 mod optim;
+mod sampling;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
 pub use elementwise::RopeFreqsDevice;
