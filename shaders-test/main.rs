@@ -11,6 +11,7 @@ mod elementwise;
 mod loss;
 mod optim;
 mod sampling;
+mod vision;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -263,6 +264,7 @@ fn cases() -> Vec<Case> {
     .chain(loss::cases())
     .chain(optim::cases())
     .chain(sampling::cases())
+    .chain(vision::cases())
     .collect()
 }
 

@@ -12,11 +12,13 @@ mod loss;
 mod ops;
 mod optim;
 mod sampling;
+mod vision;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
 pub use elementwise::RopeFreqsDevice;
 pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
 pub use optim::{clip_coefficient, AdamWTensor};
+pub use vision::PatchMask;
 
 use crate::kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
