@@ -8,7 +8,10 @@
 // layout: rows ordered (merged row, merged col, inner row, inner col),
 // features ((c * T + t) * P + y) * P + x, the frame repeated over T; a
 // blackened patch holds lut[c][0] (the normalised black). Bit-identical.
+// patch_embed_u8_bf16 writes the bf16 GEMM operand (the f32 values rounded
+// to nearest-even: twin patchify + cpu::cast::f32_to_bf16).
 #include "common.cuh"
+#include "elem.cuh"
 
 __device__ __forceinline__ bool patch_blackened(unsigned long long seed, unsigned long long k,
                                                 unsigned threshold) {
@@ -21,13 +24,12 @@ __device__ __forceinline__ bool patch_blackened(unsigned long long seed, unsigne
 
 // One block per patch, threads over its 3*T*P*P features. img is [H, W, 3]
 // bytes; lut is [3][256]; out_masked may be null (then seed/threshold unused).
-extern "C" __global__ void patch_embed_u8_f32(const unsigned char* __restrict__ img,
-                                              int width, int height,
-                                              const float* __restrict__ lut,
-                                              float* __restrict__ out,
-                                              float* __restrict__ out_masked, int patch,
-                                              int merge, int temporal,
-                                              unsigned long long seed, unsigned threshold) {
+template <typename T>
+__device__ __forceinline__ void patch_embed(const unsigned char* __restrict__ img, int width,
+                                            const float* __restrict__ lut, T* __restrict__ out,
+                                            T* __restrict__ out_masked, int patch, int merge,
+                                            int temporal, unsigned long long seed,
+                                            unsigned threshold) {
     const int k = blockIdx.x;
     const int gw = width / patch;
     const int per_block = merge * merge;
@@ -39,12 +41,25 @@ extern "C" __global__ void patch_embed_u8_f32(const unsigned char* __restrict__ 
     const int pp = patch * patch;
     const int features = 3 * temporal * pp;
     const bool dark = out_masked != nullptr && patch_blackened(seed, (unsigned long long)k, threshold);
-    float* row = out + (size_t)k * features;
-    float* row_m = out_masked ? out_masked + (size_t)k * features : nullptr;
+    T* row = out + (size_t)k * features;
+    T* row_m = out_masked ? out_masked + (size_t)k * features : nullptr;
     for (int f = threadIdx.x; f < features; f += blockDim.x) {
         const int x = f % patch, y = (f / patch) % patch, c = f / (temporal * pp);
         const float v = lut[c * 256 + img[((size_t)(y0 + y) * width + x0 + x) * 3 + c]];
-        row[f] = v;
-        if (row_m) row_m[f] = dark ? lut[c * 256] : v;
+        elem_st(row, f, v);
+        if (row_m) elem_st(row_m, f, dark ? lut[c * 256] : v);
     }
 }
+
+#define PATCH_INSTANTIATE(T, SUF)                                                            \
+    extern "C" __global__ void patch_embed_u8_##SUF(                                         \
+        const unsigned char* img, int width, int height, const float* lut, T* out,           \
+        T* out_masked, int patch, int merge, int temporal, unsigned long long seed,          \
+        unsigned threshold) {                                                                \
+        (void)height;                                                                        \
+        patch_embed<T>(img, width, lut, out, out_masked, patch, merge, temporal, seed,       \
+                       threshold);                                                           \
+    }
+
+PATCH_INSTANTIATE(float, f32)
+PATCH_INSTANTIATE(bf16_t, bf16)

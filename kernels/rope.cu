@@ -7,15 +7,19 @@
 // CPU twin: src/backend/cpu/rope.rs (RopeFreqs::table + rope_fwd / rope_bwd,
 // which is RopeTable::{text_1d, mrope, vision_2d}); HF's rotate_half
 // convention: y[j] = x[j] c - x[j+half] s, y[j+half] = x[j+half] c + x[j] s.
+// rope_bf16 is the same on bf16 storage (f32 compute); its twin widens and
+// rounds with src/backend/cpu/cast.rs.
 #include "common.cuh"
+#include "elem.cuh"
 
 // Grid-stride over (token, frequency); each thread rotates that pair in
 // every head (one sincos per token and frequency).
-extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ y,
-                                    const int* __restrict__ positions,
-                                    const float* __restrict__ inv_freq,
-                                    const int* __restrict__ stream, int tokens, int heads,
-                                    int half, float sin_sign) {
+template <typename T>
+__device__ __forceinline__ void rope(const T* __restrict__ x, T* __restrict__ y,
+                                     const int* __restrict__ positions,
+                                     const float* __restrict__ inv_freq,
+                                     const int* __restrict__ stream, int tokens, int heads,
+                                     int half, float sin_sign) {
     const size_t n = (size_t)tokens * half;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (size_t)gridDim.x * blockDim.x) {
@@ -26,9 +30,19 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restri
         s *= sin_sign;
         for (int h = 0; h < heads; ++h) {
             const size_t base = ((size_t)t * heads + h) * 2 * half;
-            const float x1 = x[base + j], x2 = x[base + j + half];
-            y[base + j] = x1 * c - x2 * s;
-            y[base + j + half] = x2 * c + x1 * s;
+            const float x1 = elem_ld(x, base + j), x2 = elem_ld(x, base + j + half);
+            elem_st(y, base + j, x1 * c - x2 * s);
+            elem_st(y, base + j + half, x2 * c + x1 * s);
         }
     }
 }
+
+#define ROPE_INSTANTIATE(T, SUF)                                                             \
+    extern "C" __global__ void rope_##SUF(const T* x, T* y, const int* positions,            \
+                                          const float* inv_freq, const int* stream,          \
+                                          int tokens, int heads, int half, float sin_sign) { \
+        rope<T>(x, y, positions, inv_freq, stream, tokens, heads, half, sin_sign);           \
+    }
+
+ROPE_INSTANTIATE(float, f32)
+ROPE_INSTANTIATE(bf16_t, bf16)

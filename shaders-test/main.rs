@@ -261,6 +261,7 @@ fn cases() -> Vec<Case> {
     .into_iter()
     .chain(attention::cases())
     .chain(elementwise::cases())
+    .chain(elementwise::bf16_cases())
     .chain(loss::cases())
     .chain(optim::cases())
     .chain(sampling::cases())
@@ -293,7 +294,19 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
-        match (case.run)(&backend, &mut rng) {
+        // A panicking case (a shape assert, say) fails alone.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (case.run)(&backend, &mut rng)
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {what}"))
+        });
+        match outcome {
             Ok(detail) => {
                 passed += 1;
                 println!("ok    {:<50} {detail}", case.name);

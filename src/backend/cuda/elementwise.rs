@@ -1,9 +1,12 @@
 //! Launchers of the elementwise and gather kernels: rotary embedding
-//! (`kernels/rope.cu`), SwiGLU and GELU (`kernels/activations.cu`), and the
-//! embedding gather / scatter-add (`kernels/embedding.cu`). Each keeps the C
-//! signature it launches in a comment: kernel arguments are untyped.
+//! (`kernels/rope.cu`), SwiGLU and GELU (`kernels/activations.cu`), the
+//! embedding gather / scatter-add (`kernels/embedding.cu`) and the f32/bf16
+//! casts (`kernels/cast.cu`). Each keeps the C signature it launches in a
+//! comment: kernel arguments are untyped. Launchers generic over [`Elem`]
+//! pick the `_f32` or `_bf16` kernel (bf16 storage, f32 compute: the twin is
+//! the CPU op between `cpu::cast` conversions).
 
-use super::launch_util::{elementwise_grid, need, row_grid, to_i32};
+use super::launch_util::{elementwise_grid, need, row_grid, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use crate::backend::cpu::OpError;
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -18,6 +21,50 @@ pub struct RopeFreqsDevice {
 }
 
 impl CudaBackend {
+    /// Twin of `cpu::cast::f32_to_bf16` (nearest, ties to even).
+    // cast_f32_to_bf16(const float* src, bf16* dst, long long n)
+    pub fn cast_f32_to_bf16(
+        &self,
+        src: &CudaSlice<f32>,
+        n: usize,
+        dst: &mut CudaSlice<half::bf16>,
+    ) -> Result<(), CudaError> {
+        need("cast_f32_to_bf16", "src", src.len(), n)?;
+        need("cast_f32_to_bf16", "dst", dst.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("cast", "cast_f32_to_bf16")?;
+        let n_i = n as i64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(src).arg(dst).arg(&n_i);
+        // SAFETY: matches the C signature above; both buffers hold n elements.
+        unsafe { launch.launch(elementwise_grid(n)) }?;
+        Ok(())
+    }
+
+    /// Twin of `cpu::cast::bf16_to_f32` (exact).
+    // cast_bf16_to_f32(const bf16* src, float* dst, long long n)
+    pub fn cast_bf16_to_f32(
+        &self,
+        src: &CudaSlice<half::bf16>,
+        n: usize,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        need("cast_bf16_to_f32", "src", src.len(), n)?;
+        need("cast_bf16_to_f32", "dst", dst.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("cast", "cast_bf16_to_f32")?;
+        let n_i = n as i64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(src).arg(dst).arg(&n_i);
+        // SAFETY: matches the C signature above; both buffers hold n elements.
+        unsafe { launch.launch(elementwise_grid(n)) }?;
+        Ok(())
+    }
+
     /// Uploads a rotary frequency plan once (it is the same for every layer).
     pub fn rope_freqs(
         &self,
@@ -39,19 +86,19 @@ impl CudaBackend {
     /// Twin of `cpu::rope::rope_fwd` (`backward = false`) and `rope_bwd`
     /// (`backward = true`) with the table `freqs.table(positions)`:
     /// `x, y[tokens, heads, 2 * half]`, `positions[streams, tokens]`.
-    // rope_f32(const float* x, float* y, const int* positions,
+    // rope_{f32,bf16}(const T* x, T* y, const int* positions,
     //     const float* inv_freq, const int* stream, int tokens, int heads,
     //     int half, float sin_sign)
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(
+    pub fn rope<T: Elem>(
         &self,
         freqs: &RopeFreqsDevice,
         positions: &CudaSlice<i32>,
         tokens: usize,
         heads: usize,
         backward: bool,
-        x: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "rope";
         let n = tokens * heads * 2 * freqs.half;
@@ -61,7 +108,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function("rope", "rope_f32")?;
+        let f = self.function("rope", &format!("rope_{}", T::SUFFIX))?;
         let tokens_i = to_i32(K, "tokens", tokens)?;
         let heads_i = to_i32(K, "heads", heads)?;
         let half_i = to_i32(K, "half", freqs.half)?;
@@ -86,13 +133,13 @@ impl CudaBackend {
     }
 
     /// Twin of `cpu::activations::swiglu_fwd`: `h = silu(gate) * up`.
-    // swiglu_fwd_f32(const float* gate, const float* up, float* h, long long n)
-    pub fn swiglu_fwd(
+    // swiglu_fwd_{f32,bf16}(const T* gate, const T* up, T* h, long long n)
+    pub fn swiglu_fwd<T: Elem>(
         &self,
-        gate: &CudaSlice<f32>,
-        up: &CudaSlice<f32>,
+        gate: &CudaSlice<T>,
+        up: &CudaSlice<T>,
         n: usize,
-        h: &mut CudaSlice<f32>,
+        h: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "swiglu_fwd";
         for (what, len) in [("gate", gate.len()), ("up", up.len()), ("h", h.len())] {
@@ -101,7 +148,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function("activations", "swiglu_fwd_f32")?;
+        let f = self.function("activations", &format!("swiglu_fwd_{}", T::SUFFIX))?;
         let n_i = n as i64;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(gate).arg(up).arg(h).arg(&n_i);
@@ -111,17 +158,17 @@ impl CudaBackend {
     }
 
     /// Twin of `cpu::activations::swiglu_bwd` (both outputs overwritten).
-    // swiglu_bwd_f32(const float* dh, const float* gate, const float* up,
-    //     float* dgate, float* dup, long long n)
+    // swiglu_bwd_{f32,bf16}(const T* dh, const T* gate, const T* up,
+    //     T* dgate, T* dup, long long n)
     #[allow(clippy::too_many_arguments)]
-    pub fn swiglu_bwd(
+    pub fn swiglu_bwd<T: Elem>(
         &self,
-        dh: &CudaSlice<f32>,
-        gate: &CudaSlice<f32>,
-        up: &CudaSlice<f32>,
+        dh: &CudaSlice<T>,
+        gate: &CudaSlice<T>,
+        up: &CudaSlice<T>,
         n: usize,
-        dgate: &mut CudaSlice<f32>,
-        dup: &mut CudaSlice<f32>,
+        dgate: &mut CudaSlice<T>,
+        dup: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "swiglu_bwd";
         for (what, len) in [
@@ -136,7 +183,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function("activations", "swiglu_bwd_f32")?;
+        let f = self.function("activations", &format!("swiglu_bwd_{}", T::SUFFIX))?;
         let n_i = n as i64;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -152,19 +199,19 @@ impl CudaBackend {
     }
 
     /// Twin of `cpu::activations::gelu_fwd` (exact erf GELU).
-    // gelu_fwd_f32(const float* x, float* y, long long n)
-    pub fn gelu_fwd(
+    // gelu_fwd_{f32,bf16}(const T* x, T* y, long long n)
+    pub fn gelu_fwd<T: Elem>(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         n: usize,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         need("gelu_fwd", "x", x.len(), n)?;
         need("gelu_fwd", "y", y.len(), n)?;
         if n == 0 {
             return Ok(());
         }
-        let f = self.function("activations", "gelu_fwd_f32")?;
+        let f = self.function("activations", &format!("gelu_fwd_{}", T::SUFFIX))?;
         let n_i = n as i64;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(x).arg(y).arg(&n_i);
@@ -174,13 +221,13 @@ impl CudaBackend {
     }
 
     /// Twin of `cpu::activations::gelu_bwd` (`dx` overwritten).
-    // gelu_bwd_f32(const float* dy, const float* x, float* dx, long long n)
-    pub fn gelu_bwd(
+    // gelu_bwd_{f32,bf16}(const T* dy, const T* x, T* dx, long long n)
+    pub fn gelu_bwd<T: Elem>(
         &self,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
+        dy: &CudaSlice<T>,
+        x: &CudaSlice<T>,
         n: usize,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         for (what, len) in [("dy", dy.len()), ("x", x.len()), ("dx", dx.len())] {
             need("gelu_bwd", what, len, n)?;
@@ -188,7 +235,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function("activations", "gelu_bwd_f32")?;
+        let f = self.function("activations", &format!("gelu_bwd_{}", T::SUFFIX))?;
         let n_i = n as i64;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(dy).arg(x).arg(dx).arg(&n_i);
@@ -200,17 +247,17 @@ impl CudaBackend {
     /// Twin of `cpu::embedding::embedding_fwd` for device-resident ids
     /// (decode feeds back sampled ids). An id outside the vocabulary gives a
     /// NaN row instead of the CPU's error.
-    // embedding_fwd_f32(const unsigned int* ids, const float* table, float* out,
+    // embedding_fwd_{f32,bf16}(const unsigned int* ids, const T* table, T* out,
     //     int tokens, int dim, int vocab)
     #[allow(clippy::too_many_arguments)]
-    pub fn embedding_fwd(
+    pub fn embedding_fwd<T: Elem>(
         &self,
         ids: &CudaSlice<u32>,
         tokens: usize,
-        table: &CudaSlice<f32>,
+        table: &CudaSlice<T>,
         vocab: usize,
         dim: usize,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "embedding_fwd";
         need(K, "ids", ids.len(), tokens)?;
@@ -219,7 +266,7 @@ impl CudaBackend {
         if tokens * dim == 0 {
             return Ok(());
         }
-        let f = self.function("embedding", "embedding_fwd_f32")?;
+        let f = self.function("embedding", &format!("embedding_fwd_{}", T::SUFFIX))?;
         let tokens_i = to_i32(K, "tokens", tokens)?;
         let dim_i = to_i32(K, "dim", dim)?;
         let vocab_i = to_i32(K, "vocab", vocab)?;

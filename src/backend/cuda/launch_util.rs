@@ -50,3 +50,17 @@ pub(super) fn row_grid(rows: usize, threads: u32) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+/// Storage types of the kernels that come in f32 and bf16 variants; the
+/// kernel name ends in the suffix (`swiglu_fwd_bf16`).
+pub trait Elem: cudarc::driver::DeviceRepr + Copy {
+    const SUFFIX: &'static str;
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}

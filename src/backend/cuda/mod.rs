@@ -16,6 +16,7 @@ mod vision;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
 pub use elementwise::RopeFreqsDevice;
+pub use launch_util::Elem;
 pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
 pub use optim::{clip_coefficient, AdamWTensor};
 pub use vision::PatchMask;

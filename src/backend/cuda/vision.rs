@@ -2,15 +2,15 @@
 //! keeps the C signature it launches in a comment: kernel arguments are
 //! untyped.
 
-use super::launch_util::{need, to_i32};
+use super::launch_util::{need, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use crate::processor::image::{normalize_lut, ImageProcessorConfig};
 use crate::rl::perturb::patch_mask_threshold;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// The perturbed copy of a patch-embed call: its output and the draw.
-pub struct PatchMask<'a> {
-    pub out: &'a mut CudaSlice<f32>,
+pub struct PatchMask<'a, T> {
+    pub out: &'a mut CudaSlice<T>,
     pub seed: u64,
     /// Probability of blackening each patch.
     pub p: f64,
@@ -29,19 +29,21 @@ impl CudaBackend {
     /// writing `pixel_values[N, 3*T*P*P]`; with `mask`, also the twin of
     /// `rl::perturb::blacken_patches_hashed` applied to a copy, in the same
     /// pass over the image.
-    // patch_embed_u8_f32(const unsigned char* img, int width, int height,
-    //     const float* lut, float* out, float* out_masked, int patch, int merge,
+    /// With `T = bf16` the outputs are the f32 values rounded to bf16 (the
+    /// GEMM operand).
+    // patch_embed_u8_{f32,bf16}(const unsigned char* img, int width, int height,
+    //     const float* lut, T* out, T* out_masked, int patch, int merge,
     //     int temporal, unsigned long long seed, unsigned threshold)
     #[allow(clippy::too_many_arguments)]
-    pub fn patch_embed(
+    pub fn patch_embed<T: Elem>(
         &self,
         cfg: &ImageProcessorConfig,
         lut: &CudaSlice<f32>,
         img: &CudaSlice<u8>,
         width: usize,
         height: usize,
-        out: &mut CudaSlice<f32>,
-        mask: Option<PatchMask>,
+        out: &mut CudaSlice<T>,
+        mask: Option<PatchMask<T>>,
     ) -> Result<(), CudaError> {
         const K: &str = "patch_embed";
         let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
@@ -68,7 +70,7 @@ impl CudaBackend {
             to_i32(K, "merge", m)?,
             to_i32(K, "temporal", t)?,
         );
-        let f = self.function("patch_embed", "patch_embed_u8_f32")?;
+        let f = self.function("patch_embed", &format!("patch_embed_u8_{}", T::SUFFIX))?;
         let cfg_launch = LaunchConfig {
             grid_dim: (patches as u32, 1, 1),
             block_dim: (features.next_multiple_of(32).min(1024) as u32, 1, 1),
