@@ -17,7 +17,7 @@ case "${1:-}" in
     bash scripts/install-cuda-toolchain.sh >/dev/null
     mkdir -p "$bundle"
     cargo build --release --bin vppo-engine
-    cp target/release/vppo-engine "$bundle/"
+    cp "${CARGO_TARGET_DIR:-target}/release/vppo-engine" "$bundle/"
     shaders_bin=$(cargo test --release --test shaders --no-run --message-format=json 2>/dev/null |
       python3 -c 'import json,sys
 for line in sys.stdin:
