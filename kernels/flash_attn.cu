@@ -7,13 +7,17 @@
 //   query head h reads kv head h / (q_heads / kv_heads);
 //   causal aligns the ends: query i of a sequence (Lq queries, Lk keys) sees
 //   keys j <= i + Lk - Lq; a query that sees no key gets o = 0, lse = -inf.
-// Head dims 80 (vision) and 128 (text) are instantiated.
+// Head dims 80 (vision) and 128 (text) are instantiated, each on f32 and on
+// bf16 storage (q, k, v, o, dout, dq, dk, dv in bf16; lse, delta and all
+// arithmetic in f32; the _bf16 twin is the f32 op between cpu::cast
+// conversions).
 //
 // Layout of the work: a block of 128 threads owns a 32-row tile; thread t
 // owns row t / 4 of the tile and the columns (t % 4) + 4 c of every product,
 // so the 4 threads of a row reduce with two shuffles. Tiles live in shared
 // memory with a +1 row pad (no bank conflicts on the column walks).
 #include "common.cuh"
+#include "elem.cuh"
 
 #define FA_TILE 32
 #define FA_THREADS 128
@@ -26,14 +30,14 @@ __device__ __forceinline__ int fa_visible(int i, int lq, int lk, int causal) {
 
 // Rows [row0, row0 + valid) of head h of a [T, heads, D] tensor into
 // tile[FA_TILE][D + 1]; rows past `valid` are zero.
-template <int D>
+template <int D, typename T>
 __device__ __forceinline__ void fa_load_tile(float* __restrict__ tile,
-                                             const float* __restrict__ src, int row0,
+                                             const T* __restrict__ src, int row0,
                                              int valid, int heads, int h) {
     constexpr int LD = D + 1;
     for (int idx = threadIdx.x; idx < FA_TILE * D; idx += FA_THREADS) {
         const int r = idx / D, d = idx - r * D;
-        tile[r * LD + d] = r < valid ? src[((size_t)(row0 + r) * heads + h) * D + d] : 0.0f;
+        tile[r * LD + d] = r < valid ? elem_ld(src, ((size_t)(row0 + r) * heads + h) * D + d) : 0.0f;
     }
 }
 
@@ -44,13 +48,13 @@ constexpr int fa_fwd_smem_floats() {
 }
 
 // grid (ceil(max_seqlen_q / 32), q_heads, seqs), block 128.
-template <int D>
-__device__ __forceinline__ void flash_fwd(const float* __restrict__ q,
-                                          const float* __restrict__ k,
-                                          const float* __restrict__ v,
+template <int D, typename T>
+__device__ __forceinline__ void flash_fwd(const T* __restrict__ q,
+                                          const T* __restrict__ k,
+                                          const T* __restrict__ v,
                                           const int* __restrict__ cu_q,
                                           const int* __restrict__ cu_k,
-                                          float* __restrict__ o, float* __restrict__ lse,
+                                          T* __restrict__ o, float* __restrict__ lse,
                                           int hq, int hkv, float scale, int causal) {
     static_assert(D % 4 == 0, "head_dim must be a multiple of 4");
     constexpr int LD = D + 1, DC = D / 4, PLD = FA_TILE + 1;
@@ -126,26 +130,36 @@ __device__ __forceinline__ void flash_fwd(const float* __restrict__ q,
         const size_t row = (size_t)(qs + i0 + r) * hq + h;
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;
 #pragma unroll
-        for (int j = 0; j < DC; ++j) o[row * D + sub + 4 * j] = acc[j] * inv;
+        for (int j = 0; j < DC; ++j) elem_st(o, row * D + sub + 4 * j, acc[j] * inv);
         if (sub == 0) lse[row] = l > 0.0f ? m + logf(l) : -INFINITY;
     }
 }
 
 // delta[row] = sum_d dout[row, d] * o[row, d] for rows = Tq * q_heads; one
 // warp per row.
-extern "C" __global__ void flash_attn_bwd_delta_f32(const float* __restrict__ o,
-                                                    const float* __restrict__ dout,
-                                                    float* __restrict__ delta, int rows,
-                                                    int head_dim) {
+template <typename T>
+__device__ __forceinline__ void flash_bwd_delta(const T* __restrict__ o,
+                                                const T* __restrict__ dout,
+                                                float* __restrict__ delta, int rows,
+                                                int head_dim) {
     const int row = blockIdx.x * (blockDim.x / VPPO_WARP) + threadIdx.x / VPPO_WARP;
     const int lane = threadIdx.x % VPPO_WARP;
     if (row >= rows) return;
-    const float* a = o + (size_t)row * head_dim;
-    const float* b = dout + (size_t)row * head_dim;
+    const size_t at = (size_t)row * head_dim;
     float acc = 0.0f;
-    for (int d = lane; d < head_dim; d += VPPO_WARP) acc += a[d] * b[d];
+    for (int d = lane; d < head_dim; d += VPPO_WARP) acc += elem_ld(o, at + d) * elem_ld(dout, at + d);
     acc = warp_sum(acc);
     if (lane == 0) delta[row] = acc;
+}
+
+extern "C" __global__ void flash_attn_bwd_delta_f32(const float* o, const float* dout,
+                                                    float* delta, int rows, int head_dim) {
+    flash_bwd_delta<float>(o, dout, delta, rows, head_dim);
+}
+
+extern "C" __global__ void flash_attn_bwd_delta_bf16(const bf16_t* o, const bf16_t* dout,
+                                                     float* delta, int rows, int head_dim) {
+    flash_bwd_delta<bf16_t>(o, dout, delta, rows, head_dim);
 }
 
 template <int D>
@@ -155,16 +169,16 @@ constexpr int fa_dq_smem_floats() {
 
 // dq = scale * dS K with dS = P * (dP - delta), dP = dO V^T; one block per
 // query tile (deterministic: no atomics). grid as the forward.
-template <int D>
-__device__ __forceinline__ void flash_bwd_dq(const float* __restrict__ q,
-                                             const float* __restrict__ k,
-                                             const float* __restrict__ v,
-                                             const float* __restrict__ dout,
+template <int D, typename T>
+__device__ __forceinline__ void flash_bwd_dq(const T* __restrict__ q,
+                                             const T* __restrict__ k,
+                                             const T* __restrict__ v,
+                                             const T* __restrict__ dout,
                                              const float* __restrict__ lse,
                                              const float* __restrict__ delta,
                                              const int* __restrict__ cu_q,
                                              const int* __restrict__ cu_k,
-                                             float* __restrict__ dq, int hq, int hkv,
+                                             T* __restrict__ dq, int hq, int hkv,
                                              float scale, int causal) {
     constexpr int LD = D + 1, DC = D / 4, PLD = FA_TILE + 1;
     extern __shared__ float smem[];
@@ -227,7 +241,7 @@ __device__ __forceinline__ void flash_bwd_dq(const float* __restrict__ q,
     }
     if (r < rows) {
 #pragma unroll
-        for (int j = 0; j < DC; ++j) dq[row * D + sub + 4 * j] = scale * acc[j];
+        for (int j = 0; j < DC; ++j) elem_st(dq, row * D + sub + 4 * j, scale * acc[j]);
     }
 }
 
@@ -240,16 +254,16 @@ constexpr int fa_dkdv_smem_floats() {
 // one block per key tile of one kv head (deterministic: no atomics).
 // grid (ceil(max_seqlen_k / 32), kv_heads, seqs), block 128. Thread t owns
 // key row t / 4 of the tile.
-template <int D>
-__device__ __forceinline__ void flash_bwd_dkdv(const float* __restrict__ q,
-                                               const float* __restrict__ k,
-                                               const float* __restrict__ v,
-                                               const float* __restrict__ dout,
+template <int D, typename T>
+__device__ __forceinline__ void flash_bwd_dkdv(const T* __restrict__ q,
+                                               const T* __restrict__ k,
+                                               const T* __restrict__ v,
+                                               const T* __restrict__ dout,
                                                const float* __restrict__ lse,
                                                const float* __restrict__ delta,
                                                const int* __restrict__ cu_q,
                                                const int* __restrict__ cu_k,
-                                               float* __restrict__ dk, float* __restrict__ dv,
+                                               T* __restrict__ dk, T* __restrict__ dv,
                                                int hq, int hkv, float scale, int causal) {
     constexpr int LD = D + 1, DC = D / 4, PLD = FA_TILE + 1;
     extern __shared__ float smem[];
@@ -329,32 +343,35 @@ __device__ __forceinline__ void flash_bwd_dkdv(const float* __restrict__ q,
         const size_t row = (size_t)(ks + j) * hkv + g;
 #pragma unroll
         for (int x = 0; x < DC; ++x) {
-            dk[row * D + sub + 4 * x] = scale * dk_acc[x];
-            dv[row * D + sub + 4 * x] = dv_acc[x];
+            elem_st(dk, row * D + sub + 4 * x, scale * dk_acc[x]);
+            elem_st(dv, row * D + sub + 4 * x, dv_acc[x]);
         }
     }
 }
 
-#define FA_INSTANTIATE(D)                                                                      \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                   \
-        flash_attn_fwd_d##D##_f32(const float* q, const float* k, const float* v,              \
-                                  const int* cu_q, const int* cu_k, float* o, float* lse,      \
-                                  int hq, int hkv, float scale, int causal) {                  \
-        flash_fwd<D>(q, k, v, cu_q, cu_k, o, lse, hq, hkv, scale, causal);                     \
+#define FA_INSTANTIATE(D, T, SUF)                                                              \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                \
+        flash_attn_fwd_d##D##_##SUF(const T* q, const T* k, const T* v, const int* cu_q,       \
+                                    const int* cu_k, T* o, float* lse, int hq, int hkv,        \
+                                    float scale, int causal) {                                 \
+        flash_fwd<D, T>(q, k, v, cu_q, cu_k, o, lse, hq, hkv, scale, causal);                  \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_attn_bwd_dq_d##D##_f32(     \
-        const float* q, const float* k, const float* v, const float* dout, const float* lse,   \
-        const float* delta, const int* cu_q, const int* cu_k, float* dq, int hq, int hkv,      \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_attn_bwd_dq_d##D##_##SUF( \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse,                   \
+        const float* delta, const int* cu_q, const int* cu_k, T* dq, int hq, int hkv,          \
         float scale, int causal) {                                                             \
-        flash_bwd_dq<D>(q, k, v, dout, lse, delta, cu_q, cu_k, dq, hq, hkv, scale, causal);    \
+        flash_bwd_dq<D, T>(q, k, v, dout, lse, delta, cu_q, cu_k, dq, hq, hkv, scale, causal); \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_attn_bwd_dkdv_d##D##_f32(   \
-        const float* q, const float* k, const float* v, const float* dout, const float* lse,   \
-        const float* delta, const int* cu_q, const int* cu_k, float* dk, float* dv, int hq,    \
-        int hkv, float scale, int causal) {                                                    \
-        flash_bwd_dkdv<D>(q, k, v, dout, lse, delta, cu_q, cu_k, dk, dv, hq, hkv, scale,       \
-                          causal);                                                             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                \
+        flash_attn_bwd_dkdv_d##D##_##SUF(const T* q, const T* k, const T* v, const T* dout,    \
+                                         const float* lse, const float* delta,                 \
+                                         const int* cu_q, const int* cu_k, T* dk, T* dv,       \
+                                         int hq, int hkv, float scale, int causal) {           \
+        flash_bwd_dkdv<D, T>(q, k, v, dout, lse, delta, cu_q, cu_k, dk, dv, hq, hkv, scale,    \
+                             causal);                                                          \
     }
 
-FA_INSTANTIATE(80)
-FA_INSTANTIATE(128)
+FA_INSTANTIATE(80, float, f32)
+FA_INSTANTIATE(128, float, f32)
+FA_INSTANTIATE(80, bf16_t, bf16)
+FA_INSTANTIATE(128, bf16_t, bf16)

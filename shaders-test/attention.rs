@@ -2,6 +2,7 @@
 //! `cpu::attention` and `cpu::paged_attention`.
 
 use crate::{check, cuda, drv, random, Case, FP32_TOL};
+use half::bf16;
 use rand::Rng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::attention::VarlenAttention;
@@ -231,5 +232,122 @@ pub fn cases() -> Vec<Case> {
         paged_case(vec![17, 0, 300, 64], 16, 8, 2, 128),
         paged_case(vec![5, 1000], 32, 4, 4, 80),
         paged_case(vec![33, 129], 16, 28, 4, 128),
+    ]
+}
+
+/// bf16 storage (f32 arithmetic): inputs rounded to bf16, the CPU op on the
+/// widened inputs as reference, relative error below 1e-2 (lse below 1e-5).
+pub fn flash_bf16_case(
+    q_lens: Vec<usize>,
+    k_lens: Vec<usize>,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> Case {
+    Case {
+        name: format!(
+            "flash_attn bf16 fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
+            if causal { " causal" } else { "" }
+        ),
+        run: Box::new(move |gpu, rng| {
+            let s = gpu.stream();
+            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
+            let cfg = VarlenAttention {
+                cu_seqlens_q: &cu_q,
+                cu_seqlens_k: &cu_k,
+                q_heads,
+                kv_heads,
+                head_dim,
+                causal,
+                scale: 1.0 / (head_dim as f64).sqrt(),
+            };
+            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
+            let (nq, nk) = (tq * q_heads * head_dim, tk * kv_heads * head_dim);
+            let round = |v: Vec<f32>| -> Vec<bf16> {
+                let mut out = vec![bf16::ZERO; v.len()];
+                cpu::cast::f32_to_bf16(&v, &mut out);
+                out
+            };
+            let widen = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+            let q = round(random(rng, nq, 2.0));
+            let k = round(random(rng, nk, 2.0));
+            let v = round(random(rng, nk, 1.0));
+            let dout = round(random(rng, nq, 1.0));
+            let (qf, kf, vf, df) = (widen(&q), widen(&k), widen(&v), widen(&dout));
+            let mut o_ref = vec![0.0; nq];
+            let mut lse_ref = vec![0.0; tq * q_heads];
+            cpu::attention::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
+                .map_err(|e| e.to_string())?;
+            let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            cpu::attention::attention_bwd(
+                &cfg,
+                &qf,
+                &kf,
+                &vf,
+                &o_ref,
+                &lse_ref,
+                &df,
+                &mut dq_ref,
+                &mut dk_ref,
+                &mut dv_ref,
+            )
+            .map_err(|e| e.to_string())?;
+            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
+            let up = |x: &[bf16]| s.clone_htod(x).map_err(drv);
+            let poison = |n: usize| s.clone_htod(&vec![bf16::NAN; n.max(1)]).map_err(drv);
+            let (q_d, k_d, v_d, do_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
+            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
+            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
+            let mut o_d = poison(nq)?;
+            let mut lse_d = s
+                .clone_htod(&vec![f32::NAN; (tq * q_heads).max(1)])
+                .map_err(drv)?;
+            gpu.flash_attn_fwd(&shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d)
+                .map_err(cuda)?;
+            let (mut dq_d, mut dk_d, mut dv_d) = (poison(nq)?, poison(nk)?, poison(nk)?);
+            let mut delta_d = s
+                .clone_htod(&vec![f32::NAN; (tq * q_heads).max(1)])
+                .map_err(drv)?;
+            gpu.flash_attn_bwd(
+                &shape,
+                &q_d,
+                &k_d,
+                &v_d,
+                &o_d,
+                &lse_d,
+                &do_d,
+                &cu_q_d,
+                &cu_k_d,
+                &mut delta_d,
+                &mut dq_d,
+                &mut dk_d,
+                &mut dv_d,
+            )
+            .map_err(cuda)?;
+            let down = |x: &cudarc::driver::CudaSlice<bf16>, n: usize| -> Result<Vec<f32>, String> {
+                Ok(widen(&s.clone_dtoh(x).map_err(drv)?[..n]))
+            };
+            let mut lse = s.clone_dtoh(&lse_d).map_err(drv)?;
+            lse.truncate(tq * q_heads);
+            let e_o = check("o", &down(&o_d, nq)?, &o_ref, BF16_TOL)?;
+            let e_l = check_lse(&lse, &lse_ref, FP32_TOL)?;
+            let e_dq = check("dq", &down(&dq_d, nq)?, &dq_ref, BF16_TOL)?;
+            let e_dk = check("dk", &down(&dk_d, nk)?, &dk_ref, BF16_TOL)?;
+            let e_dv = check("dv", &down(&dv_d, nk)?, &dv_ref, BF16_TOL)?;
+            Ok(format!(
+                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
+            ))
+        }),
+    }
+}
+
+const BF16_TOL: f64 = 1e-2;
+
+pub fn bf16_cases() -> Vec<Case> {
+    vec![
+        flash_bf16_case(vec![5, 64, 100], vec![5, 64, 100], 4, 4, 80, false),
+        flash_bf16_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
+        flash_bf16_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
     ]
 }

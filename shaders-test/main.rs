@@ -260,6 +260,7 @@ fn cases() -> Vec<Case> {
     ]
     .into_iter()
     .chain(attention::cases())
+    .chain(attention::bf16_cases())
     .chain(elementwise::cases())
     .chain(elementwise::bf16_cases())
     .chain(loss::cases())

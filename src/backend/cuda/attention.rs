@@ -2,7 +2,7 @@
 //! `kernels/paged_attn.cu`). Each keeps the C signature it launches in a
 //! comment: kernel arguments are untyped.
 
-use super::launch_util::{need, to_i32};
+use super::launch_util::{need, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use crate::backend::cpu::attention::VarlenAttention;
 use crate::backend::cpu::check_cu_seqlens;
@@ -121,20 +121,20 @@ fn fa_config(tiles: usize, heads: usize, seqs: usize, smem: usize) -> LaunchConf
 
 impl CudaBackend {
     /// Twin of `cpu::attention::attention_fwd`: writes `o[Tq, q_heads, D]`
-    /// and `lse[Tq, q_heads]`.
-    // flash_attn_fwd_d{80,128}_f32(const float* q, const float* k, const float* v,
-    //     const int* cu_q, const int* cu_k, float* o, float* lse,
+    /// and `lse[Tq, q_heads]` (f32 whatever the storage type `T`).
+    // flash_attn_fwd_d{80,128}_{f32,bf16}(const T* q, const T* k, const T* v,
+    //     const int* cu_q, const int* cu_k, T* o, float* lse,
     //     int hq, int hkv, float scale, int causal)
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_attn_fwd(
+    pub fn flash_attn_fwd<T: Elem>(
         &self,
         shape: &FlashAttnShape,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
         cu_seqlens_q: &CudaSlice<i32>,
         cu_seqlens_k: &CudaSlice<i32>,
-        o: &mut CudaSlice<f32>,
+        o: &mut CudaSlice<T>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_fwd";
@@ -150,7 +150,7 @@ impl CudaBackend {
             return Ok(());
         }
         let d = shape.head_dim;
-        let f = self.function("flash_attn", &format!("flash_attn_fwd_d{d}_f32"))?;
+        let f = self.function("flash_attn", &format!("flash_attn_fwd_d{d}_{}", T::SUFFIX))?;
         let smem = fa_smem_bytes("fwd", d);
         opt_in_smem(&f, smem)?;
         let hq = to_i32(K, "q_heads", shape.q_heads)?;
@@ -184,32 +184,32 @@ impl CudaBackend {
 
     /// Twin of `cpu::attention::attention_bwd`: writes `dq`, `dk`, `dv`
     /// (overwritten). `delta` is scratch of `Tq * q_heads` floats.
-    // flash_attn_bwd_delta_f32(const float* o, const float* dout, float* delta,
+    // flash_attn_bwd_delta_{f32,bf16}(const T* o, const T* dout, float* delta,
     //     int rows, int head_dim)
-    // flash_attn_bwd_dq_d{80,128}_f32(const float* q, const float* k, const float* v,
-    //     const float* dout, const float* lse, const float* delta,
-    //     const int* cu_q, const int* cu_k, float* dq, int hq, int hkv,
+    // flash_attn_bwd_dq_d{80,128}_{f32,bf16}(const T* q, const T* k, const T* v,
+    //     const T* dout, const float* lse, const float* delta,
+    //     const int* cu_q, const int* cu_k, T* dq, int hq, int hkv,
     //     float scale, int causal)
-    // flash_attn_bwd_dkdv_d{80,128}_f32(const float* q, const float* k,
-    //     const float* v, const float* dout, const float* lse, const float* delta,
-    //     const int* cu_q, const int* cu_k, float* dk, float* dv, int hq, int hkv,
+    // flash_attn_bwd_dkdv_d{80,128}_{f32,bf16}(const T* q, const T* k,
+    //     const T* v, const T* dout, const float* lse, const float* delta,
+    //     const int* cu_q, const int* cu_k, T* dk, T* dv, int hq, int hkv,
     //     float scale, int causal)
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_attn_bwd(
+    pub fn flash_attn_bwd<T: Elem>(
         &self,
         shape: &FlashAttnShape,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        o: &CudaSlice<f32>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        o: &CudaSlice<T>,
         lse: &CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
+        dout: &CudaSlice<T>,
         cu_seqlens_q: &CudaSlice<i32>,
         cu_seqlens_k: &CudaSlice<i32>,
         delta: &mut CudaSlice<f32>,
-        dq: &mut CudaSlice<f32>,
-        dk: &mut CudaSlice<f32>,
-        dv: &mut CudaSlice<f32>,
+        dq: &mut CudaSlice<T>,
+        dk: &mut CudaSlice<T>,
+        dv: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_bwd";
         shape.check(K)?;
@@ -235,7 +235,7 @@ impl CudaBackend {
         let causal = i32::from(shape.causal);
 
         if rows > 0 {
-            let f = self.function("flash_attn", "flash_attn_bwd_delta_f32")?;
+            let f = self.function("flash_attn", &format!("flash_attn_bwd_delta_{}", T::SUFFIX))?;
             let rows_i = to_i32(K, "rows", rows)?;
             let d_i = d as i32;
             let mut launch = self.stream.launch_builder(&f);
@@ -256,7 +256,10 @@ impl CudaBackend {
             unsafe { launch.launch(cfg) }?;
         }
         if shape.max_seqlen_q > 0 {
-            let f = self.function("flash_attn", &format!("flash_attn_bwd_dq_d{d}_f32"))?;
+            let f = self.function(
+                "flash_attn",
+                &format!("flash_attn_bwd_dq_d{d}_{}", T::SUFFIX),
+            )?;
             let smem = fa_smem_bytes("bwd_dq", d);
             opt_in_smem(&f, smem)?;
             let mut launch = self.stream.launch_builder(&f);
@@ -284,7 +287,10 @@ impl CudaBackend {
             unsafe { launch.launch(cfg) }?;
         }
         if shape.max_seqlen_k > 0 {
-            let f = self.function("flash_attn", &format!("flash_attn_bwd_dkdv_d{d}_f32"))?;
+            let f = self.function(
+                "flash_attn",
+                &format!("flash_attn_bwd_dkdv_d{d}_{}", T::SUFFIX),
+            )?;
             let smem = fa_smem_bytes("bwd_dkdv", d);
             opt_in_smem(&f, smem)?;
             let mut launch = self.stream.launch_builder(&f);
