@@ -345,22 +345,23 @@ impl CudaBackend {
     /// Twin of `cpu::paged_attention::paged_decode_attention`, for `batch`
     /// sequences whose tables and lengths come from [`flatten_block_tables`].
     /// Every table entry a sequence uses must name a block of the caches.
-    // paged_decode_attention_f32(const float* q, const float* k_cache,
-    //     const float* v_cache, const int* block_tables, const int* seq_lens,
-    //     float* o, int q_heads, int kv_heads, int head_dim, int block_size,
+    /// With `T = bf16`, q, the caches and o are bf16 (f32 arithmetic).
+    // paged_decode_attention_{f32,bf16}(const T* q, const T* k_cache,
+    //     const T* v_cache, const int* block_tables, const int* seq_lens,
+    //     T* o, int q_heads, int kv_heads, int head_dim, int block_size,
     //     int table_stride, float scale)
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_decode_attention(
+    pub fn paged_decode_attention<T: Elem>(
         &self,
         shape: &PagedShape,
         batch: usize,
-        q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<f32>,
-        v_cache: &CudaSlice<f32>,
+        q: &CudaSlice<T>,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
         block_tables: &CudaSlice<i32>,
         table_stride: usize,
         seq_lens: &CudaSlice<i32>,
-        o: &mut CudaSlice<f32>,
+        o: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "paged_decode_attention";
         let bad = |reason: String| Err(CudaError::Unsupported { kernel: K, reason });
@@ -387,7 +388,10 @@ impl CudaBackend {
         if batch == 0 {
             return Ok(());
         }
-        let f = self.function("paged_attn", "paged_decode_attention_f32")?;
+        let f = self.function(
+            "paged_attn",
+            &format!("paged_decode_attention_{}", T::SUFFIX),
+        )?;
         let hq = to_i32(K, "q_heads", shape.q_heads)?;
         let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
         let d = to_i32(K, "head_dim", shape.head_dim)?;
