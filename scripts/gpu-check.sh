@@ -17,7 +17,7 @@ case "${1:-}" in
     bash scripts/install-cuda-toolchain.sh >/dev/null
     mkdir -p "$bundle"
     cargo build --release --bin vppo-engine
-    cp target/release/vppo-engine "$bundle/"
+    cp "${CARGO_TARGET_DIR:-target}/release/vppo-engine" "$bundle/"
     shaders_bin=$(cargo test --release --test shaders --no-run --message-format=json 2>/dev/null |
       python3 -c 'import json,sys
 for line in sys.stdin:
@@ -32,6 +32,15 @@ for line in sys.stdin:
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv || true
     "$bundle/vppo-engine" info
     "$bundle/shaders"
+    # Out-of-bounds / race check of the kernels on their small cases (the
+    # large ones would take minutes under the sanitizer).
+    if command -v compute-sanitizer >/dev/null; then
+      timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+        "$bundle/shaders" "flash_attn" "paged_decode lens=[1]" "rope Text1d fwd+bwd tokens=1 " \
+        "n=1" "tokens=1000" "logprob chunked fwd+bwd rows=5" "adamw multi-tensor lens=[1]" \
+        "sample rows=32 vocab=777" "sample rows=64 vocab=1000" "patch_embed 28x28" ||
+        echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
+    fi
     ;;
   *)
     echo "usage: $0 build|run" >&2

@@ -6,6 +6,13 @@
 //! Without a CUDA device (or without embedded kernels) every case is reported
 //! as skipped, with the reason. Runs as `cargo test --test shaders`.
 
+mod attention;
+mod elementwise;
+mod loss;
+mod optim;
+mod sampling;
+mod vision;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vppo_engine::backend::cpu;
@@ -251,10 +258,29 @@ fn cases() -> Vec<Case> {
         topk_case(vec![2048, 4097, 3], 0.4, true),
         topk_case(vec![50, 25, 7], 0.3, true),
     ]
+    .into_iter()
+    .chain(attention::cases())
+    .chain(attention::bf16_cases())
+    .chain(elementwise::cases())
+    .chain(elementwise::bf16_cases())
+    .chain(loss::cases())
+    .chain(optim::cases())
+    .chain(sampling::cases())
+    .chain(vision::cases())
+    .collect()
 }
 
 fn main() {
-    let cases = cases();
+    // Optional arguments keep only the cases whose name contains one of them
+    // (`shaders flash_attn paged`); cargo's own flags are ignored.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name.contains(f.as_str())))
+        .collect();
     let backend = match CudaBackend::new(0) {
         Ok(b) => b,
         Err(e) => {
@@ -269,7 +295,19 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
-        match (case.run)(&backend, &mut rng) {
+        // A panicking case (a shape assert, say) fails alone.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (case.run)(&backend, &mut rng)
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {what}"))
+        });
+        match outcome {
             Ok(detail) => {
                 passed += 1;
                 println!("ok    {:<50} {detail}", case.name);

@@ -261,10 +261,10 @@ pub fn process_image(
 /// Normalises and lays out the patches of an already resized image:
 /// rows ordered (merged row, merged col, inner row, inner col), features
 /// `((c * T + t) * P + y) * P + x`; the single frame is repeated over T.
-pub fn patchify(img: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
-    let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
-    let (gh, gw) = (img.height / p, img.width / p);
-    // transformers: u8 -> f64 * scale -> f32, then (x - mean) / std in f32.
+/// The normalised value of every channel byte: transformers' u8 -> f64 *
+/// scale -> f32, then (x - mean) / std in f32. The GPU patch-embed kernel
+/// (`kernels/patch_embed.cu`) reads this same table.
+pub fn normalize_lut(cfg: &ImageProcessorConfig) -> [[f32; 256]; 3] {
     let mut lut = [[0f32; 256]; 3];
     for (c, table) in lut.iter_mut().enumerate() {
         for (v, out) in table.iter_mut().enumerate() {
@@ -272,6 +272,14 @@ pub fn patchify(img: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
             *out = (x - cfg.image_mean[c]) / cfg.image_std[c];
         }
     }
+    lut
+}
+
+/// GPU twin: `kernels/patch_embed.cu` (patch_embed_u8_f32).
+pub fn patchify(img: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
+    let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
+    let (gh, gw) = (img.height / p, img.width / p);
+    let lut = normalize_lut(cfg);
     let patch_dim = 3 * tp * p * p;
     let mut out = Vec::with_capacity(gh * gw * patch_dim);
     for hb in 0..gh / m {

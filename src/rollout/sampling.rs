@@ -52,7 +52,29 @@ pub fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -
     (token as u32, logits[token] - lse)
 }
 
+/// [`sample_token`] with the uniform draw given instead of a generator (used
+/// only when `temperature > 0`): the contract of the GPU sampling kernel.
+pub fn sample_token_with_uniform(logits: &[f32], params: &SamplingParams, u: f32) -> (u32, f32) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&z| (z - max).exp()).sum::<f32>().ln();
+    let token = if params.temperature <= 0.0 {
+        logits.iter().position(|&z| z == max).unwrap_or(0)
+    } else {
+        pick_with_uniform(logits, params, u)
+    };
+    (token as u32, logits[token] - lse)
+}
+
 fn pick(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> usize {
+    pick_with_uniform(logits, params, rng.random::<f32>())
+}
+
+/// The non-greedy pick of [`sample_token`] with its uniform draw `u` in
+/// `[0, 1)` given: temperature, then top-k, then top-p over the candidates in
+/// descending-logit order (ties by index), then the first candidate whose
+/// cumulative probability exceeds `u` times the kept mass. The GPU sampling
+/// kernel (`kernels/sampling.cu`) has this contract, one `u` per row.
+pub fn pick_with_uniform(logits: &[f32], params: &SamplingParams, u: f32) -> usize {
     let inv_t = 1.0 / params.temperature;
     let mut order: Vec<usize> = (0..logits.len()).collect();
     if params.top_k > 0 || params.top_p < 1.0 {
@@ -89,7 +111,7 @@ fn pick(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> usize {
         order.truncate(keep);
     }
     let total: f32 = probs.iter().sum();
-    let mut u = rng.random::<f32>() * total;
+    let mut u = u * total;
     for (i, p) in probs.iter().enumerate() {
         if u < *p {
             return order[i];
@@ -102,6 +124,43 @@ fn pick(logits: &[f32], params: &SamplingParams, rng: &mut StdRng) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_uniform_contract_is_the_rng_path() {
+        let logits: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 * 0.13).sin() * 4.0)
+            .collect();
+        for params in [
+            SamplingParams::default(),
+            SamplingParams {
+                temperature: 0.7,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            SamplingParams {
+                temperature: 1.3,
+                top_p: 0.5,
+                top_k: 20,
+            },
+            SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+        ] {
+            let mut a = sample_rng(9, 1, 2);
+            let mut b = sample_rng(9, 1, 2);
+            for _ in 0..50 {
+                let want = sample_token(&logits, &params, &mut a);
+                let u = if params.temperature > 0.0 {
+                    b.random::<f32>()
+                } else {
+                    0.0
+                };
+                assert_eq!(sample_token_with_uniform(&logits, &params, u), want);
+            }
+        }
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum_and_reports_the_log_prob() {

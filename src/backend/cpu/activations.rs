@@ -1,6 +1,6 @@
 //! Elementwise activations with their derivatives: SwiGLU (the Qwen2 and
 //! vision MLPs) and exact (erf) GELU (the patch merger).
-//! GPU twin: none yet (the activation kernels come with issue #8).
+//! GPU twin: `kernels/activations.cu` (swiglu_{fwd,bwd}_f32, gelu_{fwd,bwd}_f32).
 
 use super::Real;
 use rayon::prelude::*;

@@ -12,7 +12,7 @@
 //! Saved for the backward: `lse[Tq, q_heads]`, the log-sum-exp of each row of
 //! scaled scores, so the backward recomputes probabilities block by block and
 //! no `[L, L]` matrix is kept (the flash-attention contract).
-//! GPU twin: none yet (flash attention forward/backward comes with issue #8).
+//! GPU twin: `kernels/flash_attn.cu` (flash_attn_fwd_*, flash_attn_bwd_*).
 
 use super::gemm::{gemm_view, MatView};
 use super::{check_cu_seqlens, OpError, Real};

@@ -1,7 +1,7 @@
 //! Decode-time attention: one new query per sequence against that
 //! sequence's keys and values in a paged KV cache (fixed-size blocks listed
-//! in a per-sequence block table). GPU twin: none yet (the paged decode
-//! kernel comes with issue #8).
+//! in a per-sequence block table). GPU twin: `kernels/paged_attn.cu`
+//! (paged_decode_attention_f32).
 //!
 //! Cache layout per layer: `[blocks, block_size, kv_heads, head_dim]`, the
 //! slot of token `i` of a sequence is `(table[i / block_size], i % block_size)`.

@@ -5,7 +5,8 @@
 //! Rotation (HF's `rotate_half` convention): with `c, s` the cos/sin of the
 //! angle of frequency `j < half`, `y[j] = x[j] c - x[j+half] s` and
 //! `y[j+half] = x[j+half] c + x[j] s`.
-//! GPU twin: none yet (the rotary kernels come with issue #8).
+//! GPU twin: `kernels/rope.cu` (`rope_f32`), which computes the cos/sin on
+//! the fly from the integer positions and a [`RopeFreqs`] plan.
 
 use super::Real;
 use rayon::prelude::*;
@@ -153,4 +154,101 @@ fn rotate<R: Real>(table: &RopeTable<R>, x: &[R], heads: usize, y: &mut [R], sin
                 }
             }
         });
+}
+
+/// The angle plan behind every [`RopeTable`] layout: frequency `j` of token
+/// `t` has the angle `positions[stream[j]][t] * inv_freq[j]` (f32 product).
+/// The GPU rope kernel takes this plan and the positions instead of a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFreqs {
+    pub inv_freq: Vec<f32>,
+    /// Which position stream each frequency reads.
+    pub stream: Vec<i32>,
+}
+
+impl RopeFreqs {
+    /// The plan of [`RopeTable::text_1d`] (one stream).
+    pub fn text_1d(head_dim: usize, theta: f64) -> Self {
+        assert!(head_dim % 2 == 0, "rope: head_dim must be even");
+        let inv_freq = inv_freq::<f32>(head_dim, theta);
+        let stream = vec![0; inv_freq.len()];
+        Self { inv_freq, stream }
+    }
+
+    /// The plan of [`RopeTable::mrope`] (streams t, h, w by section).
+    pub fn mrope(sections: [usize; 3], head_dim: usize, theta: f64) -> Self {
+        assert!(head_dim % 2 == 0, "rope: head_dim must be even");
+        assert_eq!(
+            sections.iter().sum::<usize>(),
+            head_dim / 2,
+            "mrope: sections must sum to head_dim/2"
+        );
+        let stream = (0..3)
+            .flat_map(|s| std::iter::repeat_n(s as i32, sections[s]))
+            .collect();
+        Self {
+            inv_freq: inv_freq::<f32>(head_dim, theta),
+            stream,
+        }
+    }
+
+    /// The plan of [`RopeTable::vision_2d`] (streams rows, cols).
+    pub fn vision_2d(head_dim: usize, theta: f64) -> Self {
+        assert!(
+            head_dim % 4 == 0,
+            "vision rope: head_dim must be a multiple of 4"
+        );
+        let f = inv_freq::<f32>(head_dim / 2, theta);
+        let nf = f.len();
+        Self {
+            inv_freq: f.iter().chain(&f).copied().collect(),
+            stream: (0..2 * nf).map(|j| i32::from(j >= nf)).collect(),
+        }
+    }
+
+    /// The table these frequencies give for `positions` (one slice per stream).
+    pub fn table(&self, positions: &[&[i32]]) -> RopeTable<f32> {
+        let tokens = positions.first().map_or(0, |p| p.len());
+        assert!(
+            positions.iter().all(|p| p.len() == tokens),
+            "rope: streams differ in length"
+        );
+        assert!(
+            self.stream.iter().all(|&s| (s as usize) < positions.len()),
+            "rope: a frequency reads a missing stream"
+        );
+        RopeTable::from_angles(tokens, self.inv_freq.len(), |t, j| {
+            positions[self.stream[j] as usize][t] as f32 * self.inv_freq[j]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: &RopeTable<f32>, b: &RopeTable<f32>) {
+        assert_eq!((a.tokens, a.half), (b.tokens, b.half));
+        assert_eq!(a.cos, b.cos);
+        assert_eq!(a.sin, b.sin);
+    }
+
+    #[test]
+    fn freq_plans_rebuild_the_tables_bit_for_bit() {
+        let p0: Vec<i32> = (0..37).map(|i| i * 7 % 29).collect();
+        let p1: Vec<i32> = (0..37).map(|i| i / 3).collect();
+        let p2: Vec<i32> = (0..37).map(|i| 1000 + i).collect();
+        same(
+            &RopeFreqs::text_1d(128, 1e6).table(&[&p2]),
+            &RopeTable::text_1d(&p2, 128, 1e6),
+        );
+        same(
+            &RopeFreqs::mrope([16, 24, 24], 128, 1e6).table(&[&p0, &p1, &p2]),
+            &RopeTable::mrope([&p0, &p1, &p2], [16, 24, 24], 128, 1e6),
+        );
+        same(
+            &RopeFreqs::vision_2d(80, 1e4).table(&[&p0, &p1]),
+            &RopeTable::vision_2d(&p0, &p1, 80, 1e4),
+        );
+    }
 }

@@ -5,7 +5,21 @@
 //! Nothing here is global: a [`CudaBackend`] is one device and one stream, so
 //! several can live in one process (one per rank, later).
 
+mod attention;
+mod elementwise;
+mod launch_util;
+mod loss;
 mod ops;
+mod optim;
+mod sampling;
+mod vision;
+
+pub use attention::{flatten_block_tables, FlashAttnShape};
+pub use elementwise::RopeFreqsDevice;
+pub use launch_util::Elem;
+pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
+pub use optim::{clip_coefficient, AdamWTensor};
+pub use vision::PatchMask;
 
 use crate::kernels;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};

@@ -1,0 +1,400 @@
+//! Flash attention (forward + backward) and paged decode attention against
+//! `cpu::attention` and `cpu::paged_attention`.
+
+use crate::{check, cuda, drv, random, Case, FP32_TOL};
+use half::bf16;
+use rand::Rng;
+use vppo_engine::backend::cpu;
+use vppo_engine::backend::cpu::attention::VarlenAttention;
+use vppo_engine::backend::cpu::paged_attention::{PagedSeq, PagedShape};
+use vppo_engine::backend::cuda::{flatten_block_tables, FlashAttnShape};
+
+/// Like `check`, for log-sum-exps: infinities must agree exactly (a query
+/// that sees no key has lse = -inf), the finite values within `tol`.
+fn check_lse(gpu: &[f32], cpu: &[f32], tol: f64) -> Result<f64, String> {
+    if gpu.len() != cpu.len() {
+        return Err("lse: length differs".into());
+    }
+    if let Some(i) = (0..cpu.len()).find(|&i| cpu[i].is_finite() != gpu[i].is_finite()) {
+        return Err(format!("lse[{i}]: gpu {} cpu {}", gpu[i], cpu[i]));
+    }
+    if let Some(i) = (0..cpu.len()).find(|&i| !cpu[i].is_finite() && gpu[i] != cpu[i]) {
+        return Err(format!("lse[{i}]: gpu {} cpu {}", gpu[i], cpu[i]));
+    }
+    let keep = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .zip(cpu)
+            .filter(|(_, c)| c.is_finite())
+            .map(|(g, _)| *g)
+            .collect()
+    };
+    check("lse", &keep(gpu), &keep(cpu), tol)
+}
+
+fn offsets(lens: &[usize]) -> Vec<i32> {
+    let mut cu = vec![0i32];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l as i32);
+    }
+    cu
+}
+
+/// `q_lens[s]` queries against `k_lens[s]` keys per sequence.
+pub fn flash_case(
+    q_lens: Vec<usize>,
+    k_lens: Vec<usize>,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> Case {
+    Case {
+        name: format!(
+            "flash_attn fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
+            if causal { " causal" } else { "" }
+        ),
+        run: Box::new(move |gpu, rng| {
+            let s = gpu.stream();
+            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
+            let cfg = VarlenAttention {
+                cu_seqlens_q: &cu_q,
+                cu_seqlens_k: &cu_k,
+                q_heads,
+                kv_heads,
+                head_dim,
+                causal,
+                scale: 1.0 / (head_dim as f64).sqrt(),
+            };
+            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
+            let (nq, nk) = (tq * q_heads * head_dim, tk * kv_heads * head_dim);
+            let q = random(rng, nq, 2.0);
+            let k = random(rng, nk, 2.0);
+            let v = random(rng, nk, 1.0);
+            let dout = random(rng, nq, 1.0);
+            let mut o_ref = vec![0.0; nq];
+            let mut lse_ref = vec![0.0; tq * q_heads];
+            cpu::attention::attention_fwd(&cfg, &q, &k, &v, &mut o_ref, &mut lse_ref)
+                .map_err(|e| e.to_string())?;
+            let (mut dq_ref, mut dk_ref, mut dv_ref) =
+                (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            cpu::attention::attention_bwd(
+                &cfg,
+                &q,
+                &k,
+                &v,
+                &o_ref,
+                &lse_ref,
+                &dout,
+                &mut dq_ref,
+                &mut dk_ref,
+                &mut dv_ref,
+            )
+            .map_err(|e| e.to_string())?;
+
+            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
+            let up = |x: &[f32]| s.clone_htod(x).map_err(drv);
+            let poison = |n: usize| s.clone_htod(&vec![f32::NAN; n.max(1)]).map_err(drv);
+            let (q_d, k_d, v_d, do_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
+            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
+            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
+            let (mut o_d, mut lse_d) = (poison(nq)?, poison(tq * q_heads)?);
+            gpu.flash_attn_fwd(
+                &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
+            )
+            .map_err(cuda)?;
+            let (mut dq_d, mut dk_d, mut dv_d) = (poison(nq)?, poison(nk)?, poison(nk)?);
+            let mut delta_d = poison(tq * q_heads)?;
+            gpu.flash_attn_bwd(
+                &shape,
+                &q_d,
+                &k_d,
+                &v_d,
+                &o_d,
+                &lse_d,
+                &do_d,
+                &cu_q_d,
+                &cu_k_d,
+                &mut delta_d,
+                &mut dq_d,
+                &mut dk_d,
+                &mut dv_d,
+            )
+            .map_err(cuda)?;
+            let down = |x: &cudarc::driver::CudaSlice<f32>, n: usize| -> Result<Vec<f32>, String> {
+                let mut v = s.clone_dtoh(x).map_err(drv)?;
+                v.truncate(n);
+                Ok(v)
+            };
+            let e_o = check("o", &down(&o_d, nq)?, &o_ref, FP32_TOL)?;
+            let e_l = check_lse(&down(&lse_d, tq * q_heads)?, &lse_ref, FP32_TOL)?;
+            let e_dq = check("dq", &down(&dq_d, nq)?, &dq_ref, FP32_TOL)?;
+            let e_dk = check("dk", &down(&dk_d, nk)?, &dk_ref, FP32_TOL)?;
+            let e_dv = check("dv", &down(&dv_d, nk)?, &dv_ref, FP32_TOL)?;
+            Ok(format!(
+                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
+            ))
+        }),
+    }
+}
+
+pub fn paged_case(
+    lens: Vec<usize>,
+    block_size: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Case {
+    paged_case_typed(lens, block_size, q_heads, kv_heads, head_dim, false)
+}
+
+/// With `bf16`, q and the caches are rounded to bf16 and the kernel runs on
+/// bf16 storage; the reference is the CPU op on the widened values.
+pub fn paged_case_typed(
+    lens: Vec<usize>,
+    block_size: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    bf16_storage: bool,
+) -> Case {
+    Case {
+        name: format!(
+            "paged_decode{} lens={lens:?} bs={block_size} h={q_heads}/{kv_heads} d={head_dim}",
+            if bf16_storage { " bf16" } else { "" }
+        ),
+        run: Box::new(move |gpu, rng| {
+            let s = gpu.stream();
+            // Blocks handed out in a shuffled order, plus unused ones.
+            let needed: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum();
+            let n_blocks = needed + 3;
+            let mut free: Vec<usize> = (0..n_blocks).collect();
+            for i in (1..free.len()).rev() {
+                free.swap(i, rng.random_range(0..=i));
+            }
+            let tables: Vec<Vec<usize>> = lens
+                .iter()
+                .map(|l| {
+                    (0..l.div_ceil(block_size))
+                        .map(|_| free.pop().unwrap())
+                        .collect()
+                })
+                .collect();
+            let seqs: Vec<PagedSeq> = tables
+                .iter()
+                .zip(&lens)
+                .map(|(t, &len)| PagedSeq {
+                    block_table: t,
+                    len,
+                })
+                .collect();
+            let shape = PagedShape {
+                block_size,
+                q_heads,
+                kv_heads,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            };
+            let cache_len = n_blocks * block_size * kv_heads * head_dim;
+            // bf16 storage: values already on the bf16 grid.
+            let grid = |v: Vec<f32>| -> Vec<f32> {
+                if bf16_storage {
+                    v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect()
+                } else {
+                    v
+                }
+            };
+            let k_cache = grid(random(rng, cache_len, 2.0));
+            let v_cache = grid(random(rng, cache_len, 1.0));
+            let nq = lens.len() * q_heads * head_dim;
+            let q = grid(random(rng, nq, 2.0));
+            let mut want = vec![0.0; nq];
+            cpu::paged_attention::paged_decode_attention(
+                &shape, &q, &k_cache, &v_cache, &seqs, &mut want,
+            );
+            let (tab, seq_lens, stride) = flatten_block_tables(&seqs);
+            let tab_d = s.clone_htod(&tab).map_err(drv)?;
+            let lens_d = s.clone_htod(&seq_lens).map_err(drv)?;
+            let got: Vec<f32> = if bf16_storage {
+                let b = |v: &[f32]| -> Vec<bf16> { v.iter().map(|x| bf16::from_f32(*x)).collect() };
+                let q_d = s.clone_htod(&b(&q)).map_err(drv)?;
+                let k_d = s.clone_htod(&b(&k_cache)).map_err(drv)?;
+                let v_d = s.clone_htod(&b(&v_cache)).map_err(drv)?;
+                let mut o_d = s.clone_htod(&vec![bf16::NAN; nq]).map_err(drv)?;
+                gpu.paged_decode_attention(
+                    &shape,
+                    lens.len(),
+                    &q_d,
+                    &k_d,
+                    &v_d,
+                    &tab_d,
+                    stride,
+                    &lens_d,
+                    &mut o_d,
+                )
+                .map_err(cuda)?;
+                let o = s.clone_dtoh(&o_d).map_err(drv)?;
+                o.iter().map(|x| x.to_f32()).collect()
+            } else {
+                let q_d = s.clone_htod(&q).map_err(drv)?;
+                let k_d = s.clone_htod(&k_cache).map_err(drv)?;
+                let v_d = s.clone_htod(&v_cache).map_err(drv)?;
+                let mut o_d = s.clone_htod(&vec![f32::NAN; nq]).map_err(drv)?;
+                gpu.paged_decode_attention(
+                    &shape,
+                    lens.len(),
+                    &q_d,
+                    &k_d,
+                    &v_d,
+                    &tab_d,
+                    stride,
+                    &lens_d,
+                    &mut o_d,
+                )
+                .map_err(cuda)?;
+                s.clone_dtoh(&o_d).map_err(drv)?
+            };
+            let tol = if bf16_storage { BF16_TOL } else { FP32_TOL };
+            let e = check("o", &got, &want, tol)?;
+            Ok(format!("o {e:.1e}"))
+        }),
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        // Vision: bidirectional, head_dim 80, windows and a full image.
+        flash_case(vec![1], vec![1], 2, 2, 80, false),
+        flash_case(vec![5, 64, 100, 31], vec![5, 64, 100, 31], 4, 4, 80, false),
+        flash_case(vec![300], vec![300], 2, 2, 80, false),
+        // Text: causal GQA, head_dim 128.
+        flash_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
+        flash_case(vec![97], vec![97], 4, 4, 128, true),
+        flash_case(vec![70, 0, 45], vec![70, 0, 45], 6, 1, 128, true),
+        // Fewer queries than keys (ends aligned), and more (rows that see nothing).
+        flash_case(vec![3, 40], vec![8, 77], 4, 2, 128, true),
+        flash_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
+        flash_case(vec![7, 40], vec![33, 2], 2, 1, 80, false),
+        paged_case(vec![1], 16, 2, 2, 128),
+        paged_case(vec![17, 0, 300, 64], 16, 8, 2, 128),
+        paged_case(vec![5, 1000], 32, 4, 4, 80),
+        paged_case(vec![33, 129], 16, 28, 4, 128),
+    ]
+}
+
+/// bf16 storage (f32 arithmetic): inputs rounded to bf16, the CPU op on the
+/// widened inputs as reference, relative error below 1e-2 (lse below 1e-5).
+pub fn flash_bf16_case(
+    q_lens: Vec<usize>,
+    k_lens: Vec<usize>,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+) -> Case {
+    Case {
+        name: format!(
+            "flash_attn bf16 fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
+            if causal { " causal" } else { "" }
+        ),
+        run: Box::new(move |gpu, rng| {
+            let s = gpu.stream();
+            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
+            let cfg = VarlenAttention {
+                cu_seqlens_q: &cu_q,
+                cu_seqlens_k: &cu_k,
+                q_heads,
+                kv_heads,
+                head_dim,
+                causal,
+                scale: 1.0 / (head_dim as f64).sqrt(),
+            };
+            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
+            let (nq, nk) = (tq * q_heads * head_dim, tk * kv_heads * head_dim);
+            let round = |v: Vec<f32>| -> Vec<bf16> {
+                let mut out = vec![bf16::ZERO; v.len()];
+                cpu::cast::f32_to_bf16(&v, &mut out);
+                out
+            };
+            let widen = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+            let q = round(random(rng, nq, 2.0));
+            let k = round(random(rng, nk, 2.0));
+            let v = round(random(rng, nk, 1.0));
+            let dout = round(random(rng, nq, 1.0));
+            let (qf, kf, vf, df) = (widen(&q), widen(&k), widen(&v), widen(&dout));
+            let mut o_ref = vec![0.0; nq];
+            let mut lse_ref = vec![0.0; tq * q_heads];
+            cpu::attention::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
+                .map_err(|e| e.to_string())?;
+            let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            cpu::attention::attention_bwd(
+                &cfg,
+                &qf,
+                &kf,
+                &vf,
+                &o_ref,
+                &lse_ref,
+                &df,
+                &mut dq_ref,
+                &mut dk_ref,
+                &mut dv_ref,
+            )
+            .map_err(|e| e.to_string())?;
+            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
+            let up = |x: &[bf16]| s.clone_htod(x).map_err(drv);
+            let poison = |n: usize| s.clone_htod(&vec![bf16::NAN; n.max(1)]).map_err(drv);
+            let (q_d, k_d, v_d, do_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
+            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
+            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
+            let mut o_d = poison(nq)?;
+            let mut lse_d = s
+                .clone_htod(&vec![f32::NAN; (tq * q_heads).max(1)])
+                .map_err(drv)?;
+            gpu.flash_attn_fwd(&shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d)
+                .map_err(cuda)?;
+            let (mut dq_d, mut dk_d, mut dv_d) = (poison(nq)?, poison(nk)?, poison(nk)?);
+            let mut delta_d = s
+                .clone_htod(&vec![f32::NAN; (tq * q_heads).max(1)])
+                .map_err(drv)?;
+            gpu.flash_attn_bwd(
+                &shape,
+                &q_d,
+                &k_d,
+                &v_d,
+                &o_d,
+                &lse_d,
+                &do_d,
+                &cu_q_d,
+                &cu_k_d,
+                &mut delta_d,
+                &mut dq_d,
+                &mut dk_d,
+                &mut dv_d,
+            )
+            .map_err(cuda)?;
+            let down = |x: &cudarc::driver::CudaSlice<bf16>, n: usize| -> Result<Vec<f32>, String> {
+                Ok(widen(&s.clone_dtoh(x).map_err(drv)?[..n]))
+            };
+            let mut lse = s.clone_dtoh(&lse_d).map_err(drv)?;
+            lse.truncate(tq * q_heads);
+            let e_o = check("o", &down(&o_d, nq)?, &o_ref, BF16_TOL)?;
+            let e_l = check_lse(&lse, &lse_ref, FP32_TOL)?;
+            let e_dq = check("dq", &down(&dq_d, nq)?, &dq_ref, BF16_TOL)?;
+            let e_dk = check("dk", &down(&dk_d, nk)?, &dk_ref, BF16_TOL)?;
+            let e_dv = check("dv", &down(&dv_d, nk)?, &dv_ref, BF16_TOL)?;
+            Ok(format!(
+                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
+            ))
+        }),
+    }
+}
+
+const BF16_TOL: f64 = 1e-2;
+
+pub fn bf16_cases() -> Vec<Case> {
+    vec![
+        flash_bf16_case(vec![5, 64, 100], vec![5, 64, 100], 4, 4, 80, false),
+        flash_bf16_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
+        flash_bf16_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
+        paged_case_typed(vec![17, 0, 300], 16, 8, 2, 128, true),
+    ]
+}

@@ -1,0 +1,143 @@
+//! Token log-prob + entropy over a chunked lm_head against `cpu::logprob`.
+
+use crate::{check, cuda, drv, random, Case, FP32_TOL};
+use rand::Rng;
+use vppo_engine::backend::cpu;
+use vppo_engine::backend::cuda::{LogitChunk, LOGPROB_STATE_PER_ROW};
+
+/// The forward folds the logits chunk by chunk (`chunk` columns at a time,
+/// the last one shorter), the backward writes each chunk's gradient; both
+/// against the CPU op on the whole [T, V] matrix.
+pub fn logprob_case(rows: usize, vocab: usize, chunk: usize, masked: bool) -> Case {
+    Case {
+        name: format!(
+            "logprob chunked fwd+bwd rows={rows} vocab={vocab} chunk={chunk}{}",
+            if masked { " masked" } else { "" }
+        ),
+        run: Box::new(move |gpu, rng| {
+            let s = gpu.stream();
+            let mut logits = random(rng, rows * vocab, 8.0);
+            if masked {
+                for (i, z) in logits.iter_mut().enumerate() {
+                    if i % 5 == 1 {
+                        *z = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let targets: Vec<u32> = (0..rows)
+                .map(|t| {
+                    // A finite-logit target (masked runs avoid -inf ones).
+                    let mut y = rng.random_range(0..vocab as u32);
+                    while logits[t * vocab + y as usize] == f32::NEG_INFINITY {
+                        y = (y + 1) % vocab as u32;
+                    }
+                    y
+                })
+                .collect();
+            let (dlogp, dent) = (random(rng, rows, 1.0), random(rng, rows, 1.0));
+            let (mut lp_ref, mut h_ref, mut lse_ref) =
+                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            cpu::logprob::token_logprob_fwd(
+                &logits,
+                vocab,
+                &targets,
+                &mut lp_ref,
+                &mut h_ref,
+                &mut lse_ref,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut dz_ref = vec![0.0; rows * vocab];
+            cpu::logprob::token_logprob_bwd(
+                &logits,
+                vocab,
+                &targets,
+                &lse_ref,
+                &h_ref,
+                &dlogp,
+                &dent,
+                &mut dz_ref,
+            );
+
+            let targets_d = s.clone_htod(&targets).map_err(drv)?;
+            let mut state = s
+                .clone_htod(&vec![f32::NAN; rows * LOGPROB_STATE_PER_ROW])
+                .map_err(drv)?;
+            // Chunks as the lm_head GEMM would write them: contiguous [T, len].
+            let chunks: Vec<(usize, usize)> = (0..vocab)
+                .step_by(chunk)
+                .map(|v0| (v0, chunk.min(vocab - v0)))
+                .collect();
+            let mut chunk_bufs = Vec::new();
+            for (i, &(v0, len)) in chunks.iter().enumerate() {
+                let host: Vec<f32> = (0..rows)
+                    .flat_map(|t| logits[t * vocab + v0..t * vocab + v0 + len].to_vec())
+                    .collect();
+                let d = s.clone_htod(&host).map_err(drv)?;
+                let c = LogitChunk {
+                    rows,
+                    chunk_len: len,
+                    ld: len,
+                    vocab_offset: v0,
+                };
+                gpu.logprob_chunk(&c, &d, &targets_d, i == 0, &mut state)
+                    .map_err(cuda)?;
+                chunk_bufs.push((c, d));
+            }
+            let poison = vec![f32::NAN; rows];
+            let mut lp_d = s.clone_htod(&poison).map_err(drv)?;
+            let mut h_d = s.clone_htod(&poison).map_err(drv)?;
+            let mut lse_d = s.clone_htod(&poison).map_err(drv)?;
+            gpu.logprob_finish(&state, rows, &mut lp_d, &mut h_d, &mut lse_d)
+                .map_err(cuda)?;
+            let dlogp_d = s.clone_htod(&dlogp).map_err(drv)?;
+            let dent_d = s.clone_htod(&dent).map_err(drv)?;
+            let mut dz = vec![f32::NAN; rows * vocab];
+            for (c, d) in &chunk_bufs {
+                let mut dz_d = s
+                    .clone_htod(&vec![f32::NAN; rows * c.chunk_len])
+                    .map_err(drv)?;
+                gpu.logprob_bwd_chunk(c, d, &targets_d, &lse_d, &h_d, &dlogp_d, &dent_d, &mut dz_d)
+                    .map_err(cuda)?;
+                let host = s.clone_dtoh(&dz_d).map_err(drv)?;
+                for t in 0..rows {
+                    let at = t * vocab + c.vocab_offset;
+                    dz[at..at + c.chunk_len]
+                        .copy_from_slice(&host[t * c.chunk_len..(t + 1) * c.chunk_len]);
+                }
+            }
+            let e_lp = check(
+                "logp",
+                &s.clone_dtoh(&lp_d).map_err(drv)?,
+                &lp_ref,
+                FP32_TOL,
+            )?;
+            let e_h = check(
+                "entropy",
+                &s.clone_dtoh(&h_d).map_err(drv)?,
+                &h_ref,
+                FP32_TOL,
+            )?;
+            let e_l = check(
+                "lse",
+                &s.clone_dtoh(&lse_d).map_err(drv)?,
+                &lse_ref,
+                FP32_TOL,
+            )?;
+            let e_dz = check("dlogits", &dz, &dz_ref, FP32_TOL)?;
+            Ok(format!(
+                "{} chunks: logp {e_lp:.1e} entropy {e_h:.1e} lse {e_l:.1e} dlogits {e_dz:.1e}",
+                chunks.len()
+            ))
+        }),
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        logprob_case(1, 1, 1, false),
+        logprob_case(3, 1000, 1000, false),
+        logprob_case(5, 1000, 300, true),
+        logprob_case(17, 151_936, 32_768, false),
+        logprob_case(2, 50_000, 7, false),
+    ]
+}

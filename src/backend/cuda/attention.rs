@@ -1,0 +1,425 @@
+//! Launchers of the attention kernels (`kernels/flash_attn.cu`,
+//! `kernels/paged_attn.cu`). Each keeps the C signature it launches in a
+//! comment: kernel arguments are untyped.
+
+use super::launch_util::{need, to_i32, Elem};
+use super::{CudaBackend, CudaError};
+use crate::backend::cpu::attention::VarlenAttention;
+use crate::backend::cpu::check_cu_seqlens;
+use crate::backend::cpu::paged_attention::{PagedSeq, PagedShape};
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Rows of a flash-attention tile and threads of its block (see the .cu file).
+const FA_TILE: usize = 32;
+const FA_THREADS: u32 = 128;
+
+/// Host-side facts about one packed varlen attention call; the device
+/// `cu_seqlens` passed with it must hold the same offsets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashAttnShape {
+    pub seqs: usize,
+    pub total_q: usize,
+    pub total_k: usize,
+    pub max_seqlen_q: usize,
+    pub max_seqlen_k: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl FlashAttnShape {
+    /// The shape of the CPU op's call `cfg` (its host `cu_seqlens`).
+    pub fn of(cfg: &VarlenAttention) -> Result<Self, CudaError> {
+        let bad = |reason: String| CudaError::Unsupported {
+            kernel: "flash_attn",
+            reason,
+        };
+        if cfg.cu_seqlens_q.len() != cfg.cu_seqlens_k.len() || cfg.cu_seqlens_q.is_empty() {
+            return Err(bad("cu_seqlens_q and cu_seqlens_k differ in length".into()));
+        }
+        let total = |cu: &[i32]| cu.last().map_or(0, |&t| t.max(0) as usize);
+        let (total_q, total_k) = (total(cfg.cu_seqlens_q), total(cfg.cu_seqlens_k));
+        let q = check_cu_seqlens(cfg.cu_seqlens_q, total_q).map_err(|e| bad(e.to_string()))?;
+        let k = check_cu_seqlens(cfg.cu_seqlens_k, total_k).map_err(|e| bad(e.to_string()))?;
+        let max_len = |c: &[usize]| c.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        Ok(Self {
+            seqs: q.len() - 1,
+            total_q,
+            total_k,
+            max_seqlen_q: max_len(&q),
+            max_seqlen_k: max_len(&k),
+            q_heads: cfg.q_heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+            causal: cfg.causal,
+            scale: cfg.scale as f32,
+        })
+    }
+
+    fn check(&self, kernel: &'static str) -> Result<(), CudaError> {
+        let bad = |reason: String| Err(CudaError::Unsupported { kernel, reason });
+        if !matches!(self.head_dim, 80 | 128) {
+            return bad(format!(
+                "head_dim {} (instantiated: 80, 128)",
+                self.head_dim
+            ));
+        }
+        if self.kv_heads == 0 || self.q_heads % self.kv_heads != 0 {
+            return bad(format!(
+                "q_heads {} is not a multiple of kv_heads {}",
+                self.q_heads, self.kv_heads
+            ));
+        }
+        if self.seqs > 65_535 || self.q_heads > 65_535 {
+            return bad(format!(
+                "{} sequences x {} heads exceed the grid",
+                self.seqs, self.q_heads
+            ));
+        }
+        Ok(())
+    }
+
+    fn q_elems(&self) -> usize {
+        self.total_q * self.q_heads * self.head_dim
+    }
+
+    fn k_elems(&self) -> usize {
+        self.total_k * self.kv_heads * self.head_dim
+    }
+}
+
+/// Shared memory of the three flash kernels, in floats (mirrors the .cu).
+fn fa_smem_bytes(kind: &str, d: usize) -> usize {
+    let tile = FA_TILE * (d + 1);
+    let p = FA_TILE * (FA_TILE + 1);
+    let floats = match kind {
+        "fwd" => 2 * tile + p,
+        "bwd_dq" => 4 * tile + p,
+        _ => 4 * tile + 2 * p + 2 * FA_TILE,
+    };
+    floats * std::mem::size_of::<f32>()
+}
+
+fn opt_in_smem(f: &CudaFunction, bytes: usize) -> Result<(), CudaError> {
+    f.set_attribute(
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )?;
+    Ok(())
+}
+
+fn fa_config(tiles: usize, heads: usize, seqs: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (tiles.max(1) as u32, heads as u32, seqs as u32),
+        block_dim: (FA_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+impl CudaBackend {
+    /// Twin of `cpu::attention::attention_fwd`: writes `o[Tq, q_heads, D]`
+    /// and `lse[Tq, q_heads]` (f32 whatever the storage type `T`).
+    // flash_attn_fwd_d{80,128}_{f32,bf16}(const T* q, const T* k, const T* v,
+    //     const int* cu_q, const int* cu_k, T* o, float* lse,
+    //     int hq, int hkv, float scale, int causal)
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attn_fwd<T: Elem>(
+        &self,
+        shape: &FlashAttnShape,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        cu_seqlens_q: &CudaSlice<i32>,
+        cu_seqlens_k: &CudaSlice<i32>,
+        o: &mut CudaSlice<T>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "flash_attn_fwd";
+        shape.check(K)?;
+        need(K, "q", q.len(), shape.q_elems())?;
+        need(K, "o", o.len(), shape.q_elems())?;
+        need(K, "k", k.len(), shape.k_elems())?;
+        need(K, "v", v.len(), shape.k_elems())?;
+        need(K, "lse", lse.len(), shape.total_q * shape.q_heads)?;
+        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
+        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
+        if shape.seqs == 0 || shape.max_seqlen_q == 0 {
+            return Ok(());
+        }
+        let d = shape.head_dim;
+        let f = self.function("flash_attn", &format!("flash_attn_fwd_d{d}_{}", T::SUFFIX))?;
+        let smem = fa_smem_bytes("fwd", d);
+        opt_in_smem(&f, smem)?;
+        let hq = to_i32(K, "q_heads", shape.q_heads)?;
+        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
+        let causal = i32::from(shape.causal);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(cu_seqlens_q)
+            .arg(cu_seqlens_k)
+            .arg(o)
+            .arg(lse)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&shape.scale)
+            .arg(&causal);
+        let cfg = fa_config(
+            shape.max_seqlen_q.div_ceil(FA_TILE),
+            shape.q_heads,
+            shape.seqs,
+            smem,
+        );
+        // SAFETY: matches the C signature above; buffer sizes were checked
+        // against the shape, whose offsets the device cu_seqlens repeat; the
+        // dynamic shared memory is what the kernel carves up.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Twin of `cpu::attention::attention_bwd`: writes `dq`, `dk`, `dv`
+    /// (overwritten). `delta` is scratch of `Tq * q_heads` floats.
+    // flash_attn_bwd_delta_{f32,bf16}(const T* o, const T* dout, float* delta,
+    //     int rows, int head_dim)
+    // flash_attn_bwd_dq_d{80,128}_{f32,bf16}(const T* q, const T* k, const T* v,
+    //     const T* dout, const float* lse, const float* delta,
+    //     const int* cu_q, const int* cu_k, T* dq, int hq, int hkv,
+    //     float scale, int causal)
+    // flash_attn_bwd_dkdv_d{80,128}_{f32,bf16}(const T* q, const T* k,
+    //     const T* v, const T* dout, const float* lse, const float* delta,
+    //     const int* cu_q, const int* cu_k, T* dk, T* dv, int hq, int hkv,
+    //     float scale, int causal)
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attn_bwd<T: Elem>(
+        &self,
+        shape: &FlashAttnShape,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        o: &CudaSlice<T>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        cu_seqlens_q: &CudaSlice<i32>,
+        cu_seqlens_k: &CudaSlice<i32>,
+        delta: &mut CudaSlice<f32>,
+        dq: &mut CudaSlice<T>,
+        dk: &mut CudaSlice<T>,
+        dv: &mut CudaSlice<T>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "flash_attn_bwd";
+        shape.check(K)?;
+        for (what, len) in [("q", q.len()), ("o", o.len()), ("dout", dout.len())] {
+            need(K, what, len, shape.q_elems())?;
+        }
+        need(K, "dq", dq.len(), shape.q_elems())?;
+        need(K, "k", k.len(), shape.k_elems())?;
+        need(K, "v", v.len(), shape.k_elems())?;
+        need(K, "dk", dk.len(), shape.k_elems())?;
+        need(K, "dv", dv.len(), shape.k_elems())?;
+        let rows = shape.total_q * shape.q_heads;
+        need(K, "lse", lse.len(), rows)?;
+        need(K, "delta", delta.len(), rows)?;
+        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
+        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
+        if shape.seqs == 0 {
+            return Ok(());
+        }
+        let d = shape.head_dim;
+        let hq = to_i32(K, "q_heads", shape.q_heads)?;
+        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
+        let causal = i32::from(shape.causal);
+
+        if rows > 0 {
+            let f = self.function("flash_attn", &format!("flash_attn_bwd_delta_{}", T::SUFFIX))?;
+            let rows_i = to_i32(K, "rows", rows)?;
+            let d_i = d as i32;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(o)
+                .arg(dout)
+                .arg(&mut *delta)
+                .arg(&rows_i)
+                .arg(&d_i);
+            let warps_per_block = 8;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+                block_dim: (32 * warps_per_block as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches the C signature above; o, dout hold rows*d floats
+            // and delta rows floats.
+            unsafe { launch.launch(cfg) }?;
+        }
+        if shape.max_seqlen_q > 0 {
+            let f = self.function(
+                "flash_attn",
+                &format!("flash_attn_bwd_dq_d{d}_{}", T::SUFFIX),
+            )?;
+            let smem = fa_smem_bytes("bwd_dq", d);
+            opt_in_smem(&f, smem)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(dout)
+                .arg(lse)
+                .arg(&*delta)
+                .arg(cu_seqlens_q)
+                .arg(cu_seqlens_k)
+                .arg(dq)
+                .arg(&hq)
+                .arg(&hkv)
+                .arg(&shape.scale)
+                .arg(&causal);
+            let cfg = fa_config(
+                shape.max_seqlen_q.div_ceil(FA_TILE),
+                shape.q_heads,
+                shape.seqs,
+                smem,
+            );
+            // SAFETY: matches the C signature above; sizes checked against the shape.
+            unsafe { launch.launch(cfg) }?;
+        }
+        if shape.max_seqlen_k > 0 {
+            let f = self.function(
+                "flash_attn",
+                &format!("flash_attn_bwd_dkdv_d{d}_{}", T::SUFFIX),
+            )?;
+            let smem = fa_smem_bytes("bwd_dkdv", d);
+            opt_in_smem(&f, smem)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(dout)
+                .arg(lse)
+                .arg(&*delta)
+                .arg(cu_seqlens_q)
+                .arg(cu_seqlens_k)
+                .arg(dk)
+                .arg(dv)
+                .arg(&hq)
+                .arg(&hkv)
+                .arg(&shape.scale)
+                .arg(&causal);
+            let cfg = fa_config(
+                shape.max_seqlen_k.div_ceil(FA_TILE),
+                shape.kv_heads,
+                shape.seqs,
+                smem,
+            );
+            // SAFETY: matches the C signature above; sizes checked against the shape.
+            unsafe { launch.launch(cfg) }?;
+        }
+        Ok(())
+    }
+}
+
+/// Block tables of a decode batch laid out for the paged kernel:
+/// `[B, stride]` i32 (rows padded with 0) and the `B` sequence lengths.
+pub fn flatten_block_tables(seqs: &[PagedSeq]) -> (Vec<i32>, Vec<i32>, usize) {
+    let stride = seqs
+        .iter()
+        .map(|s| s.block_table.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut tables = vec![0i32; seqs.len() * stride];
+    for (row, s) in tables.chunks_mut(stride).zip(seqs) {
+        for (t, &b) in row.iter_mut().zip(s.block_table) {
+            *t = b as i32;
+        }
+    }
+    let lens = seqs.iter().map(|s| s.len as i32).collect();
+    (tables, lens, stride)
+}
+
+impl CudaBackend {
+    /// Twin of `cpu::paged_attention::paged_decode_attention`, for `batch`
+    /// sequences whose tables and lengths come from [`flatten_block_tables`].
+    /// Every table entry a sequence uses must name a block of the caches.
+    /// With `T = bf16`, q, the caches and o are bf16 (f32 arithmetic).
+    // paged_decode_attention_{f32,bf16}(const T* q, const T* k_cache,
+    //     const T* v_cache, const int* block_tables, const int* seq_lens,
+    //     T* o, int q_heads, int kv_heads, int head_dim, int block_size,
+    //     int table_stride, float scale)
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_attention<T: Elem>(
+        &self,
+        shape: &PagedShape,
+        batch: usize,
+        q: &CudaSlice<T>,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
+        block_tables: &CudaSlice<i32>,
+        table_stride: usize,
+        seq_lens: &CudaSlice<i32>,
+        o: &mut CudaSlice<T>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "paged_decode_attention";
+        let bad = |reason: String| Err(CudaError::Unsupported { kernel: K, reason });
+        if shape.head_dim == 0 || shape.head_dim > 128 {
+            return bad(format!("head_dim {} (1..=128)", shape.head_dim));
+        }
+        if shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0 || shape.block_size == 0 {
+            return bad(format!(
+                "q_heads {} / kv_heads {} / block_size {}",
+                shape.q_heads, shape.kv_heads, shape.block_size
+            ));
+        }
+        if batch > 65_535 {
+            return bad(format!("batch {batch} exceeds the grid"));
+        }
+        let qn = batch * shape.q_heads * shape.head_dim;
+        need(K, "q", q.len(), qn)?;
+        need(K, "o", o.len(), qn)?;
+        need(K, "block_tables", block_tables.len(), batch * table_stride)?;
+        need(K, "seq_lens", seq_lens.len(), batch)?;
+        if k_cache.len() != v_cache.len() {
+            return bad("k and v caches differ in length".into());
+        }
+        if batch == 0 {
+            return Ok(());
+        }
+        let f = self.function(
+            "paged_attn",
+            &format!("paged_decode_attention_{}", T::SUFFIX),
+        )?;
+        let hq = to_i32(K, "q_heads", shape.q_heads)?;
+        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
+        let d = to_i32(K, "head_dim", shape.head_dim)?;
+        let bs = to_i32(K, "block_size", shape.block_size)?;
+        let stride = to_i32(K, "table_stride", table_stride)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(block_tables)
+            .arg(seq_lens)
+            .arg(o)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&d)
+            .arg(&bs)
+            .arg(&stride)
+            .arg(&shape.scale);
+        let cfg = LaunchConfig {
+            grid_dim: (shape.q_heads as u32, batch as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches the C signature above; q and o hold batch*q_heads*D
+        // floats, the tables [batch, stride] ints naming cache blocks (caller's
+        // contract), seq_lens batch ints.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! Small helpers shared by the kernel launchers of the newer kernel files.
+
+use super::CudaError;
+use cudarc::driver::LaunchConfig;
+
+pub(super) const BLOCK: u32 = 256;
+
+pub(super) fn to_i32(kernel: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::Unsupported {
+        kernel,
+        reason: format!("{what} = {v} exceeds i32"),
+    })
+}
+
+/// A buffer must hold at least `want` elements.
+pub(super) fn need(
+    kernel: &'static str,
+    what: &str,
+    have: usize,
+    want: usize,
+) -> Result<(), CudaError> {
+    if have < want {
+        Err(CudaError::Unsupported {
+            kernel,
+            reason: format!("{what} holds {have} elements, needs {want}"),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// One thread per element (grid-stride loops cover the rest).
+pub(super) fn elementwise_grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(BLOCK as usize).clamp(1, 65_535 * 16) as u32,
+            1,
+            1,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `threads` per row.
+pub(super) fn row_grid(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Storage types of the kernels that come in f32 and bf16 variants; the
+/// kernel name ends in the suffix (`swiglu_fwd_bf16`).
+pub trait Elem: cudarc::driver::DeviceRepr + Copy {
+    const SUFFIX: &'static str;
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
