@@ -84,6 +84,25 @@ struct Live {
     logprobs: Vec<f32>,
 }
 
+/// Samples from `row` with the `banned` tokens removed (`row` is changed);
+/// the log-prob is under the full distribution, as scoring the token gives it.
+pub fn sample_allowed(
+    row: &mut [f32],
+    banned: &[u32],
+    params: &SamplingParams,
+    rng: &mut StdRng,
+) -> (u32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&z| (z - max).exp()).sum::<f32>().ln();
+    for &id in banned {
+        if let Some(z) = row.get_mut(id as usize) {
+            *z = f32::NEG_INFINITY;
+        }
+    }
+    let (tok, _) = sample_token(row, params, rng);
+    (tok, row[tok as usize] - lse)
+}
+
 pub struct Generator<'m> {
     pub model: &'m Qwen25Vl,
     pub eos: Vec<u32>,
@@ -109,12 +128,8 @@ impl<'m> Generator<'m> {
         }
     }
 
-    fn ban(&self, row: &mut [f32]) {
-        for &id in &self.banned {
-            if let Some(z) = row.get_mut(id as usize) {
-                *z = f32::NEG_INFINITY;
-            }
-        }
+    fn sample(&self, row: &mut [f32], params: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
+        sample_allowed(row, &self.banned, params, rng)
     }
 
     /// KV-cache blocks still held (0 once every sample finished).
@@ -136,8 +151,7 @@ impl<'m> Generator<'m> {
         let mut live: Vec<Live> = Vec::new();
         let vocab = self.model.config.text.vocab_size;
         for (pi, prompt) in prompts.iter().enumerate() {
-            let (cache, mut logits, rope_delta) = self.prefill(prompt)?;
-            self.ban(&mut logits[..vocab]);
+            let (cache, logits, rope_delta) = self.prefill(prompt)?;
             for si in 0..n {
                 let seq_cache = if si + 1 == n {
                     cache.clone()
@@ -145,7 +159,9 @@ impl<'m> Generator<'m> {
                     self.cache.fork(&cache)
                 };
                 let mut rng = sample_rng(seed, pi, si);
-                let (tok, lp) = sample_token(&logits[..vocab], params, &mut rng);
+                // Each sample bans on its own copy: the row serves all n.
+                let mut row = logits[..vocab].to_vec();
+                let (tok, lp) = self.sample(&mut row, params, &mut rng);
                 live.push(Live {
                     prompt_index: pi,
                     sample_index: si,
@@ -191,12 +207,11 @@ impl<'m> Generator<'m> {
                 break;
             }
             let mut logits = self.decode(&mut live)?;
-            logits.chunks_mut(vocab).for_each(|row| self.ban(row));
             // Top-p sorts the vocabulary: sample the live sequences in parallel.
             live.par_iter_mut()
-                .zip(logits.par_chunks(vocab))
+                .zip(logits.par_chunks_mut(vocab))
                 .for_each(|(s, row)| {
-                    let (tok, lp) = sample_token(row, params, &mut s.rng);
+                    let (tok, lp) = self.sample(row, params, &mut s.rng);
                     s.tokens.push(tok);
                     s.logprobs.push(lp);
                 });
@@ -285,5 +300,34 @@ impl<'m> Generator<'m> {
             &hidden,
             &rows,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn banned_tokens_are_never_sampled_and_log_probs_stay_unmasked() {
+        let logits = [1.0f32, 3.0, 2.5, -1.0];
+        let lse = logits.iter().map(|z| z.exp()).sum::<f32>().ln();
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let (tok, lp) = sample_allowed(&mut logits.clone(), &[1], &greedy, &mut rng);
+        assert_eq!(tok, 2, "the best allowed token");
+        assert!((lp - (2.5 - lse)).abs() < 1e-6);
+        let hot = SamplingParams {
+            temperature: 5.0,
+            top_p: 1.0,
+            top_k: 0,
+        };
+        for _ in 0..200 {
+            let (tok, _) = sample_allowed(&mut logits.clone(), &[1, 2], &hot, &mut rng);
+            assert!(tok == 0 || tok == 3);
+        }
     }
 }
