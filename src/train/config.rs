@@ -71,7 +71,8 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Save a checkpoint every this many optimizer steps.
     pub save_every: usize,
-    /// Stop after this many optimizer steps (0: run `epochs` over the data).
+    /// Stop at the end of the rollout batch that reaches this many optimizer
+    /// steps (0: run `epochs` over the data).
     pub max_steps: usize,
     /// Responses per forward/backward chunk (gradient accumulation).
     pub micro_batch: usize,
