@@ -117,7 +117,7 @@ fn a_rollout_batch_splits_into_mini_batch_updates_on_the_same_old_log_probs() {
     assert_eq!(rollouts.groups(), 2);
     assert_eq!(rollouts.lp_old.len(), rollouts.lens.iter().sum::<usize>());
     assert_eq!(
-        rollouts.lp_perturbed.as_ref().unwrap().len(),
+        rollouts.dependency.as_ref().unwrap().len(),
         rollouts.lp_old.len()
     );
     let mut opt = optimizer(&p);
@@ -190,4 +190,69 @@ fn end_to_end_step_gradient_matches_finite_differences() {
             g[j]
         );
     }
+}
+
+/// The exact-KL dependency option: `response_kl` equals the KL between the
+/// full next-token distributions of the two passes computed directly from
+/// whole-sequence logits, and a rollout batch carries it per token.
+#[test]
+fn exact_kl_dependency_matches_the_full_distributions() {
+    use vppo_engine::backend::cpu::kl::softmax_kl_fwd;
+    use vppo_engine::model::acts::Save;
+    use vppo_engine::model::TrainSequence;
+    use vppo_engine::rl::{perturb_patches, DependencyEstimator, Perturbation};
+    use vppo_engine::train::step::collect_rollouts;
+    let p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let prompt = &prompts()[0];
+    let mut input = prompt.input.clone();
+    let prompt_len = input.ids.len();
+    input.ids.extend([40, 41, 42, 43]);
+    let mut masked = input.clone();
+    perturb_patches(
+        &mut masked.pixel_values,
+        &p.images,
+        Perturbation::Black,
+        0.5,
+        3,
+    );
+    let seq = |input| [TrainSequence { input, prompt_len }];
+    let a = p
+        .model
+        .train_forward(&seq(input.clone()), Save::Nothing)
+        .unwrap();
+    let b = p
+        .model
+        .train_forward(&seq(masked.clone()), Save::Nothing)
+        .unwrap();
+    let kl = p.model.response_kl(&a, &b).unwrap();
+    let rows: Vec<usize> = (prompt_len - 1..input.ids.len() - 1).collect();
+    let vocab = p.model.config.text.vocab_size;
+    let la = p.model.logits(&p.model.forward(&input).unwrap(), &rows);
+    let lb = p.model.logits(&p.model.forward(&masked).unwrap(), &rows);
+    let mut want = vec![0.0f32; rows.len()];
+    let (mut x, mut y) = (want.clone(), want.clone());
+    softmax_kl_fwd(&la, &lb, vocab, &mut want, &mut x, &mut y);
+    assert!(
+        want.iter().any(|&k| k > 1e-6),
+        "the mask changes the distribution"
+    );
+    for (k, w) in kl.iter().zip(&want) {
+        assert!((k - w).abs() <= 1e-5 + 1e-4 * w.abs(), "{kl:?} vs {want:?}");
+    }
+    assert!(p
+        .model
+        .response_kl(&a, &a)
+        .unwrap()
+        .iter()
+        .all(|&k| k.abs() < 1e-6));
+
+    let cfg = StepConfig {
+        dynamic_sampling: None,
+        dependency: DependencyEstimator::ExactKl,
+        ..config(Algo::Vppo)
+    };
+    let rollouts = collect_rollouts(&p, &prompts(), &cfg, 5).unwrap();
+    let dep = rollouts.dependency.as_ref().unwrap();
+    assert_eq!(dep.len(), rollouts.lp_old.len());
+    assert!(dep.iter().all(|&d| d >= -1e-6 && d.is_finite()));
 }

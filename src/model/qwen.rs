@@ -11,6 +11,7 @@ use super::text::{decoder_bwd, decoder_fwd, lm_head_rows, KvSink, TextActs};
 use super::vision::{vision_bwd, vision_fwd, VisionActs};
 use crate::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
 use crate::backend::cpu::gemm::{matmul, Trans};
+use crate::backend::cpu::kl::softmax_kl_fwd;
 use crate::backend::cpu::logprob::{token_logprob_bwd, token_logprob_fwd};
 use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cpu::OpError;
@@ -38,6 +39,8 @@ pub enum ModelError {
         prompt_len: usize,
         len: usize,
     },
+    #[error("the two forwards compared by response_kl score different tokens")]
+    ForwardsDiffer,
     #[error("loss gradients have {found} entries for {expected} response tokens")]
     GradLength { expected: usize, found: usize },
 }
@@ -322,6 +325,42 @@ impl Qwen25Vl {
             targets,
             lse,
         })
+    }
+
+    /// Exact per-token KL(p_a || p_b) over the full vocabulary between the
+    /// next-token distributions of two training forwards of the same tokens
+    /// (VPPO's dependency with the original and the perturbed image),
+    /// chunk by chunk over the head: never both `[T, vocab]` logits at once.
+    pub fn response_kl(&self, a: &TrainForward, b: &TrainForward) -> Result<Vec<f32>, ModelError> {
+        if a.targets != b.targets || a.response_lens != b.response_lens {
+            return Err(ModelError::ForwardsDiffer);
+        }
+        let n = a.rows.len();
+        let tc = &self.config.text;
+        let mut kl = vec![0.0; n];
+        for c0 in (0..n).step_by(LOSS_CHUNK_ROWS) {
+            let c1 = (c0 + LOSS_CHUNK_ROWS).min(n);
+            let logits = |f: &TrainForward| {
+                lm_head_rows(
+                    tc,
+                    &self.layout.text,
+                    &self.weights,
+                    &f.packed.hidden,
+                    &f.rows[c0..c1],
+                )
+            };
+            let (la, lb) = (logits(a), logits(b));
+            let (mut lse_a, mut lse_b) = (vec![0.0; c1 - c0], vec![0.0; c1 - c0]);
+            softmax_kl_fwd(
+                &la,
+                &lb,
+                tc.vocab_size,
+                &mut kl[c0..c1],
+                &mut lse_a,
+                &mut lse_b,
+            );
+        }
+        Ok(kl)
     }
 
     /// Backward of a loss given as its gradient w.r.t. each response

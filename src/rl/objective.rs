@@ -4,7 +4,7 @@
 //! without the perturbed log-probs (no shaping, no filtering).
 
 use super::loss::{PolicyLoss, PolicyLossConfig};
-use super::shaping::{tas_scales, tgf_mask, visual_dependency};
+use super::shaping::{tas_scales, tgf_mask};
 use crate::backend::cpu::OpError;
 
 /// The VPPO-specific settings (the published recipe's values by default).
@@ -41,8 +41,9 @@ pub fn mean_dependency(dependency: &[f32], lens: &[usize]) -> Vec<f32> {
 pub struct MicroBatch<'a> {
     pub lp_new: &'a [f32],
     pub lp_old: &'a [f32],
-    /// Log-probs with the perturbed image (`None`: DAPO/GRPO).
-    pub lp_perturbed: Option<&'a [f32]>,
+    /// Each token's visual dependency, from the rollout-time original and
+    /// perturbed-image passes (`None`: DAPO/GRPO).
+    pub dependency: Option<&'a [f32]>,
     pub response_lens: &'a [usize],
     /// One GRPO advantage per response.
     pub advantages: &'a [f32],
@@ -78,12 +79,11 @@ pub fn micro_batch_objective(
         "objective: one advantage per response"
     );
     let mut dependency_sum = 0.0;
-    let (scales, mask) = match mb.lp_perturbed {
-        Some(lp_mask) => {
-            let dep = visual_dependency(mb.lp_old, lp_mask);
+    let (scales, mask) = match mb.dependency {
+        Some(dep) => {
             dependency_sum = dep.iter().map(|&d| d as f64).sum();
             let scales = tas_scales(
-                &mean_dependency(&dep, mb.response_lens),
+                &mean_dependency(dep, mb.response_lens),
                 dependency_range,
                 vppo.beta_min,
             );
@@ -91,7 +91,7 @@ pub fn micro_batch_objective(
             for &l in mb.response_lens {
                 cu.push(cu.last().unwrap() + l as i32);
             }
-            (scales, tgf_mask(&dep, &cu, vppo.tgf_ratio)?)
+            (scales, tgf_mask(dep, &cu, vppo.tgf_ratio)?)
         }
         None => (vec![1.0; mb.response_lens.len()], vec![1.0; n]),
     };
@@ -120,6 +120,7 @@ mod tests {
         let lp_mask = [-1.0f32, -3.0, -1.0, -2.5, -1.0];
         let lens = [3usize, 2];
         let adv = [1.0f32, -1.0];
+        let dep = super::super::shaping::visual_dependency(&lp_old, &lp_mask);
         let loss = PolicyLossConfig {
             entropy_penalty: 0.0,
             ..Default::default()
@@ -127,11 +128,10 @@ mod tests {
         let mb = MicroBatch {
             lp_new: &lp_old,
             lp_old: &lp_old,
-            lp_perturbed: Some(&lp_mask),
+            dependency: Some(&dep),
             response_lens: &lens,
             advantages: &adv,
         };
-        let dep = visual_dependency(&lp_old, &lp_mask);
         let sbar = mean_dependency(&dep, &lens);
         let range = super::super::shaping::dependency_range(&sbar);
         let out = micro_batch_objective(&mb, &VppoConfig::default(), &loss, range, 5).unwrap();
@@ -159,7 +159,7 @@ mod tests {
         }
         // Without the perturbed pass: plain advantages, every token.
         let plain = MicroBatch {
-            lp_perturbed: None,
+            dependency: None,
             ..mb
         };
         let out = micro_batch_objective(&plain, &VppoConfig::default(), &loss, None, 5).unwrap();

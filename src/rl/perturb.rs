@@ -8,10 +8,29 @@ use crate::processor::image::ImageProcessorConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// What replaces a perturbed patch. The reference (and default) blackens it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Perturbation {
+    #[default]
+    Black,
+    /// Mid grey (pixel value 128).
+    Grey,
+    /// Independent uniform pixel values.
+    Noise,
+    /// The patch's mean colour (a box blur over the whole tile).
+    Blur,
+}
+
+/// Normalised value of pixel value `x` (0..=255) per channel.
+fn normalised(cfg: &ImageProcessorConfig, x: f32) -> [f32; 3] {
+    let v = x * cfg.rescale_factor as f32;
+    [0, 1, 2].map(|c| (v - cfg.image_mean[c]) / cfg.image_std[c])
+}
+
 /// Normalised value of a black pixel per channel: `(0 - mean) / std`.
 fn black(cfg: &ImageProcessorConfig) -> [f32; 3] {
-    let x = 0.0f32;
-    [0, 1, 2].map(|c| (x - cfg.image_mean[c]) / cfg.image_std[c])
+    normalised(cfg, 0.0)
 }
 
 /// Blackens each patch row of `pixel_values[N, C*T*P*P]` with probability
@@ -22,22 +41,69 @@ pub fn blacken_patches(
     p: f64,
     seed: u64,
 ) -> usize {
-    let per_channel = cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size;
+    perturb_patches(pixel_values, cfg, Perturbation::Black, p, seed)
+}
+
+/// Perturbs each patch row of `pixel_values[N, C*T*P*P]` with probability
+/// `p`. Which patches are chosen depends only on `seed` and `p` (the same
+/// tiles for every kind); returns how many were perturbed.
+pub fn perturb_patches(
+    pixel_values: &mut [f32],
+    cfg: &ImageProcessorConfig,
+    kind: Perturbation,
+    p: f64,
+    seed: u64,
+) -> usize {
+    let frame = cfg.patch_size * cfg.patch_size;
+    let per_channel = cfg.temporal_patch_size * frame;
     let row = 3 * per_channel;
     assert_eq!(
         pixel_values.len() % row,
         0,
         "pixel_values rows are not patches"
     );
-    let values = black(cfg);
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut noise_rng = StdRng::seed_from_u64(seed ^ 0xA5A5_5A5A_C3C3_3C3C);
     let mut count = 0;
     for patch in pixel_values.chunks_mut(row) {
-        if rng.random_bool(p) {
-            for (c, channel) in patch.chunks_mut(per_channel).enumerate() {
-                channel.fill(values[c]);
+        if !rng.random_bool(p) {
+            continue;
+        }
+        count += 1;
+        match kind {
+            Perturbation::Black | Perturbation::Grey => {
+                let values = normalised(
+                    cfg,
+                    if kind == Perturbation::Black {
+                        0.0
+                    } else {
+                        128.0
+                    },
+                );
+                for (c, channel) in patch.chunks_mut(per_channel).enumerate() {
+                    channel.fill(values[c]);
+                }
             }
-            count += 1;
+            Perturbation::Blur => {
+                for channel in patch.chunks_mut(per_channel) {
+                    let mean = channel.iter().sum::<f32>() / channel.len() as f32;
+                    channel.fill(mean);
+                }
+            }
+            Perturbation::Noise => {
+                // One noise image, the same in every temporal copy (the
+                // frames of a still image are identical).
+                let pixels: Vec<f32> = (0..frame * 3)
+                    .map(|_| noise_rng.random_range(0..=255u8) as f32)
+                    .collect();
+                for (c, channel) in patch.chunks_mut(per_channel).enumerate() {
+                    for copy in channel.chunks_mut(frame) {
+                        for (k, v) in copy.iter_mut().enumerate() {
+                            *v = normalised(cfg, pixels[c * frame + k])[c];
+                        }
+                    }
+                }
+            }
         }
     }
     count
@@ -118,6 +184,55 @@ mod tests {
             .all(|r| r[0] == 0.5 || r[0] == black(&cfg)[0]));
     }
     use crate::processor::image::{patchify, RgbImage};
+
+    #[test]
+    fn every_perturbation_hits_the_same_tiles_and_keeps_others() {
+        let cfg = ImageProcessorConfig::default();
+        let img = RgbImage {
+            width: 56,
+            height: 56,
+            data: (0..56 * 56 * 3).map(|i| (i * 13 % 251) as u8).collect(),
+        };
+        let clean = patchify(&img, &cfg);
+        let row = clean.len() / 16;
+        let changed = |pv: &[f32]| -> Vec<bool> {
+            pv.chunks(row)
+                .zip(clean.chunks(row))
+                .map(|(a, b)| a != b)
+                .collect()
+        };
+        let mut black_pv = clean.clone();
+        blacken_patches(&mut black_pv, &cfg, 0.5, 9);
+        let tiles = changed(&black_pv);
+        assert!(tiles.iter().any(|&t| t) && !tiles.iter().all(|&t| t));
+        for kind in [Perturbation::Grey, Perturbation::Noise, Perturbation::Blur] {
+            let mut pv = clean.clone();
+            let n = perturb_patches(&mut pv, &cfg, kind, 0.5, 9);
+            assert_eq!(changed(&pv), tiles, "{kind:?}");
+            assert_eq!(n, tiles.iter().filter(|&&t| t).count());
+            let per_channel = row / 3;
+            for (k, patch) in pv.chunks(row).enumerate().filter(|(k, _)| tiles[*k]) {
+                for (c, ch) in patch.chunks(per_channel).enumerate() {
+                    match kind {
+                        Perturbation::Grey => {
+                            assert!(ch.iter().all(|&v| v == normalised(&cfg, 128.0)[c]))
+                        }
+                        Perturbation::Blur => {
+                            let orig = &clean[k * row + c * per_channel..][..per_channel];
+                            let mean = orig.iter().sum::<f32>() / per_channel as f32;
+                            assert!(ch.iter().all(|&v| (v - mean).abs() < 1e-5));
+                        }
+                        _ => {
+                            // Noise: the two temporal copies agree, values vary.
+                            let (a, b) = ch.split_at(per_channel / 2);
+                            assert_eq!(a, b);
+                            assert!(a.iter().any(|&v| v != a[0]));
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn blackened_patches_equal_patchifying_a_blackened_image() {

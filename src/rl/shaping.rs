@@ -6,6 +6,18 @@ use crate::backend::cpu::kl::dependency_k3;
 use crate::backend::cpu::topk::topk_select_mask;
 use crate::backend::cpu::OpError;
 
+/// How a token's visual dependency is measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyEstimator {
+    /// The reference's k3 estimator from the two log-probs of the sampled
+    /// token ([`visual_dependency`]).
+    #[default]
+    K3,
+    /// KL(original || perturbed) over the full vocabulary.
+    ExactKl,
+}
+
 /// `S_t = clamp(exp(d) - d - 1, 0, 10)`, `d = clamp(lp_mask - lp_orig, -20, 20)`.
 pub fn visual_dependency(lp_orig: &[f32], lp_mask: &[f32]) -> Vec<f32> {
     let mut s = vec![0.0; lp_orig.len()];

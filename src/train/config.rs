@@ -2,6 +2,7 @@
 //! VPPO 7B recipe (shared/docs/vppo.md), every field overridable on the
 //! command line as `key=value`, and the resolved config saved with the run.
 
+use crate::rl::{DependencyEstimator, Perturbation};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -53,8 +54,12 @@ pub struct TrainConfig {
     pub entropy_penalty: f32,
     pub tgf_ratio: f32,
     pub tas_beta_min: f32,
-    /// Probability of blackening each 14x14 tile in the perturbed pass.
+    /// Probability of perturbing each 14x14 tile in the perturbed pass.
     pub blacken_p: f64,
+    /// What a perturbed tile becomes: black (the reference), grey, noise, blur.
+    pub perturbation: Perturbation,
+    /// Token visual dependency: k3 (the reference) or exact_kl (full vocabulary).
+    pub dependency: DependencyEstimator,
     /// Dynamic sampling bounds on a group's mean accuracy (off for grpo).
     pub dynamic_sampling: bool,
     pub temperature: f32,
@@ -113,6 +118,8 @@ impl Default for TrainConfig {
             tgf_ratio: 0.4,
             tas_beta_min: 0.9,
             blacken_p: 0.5,
+            perturbation: Perturbation::Black,
+            dependency: DependencyEstimator::K3,
             dynamic_sampling: true,
             temperature: 1.0,
             top_p: 0.99,

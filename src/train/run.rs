@@ -119,6 +119,8 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
         entropy_penalty: cfg.entropy_penalty,
     };
     step.blacken_p = cfg.blacken_p;
+    step.perturbation = cfg.perturbation;
+    step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
     step.recompute = cfg.recompute;
     step

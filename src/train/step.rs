@@ -12,7 +12,10 @@ use crate::pipeline::{Pipeline, PipelineError};
 use crate::reward::accuracy_reward;
 use crate::rl::objective::{mean_dependency, micro_batch_objective, MicroBatch, VppoConfig};
 use crate::rl::shaping::dependency_range;
-use crate::rl::{blacken_patches, group_advantages, keep_group, PolicyLossConfig};
+use crate::rl::{
+    group_advantages, keep_group, perturb_patches, visual_dependency, DependencyEstimator,
+    Perturbation, PolicyLossConfig,
+};
 use crate::rollout::generate::{eos_ids, Generator};
 use crate::rollout::sampling::SamplingParams;
 
@@ -37,8 +40,12 @@ pub struct StepConfig {
     pub dynamic_sampling: Option<(f32, f32)>,
     pub vppo: VppoConfig,
     pub loss: PolicyLossConfig,
-    /// Probability of blackening each 14x14 tile in the perturbed pass.
+    /// Probability of perturbing each 14x14 tile in the perturbed pass.
     pub blacken_p: f64,
+    /// What a perturbed tile becomes (black by default).
+    pub perturbation: Perturbation,
+    /// k3 from the sampled tokens' log-probs, or the exact KL.
+    pub dependency: DependencyEstimator,
     /// Responses per forward/backward chunk (gradient accumulation).
     pub micro_batch: usize,
     /// Recompute activations in the backward (less memory).
@@ -63,6 +70,8 @@ impl StepConfig {
             vppo: VppoConfig::default(),
             loss,
             blacken_p: 0.5,
+            perturbation: Perturbation::Black,
+            dependency: DependencyEstimator::K3,
             micro_batch: 8,
             recompute: false,
         }
@@ -102,7 +111,9 @@ pub struct Rollouts {
     /// Response tokens per response.
     pub lens: Vec<usize>,
     pub lp_old: Vec<f32>,
-    pub lp_perturbed: Option<Vec<f32>>,
+    /// Token visual dependency (VPPO only), from the original and the
+    /// perturbed-image pass with the rollout weights.
+    pub dependency: Option<Vec<f32>>,
     /// Responses per group.
     pub group_size: usize,
     pub stats: StepStats,
@@ -125,7 +136,7 @@ impl Rollouts {
         self.advantages.extend(other.advantages);
         self.lens.extend(other.lens);
         self.lp_old.extend(other.lp_old);
-        if let (Some(mine), Some(theirs)) = (&mut self.lp_perturbed, other.lp_perturbed) {
+        if let (Some(mine), Some(theirs)) = (&mut self.dependency, other.dependency) {
             mine.extend(theirs);
         }
         self.stats.responses = responses;
@@ -147,8 +158,8 @@ impl Rollouts {
         self.advantages.truncate(keep);
         self.lens.truncate(keep);
         self.lp_old.truncate(tokens);
-        if let Some(lp) = &mut self.lp_perturbed {
-            lp.truncate(tokens);
+        if let Some(dep) = &mut self.dependency {
+            dep.truncate(tokens);
         }
     }
 }
@@ -216,43 +227,45 @@ pub fn collect_rollouts(
         .collect();
     let generated: Vec<usize> = samples.iter().map(|s| s.token_ids.len()).collect();
     stats.mean_response_tokens = mean_len(&generated);
+    // Old log-probs and (VPPO) dependency, micro-batch by micro-batch, with
+    // the weights that generated the responses.
     let model = &pipeline.model;
-    let logprobs_of = |seqs: &[TrainSequence]| -> Result<Vec<f32>, ModelError> {
-        Ok(model.train_forward(seqs, Save::Nothing)?.logprobs)
-    };
+    let vppo = cfg.algo == Algo::Vppo;
     let mut lp_old = Vec::new();
+    let mut dependency = vppo.then(Vec::new);
     for r in chunks(0..batch.len(), cfg.micro_batch) {
-        lp_old.extend(logprobs_of(&batch[r])?);
-    }
-    let lp_perturbed = if cfg.algo == Algo::Vppo {
-        let mut out = Vec::new();
-        for r in chunks(0..batch.len(), cfg.micro_batch) {
+        let original = model.train_forward(&batch[r.clone()], Save::Nothing)?;
+        if let Some(dependency) = &mut dependency {
             let perturbed: Vec<TrainSequence> = r
                 .clone()
                 .map(|i| {
                     let mut s = batch[i].clone();
+                    // A fresh mask per response.
                     let mask_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    blacken_patches(
+                    perturb_patches(
                         &mut s.input.pixel_values,
                         &pipeline.images,
+                        cfg.perturbation,
                         cfg.blacken_p,
                         mask_seed,
                     );
                     s
                 })
                 .collect();
-            out.extend(logprobs_of(&perturbed)?);
+            let masked = model.train_forward(&perturbed, Save::Nothing)?;
+            dependency.extend(match cfg.dependency {
+                DependencyEstimator::K3 => visual_dependency(&original.logprobs, &masked.logprobs),
+                DependencyEstimator::ExactKl => model.response_kl(&original, &masked)?,
+            });
         }
-        Some(out)
-    } else {
-        None
-    };
+        lp_old.extend(original.logprobs);
+    }
     Ok(Rollouts {
         batch,
         advantages,
         lens,
         lp_old,
-        lp_perturbed,
+        dependency,
         group_size: cfg.n,
         stats,
     })
@@ -308,12 +321,11 @@ pub fn mini_batch_gradients(
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
     let tokens = offset(responses.start)..offset(responses.end);
     let total_tokens = tokens.len();
-    let range = rollouts.lp_perturbed.as_ref().and_then(|lp_mask| {
-        let dep = crate::rl::visual_dependency(
-            &rollouts.lp_old[tokens.clone()],
-            &lp_mask[tokens.clone()],
-        );
-        dependency_range(&mean_dependency(&dep, &rollouts.lens[responses.clone()]))
+    let range = rollouts.dependency.as_ref().and_then(|dep| {
+        dependency_range(&mean_dependency(
+            &dep[tokens.clone()],
+            &rollouts.lens[responses.clone()],
+        ))
     });
     let save = if cfg.recompute {
         Save::Inputs
@@ -330,7 +342,7 @@ pub fn mini_batch_gradients(
         let mb = MicroBatch {
             lp_new: &fwd.logprobs,
             lp_old: &rollouts.lp_old[tok.clone()],
-            lp_perturbed: rollouts.lp_perturbed.as_ref().map(|l| &l[tok.clone()]),
+            dependency: rollouts.dependency.as_ref().map(|d| &d[tok.clone()]),
             response_lens: &rollouts.lens[r.clone()],
             advantages: &rollouts.advantages[r.clone()],
         };
@@ -353,7 +365,7 @@ pub fn mini_batch_gradients(
         loss,
         clip_fraction: clipped / total_tokens.max(1) as f32,
         entropy: neg_logprob / denom,
-        visual_dependency_mean: rollouts.lp_perturbed.as_ref().map(|_| dependency / denom),
+        visual_dependency_mean: rollouts.dependency.as_ref().map(|_| dependency / denom),
         tgf_kept_frac: (kept as f64 / denom) as f32,
         adv_scale_min: scale_min,
         adv_scale_max: scale_max,
@@ -400,7 +412,7 @@ mod tests {
             advantages: Vec::new(),
             lens: Vec::new(),
             lp_old: Vec::new(),
-            lp_perturbed: Some(Vec::new()),
+            dependency: Some(Vec::new()),
             group_size: n,
             stats: StepStats {
                 responses: (groups + dropped) * n,
@@ -425,7 +437,7 @@ mod tests {
                 r.advantages.push(tag);
                 r.lens.push(len);
                 r.lp_old.extend(std::iter::repeat_n(tag, len));
-                r.lp_perturbed
+                r.dependency
                     .as_mut()
                     .unwrap()
                     .extend(std::iter::repeat_n(-tag, len));
@@ -456,7 +468,7 @@ mod tests {
         // Token-level arrays cut at the same response boundary.
         let tokens: usize = r.lens.iter().sum();
         assert_eq!(r.lp_old.len(), tokens);
-        assert_eq!(r.lp_perturbed.as_ref().unwrap().len(), tokens);
+        assert_eq!(r.dependency.as_ref().unwrap().len(), tokens);
         assert_eq!(r.lp_old[..8], [1.0; 8]);
         assert_eq!(r.lp_old[8..], [2.0, 2.0, 2.0]);
         // Fewer groups than asked: nothing to cut.
