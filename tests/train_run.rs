@@ -231,3 +231,81 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     assert!(err.contains("no group with mixed rewards"), "{err}");
     let _ = std::fs::remove_dir_all(&stuck);
 }
+
+/// Training on a data set (JSONL with image paths, one corrupt row): epochs
+/// are streamed in order, the corrupt row is skipped each pass, and the run
+/// ends when the data is exhausted; a resumed run continues at the same row.
+#[test]
+fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
+    use vppo_engine::builtin::CountingTask;
+    let dir = run_dir("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let task = CountingTask::new(2, 5);
+    let mut lines = Vec::new();
+    for i in 0..5u64 {
+        let item = task.item(i);
+        let name = format!("img{i}.png");
+        image::RgbImage::from_raw(56, 56, item.image.data.clone())
+            .unwrap()
+            .save(dir.join(&name))
+            .unwrap();
+        lines.push(
+            serde_json::json!({"problem": format!("<image>{}", item.question), "answer": item.answer, "images": [name]})
+                .to_string(),
+        );
+        if i == 2 {
+            lines.push(
+                serde_json::json!({"problem": "<image>?", "answer": "1", "images": ["missing.png"]})
+                    .to_string(),
+            );
+        }
+    }
+    let data = dir.join("train.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl/single_noresize");
+    let settings = |extra: &[&str]| -> Vec<String> {
+        let mut o = vec![
+            format!("model={:?}", model.display().to_string()),
+            format!("data={:?}", data.display().to_string()),
+            // The random fixture model never answers right: grpo still
+            // updates (no dynamic sampling), with zero advantages.
+            "algo=grpo".into(),
+            "rollout_batch=2".into(),
+            "mini_batch=1".into(),
+            "group_size=2".into(),
+            "epochs=2".into(),
+            "max_response_tokens=3".into(),
+            "min_pixels=3136".into(),
+            "max_pixels=3136".into(),
+            "prompt_suffix=''".into(),
+            "save_every=2".into(),
+            "bf16=false".into(),
+        ];
+        o.extend(extra.iter().map(|s| s.to_string()));
+        o
+    };
+    let whole = dir.join("whole");
+    let summary = run(None, &settings(&[]), Some(&whole), false, false).unwrap();
+    // 5 usable rows x 2 epochs = 10 prompts = 5 rollout batches of 2 updates.
+    assert_eq!(summary.steps, 10);
+    let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
+    assert_eq!(reference.len(), 10);
+    assert!(reference
+        .iter()
+        .all(|m| m.reward_mean == 0.0 && m.groups == 1));
+
+    let split = dir.join("split");
+    run(
+        None,
+        &settings(&["max_steps=4"]),
+        Some(&split),
+        false,
+        false,
+    )
+    .unwrap();
+    run(None, &["max_steps=0".into()], Some(&split), true, false).unwrap();
+    let resumed = read_metrics(&split.join(METRICS_FILE)).unwrap();
+    assert_eq!(without_timing(&resumed), without_timing(&reference));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
