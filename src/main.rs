@@ -42,7 +42,7 @@ enum Command {
     ///
     /// With no model and no data it trains the built-in default: a tiny
     /// Qwen2.5-VL model on a generated shape-counting task, a short
-    /// supervised warm-up, then RL; a few minutes on a laptop CPU.
+    /// supervised warm-up, then RL; about a minute on a laptop CPU.
     /// Otherwise the config's defaults are the published 7B recipe.
     ///
     /// The run directory gets config.toml (the resolved config),
@@ -75,6 +75,9 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Print the resolved config (every field, as TOML) and exit.
+        #[arg(long)]
+        print_config: bool,
         /// Config overrides, KEY=VALUE (values in TOML syntax).
         #[arg(value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -253,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             data,
             quiet,
+            print_config,
             mut overrides,
         } => {
             if let Some(algo) = algo {
@@ -263,6 +267,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(data) = data {
                 overrides.push(format!("data={:?}", data.display().to_string()));
+            }
+            if print_config {
+                let saved = resume
+                    .as_ref()
+                    .map(|d| d.join(vppo_engine::train::run::CONFIG_FILE));
+                let file = saved.as_deref().or(config.as_deref());
+                let cfg = vppo_engine::train::config::TrainConfig::resolve(file, &overrides)?;
+                print!("{}", cfg.to_toml());
+                return Ok(());
             }
             let run_dir = resume.as_deref().or(out.as_deref());
             let summary = vppo_engine::train::run::run(

@@ -309,3 +309,26 @@ fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     assert_eq!(without_timing(&resumed), without_timing(&reference));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn print_config_shows_the_resolved_settings() {
+    use vppo_engine::train::config::{AlgoName, TrainConfig};
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+        .args(["train", "--print-config", "--algo", "grpo", "lr=2e-3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: TrainConfig = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!((cfg.algo, cfg.lr), (AlgoName::Grpo, 2e-3));
+    assert_eq!(cfg.rollout_batch, 16, "the built-in preset");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+        .args(["train", "--print-config", "clip_low=lots"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clip_low"));
+}
