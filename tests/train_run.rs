@@ -58,6 +58,18 @@ fn builtin_run_writes_metrics_checkpoints_and_plot() {
     let dir = run_dir("outputs");
     let summary = run(None, &small(&["max_steps=4"]), Some(&dir), false, false).unwrap();
     assert_eq!(summary.steps, 4);
+    // keep_checkpoints trims old ones once a newer one is complete.
+    let trimmed = run_dir("trimmed");
+    run(
+        None,
+        &small(&["max_steps=4", "keep_checkpoints=1"]),
+        Some(&trimmed),
+        false,
+        false,
+    )
+    .unwrap();
+    assert_eq!(checkpoints(&trimmed), vec!["checkpoint-00000004"]);
+    std::fs::remove_dir_all(&trimmed).unwrap();
     let metrics = read_metrics(&dir.join(METRICS_FILE)).unwrap();
     assert_eq!(
         metrics.iter().map(|m| m.step).collect::<Vec<_>>(),

@@ -76,6 +76,8 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Save a checkpoint every this many optimizer steps.
     pub save_every: usize,
+    /// Keep only the newest this many checkpoints (0: keep all).
+    pub keep_checkpoints: usize,
     /// Stop at the end of the rollout batch that reaches this many optimizer
     /// steps (0: run `epochs` over the data).
     pub max_steps: usize,
@@ -131,6 +133,7 @@ impl Default for TrainConfig {
             recompute: false,
             bf16: true,
             save_every: 10,
+            keep_checkpoints: 0,
             max_steps: 0,
             micro_batch: 8,
             max_gen_batches: 3,

@@ -331,7 +331,13 @@ pub fn run(
         warmup(&mut pipeline, &cfg, &out, &progress)?;
         optimizer = new_optimizer(&pipeline.model, &cfg, cfg.lr);
         state.extra["warmup_done"] = true.into();
-        save_training_checkpoint(&out, &pipeline.model, &optimizer, &state, &mut |_| {})?;
+        save(
+            &out,
+            &pipeline.model,
+            &optimizer,
+            &state,
+            cfg.keep_checkpoints,
+        )?;
     }
 
     let step_cfg = step_config(&cfg);
@@ -457,13 +463,25 @@ pub fn run(
         state.extra["rollout_batches"] = rollout_index.into();
         let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
         if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64 || done {
-            save_training_checkpoint(&out, &pipeline.model, &optimizer, &state, &mut |_| {})?;
+            save(
+                &out,
+                &pipeline.model,
+                &optimizer,
+                &state,
+                cfg.keep_checkpoints,
+            )?;
             last_saved = state.step;
         }
     }
     progress.bar.finish_and_clear();
     if state.step != last_saved {
-        save_training_checkpoint(&out, &pipeline.model, &optimizer, &state, &mut |_| {})?;
+        save(
+            &out,
+            &pipeline.model,
+            &optimizer,
+            &state,
+            cfg.keep_checkpoints,
+        )?;
     }
     let plot = out.join(PLOT_FILE);
     let title = format!(
@@ -502,6 +520,37 @@ pub fn run(
         checkpoint: latest_checkpoint(&out)?,
         plot,
     })
+}
+
+/// Saves a training checkpoint, then (with `keep` > 0) deletes all but the
+/// newest `keep` ones; the new one is complete and `latest` points at it
+/// before anything is removed.
+fn save(
+    out: &Path,
+    model: &Qwen25Vl,
+    optimizer: &AdamW,
+    state: &TrainingState,
+    keep: usize,
+) -> Result<PathBuf, RunError> {
+    let dir = save_training_checkpoint(out, model, optimizer, state, &mut |_| {})?;
+    if keep > 0 {
+        let mut old: Vec<PathBuf> = std::fs::read_dir(out)
+            .map_err(io(out))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+            })
+            .collect();
+        old.sort();
+        let surplus = old.len().saturating_sub(keep);
+        for stale in old.into_iter().take(surplus).filter(|p| *p != dir) {
+            std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
+        }
+    }
+    Ok(dir)
 }
 
 /// The supervised warm-up on the built-in task, logged to `warmup.jsonl`.
