@@ -107,4 +107,25 @@ mod tests {
         // ceil(0.4 * 5) = 2: the -2.0 and +0.5 shifts.
         assert_eq!(mask, vec![0.0, 1.0, 1.0, 0.0, 0.0]);
     }
+
+    #[test]
+    fn tgf_counts_ceil_of_the_ratio_per_response_and_breaks_ties_by_position() {
+        // Three responses of 1, 3 and 6 tokens: k = ceil(0.4 n) = 1, 2, 3.
+        let dep = [
+            0.0, // lone token: always kept
+            0.2, 0.2, 0.2, // all tied: the first two
+            0.1, 0.5, 0.5, 0.0, 0.5, 0.3, // three tied at the top: all three
+        ];
+        let mask = tgf_mask(&dep, &[0, 1, 4, 10], 0.4).unwrap();
+        assert_eq!(mask, vec![1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]);
+        // Ratio 1 keeps everything; ratio 0 keeps nothing.
+        assert!(tgf_mask(&dep, &[0, 1, 4, 10], 1.0)
+            .unwrap()
+            .iter()
+            .all(|&m| m == 1.0));
+        assert!(tgf_mask(&dep, &[0, 1, 4, 10], 0.0)
+            .unwrap()
+            .iter()
+            .all(|&m| m == 0.0));
+    }
 }
