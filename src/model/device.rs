@@ -137,8 +137,12 @@ impl ArenaPlan {
                 .max(t * h)
                 .max(s.response * h),
             // The merger's fc1 output and its GELU reuse gate and up.
-            gate: (n * vi).max(merged * merged_width).max(t * tc.intermediate_size),
-            up: (n * vi).max(merged * merged_width).max(t * tc.intermediate_size),
+            gate: (n * vi)
+                .max(merged * merged_width)
+                .max(t * tc.intermediate_size),
+            up: (n * vi)
+                .max(merged * merged_width)
+                .max(t * tc.intermediate_size),
             act: (n * vi).max(t * tc.intermediate_size),
             lse: (n * vc.num_heads).max(t * tc.num_heads),
             rstd: n.max(t),
@@ -216,8 +220,7 @@ impl HostPlan {
             });
         }
         let image_id = cfg.tokens.image_token_id;
-        let positions =
-            mrope_positions(&input.ids, image_id, &input.grids, vc.spatial_merge_size)?;
+        let positions = mrope_positions(&input.ids, image_id, &input.grids, vc.spatial_merge_size)?;
         let t = input.ids.len();
         let image_rows: Vec<i32> = to_i32s((0..t).filter(|&i| input.ids[i] == image_id));
         let patches = input.pixel_values.len() / pd;
@@ -270,9 +273,7 @@ impl HostPlan {
         let shape = ForwardShape {
             tokens: t,
             patches,
-            windows: vision
-                .as_ref()
-                .map_or(0, |v| v.layout.cu_window.len() - 1),
+            windows: vision.as_ref().map_or(0, |v| v.layout.cu_window.len() - 1),
             frames: vision.as_ref().map_or(0, |v| v.layout.cu_full.len() - 1),
             image_tokens: features,
             response: response_rows.len(),
@@ -367,10 +368,7 @@ impl DeviceModel {
         let need = ArenaPlan::new(&self.config, &plan.shape);
         let fits = self.arena.as_ref().is_some_and(|a| need.fits_in(&a.plan));
         if !fits {
-            let cap = self
-                .arena
-                .as_ref()
-                .map_or(need, |a| a.plan.max(&need));
+            let cap = self.arena.as_ref().map_or(need, |a| a.plan.max(&need));
             // Free the old arena before allocating the larger one.
             self.arena = None;
             self.arena = Some(Arena::alloc(self.gpu.stream(), &cap)?);
@@ -431,12 +429,7 @@ impl Run<'_> {
         )
     }
 
-    fn add(
-        &self,
-        x: &mut CudaSlice<f32>,
-        y: &CudaSlice<f32>,
-        n: usize,
-    ) -> Result<(), CudaError> {
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
         self.gpu
             .add_inplace(&mut x.slice_mut(0..n), &y.slice(0..n), n)
     }
@@ -529,14 +522,32 @@ impl Run<'_> {
             let cu = if full { &a.cu_full } else { &a.cu_window };
             self.gpu
                 .flash_attn_fwd(shape, &a.q, &a.k, &a.v, cu, cu, &mut a.attn, &mut a.lse)?;
-            self.linear(&a.attn, n, vh, vh, bp.proj_w, Some(bp.proj_b), 0, &mut a.proj)?;
+            self.linear(
+                &a.attn,
+                n,
+                vh,
+                vh,
+                bp.proj_w,
+                Some(bp.proj_b),
+                0,
+                &mut a.proj,
+            )?;
             self.add(&mut a.x, &a.proj, n * vh)?;
             self.gpu
                 .rmsnorm_fwd(&a.x, self.w(bp.norm2), n, vh, eps, &mut a.h, &mut a.rstd)?;
             self.linear(&a.h, n, vh, vi, bp.gate_w, Some(bp.gate_b), 0, &mut a.gate)?;
             self.linear(&a.h, n, vh, vi, bp.up_w, Some(bp.up_b), 0, &mut a.up)?;
             self.gpu.swiglu_fwd(&a.gate, &a.up, n * vi, &mut a.act)?;
-            self.linear(&a.act, n, vi, vh, bp.down_w, Some(bp.down_b), 0, &mut a.proj)?;
+            self.linear(
+                &a.act,
+                n,
+                vi,
+                vh,
+                bp.down_w,
+                Some(bp.down_b),
+                0,
+                &mut a.proj,
+            )?;
             self.add(&mut a.x, &a.proj, n * vh)?;
         }
         // Merger: ln_q per patch, [N, vh] read as [N / unit, unit * vh].
@@ -593,8 +604,15 @@ impl Run<'_> {
             scale: 1.0 / (hd as f64).sqrt(),
         })?;
         for lp in &p.layers {
-            self.gpu
-                .rmsnorm_fwd(&a.x, self.w(lp.input_norm), t, h, eps, &mut a.h, &mut a.rstd)?;
+            self.gpu.rmsnorm_fwd(
+                &a.x,
+                self.w(lp.input_norm),
+                t,
+                h,
+                eps,
+                &mut a.h,
+                &mut a.rstd,
+            )?;
             self.linear(&a.h, t, h, qw, lp.q_w, Some(lp.q_b), 0, &mut a.raw)?;
             self.gpu
                 .rope(self.text_rope, &a.tpos, t, nh, false, &a.raw, &mut a.q)?;
@@ -700,8 +718,8 @@ mod tests {
     use std::path::Path;
 
     fn fixture() -> (ModelConfig, SequenceInput) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/qwen2_5_vl/single_noresize");
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl/single_noresize");
         let cfg = ModelConfig::load(&dir).expect("fixture config");
         // A 4x6-patch image (2x3 merged tokens) between 2 and 3 text tokens.
         let img = cfg.tokens.image_token_id;
@@ -766,10 +784,14 @@ mod tests {
         let a = ArenaPlan::new(&cfg, &plan.shape);
         let (vc, tc) = (&cfg.vision, &cfg.text);
         assert_eq!(a.pixels, 24 * vc.patch_dim());
-        // Residual stream: 24 patches x 32 vs 11 tokens x 64.
-        assert_eq!(a.x, (24 * 32).max(11 * 64));
-        // Merger fc1: 6 merged x 128 vs vision MLP 24 x 48 vs text 11 x 128.
-        assert_eq!(a.gate, (6 * 128).max(24 * 48).max(11 * tc.intermediate_size));
+        // Residual stream: 24 patches x 32 (768) over 11 tokens x 64 (704).
+        assert_eq!(a.x, 768);
+        // Gate: text MLP 11 x 128 (1408) over vision MLP 24 x 48 (1152) and
+        // merger fc1 6 x 128 (768).
+        assert_eq!(tc.intermediate_size, 128);
+        assert_eq!(a.gate, 1408);
+        // 24 patches x 2 heads (48) over 11 tokens x 4 heads (44).
+        assert_eq!(a.lse, 48);
         assert_eq!(a.vision_out, 6 * 64);
         assert_eq!(a.logits, 2 * tc.vocab_size);
         assert_eq!((a.cu_window, a.cu_full, a.cu_text), (2, 2, 2));
@@ -810,6 +832,9 @@ mod tests {
     fn logit_chunks_bound_the_buffer() {
         assert_eq!(logit_chunk_rows(0, 384), 1);
         assert_eq!(logit_chunk_rows(7, 384), 7);
-        assert_eq!(logit_chunk_rows(10_000, 151_936), LOGIT_CHUNK_ELEMS / 151_936);
+        assert_eq!(
+            logit_chunk_rows(10_000, 151_936),
+            LOGIT_CHUNK_ELEMS / 151_936
+        );
     }
 }

@@ -183,6 +183,7 @@ pub enum GemmImpl {
 }
 
 struct BlasState {
+    mode: GemmImpl,
     plans: HashMap<PlanKey, Option<Plan>>,
     classic: Option<cudarc::cublas::CudaBlas>,
 }
@@ -194,7 +195,6 @@ pub struct Blas {
     lt: lts::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     state: Mutex<BlasState>,
-    pub mode: GemmImpl,
 }
 
 // SAFETY: the cuBLASLt handle is only used under `state`'s lock or through
@@ -249,11 +249,16 @@ impl Blas {
             lt: handle,
             workspace,
             state: Mutex::new(BlasState {
+                mode: GemmImpl::Lt,
                 plans: HashMap::new(),
                 classic: None,
             }),
-            mode: GemmImpl::Lt,
         })
+    }
+
+    /// Chooses the GEMM path for later calls (tests exercise both).
+    pub fn set_mode(&self, mode: GemmImpl) {
+        self.state.lock().expect("blas state lock").mode = mode;
     }
 
     /// Number of cached cuBLASLt plans (shapes seen).
@@ -429,7 +434,7 @@ impl Blas {
         // pointer is 16-byte aligned; otherwise the bias kernel adds it.
         let fuse_bias = bias_ptr.as_ref().is_some_and(|(p, _)| p % 16 == 0);
         let mut done = false;
-        if self.mode == GemmImpl::Lt && shape.k > 0 {
+        if state.mode == GemmImpl::Lt && shape.k > 0 {
             let key = PlanKey {
                 shape: cm,
                 in_type: u32::from(I::SUFFIX == "bf16"),
@@ -441,9 +446,8 @@ impl Blas {
                     pointer_alignment(c_ptr),
                 ],
             };
-            if !state.plans.contains_key(&key) {
-                let plan = self.make_plan(&key)?;
-                state.plans.insert(key, plan);
+            if let std::collections::hash_map::Entry::Vacant(e) = state.plans.entry(key) {
+                e.insert(self.make_plan(&key)?);
             }
             if let Some(plan) = state.plans.get(&key).and_then(Option::as_ref) {
                 if let Some((p, _)) = &bias_ptr {
