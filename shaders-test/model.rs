@@ -110,7 +110,13 @@ fn gemm_case(
             out.map_err(cuda)?;
             let got = st.clone_dtoh(&c_d.slice(offset..)).map_err(drv)?;
             let e = check("C", &got, &want, FP32_TOL)?;
-            Ok(format!("C {e:.1e}"))
+            let (fallbacks, why) = gpu.blas().map_err(cuda)?.lt_fallbacks();
+            Ok(format!(
+                "C {e:.1e} (shapes on classic cuBLAS so far: {fallbacks}{})",
+                why.last()
+                    .map(|w| format!("; last: {w}"))
+                    .unwrap_or_default()
+            ))
         }),
     }
 }

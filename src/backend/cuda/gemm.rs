@@ -185,6 +185,8 @@ pub enum GemmImpl {
 struct BlasState {
     mode: GemmImpl,
     plans: HashMap<PlanKey, Option<Plan>>,
+    /// cuBLASLt calls that failed and went to classic cuBLAS (diagnostics).
+    lt_failures: Vec<String>,
     classic: Option<cudarc::cublas::CudaBlas>,
 }
 
@@ -251,6 +253,7 @@ impl Blas {
             state: Mutex::new(BlasState {
                 mode: GemmImpl::Lt,
                 plans: HashMap::new(),
+                lt_failures: Vec::new(),
                 classic: None,
             }),
         })
@@ -264,6 +267,17 @@ impl Blas {
     /// Number of cached cuBLASLt plans (shapes seen).
     pub fn cached_plans(&self) -> usize {
         self.state.lock().map_or(0, |s| s.plans.len())
+    }
+
+    /// Shapes cuBLASLt had no algorithm for (heuristic) or failed to run,
+    /// served by classic cuBLAS instead.
+    pub fn lt_fallbacks(&self) -> (usize, Vec<String>) {
+        self.state.lock().map_or((0, Vec::new()), |s| {
+            (
+                s.plans.values().filter(|p| p.is_none()).count(),
+                s.lt_failures.clone(),
+            )
+        })
     }
 
     fn make_plan(&self, key: &PlanKey) -> Result<Option<Plan>, CudaError> {
@@ -378,8 +392,9 @@ impl Blas {
                 Ok(Some(plan))
             }
             // No algorithm for this shape/alignment: classic cuBLAS instead.
-            Err(lt::CublasError(lts::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => Ok(None),
-            Err(e) => Err(blas_err("cublasLtMatmulAlgoGetHeuristic", e)),
+            // No algorithm for this shape/alignment (or a layout cuBLASLt
+            // refuses): classic cuBLAS instead, which reports real errors.
+            Err(_) => Ok(None),
         }
     }
 
@@ -434,6 +449,7 @@ impl Blas {
         // pointer is 16-byte aligned; otherwise the bias kernel adds it.
         let fuse_bias = bias_ptr.as_ref().is_some_and(|(p, _)| p % 16 == 0);
         let mut done = false;
+        let mut lt_error = None;
         if state.mode == GemmImpl::Lt && shape.k > 0 {
             let key = PlanKey {
                 shape: cm,
@@ -488,8 +504,15 @@ impl Blas {
                         stream.cu_stream() as *mut _,
                     )
                 }
-                .map_err(|e| blas_err("cublasLtMatmul", e))?;
-                done = true;
+                {
+                    Ok(()) => done = true,
+                    Err(e) => lt_error = Some(format!("cublasLtMatmul: {e:?}")),
+                }
+            }
+            if let Some(e) = lt_error {
+                // This shape goes through classic cuBLAS from now on.
+                state.plans.insert(key, None);
+                state.lt_failures.push(format!("{cm:?}: {e}"));
             }
         }
         if !done {
