@@ -484,7 +484,7 @@ impl Blas {
                 // SAFETY: the layouts describe the operands, whose lengths
                 // were checked against the shape; the plan's algorithm was
                 // chosen for these pointers' alignments and this workspace.
-                unsafe {
+                let launched = unsafe {
                     lt::matmul(
                         self.lt,
                         plan.desc,
@@ -503,8 +503,8 @@ impl Blas {
                         self.workspace.len(),
                         stream.cu_stream() as *mut _,
                     )
-                }
-                {
+                };
+                match launched {
                     Ok(()) => done = true,
                     Err(e) => lt_error = Some(format!("cublasLtMatmul: {e:?}")),
                 }
