@@ -358,7 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             if device == Device::Cuda {
-                bail!("--device cuda: the model does not run on the CUDA backend yet (only single kernels do); use --device cpu");
+                bail!("--device cuda: generate does not run on the CUDA backend yet (only `score` does); use --device cpu");
             }
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");

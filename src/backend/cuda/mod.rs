@@ -1,6 +1,8 @@
 //! CUDA backend: finds devices without panicking on machines that have no
 //! driver, loads the kernel modules embedded by `build.rs`, and launches them
 //! (`ops`). Each launcher matches a CPU op of `backend::cpu` one to one.
+//! GEMMs go through cuBLASLt ([`Blas`], created lazily per device, plans
+//! cached per shape); `model::device` builds the model forward from both.
 //!
 //! Nothing here is global: a [`CudaBackend`] is one device and one stream, so
 //! several can live in one process (one per rank, later).
