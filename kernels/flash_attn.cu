@@ -7,7 +7,7 @@
 //   query head h reads kv head h / (q_heads / kv_heads);
 //   causal aligns the ends: query i of a sequence (Lq queries, Lk keys) sees
 //   keys j <= i + Lk - Lq; a query that sees no key gets o = 0, lse = -inf.
-// Head dims 80 (vision) and 128 (text) are instantiated, each on f32 and on
+// Head dims 80 (vision) and 128 (text), plus 16 and 64, are instantiated, each on f32 and on
 // bf16 storage (q, k, v, o, dout, dq, dk, dv in bf16; lse, delta and all
 // arithmetic in f32; the _bf16 twin is the f32 op between cpu::cast
 // conversions).
@@ -375,3 +375,9 @@ FA_INSTANTIATE(80, float, f32)
 FA_INSTANTIATE(128, float, f32)
 FA_INSTANTIATE(80, bf16_t, bf16)
 FA_INSTANTIATE(128, bf16_t, bf16)
+// Small head dims: test-size models (the committed fixtures use 16) and
+// small production configs (64).
+FA_INSTANTIATE(16, float, f32)
+FA_INSTANTIATE(64, float, f32)
+FA_INSTANTIATE(16, bf16_t, bf16)
+FA_INSTANTIATE(64, bf16_t, bf16)

@@ -41,6 +41,58 @@ for line in sys.stdin:
         "sample rows=32 vocab=777" "sample rows=64 vocab=1000" "patch_embed 28x28" ||
         echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
     fi
+
+    # ---- device model forward (branch gpu-model): GEMMs, device forward,
+    # ---- `score --device cuda` vs the CPU on a fixture. Self-contained.
+    # cuBLAS: if the loader cannot find libcublasLt, use the CUDA toolkit's
+    # or the pip wheels' (next to PyTorch) library directory.
+    if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then
+      cublas_dir=$(python3 - 2>/dev/null <<'PY' || true
+import glob, os, site
+roots = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+roots += [os.path.join(r, "nvidia") for r in site.getsitepackages() + [site.getusersitepackages()]]
+for r in roots:
+    hits = sorted(glob.glob(os.path.join(r, "**", "libcublasLt.so*"), recursive=True))
+    if hits:
+        print(os.path.dirname(hits[0]))
+        break
+PY
+)
+      if [ -n "$cublas_dir" ]; then
+        export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "cuBLAS from $cublas_dir"
+      fi
+    fi
+    "$bundle/shaders" "gemm " "device forward" || echo "shaders gemm + device forward: FAILED"
+    fx=tests/fixtures/qwen2_5_vl/single_noresize
+    response=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["response"])' "$fx/inputs.json")
+    prompt="<image>What is shown in the image? Describe the picture."
+    score_dir=$(mktemp -d)
+    for dev in cpu cuda; do
+      "$bundle/vppo-engine" score --model "$fx" --image "$fx/img0.png" --prompt "$prompt" \
+        --response "$response" --device "$dev" --out "$score_dir/$dev.safetensors" ||
+        echo "score --device $dev: exited with $?"
+    done
+    python3 - "$score_dir" <<'PY' || true
+import json, os, struct, sys
+def logprobs(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        meta = json.loads(f.read(n))["response_logprobs"]
+        f.seek(8 + n + meta["data_offsets"][0])
+        raw = f.read(meta["data_offsets"][1] - meta["data_offsets"][0])
+    return struct.unpack("<%df" % (len(raw) // 4), raw)
+d = sys.argv[1]
+try:
+    cpu, gpu = logprobs(os.path.join(d, "cpu.safetensors")), logprobs(os.path.join(d, "cuda.safetensors"))
+    diff = max(abs(a - b) for a, b in zip(cpu, gpu)) if len(cpu) == len(gpu) else float("inf")
+    ok = diff <= 5e-2 and diff == diff
+    print("score --device cuda vs cpu (single_noresize, %d tokens): %s max |dlogp| %.3e (tol 5e-2)"
+          % (len(cpu), "PASS" if ok else "FAIL", diff))
+except Exception as e:
+    print("score --device cuda vs cpu (single_noresize): FAIL (%s)" % e)
+PY
+    rm -rf "$score_dir"
     ;;
   *)
     echo "usage: $0 build|run" >&2

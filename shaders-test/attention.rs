@@ -274,6 +274,10 @@ pub fn cases() -> Vec<Case> {
         flash_case(vec![3, 40], vec![8, 77], 4, 2, 128, true),
         flash_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
         flash_case(vec![7, 40], vec![33, 2], 2, 1, 80, false),
+        // Small head dims (test-size models: the fixtures use 16).
+        flash_case(vec![64, 48], vec![64, 48], 2, 2, 16, false),
+        flash_case(vec![93], vec![93], 4, 2, 16, true),
+        flash_case(vec![1, 70], vec![1, 70], 8, 8, 64, true),
         paged_case(vec![1], 16, 2, 2, 128),
         paged_case(vec![17, 0, 300, 64], 16, 8, 2, 128),
         paged_case(vec![5, 1000], 32, 4, 4, 80),
@@ -395,6 +399,7 @@ pub fn bf16_cases() -> Vec<Case> {
         flash_bf16_case(vec![5, 64, 100], vec![5, 64, 100], 4, 4, 80, false),
         flash_bf16_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
         flash_bf16_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
+        flash_bf16_case(vec![93], vec![93], 4, 2, 16, true),
         paged_case_typed(vec![17, 0, 300], 16, 8, 2, 128, true),
     ]
 }

@@ -9,6 +9,7 @@
 mod attention;
 mod elementwise;
 mod loss;
+mod model;
 mod optim;
 mod sampling;
 mod vision;
@@ -267,6 +268,7 @@ fn cases() -> Vec<Case> {
     .chain(optim::cases())
     .chain(sampling::cases())
     .chain(vision::cases())
+    .chain(model::cases())
     .collect()
 }
 

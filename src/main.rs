@@ -311,14 +311,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             grad_out,
         } => {
-            if device == Device::Cuda {
-                bail!("--device cuda: the model does not run on the CUDA backend yet (only single kernels do); use --device cpu");
+            if device == Device::Cuda && grad_out.is_some() {
+                bail!("--grad-out runs on the CPU only (the backward is not on the CUDA backend yet); drop --device cuda");
             }
             let start = Instant::now();
             let scorer = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
-            let loaded = start.elapsed();
-            let scored = scorer.score(&images, &prompt, &response)?;
+            let scored = if device == Device::Cuda {
+                let gpu = vppo_engine::backend::cuda::CudaBackend::new(0)
+                    .context("--device cuda: cannot open CUDA device 0")?;
+                let mut dev = vppo_engine::model::device::DeviceModel::new(
+                    std::sync::Arc::new(gpu),
+                    &scorer.model,
+                )
+                .context("--device cuda: uploading the model")?;
+                let loaded = start.elapsed();
+                let scored = scorer.score_device(&mut dev, &images, &prompt, &response)?;
+                (scored, loaded)
+            } else {
+                let loaded = start.elapsed();
+                (scorer.score(&images, &prompt, &response)?, loaded)
+            };
+            let (scored, loaded) = scored;
             scored.save(&out)?;
             if let Some(path) = &grad_out {
                 let t = Instant::now();
@@ -334,7 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = scored.response_logprobs.len();
             let total: f32 = scored.response_logprobs.iter().sum();
             eprintln!(
-                "scored {r} response tokens ({} prompt tokens, {} image(s)): sum log-prob {total:.4}, mean {:.4}; load {:.2?}, forward {:.2?}; wrote {}",
+                "scored {r} response tokens on {device:?} ({} prompt tokens, {} image(s)): sum log-prob {total:.4}, mean {:.4}; load {:.2?}, forward {:.2?}; wrote {}",
                 scored.prompt_len,
                 images.len(),
                 total / r as f32,
@@ -357,7 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             if device == Device::Cuda {
-                bail!("--device cuda: the model does not run on the CUDA backend yet (only single kernels do); use --device cpu");
+                bail!("--device cuda: generate does not run on the CUDA backend yet (only `score` does); use --device cpu");
             }
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");

@@ -56,6 +56,28 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// [`Pipeline::score`] with the model forward, lm_head and log-probs on
+    /// a CUDA device (`device` holds the uploaded weights).
+    pub fn score_device(
+        &self,
+        device: &mut crate::model::device::DeviceModel,
+        images: &[PathBuf],
+        prompt: &str,
+        response: &str,
+    ) -> Result<Scored, PipelineError> {
+        let (input, prompt_len) = self.prepare(images, prompt, response)?;
+        let out = device.forward(&input, Some(prompt_len), false)?;
+        Ok(Scored {
+            input_ids: input.ids,
+            prompt_len,
+            response_logprobs: out.logprobs,
+            response_logits: out.logits,
+            vocab: self.model.config.text.vocab_size,
+        })
+    }
+}
+
+impl Pipeline {
     /// The gradient of `sum(response_logprobs)` w.r.t. every parameter (f32),
     /// activations recomputed layer by layer to bound memory.
     pub fn logprob_sum_grad(

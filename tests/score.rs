@@ -395,7 +395,8 @@ fn bad_score_inputs_give_clear_errors() {
     );
     let err = scorer.score(&img, "x", "").err().unwrap().to_string();
     assert!(err.contains("response is empty"), "{err}");
-    // The CLI prints the same message and fails; --device cuda is refused clearly.
+    // The CLI prints the same message and fails; --device cuda without a
+    // usable device (driver, kernels, cuBLAS) fails with a clear message.
     let (ok, stderr) = run_cli(&[
         "score",
         "--model",
@@ -421,5 +422,5 @@ fn bad_score_inputs_give_clear_errors() {
         "--out",
         "/dev/null",
     ]);
-    assert!(!ok && stderr.contains("--device cuda"), "{stderr}");
+    assert!(ok || stderr.contains("--device cuda"), "{stderr}");
 }

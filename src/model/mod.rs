@@ -4,6 +4,7 @@
 pub mod acts;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod params;
 pub mod positions;
 pub mod qwen;

@@ -43,6 +43,14 @@ pub enum ModelError {
     ForwardsDiffer,
     #[error("loss gradients have {found} entries for {expected} response tokens")]
     GradLength { expected: usize, found: usize },
+    #[error("CUDA device: {0}")]
+    Device(#[from] crate::backend::cuda::CudaError),
+}
+
+impl From<cudarc::driver::DriverError> for ModelError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Self::Device(e.into())
+    }
 }
 
 /// One token sequence and its images (already processed).

@@ -61,9 +61,9 @@ impl FlashAttnShape {
 
     fn check(&self, kernel: &'static str) -> Result<(), CudaError> {
         let bad = |reason: String| Err(CudaError::Unsupported { kernel, reason });
-        if !matches!(self.head_dim, 80 | 128) {
+        if !matches!(self.head_dim, 16 | 64 | 80 | 128) {
             return bad(format!(
-                "head_dim {} (instantiated: 80, 128)",
+                "head_dim {} (instantiated: 16, 64, 80, 128)",
                 self.head_dim
             ));
         }

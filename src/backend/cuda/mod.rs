@@ -1,30 +1,38 @@
 //! CUDA backend: finds devices without panicking on machines that have no
 //! driver, loads the kernel modules embedded by `build.rs`, and launches them
 //! (`ops`). Each launcher matches a CPU op of `backend::cpu` one to one.
+//! GEMMs go through cuBLASLt ([`Blas`], created lazily per device, plans
+//! cached per shape); `model::device` builds the model forward from both.
 //!
 //! Nothing here is global: a [`CudaBackend`] is one device and one stream, so
 //! several can live in one process (one per rank, later).
 
 mod attention;
 mod elementwise;
+mod gemm;
 mod launch_util;
 mod loss;
 mod ops;
 mod optim;
+mod rows;
 mod sampling;
 mod vision;
 
 pub use attention::{flatten_block_tables, FlashAttnShape};
 pub use elementwise::RopeFreqsDevice;
+pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
 pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
 pub use optim::{clip_coefficient, AdamWTensor};
 pub use vision::PatchMask;
 
 use crate::kernels;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DriverError,
+};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -41,6 +49,8 @@ pub enum CudaError {
         kernel: &'static str,
         reason: String,
     },
+    #[error("cuBLAS: {0}")]
+    Blas(String),
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),
 }
@@ -88,6 +98,9 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// cuBLAS handles, workspace and GEMM plans of this device, created on
+    /// first use (kernel-only users never load libcublas).
+    blas: OnceLock<Result<Blas, String>>,
 }
 
 impl CudaBackend {
@@ -113,7 +126,44 @@ impl CudaBackend {
             ctx,
             stream,
             modules,
+            blas: OnceLock::new(),
         })
+    }
+
+    /// This device's cuBLAS state (created on first call).
+    pub fn blas(&self) -> Result<&Blas, CudaError> {
+        self.blas
+            .get_or_init(|| Blas::new(self.stream.clone()).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| CudaError::Blas(e.clone()))
+    }
+
+    /// Row-major `C = alpha * op(A) op(B) + beta * C (+ bias[n] per row)`,
+    /// the twin of `cpu::gemm::matmul` (plus `cpu::linear`'s bias): see
+    /// [`Blas::gemm`]. fp32 operands never use TF32; bf16 operands
+    /// accumulate in fp32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm<I, O, A, B>(
+        &self,
+        shape: &GemmShape,
+        alpha: f32,
+        a: &A,
+        b: &B,
+        beta: f32,
+        c: &mut CudaViewMut<'_, O>,
+        bias: Option<&CudaView<'_, O>>,
+    ) -> Result<(), CudaError>
+    where
+        I: GemmElem,
+        O: GemmElem,
+        A: DevicePtr<I>,
+        B: DevicePtr<I>,
+    {
+        let fused = self.blas()?.gemm(shape, alpha, a, b, beta, c, bias)?;
+        if let (false, Some(bias)) = (fused, bias) {
+            self.add_bias_rows(c, bias, shape.m, shape.n)?;
+        }
+        Ok(())
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

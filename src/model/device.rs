@@ -1,0 +1,840 @@
+//! Qwen2.5-VL forward on a CUDA device: the graph of [`super::Qwen25Vl::forward`]
+//! (vision tower with window attention and 2D RoPE, patch merger, embedding
+//! and image scatter, decoder with M-RoPE and causal GQA attention, final
+//! norm) and the lm_head log-probs of `score`, built from the launchers of
+//! `backend::cuda` (our kernels) and cuBLASLt GEMMs. fp32 throughout (the
+//! GEMMs without TF32), so it matches the CPU path closely.
+//!
+//! Host side: positions, the window layout and every index array come from
+//! the CPU code (`positions.rs`) and are uploaded. Device memory: weights
+//! are uploaded once ([`DeviceModel::new`]); activations live in an
+//! [`Arena`] allocated once per [`ArenaPlan`] (the element count of every
+//! buffer role for one input shape) and reused while later inputs fit,
+//! so no allocation happens per layer or per block.
+
+use super::config::ModelConfig;
+use super::params::{ParamId, ParamLayout};
+use super::positions::{mrope_positions, MropePositions, VisionLayout};
+use super::qwen::{ModelError, Qwen25Vl, SequenceInput};
+use crate::backend::cpu::attention::VarlenAttention;
+use crate::backend::cpu::rope::RopeFreqs;
+use crate::backend::cuda::{
+    CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk, RopeFreqsDevice,
+    LOGPROB_STATE_PER_ROW,
+};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError};
+use std::sync::Arc;
+
+/// Logit elements (rows x vocab) computed per lm_head chunk: bounds the
+/// logits buffer (256 MiB of f32).
+pub const LOGIT_CHUNK_ELEMS: usize = 1 << 26;
+
+/// The sizes that decide an arena: one sequence's tokens, patches, windows...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardShape {
+    /// Tokens of the sequence.
+    pub tokens: usize,
+    /// Vision patches of all its images.
+    pub patches: usize,
+    /// Non-empty attention windows (+1 offsets each) and image frames.
+    pub windows: usize,
+    pub frames: usize,
+    /// Image tokens (= merged patches).
+    pub image_tokens: usize,
+    /// Rows scored by the lm_head.
+    pub response: usize,
+}
+
+/// Declares the buffer roles once: the plan (element counts) and the arena
+/// (device buffers) share the field names.
+macro_rules! arena_buffers {
+    (f32: [$($f:ident),* $(,)?], i32: [$($i:ident),* $(,)?], u32: [$($u:ident),* $(,)?] $(,)?) => {
+        /// Elements of every arena buffer for one [`ForwardShape`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct ArenaPlan {
+            $(pub $f: usize,)*
+            $(pub $i: usize,)*
+            $(pub $u: usize,)*
+        }
+
+        impl ArenaPlan {
+            /// Whether an arena allocated for `cap` can run this plan.
+            pub fn fits_in(&self, cap: &ArenaPlan) -> bool {
+                true $(&& self.$f <= cap.$f)* $(&& self.$i <= cap.$i)* $(&& self.$u <= cap.$u)*
+            }
+
+            /// The element-wise maximum (an arena that runs both).
+            pub fn max(&self, o: &ArenaPlan) -> ArenaPlan {
+                ArenaPlan {
+                    $($f: self.$f.max(o.$f),)*
+                    $($i: self.$i.max(o.$i),)*
+                    $($u: self.$u.max(o.$u),)*
+                }
+            }
+
+            /// Device bytes of the whole arena.
+            pub fn bytes(&self) -> usize {
+                4 * (0 $(+ self.$f)* $(+ self.$i)* $(+ self.$u)*)
+            }
+        }
+
+        /// Device activation buffers, one per role, sized by `plan`.
+        pub struct Arena {
+            pub plan: ArenaPlan,
+            $(pub $f: CudaSlice<f32>,)*
+            $(pub $i: CudaSlice<i32>,)*
+            $(pub $u: CudaSlice<u32>,)*
+        }
+
+        impl Arena {
+            /// One allocation per role (at least one element each).
+            pub fn alloc(stream: &Arc<CudaStream>, plan: &ArenaPlan) -> Result<Self, DriverError> {
+                Ok(Self {
+                    plan: *plan,
+                    $($f: stream.alloc_zeros::<f32>(plan.$f.max(1))?,)*
+                    $($i: stream.alloc_zeros::<i32>(plan.$i.max(1))?,)*
+                    $($u: stream.alloc_zeros::<u32>(plan.$u.max(1))?,)*
+                })
+            }
+        }
+    };
+}
+
+arena_buffers!(
+    f32: [
+        pixels, x, h, q, k, v, raw, attn, proj, gate, up, act, lse, rstd, vision_out, logits,
+        lp_state, logp, entropy, lse_out,
+    ],
+    i32: [patch_order, vpos, cu_window, cu_full, cu_text, merged_index, image_rows, resp_rows, tpos],
+    u32: [ids, targets],
+);
+
+impl ArenaPlan {
+    /// Buffer sizes of a forward of `shape` under `cfg`: each role is sized
+    /// for the largest of its uses (vision blocks, merger, decoder, head).
+    pub fn new(cfg: &ModelConfig, s: &ForwardShape) -> Self {
+        let (vc, tc) = (&cfg.vision, &cfg.text);
+        let (n, t) = (s.patches, s.tokens);
+        let (vh, vi) = (vc.hidden_size, vc.intermediate_size);
+        let merged = s.image_tokens;
+        let merged_width = vh * vc.merge_unit();
+        let (h, hd) = (tc.hidden_size, tc.head_dim);
+        let (qw, kw) = (tc.num_heads * hd, tc.num_kv_heads * hd);
+        let logit_rows = logit_chunk_rows(s.response, tc.vocab_size);
+        ArenaPlan {
+            pixels: n * vc.patch_dim(),
+            x: (n * vh).max(t * h),
+            h: (n * vh).max(t * h),
+            q: (n * vh).max(t * qw),
+            k: (n * vh).max(t * kw),
+            v: (n * vh).max(t * kw),
+            raw: (n * vh).max(t * qw.max(kw)),
+            attn: (n * vh).max(t * qw),
+            // Linear outputs: block projections, the merger's output, the
+            // gathered response rows.
+            proj: (n * vh)
+                .max(merged * vc.out_hidden_size)
+                .max(t * h)
+                .max(s.response * h),
+            // The merger's fc1 output and its GELU reuse gate and up.
+            gate: (n * vi)
+                .max(merged * merged_width)
+                .max(t * tc.intermediate_size),
+            up: (n * vi)
+                .max(merged * merged_width)
+                .max(t * tc.intermediate_size),
+            act: (n * vi).max(t * tc.intermediate_size),
+            lse: (n * vc.num_heads).max(t * tc.num_heads),
+            rstd: n.max(t),
+            vision_out: merged * vc.out_hidden_size,
+            logits: logit_rows * tc.vocab_size,
+            lp_state: logit_rows * LOGPROB_STATE_PER_ROW,
+            logp: logit_rows,
+            entropy: logit_rows,
+            lse_out: logit_rows,
+            patch_order: n,
+            vpos: 2 * n,
+            cu_window: s.windows + 1,
+            cu_full: s.frames + 1,
+            cu_text: 2,
+            merged_index: merged,
+            image_rows: merged,
+            resp_rows: s.response,
+            tpos: 3 * t,
+            ids: t,
+            targets: logit_rows,
+        }
+    }
+}
+
+/// Response rows per lm_head chunk (at least 1, at most `rows`).
+pub fn logit_chunk_rows(rows: usize, vocab: usize) -> usize {
+    (LOGIT_CHUNK_ELEMS / vocab.max(1)).clamp(1, rows.max(1))
+}
+
+/// Everything the host computes for one forward: positions, the vision
+/// window layout and the index arrays the device reads.
+#[derive(Debug, Clone)]
+pub struct HostPlan {
+    pub shape: ForwardShape,
+    pub positions: MropePositions,
+    /// `[3, T]`: the t, h, w streams back to back.
+    pub text_positions: Vec<i32>,
+    pub image_rows: Vec<i32>,
+    /// Present when the sequence has images.
+    pub vision: Option<VisionPlan>,
+    /// Hidden rows predicting each response token, and those tokens.
+    pub response_rows: Vec<i32>,
+    pub targets: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VisionPlan {
+    pub layout: VisionLayout,
+    /// Processor-order patch index of each windowed position.
+    pub patch_order: Vec<i32>,
+    /// `[2, N]`: row then column of each patch, in windowed order.
+    pub positions: Vec<i32>,
+    /// Windowed position -> merged token (processor order).
+    pub window_index: Vec<i32>,
+}
+
+fn to_i32s(v: impl IntoIterator<Item = usize>) -> Vec<i32> {
+    v.into_iter().map(|x| x as i32).collect()
+}
+
+impl HostPlan {
+    /// The plan of `input`, scoring the tokens from `prompt_len` on (none
+    /// when `prompt_len` is `None` or covers the whole sequence).
+    pub fn new(
+        cfg: &ModelConfig,
+        input: &SequenceInput,
+        prompt_len: Option<usize>,
+    ) -> Result<Self, ModelError> {
+        let vc = &cfg.vision;
+        let pd = vc.patch_dim();
+        if input.pixel_values.len() % pd != 0 {
+            return Err(ModelError::PixelShape {
+                len: input.pixel_values.len(),
+                patch_dim: pd,
+            });
+        }
+        let image_id = cfg.tokens.image_token_id;
+        let positions = mrope_positions(&input.ids, image_id, &input.grids, vc.spatial_merge_size)?;
+        let t = input.ids.len();
+        let image_rows: Vec<i32> = to_i32s((0..t).filter(|&i| input.ids[i] == image_id));
+        let patches = input.pixel_values.len() / pd;
+        let grid_patches: usize = input
+            .grids
+            .iter()
+            .map(|g| g.iter().product::<usize>())
+            .sum();
+        let unit = vc.merge_unit();
+        let vision = (!input.grids.is_empty()).then(|| {
+            let layout = VisionLayout::new(&input.grids, vc.spatial_merge_size, vc.window_merged());
+            let order = layout.patch_order(unit);
+            let mut pos: Vec<i32> = order.iter().map(|&i| layout.rows[i]).collect();
+            pos.extend(order.iter().map(|&i| layout.cols[i]));
+            VisionPlan {
+                patch_order: to_i32s(order.iter().copied()),
+                positions: pos,
+                window_index: to_i32s(layout.window_index.iter().copied()),
+                layout,
+            }
+        });
+        if grid_patches != patches {
+            // The CPU tower asserts this; here it is an input error.
+            return Err(ModelError::ImageTokens {
+                tokens: image_rows.len(),
+                features: patches / unit.max(1),
+            });
+        }
+        let features = patches / unit.max(1);
+        if features != image_rows.len() {
+            return Err(ModelError::ImageTokens {
+                tokens: image_rows.len(),
+                features,
+            });
+        }
+        let (response_rows, targets) = match prompt_len {
+            Some(p) if p > 0 && p < t => (to_i32s(p - 1..t - 1), input.ids[p..].to_vec()),
+            Some(p) if p >= t || p == 0 => {
+                return Err(ModelError::NoResponse {
+                    seq: 0,
+                    prompt_len: p,
+                    len: t,
+                })
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        let mut text_positions = positions.t.clone();
+        text_positions.extend_from_slice(&positions.h);
+        text_positions.extend_from_slice(&positions.w);
+        let shape = ForwardShape {
+            tokens: t,
+            patches,
+            windows: vision.as_ref().map_or(0, |v| v.layout.cu_window.len() - 1),
+            frames: vision.as_ref().map_or(0, |v| v.layout.cu_full.len() - 1),
+            image_tokens: features,
+            response: response_rows.len(),
+        };
+        Ok(Self {
+            shape,
+            positions,
+            text_positions,
+            image_rows,
+            vision,
+            response_rows,
+            targets,
+        })
+    }
+}
+
+/// What a device forward brings back to the host.
+pub struct DeviceForward {
+    pub positions: MropePositions,
+    /// Final-norm hidden states `[T, hidden]`, when asked for.
+    pub hidden: Option<Vec<f32>>,
+    /// `[R, vocab]` logits of the scored rows.
+    pub logits: Vec<f32>,
+    /// `log p(token)` and the entropy at each scored row.
+    pub logprobs: Vec<f32>,
+    pub entropy: Vec<f32>,
+}
+
+/// The model's weights on one device, plus its activation arena.
+pub struct DeviceModel {
+    gpu: Arc<CudaBackend>,
+    config: ModelConfig,
+    layout: ParamLayout,
+    weights: Vec<CudaSlice<f32>>,
+    vision_rope: RopeFreqsDevice,
+    text_rope: RopeFreqsDevice,
+    arena: Option<Arena>,
+    /// Arena (re)allocations so far (tests check reuse).
+    pub arena_allocations: usize,
+}
+
+impl DeviceModel {
+    /// Uploads every weight of `model` (fp32) to `gpu`, once.
+    pub fn new(gpu: Arc<CudaBackend>, model: &Qwen25Vl) -> Result<Self, ModelError> {
+        let s = gpu.stream().clone();
+        let weights = model
+            .weights
+            .0
+            .iter()
+            .map(|w| s.clone_htod(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (vc, tc) = (&model.config.vision, &model.config.text);
+        let vision_rope = gpu.rope_freqs(&RopeFreqs::vision_2d(vc.head_dim(), vc.rope_theta))?;
+        let text_rope = gpu.rope_freqs(&RopeFreqs::mrope(
+            tc.mrope_section,
+            tc.head_dim,
+            tc.rope_theta,
+        ))?;
+        // Fail now, not mid-forward, when cuBLAS cannot be loaded.
+        gpu.blas()?;
+        Ok(Self {
+            gpu,
+            config: model.config.clone(),
+            layout: model.layout.clone(),
+            weights,
+            vision_rope,
+            text_rope,
+            arena: None,
+            arena_allocations: 0,
+        })
+    }
+
+    pub fn backend(&self) -> &Arc<CudaBackend> {
+        &self.gpu
+    }
+
+    /// The arena's current plan (capacity), if any.
+    pub fn arena_plan(&self) -> Option<&ArenaPlan> {
+        self.arena.as_ref().map(|a| &a.plan)
+    }
+
+    /// Forward of one sequence; with `prompt_len`, the logits, log-probs
+    /// and entropies of the tokens after the prompt (as `score` computes
+    /// them); with `want_hidden`, the final hidden states too.
+    pub fn forward(
+        &mut self,
+        input: &SequenceInput,
+        prompt_len: Option<usize>,
+        want_hidden: bool,
+    ) -> Result<DeviceForward, ModelError> {
+        let plan = HostPlan::new(&self.config, input, prompt_len)?;
+        let need = ArenaPlan::new(&self.config, &plan.shape);
+        let fits = self.arena.as_ref().is_some_and(|a| need.fits_in(&a.plan));
+        if !fits {
+            let cap = self.arena.as_ref().map_or(need, |a| a.plan.max(&need));
+            // Free the old arena before allocating the larger one.
+            self.arena = None;
+            self.arena = Some(Arena::alloc(self.gpu.stream(), &cap)?);
+            self.arena_allocations += 1;
+        }
+        let arena = self.arena.as_mut().expect("arena allocated above");
+        let run = Run {
+            gpu: &self.gpu,
+            cfg: &self.config,
+            layout: &self.layout,
+            w: &self.weights,
+            vision_rope: &self.vision_rope,
+            text_rope: &self.text_rope,
+        };
+        run.forward(arena, input, &plan, want_hidden)
+    }
+}
+
+/// One forward's borrowed state.
+struct Run<'a> {
+    gpu: &'a CudaBackend,
+    cfg: &'a ModelConfig,
+    layout: &'a ParamLayout,
+    w: &'a [CudaSlice<f32>],
+    vision_rope: &'a RopeFreqsDevice,
+    text_rope: &'a RopeFreqsDevice,
+}
+
+impl Run<'_> {
+    fn w(&self, id: ParamId) -> &CudaSlice<f32> {
+        &self.w[id.0]
+    }
+
+    /// `out[rows, n] = x[rows, k] @ W^T (+ b)` with W (and b) possibly a row
+    /// range of a fused weight: rows `r0 .. r0 + n` of `[*, k]`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear<X: DevicePtr<f32>>(
+        &self,
+        x: &X,
+        rows: usize,
+        k: usize,
+        n: usize,
+        weight: ParamId,
+        bias: Option<ParamId>,
+        r0: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let wv = self.w(weight).slice(r0 * k..(r0 + n) * k);
+        let bv = bias.map(|b| self.w(b).slice(r0..r0 + n));
+        self.gpu.gemm(
+            &GemmShape::linear(rows, k, n),
+            1.0,
+            x,
+            &wv,
+            0.0,
+            &mut out.slice_mut(0..rows * n),
+            bv.as_ref(),
+        )
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+        self.gpu
+            .add_inplace(&mut x.slice_mut(0..n), &y.slice(0..n), n)
+    }
+
+    fn forward(
+        &self,
+        a: &mut Arena,
+        input: &SequenceInput,
+        plan: &HostPlan,
+        want_hidden: bool,
+    ) -> Result<DeviceForward, ModelError> {
+        let s = self.gpu.stream().clone();
+        let tc = &self.cfg.text;
+        let sh = &plan.shape;
+        let (t, h) = (sh.tokens, tc.hidden_size);
+        // Index uploads (into the arena, no allocation).
+        if let Some(vp) = &plan.vision {
+            s.memcpy_htod(&input.pixel_values, &mut a.pixels)?;
+            s.memcpy_htod(&vp.patch_order, &mut a.patch_order)?;
+            s.memcpy_htod(&vp.positions, &mut a.vpos)?;
+            s.memcpy_htod(&vp.layout.cu_window, &mut a.cu_window)?;
+            s.memcpy_htod(&vp.layout.cu_full, &mut a.cu_full)?;
+            s.memcpy_htod(&vp.window_index, &mut a.merged_index)?;
+            s.memcpy_htod(&plan.image_rows, &mut a.image_rows)?;
+            self.vision(a, vp, sh.patches)?;
+        }
+        s.memcpy_htod(&input.ids, &mut a.ids)?;
+        s.memcpy_htod(&plan.text_positions, &mut a.tpos)?;
+        s.memcpy_htod(&[0, t as i32][..], &mut a.cu_text)?;
+        self.decoder(a, plan)?;
+        let hidden = if want_hidden {
+            Some(s.clone_dtoh(&a.h.slice(0..t * h))?)
+        } else {
+            None
+        };
+        let (logits, logprobs, entropy) = self.head(a, plan)?;
+        s.synchronize()?;
+        Ok(DeviceForward {
+            positions: plan.positions.clone(),
+            hidden,
+            logits,
+            logprobs,
+            entropy,
+        })
+    }
+
+    /// Twin of `vision::vision_fwd`: leaves `[merged, out_hidden]` in
+    /// `a.vision_out`, in processor (scatter) order.
+    fn vision(&self, a: &mut Arena, vp: &VisionPlan, n: usize) -> Result<(), ModelError> {
+        let vc = &self.cfg.vision;
+        let p = &self.layout.vision;
+        let (vh, vi, pd) = (vc.hidden_size, vc.intermediate_size, vc.patch_dim());
+        let eps = vc.rms_norm_eps as f32;
+        let heads = vc.num_heads;
+        // Patch embed (Conv3d == matmul), then the window permutation.
+        self.linear(&a.pixels, n, pd, vh, p.patch_embed, None, 0, &mut a.proj)?;
+        self.gpu.gather_rows(
+            &a.proj.slice(..),
+            &a.patch_order.slice(..),
+            n,
+            vh,
+            &mut a.x.slice_mut(..),
+        )?;
+        let attn_shape = |cu: &[i32]| {
+            FlashAttnShape::of(&VarlenAttention {
+                cu_seqlens_q: cu,
+                cu_seqlens_k: cu,
+                q_heads: heads,
+                kv_heads: heads,
+                head_dim: vc.head_dim(),
+                causal: false,
+                scale: 1.0 / (vc.head_dim() as f64).sqrt(),
+            })
+        };
+        let window_shape = attn_shape(&vp.layout.cu_window)?;
+        let full_shape = attn_shape(&vp.layout.cu_full)?;
+        for (i, bp) in p.blocks.iter().enumerate() {
+            let full = vc.fullatt_block_indexes.contains(&i);
+            let shape = if full { &full_shape } else { &window_shape };
+            self.gpu
+                .rmsnorm_fwd(&a.x, self.w(bp.norm1), n, vh, eps, &mut a.h, &mut a.rstd)?;
+            // Fused qkv rows: q | k | v.
+            self.linear(&a.h, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 0, &mut a.raw)?;
+            self.gpu
+                .rope(self.vision_rope, &a.vpos, n, heads, false, &a.raw, &mut a.q)?;
+            self.linear(&a.h, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), vh, &mut a.raw)?;
+            self.gpu
+                .rope(self.vision_rope, &a.vpos, n, heads, false, &a.raw, &mut a.k)?;
+            self.linear(&a.h, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 2 * vh, &mut a.v)?;
+            let cu = if full { &a.cu_full } else { &a.cu_window };
+            self.gpu
+                .flash_attn_fwd(shape, &a.q, &a.k, &a.v, cu, cu, &mut a.attn, &mut a.lse)?;
+            self.linear(
+                &a.attn,
+                n,
+                vh,
+                vh,
+                bp.proj_w,
+                Some(bp.proj_b),
+                0,
+                &mut a.proj,
+            )?;
+            self.add(&mut a.x, &a.proj, n * vh)?;
+            self.gpu
+                .rmsnorm_fwd(&a.x, self.w(bp.norm2), n, vh, eps, &mut a.h, &mut a.rstd)?;
+            self.linear(&a.h, n, vh, vi, bp.gate_w, Some(bp.gate_b), 0, &mut a.gate)?;
+            self.linear(&a.h, n, vh, vi, bp.up_w, Some(bp.up_b), 0, &mut a.up)?;
+            self.gpu.swiglu_fwd(&a.gate, &a.up, n * vi, &mut a.act)?;
+            self.linear(
+                &a.act,
+                n,
+                vi,
+                vh,
+                bp.down_w,
+                Some(bp.down_b),
+                0,
+                &mut a.proj,
+            )?;
+            self.add(&mut a.x, &a.proj, n * vh)?;
+        }
+        // Merger: ln_q per patch, [N, vh] read as [N / unit, unit * vh].
+        let mp = &p.merger;
+        let m = n / vc.merge_unit();
+        let mw = vh * vc.merge_unit();
+        let out = vc.out_hidden_size;
+        self.gpu
+            .rmsnorm_fwd(&a.x, self.w(mp.ln_q), n, vh, eps, &mut a.h, &mut a.rstd)?;
+        self.linear(&a.h, m, mw, mw, mp.fc1_w, Some(mp.fc1_b), 0, &mut a.gate)?;
+        self.gpu.gelu_fwd(&a.gate, m * mw, &mut a.up)?;
+        self.linear(&a.up, m, mw, out, mp.fc2_w, Some(mp.fc2_b), 0, &mut a.proj)?;
+        // Undo the window permutation: out[window_index[i]] = merged[i].
+        self.gpu.scatter_rows(
+            &a.proj.slice(..),
+            &a.merged_index.slice(..),
+            m,
+            out,
+            &mut a.vision_out.slice_mut(..),
+        )?;
+        Ok(())
+    }
+
+    /// Twin of embedding + image scatter + `text::decoder_fwd`: leaves the
+    /// final-norm hidden states `[T, hidden]` in `a.h`.
+    fn decoder(&self, a: &mut Arena, plan: &HostPlan) -> Result<(), ModelError> {
+        let tc = &self.cfg.text;
+        let p = &self.layout.text;
+        let t = plan.shape.tokens;
+        let (h, inter, hd) = (tc.hidden_size, tc.intermediate_size, tc.head_dim);
+        let (nh, nkv) = (tc.num_heads, tc.num_kv_heads);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let eps = tc.rms_norm_eps as f32;
+        self.gpu
+            .embedding_fwd(&a.ids, t, self.w(p.embed), tc.vocab_size, h, &mut a.x)?;
+        let images = plan.image_rows.len();
+        if images > 0 {
+            self.gpu.scatter_rows(
+                &a.vision_out.slice(..),
+                &a.image_rows.slice(..),
+                images,
+                h,
+                &mut a.x.slice_mut(..),
+            )?;
+        }
+        let cu = [0, t as i32];
+        let shape = FlashAttnShape::of(&VarlenAttention {
+            cu_seqlens_q: &cu,
+            cu_seqlens_k: &cu,
+            q_heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            causal: true,
+            scale: 1.0 / (hd as f64).sqrt(),
+        })?;
+        for lp in &p.layers {
+            self.gpu.rmsnorm_fwd(
+                &a.x,
+                self.w(lp.input_norm),
+                t,
+                h,
+                eps,
+                &mut a.h,
+                &mut a.rstd,
+            )?;
+            self.linear(&a.h, t, h, qw, lp.q_w, Some(lp.q_b), 0, &mut a.raw)?;
+            self.gpu
+                .rope(self.text_rope, &a.tpos, t, nh, false, &a.raw, &mut a.q)?;
+            self.linear(&a.h, t, h, kw, lp.k_w, Some(lp.k_b), 0, &mut a.raw)?;
+            self.gpu
+                .rope(self.text_rope, &a.tpos, t, nkv, false, &a.raw, &mut a.k)?;
+            self.linear(&a.h, t, h, kw, lp.v_w, Some(lp.v_b), 0, &mut a.v)?;
+            self.gpu.flash_attn_fwd(
+                &shape,
+                &a.q,
+                &a.k,
+                &a.v,
+                &a.cu_text,
+                &a.cu_text,
+                &mut a.attn,
+                &mut a.lse,
+            )?;
+            self.linear(&a.attn, t, qw, h, lp.o_w, None, 0, &mut a.proj)?;
+            self.add(&mut a.x, &a.proj, t * h)?;
+            self.gpu
+                .rmsnorm_fwd(&a.x, self.w(lp.post_norm), t, h, eps, &mut a.h, &mut a.rstd)?;
+            self.linear(&a.h, t, h, inter, lp.gate_w, None, 0, &mut a.gate)?;
+            self.linear(&a.h, t, h, inter, lp.up_w, None, 0, &mut a.up)?;
+            self.gpu.swiglu_fwd(&a.gate, &a.up, t * inter, &mut a.act)?;
+            self.linear(&a.act, t, inter, h, lp.down_w, None, 0, &mut a.proj)?;
+            self.add(&mut a.x, &a.proj, t * h)?;
+        }
+        self.gpu
+            .rmsnorm_fwd(&a.x, self.w(p.norm), t, h, eps, &mut a.h, &mut a.rstd)?;
+        Ok(())
+    }
+
+    /// lm_head on the scored rows, chunk by chunk: logits, then the
+    /// log-prob / entropy kernels (twin of `lm_head_rows` +
+    /// `cpu::logprob::token_logprob_fwd`).
+    #[allow(clippy::type_complexity)]
+    fn head(
+        &self,
+        a: &mut Arena,
+        plan: &HostPlan,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), ModelError> {
+        let tc = &self.cfg.text;
+        let (h, vocab) = (tc.hidden_size, tc.vocab_size);
+        let r = plan.response_rows.len();
+        if r == 0 {
+            return Ok((Vec::new(), Vec::new(), Vec::new()));
+        }
+        let s = self.gpu.stream().clone();
+        let head = self.layout.text.lm_head.unwrap_or(self.layout.text.embed);
+        s.memcpy_htod(&plan.response_rows, &mut a.resp_rows)?;
+        self.gpu.gather_rows(
+            &a.h.slice(..),
+            &a.resp_rows.slice(..),
+            r,
+            h,
+            &mut a.proj.slice_mut(..),
+        )?;
+        let chunk = logit_chunk_rows(r, vocab);
+        let (mut logits, mut logp, mut ent) = (
+            Vec::with_capacity(r * vocab),
+            Vec::with_capacity(r),
+            Vec::with_capacity(r),
+        );
+        for c0 in (0..r).step_by(chunk) {
+            let rows = chunk.min(r - c0);
+            s.memcpy_htod(&plan.targets[c0..c0 + rows], &mut a.targets)?;
+            self.gpu.gemm(
+                &GemmShape::linear(rows, h, vocab),
+                1.0,
+                &a.proj.slice(c0 * h..(c0 + rows) * h),
+                self.w(head),
+                0.0,
+                &mut a.logits.slice_mut(0..rows * vocab),
+                None,
+            )?;
+            let lc = LogitChunk {
+                rows,
+                chunk_len: vocab,
+                ld: vocab,
+                vocab_offset: 0,
+            };
+            self.gpu
+                .logprob_chunk(&lc, &a.logits, &a.targets, true, &mut a.lp_state)?;
+            self.gpu.logprob_finish(
+                &a.lp_state,
+                rows,
+                &mut a.logp,
+                &mut a.entropy,
+                &mut a.lse_out,
+            )?;
+            logits.extend(s.clone_dtoh(&a.logits.slice(0..rows * vocab))?);
+            logp.extend(s.clone_dtoh(&a.logp.slice(0..rows))?);
+            ent.extend(s.clone_dtoh(&a.entropy.slice(0..rows))?);
+        }
+        Ok((logits, logp, ent))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::ModelConfig;
+    use std::path::Path;
+
+    fn fixture() -> (ModelConfig, SequenceInput) {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl/single_noresize");
+        let cfg = ModelConfig::load(&dir).expect("fixture config");
+        // A 4x6-patch image (2x3 merged tokens) between 2 and 3 text tokens.
+        let img = cfg.tokens.image_token_id;
+        let mut ids = vec![1, 2];
+        ids.extend([img; 6]);
+        ids.extend([3, 4, 5]);
+        let input = SequenceInput {
+            ids,
+            pixel_values: vec![0.5; 24 * cfg.vision.patch_dim()],
+            grids: vec![[1, 4, 6]],
+        };
+        (cfg, input)
+    }
+
+    #[test]
+    fn host_plan_matches_the_cpu_layout() {
+        let (cfg, input) = fixture();
+        let plan = HostPlan::new(&cfg, &input, Some(9)).unwrap();
+        assert_eq!(
+            plan.shape,
+            ForwardShape {
+                tokens: 11,
+                patches: 24,
+                windows: 1,
+                frames: 1,
+                image_tokens: 6,
+                response: 2,
+            }
+        );
+        assert_eq!(plan.image_rows, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(plan.response_rows, vec![8, 9]);
+        assert_eq!(plan.targets, vec![4, 5]);
+        assert_eq!(plan.text_positions.len(), 3 * 11);
+        assert_eq!(&plan.text_positions[..11], &plan.positions.t[..]);
+        let vp = plan.vision.as_ref().unwrap();
+        // Windows of 4x4 merged tokens cover the 2x3 image in one window,
+        // so the permutation is the identity.
+        assert_eq!(vp.patch_order, (0..24).collect::<Vec<_>>());
+        assert_eq!(vp.positions.len(), 48);
+        assert_eq!(&vp.positions[..4], &[0, 0, 1, 1]);
+        assert_eq!(&vp.positions[24..28], &[0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn host_plan_rejects_mismatched_inputs() {
+        let (cfg, mut input) = fixture();
+        assert!(matches!(
+            HostPlan::new(&cfg, &input, Some(11)),
+            Err(ModelError::NoResponse { .. })
+        ));
+        input.pixel_values.pop();
+        assert!(matches!(
+            HostPlan::new(&cfg, &input, None),
+            Err(ModelError::PixelShape { .. })
+        ));
+    }
+
+    #[test]
+    fn arena_plan_sizes_every_role_for_its_largest_use() {
+        let (cfg, input) = fixture();
+        let plan = HostPlan::new(&cfg, &input, Some(9)).unwrap();
+        let a = ArenaPlan::new(&cfg, &plan.shape);
+        let (vc, tc) = (&cfg.vision, &cfg.text);
+        assert_eq!(a.pixels, 24 * vc.patch_dim());
+        // Residual stream: 24 patches x 32 (768) over 11 tokens x 64 (704).
+        assert_eq!(a.x, 768);
+        // Gate: text MLP 11 x 128 (1408) over vision MLP 24 x 48 (1152) and
+        // merger fc1 6 x 128 (768).
+        assert_eq!(tc.intermediate_size, 128);
+        assert_eq!(a.gate, 1408);
+        // 24 patches x 2 heads (48) over 11 tokens x 4 heads (44).
+        assert_eq!(a.lse, 48);
+        assert_eq!(a.vision_out, 6 * 64);
+        assert_eq!(a.logits, 2 * tc.vocab_size);
+        assert_eq!((a.cu_window, a.cu_full, a.cu_text), (2, 2, 2));
+        assert_eq!((a.ids, a.targets, a.tpos), (11, 2, 33));
+        assert!(a.bytes() > 0);
+    }
+
+    #[test]
+    fn arena_reuse_and_growth() {
+        let (cfg, input) = fixture();
+        let big = ArenaPlan::new(&cfg, &HostPlan::new(&cfg, &input, Some(9)).unwrap().shape);
+        let text_only = SequenceInput {
+            ids: vec![1, 2, 3, 4],
+            ..Default::default()
+        };
+        let small = ArenaPlan::new(
+            &cfg,
+            &HostPlan::new(&cfg, &text_only, Some(2)).unwrap().shape,
+        );
+        assert!(small.fits_in(&big));
+        assert!(!big.fits_in(&small));
+        let long_text = SequenceInput {
+            ids: vec![7; 100],
+            ..Default::default()
+        };
+        let long = ArenaPlan::new(
+            &cfg,
+            &HostPlan::new(&cfg, &long_text, Some(50)).unwrap().shape,
+        );
+        assert!(!long.fits_in(&big));
+        let both = big.max(&long);
+        assert!(big.fits_in(&both) && long.fits_in(&both));
+        assert_eq!(both.pixels, big.pixels);
+        assert_eq!(both.ids, 100);
+    }
+
+    #[test]
+    fn logit_chunks_bound_the_buffer() {
+        assert_eq!(logit_chunk_rows(0, 384), 1);
+        assert_eq!(logit_chunk_rows(7, 384), 7);
+        assert_eq!(
+            logit_chunk_rows(10_000, 151_936),
+            LOGIT_CHUNK_ELEMS / 151_936
+        );
+    }
+}
