@@ -177,6 +177,7 @@ pub fn collect_rollouts(
     let mut stats = StepStats::default();
     let inputs: Vec<SequenceInput> = prompts.iter().map(|p| p.input.clone()).collect();
     let samples = {
+        let _nvtx = crate::nvtx::range("rollout");
         let mut generator = Generator::new(&pipeline.model, eos_ids(&pipeline.model.dir));
         generator.generate(&inputs, cfg.n, &cfg.sampling, cfg.max_new_tokens, seed)?
     };
@@ -220,11 +221,14 @@ pub fn collect_rollouts(
     let logprobs_of = |seqs: &[TrainSequence]| -> Result<Vec<f32>, ModelError> {
         Ok(model.train_forward(seqs, Save::Nothing)?.logprobs)
     };
+    let nvtx_old = crate::nvtx::range("old_logprobs");
     let mut lp_old = Vec::new();
     for r in chunks(0..batch.len(), cfg.micro_batch) {
         lp_old.extend(logprobs_of(&batch[r])?);
     }
+    drop(nvtx_old);
     let lp_perturbed = if cfg.algo == Algo::Vppo {
+        let _nvtx = crate::nvtx::range("perturbed_logprobs");
         let mut out = Vec::new();
         for r in chunks(0..batch.len(), cfg.micro_batch) {
             let perturbed: Vec<TrainSequence> = r
@@ -288,6 +292,7 @@ pub fn update(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, PipelineError> {
+    let _nvtx = crate::nvtx::range("update");
     let (mut grads, mut stats) = mini_batch_gradients(&pipeline.model, rollouts, groups, cfg)?;
     stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
     Ok(stats)
