@@ -3,51 +3,85 @@
 # binaries, run there, print one table.
 #
 #   scripts/gpu-check.sh build   # here (no GPU): release binaries -> gpu-bundle/
-#   scripts/gpu-check.sh run     # on the GPU machine: device info + kernel tests
+#   scripts/gpu-check.sh run     # on the GPU machine (no cargo, no network)
 #
 # With the device tool: run `scripts/gpu-check.sh build` locally, then
 # `bash scripts/gpu-check.sh run` there with carry ["gpu-bundle"].
+#
+# build: the release `vppo-engine`, the shaders-test binary and the kernel
+#   bench (benches/kernels.rs), stripped, plus scripts/bench_torch.py and
+#   scripts/bench_table.py; fails if the bundle exceeds 64 MiB. Uses $NVCC
+#   when set (else installs the pinned toolchain); CARGO_BUILD_JOBS=1 for a
+#   shared machine.
+# run: device/driver/clocks, `vppo-engine info`, shaders-test (every kernel vs
+#   its CPU twin), the kernel benches, the PyTorch equivalents, a bounded
+#   compute-sanitizer memcheck of the small cases, then the merged table
+#   (ours vs torch, % of roofline) LAST. Every step has a timeout; the whole
+#   run stays under 8 minutes. JSON lines, the log and the table go to
+#   $OUT (the device tool brings it back) or gpu-bundle/results/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bundle=gpu-bundle
+max_bundle_mib=64
+
+# The path of one cargo test/bench executable from --message-format=json.
+artifact() {
+  python3 -c 'import json,sys
+name = sys.argv[1]
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == name:
+        print(m["executable"])' "$1"
+}
 
 case "${1:-}" in
   build)
     export VPPO_REQUIRE_KERNELS=1
-    bash scripts/install-cuda-toolchain.sh >/dev/null
+    if [ -z "${NVCC:-}" ] || [ ! -x "${NVCC}" ]; then
+      bash scripts/install-cuda-toolchain.sh >/dev/null
+    fi
+    rm -rf "$bundle"
     mkdir -p "$bundle"
     cargo build --release --bin vppo-engine
     cp "${CARGO_TARGET_DIR:-target}/release/vppo-engine" "$bundle/"
-    shaders_bin=$(cargo test --release --test shaders --no-run --message-format=json 2>/dev/null |
-      python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "shaders":
-        print(m["executable"])')
+    shaders_bin=$(cargo test --release --test shaders --no-run --message-format=json 2>/dev/null | artifact shaders)
     cp "$shaders_bin" "$bundle/shaders"
-    strip "$bundle"/* || true
+    bench_bin=$(cargo bench --bench kernels --no-run --message-format=json 2>/dev/null | artifact kernels)
+    cp "$bench_bin" "$bundle/bench-kernels"
+    strip "$bundle/vppo-engine" "$bundle/shaders" "$bundle/bench-kernels"
+    cp scripts/bench_torch.py scripts/bench_table.py "$bundle/"
     du -sh "$bundle"
+    size_kib=$(du -sk "$bundle" | cut -f1)
+    if [ "$size_kib" -gt $((max_bundle_mib * 1024)) ]; then
+      echo "gpu-bundle is $((size_kib / 1024)) MiB: over the ${max_bundle_mib} MiB that may travel" >&2
+      exit 1
+    fi
     ;;
   run)
-    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv || true
-    "$bundle/vppo-engine" info
-    "$bundle/shaders"
-    # Out-of-bounds / race check of the kernels on their small cases (the
-    # large ones would take minutes under the sanitizer).
-    if command -v compute-sanitizer >/dev/null; then
-      timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
-        "$bundle/shaders" "flash_attn" "paged_decode lens=[1]" "rope Text1d fwd+bwd tokens=1 " \
-        "n=1" "tokens=1000" "logprob chunked fwd+bwd rows=5" "adamw multi-tensor lens=[1]" \
-        "sample rows=32 vocab=777" "sample rows=64 vocab=1000" "patch_embed 28x28" ||
-        echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
-    fi
-
-    # ---- device model forward (branch gpu-model): GEMMs, device forward,
-    # ---- `score --device cuda` vs the CPU on a fixture. Self-contained.
-    # cuBLAS: if the loader cannot find libcublasLt, use the CUDA toolkit's
-    # or the pip wheels' (next to PyTorch) library directory.
-    if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then
-      cublas_dir=$(python3 - 2>/dev/null <<'PY' || true
+    start=$SECONDS
+    total_budget=470 # seconds, under the 8-minute promise
+    results=${OUT:-$bundle/results}
+    mkdir -p "$results"
+    log="$results/gpu-check.log"
+    ours="$results/bench-kernels.jsonl"
+    theirs="$results/bench-torch.jsonl"
+    : >"$ours"
+    : >"$theirs"
+    left() { echo $((total_budget - (SECONDS - start))); }
+    step() { echo; echo "=== $* (t=$((SECONDS - start)) s)"; }
+    {
+      step "device"
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total,power.limit --format=csv || true
+      step "vppo-engine info"
+      timeout 30 "$bundle/vppo-engine" info || echo "info: rc $?"
+      step "shaders-test (kernels vs CPU twins)"
+      timeout 120 "$bundle/shaders" || echo "shaders: FAILED or timed out (rc $?)"
+      # ---- device model forward (branch gpu-model): GEMMs, device forward,
+      # ---- `score --device cuda` vs the CPU on a fixture. Self-contained.
+      # cuBLAS: if the loader cannot find libcublasLt, use the CUDA toolkit's
+      # or the pip wheels' (next to PyTorch) library directory.
+      if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then
+        cublas_dir=$(python3 - 2>/dev/null <<'PY' || true
 import glob, os, site
 roots = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
 roots += [os.path.join(r, "nvidia") for r in site.getsitepackages() + [site.getusersitepackages()]]
@@ -57,23 +91,24 @@ for r in roots:
         print(os.path.dirname(hits[0]))
         break
 PY
-)
-      if [ -n "$cublas_dir" ]; then
-        export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        echo "cuBLAS from $cublas_dir"
+  )
+        if [ -n "$cublas_dir" ]; then
+          export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+          echo "cuBLAS from $cublas_dir"
+        fi
       fi
-    fi
-    "$bundle/shaders" "gemm " "device forward" || echo "shaders gemm + device forward: FAILED"
-    fx=tests/fixtures/qwen2_5_vl/single_noresize
-    response=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["response"])' "$fx/inputs.json")
-    prompt="<image>What is shown in the image? Describe the picture."
-    score_dir=$(mktemp -d)
-    for dev in cpu cuda; do
-      "$bundle/vppo-engine" score --model "$fx" --image "$fx/img0.png" --prompt "$prompt" \
-        --response "$response" --device "$dev" --out "$score_dir/$dev.safetensors" ||
-        echo "score --device $dev: exited with $?"
-    done
-    python3 - "$score_dir" <<'PY' || true
+      step "cuBLAS GEMMs + device forward vs CPU, score --device cuda vs cpu"
+      timeout 60 "$bundle/shaders" "gemm " "device forward" || echo "shaders gemm + device forward: FAILED (rc $?)"
+      fx=tests/fixtures/qwen2_5_vl/single_noresize
+      response=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["response"])' "$fx/inputs.json")
+      prompt="<image>What is shown in the image? Describe the picture."
+      score_dir=$(mktemp -d)
+      for dev in cpu cuda; do
+        timeout 40 "$bundle/vppo-engine" score --model "$fx" --image "$fx/img0.png" --prompt "$prompt" \
+          --response "$response" --device "$dev" --out "$score_dir/$dev.safetensors" ||
+          echo "score --device $dev: exited with $?"
+      done
+      python3 - "$score_dir" <<'PY' || true
 import json, os, struct, sys
 def logprobs(path):
     with open(path, "rb") as f:
@@ -92,7 +127,33 @@ try:
 except Exception as e:
     print("score --device cuda vs cpu (single_noresize): FAIL (%s)" % e)
 PY
-    rm -rf "$score_dir"
+      rm -rf "$score_dir"
+      step "kernel benches"
+      timeout 120 "$bundle/bench-kernels" --out "$ours" --max-seconds 100 ||
+        echo "bench-kernels: FAILED or timed out (rc $?)"
+      step "torch benches"
+      timeout 120 python3 "$bundle/bench_torch.py" --out "$theirs" --max-seconds 100 ||
+        echo "bench_torch: FAILED or timed out (rc $?)"
+      # Out-of-bounds / race check of the kernels on their small cases (the
+      # large ones would take minutes under the sanitizer), in what time is left.
+      memcheck_s=$(($(left) - 20))
+      [ "$memcheck_s" -gt 120 ] && memcheck_s=120
+      if ! command -v compute-sanitizer >/dev/null; then
+        step "memcheck: compute-sanitizer not on PATH, skipped"
+      elif [ "$memcheck_s" -lt 30 ]; then
+        step "memcheck: skipped (only $(left) s left)"
+      else
+        step "compute-sanitizer memcheck of the small cases (${memcheck_s} s at most)"
+        timeout "$memcheck_s" compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+          "$bundle/shaders" "flash_attn" "paged_decode lens=[1]" "rope Text1d fwd+bwd tokens=1 " \
+          "n=1" "tokens=1000" "logprob chunked fwd+bwd rows=5" "adamw multi-tensor lens=[1]" \
+          "sample rows=32 vocab=777" "sample rows=64 vocab=1000" "patch_embed 28x28" ||
+          echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
+      fi
+      step "table: ours vs torch (torch/ours > 1: ours faster; % roof: ours vs the card's peak)"
+      python3 "$bundle/bench_table.py" "$ours" "$theirs" | tee "$results/table.txt"
+      echo "gpu-check: done in $((SECONDS - start)) s; results in $results"
+    } 2>&1 | tee "$log"
     ;;
   *)
     echo "usage: $0 build|run" >&2

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod info;
 pub mod kernels;
 pub mod model;
+pub mod nvtx;
 pub mod pipeline;
 pub mod processor;
 pub mod reward;

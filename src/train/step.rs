@@ -188,6 +188,7 @@ pub fn collect_rollouts(
     let mut stats = StepStats::default();
     let inputs: Vec<SequenceInput> = prompts.iter().map(|p| p.input.clone()).collect();
     let samples = {
+        let _nvtx = crate::nvtx::range("rollout");
         let mut generator = Generator::new(&pipeline.model, eos_ids(&pipeline.model.dir));
         generator.generate(&inputs, cfg.n, &cfg.sampling, cfg.max_new_tokens, seed)?
     };
@@ -231,6 +232,11 @@ pub fn collect_rollouts(
     // the weights that generated the responses.
     let model = &pipeline.model;
     let vppo = cfg.algo == Algo::Vppo;
+    let _nvtx = crate::nvtx::range(if vppo {
+        "old_and_perturbed_logprobs"
+    } else {
+        "old_logprobs"
+    });
     let mut lp_old = Vec::new();
     let mut dependency = vppo.then(Vec::new);
     for r in chunks(0..batch.len(), cfg.micro_batch) {
@@ -301,6 +307,7 @@ pub fn update(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, PipelineError> {
+    let _nvtx = crate::nvtx::range("update");
     let (mut grads, mut stats) = mini_batch_gradients(&pipeline.model, rollouts, groups, cfg)?;
     stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
     Ok(stats)
