@@ -1,6 +1,6 @@
 //! Token log-prob + entropy over a chunked lm_head against `cpu::logprob`.
 
-use crate::{check, cuda, drv, random, Case, FP32_TOL};
+use crate::{check, check_truth, cuda, drv, random, to_f64, Case, FP32_TOL};
 use rand::Rng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cuda::{LogitChunk, LOGPROB_STATE_PER_ROW};
@@ -44,6 +44,18 @@ pub fn logprob_case(rows: usize, vocab: usize, chunk: usize, masked: bool) -> Ca
                 &mut lp_ref,
                 &mut h_ref,
                 &mut lse_ref,
+            )
+            .map_err(|e| e.to_string())?;
+            // Entropy is a sum over the vocabulary: judged against the f64 twin.
+            let (mut lp64, mut h64, mut lse64) =
+                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            cpu::logprob::token_logprob_fwd(
+                &to_f64(&logits),
+                vocab,
+                &targets,
+                &mut lp64,
+                &mut h64,
+                &mut lse64,
             )
             .map_err(|e| e.to_string())?;
             let mut dz_ref = vec![0.0; rows * vocab];
@@ -111,19 +123,25 @@ pub fn logprob_case(rows: usize, vocab: usize, chunk: usize, masked: bool) -> Ca
                 &lp_ref,
                 FP32_TOL,
             )?;
-            let e_h = check(
-                "entropy",
-                &s.clone_dtoh(&h_d).map_err(drv)?,
-                &h_ref,
-                FP32_TOL,
-            )?;
+            let e_h = check_truth("entropy", &s.clone_dtoh(&h_d).map_err(drv)?, &h_ref, &h64)?;
             let e_l = check(
                 "lse",
                 &s.clone_dtoh(&lse_d).map_err(drv)?,
                 &lse_ref,
                 FP32_TOL,
             )?;
-            let e_dz = check("dlogits", &dz, &dz_ref, FP32_TOL)?;
+            let mut dz64 = vec![0.0; rows * vocab];
+            cpu::logprob::token_logprob_bwd(
+                &to_f64(&logits),
+                vocab,
+                &targets,
+                &lse64,
+                &h64,
+                &to_f64(&dlogp),
+                &to_f64(&dent),
+                &mut dz64,
+            );
+            let e_dz = check_truth("dlogits", &dz, &dz_ref, &dz64)?;
             Ok(format!(
                 "{} chunks: logp {e_lp:.1e} entropy {e_h:.1e} lse {e_l:.1e} dlogits {e_dz:.1e}",
                 chunks.len()

@@ -47,6 +47,48 @@ fn rel_err(gpu: &[f32], cpu: &[f32]) -> f64 {
     }
 }
 
+/// `||a - truth|| / ||truth||` against an f64 oracle (absolute when the truth is 0).
+fn rel_err_truth(a: &[f32], truth: &[f64]) -> f64 {
+    if a.len() != truth.len() || a.iter().any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let num = a
+        .iter()
+        .zip(truth)
+        .map(|(x, t)| (*x as f64 - t).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den = truth.iter().map(|t| t * t).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// For outputs that are long f32 reductions or differences of nearly equal
+/// terms (KL over 152k logits, entropy, RMSNorm's dx at dim 1, attention's
+/// dq with one key, where the exact value is ~0): the kernel is compared
+/// with the CPU twin run in f64, and passes when its error is within
+/// `FP32_TOL` or within 4x the error of the CPU twin run in f32 (the
+/// rounding any f32 implementation pays), never when NaN.
+fn check_truth(what: &str, gpu: &[f32], cpu32: &[f32], truth: &[f64]) -> Result<f64, String> {
+    let e = rel_err_truth(gpu, truth);
+    let e_cpu = rel_err_truth(cpu32, truth);
+    let tol = FP32_TOL.max(4.0 * e_cpu);
+    if e <= tol {
+        Ok(e)
+    } else {
+        Err(format!(
+            "{what}: rel err vs f64 {e:e} > {tol:e} (the f32 CPU twin's: {e_cpu:e})"
+        ))
+    }
+}
+
 fn check(what: &str, gpu: &[f32], cpu: &[f32], tol: f64) -> Result<f64, String> {
     let e = rel_err(gpu, cpu);
     if e <= tol {
@@ -83,6 +125,11 @@ fn rmsnorm_case(rows: usize, dim: usize) -> Case {
             let mut dx_ref = vec![0.0; rows * dim];
             let mut dw_ref = dw0.clone();
             cpu::rmsnorm::rmsnorm_bwd(&dy, &x, &w, &rstd_ref, dim, &mut dx_ref, &mut dw_ref);
+            let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+            let (mut y64, mut rstd64) = (vec![0.0; rows * dim], vec![0.0; rows]);
+            cpu::rmsnorm::rmsnorm_fwd(&x64, &w64, dim, eps as f64, &mut y64, &mut rstd64);
+            let (mut dx64, mut dw64) = (vec![0.0; rows * dim], to_f64(&dw0));
+            cpu::rmsnorm::rmsnorm_bwd(&dy64, &x64, &w64, &rstd64, dim, &mut dx64, &mut dw64);
 
             let (x_d, w_d, dy_d) = (
                 s.clone_htod(&x).map_err(drv)?,
@@ -104,8 +151,8 @@ fn rmsnorm_case(rows: usize, dim: usize) -> Case {
                 &rstd_ref,
                 FP32_TOL,
             )?;
-            let e_dx = check("dx", &s.clone_dtoh(&dx_d).map_err(drv)?, &dx_ref, FP32_TOL)?;
-            let e_dw = check("dw", &s.clone_dtoh(&dw_d).map_err(drv)?, &dw_ref, FP32_TOL)?;
+            let e_dx = check_truth("dx", &s.clone_dtoh(&dx_d).map_err(drv)?, &dx_ref, &dx64)?;
+            let e_dw = check_truth("dw", &s.clone_dtoh(&dw_d).map_err(drv)?, &dw_ref, &dw64)?;
             Ok(format!(
                 "y {e_y:.1e} rstd {e_r:.1e} dx {e_dx:.1e} dw {e_dw:.1e}"
             ))
@@ -143,18 +190,19 @@ fn softmax_kl_case(rows: usize, vocab: usize, masked: bool) -> Case {
             let mut lq_d = s.clone_htod(&poison).map_err(drv)?;
             gpu.softmax_kl_fwd(&zp_d, &zq_d, rows, vocab, &mut kl_d, &mut lp_d, &mut lq_d)
                 .map_err(cuda)?;
-            // KL is a small difference of large sums: compare with a tolerance
-            // scaled by the log-sum-exp magnitude.
+            // KL is a sum over the vocabulary: judged against the f64 twin.
+            let (mut kl64, mut lp64, mut lq64) =
+                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            cpu::kl::softmax_kl_fwd(
+                &to_f64(&zp),
+                &to_f64(&zq),
+                vocab,
+                &mut kl64,
+                &mut lp64,
+                &mut lq64,
+            );
             let kl = s.clone_dtoh(&kl_d).map_err(drv)?;
-            let scale: f64 = lp_ref.iter().map(|v| v.abs() as f64).fold(1.0, f64::max);
-            let abs_err: f64 = kl
-                .iter()
-                .zip(&kl_ref)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .fold(0.0, f64::max);
-            if kl.iter().any(|v| v.is_nan()) || abs_err > 1e-5 * scale {
-                return Err(format!("kl: max abs err {abs_err:e} (scale {scale})"));
-            }
+            let abs_err = check_truth("kl", &kl, &kl_ref, &kl64)?;
             let e_lp = check(
                 "lse_p",
                 &s.clone_dtoh(&lp_d).map_err(drv)?,
@@ -168,7 +216,7 @@ fn softmax_kl_case(rows: usize, vocab: usize, masked: bool) -> Case {
                 FP32_TOL,
             )?;
             Ok(format!(
-                "kl max abs {abs_err:.1e} lse_p {e_lp:.1e} lse_q {e_lq:.1e}"
+                "kl {abs_err:.1e} lse_p {e_lp:.1e} lse_q {e_lq:.1e}"
             ))
         }),
     }
