@@ -146,15 +146,28 @@ __device__ bool sp_select(const SpCtx& c, const SpSet& s, float target, bool str
             sh.tot[threadIdx.x] = t;
         }
         __syncthreads();
-        int chosen = -1;
+        int chosen = -1, lowest = -1;
+        float above_lowest = above;
         for (int d = 15; d >= 0; --d) {
+            if (sh.tot[d] > 0.0f) {
+                lowest = d;
+                above_lowest = above;
+            }
             if (sp_cross(above + sh.tot[d], target, strict)) {
                 chosen = d;
                 break;
             }
             above += sh.tot[d];
         }
-        if (chosen < 0) return false;  // block-uniform: everyone read the same totals
+        if (chosen < 0) {
+            // Block-uniform: everyone read the same totals. After the first
+            // pass the crossing is known to lie in this bucket; when the
+            // bins, summed in another order, round just short of the target,
+            // it is the bucket's last non-empty digit, not "past the end".
+            if (shift == 28 || lowest < 0) return false;
+            chosen = lowest;
+            above = above_lowest;
+        }
         prefix |= (unsigned)chosen << shift;
         mask |= 15u << shift;
     }
