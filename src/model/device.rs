@@ -1076,7 +1076,7 @@ impl DeviceKvCache {
             lens: stream.alloc_zeros(max_rows.max(1))?,
             sample_logits: stream.alloc_zeros(1)?,
             ban_idx: stream.alloc_zeros(1)?,
-            ban_val: stream.alloc_zeros(1)?,
+            ban_val: stream.clone_htod(&[f32::NEG_INFINITY])?,
             uniforms: stream.alloc_zeros(1)?,
             tokens: stream.alloc_zeros(1)?,
             sample_lp: stream.alloc_zeros(1)?,

@@ -14,7 +14,7 @@ use super::kv_cache::{PagedKvCache, SeqCache};
 use super::sampling::{sample_rng, SamplingParams};
 use crate::backend::cpu::paged_attention::PagedSeq;
 use crate::backend::cuda::flatten_block_tables;
-use crate::model::device::{DeviceKvCache, DeviceModel};
+use crate::model::device::{ArenaPlan, DeviceKvCache, DeviceModel, ForwardShape, HostPlan};
 use crate::model::{ModelError, SequenceInput};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -130,6 +130,21 @@ impl<'d> DeviceGenerator<'d> {
         let batch = prompts.len() * n;
         let stride = (max_len + max_new_tokens).div_ceil(bs).max(1);
         let stream = self.model.backend().stream().clone();
+        // One arena for every prefill and the widest decode step, sized now
+        // so it is not regrown mid-generation.
+        let cfg = self.model.config().clone();
+        let mut need = ArenaPlan::new(
+            &cfg,
+            &ForwardShape {
+                tokens: batch.max(1),
+                response: batch.max(n),
+                ..Default::default()
+            },
+        );
+        for p in prompts {
+            need = need.max(&ArenaPlan::new(&cfg, &HostPlan::new(&cfg, p, None)?.shape));
+        }
+        self.model.ensure_arena(&need)?;
         let mut kv = DeviceKvCache::new(
             &stream,
             self.model.config(),
