@@ -455,7 +455,7 @@ impl DeviceModel {
     /// position `positions[b]` (all three streams), its K/V written at
     /// `slots[b]`, attending to `lens[b]` cached tokens (itself included)
     /// through the block tables `tables` (`[B, stride]`, from
-    /// [`flatten_block_tables`]). Samples each row with `uniforms[b]`.
+    /// [`crate::backend::cuda::flatten_block_tables`]). Samples each row with `uniforms[b]`.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_sample(
         &mut self,
