@@ -128,6 +128,31 @@ except Exception as e:
     print("score --device cuda vs cpu (single_noresize): FAIL (%s)" % e)
 PY
       rm -rf "$score_dir"
+      # ---- device generation (branch gpu-generate): greedy `generate --device
+      # ---- cuda` vs cpu on a fixture, token ids identical. Self-contained.
+      gfx=tests/fixtures/qwen2_5_vl/single_noresize
+      gen_dir=$(mktemp -d)
+      step "generate --device cuda vs cpu (greedy)"
+      for dev in cpu cuda; do
+        timeout 60 "$bundle/vppo-engine" generate --model "$gfx" --image "$gfx/img0.png" \
+          --prompt "<image>What is shown in the image? Describe the picture." \
+          --n 2 --temperature 0 --max-new-tokens 24 --device "$dev" >"$gen_dir/$dev.jsonl" ||
+          echo "generate --device $dev: exited with $?"
+      done
+      python3 - "$gen_dir" <<'PY' || true
+import json, os, sys
+d = sys.argv[1]
+try:
+    cpu, gpu = ([json.loads(l) for l in open(os.path.join(d, f + ".jsonl")) if l.strip()] for f in ("cpu", "cuda"))
+    same = len(cpu) == len(gpu) > 0 and all(a["token_ids"] == b["token_ids"] for a, b in zip(cpu, gpu))
+    diff = max((abs(x - y) for a, b in zip(cpu, gpu) for x, y in zip(a["logprobs"], b["logprobs"])), default=float("inf"))
+    ok = same and diff <= 1e-3
+    print("generate --device cuda vs cpu greedy (single_noresize, %d samples): %s ids %s, max |dlogp| %.3e (tol 1e-3)"
+          % (len(cpu), "PASS" if ok else "FAIL", "identical" if same else "DIFFER", diff))
+except Exception as e:
+    print("generate --device cuda vs cpu greedy (single_noresize): FAIL (%s)" % e)
+PY
+      rm -rf "$gen_dir"
       step "kernel benches"
       timeout 120 "$bundle/bench-kernels" --out "$ours" --max-seconds 100 ||
         echo "bench-kernels: FAILED or timed out (rc $?)"

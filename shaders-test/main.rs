@@ -8,6 +8,7 @@
 
 mod attention;
 mod elementwise;
+mod generate;
 mod loss;
 mod model;
 mod optim;
@@ -317,6 +318,7 @@ fn cases() -> Vec<Case> {
     .chain(sampling::cases())
     .chain(vision::cases())
     .chain(model::cases())
+    .chain(generate::cases())
     .collect()
 }
 

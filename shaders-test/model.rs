@@ -17,7 +17,7 @@ const MODEL_TOL: f64 = 1e-4;
 /// What a case reports when libcublas cannot be loaded (the GPU check
 /// re-runs these cases with the pip wheels' library directory on
 /// LD_LIBRARY_PATH).
-const NO_CUBLAS: &str = "SKIPPED: libcublasLt/libcublas not loadable (LD_LIBRARY_PATH)";
+pub(crate) const NO_CUBLAS: &str = "SKIPPED: libcublasLt/libcublas not loadable (LD_LIBRARY_PATH)";
 
 fn t_name(t: Trans) -> &'static str {
     match t {
@@ -205,7 +205,7 @@ fn gemm_bf16_case(m: usize, k: usize, n: usize, bias: bool, bf16_out: bool) -> C
 
 /// The fixture directory, found at run time (the GPU machine runs the test
 /// binary from a copy of the repository root).
-fn fixture_dir(case: &str) -> PathBuf {
+pub(crate) fn fixture_dir(case: &str) -> PathBuf {
     let rel = PathBuf::from("tests/fixtures/qwen2_5_vl").join(case);
     let roots = [
         std::env::var("CARGO_MANIFEST_DIR").ok().map(PathBuf::from),
@@ -222,7 +222,9 @@ fn fixture_dir(case: &str) -> PathBuf {
 
 /// The fixture's prompt with `<image>` where its images go, its image
 /// paths and its response.
-fn fixture_request(case: &str) -> Result<(PathBuf, String, Vec<PathBuf>, String), String> {
+pub(crate) fn fixture_request(
+    case: &str,
+) -> Result<(PathBuf, String, Vec<PathBuf>, String), String> {
     let dir = fixture_dir(case);
     let text = std::fs::read_to_string(dir.join("inputs.json"))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -247,7 +249,7 @@ fn fixture_request(case: &str) -> Result<(PathBuf, String, Vec<PathBuf>, String)
     Ok((dir, prompt, images, response))
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())

@@ -370,9 +370,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             device,
         } => {
-            if device == Device::Cuda {
-                bail!("--device cuda: generate does not run on the CUDA backend yet (only `score` does); use --device cpu");
-            }
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");
             }
@@ -396,9 +393,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let eos = vppo_engine::rollout::generate::eos_ids(&model);
             let start = Instant::now();
-            let mut generator =
-                vppo_engine::rollout::generate::Generator::new(&pipeline.model, eos);
-            let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
+            let (samples, st) = if device == Device::Cuda {
+                let gpu = vppo_engine::backend::cuda::CudaBackend::new(0)
+                    .context("--device cuda: cannot open CUDA device 0")?;
+                let mut dev = vppo_engine::model::device::DeviceModel::new(
+                    std::sync::Arc::new(gpu),
+                    &pipeline.model,
+                )
+                .context("--device cuda: uploading the model")?;
+                let mut generator =
+                    vppo_engine::rollout::device_generate::DeviceGenerator::new(&mut dev, eos);
+                let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
+                (samples, generator.stats)
+            } else {
+                let mut generator =
+                    vppo_engine::rollout::generate::Generator::new(&pipeline.model, eos);
+                let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
+                (samples, generator.stats)
+            };
             for s in &samples {
                 let text = pipeline.text.decode(&s.token_ids, true)?;
                 let line = serde_json::json!({
@@ -411,7 +423,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
                 println!("{line}");
             }
-            let st = generator.stats;
             eprintln!(
                 "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens in {:.2?}",
                 samples.len(),

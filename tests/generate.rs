@@ -217,3 +217,35 @@ fn cli_prints_one_json_line_per_sample_in_batch_mode() {
         "{stderr}"
     );
 }
+
+/// `generate --device cuda`: where a device is usable, the greedy samples
+/// are the CPU's (token ids); elsewhere a clear error naming the flag.
+#[test]
+fn cli_generate_on_cuda_matches_cpu_or_says_why() {
+    let dir = case_dir("single_noresize");
+    let run = |device: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+            .args(["generate", "--model", dir.to_str().unwrap()])
+            .args(["--image", dir.join("img0.png").to_str().unwrap()])
+            .args(["--prompt", "<image>What is shown?", "--n", "2"])
+            .args(["--temperature", "0", "--max-new-tokens", "6"])
+            .args(["--device", device])
+            .output()
+            .unwrap()
+    };
+    let ids = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
+            .collect()
+    };
+    let cpu = run("cpu");
+    assert!(cpu.status.success());
+    let gpu = run("cuda");
+    if gpu.status.success() {
+        assert_eq!(ids(&gpu), ids(&cpu));
+    } else {
+        let stderr = String::from_utf8_lossy(&gpu.stderr);
+        assert!(stderr.contains("--device cuda"), "{stderr}");
+    }
+}

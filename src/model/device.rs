@@ -17,11 +17,13 @@ use super::params::{ParamId, ParamLayout};
 use super::positions::{mrope_positions, MropePositions, VisionLayout};
 use super::qwen::{ModelError, Qwen25Vl, SequenceInput};
 use crate::backend::cpu::attention::VarlenAttention;
+use crate::backend::cpu::paged_attention::PagedShape;
 use crate::backend::cpu::rope::RopeFreqs;
 use crate::backend::cuda::{
     CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk, RopeFreqsDevice,
     LOGPROB_STATE_PER_ROW,
 };
+use crate::rollout::sampling::SamplingParams;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError};
 use std::sync::Arc;
 
@@ -366,15 +368,30 @@ impl DeviceModel {
     ) -> Result<DeviceForward, ModelError> {
         let plan = HostPlan::new(&self.config, input, prompt_len)?;
         let need = ArenaPlan::new(&self.config, &plan.shape);
+        self.ensure_arena(&need)?;
+        let (run, arena) = self.run();
+        run.forward(arena, input, &plan, want_hidden)
+    }
+
+    /// Grows the arena (one allocation) unless it already covers `need`.
+    pub fn ensure_arena(&mut self, need: &ArenaPlan) -> Result<(), ModelError> {
         let fits = self.arena.as_ref().is_some_and(|a| need.fits_in(&a.plan));
         if !fits {
-            let cap = self.arena.as_ref().map_or(need, |a| a.plan.max(&need));
+            let cap = self.arena.as_ref().map_or(*need, |a| a.plan.max(need));
             // Free the old arena before allocating the larger one.
             self.arena = None;
             self.arena = Some(Arena::alloc(self.gpu.stream(), &cap)?);
             self.arena_allocations += 1;
         }
-        let arena = self.arena.as_mut().expect("arena allocated above");
+        Ok(())
+    }
+
+    /// The borrowed run state and the arena (allocated by `ensure_arena`).
+    fn run(&mut self) -> (Run<'_>, &mut Arena) {
+        let arena = self
+            .arena
+            .as_mut()
+            .expect("arena allocated by ensure_arena");
         let run = Run {
             gpu: &self.gpu,
             cfg: &self.config,
@@ -383,7 +400,113 @@ impl DeviceModel {
             vision_rope: &self.vision_rope,
             text_rope: &self.text_rope,
         };
-        run.forward(arena, input, &plan, want_hidden)
+        (run, arena)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Rollout prefill of one prompt: the full forward (vision tower
+    /// included) writing every layer's roped K and V rows into `kv` at the
+    /// token slots `slots` (one per prompt token); then `rows` copies of the
+    /// last position's logits are sampled (see [`Self::sample_head`]).
+    /// Returns the M-RoPE delta for decoding, the tokens and log-probs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_sample(
+        &mut self,
+        kv: &mut DeviceKvCache,
+        input: &SequenceInput,
+        slots: &[i32],
+        rows: usize,
+        uniforms: &[f32],
+        params: &SamplingParams,
+        banned: &[u32],
+    ) -> Result<(i64, Vec<u32>, Vec<f32>), ModelError> {
+        let plan = HostPlan::new(&self.config, input, None)?;
+        let t = plan.shape.tokens;
+        assert_eq!(slots.len(), t, "one cache slot per prompt token");
+        if t == 0 {
+            return Err(ModelError::NoResponse {
+                seq: 0,
+                prompt_len: 0,
+                len: 0,
+            });
+        }
+        let need = ArenaPlan::new(&self.config, &plan.shape).max(&ArenaPlan::new(
+            &self.config,
+            &ForwardShape {
+                tokens: 1,
+                response: rows,
+                ..Default::default()
+            },
+        ));
+        self.ensure_arena(&need)?;
+        kv.check_slots(slots)?;
+        let (run, a) = self.run();
+        run.gpu.stream().memcpy_htod(slots, &mut kv.slots)?;
+        run.upload_and_decode(a, input, &plan, Some(kv))?;
+        let idx = vec![(t - 1) as i32; rows];
+        let (tok, lp) = run.sample_head(a, kv, &idx, uniforms, params, banned)?;
+        Ok((plan.positions.rope_delta, tok, lp))
+    }
+
+    /// One batched decode step: token `ids[b]` of sequence b at M-RoPE
+    /// position `positions[b]` (all three streams), its K/V written at
+    /// `slots[b]`, attending to `lens[b]` cached tokens (itself included)
+    /// through the block tables `tables` (`[B, stride]`, from
+    /// [`crate::backend::cuda::flatten_block_tables`]). Samples each row with `uniforms[b]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_sample(
+        &mut self,
+        kv: &mut DeviceKvCache,
+        ids: &[u32],
+        positions: &[i32],
+        slots: &[i32],
+        tables: &[i32],
+        stride: usize,
+        lens: &[i32],
+        uniforms: &[f32],
+        params: &SamplingParams,
+        banned: &[u32],
+    ) -> Result<(Vec<u32>, Vec<f32>), ModelError> {
+        let b = ids.len();
+        assert!(positions.len() == b && slots.len() == b && lens.len() == b);
+        assert_eq!(tables.len(), b * stride);
+        if b == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let need = ArenaPlan::new(
+            &self.config,
+            &ForwardShape {
+                tokens: b,
+                response: b,
+                ..Default::default()
+            },
+        );
+        self.ensure_arena(&need)?;
+        kv.check_slots(slots)?;
+        kv.check_tables(tables, b, stride)?;
+        let (run, a) = self.run();
+        let s = run.gpu.stream().clone();
+        let tpos: Vec<i32> = positions.iter().cycle().take(3 * b).copied().collect();
+        s.memcpy_htod(ids, &mut a.ids)?;
+        s.memcpy_htod(&tpos, &mut a.tpos)?;
+        s.memcpy_htod(slots, &mut kv.slots)?;
+        s.memcpy_htod(tables, &mut kv.tables)?;
+        s.memcpy_htod(lens, &mut kv.lens)?;
+        let tc = &run.cfg.text;
+        run.gpu.embedding_fwd(
+            &a.ids,
+            b,
+            run.w(run.layout.text.embed),
+            tc.vocab_size,
+            tc.hidden_size,
+            &mut a.x,
+        )?;
+        run.layers(a, b, Attn::Paged { stride }, Some(kv))?;
+        let idx: Vec<i32> = (0..b as i32).collect();
+        run.sample_head(a, kv, &idx, uniforms, params, banned)
     }
 }
 
@@ -442,24 +565,8 @@ impl Run<'_> {
         want_hidden: bool,
     ) -> Result<DeviceForward, ModelError> {
         let s = self.gpu.stream().clone();
-        let tc = &self.cfg.text;
-        let sh = &plan.shape;
-        let (t, h) = (sh.tokens, tc.hidden_size);
-        // Index uploads (into the arena, no allocation).
-        if let Some(vp) = &plan.vision {
-            s.memcpy_htod(&input.pixel_values, &mut a.pixels)?;
-            s.memcpy_htod(&vp.patch_order, &mut a.patch_order)?;
-            s.memcpy_htod(&vp.positions, &mut a.vpos)?;
-            s.memcpy_htod(&vp.layout.cu_window, &mut a.cu_window)?;
-            s.memcpy_htod(&vp.layout.cu_full, &mut a.cu_full)?;
-            s.memcpy_htod(&vp.window_index, &mut a.merged_index)?;
-            s.memcpy_htod(&plan.image_rows, &mut a.image_rows)?;
-            self.vision(a, vp, sh.patches)?;
-        }
-        s.memcpy_htod(&input.ids, &mut a.ids)?;
-        s.memcpy_htod(&plan.text_positions, &mut a.tpos)?;
-        s.memcpy_htod(&[0, t as i32][..], &mut a.cu_text)?;
-        self.decoder(a, plan)?;
+        let (t, h) = (plan.shape.tokens, self.cfg.text.hidden_size);
+        self.upload_and_decode(a, input, plan, None)?;
         let hidden = if want_hidden {
             Some(s.clone_dtoh(&a.h.slice(0..t * h))?)
         } else {
@@ -474,6 +581,35 @@ impl Run<'_> {
             logprobs,
             entropy,
         })
+    }
+
+    /// Index uploads (into the arena, no allocation), the vision tower,
+    /// the embedding and the decoder: leaves the final hidden states in
+    /// `a.h`; with `kv`, each layer's K/V rows go to `kv.slots`.
+    fn upload_and_decode(
+        &self,
+        a: &mut Arena,
+        input: &SequenceInput,
+        plan: &HostPlan,
+        kv: Option<&mut DeviceKvCache>,
+    ) -> Result<(), ModelError> {
+        let s = self.gpu.stream().clone();
+        let sh = &plan.shape;
+        let t = sh.tokens;
+        if let Some(vp) = &plan.vision {
+            s.memcpy_htod(&input.pixel_values, &mut a.pixels)?;
+            s.memcpy_htod(&vp.patch_order, &mut a.patch_order)?;
+            s.memcpy_htod(&vp.positions, &mut a.vpos)?;
+            s.memcpy_htod(&vp.layout.cu_window, &mut a.cu_window)?;
+            s.memcpy_htod(&vp.layout.cu_full, &mut a.cu_full)?;
+            s.memcpy_htod(&vp.window_index, &mut a.merged_index)?;
+            s.memcpy_htod(&plan.image_rows, &mut a.image_rows)?;
+            self.vision(a, vp, sh.patches)?;
+        }
+        s.memcpy_htod(&input.ids, &mut a.ids)?;
+        s.memcpy_htod(&plan.text_positions, &mut a.tpos)?;
+        s.memcpy_htod(&[0, t as i32][..], &mut a.cu_text)?;
+        self.decoder(a, plan, kv)
     }
 
     /// Twin of `vision::vision_fwd`: leaves `[merged, out_hidden]` in
@@ -573,16 +709,24 @@ impl Run<'_> {
 
     /// Twin of embedding + image scatter + `text::decoder_fwd`: leaves the
     /// final-norm hidden states `[T, hidden]` in `a.h`.
-    fn decoder(&self, a: &mut Arena, plan: &HostPlan) -> Result<(), ModelError> {
+    fn decoder(
+        &self,
+        a: &mut Arena,
+        plan: &HostPlan,
+        kv: Option<&mut DeviceKvCache>,
+    ) -> Result<(), ModelError> {
         let tc = &self.cfg.text;
-        let p = &self.layout.text;
         let t = plan.shape.tokens;
-        let (h, inter, hd) = (tc.hidden_size, tc.intermediate_size, tc.head_dim);
-        let (nh, nkv) = (tc.num_heads, tc.num_kv_heads);
-        let (qw, kw) = (nh * hd, nkv * hd);
-        let eps = tc.rms_norm_eps as f32;
-        self.gpu
-            .embedding_fwd(&a.ids, t, self.w(p.embed), tc.vocab_size, h, &mut a.x)?;
+        let h = tc.hidden_size;
+        let hd = tc.head_dim;
+        self.gpu.embedding_fwd(
+            &a.ids,
+            t,
+            self.w(self.layout.text.embed),
+            tc.vocab_size,
+            h,
+            &mut a.x,
+        )?;
         let images = plan.image_rows.len();
         if images > 0 {
             self.gpu.scatter_rows(
@@ -597,13 +741,33 @@ impl Run<'_> {
         let shape = FlashAttnShape::of(&VarlenAttention {
             cu_seqlens_q: &cu,
             cu_seqlens_k: &cu,
-            q_heads: nh,
-            kv_heads: nkv,
+            q_heads: tc.num_heads,
+            kv_heads: tc.num_kv_heads,
             head_dim: hd,
             causal: true,
             scale: 1.0 / (hd as f64).sqrt(),
         })?;
-        for lp in &p.layers {
+        self.layers(a, t, Attn::Flash(&shape), kv)
+    }
+
+    /// The decoder layers and the final norm over `t` rows of `a.x` (whose
+    /// M-RoPE positions are in `a.tpos`), into `a.h`. With `kv`, each
+    /// layer's roped K and V rows are scattered to the cache slots
+    /// `kv.slots`; paged attention reads them back from there.
+    fn layers(
+        &self,
+        a: &mut Arena,
+        t: usize,
+        attn: Attn<'_>,
+        mut kv: Option<&mut DeviceKvCache>,
+    ) -> Result<(), ModelError> {
+        let tc = &self.cfg.text;
+        let p = &self.layout.text;
+        let (h, inter, hd) = (tc.hidden_size, tc.intermediate_size, tc.head_dim);
+        let (nh, nkv) = (tc.num_heads, tc.num_kv_heads);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let eps = tc.rms_norm_eps as f32;
+        for (l, lp) in p.layers.iter().enumerate() {
             self.gpu.rmsnorm_fwd(
                 &a.x,
                 self.w(lp.input_norm),
@@ -620,16 +784,43 @@ impl Run<'_> {
             self.gpu
                 .rope(self.text_rope, &a.tpos, t, nkv, false, &a.raw, &mut a.k)?;
             self.linear(&a.h, t, h, kw, lp.v_w, Some(lp.v_b), 0, &mut a.v)?;
-            self.gpu.flash_attn_fwd(
-                &shape,
-                &a.q,
-                &a.k,
-                &a.v,
-                &a.cu_text,
-                &a.cu_text,
-                &mut a.attn,
-                &mut a.lse,
-            )?;
+            if let Some(kv) = kv.as_deref_mut() {
+                for (src, dst) in [(&a.k, &mut kv.k[l]), (&a.v, &mut kv.v[l])] {
+                    self.gpu.scatter_rows(
+                        &src.slice(..),
+                        &kv.slots.slice(..),
+                        t,
+                        kw,
+                        &mut dst.slice_mut(..),
+                    )?;
+                }
+            }
+            match attn {
+                Attn::Flash(shape) => self.gpu.flash_attn_fwd(
+                    shape,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    &a.cu_text,
+                    &a.cu_text,
+                    &mut a.attn,
+                    &mut a.lse,
+                )?,
+                Attn::Paged { stride } => {
+                    let kv = kv.as_deref().expect("paged attention reads a KV cache");
+                    self.gpu.paged_decode_attention(
+                        &kv.shape(tc),
+                        t,
+                        &a.q,
+                        &kv.k[l],
+                        &kv.v[l],
+                        &kv.tables,
+                        stride,
+                        &kv.lens,
+                        &mut a.attn,
+                    )?
+                }
+            }
             self.linear(&a.attn, t, qw, h, lp.o_w, None, 0, &mut a.proj)?;
             self.add(&mut a.x, &a.proj, t * h)?;
             self.gpu
@@ -643,6 +834,101 @@ impl Run<'_> {
         self.gpu
             .rmsnorm_fwd(&a.x, self.w(p.norm), t, h, eps, &mut a.h, &mut a.rstd)?;
         Ok(())
+    }
+
+    /// lm_head on the rows `idx` of `a.h`, then sampling on the device, chunk
+    /// by chunk (twin of `rollout::generate::sample_allowed` with the draw
+    /// given): the banned ids are set to -inf in a copy of the logits, the
+    /// sampling kernel picks with `uniforms[r]`, and the log-prob of the
+    /// picked token comes from the log-prob kernel on the unmasked logits
+    /// (the full distribution, as scoring gives it).
+    fn sample_head(
+        &self,
+        a: &mut Arena,
+        kv: &mut DeviceKvCache,
+        idx: &[i32],
+        uniforms: &[f32],
+        params: &SamplingParams,
+        banned: &[u32],
+    ) -> Result<(Vec<u32>, Vec<f32>), ModelError> {
+        let tc = &self.cfg.text;
+        let (h, vocab) = (tc.hidden_size, tc.vocab_size);
+        let r = idx.len();
+        assert_eq!(uniforms.len(), r, "one uniform per sampled row");
+        let s = self.gpu.stream().clone();
+        let head = self.layout.text.lm_head.unwrap_or(self.layout.text.embed);
+        let chunk = logit_chunk_rows(r, vocab);
+        kv.ensure_sampling(&s, chunk, vocab, banned.len())?;
+        let (mut tokens, mut logp) = (Vec::with_capacity(r), Vec::with_capacity(r));
+        for c0 in (0..r).step_by(chunk) {
+            let rows = chunk.min(r - c0);
+            s.memcpy_htod(&idx[c0..c0 + rows], &mut a.resp_rows)?;
+            self.gpu.gather_rows(
+                &a.h.slice(..),
+                &a.resp_rows.slice(..),
+                rows,
+                h,
+                &mut a.proj.slice_mut(..),
+            )?;
+            self.gpu.gemm(
+                &GemmShape::linear(rows, h, vocab),
+                1.0,
+                &a.proj.slice(0..rows * h),
+                self.w(head),
+                0.0,
+                &mut a.logits.slice_mut(0..rows * vocab),
+                None,
+            )?;
+            s.memcpy_dtod(
+                &a.logits.slice(0..rows * vocab),
+                &mut kv.sample_logits.slice_mut(0..rows * vocab),
+            )?;
+            let ban = ban_indices(rows, vocab, banned);
+            if !ban.is_empty() {
+                s.memcpy_htod(&ban, &mut kv.ban_idx)?;
+                self.gpu.scatter_rows(
+                    &kv.ban_val.slice(..),
+                    &kv.ban_idx.slice(..),
+                    ban.len(),
+                    1,
+                    &mut kv.sample_logits.slice_mut(..),
+                )?;
+            }
+            s.memcpy_htod(&uniforms[c0..c0 + rows], &mut kv.uniforms)?;
+            self.gpu.sample(
+                &kv.sample_logits,
+                rows,
+                vocab,
+                params,
+                &kv.uniforms,
+                &mut kv.tokens,
+                &mut kv.sample_lp,
+            )?;
+            let picked: Vec<u32> = s
+                .clone_dtoh(&kv.tokens.slice(0..rows))?
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
+            s.memcpy_htod(&picked, &mut a.targets)?;
+            let lc = LogitChunk {
+                rows,
+                chunk_len: vocab,
+                ld: vocab,
+                vocab_offset: 0,
+            };
+            self.gpu
+                .logprob_chunk(&lc, &a.logits, &a.targets, true, &mut a.lp_state)?;
+            self.gpu.logprob_finish(
+                &a.lp_state,
+                rows,
+                &mut a.logp,
+                &mut a.entropy,
+                &mut a.lse_out,
+            )?;
+            logp.extend(s.clone_dtoh(&a.logp.slice(0..rows))?);
+            tokens.extend(picked);
+        }
+        Ok((tokens, logp))
     }
 
     /// lm_head on the scored rows, chunk by chunk: logits, then the
@@ -708,6 +994,170 @@ impl Run<'_> {
             ent.extend(s.clone_dtoh(&a.entropy.slice(0..rows))?);
         }
         Ok((logits, logp, ent))
+    }
+}
+
+/// How the decoder layers attend.
+#[derive(Clone, Copy)]
+enum Attn<'a> {
+    /// Causal flash attention over the `T` rows themselves (prefill, score).
+    Flash(&'a FlashAttnShape),
+    /// One query per row against the paged KV cache (decode).
+    Paged { stride: usize },
+}
+
+/// Flat indices `row * vocab + id` of the banned ids of `rows` logit rows
+/// (ids outside the vocabulary are skipped, as the CPU does).
+pub fn ban_indices(rows: usize, vocab: usize, banned: &[u32]) -> Vec<i32> {
+    let ids: Vec<usize> = banned
+        .iter()
+        .map(|&b| b as usize)
+        .filter(|&b| b < vocab)
+        .collect();
+    (0..rows)
+        .flat_map(|r| ids.iter().map(move |&b| (r * vocab + b) as i32))
+        .collect()
+}
+
+/// The rollout's paged KV cache on the device, laid out as
+/// `kernels/paged_attn.cu` reads it: per layer `[blocks, block_size,
+/// kv_heads, head_dim]` for K and for V (slot `s` = block `s / block_size`,
+/// row `s % block_size`), plus the index buffers of one prefill or decode
+/// step and the sampling scratch. Everything is allocated once per
+/// generate call ([`Self::new`]); the block bookkeeping (tables, forks,
+/// free list) stays on the host in `rollout::kv_cache::PagedKvCache`.
+pub struct DeviceKvCache {
+    pub block_size: usize,
+    pub blocks: usize,
+    /// Floats per token slot: kv_heads * head_dim.
+    pub slot: usize,
+    pub k: Vec<CudaSlice<f32>>,
+    pub v: Vec<CudaSlice<f32>>,
+    /// Cache slot of each row of the current step.
+    slots: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+    sample_logits: CudaSlice<f32>,
+    ban_idx: CudaSlice<i32>,
+    ban_val: CudaSlice<f32>,
+    uniforms: CudaSlice<f32>,
+    tokens: CudaSlice<i32>,
+    sample_lp: CudaSlice<f32>,
+}
+
+impl DeviceKvCache {
+    /// A cache of `blocks` blocks for `cfg`'s decoder; `max_rows` bounds
+    /// the rows of one step (prompt tokens or batch), `max_table` the
+    /// entries of all block tables of one decode step together.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        cfg: &ModelConfig,
+        block_size: usize,
+        blocks: usize,
+        max_rows: usize,
+        max_table: usize,
+    ) -> Result<Self, DriverError> {
+        let tc = &cfg.text;
+        let slot = tc.num_kv_heads * tc.head_dim;
+        let n = (blocks * block_size * slot).max(1);
+        let layer = || stream.alloc_zeros::<f32>(n);
+        Ok(Self {
+            block_size,
+            blocks,
+            slot,
+            k: (0..tc.num_layers)
+                .map(|_| layer())
+                .collect::<Result<_, _>>()?,
+            v: (0..tc.num_layers)
+                .map(|_| layer())
+                .collect::<Result<_, _>>()?,
+            slots: stream.alloc_zeros(max_rows.max(1))?,
+            tables: stream.alloc_zeros(max_table.max(1))?,
+            lens: stream.alloc_zeros(max_rows.max(1))?,
+            sample_logits: stream.alloc_zeros(1)?,
+            ban_idx: stream.alloc_zeros(1)?,
+            ban_val: stream.clone_htod(&[f32::NEG_INFINITY])?,
+            uniforms: stream.alloc_zeros(1)?,
+            tokens: stream.alloc_zeros(1)?,
+            sample_lp: stream.alloc_zeros(1)?,
+        })
+    }
+
+    fn shape(&self, tc: &super::config::TextConfig) -> PagedShape {
+        PagedShape {
+            block_size: self.block_size,
+            q_heads: tc.num_heads,
+            kv_heads: tc.num_kv_heads,
+            head_dim: tc.head_dim,
+            scale: 1.0 / (tc.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Sizes the sampling scratch for `rows` rows (grows only).
+    fn ensure_sampling(
+        &mut self,
+        s: &Arc<CudaStream>,
+        rows: usize,
+        vocab: usize,
+        banned: usize,
+    ) -> Result<(), DriverError> {
+        if self.sample_logits.len() < rows * vocab {
+            self.sample_logits = s.alloc_zeros(rows * vocab)?;
+        }
+        if self.ban_idx.len() < rows * banned {
+            self.ban_idx = s.alloc_zeros(rows * banned)?;
+            self.ban_val = s.clone_htod(&vec![f32::NEG_INFINITY; rows * banned])?;
+        }
+        if self.uniforms.len() < rows {
+            self.uniforms = s.alloc_zeros(rows)?;
+            self.tokens = s.alloc_zeros(rows)?;
+            self.sample_lp = s.alloc_zeros(rows)?;
+        }
+        Ok(())
+    }
+
+    fn too_small(&self, what: String) -> ModelError {
+        ModelError::Device(CudaError::Unsupported {
+            kernel: "device kv cache",
+            reason: what,
+        })
+    }
+
+    fn check_slots(&self, slots: &[i32]) -> Result<(), ModelError> {
+        let cap = self.blocks * self.block_size;
+        if slots.len() > self.slots.len() {
+            return Err(self.too_small(format!("{} rows > {}", slots.len(), self.slots.len())));
+        }
+        match slots.iter().find(|&&s| s < 0 || s as usize >= cap) {
+            Some(s) => Err(self.too_small(format!("slot {s} outside {cap} slots"))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_tables(&self, tables: &[i32], b: usize, stride: usize) -> Result<(), ModelError> {
+        if b * stride > self.tables.len() || b > self.lens.len() {
+            return Err(self.too_small(format!("block tables {b} x {stride}")));
+        }
+        match tables.iter().find(|&&t| t < 0 || t as usize >= self.blocks) {
+            Some(t) => Err(self.too_small(format!("block {t} outside {}", self.blocks))),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies block `src` to block `dst` in every layer (a fork's partial
+    /// last block).
+    pub fn copy_block(
+        &mut self,
+        s: &Arc<CudaStream>,
+        src: usize,
+        dst: usize,
+    ) -> Result<(), DriverError> {
+        let n = self.block_size * self.slot;
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let from = s.clone_dtod(&cache.slice(src * n..(src + 1) * n))?;
+            s.memcpy_dtod(&from, &mut cache.slice_mut(dst * n..(dst + 1) * n))?;
+        }
+        Ok(())
     }
 }
 
