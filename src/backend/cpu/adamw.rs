@@ -79,9 +79,19 @@ pub fn adamw_step(
 
 /// L2 norm over all gradients together, accumulated in f64.
 pub fn global_grad_norm(grads: &[&[f32]]) -> f64 {
+    // Fixed chunks summed in order: the same bits on every run whatever the
+    // thread scheduling (rayon's `sum` combines in a scheduling-dependent
+    // order), so a resumed run reproduces the norm exactly.
+    const CHUNK: usize = 1 << 14;
     grads
         .iter()
-        .map(|g| g.par_iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .map(|g| {
+            let partial: Vec<f64> = g
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            partial.iter().sum::<f64>()
+        })
         .sum::<f64>()
         .sqrt()
 }
