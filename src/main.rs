@@ -15,8 +15,28 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
+    /// The GPU when one is usable (CUDA driver, a device, kernels embedded
+    /// in this binary), else the CPU.
+    Auto,
     Cpu,
     Cuda,
+}
+
+impl Device {
+    /// The device `auto` stands for here; `cpu_only` when the command needs
+    /// what only the CPU backend has (the backward of `--grad-out`).
+    fn resolve(self, cpu_only: bool) -> Device {
+        match self {
+            Device::Auto if !cpu_only && gpu_usable() => Device::Cuda,
+            Device::Auto => Device::Cpu,
+            chosen => chosen,
+        }
+    }
+}
+
+fn gpu_usable() -> bool {
+    vppo_engine::kernels::kernels_embedded()
+        && vppo_engine::backend::cuda::list_devices().is_ok_and(|d| !d.is_empty())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -108,7 +128,7 @@ enum Command {
         #[arg(long)]
         response: String,
         /// Where to run the model.
-        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// Output safetensors file.
         #[arg(long)]
@@ -156,7 +176,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Where to run the model.
-        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
     /// Benchmark a checkpoint: average accuracy@n (mean reward over n
@@ -311,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             grad_out,
         } => {
+            let device = device.resolve(grad_out.is_some());
             if device == Device::Cuda && grad_out.is_some() {
                 bail!("--grad-out runs on the CPU only (the backward is not on the CUDA backend yet); drop --device cuda");
             }
@@ -370,6 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             device,
         } => {
+            let device = device.resolve(false);
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 bail!("--top-p must be in (0, 1], got {top_p}");
             }

@@ -120,6 +120,9 @@ fn cli_writes_the_documented_tensors() {
         grad_out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
+    // The default device is `auto`; --grad-out needs the CPU backward, so
+    // auto picks the CPU even where a GPU is usable.
+    assert!(stderr.contains("on Cpu"), "{stderr}");
     // --grad-out: every tensor of the checkpoint, torch's gradient of sum(log-probs).
     let grad_bytes = std::fs::read(&grad_out).unwrap();
     std::fs::remove_file(&grad_out).unwrap();
@@ -423,4 +426,22 @@ fn bad_score_inputs_give_clear_errors() {
         "/dev/null",
     ]);
     assert!(ok || stderr.contains("--device cuda"), "{stderr}");
+    // `--device auto` (the default) falls back to the CPU without a usable GPU.
+    let (ok, stderr) = run_cli(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--response",
+        "y",
+        "--device",
+        "auto",
+        "--out",
+        "/dev/null",
+    ]);
+    assert!(ok, "{stderr}");
+    if !vppo_engine::backend::cuda::driver_present() {
+        assert!(stderr.contains("on Cpu"), "{stderr}");
+    }
 }
