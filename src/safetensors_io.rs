@@ -54,15 +54,25 @@ pub fn write_atomic(path: &Path, tensors: &[OwnedTensor]) -> Result<(), WriteErr
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    let io = |source| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A device or pipe (`--out /dev/null`, a FIFO) is written in place: a
+    // rename would replace the device node with a regular file.
+    if path.exists() && !path.is_file() && !path.is_dir() {
+        let bytes =
+            safetensors::tensor::serialize(views, None).map_err(|e| WriteError::Serialize {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        return std::fs::write(path, bytes).map_err(io);
+    }
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let io = |source| WriteError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     safetensors::tensor::serialize_to_file(views, None, &tmp).map_err(|e| {
         WriteError::Serialize {
             path: path.to_path_buf(),
@@ -73,4 +83,34 @@ pub fn write_atomic(path: &Path, tensors: &[OwnedTensor]) -> Result<(), WriteErr
         let _ = std::fs::remove_file(&tmp);
         io(e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    #[test]
+    fn write_atomic_writes_into_a_pipe_without_replacing_it() {
+        let dir = std::env::temp_dir().join(format!("vppo-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("out.safetensors");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reader_path).unwrap());
+        let tensor = OwnedTensor::f32("w", &[2], &[1.5, -2.0]);
+        write_atomic(&fifo, &[tensor]).unwrap();
+        let bytes = reader.join().unwrap();
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        let read = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let w = read.tensor("w").unwrap();
+        assert_eq!(w.shape(), &[2]);
+        assert_eq!(w.data(), bytemuck::cast_slice::<f32, u8>(&[1.5, -2.0]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -398,6 +398,12 @@ fn bad_score_inputs_give_clear_errors() {
     );
     let err = scorer.score(&img, "x", "").err().unwrap().to_string();
     assert!(err.contains("response is empty"), "{err}");
+    // Outputs go to a scratch file: `--out /dev/null` must not be used here
+    // (an older atomic writer renamed over it, replacing the device node).
+    let out_dir = std::env::temp_dir().join(format!("vppo-score-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join("scores.safetensors");
+    let out = out.to_str().unwrap();
     // The CLI prints the same message and fails; --device cuda without a
     // usable device (driver, kernels, cuBLAS) fails with a clear message.
     let (ok, stderr) = run_cli(&[
@@ -409,7 +415,7 @@ fn bad_score_inputs_give_clear_errors() {
         "--response",
         "",
         "--out",
-        "/dev/null",
+        out,
     ]);
     assert!(!ok && stderr.contains("response is empty"), "{stderr}");
     let (ok, stderr) = run_cli(&[
@@ -423,7 +429,7 @@ fn bad_score_inputs_give_clear_errors() {
         "--device",
         "cuda",
         "--out",
-        "/dev/null",
+        out,
     ]);
     assert!(ok || stderr.contains("--device cuda"), "{stderr}");
     // `--device auto` (the default) falls back to the CPU without a usable GPU.
@@ -438,10 +444,12 @@ fn bad_score_inputs_give_clear_errors() {
         "--device",
         "auto",
         "--out",
-        "/dev/null",
+        out,
     ]);
     assert!(ok, "{stderr}");
     if !vppo_engine::backend::cuda::driver_present() {
         assert!(stderr.contains("on Cpu"), "{stderr}");
     }
+    assert!(Path::new(out).is_file());
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }
