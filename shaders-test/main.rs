@@ -13,6 +13,7 @@ mod loss;
 mod model;
 mod optim;
 mod sampling;
+mod train;
 mod vision;
 
 use rand::rngs::StdRng;
@@ -319,6 +320,7 @@ fn cases() -> Vec<Case> {
     .chain(vision::cases())
     .chain(model::cases())
     .chain(generate::cases())
+    .chain(train::cases())
     .collect()
 }
 

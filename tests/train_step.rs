@@ -192,6 +192,60 @@ fn end_to_end_step_gradient_matches_finite_differences() {
     }
 }
 
+/// The device computes a mini-batch's gradient one response at a time
+/// (`ResponseEngine`): with the CPU model behind that contract, the loop
+/// must give the CPU micro-batch loop's loss, stats and gradients.
+#[test]
+fn one_response_at_a_time_gives_the_micro_batch_gradient() {
+    use vppo_engine::model::acts::Save;
+    use vppo_engine::train::step::{
+        collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, CpuResponses,
+    };
+    let p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let cfg = StepConfig {
+        dynamic_sampling: None,
+        micro_batch: 4,
+        ..config(Algo::Vppo)
+    };
+    let mut rollouts = collect_rollouts(&p, &prompts(), &cfg, 5).unwrap();
+    for (i, a) in rollouts.advantages.iter_mut().enumerate() {
+        *a = [0.9, -1.1, 0.3][i % 3];
+    }
+    let groups = 0..rollouts.groups();
+    let (whole, s_whole) = mini_batch_gradients(&p.model, &rollouts, groups.clone(), &cfg).unwrap();
+    let mut engine = CpuResponses::new(&p.model, Save::Inputs);
+    let (split, s_split) =
+        mini_batch_gradients_on(&p.model, Some(&mut engine), &rollouts, groups, &cfg).unwrap();
+    assert!(s_whole.loss.abs() > 0.0);
+    assert!(
+        (s_whole.loss - s_split.loss).abs() <= 1e-6 * s_whole.loss.abs(),
+        "loss {} vs {}",
+        s_whole.loss,
+        s_split.loss
+    );
+    assert_eq!(
+        (
+            s_whole.tgf_kept_frac,
+            s_whole.adv_scale_min,
+            s_whole.adv_scale_max
+        ),
+        (
+            s_split.tgf_kept_frac,
+            s_split.adv_scale_min,
+            s_split.adv_scale_max
+        )
+    );
+    assert!((s_whole.clip_fraction - s_split.clip_fraction).abs() < 1e-6);
+    assert!((s_whole.entropy - s_split.entropy).abs() < 1e-9);
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (a, b) in whole.0.iter().flatten().zip(split.0.iter().flatten()) {
+        num += ((a - b) as f64).powi(2);
+        den += (*a as f64).powi(2);
+    }
+    let rel = (num / den).sqrt();
+    assert!(den > 0.0 && rel < 1e-5, "gradient rel err {rel:e}");
+}
+
 /// The exact-KL dependency option: `response_kl` equals the KL between the
 /// full next-token distributions of the two passes computed directly from
 /// whole-sequence logits, and a rollout batch carries it per token.

@@ -306,13 +306,15 @@ pub struct DeviceForward {
 
 /// The model's weights on one device, plus its activation arena.
 pub struct DeviceModel {
-    gpu: Arc<CudaBackend>,
-    config: ModelConfig,
-    layout: ParamLayout,
-    weights: Vec<CudaSlice<f32>>,
-    vision_rope: RopeFreqsDevice,
-    text_rope: RopeFreqsDevice,
+    pub(crate) gpu: Arc<CudaBackend>,
+    pub(crate) config: ModelConfig,
+    pub(crate) layout: ParamLayout,
+    pub(crate) weights: Vec<CudaSlice<f32>>,
+    pub(crate) vision_rope: RopeFreqsDevice,
+    pub(crate) text_rope: RopeFreqsDevice,
     arena: Option<Arena>,
+    /// Gradients and the training arena, once training starts.
+    pub(crate) train: Option<super::device_train::TrainState>,
     /// Arena (re)allocations so far (tests check reuse).
     pub arena_allocations: usize,
 }
@@ -345,6 +347,7 @@ impl DeviceModel {
             text_rope,
             arena: None,
             arena_allocations: 0,
+            train: None,
         })
     }
 
@@ -511,24 +514,24 @@ impl DeviceModel {
 }
 
 /// One forward's borrowed state.
-struct Run<'a> {
-    gpu: &'a CudaBackend,
-    cfg: &'a ModelConfig,
-    layout: &'a ParamLayout,
-    w: &'a [CudaSlice<f32>],
-    vision_rope: &'a RopeFreqsDevice,
-    text_rope: &'a RopeFreqsDevice,
+pub(crate) struct Run<'a> {
+    pub(crate) gpu: &'a CudaBackend,
+    pub(crate) cfg: &'a ModelConfig,
+    pub(crate) layout: &'a ParamLayout,
+    pub(crate) w: &'a [CudaSlice<f32>],
+    pub(crate) vision_rope: &'a RopeFreqsDevice,
+    pub(crate) text_rope: &'a RopeFreqsDevice,
 }
 
 impl Run<'_> {
-    fn w(&self, id: ParamId) -> &CudaSlice<f32> {
+    pub(crate) fn w(&self, id: ParamId) -> &CudaSlice<f32> {
         &self.w[id.0]
     }
 
     /// `out[rows, n] = x[rows, k] @ W^T (+ b)` with W (and b) possibly a row
     /// range of a fused weight: rows `r0 .. r0 + n` of `[*, k]`.
     #[allow(clippy::too_many_arguments)]
-    fn linear<X: DevicePtr<f32>>(
+    pub(crate) fn linear<X: DevicePtr<f32>>(
         &self,
         x: &X,
         rows: usize,
@@ -552,7 +555,12 @@ impl Run<'_> {
         )
     }
 
-    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+    pub(crate) fn add(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
         self.gpu
             .add_inplace(&mut x.slice_mut(0..n), &y.slice(0..n), n)
     }

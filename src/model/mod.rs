@@ -5,6 +5,7 @@ pub mod acts;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod device_train;
 pub mod params;
 pub mod positions;
 pub mod qwen;

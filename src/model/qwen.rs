@@ -43,6 +43,8 @@ pub enum ModelError {
     ForwardsDiffer,
     #[error("loss gradients have {found} entries for {expected} response tokens")]
     GradLength { expected: usize, found: usize },
+    #[error("device backward called without a training forward before it")]
+    NoPendingForward,
     #[error("CUDA device: {0}")]
     Device(#[from] crate::backend::cuda::CudaError),
 }

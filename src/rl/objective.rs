@@ -73,40 +73,88 @@ pub fn micro_batch_objective(
 ) -> Result<Objective, OpError> {
     let n: usize = mb.response_lens.iter().sum();
     assert_eq!(mb.lp_new.len(), n, "objective: token count");
-    assert_eq!(
-        mb.advantages.len(),
-        mb.response_lens.len(),
-        "objective: one advantage per response"
-    );
-    let mut dependency_sum = 0.0;
-    let (scales, mask) = match mb.dependency {
-        Some(dep) => {
-            dependency_sum = dep.iter().map(|&d| d as f64).sum();
-            let scales = tas_scales(
-                &mean_dependency(dep, mb.response_lens),
-                dependency_range,
-                vppo.beta_min,
-            );
-            let mut cu = vec![0i32];
-            for &l in mb.response_lens {
-                cu.push(cu.last().unwrap() + l as i32);
-            }
-            (scales, tgf_mask(dep, &cu, vppo.tgf_ratio)?)
-        }
-        None => (vec![1.0; mb.response_lens.len()], vec![1.0; n]),
-    };
-    let token_adv: Vec<f32> = mb
-        .response_lens
-        .iter()
-        .zip(mb.advantages.iter().zip(&scales))
-        .flat_map(|(&len, (&a, &s))| std::iter::repeat_n(a * s, len))
-        .collect();
+    let shaping = Shaping::of(
+        mb.dependency,
+        mb.response_lens,
+        mb.advantages,
+        vppo,
+        dependency_range,
+    )?;
     Ok(Objective {
-        policy: loss.evaluate(mb.lp_new, mb.lp_old, &token_adv, &mask, total_tokens),
-        kept_tokens: mask.iter().filter(|&&m| m > 0.0).count(),
-        scales,
-        dependency_sum,
+        policy: loss.evaluate(
+            mb.lp_new,
+            mb.lp_old,
+            &shaping.token_advantages,
+            &shaping.mask,
+            total_tokens,
+        ),
+        kept_tokens: shaping.kept_tokens(),
+        scales: shaping.scales,
+        dependency_sum: shaping.dependency_sum,
     })
+}
+
+/// What VPPO's shaping makes of a micro-batch before any log-prob of the
+/// policy being updated is known: TAS scales (whose dynamic upper bound
+/// averages over the micro-batch, as the reference does), the TGF mask
+/// and the shaped per-token advantages. The loss itself is per token, so
+/// a micro-batch's responses may then be evaluated one at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shaping {
+    pub scales: Vec<f32>,
+    pub mask: Vec<f32>,
+    pub token_advantages: Vec<f32>,
+    pub dependency_sum: f64,
+}
+
+impl Shaping {
+    pub fn of(
+        dependency: Option<&[f32]>,
+        response_lens: &[usize],
+        advantages: &[f32],
+        vppo: &VppoConfig,
+        dependency_range: Option<(f32, f32)>,
+    ) -> Result<Self, OpError> {
+        let n: usize = response_lens.iter().sum();
+        assert_eq!(
+            advantages.len(),
+            response_lens.len(),
+            "objective: one advantage per response"
+        );
+        let mut dependency_sum = 0.0;
+        let (scales, mask) = match dependency {
+            Some(dep) => {
+                dependency_sum = dep.iter().map(|&d| d as f64).sum();
+                let scales = tas_scales(
+                    &mean_dependency(dep, response_lens),
+                    dependency_range,
+                    vppo.beta_min,
+                );
+                let mut cu = vec![0i32];
+                for &l in response_lens {
+                    cu.push(cu.last().unwrap() + l as i32);
+                }
+                (scales, tgf_mask(dep, &cu, vppo.tgf_ratio)?)
+            }
+            None => (vec![1.0; response_lens.len()], vec![1.0; n]),
+        };
+        let token_advantages = response_lens
+            .iter()
+            .zip(advantages.iter().zip(&scales))
+            .flat_map(|(&len, (&a, &s))| std::iter::repeat_n(a * s, len))
+            .collect();
+        Ok(Self {
+            scales,
+            mask,
+            token_advantages,
+            dependency_sum,
+        })
+    }
+
+    /// Tokens whose policy gradient TGF kept.
+    pub fn kept_tokens(&self) -> usize {
+        self.mask.iter().filter(|&&m| m > 0.0).count()
+    }
 }
 
 #[cfg(test)]

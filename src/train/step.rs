@@ -6,11 +6,12 @@
 
 use super::optimizer::{AdamW, StepReport};
 use crate::model::acts::Save;
+use crate::model::device::DeviceModel;
 use crate::model::params::Tensors;
 use crate::model::{ModelError, Qwen25Vl, SequenceInput, TrainSequence};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::reward::accuracy_reward;
-use crate::rl::objective::{mean_dependency, micro_batch_objective, MicroBatch, VppoConfig};
+use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
 use crate::rl::{
     group_advantages, keep_group, perturb_patches, visual_dependency, DependencyEstimator,
@@ -323,6 +324,90 @@ pub fn mini_batch_gradients(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<(Tensors, UpdateStats), PipelineError> {
+    mini_batch_gradients_on(model, None, rollouts, groups, cfg)
+}
+
+/// Forward and backward of ONE response at a time, gradients accumulating
+/// inside: how the device trains ([`DeviceModel`]); [`CpuResponses`] is the
+/// same contract on the CPU (tests check the two loops agree).
+pub trait ResponseEngine {
+    /// Log-probs of the response tokens; the backward must come next.
+    fn forward(&mut self, seq: &TrainSequence) -> Result<Vec<f32>, ModelError>;
+    /// Backward of the last forward from `d loss / d log-prob`.
+    fn backward(&mut self, d_logprob: &[f32]) -> Result<(), ModelError>;
+    /// Adds the accumulated gradients into `grads` (and resets them).
+    fn finish(&mut self, grads: &mut Tensors) -> Result<(), ModelError>;
+}
+
+impl ResponseEngine for DeviceModel {
+    fn forward(&mut self, seq: &TrainSequence) -> Result<Vec<f32>, ModelError> {
+        Ok(self.train_forward(seq)?.logprobs)
+    }
+    fn backward(&mut self, d_logprob: &[f32]) -> Result<(), ModelError> {
+        self.train_backward(d_logprob, &vec![0.0; d_logprob.len()])
+    }
+    fn finish(&mut self, grads: &mut Tensors) -> Result<(), ModelError> {
+        self.take_grads(grads)
+    }
+}
+
+/// [`ResponseEngine`] on the CPU model.
+pub struct CpuResponses<'m> {
+    model: &'m Qwen25Vl,
+    save: Save,
+    grads: Tensors,
+    pending: Option<crate::model::TrainForward>,
+}
+
+impl<'m> CpuResponses<'m> {
+    pub fn new(model: &'m Qwen25Vl, save: Save) -> Self {
+        Self {
+            model,
+            save,
+            grads: Tensors::zeros(&model.layout),
+            pending: None,
+        }
+    }
+}
+
+impl ResponseEngine for CpuResponses<'_> {
+    fn forward(&mut self, seq: &TrainSequence) -> Result<Vec<f32>, ModelError> {
+        let fwd = self
+            .model
+            .train_forward(std::slice::from_ref(seq), self.save)?;
+        let lp = fwd.logprobs.clone();
+        self.pending = Some(fwd);
+        Ok(lp)
+    }
+    fn backward(&mut self, d_logprob: &[f32]) -> Result<(), ModelError> {
+        let fwd = self.pending.take().ok_or(ModelError::NoPendingForward)?;
+        let zeros = vec![0.0; d_logprob.len()];
+        self.model
+            .train_backward(&fwd, d_logprob, &zeros, &mut self.grads)
+    }
+    fn finish(&mut self, grads: &mut Tensors) -> Result<(), ModelError> {
+        for (g, mine) in grads.0.iter_mut().zip(self.grads.0.iter_mut()) {
+            for (a, b) in g.iter_mut().zip(mine.iter_mut()) {
+                *a += *b;
+                *b = 0.0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`mini_batch_gradients`] with the forward and backward on `engine`
+/// (one response at a time; its weights must equal `model`'s) when given.
+/// The micro-batches, and so TAS's micro-batch mean, are the same either
+/// way: the shaping is fixed per micro-batch first, then each response's
+/// tokens are evaluated and pushed back on their own.
+pub fn mini_batch_gradients_on(
+    model: &Qwen25Vl,
+    mut engine: Option<&mut dyn ResponseEngine>,
+    rollouts: &Rollouts,
+    groups: std::ops::Range<usize>,
+    cfg: &StepConfig,
+) -> Result<(Tensors, UpdateStats), PipelineError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
@@ -345,27 +430,54 @@ pub fn mini_batch_gradients(
     let (mut scale_min, mut scale_max) = (f32::INFINITY, f32::NEG_INFINITY);
     for r in chunks(responses.clone(), cfg.micro_batch) {
         let tok = offset(r.start)..offset(r.end);
-        let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
-        let mb = MicroBatch {
-            lp_new: &fwd.logprobs,
-            lp_old: &rollouts.lp_old[tok.clone()],
-            dependency: rollouts.dependency.as_ref().map(|d| &d[tok.clone()]),
-            response_lens: &rollouts.lens[r.clone()],
-            advantages: &rollouts.advantages[r.clone()],
-        };
-        let objective = micro_batch_objective(&mb, &cfg.vppo, &cfg.loss, range, total_tokens)
-            .map_err(ModelError::from)?;
-        loss += objective.policy.loss;
-        clipped += objective.policy.clip_fraction * tok.len() as f32;
-        neg_logprob -= fwd.logprobs.iter().map(|&l| l as f64).sum::<f64>();
-        dependency += objective.dependency_sum;
-        kept += objective.kept_tokens;
-        for &s in &objective.scales {
+        let shaping = Shaping::of(
+            rollouts.dependency.as_ref().map(|d| &d[tok.clone()]),
+            &rollouts.lens[r.clone()],
+            &rollouts.advantages[r.clone()],
+            &cfg.vppo,
+            range,
+        )
+        .map_err(ModelError::from)?;
+        dependency += shaping.dependency_sum;
+        kept += shaping.kept_tokens();
+        for &s in &shaping.scales {
             scale_min = scale_min.min(s);
             scale_max = scale_max.max(s);
         }
-        let zeros = vec![0.0; fwd.logprobs.len()];
-        model.train_backward(&fwd, &objective.policy.token_grads, &zeros, &mut grads)?;
+        // Token range of response `i` inside the micro-batch, and globally.
+        let local = |i: usize| offset(i) - tok.start..offset(i + 1) - tok.start;
+        let mut evaluate = |lp_new: &[f32], span: std::ops::Range<usize>| {
+            let at = tok.start + span.start..tok.start + span.end;
+            let policy = cfg.loss.evaluate(
+                lp_new,
+                &rollouts.lp_old[at],
+                &shaping.token_advantages[span.clone()],
+                &shaping.mask[span.clone()],
+                total_tokens,
+            );
+            loss += policy.loss;
+            clipped += policy.clip_fraction * span.len() as f32;
+            neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
+            policy.token_grads
+        };
+        match engine.as_deref_mut() {
+            Some(engine) => {
+                for i in r.clone() {
+                    let lp = engine.forward(&rollouts.batch[i])?;
+                    let token_grads = evaluate(&lp, local(i));
+                    engine.backward(&token_grads)?;
+                }
+            }
+            None => {
+                let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
+                let token_grads = evaluate(&fwd.logprobs, 0..tok.len());
+                let zeros = vec![0.0; token_grads.len()];
+                model.train_backward(&fwd, &token_grads, &zeros, &mut grads)?;
+            }
+        }
+    }
+    if let Some(engine) = engine {
+        engine.finish(&mut grads)?;
     }
     let denom = total_tokens.max(1) as f64;
     let stats = UpdateStats {

@@ -1,0 +1,129 @@
+//! One VPPO training step on the device (`model::device_train`) against the
+//! CPU step on a committed fixture: the mini-batch loss, every parameter
+//! gradient, and the weights after one AdamW step.
+
+use super::model::{fixture_request, NO_CUBLAS};
+use super::{cuda, rel_err, Case};
+use std::sync::Arc;
+use vppo_engine::backend::cpu::adamw::AdamWConfig;
+use vppo_engine::backend::cuda::{blas_present, CudaBackend};
+use vppo_engine::model::device::DeviceModel;
+use vppo_engine::pipeline::Pipeline;
+use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
+use vppo_engine::train::step::{
+    collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, Algo, Prompt, StepConfig,
+};
+
+/// fp32 on both sides: the loss and the gradients differ only by summation
+/// order.
+const LOSS_TOL: f64 = 1e-4;
+const GRAD_TOL: f64 = 1e-4;
+/// One tensor's own relative error may be larger where its gradient is
+/// tiny (cancellation), but not by much.
+const TENSOR_TOL: f64 = 1e-2;
+
+fn step_case(case: &'static str) -> Case {
+    Case {
+        name: format!("qwen2.5-vl device training step fixture {case} f32"),
+        run: Box::new(move |_gpu, _rng| {
+            if !blas_present() {
+                return Ok(NO_CUBLAS.into());
+            }
+            let (dir, prompt, images, response) = fixture_request(case)?;
+            let pipe = Pipeline::load(&dir).map_err(|e| e.to_string())?;
+            let (mut input, prompt_len) = pipe
+                .prepare(&images, &prompt, &response)
+                .map_err(|e| e.to_string())?;
+            input.ids.truncate(prompt_len);
+            let prompts = vec![
+                Prompt {
+                    input: input.clone(),
+                    answer: "None".into(),
+                },
+                Prompt {
+                    input,
+                    answer: "42".into(),
+                },
+            ];
+            let cfg = StepConfig {
+                n: 3,
+                max_new_tokens: 5,
+                micro_batch: 3,
+                dynamic_sampling: None,
+                ..StepConfig::recipe(Algo::Vppo)
+            };
+            let mut rollouts =
+                collect_rollouts(&pipe, &prompts, &cfg, 11).map_err(|e| e.to_string())?;
+            // Mixed advantages so the policy term (not only the entropy
+            // penalty) drives the gradient.
+            for (i, a) in rollouts.advantages.iter_mut().enumerate() {
+                *a = [1.2, -0.7, 0.4, -1.5][i % 4];
+            }
+            let groups = 0..rollouts.groups();
+            let (g_cpu, s_cpu) = mini_batch_gradients(&pipe.model, &rollouts, groups.clone(), &cfg)
+                .map_err(|e| e.to_string())?;
+            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
+            let mut dev = DeviceModel::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
+            let (g_dev, s_dev) =
+                mini_batch_gradients_on(&pipe.model, Some(&mut dev), &rollouts, groups, &cfg)
+                    .map_err(|e| e.to_string())?;
+
+            let loss_err = (s_dev.loss - s_cpu.loss).abs() / s_cpu.loss.abs().max(1e-12);
+            if loss_err.is_nan() || loss_err > LOSS_TOL {
+                return Err(format!(
+                    "loss: device {} vs cpu {} (rel {loss_err:e} > {LOSS_TOL:e})",
+                    s_dev.loss, s_cpu.loss
+                ));
+            }
+            let flat = |g: &[Vec<f32>]| g.concat();
+            let grad_err = rel_err(&flat(&g_dev.0), &flat(&g_cpu.0));
+            let (worst, worst_name) = g_dev
+                .0
+                .iter()
+                .zip(&g_cpu.0)
+                .zip(&pipe.model.layout.specs)
+                .map(|((d, c), spec)| (rel_err(d, c), spec.name.clone()))
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .unwrap_or((0.0, String::new()));
+            if grad_err.is_nan() || grad_err > GRAD_TOL || worst > TENSOR_TOL {
+                return Err(format!(
+                    "gradients: all {grad_err:e} (tol {GRAD_TOL:e}), worst tensor {worst_name} \
+                     {worst:e} (tol {TENSOR_TOL:e})"
+                ));
+            }
+
+            // One AdamW step from each side's gradients.
+            let opt_cfg = AdamWConfig {
+                lr: 1e-2,
+                ..AdamWConfig::default()
+            };
+            let mut after = Vec::new();
+            for mut grads in [g_cpu, g_dev] {
+                let mut weights = pipe.model.weights.clone();
+                let mut opt = AdamW::new(&weights, opt_cfg, Some(1.0), WeightPrecision::Fp32);
+                opt.step(&mut weights, &mut grads);
+                after.push(flat(&weights.0));
+            }
+            let w_err = rel_err(&after[1], &after[0]);
+            if w_err.is_nan() || w_err > GRAD_TOL {
+                return Err(format!(
+                    "weights after AdamW: rel err {w_err:e} > {GRAD_TOL:e}"
+                ));
+            }
+            Ok(format!(
+                "loss {:.6} vs {:.6} (rel {loss_err:.1e}), grads {grad_err:.1e} (worst {worst_name} \
+                 {worst:.1e}), weights after AdamW {w_err:.1e}, {} responses",
+                s_dev.loss,
+                s_cpu.loss,
+                rollouts.batch.len()
+            ))
+        }),
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    ["single_noresize", "partial_windows", "two_images"]
+        .into_iter()
+        .map(step_case)
+        .collect()
+}
