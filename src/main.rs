@@ -13,31 +13,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Device {
-    /// The GPU when one is usable (CUDA driver, a device, kernels embedded
-    /// in this binary), else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl Device {
-    /// The device `auto` stands for here; `cpu_only` when the command needs
-    /// what only the CPU backend has (the backward of `--grad-out`).
-    fn resolve(self, cpu_only: bool) -> Device {
-        match self {
-            Device::Auto if !cpu_only && gpu_usable() => Device::Cuda,
-            Device::Auto => Device::Cpu,
-            chosen => chosen,
-        }
-    }
-}
-
-fn gpu_usable() -> bool {
-    vppo_engine::kernels::kernels_embedded()
-        && vppo_engine::backend::cuda::list_devices().is_ok_and(|d| !d.is_empty())
-}
+use vppo_engine::backend::Device;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum SaveDtypeArg {
@@ -92,6 +68,10 @@ enum Command {
         /// Training data: parquet or JSONL with problem, answer, images.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Where rollouts, log-probs and the backward run (same as
+        /// device=...): auto picks the GPU when one is usable.
+        #[arg(long, value_enum)]
+        device: Option<Device>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -275,10 +255,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             algo,
             model,
             data,
+            device,
             quiet,
             print_config,
             mut overrides,
         } => {
+            if let Some(device) = device {
+                overrides.push(format!("device={}", format!("{device:?}").to_lowercase()));
+            }
             if let Some(algo) = algo {
                 overrides.push(format!("algo={}", format!("{algo:?}").to_lowercase()));
             }

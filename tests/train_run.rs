@@ -228,6 +228,23 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     assert!(err.contains("/no/such/model"), "{err}");
     let _ = std::fs::remove_dir_all(&fresh);
 
+    // device=cuda without a usable GPU fails naming the device; auto falls
+    // back to the CPU (every other run here).
+    if !vppo_engine::backend::gpu_usable() {
+        let gpu = run_dir("no-gpu");
+        let err = run(
+            None,
+            &small(&["max_steps=1", "device=cuda", "warmup_steps=0"]),
+            Some(&gpu),
+            false,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("device=cuda: cannot open CUDA device"), "{err}");
+        let _ = std::fs::remove_dir_all(&gpu);
+    }
+
     // An untrained model never answers: no group has mixed rewards, and the
     // run says so instead of spinning.
     let stuck = run_dir("stuck");

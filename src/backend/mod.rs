@@ -4,3 +4,41 @@
 
 pub mod cpu;
 pub mod cuda;
+
+/// Where a command computes: `auto` is the GPU when one is usable (a CUDA
+/// driver, a device, and kernels embedded in this binary), else the CPU.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    /// The device `auto` stands for on this machine; `cpu_only` when the
+    /// command needs what only the CPU backend has.
+    pub fn resolve(self, cpu_only: bool) -> Device {
+        match self {
+            Device::Auto if !cpu_only && gpu_usable() => Device::Cuda,
+            Device::Auto => Device::Cpu,
+            chosen => chosen,
+        }
+    }
+}
+
+/// A CUDA driver, at least one device, and kernels embedded in this binary.
+pub fn gpu_usable() -> bool {
+    crate::kernels::kernels_embedded() && cuda::list_devices().is_ok_and(|d| !d.is_empty())
+}

@@ -369,11 +369,31 @@ impl DeviceModel {
         prompt_len: Option<usize>,
         want_hidden: bool,
     ) -> Result<DeviceForward, ModelError> {
+        self.forward_with(input, prompt_len, want_hidden, true)
+    }
+
+    /// The log-probs and entropies of the tokens after `prompt_len` (as
+    /// [`Self::forward`], without bringing the logits back to the host).
+    pub fn response_logprobs(
+        &mut self,
+        input: &SequenceInput,
+        prompt_len: usize,
+    ) -> Result<DeviceForward, ModelError> {
+        self.forward_with(input, Some(prompt_len), false, false)
+    }
+
+    fn forward_with(
+        &mut self,
+        input: &SequenceInput,
+        prompt_len: Option<usize>,
+        want_hidden: bool,
+        want_logits: bool,
+    ) -> Result<DeviceForward, ModelError> {
         let plan = HostPlan::new(&self.config, input, prompt_len)?;
         let need = ArenaPlan::new(&self.config, &plan.shape);
         self.ensure_arena(&need)?;
         let (run, arena) = self.run();
-        run.forward(arena, input, &plan, want_hidden)
+        run.forward(arena, input, &plan, want_hidden, want_logits)
     }
 
     /// Grows the arena (one allocation) unless it already covers `need`.
@@ -571,6 +591,7 @@ impl Run<'_> {
         input: &SequenceInput,
         plan: &HostPlan,
         want_hidden: bool,
+        want_logits: bool,
     ) -> Result<DeviceForward, ModelError> {
         let s = self.gpu.stream().clone();
         let (t, h) = (plan.shape.tokens, self.cfg.text.hidden_size);
@@ -580,7 +601,7 @@ impl Run<'_> {
         } else {
             None
         };
-        let (logits, logprobs, entropy) = self.head(a, plan)?;
+        let (logits, logprobs, entropy) = self.head(a, plan, want_logits)?;
         s.synchronize()?;
         Ok(DeviceForward {
             positions: plan.positions.clone(),
@@ -947,6 +968,7 @@ impl Run<'_> {
         &self,
         a: &mut Arena,
         plan: &HostPlan,
+        want_logits: bool,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), ModelError> {
         let tc = &self.cfg.text;
         let (h, vocab) = (tc.hidden_size, tc.vocab_size);
@@ -966,7 +988,7 @@ impl Run<'_> {
         )?;
         let chunk = logit_chunk_rows(r, vocab);
         let (mut logits, mut logp, mut ent) = (
-            Vec::with_capacity(r * vocab),
+            Vec::with_capacity(if want_logits { r * vocab } else { 0 }),
             Vec::with_capacity(r),
             Vec::with_capacity(r),
         );
@@ -997,7 +1019,9 @@ impl Run<'_> {
                 &mut a.entropy,
                 &mut a.lse_out,
             )?;
-            logits.extend(s.clone_dtoh(&a.logits.slice(0..rows * vocab))?);
+            if want_logits {
+                logits.extend(s.clone_dtoh(&a.logits.slice(0..rows * vocab))?);
+            }
             logp.extend(s.clone_dtoh(&a.logp.slice(0..rows))?);
             ent.extend(s.clone_dtoh(&a.entropy.slice(0..rows))?);
         }

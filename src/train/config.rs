@@ -94,6 +94,9 @@ pub struct TrainConfig {
     pub warmup_batch: usize,
     /// Grid side of the built-in counting task (cells x cells shapes).
     pub builtin_grid: usize,
+    /// Where rollouts, log-probs and the backward run: auto (the GPU when
+    /// one is usable), cpu, cuda. The optimizer and warm-up stay on the CPU.
+    pub device: crate::backend::Device,
 }
 
 impl Default for TrainConfig {
@@ -141,6 +144,7 @@ impl Default for TrainConfig {
             warmup_lr: 1e-3,
             warmup_batch: 32,
             builtin_grid: 2,
+            device: crate::backend::Device::Auto,
         }
     }
 }

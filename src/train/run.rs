@@ -13,12 +13,15 @@ use super::config::{AlgoName, ConfigError, TrainConfig};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics};
 use super::optimizer::{AdamW, WeightPrecision};
 use super::source::{PromptSource, SourceError};
-use super::step::{collect_rollouts, update, Algo, Prompt, Rollouts, StepConfig};
+use super::step::{collect_rollouts_on, update_on, Algo, Prompt, Rollouts, StepConfig};
 use super::warmup::warmup_step;
 use crate::backend::cpu::adamw::AdamWConfig;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::Device;
 use crate::builtin::{write_model_dir, BuiltinError, CountingTask, TinySizes};
 use crate::data::prompt::PromptFormat;
 use crate::data::Columns;
+use crate::model::device::DeviceModel;
 use crate::model::Qwen25Vl;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::processor::image::ImageProcessorConfig;
@@ -58,6 +61,8 @@ pub enum RunError {
     Io { path: PathBuf, reason: String },
     #[error("{0}")]
     Usage(String),
+    #[error("device=cuda: {0}")]
+    Device(String),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
@@ -207,6 +212,33 @@ fn next_prompts(
     Ok(out)
 }
 
+/// The device model when `cfg.device` resolves to CUDA: the weights are
+/// uploaded once (here, after any warm-up) and refreshed after each step.
+fn open_device(
+    cfg: &TrainConfig,
+    pipeline: &Pipeline,
+    progress: &Progress,
+) -> Result<Option<DeviceModel>, RunError> {
+    if cfg.device.resolve(false) != Device::Cuda {
+        progress.line("training on the CPU");
+        return Ok(None);
+    }
+    // One process per GPU under a launcher (torchrun sets LOCAL_RANK).
+    let ordinal = std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let gpu = CudaBackend::new(ordinal)
+        .map_err(|e| RunError::Device(format!("cannot open CUDA device {ordinal}: {e}")))?;
+    let name = gpu.context().name().unwrap_or_default();
+    let dev = DeviceModel::new(std::sync::Arc::new(gpu), &pipeline.model)
+        .map_err(|e| RunError::Device(format!("uploading the model: {e}")))?;
+    progress.line(&format!(
+        "training on CUDA device {ordinal} {name} (rollouts, log-probs, backward; AdamW on the host)"
+    ));
+    Ok(Some(dev))
+}
+
 struct Progress {
     bar: ProgressBar,
     /// Plain lines instead of a bar when stderr is not a terminal (CI, logs).
@@ -341,6 +373,7 @@ pub fn run(
     }
 
     let step_cfg = step_config(&cfg);
+    let mut device = open_device(&cfg, &pipeline, &progress)?;
     let mut source = open_source(&cfg, state.data_position)?;
     let mut rollout_index = state.extra["rollout_batches"].as_u64().unwrap_or(0);
     let mut last_saved = state.step;
@@ -359,7 +392,7 @@ pub fn run(
                 break;
             }
             let seed = rollout_seed(cfg.seed, rollout_index, attempt);
-            let more = collect_rollouts(&pipeline, &prompts, &step_cfg, seed)?;
+            let more = collect_rollouts_on(&pipeline, device.as_mut(), &prompts, &step_cfg, seed)?;
             match &mut rollouts {
                 None => rollouts = Some(more),
                 Some(r) => r.append(more),
@@ -389,8 +422,9 @@ pub fn run(
             .collect();
         for range in &updates {
             let t1 = Instant::now();
-            let u = update(
+            let u = update_on(
                 &mut pipeline,
+                device.as_mut(),
                 &mut optimizer,
                 &rollouts,
                 range.clone(),

@@ -5,6 +5,7 @@
 //! drops dynamic sampling and uses a symmetric clip.
 
 use super::optimizer::{AdamW, StepReport};
+use crate::backend::cpu::kl::softmax_kl_fwd;
 use crate::model::acts::Save;
 use crate::model::device::DeviceModel;
 use crate::model::params::Tensors;
@@ -17,6 +18,7 @@ use crate::rl::{
     group_advantages, keep_group, perturb_patches, visual_dependency, DependencyEstimator,
     Perturbation, PolicyLossConfig,
 };
+use crate::rollout::device_generate::DeviceGenerator;
 use crate::rollout::generate::{eos_ids, Generator};
 use crate::rollout::sampling::SamplingParams;
 
@@ -186,12 +188,39 @@ pub fn collect_rollouts(
     cfg: &StepConfig,
     seed: u64,
 ) -> Result<Rollouts, PipelineError> {
+    collect_rollouts_on(pipeline, None, prompts, cfg, seed)
+}
+
+/// [`collect_rollouts`] with generation and the old / perturbed log-probs
+/// on `device` when given (its weights must equal the pipeline model's).
+pub fn collect_rollouts_on(
+    pipeline: &Pipeline,
+    mut device: Option<&mut DeviceModel>,
+    prompts: &[Prompt],
+    cfg: &StepConfig,
+    seed: u64,
+) -> Result<Rollouts, PipelineError> {
     let mut stats = StepStats::default();
     let inputs: Vec<SequenceInput> = prompts.iter().map(|p| p.input.clone()).collect();
     let samples = {
         let _nvtx = crate::nvtx::range("rollout");
-        let mut generator = Generator::new(&pipeline.model, eos_ids(&pipeline.model.dir));
-        generator.generate(&inputs, cfg.n, &cfg.sampling, cfg.max_new_tokens, seed)?
+        let eos = eos_ids(&pipeline.model.dir);
+        match device.as_deref_mut() {
+            Some(dev) => DeviceGenerator::new(dev, eos).generate(
+                &inputs,
+                cfg.n,
+                &cfg.sampling,
+                cfg.max_new_tokens,
+                seed,
+            )?,
+            None => Generator::new(&pipeline.model, eos).generate(
+                &inputs,
+                cfg.n,
+                &cfg.sampling,
+                cfg.max_new_tokens,
+                seed,
+            )?,
+        }
     };
     let mut rewards = Vec::with_capacity(samples.len());
     for s in &samples {
@@ -240,32 +269,70 @@ pub fn collect_rollouts(
     });
     let mut lp_old = Vec::new();
     let mut dependency = vppo.then(Vec::new);
-    for r in chunks(0..batch.len(), cfg.micro_batch) {
-        let original = model.train_forward(&batch[r.clone()], Save::Nothing)?;
-        if let Some(dependency) = &mut dependency {
-            let perturbed: Vec<TrainSequence> = r
-                .clone()
-                .map(|i| {
-                    let mut s = batch[i].clone();
-                    // A fresh mask per response.
-                    let mask_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    perturb_patches(
-                        &mut s.input.pixel_values,
-                        &pipeline.images,
-                        cfg.perturbation,
-                        cfg.blacken_p,
-                        mask_seed,
-                    );
-                    s
-                })
-                .collect();
-            let masked = model.train_forward(&perturbed, Save::Nothing)?;
-            dependency.extend(match cfg.dependency {
-                DependencyEstimator::K3 => visual_dependency(&original.logprobs, &masked.logprobs),
-                DependencyEstimator::ExactKl => model.response_kl(&original, &masked)?,
-            });
+    let perturbed = |i: usize| {
+        let mut s = batch[i].clone();
+        // A fresh mask per response.
+        let mask_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        perturb_patches(
+            &mut s.input.pixel_values,
+            &pipeline.images,
+            cfg.perturbation,
+            cfg.blacken_p,
+            mask_seed,
+        );
+        s
+    };
+    match device {
+        Some(dev) => {
+            let exact = cfg.dependency == DependencyEstimator::ExactKl;
+            let vocab = model.config.text.vocab_size;
+            for (i, seq) in batch.iter().enumerate() {
+                let pass = |dev: &mut DeviceModel, s: &TrainSequence| {
+                    if exact {
+                        dev.forward(&s.input, Some(s.prompt_len), false)
+                    } else {
+                        dev.response_logprobs(&s.input, s.prompt_len)
+                    }
+                };
+                let original = pass(dev, seq)?;
+                if let Some(dependency) = &mut dependency {
+                    let masked = pass(dev, &perturbed(i))?;
+                    dependency.extend(if exact {
+                        let rows = original.logprobs.len();
+                        let (mut kl, mut lse_a, mut lse_b) =
+                            (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+                        softmax_kl_fwd(
+                            &original.logits,
+                            &masked.logits,
+                            vocab,
+                            &mut kl,
+                            &mut lse_a,
+                            &mut lse_b,
+                        );
+                        kl
+                    } else {
+                        visual_dependency(&original.logprobs, &masked.logprobs)
+                    });
+                }
+                lp_old.extend(original.logprobs);
+            }
         }
-        lp_old.extend(original.logprobs);
+        None => {
+            for r in chunks(0..batch.len(), cfg.micro_batch) {
+                let original = model.train_forward(&batch[r.clone()], Save::Nothing)?;
+                if let Some(dependency) = &mut dependency {
+                    let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
+                    let masked = model.train_forward(&masked, Save::Nothing)?;
+                    dependency.extend(match cfg.dependency {
+                        DependencyEstimator::K3 => {
+                            visual_dependency(&original.logprobs, &masked.logprobs)
+                        }
+                        DependencyEstimator::ExactKl => model.response_kl(&original, &masked)?,
+                    });
+                }
+                lp_old.extend(original.logprobs);
+            }
+        }
     }
     Ok(Rollouts {
         batch,
@@ -308,9 +375,29 @@ pub fn update(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, PipelineError> {
+    update_on(pipeline, None, optimizer, rollouts, groups, cfg)
+}
+
+/// [`update`] with the forward and backward on `device` when given; the
+/// AdamW step runs on the host's fp32 weights, which are then uploaded.
+pub fn update_on(
+    pipeline: &mut Pipeline,
+    device: Option<&mut DeviceModel>,
+    optimizer: &mut AdamW,
+    rollouts: &Rollouts,
+    groups: std::ops::Range<usize>,
+    cfg: &StepConfig,
+) -> Result<UpdateStats, PipelineError> {
     let _nvtx = crate::nvtx::range("update");
-    let (mut grads, mut stats) = mini_batch_gradients(&pipeline.model, rollouts, groups, cfg)?;
+    let Some(dev) = device else {
+        let (mut grads, mut stats) = mini_batch_gradients(&pipeline.model, rollouts, groups, cfg)?;
+        stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
+        return Ok(stats);
+    };
+    let (mut grads, mut stats) =
+        mini_batch_gradients_on(&pipeline.model, Some(&mut *dev), rollouts, groups, cfg)?;
     stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
+    dev.upload_weights(&pipeline.model.weights)?;
     Ok(stats)
 }
 
