@@ -15,7 +15,9 @@
 #   shared machine.
 # run: device/driver/clocks, `vppo-engine info`, shaders-test (every kernel vs
 #   its CPU twin), the kernel benches, the PyTorch equivalents, a bounded
-#   compute-sanitizer memcheck of the small cases, then the merged table
+#   compute-sanitizer memcheck of the small cases, the device model forward
+#   and training step vs the CPU, `train --device cuda` vs cpu on the
+#   built-in task, a summary of the checks, then the merged table
 #   (ours vs torch, % of roofline) LAST. Every step has a timeout; the whole
 #   run stays under 8 minutes. JSON lines, the log and the table go to
 #   $OUT (the device tool brings it back) or gpu-bundle/results/.
@@ -98,7 +100,8 @@ PY
         fi
       fi
       step "cuBLAS GEMMs + device forward vs CPU, score --device cuda vs cpu"
-      timeout 60 "$bundle/shaders" "gemm " "device forward" || echo "shaders gemm + device forward: FAILED (rc $?)"
+      timeout 90 "$bundle/shaders" "gemm " "device forward" "device training step" ||
+        echo "shaders gemm + device forward + training step: FAILED (rc $?)"
       fx=tests/fixtures/qwen2_5_vl/single_noresize
       response=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["response"])' "$fx/inputs.json")
       prompt="<image>What is shown in the image? Describe the picture."
@@ -153,6 +156,36 @@ except Exception as e:
     print("generate --device cuda vs cpu greedy (single_noresize): FAIL (%s)" % e)
 PY
       rm -rf "$gen_dir"
+      # ---- one VPPO training run on the built-in task, CPU vs CUDA: same
+      # ---- warm-up (CPU), then a few RL steps each; wall time and metrics.
+      step "train --device cuda vs cpu (built-in task, 60 warm-up + 16 RL steps)"
+      train_dir=$(mktemp -d)
+      for dev in cpu cuda; do
+        t0=$SECONDS
+        timeout 90 "$bundle/vppo-engine" train --out "$train_dir/$dev" --device "$dev" \
+          max_steps=16 2>&1 | grep -avE "^step " | tail -n 4 || echo "train --device $dev: exited with $?"
+        echo "train --device $dev: $((SECONDS - t0)) s wall (warm-up included)"
+      done
+      python3 - "$train_dir" <<'PY' || true
+import json, os, sys
+d = sys.argv[1]
+def metrics(dev):
+    with open(os.path.join(d, dev, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+try:
+    cpu, gpu = metrics("cpu"), metrics("cuda")
+    for name, m in (("cpu", cpu), ("cuda", gpu)):
+        print("train --device %-4s: %d steps, step 1 loss %.6f reward %.3f, last reward %.3f, mean step %.3f s"
+              % (name, len(m), m[0]["loss"], m[0]["reward_mean"], m[-1]["reward_mean"],
+                 sum(x["step_time_s"] for x in m) / len(m)))
+    same_batch = cpu[0]["reward_mean"] == gpu[0]["reward_mean"] and cpu[0]["response_len_mean"] == gpu[0]["response_len_mean"]
+    dl = abs(cpu[0]["loss"] - gpu[0]["loss"])
+    print("train --device cuda vs cpu, step 1: %s |dloss| %.3e (tol 1e-2; same rollouts: %s)"
+          % ("PASS" if len(gpu) == len(cpu) and (dl <= 1e-2 or not same_batch) else "FAIL", dl, same_batch))
+except Exception as e:
+    print("train --device cuda vs cpu: FAIL (%s)" % e)
+PY
+      rm -rf "$train_dir"
       step "kernel benches"
       timeout 120 "$bundle/bench-kernels" --out "$ours" --max-seconds 100 ||
         echo "bench-kernels: FAILED or timed out (rc $?)"
@@ -175,6 +208,8 @@ PY
           "sample rows=32 vocab=777" "sample rows=64 vocab=1000" "patch_embed 28x28" ||
           echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
       fi
+      step "summary of the correctness checks"
+      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl device|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|memcheck FAILED|ERROR SUMMARY" "$log" || true
       step "table: ours vs torch (torch/ours > 1: ours faster; % roof: ours vs the card's peak)"
       python3 "$bundle/bench_table.py" "$ours" "$theirs" | tee "$results/table.txt"
       echo "gpu-check: done in $((SECONDS - start)) s; results in $results"

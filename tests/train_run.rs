@@ -241,7 +241,10 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("device=cuda: cannot open CUDA device"), "{err}");
+        assert!(
+            err.contains("device=cuda: cannot open CUDA device"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&gpu);
     }
 

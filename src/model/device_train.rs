@@ -20,8 +20,8 @@ use super::params::{ParamId, Tensors};
 use super::qwen::{ModelError, TrainSequence};
 use crate::backend::cpu::attention::VarlenAttention;
 use crate::backend::cuda::{
-    CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk, RopeFreqsDevice, Trans,
-    LOGPROB_STATE_PER_ROW,
+    rmsnorm_bwd_scratch_len, CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk,
+    RopeFreqsDevice, Trans, LOGPROB_STATE_PER_ROW,
 };
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use std::sync::Arc;
@@ -105,6 +105,8 @@ pub struct TrainArena {
     lse: CudaSlice<f32>,
     /// All ones: bias gradients are `ones^T @ dy`.
     ones: CudaSlice<f32>,
+    /// RMSNorm backward's per-block weight-gradient partials.
+    norm_partial: CudaSlice<f32>,
 }
 
 /// A block's forward activations and the gradients of its backward.
@@ -240,6 +242,7 @@ impl TrainArena {
             entropy: f(r)?,
             lse: f(r)?,
             ones: s.clone_htod(&vec![1.0f32; ones_len])?,
+            norm_partial: f(rmsnorm_bwd_scratch_len(rows, vh.max(h)))?,
         })
     }
 
@@ -888,7 +891,7 @@ impl TrainRun<'_, '_> {
             w.up,
             Some((&mut b.d_h, true)),
         )?;
-        g.rmsnorm_bwd(
+        g.rmsnorm_bwd_with(
             &b.d_h,
             &b.x_mid,
             r.w(w.norm2),
@@ -897,6 +900,7 @@ impl TrainRun<'_, '_> {
             hid,
             &mut b.d_norm,
             &mut grads[w.norm2.0],
+            &mut a.norm_partial,
         )?;
         r.add(dx, &b.d_norm, n * hid)?;
         // Attention branch: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))).
@@ -953,7 +957,7 @@ impl TrainRun<'_, '_> {
             w.v,
             Some((&mut b.d_h, true)),
         )?;
-        g.rmsnorm_bwd(
+        g.rmsnorm_bwd_with(
             &b.d_h,
             input,
             r.w(w.norm1),
@@ -962,6 +966,7 @@ impl TrainRun<'_, '_> {
             hid,
             &mut b.d_norm,
             &mut grads[w.norm1.0],
+            &mut a.norm_partial,
         )?;
         r.add(dx, &b.d_norm, n * hid)?;
         Ok(())
@@ -1136,7 +1141,7 @@ impl TrainRun<'_, '_> {
             h,
             &mut a.d_hidden.slice_mut(..),
         )?;
-        self.gpu().rmsnorm_bwd(
+        self.gpu().rmsnorm_bwd_with(
             &a.d_hidden,
             &a.final_in,
             self.run.w(p.text.norm),
@@ -1145,6 +1150,7 @@ impl TrainRun<'_, '_> {
             h,
             &mut a.dx,
             &mut grads[p.text.norm.0],
+            &mut a.norm_partial,
         )?;
         for l in (0..p.text.layers.len()).rev() {
             self.copy(&a.layer_inputs[l], &mut a.x, t * h)?;
@@ -1220,7 +1226,7 @@ impl TrainRun<'_, '_> {
             (mp.fc1_w, Some(mp.fc1_b), 0),
             Some((&mut a.acts.d_h, false)),
         )?;
-        self.gpu().rmsnorm_bwd(
+        self.gpu().rmsnorm_bwd_with(
             &a.acts.d_h,
             &a.merger_in,
             self.run.w(mp.ln_q),
@@ -1229,6 +1235,7 @@ impl TrainRun<'_, '_> {
             vh,
             &mut a.dx,
             &mut grads[mp.ln_q.0],
+            &mut a.norm_partial,
         )?;
         for i in (0..v.blocks.len()).rev() {
             self.copy(&a.block_inputs[i], &mut a.x, n * vh)?;

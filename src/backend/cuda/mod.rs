@@ -23,6 +23,7 @@ pub use elementwise::RopeFreqsDevice;
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
 pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
+pub use ops::rmsnorm_bwd_scratch_len;
 pub use optim::{clip_coefficient, AdamWTensor};
 pub use vision::PatchMask;
 

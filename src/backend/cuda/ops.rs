@@ -2,12 +2,18 @@
 //! kernel arguments are untyped, so an `i32` must meet an `int` and a `f32` a
 //! `float`, or the launch silently reads garbage.
 
+use super::launch_util::need;
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 const BLOCK: u32 = 256;
 /// Rows each block of the RMSNorm backward walks (sets the dw partial count).
 const RMSNORM_BWD_ROWS_PER_BLOCK: usize = 32;
+
+/// Floats of scratch [`CudaBackend::rmsnorm_bwd_with`] needs for `rows` x `dim`.
+pub fn rmsnorm_bwd_scratch_len(rows: usize, dim: usize) -> usize {
+    rows.div_ceil(RMSNORM_BWD_ROWS_PER_BLOCK) * dim
+}
 /// Dynamic shared memory available without opting in.
 const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
@@ -95,6 +101,31 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        let mut partial = self
+            .stream
+            .alloc_zeros::<f32>(rmsnorm_bwd_scratch_len(rows, dim))?;
+        self.rmsnorm_bwd_with(dy, x, weight, rstd, rows, dim, dx, dw, &mut partial)
+    }
+
+    /// [`Self::rmsnorm_bwd`] with the caller's scratch for the per-block
+    /// weight-gradient partials (at least [`rmsnorm_bwd_scratch_len`]
+    /// floats): no allocation, for per-layer loops.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_bwd_with(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        rows: usize,
+        dim: usize,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        partial: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
         let smem = dim * std::mem::size_of::<f32>();
         if smem > DEFAULT_SMEM_LIMIT {
             return Err(CudaError::Unsupported {
@@ -104,8 +135,13 @@ impl CudaBackend {
                 ),
             });
         }
+        need(
+            "rmsnorm_bwd",
+            "partial",
+            partial.len(),
+            rmsnorm_bwd_scratch_len(rows, dim),
+        )?;
         let partial_rows = rows.div_ceil(RMSNORM_BWD_ROWS_PER_BLOCK);
-        let mut partial = self.stream.alloc_zeros::<f32>(partial_rows * dim)?;
         let bwd = self.function("rmsnorm", "rmsnorm_bwd_f32")?;
         let reduce = self.function("rmsnorm", "rmsnorm_dw_reduce_f32")?;
         let rows_i = to_i32("rmsnorm_bwd", "rows", rows)?;
@@ -119,7 +155,7 @@ impl CudaBackend {
             .arg(weight)
             .arg(rstd)
             .arg(dx)
-            .arg(&mut partial)
+            .arg(&mut *partial)
             .arg(&rows_i)
             .arg(&dim_i)
             .arg(&per_block);
@@ -132,7 +168,7 @@ impl CudaBackend {
         // memory holds `dim` floats as the kernel expects.
         unsafe { launch.launch(cfg) }?;
         let mut launch = self.stream.launch_builder(&reduce);
-        launch.arg(&partial).arg(dw).arg(&partial_i).arg(&dim_i);
+        launch.arg(&*partial).arg(dw).arg(&partial_i).arg(&dim_i);
         // SAFETY: matches the C signature above; one thread per column of dw.
         unsafe { launch.launch(elementwise_grid(dim)) }?;
         Ok(())
