@@ -306,12 +306,7 @@ pub struct DeviceForward {
 
 /// The model's weights on one device, plus its activation arena.
 pub struct DeviceModel {
-    pub(crate) gpu: Arc<CudaBackend>,
-    pub(crate) config: ModelConfig,
-    pub(crate) layout: ParamLayout,
-    pub(crate) weights: Vec<CudaSlice<f32>>,
-    pub(crate) vision_rope: RopeFreqsDevice,
-    pub(crate) text_rope: RopeFreqsDevice,
+    pub(crate) core: DeviceWeights,
     arena: Option<Arena>,
     /// Gradients and the training arena, once training starts.
     pub(crate) train: Option<super::device_train::TrainState>,
@@ -339,12 +334,14 @@ impl DeviceModel {
         // Fail now, not mid-forward, when cuBLAS cannot be loaded.
         gpu.blas()?;
         Ok(Self {
-            gpu,
-            config: model.config.clone(),
-            layout: model.layout.clone(),
-            weights,
-            vision_rope,
-            text_rope,
+            core: DeviceWeights {
+                gpu,
+                cfg: model.config.clone(),
+                layout: model.layout.clone(),
+                w: weights,
+                vision_rope,
+                text_rope,
+            },
             arena: None,
             arena_allocations: 0,
             train: None,
@@ -352,7 +349,7 @@ impl DeviceModel {
     }
 
     pub fn backend(&self) -> &Arc<CudaBackend> {
-        &self.gpu
+        &self.core.gpu
     }
 
     /// The arena's current plan (capacity), if any.
@@ -389,8 +386,8 @@ impl DeviceModel {
         want_hidden: bool,
         want_logits: bool,
     ) -> Result<DeviceForward, ModelError> {
-        let plan = HostPlan::new(&self.config, input, prompt_len)?;
-        let need = ArenaPlan::new(&self.config, &plan.shape);
+        let plan = HostPlan::new(&self.core.cfg, input, prompt_len)?;
+        let need = ArenaPlan::new(&self.core.cfg, &plan.shape);
         self.ensure_arena(&need)?;
         let (run, arena) = self.run();
         run.forward(arena, input, &plan, want_hidden, want_logits)
@@ -403,31 +400,23 @@ impl DeviceModel {
             let cap = self.arena.as_ref().map_or(*need, |a| a.plan.max(need));
             // Free the old arena before allocating the larger one.
             self.arena = None;
-            self.arena = Some(Arena::alloc(self.gpu.stream(), &cap)?);
+            self.arena = Some(Arena::alloc(self.core.gpu.stream(), &cap)?);
             self.arena_allocations += 1;
         }
         Ok(())
     }
 
     /// The borrowed run state and the arena (allocated by `ensure_arena`).
-    fn run(&mut self) -> (Run<'_>, &mut Arena) {
+    fn run(&mut self) -> (&DeviceWeights, &mut Arena) {
         let arena = self
             .arena
             .as_mut()
             .expect("arena allocated by ensure_arena");
-        let run = Run {
-            gpu: &self.gpu,
-            cfg: &self.config,
-            layout: &self.layout,
-            w: &self.weights,
-            vision_rope: &self.vision_rope,
-            text_rope: &self.text_rope,
-        };
-        (run, arena)
+        (&self.core, arena)
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.config
+        &self.core.cfg
     }
 
     /// Rollout prefill of one prompt: the full forward (vision tower
@@ -446,7 +435,7 @@ impl DeviceModel {
         params: &SamplingParams,
         banned: &[u32],
     ) -> Result<(i64, Vec<u32>, Vec<f32>), ModelError> {
-        let plan = HostPlan::new(&self.config, input, None)?;
+        let plan = HostPlan::new(&self.core.cfg, input, None)?;
         let t = plan.shape.tokens;
         assert_eq!(slots.len(), t, "one cache slot per prompt token");
         if t == 0 {
@@ -456,8 +445,8 @@ impl DeviceModel {
                 len: 0,
             });
         }
-        let need = ArenaPlan::new(&self.config, &plan.shape).max(&ArenaPlan::new(
-            &self.config,
+        let need = ArenaPlan::new(&self.core.cfg, &plan.shape).max(&ArenaPlan::new(
+            &self.core.cfg,
             &ForwardShape {
                 tokens: 1,
                 response: rows,
@@ -500,7 +489,7 @@ impl DeviceModel {
             return Ok((Vec::new(), Vec::new()));
         }
         let need = ArenaPlan::new(
-            &self.config,
+            &self.core.cfg,
             &ForwardShape {
                 tokens: b,
                 response: b,
@@ -533,17 +522,18 @@ impl DeviceModel {
     }
 }
 
-/// One forward's borrowed state.
-pub(crate) struct Run<'a> {
-    pub(crate) gpu: &'a CudaBackend,
-    pub(crate) cfg: &'a ModelConfig,
-    pub(crate) layout: &'a ParamLayout,
-    pub(crate) w: &'a [CudaSlice<f32>],
-    pub(crate) vision_rope: &'a RopeFreqsDevice,
-    pub(crate) text_rope: &'a RopeFreqsDevice,
+/// The weights on one device and what every forward reads with them (the
+/// backend, config, layout and rope tables): the graph code's `self`.
+pub(crate) struct DeviceWeights {
+    pub(crate) gpu: Arc<CudaBackend>,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) layout: ParamLayout,
+    pub(crate) w: Vec<CudaSlice<f32>>,
+    pub(crate) vision_rope: RopeFreqsDevice,
+    pub(crate) text_rope: RopeFreqsDevice,
 }
 
-impl Run<'_> {
+impl DeviceWeights {
     pub(crate) fn w(&self, id: ParamId) -> &CudaSlice<f32> {
         &self.w[id.0]
     }
@@ -678,11 +668,25 @@ impl Run<'_> {
                 .rmsnorm_fwd(&a.x, self.w(bp.norm1), n, vh, eps, &mut a.h, &mut a.rstd)?;
             // Fused qkv rows: q | k | v.
             self.linear(&a.h, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 0, &mut a.raw)?;
-            self.gpu
-                .rope(self.vision_rope, &a.vpos, n, heads, false, &a.raw, &mut a.q)?;
+            self.gpu.rope(
+                &self.vision_rope,
+                &a.vpos,
+                n,
+                heads,
+                false,
+                &a.raw,
+                &mut a.q,
+            )?;
             self.linear(&a.h, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), vh, &mut a.raw)?;
-            self.gpu
-                .rope(self.vision_rope, &a.vpos, n, heads, false, &a.raw, &mut a.k)?;
+            self.gpu.rope(
+                &self.vision_rope,
+                &a.vpos,
+                n,
+                heads,
+                false,
+                &a.raw,
+                &mut a.k,
+            )?;
             self.linear(&a.h, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 2 * vh, &mut a.v)?;
             let cu = if full { &a.cu_full } else { &a.cu_window };
             self.gpu
@@ -808,10 +812,10 @@ impl Run<'_> {
             )?;
             self.linear(&a.h, t, h, qw, lp.q_w, Some(lp.q_b), 0, &mut a.raw)?;
             self.gpu
-                .rope(self.text_rope, &a.tpos, t, nh, false, &a.raw, &mut a.q)?;
+                .rope(&self.text_rope, &a.tpos, t, nh, false, &a.raw, &mut a.q)?;
             self.linear(&a.h, t, h, kw, lp.k_w, Some(lp.k_b), 0, &mut a.raw)?;
             self.gpu
-                .rope(self.text_rope, &a.tpos, t, nkv, false, &a.raw, &mut a.k)?;
+                .rope(&self.text_rope, &a.tpos, t, nkv, false, &a.raw, &mut a.k)?;
             self.linear(&a.h, t, h, kw, lp.v_w, Some(lp.v_b), 0, &mut a.v)?;
             if let Some(kv) = kv.as_deref_mut() {
                 for (src, dst) in [(&a.k, &mut kv.k[l]), (&a.v, &mut kv.v[l])] {

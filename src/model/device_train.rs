@@ -15,7 +15,7 @@
 //! later sequences fit; the per-layer loop allocates nothing.
 
 use super::config::ModelConfig;
-use super::device::{logit_chunk_rows, DeviceModel, ForwardShape, HostPlan, Run};
+use super::device::{logit_chunk_rows, DeviceModel, DeviceWeights, ForwardShape, HostPlan};
 use super::params::{ParamId, Tensors};
 use super::qwen::{ModelError, TrainSequence};
 use crate::backend::cpu::attention::VarlenAttention;
@@ -279,11 +279,12 @@ impl DeviceModel {
     /// Forward of one training sequence (see the module doc); its backward
     /// must come next ([`Self::train_backward`]).
     pub fn train_forward(&mut self, seq: &TrainSequence) -> Result<DeviceTrainForward, ModelError> {
-        let plan = HostPlan::new(&self.config, &seq.input, Some(seq.prompt_len))?;
+        let plan = HostPlan::new(&self.core.cfg, &seq.input, Some(seq.prompt_len))?;
         if self.train.is_none() {
-            let s = self.gpu.stream().clone();
+            let s = self.core.gpu.stream().clone();
             let grads = self
-                .weights
+                .core
+                .w
                 .iter()
                 .map(|w| zeros::<f32>(&s, w.len()))
                 .collect::<Result<Vec<_>, _>>()?;
@@ -302,20 +303,20 @@ impl DeviceModel {
                 .as_ref()
                 .map_or(plan.shape, |a| max_shape(&a.cap, &plan.shape));
             st.arena = None;
-            st.arena = Some(TrainArena::alloc(self.gpu.stream(), &self.config, &cap)?);
+            st.arena = Some(TrainArena::alloc(
+                self.core.gpu.stream(),
+                &self.core.cfg,
+                &cap,
+            )?);
             st.arena_allocations += 1;
         }
         let a = st.arena.as_mut().expect("allocated above");
-        let run = Run {
-            gpu: &self.gpu,
-            cfg: &self.config,
-            layout: &self.layout,
-            w: &self.weights,
-            vision_rope: &self.vision_rope,
-            text_rope: &self.text_rope,
-        };
-        let out =
-            TrainRun { run: &run }.forward(a, &seq.input.ids, &seq.input.pixel_values, &plan)?;
+        let out = TrainRun { run: &self.core }.forward(
+            a,
+            &seq.input.ids,
+            &seq.input.pixel_values,
+            &plan,
+        )?;
         st.pending = Some(Pending {
             plan,
             ids: seq.input.ids.clone(),
@@ -340,15 +341,7 @@ impl DeviceModel {
             }
         }
         let a = st.arena.as_mut().expect("a forward allocated the arena");
-        let run = Run {
-            gpu: &self.gpu,
-            cfg: &self.config,
-            layout: &self.layout,
-            w: &self.weights,
-            vision_rope: &self.vision_rope,
-            text_rope: &self.text_rope,
-        };
-        TrainRun { run: &run }.backward(a, &mut st.grads, &pending, d_logprob, d_entropy)
+        TrainRun { run: &self.core }.backward(a, &mut st.grads, &pending, d_logprob, d_entropy)
     }
 
     /// Adds the accumulated device gradients into `into` and zeroes them.
@@ -356,7 +349,7 @@ impl DeviceModel {
         let Some(st) = self.train.as_mut() else {
             return Ok(());
         };
-        let s = self.gpu.stream().clone();
+        let s = self.core.gpu.stream().clone();
         for (dst, g) in into.0.iter_mut().zip(st.grads.iter_mut()) {
             let host = s.clone_dtoh(g)?;
             for (d, v) in dst.iter_mut().zip(host) {
@@ -371,8 +364,8 @@ impl DeviceModel {
     /// Replaces the device weights with `weights` (after a host optimizer
     /// step), keeping the allocations.
     pub fn upload_weights(&mut self, weights: &Tensors) -> Result<(), ModelError> {
-        let s = self.gpu.stream().clone();
-        for (dst, src) in self.weights.iter_mut().zip(&weights.0) {
+        let s = self.core.gpu.stream().clone();
+        for (dst, src) in self.core.w.iter_mut().zip(&weights.0) {
             s.memcpy_htod(src, dst)?;
         }
         Ok(())
@@ -385,8 +378,8 @@ impl DeviceModel {
 }
 
 /// The training graph over a borrowed [`Run`].
-struct TrainRun<'r, 'a> {
-    run: &'r Run<'a>,
+struct TrainRun<'r> {
+    run: &'r DeviceWeights,
 }
 
 /// Which tower a block belongs to: decides its norms, projections, biases,
@@ -397,9 +390,9 @@ enum Block {
     Text(usize),
 }
 
-impl TrainRun<'_, '_> {
+impl TrainRun<'_> {
     fn gpu(&self) -> &CudaBackend {
-        self.run.gpu
+        &self.run.gpu
     }
 
     fn stream(&self) -> Arc<CudaStream> {
@@ -544,7 +537,7 @@ impl TrainRun<'_, '_> {
     ) -> Result<DeviceTrainForward, ModelError> {
         let s = self.stream();
         let (vc, tc) = (&self.run.cfg.vision, &self.run.cfg.text);
-        let p = self.run.layout;
+        let p = &self.run.layout;
         let t = plan.shape.tokens;
         let h = tc.hidden_size;
         if let Some(vp) = &plan.vision {
@@ -689,9 +682,9 @@ impl TrainRun<'_, '_> {
                 };
                 g.rmsnorm_fwd(&a.x, r.w(bp.norm1), n, vh, eps, &mut b.h1, &mut b.rstd1)?;
                 r.linear(&b.h1, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 0, &mut b.raw)?;
-                g.rope(r.vision_rope, &a.vpos, n, heads, false, &b.raw, &mut b.q)?;
+                g.rope(&r.vision_rope, &a.vpos, n, heads, false, &b.raw, &mut b.q)?;
                 r.linear(&b.h1, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), vh, &mut b.raw)?;
-                g.rope(r.vision_rope, &a.vpos, n, heads, false, &b.raw, &mut b.k)?;
+                g.rope(&r.vision_rope, &a.vpos, n, heads, false, &b.raw, &mut b.k)?;
                 r.linear(&b.h1, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 2 * vh, &mut b.v)?;
                 g.flash_attn_fwd(&shape, &b.q, &b.k, &b.v, cu, cu, &mut b.attn, &mut b.lse)?;
                 r.linear(
@@ -732,9 +725,9 @@ impl TrainRun<'_, '_> {
                 let eps = tc.rms_norm_eps as f32;
                 g.rmsnorm_fwd(&a.x, r.w(lp.input_norm), t, h, eps, &mut b.h1, &mut b.rstd1)?;
                 r.linear(&b.h1, t, h, qw, lp.q_w, Some(lp.q_b), 0, &mut b.raw)?;
-                g.rope(r.text_rope, &a.tpos, t, nh, false, &b.raw, &mut b.q)?;
+                g.rope(&r.text_rope, &a.tpos, t, nh, false, &b.raw, &mut b.q)?;
                 r.linear(&b.h1, t, h, kw, lp.k_w, Some(lp.k_b), 0, &mut b.raw)?;
-                g.rope(r.text_rope, &a.tpos, t, nkv, false, &b.raw, &mut b.k)?;
+                g.rope(&r.text_rope, &a.tpos, t, nkv, false, &b.raw, &mut b.k)?;
                 r.linear(&b.h1, t, h, kw, lp.v_w, Some(lp.v_b), 0, &mut b.v)?;
                 let cu = &a.cu_text;
                 g.flash_attn_fwd(&shape, &b.q, &b.k, &b.v, cu, cu, &mut b.attn, &mut b.lse)?;
@@ -814,7 +807,7 @@ impl TrainRun<'_, '_> {
                         gate: (bp.gate_w, Some(bp.gate_b), 0),
                         up: (bp.up_w, Some(bp.up_b), 0),
                         down: (bp.down_w, Some(bp.down_b), 0),
-                        rope: r.vision_rope,
+                        rope: &r.vision_rope,
                     },
                     &a.block_inputs[i],
                     &a.vpos,
@@ -842,7 +835,7 @@ impl TrainRun<'_, '_> {
                         gate: (lp.gate_w, None, 0),
                         up: (lp.up_w, None, 0),
                         down: (lp.down_w, None, 0),
-                        rope: r.text_rope,
+                        rope: &r.text_rope,
                     },
                     &a.layer_inputs[l],
                     &a.tpos,
@@ -1064,7 +1057,7 @@ impl TrainRun<'_, '_> {
     ) -> Result<(), ModelError> {
         let s = self.stream();
         let tc = &self.run.cfg.text;
-        let p = self.run.layout;
+        let p = &self.run.layout;
         let plan = &pending.plan;
         let (t, h, vocab) = (plan.shape.tokens, tc.hidden_size, tc.vocab_size);
         let head = p.text.lm_head.unwrap_or(p.text.embed);
