@@ -4,7 +4,7 @@
 // from a per-sample seed; the mask is drawn per patch by a counter-based hash
 // and never exists in memory.
 // CPU twins: src/processor/image.rs (patchify, normalize_lut) and
-// src/rl/perturb.rs (blacken_patches_hashed, patch_is_blackened); same
+// src/rl/perturb.rs (blacken_patches, patch_is_blackened); same
 // layout: rows ordered (merged row, merged col, inner row, inner col),
 // features ((c * T + t) * P + y) * P + x, the frame repeated over T; a
 // blackened patch holds lut[c][0] (the normalised black). Bit-identical.

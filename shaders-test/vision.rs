@@ -1,6 +1,6 @@
 //! The patch-embed kernel (normalise + patchify, plus the hashed blackening
 //! mask) against `processor::image::patchify` and
-//! `rl::perturb::blacken_patches_hashed`: bit-identical.
+//! `rl::perturb::blacken_patches`: bit-identical.
 
 use crate::{cuda, drv, Case};
 use half::bf16;
@@ -8,7 +8,7 @@ use rand::Rng;
 use vppo_engine::backend::cpu::cast::f32_to_bf16;
 use vppo_engine::backend::cuda::PatchMask;
 use vppo_engine::processor::image::{patchify, ImageProcessorConfig, RgbImage};
-use vppo_engine::rl::perturb::blacken_patches_hashed;
+use vppo_engine::rl::perturb::blacken_patches;
 
 pub fn patch_embed_case(width: usize, height: usize, p: f64, seed: u64) -> Case {
     Case {
@@ -25,7 +25,7 @@ pub fn patch_embed_case(width: usize, height: usize, p: f64, seed: u64) -> Case 
             };
             let want = patchify(&img, &cfg);
             let mut want_m = want.clone();
-            let dark = blacken_patches_hashed(&mut want_m, &cfg, p, seed);
+            let dark = blacken_patches(&mut want_m, &cfg, p, seed);
             let lut = gpu.patch_lut(&cfg).map_err(cuda)?;
             let img_d = s.clone_htod(&img.data).map_err(drv)?;
             let mut out = s.clone_htod(&vec![f32::NAN; want.len()]).map_err(drv)?;
@@ -87,7 +87,7 @@ pub fn patch_embed_bf16_case(width: usize, height: usize, p: f64, seed: u64) -> 
             };
             let plain = patchify(&img, &cfg);
             let mut masked = plain.clone();
-            blacken_patches_hashed(&mut masked, &cfg, p, seed);
+            blacken_patches(&mut masked, &cfg, p, seed);
             let round = |v: &[f32]| -> Vec<bf16> {
                 let mut out = vec![bf16::ZERO; v.len()];
                 f32_to_bf16(v, &mut out);

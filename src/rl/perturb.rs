@@ -28,13 +28,10 @@ fn normalised(cfg: &ImageProcessorConfig, x: f32) -> [f32; 3] {
     [0, 1, 2].map(|c| (v - cfg.image_mean[c]) / cfg.image_std[c])
 }
 
-/// Normalised value of a black pixel per channel: `(0 - mean) / std`.
-fn black(cfg: &ImageProcessorConfig) -> [f32; 3] {
-    normalised(cfg, 0.0)
-}
-
-/// Blackens each patch row of `pixel_values[N, C*T*P*P]` with probability
-/// `p`, from a generator seeded with `seed`; returns how many were blackened.
+/// Blackens each patch row of `pixel_values[N, C*T*P*P]` (one image) with
+/// probability `p` ([`perturb_patches`] with black): the CPU twin of the
+/// masked output of the GPU patch-embed kernel. Returns how many were
+/// blackened.
 pub fn blacken_patches(
     pixel_values: &mut [f32],
     cfg: &ImageProcessorConfig,
@@ -44,8 +41,10 @@ pub fn blacken_patches(
     perturb_patches(pixel_values, cfg, Perturbation::Black, p, seed)
 }
 
-/// Perturbs each patch row of `pixel_values[N, C*T*P*P]` with probability
-/// `p`. Which patches are chosen depends only on `seed` and `p` (the same
+/// Perturbs each patch row of `pixel_values[N, C*T*P*P]` (ONE image's
+/// rows) with probability `p`, patch `k` chosen by the counter-based draw
+/// [`patch_is_blackened`]`(seed, k)` that the GPU patch-embed kernel makes
+/// too. Which patches are chosen depends only on `seed` and `p` (the same
 /// tiles for every kind); returns how many were perturbed.
 pub fn perturb_patches(
     pixel_values: &mut [f32],
@@ -62,11 +61,11 @@ pub fn perturb_patches(
         0,
         "pixel_values rows are not patches"
     );
-    let mut rng = StdRng::seed_from_u64(seed);
+    let threshold = patch_mask_threshold(p);
     let mut noise_rng = StdRng::seed_from_u64(seed ^ 0xA5A5_5A5A_C3C3_3C3C);
     let mut count = 0;
-    for patch in pixel_values.chunks_mut(row) {
-        if !rng.random_bool(p) {
+    for (k, patch) in pixel_values.chunks_mut(row).enumerate() {
+        if !patch_is_blackened(seed, k as u64, threshold) {
             continue;
         }
         count += 1;
@@ -109,6 +108,39 @@ pub fn perturb_patches(
     count
 }
 
+/// The mask seed of image `image` of a sample seeded `seed`: each image of
+/// a sequence gets its own draw (the patch-embed kernel runs per image).
+pub fn image_mask_seed(seed: u64, image: usize) -> u64 {
+    seed ^ (image as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// [`perturb_patches`] over every image of a sequence (`grids` give each
+/// image's patch count), image `i` with [`image_mask_seed`]`(seed, i)`.
+pub fn perturb_images(
+    pixel_values: &mut [f32],
+    grids: &[[usize; 3]],
+    cfg: &ImageProcessorConfig,
+    kind: Perturbation,
+    p: f64,
+    seed: u64,
+) -> usize {
+    let row = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size;
+    let mut at = 0;
+    let mut count = 0;
+    for (i, g) in grids.iter().enumerate() {
+        let rows = g.iter().product::<usize>();
+        count += perturb_patches(
+            &mut pixel_values[at * row..(at + rows) * row],
+            cfg,
+            kind,
+            p,
+            image_mask_seed(seed, i),
+        );
+        at += rows;
+    }
+    count
+}
+
 /// The patch-mask threshold of probability `p`: patch `k` is blackened when
 /// its 24-bit hash is below it (so p = 0 never, p = 1 always).
 pub fn patch_mask_threshold(p: f64) -> u32 {
@@ -124,36 +156,6 @@ pub fn patch_is_blackened(seed: u64, patch: u64, threshold: u32) -> bool {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     ((z >> 40) as u32) < threshold
-}
-
-/// [`blacken_patches`] with the counter-based mask of [`patch_is_blackened`]
-/// instead of a generator: the CPU twin of the masked output of the GPU
-/// patch-embed kernel. Returns how many patches were blackened.
-pub fn blacken_patches_hashed(
-    pixel_values: &mut [f32],
-    cfg: &ImageProcessorConfig,
-    p: f64,
-    seed: u64,
-) -> usize {
-    let per_channel = cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size;
-    let row = 3 * per_channel;
-    assert_eq!(
-        pixel_values.len() % row,
-        0,
-        "pixel_values rows are not patches"
-    );
-    let values = black(cfg);
-    let threshold = patch_mask_threshold(p);
-    let mut count = 0;
-    for (k, patch) in pixel_values.chunks_mut(row).enumerate() {
-        if patch_is_blackened(seed, k as u64, threshold) {
-            for (c, channel) in patch.chunks_mut(per_channel).enumerate() {
-                channel.fill(values[c]);
-            }
-            count += 1;
-        }
-    }
-    count
 }
 
 #[cfg(test)]
@@ -176,12 +178,12 @@ mod tests {
         let cfg = ImageProcessorConfig::default();
         let row = 3 * 2 * 14 * 14;
         let mut pv = vec![0.5f32; 16 * row];
-        let n = blacken_patches_hashed(&mut pv, &cfg, 0.5, 11);
+        let n = blacken_patches(&mut pv, &cfg, 0.5, 11);
         let dark = pv.chunks(row).filter(|r| r[0] != 0.5).count();
         assert_eq!(n, dark);
         assert!(pv
             .chunks(row)
-            .all(|r| r[0] == 0.5 || r[0] == black(&cfg)[0]));
+            .all(|r| r[0] == 0.5 || r[0] == normalised(&cfg, 0.0)[0]));
     }
     use crate::processor::image::{patchify, RgbImage};
 

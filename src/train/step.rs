@@ -15,7 +15,7 @@ use crate::reward::accuracy_reward;
 use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
 use crate::rl::{
-    group_advantages, keep_group, perturb_patches, visual_dependency, DependencyEstimator,
+    group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
     Perturbation, PolicyLossConfig,
 };
 use crate::rollout::device_generate::DeviceGenerator;
@@ -269,16 +269,17 @@ pub fn collect_rollouts_on(
     });
     let mut lp_old = Vec::new();
     let mut dependency = vppo.then(Vec::new);
+    // A fresh mask per response.
+    let mask_seed = |i: usize| seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let perturbed = |i: usize| {
         let mut s = batch[i].clone();
-        // A fresh mask per response.
-        let mask_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        perturb_patches(
+        perturb_images(
             &mut s.input.pixel_values,
+            &s.input.grids,
             &pipeline.images,
             cfg.perturbation,
             cfg.blacken_p,
-            mask_seed,
+            mask_seed(i),
         );
         s
     };

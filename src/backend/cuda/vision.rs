@@ -27,7 +27,7 @@ impl CudaBackend {
     /// Twin of `processor::image::patchify` on a resized `[height, width, 3]`
     /// uint8 image already on the device (`lut` from [`Self::patch_lut`]),
     /// writing `pixel_values[N, 3*T*P*P]`; with `mask`, also the twin of
-    /// `rl::perturb::blacken_patches_hashed` applied to a copy, in the same
+    /// `rl::perturb::blacken_patches` applied to a copy, in the same
     /// pass over the image.
     /// With `T = bf16` the outputs are the f32 values rounded to bf16 (the
     /// GEMM operand).
