@@ -801,12 +801,12 @@ fn bench_patch_embed(b: &mut Bench) -> Result<()> {
             Ok(g.patch_embed(
                 &cfg,
                 &lut,
-                &img,
+                &img.slice(..),
                 w,
                 h,
-                &mut out,
+                &mut out.slice_mut(..),
                 Some(PatchMask {
-                    out: &mut masked,
+                    out: &mut masked.slice_mut(..),
                     seed: 7,
                     p: 0.5,
                 }),

@@ -3,12 +3,15 @@
 //! gradient, and the weights after one AdamW step.
 
 use super::model::{fixture_request, NO_CUBLAS};
-use super::{cuda, rel_err, Case};
+use super::{check, cuda, rel_err, Case};
 use std::sync::Arc;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
 use vppo_engine::backend::cuda::{blas_present, CudaBackend};
+use vppo_engine::model::acts::Save;
 use vppo_engine::model::device::DeviceModel;
+use vppo_engine::model::{SequenceInput, TrainSequence};
 use vppo_engine::pipeline::Pipeline;
+use vppo_engine::rl::{perturb_images, Perturbation};
 use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
 use vppo_engine::train::step::{
     collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, Algo, Prompt, StepConfig,
@@ -21,6 +24,8 @@ const GRAD_TOL: f64 = 1e-4;
 /// One tensor's own relative error may be larger where its gradient is
 /// tiny (cancellation), but not by much.
 const TENSOR_TOL: f64 = 1e-2;
+/// fp32 forward parity (as the device forward cases).
+const MODEL_TOL: f64 = 1e-4;
 
 fn step_case(case: &'static str) -> Case {
     Case {
@@ -121,9 +126,92 @@ fn step_case(case: &'static str) -> Case {
     }
 }
 
+/// The packed forward (three sequences in one pass) and the fused dual
+/// pass (the original and its patch-blackened twin in one pass, pixels
+/// from the patch-embed kernel) against the CPU's `train_forward` of the
+/// same sequences, the twin perturbed on the host.
+fn dual_case(case: &'static str) -> Case {
+    Case {
+        name: format!("qwen2.5-vl device packed + fused dual pass fixture {case} f32"),
+        run: Box::new(move |_gpu, _rng| {
+            if !blas_present() {
+                return Ok(NO_CUBLAS.into());
+            }
+            let (dir, prompt, images, response) = fixture_request(case)?;
+            let pipe = Pipeline::load(&dir).map_err(|e| e.to_string())?;
+            let (input, prompt_len) = pipe
+                .prepare(&images, &prompt, &response)
+                .map_err(|e| e.to_string())?;
+            if input.resized.len() != input.grids.len() {
+                return Err("the prepared input has no resized image bytes".into());
+            }
+            let (seed, p) = (0x5eed_u64, 0.5);
+            let mut masked = input.clone();
+            let dark = perturb_images(
+                &mut masked.pixel_values,
+                &masked.grids,
+                &pipe.images,
+                Perturbation::Black,
+                p,
+                seed,
+            );
+            let mut short = input.clone();
+            short.ids.truncate(prompt_len + 2);
+            let seqs = [
+                TrainSequence {
+                    input: input.clone(),
+                    prompt_len,
+                },
+                TrainSequence {
+                    input: short,
+                    prompt_len,
+                },
+                TrainSequence {
+                    input: masked,
+                    prompt_len,
+                },
+            ];
+            let cpu = pipe
+                .model
+                .train_forward(&seqs, Save::Nothing)
+                .map_err(|e| e.to_string())?;
+            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
+            let mut dev = DeviceModel::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
+            let inputs: Vec<&SequenceInput> = seqs.iter().map(|s| &s.input).collect();
+            let packed = dev
+                .packed_logprobs(&inputs, &[prompt_len; 3], false)
+                .map_err(|e| e.to_string())?;
+            let e_packed = check(
+                "packed logprobs",
+                &packed.logprobs,
+                &cpu.logprobs,
+                MODEL_TOL,
+            )?;
+            let e_ent = check("packed entropy", &packed.entropy, &cpu.entropy, MODEL_TOL)?;
+            dev.set_image_processor(&pipe.images)
+                .map_err(|e| e.to_string())?;
+            let dual = dev
+                .dual_logprobs(&input, prompt_len, seed, p, false)
+                .map_err(|e| e.to_string())?;
+            let r = cpu.response_lens[0];
+            let want: Vec<f32> =
+                [&cpu.logprobs[..r], &cpu.logprobs[cpu.logprobs.len() - r..]].concat();
+            let e_dual = check("dual logprobs", &dual.logprobs, &want, MODEL_TOL)?;
+            if dark == 0 {
+                return Err("the mask blackened no patch: nothing was checked".into());
+            }
+            Ok(format!(
+                "packed (3 seqs) logprobs {e_packed:.1e} entropy {e_ent:.1e}; dual (original + twin, \
+                 {dark} patches black) {e_dual:.1e}"
+            ))
+        }),
+    }
+}
+
 pub fn cases() -> Vec<Case> {
     ["single_noresize", "partial_windows", "two_images"]
         .into_iter()
         .map(step_case)
+        .chain(["two_images", "resize"].into_iter().map(dual_case))
         .collect()
 }

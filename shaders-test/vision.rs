@@ -33,20 +33,28 @@ pub fn patch_embed_case(width: usize, height: usize, p: f64, seed: u64) -> Case 
             gpu.patch_embed(
                 &cfg,
                 &lut,
-                &img_d,
+                &img_d.slice(..),
                 width,
                 height,
-                &mut out,
+                &mut out.slice_mut(..),
                 Some(PatchMask {
-                    out: &mut out_m,
+                    out: &mut out_m.slice_mut(..),
                     seed,
                     p,
                 }),
             )
             .map_err(cuda)?;
             let mut plain = s.clone_htod(&vec![f32::NAN; want.len()]).map_err(drv)?;
-            gpu.patch_embed(&cfg, &lut, &img_d, width, height, &mut plain, None)
-                .map_err(cuda)?;
+            gpu.patch_embed(
+                &cfg,
+                &lut,
+                &img_d.slice(..),
+                width,
+                height,
+                &mut plain.slice_mut(..),
+                None,
+            )
+            .map_err(cuda)?;
             let same = |a: &[f32], b: &[f32]| {
                 a.iter()
                     .zip(b)
@@ -101,12 +109,12 @@ pub fn patch_embed_bf16_case(width: usize, height: usize, p: f64, seed: u64) -> 
             gpu.patch_embed(
                 &cfg,
                 &lut,
-                &img_d,
+                &img_d.slice(..),
                 width,
                 height,
-                &mut out,
+                &mut out.slice_mut(..),
                 Some(PatchMask {
-                    out: &mut out_m,
+                    out: &mut out_m.slice_mut(..),
                     seed,
                     p,
                 }),

@@ -66,6 +66,7 @@ impl Pipeline {
             tokens_per_image.push(processed.num_tokens(self.images.merge_size));
             input.pixel_values.extend(processed.pixel_values);
             input.grids.push(processed.grid_thw);
+            input.resized.push(processed.resized);
         }
         input.ids = self.text.prompt_ids(prompt, &tokens_per_image)?;
         Ok(input)

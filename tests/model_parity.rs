@@ -32,6 +32,7 @@ fn forward_matches_transformers_on_every_fixture() {
             ids: ids.clone(),
             pixel_values: r.f32("pixel_values").1,
             grids,
+            ..Default::default()
         };
         let out = model.forward(&input).unwrap();
 

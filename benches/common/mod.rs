@@ -85,5 +85,6 @@ pub fn small_input() -> SequenceInput {
             .map(|i| ((i % 255) as f32 / 127.0) - 1.0)
             .collect(),
         grids: vec![[1, 32, 32]],
+        resized: Vec::new(),
     }
 }

@@ -20,9 +20,11 @@ use crate::backend::cpu::attention::VarlenAttention;
 use crate::backend::cpu::paged_attention::PagedShape;
 use crate::backend::cpu::rope::RopeFreqs;
 use crate::backend::cuda::{
-    CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk, RopeFreqsDevice,
+    CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk, PatchMask, RopeFreqsDevice,
     LOGPROB_STATE_PER_ROW,
 };
+use crate::processor::image::ImageProcessorConfig;
+use crate::rl::perturb::image_mask_seed;
 use crate::rollout::sampling::SamplingParams;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DriverError};
 use std::sync::Arc;
@@ -34,7 +36,9 @@ pub const LOGIT_CHUNK_ELEMS: usize = 1 << 26;
 /// The sizes that decide an arena: one sequence's tokens, patches, windows...
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ForwardShape {
-    /// Tokens of the sequence.
+    /// Packed sequences.
+    pub seqs: usize,
+    /// Tokens of all of them.
     pub tokens: usize,
     /// Vision patches of all its images.
     pub patches: usize,
@@ -158,7 +162,7 @@ impl ArenaPlan {
             vpos: 2 * n,
             cu_window: s.windows + 1,
             cu_full: s.frames + 1,
-            cu_text: 2,
+            cu_text: s.seqs + 1,
             merged_index: merged,
             image_rows: merged,
             resp_rows: s.response,
@@ -174,20 +178,27 @@ pub fn logit_chunk_rows(rows: usize, vocab: usize) -> usize {
     (LOGIT_CHUNK_ELEMS / vocab.max(1)).clamp(1, rows.max(1))
 }
 
-/// Everything the host computes for one forward: positions, the vision
-/// window layout and the index arrays the device reads.
+/// Everything the host computes for one forward of one or more packed
+/// sequences: positions, the vision window layout and the index arrays
+/// the device reads.
 #[derive(Debug, Clone)]
 pub struct HostPlan {
     pub shape: ForwardShape,
-    pub positions: MropePositions,
-    /// `[3, T]`: the t, h, w streams back to back.
+    /// Each sequence's M-RoPE positions.
+    pub positions: Vec<MropePositions>,
+    /// `[3, T]`: the t, h, w streams back to back (sequences concatenated
+    /// within each stream).
     pub text_positions: Vec<i32>,
+    /// Token offsets of the packed sequences: `[0, T_1, T_1 + T_2, ...]`.
+    pub cu_text: Vec<i32>,
     pub image_rows: Vec<i32>,
-    /// Present when the sequence has images.
+    /// Present when a sequence has images.
     pub vision: Option<VisionPlan>,
     /// Hidden rows predicting each response token, and those tokens.
     pub response_rows: Vec<i32>,
     pub targets: Vec<u32>,
+    /// Scored tokens of each sequence.
+    pub response_lens: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,33 +218,92 @@ fn to_i32s(v: impl IntoIterator<Item = usize>) -> Vec<i32> {
 
 impl HostPlan {
     /// The plan of `input`, scoring the tokens from `prompt_len` on (none
-    /// when `prompt_len` is `None` or covers the whole sequence).
+    /// when `prompt_len` is `None`).
     pub fn new(
         cfg: &ModelConfig,
         input: &SequenceInput,
         prompt_len: Option<usize>,
     ) -> Result<Self, ModelError> {
+        Self::packed(cfg, &[input], &[prompt_len])
+    }
+
+    /// The plan of `inputs` packed into one forward (all images through the
+    /// vision tower together, each sequence its own positions and causal
+    /// span, as `Qwen25Vl::forward_packed`), scoring sequence `i` from
+    /// `prompt_lens[i]` on.
+    pub fn packed(
+        cfg: &ModelConfig,
+        inputs: &[&SequenceInput],
+        prompt_lens: &[Option<usize>],
+    ) -> Result<Self, ModelError> {
+        assert_eq!(
+            inputs.len(),
+            prompt_lens.len(),
+            "one prompt length per input"
+        );
         let vc = &cfg.vision;
         let pd = vc.patch_dim();
-        if input.pixel_values.len() % pd != 0 {
-            return Err(ModelError::PixelShape {
-                len: input.pixel_values.len(),
-                patch_dim: pd,
-            });
-        }
         let image_id = cfg.tokens.image_token_id;
-        let positions = mrope_positions(&input.ids, image_id, &input.grids, vc.spatial_merge_size)?;
-        let t = input.ids.len();
-        let image_rows: Vec<i32> = to_i32s((0..t).filter(|&i| input.ids[i] == image_id));
-        let patches = input.pixel_values.len() / pd;
-        let grid_patches: usize = input
-            .grids
-            .iter()
-            .map(|g| g.iter().product::<usize>())
-            .sum();
+        let mut positions = Vec::with_capacity(inputs.len());
+        let (mut ids_len, mut patches) = (0usize, 0usize);
+        let mut cu_text = vec![0i32];
+        let mut image_rows = Vec::new();
+        let mut grids = Vec::new();
+        let (mut response_rows, mut targets, mut response_lens) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let mut streams: [Vec<i32>; 3] = Default::default();
+        for (seq, (input, &prompt_len)) in inputs.iter().zip(prompt_lens).enumerate() {
+            if input.pixel_values.len() % pd != 0 {
+                return Err(ModelError::PixelShape {
+                    len: input.pixel_values.len(),
+                    patch_dim: pd,
+                });
+            }
+            let t = input.ids.len();
+            let pos = mrope_positions(&input.ids, image_id, &input.grids, vc.spatial_merge_size)?;
+            for (stream, part) in streams.iter_mut().zip([&pos.t, &pos.h, &pos.w]) {
+                stream.extend_from_slice(part);
+            }
+            positions.push(pos);
+            let rows: Vec<usize> = (0..t).filter(|&i| input.ids[i] == image_id).collect();
+            let n = input.pixel_values.len() / pd;
+            let grid_patches: usize = input
+                .grids
+                .iter()
+                .map(|g| g.iter().product::<usize>())
+                .sum();
+            let features = n / vc.merge_unit().max(1);
+            // The CPU tower asserts the first; here both are input errors.
+            if grid_patches != n || features != rows.len() {
+                return Err(ModelError::ImageTokens {
+                    tokens: rows.len(),
+                    features,
+                });
+            }
+            image_rows.extend(to_i32s(rows.iter().map(|r| ids_len + r)));
+            grids.extend_from_slice(&input.grids);
+            match prompt_len {
+                Some(p) if p > 0 && p < t => {
+                    response_rows.extend(to_i32s((p - 1..t - 1).map(|r| ids_len + r)));
+                    targets.extend_from_slice(&input.ids[p..]);
+                    response_lens.push(t - p);
+                }
+                Some(p) => {
+                    return Err(ModelError::NoResponse {
+                        seq,
+                        prompt_len: p,
+                        len: t,
+                    })
+                }
+                None => response_lens.push(0),
+            }
+            ids_len += t;
+            patches += n;
+            cu_text.push(ids_len as i32);
+        }
         let unit = vc.merge_unit();
-        let vision = (!input.grids.is_empty()).then(|| {
-            let layout = VisionLayout::new(&input.grids, vc.spatial_merge_size, vc.window_merged());
+        let vision = (!grids.is_empty()).then(|| {
+            let layout = VisionLayout::new(&grids, vc.spatial_merge_size, vc.window_merged());
             let order = layout.patch_order(unit);
             let mut pos: Vec<i32> = order.iter().map(|&i| layout.rows[i]).collect();
             pos.extend(order.iter().map(|&i| layout.cols[i]));
@@ -244,50 +314,25 @@ impl HostPlan {
                 layout,
             }
         });
-        if grid_patches != patches {
-            // The CPU tower asserts this; here it is an input error.
-            return Err(ModelError::ImageTokens {
-                tokens: image_rows.len(),
-                features: patches / unit.max(1),
-            });
-        }
-        let features = patches / unit.max(1);
-        if features != image_rows.len() {
-            return Err(ModelError::ImageTokens {
-                tokens: image_rows.len(),
-                features,
-            });
-        }
-        let (response_rows, targets) = match prompt_len {
-            Some(p) if p > 0 && p < t => (to_i32s(p - 1..t - 1), input.ids[p..].to_vec()),
-            Some(p) if p >= t || p == 0 => {
-                return Err(ModelError::NoResponse {
-                    seq: 0,
-                    prompt_len: p,
-                    len: t,
-                })
-            }
-            _ => (Vec::new(), Vec::new()),
-        };
-        let mut text_positions = positions.t.clone();
-        text_positions.extend_from_slice(&positions.h);
-        text_positions.extend_from_slice(&positions.w);
         let shape = ForwardShape {
-            tokens: t,
+            seqs: inputs.len(),
+            tokens: ids_len,
             patches,
             windows: vision.as_ref().map_or(0, |v| v.layout.cu_window.len() - 1),
             frames: vision.as_ref().map_or(0, |v| v.layout.cu_full.len() - 1),
-            image_tokens: features,
+            image_tokens: image_rows.len(),
             response: response_rows.len(),
         };
         Ok(Self {
             shape,
             positions,
-            text_positions,
+            text_positions: streams.concat(),
+            cu_text,
             image_rows,
             vision,
             response_rows,
             targets,
+            response_lens,
         })
     }
 }
@@ -308,6 +353,8 @@ pub struct DeviceForward {
 pub struct DeviceModel {
     pub(crate) core: DeviceWeights,
     arena: Option<Arena>,
+    /// The patch-embed kernel's image processor, once set.
+    images: Option<DeviceImages>,
     /// Gradients and the training arena, once training starts.
     pub(crate) train: Option<super::device_train::TrainState>,
     /// Arena (re)allocations so far (tests check reuse).
@@ -343,6 +390,7 @@ impl DeviceModel {
                 text_rope,
             },
             arena: None,
+            images: None,
             arena_allocations: 0,
             train: None,
         })
@@ -366,7 +414,77 @@ impl DeviceModel {
         prompt_len: Option<usize>,
         want_hidden: bool,
     ) -> Result<DeviceForward, ModelError> {
-        self.forward_with(input, prompt_len, want_hidden, true)
+        self.forward_with(&[input], &[prompt_len], Pixels::Rows, want_hidden, true)
+    }
+
+    /// The response log-probs and entropies of `inputs` (each scored from
+    /// its `prompt_lens` entry on) from ONE packed forward, sequences
+    /// concatenated; with `want_logits`, their logits too.
+    pub fn packed_logprobs(
+        &mut self,
+        inputs: &[&SequenceInput],
+        prompt_lens: &[usize],
+        want_logits: bool,
+    ) -> Result<DeviceForward, ModelError> {
+        let lens: Vec<Option<usize>> = prompt_lens.iter().map(|&p| Some(p)).collect();
+        self.forward_with(inputs, &lens, Pixels::Rows, false, want_logits)
+    }
+
+    /// VPPO's fused dual pass: `input` and its patch-blackened twin (each
+    /// patch with probability `p`, image `i` drawn from
+    /// `rl::perturb::image_mask_seed(seed, i)`, as `perturb_images` on the
+    /// host) through the vision tower and the decoder as ONE packed batch.
+    /// The pixels of both come from the patch-embed kernel reading the
+    /// resized image bytes; the mask is drawn inside it. Returns the
+    /// original's then the twin's response rows (and logits with
+    /// `want_logits`). Needs [`Self::set_image_processor`] and an input
+    /// built from images (its `resized` bytes).
+    pub fn dual_logprobs(
+        &mut self,
+        input: &SequenceInput,
+        prompt_len: usize,
+        seed: u64,
+        p: f64,
+        want_logits: bool,
+    ) -> Result<DeviceForward, ModelError> {
+        let images = self.images.take().ok_or(ModelError::NoImageProcessor)?;
+        if input.resized.len() != input.grids.len() {
+            self.images = Some(images);
+            return Err(ModelError::NoResizedImages);
+        }
+        let pixels = Pixels::Dual {
+            images: &images,
+            seed,
+            p,
+        };
+        let out = self.forward_with(
+            &[input, input],
+            &[Some(prompt_len), Some(prompt_len)],
+            pixels,
+            false,
+            want_logits,
+        );
+        self.images = Some(images);
+        out
+    }
+
+    /// [`Self::set_image_processor`] unless one is set.
+    pub fn ensure_image_processor(&mut self, cfg: &ImageProcessorConfig) -> Result<(), ModelError> {
+        match &self.images {
+            Some(images) if images.cfg == *cfg => Ok(()),
+            _ => self.set_image_processor(cfg),
+        }
+    }
+
+    /// The image processor whose normalisation the patch-embed kernel
+    /// applies (uploads its 768-entry table once).
+    pub fn set_image_processor(&mut self, cfg: &ImageProcessorConfig) -> Result<(), ModelError> {
+        let lut = self.core.gpu.patch_lut(cfg)?;
+        self.images = Some(DeviceImages {
+            cfg: cfg.clone(),
+            lut,
+        });
+        Ok(())
     }
 
     /// The log-probs and entropies of the tokens after `prompt_len` (as
@@ -376,21 +494,22 @@ impl DeviceModel {
         input: &SequenceInput,
         prompt_len: usize,
     ) -> Result<DeviceForward, ModelError> {
-        self.forward_with(input, Some(prompt_len), false, false)
+        self.packed_logprobs(&[input], &[prompt_len], false)
     }
 
     fn forward_with(
         &mut self,
-        input: &SequenceInput,
-        prompt_len: Option<usize>,
+        inputs: &[&SequenceInput],
+        prompt_lens: &[Option<usize>],
+        pixels: Pixels<'_>,
         want_hidden: bool,
         want_logits: bool,
     ) -> Result<DeviceForward, ModelError> {
-        let plan = HostPlan::new(&self.core.cfg, input, prompt_len)?;
+        let plan = HostPlan::packed(&self.core.cfg, inputs, prompt_lens)?;
         let need = ArenaPlan::new(&self.core.cfg, &plan.shape);
         self.ensure_arena(&need)?;
         let (run, arena) = self.run();
-        run.forward(arena, input, &plan, want_hidden, want_logits)
+        run.forward(arena, inputs, &plan, pixels, want_hidden, want_logits)
     }
 
     /// Grows the arena (one allocation) unless it already covers `need`.
@@ -457,10 +576,10 @@ impl DeviceModel {
         kv.check_slots(slots)?;
         let (run, a) = self.run();
         run.gpu.stream().memcpy_htod(slots, &mut kv.slots)?;
-        run.upload_and_decode(a, input, &plan, Some(kv))?;
+        run.upload_and_decode(a, &[input], &plan, Pixels::Rows, Some(kv))?;
         let idx = vec![(t - 1) as i32; rows];
         let (tok, lp) = run.sample_head(a, kv, &idx, uniforms, params, banned)?;
-        Ok((plan.positions.rope_delta, tok, lp))
+        Ok((plan.positions[0].rope_delta, tok, lp))
     }
 
     /// One batched decode step: token `ids[b]` of sequence b at M-RoPE
@@ -522,6 +641,25 @@ impl DeviceModel {
     }
 }
 
+/// The image processor as the patch-embed kernel needs it.
+pub(crate) struct DeviceImages {
+    cfg: ImageProcessorConfig,
+    lut: CudaSlice<f32>,
+}
+
+/// Where a forward's `pixel_values` rows come from.
+#[derive(Clone, Copy)]
+pub(crate) enum Pixels<'i> {
+    /// Each input's f32 rows, uploaded.
+    Rows,
+    /// The fused dual pass ([`DeviceModel::dual_logprobs`]).
+    Dual {
+        images: &'i DeviceImages,
+        seed: u64,
+        p: f64,
+    },
+}
+
 /// The weights on one device and what every forward reads with them (the
 /// backend, config, layout and rope tables): the graph code's `self`.
 pub(crate) struct DeviceWeights {
@@ -578,14 +716,15 @@ impl DeviceWeights {
     fn forward(
         &self,
         a: &mut Arena,
-        input: &SequenceInput,
+        inputs: &[&SequenceInput],
         plan: &HostPlan,
+        pixels: Pixels<'_>,
         want_hidden: bool,
         want_logits: bool,
     ) -> Result<DeviceForward, ModelError> {
         let s = self.gpu.stream().clone();
         let (t, h) = (plan.shape.tokens, self.cfg.text.hidden_size);
-        self.upload_and_decode(a, input, plan, None)?;
+        self.upload_and_decode(a, inputs, plan, pixels, None)?;
         let hidden = if want_hidden {
             Some(s.clone_dtoh(&a.h.slice(0..t * h))?)
         } else {
@@ -594,7 +733,7 @@ impl DeviceWeights {
         let (logits, logprobs, entropy) = self.head(a, plan, want_logits)?;
         s.synchronize()?;
         Ok(DeviceForward {
-            positions: plan.positions.clone(),
+            positions: plan.positions[0].clone(),
             hidden,
             logits,
             logprobs,
@@ -603,20 +742,33 @@ impl DeviceWeights {
     }
 
     /// Index uploads (into the arena, no allocation), the vision tower,
-    /// the embedding and the decoder: leaves the final hidden states in
-    /// `a.h`; with `kv`, each layer's K/V rows go to `kv.slots`.
+    /// the embedding and the decoder over the packed `inputs`: leaves the
+    /// final hidden states in `a.h`; with `kv`, each layer's K/V rows go
+    /// to `kv.slots`.
     fn upload_and_decode(
         &self,
         a: &mut Arena,
-        input: &SequenceInput,
+        inputs: &[&SequenceInput],
         plan: &HostPlan,
+        pixels: Pixels<'_>,
         kv: Option<&mut DeviceKvCache>,
     ) -> Result<(), ModelError> {
         let s = self.gpu.stream().clone();
         let sh = &plan.shape;
-        let t = sh.tokens;
         if let Some(vp) = &plan.vision {
-            s.memcpy_htod(&input.pixel_values, &mut a.pixels)?;
+            match pixels {
+                Pixels::Rows => {
+                    let mut at = 0;
+                    for input in inputs {
+                        let n = input.pixel_values.len();
+                        s.memcpy_htod(&input.pixel_values, &mut a.pixels.slice_mut(at..at + n))?;
+                        at += n;
+                    }
+                }
+                Pixels::Dual { images, seed, p } => {
+                    self.embed_dual(a, inputs, images, seed, p)?;
+                }
+            }
             s.memcpy_htod(&vp.patch_order, &mut a.patch_order)?;
             s.memcpy_htod(&vp.positions, &mut a.vpos)?;
             s.memcpy_htod(&vp.layout.cu_window, &mut a.cu_window)?;
@@ -625,10 +777,56 @@ impl DeviceWeights {
             s.memcpy_htod(&plan.image_rows, &mut a.image_rows)?;
             self.vision(a, vp, sh.patches)?;
         }
-        s.memcpy_htod(&input.ids, &mut a.ids)?;
+        let mut at = 0;
+        for input in inputs {
+            let n = input.ids.len();
+            s.memcpy_htod(&input.ids, &mut a.ids.slice_mut(at..at + n))?;
+            at += n;
+        }
         s.memcpy_htod(&plan.text_positions, &mut a.tpos)?;
-        s.memcpy_htod(&[0, t as i32][..], &mut a.cu_text)?;
+        s.memcpy_htod(&plan.cu_text, &mut a.cu_text)?;
         self.decoder(a, plan, kv)
+    }
+
+    /// The fused dual pass's pixels: `inputs` is `[x, x]`; the images of
+    /// `x` are patch-embedded on the device from their resized bytes, the
+    /// original rows into the first half of `a.pixels` and the
+    /// patch-blackened twin (image `i` masked with
+    /// `image_mask_seed(seed, i)`) into the second, in one kernel pass per
+    /// image: the mask never exists on the host.
+    fn embed_dual(
+        &self,
+        a: &mut Arena,
+        inputs: &[&SequenceInput],
+        images: &DeviceImages,
+        seed: u64,
+        p: f64,
+    ) -> Result<(), ModelError> {
+        let x = inputs[0];
+        let pd = self.cfg.vision.patch_dim();
+        let half = x.pixel_values.len();
+        let s = self.gpu.stream().clone();
+        let mut at = 0;
+        for (i, (img, g)) in x.resized.iter().zip(&x.grids).enumerate() {
+            let rows = g.iter().product::<usize>() * pd;
+            let bytes = s.clone_htod(&img.data)?;
+            let (mut first, mut second) = a.pixels.split_at_mut(half);
+            self.gpu.patch_embed(
+                &images.cfg,
+                &images.lut,
+                &bytes.slice(..),
+                img.width,
+                img.height,
+                &mut first.slice_mut(at..at + rows),
+                Some(PatchMask {
+                    out: &mut second.slice_mut(at..at + rows),
+                    seed: image_mask_seed(seed, i),
+                    p,
+                }),
+            )?;
+            at += rows;
+        }
+        Ok(())
     }
 
     /// Twin of `vision::vision_fwd`: leaves `[merged, out_hidden]` in
@@ -770,10 +968,10 @@ impl DeviceWeights {
                 &mut a.x.slice_mut(..),
             )?;
         }
-        let cu = [0, t as i32];
+        let cu = &plan.cu_text;
         let shape = FlashAttnShape::of(&VarlenAttention {
-            cu_seqlens_q: &cu,
-            cu_seqlens_k: &cu,
+            cu_seqlens_q: cu,
+            cu_seqlens_k: cu,
             q_heads: tc.num_heads,
             kv_heads: tc.num_kv_heads,
             head_dim: hd,
@@ -1216,6 +1414,7 @@ mod tests {
             ids,
             pixel_values: vec![0.5; 24 * cfg.vision.patch_dim()],
             grids: vec![[1, 4, 6]],
+            ..Default::default()
         };
         (cfg, input)
     }
@@ -1227,6 +1426,7 @@ mod tests {
         assert_eq!(
             plan.shape,
             ForwardShape {
+                seqs: 1,
                 tokens: 11,
                 patches: 24,
                 windows: 1,
@@ -1239,7 +1439,7 @@ mod tests {
         assert_eq!(plan.response_rows, vec![8, 9]);
         assert_eq!(plan.targets, vec![4, 5]);
         assert_eq!(plan.text_positions.len(), 3 * 11);
-        assert_eq!(&plan.text_positions[..11], &plan.positions.t[..]);
+        assert_eq!(&plan.text_positions[..11], &plan.positions[0].t[..]);
         let vp = plan.vision.as_ref().unwrap();
         // Windows of 4x4 merged tokens cover the 2x3 image in one window,
         // so the permutation is the identity.
@@ -1247,6 +1447,45 @@ mod tests {
         assert_eq!(vp.positions.len(), 48);
         assert_eq!(&vp.positions[..4], &[0, 0, 1, 1]);
         assert_eq!(&vp.positions[24..28], &[0, 1, 0, 1]);
+    }
+
+    /// Two sequences packed: offsets, per-sequence positions (each starts
+    /// over), both images through one vision layout.
+    #[test]
+    fn packed_host_plan_concatenates_the_sequences() {
+        let (cfg, input) = fixture();
+        let text = SequenceInput {
+            ids: vec![9, 8, 7],
+            ..Default::default()
+        };
+        let one = HostPlan::new(&cfg, &input, Some(9)).unwrap();
+        let plan =
+            HostPlan::packed(&cfg, &[&input, &text, &input], &[Some(9), Some(1), None]).unwrap();
+        assert_eq!(plan.cu_text, vec![0, 11, 14, 25]);
+        assert_eq!(plan.shape.seqs, 3);
+        assert_eq!((plan.shape.patches, plan.shape.image_tokens), (48, 12));
+        let second_image: Vec<i32> = one.image_rows.iter().map(|r| r + 14).collect();
+        assert_eq!(
+            plan.image_rows,
+            [one.image_rows.clone(), second_image].concat()
+        );
+        assert_eq!(plan.response_rows, vec![8, 9, 11, 12]);
+        assert_eq!(plan.targets, vec![4, 5, 8, 7]);
+        assert_eq!(plan.response_lens, vec![2, 2, 0]);
+        // Each stream holds the sequences back to back, each from its own origin.
+        let t_stream = &plan.text_positions[..25];
+        assert_eq!(&t_stream[..11], &one.positions[0].t[..]);
+        assert_eq!(&t_stream[11..14], &[0, 1, 2]);
+        assert_eq!(&t_stream[14..], &one.positions[0].t[..]);
+        assert_eq!(plan.text_positions.len(), 75);
+        let vp = plan.vision.as_ref().unwrap();
+        assert_eq!(vp.layout.cu_full, vec![0, 24, 48]);
+        assert_eq!(vp.patch_order.len(), 48);
+        let err = HostPlan::packed(&cfg, &[&input, &text], &[Some(9), Some(3)]).unwrap_err();
+        assert!(
+            matches!(err, ModelError::NoResponse { seq: 1, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl TrainArena {
             vpos: i(2 * n)?,
             cu_window: i(cap.windows + 1)?,
             cu_full: i(cap.frames + 1)?,
-            cu_text: i(2)?,
+            cu_text: i(cap.seqs + 1)?,
             merged_index: i(m)?,
             image_rows: i(m)?,
             tpos: i(3 * t)?,
@@ -248,7 +248,8 @@ impl TrainArena {
 
     fn fits(&self, need: &ForwardShape) -> bool {
         let c = &self.cap;
-        need.tokens <= c.tokens
+        need.seqs <= c.seqs
+            && need.tokens <= c.tokens
             && need.patches <= c.patches
             && need.windows <= c.windows
             && need.frames <= c.frames
@@ -259,6 +260,7 @@ impl TrainArena {
 
 fn max_shape(a: &ForwardShape, b: &ForwardShape) -> ForwardShape {
     ForwardShape {
+        seqs: a.seqs.max(b.seqs),
         tokens: a.tokens.max(b.tokens),
         patches: a.patches.max(b.patches),
         windows: a.windows.max(b.windows),
@@ -519,10 +521,13 @@ impl TrainRun<'_> {
                 };
                 self.attn_shape(cu, vc.num_heads, vc.num_heads, vc.head_dim(), false)
             }
-            Block::Text(_) => {
-                let t = plan.shape.tokens as i32;
-                self.attn_shape(&[0, t], tc.num_heads, tc.num_kv_heads, tc.head_dim, true)
-            }
+            Block::Text(_) => self.attn_shape(
+                &plan.cu_text,
+                tc.num_heads,
+                tc.num_kv_heads,
+                tc.head_dim,
+                true,
+            ),
         }
     }
 
@@ -577,7 +582,7 @@ impl TrainRun<'_> {
         }
         s.memcpy_htod(ids, &mut a.ids)?;
         s.memcpy_htod(&plan.text_positions, &mut a.tpos)?;
-        s.memcpy_htod(&[0, t as i32][..], &mut a.cu_text)?;
+        s.memcpy_htod(&plan.cu_text, &mut a.cu_text)?;
         self.gpu().embedding_fwd(
             &a.ids,
             t,

@@ -45,6 +45,12 @@ pub enum ModelError {
     GradLength { expected: usize, found: usize },
     #[error("device backward called without a training forward before it")]
     NoPendingForward,
+    #[error("the fused dual pass needs the image processor on the device (set_image_processor)")]
+    NoImageProcessor,
+    #[error(
+        "the fused dual pass needs the resized image bytes of the input (build it from images)"
+    )]
+    NoResizedImages,
     #[error("CUDA device: {0}")]
     Device(#[from] crate::backend::cuda::CudaError),
 }
@@ -63,6 +69,10 @@ pub struct SequenceInput {
     pub pixel_values: Vec<f32>,
     /// Patch grid `(t, h, w)` of each image.
     pub grids: Vec<[usize; 3]>,
+    /// Each image after smart_resize, as 8-bit RGB (empty when the input
+    /// was built from `pixel_values` alone): the GPU embeds patches, and
+    /// draws VPPO's perturbed copy, straight from these bytes.
+    pub resized: Vec<crate::processor::image::RgbImage>,
 }
 
 /// Forward results of one sequence.

@@ -287,33 +287,63 @@ pub fn collect_rollouts_on(
         Some(dev) => {
             let exact = cfg.dependency == DependencyEstimator::ExactKl;
             let vocab = model.config.text.vocab_size;
-            for (i, seq) in batch.iter().enumerate() {
-                let pass = |dev: &mut DeviceModel, s: &TrainSequence| {
-                    if exact {
-                        dev.forward(&s.input, Some(s.prompt_len), false)
-                    } else {
-                        dev.response_logprobs(&s.input, s.prompt_len)
+            let dependency_of = |a: &[f32], b: &[f32], la: &[f32], lb: &[f32]| {
+                if !exact {
+                    return visual_dependency(a, b);
+                }
+                let rows = a.len();
+                let (mut kl, mut lse_a, mut lse_b) =
+                    (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+                softmax_kl_fwd(la, lb, vocab, &mut kl, &mut lse_a, &mut lse_b);
+                kl
+            };
+            // Black tiles on images with their resized bytes: the fused dual
+            // pass (original + masked twin in one forward, the mask drawn in
+            // the patch-embed kernel). Otherwise packed micro-batches, the
+            // perturbed copies made on the host.
+            let fused = dependency.is_some()
+                && cfg.perturbation == Perturbation::Black
+                && batch
+                    .iter()
+                    .all(|s| s.input.resized.len() == s.input.grids.len());
+            if fused {
+                dev.ensure_image_processor(&pipeline.images)?;
+            }
+            for r in chunks(0..batch.len(), cfg.micro_batch) {
+                if fused {
+                    let dependency = dependency.as_mut().expect("fused implies VPPO");
+                    for i in r {
+                        let s = &batch[i];
+                        let both = dev.dual_logprobs(
+                            &s.input,
+                            s.prompt_len,
+                            mask_seed(i),
+                            cfg.blacken_p,
+                            exact,
+                        )?;
+                        let n = both.logprobs.len() / 2;
+                        let (la, lb) = both.logits.split_at(both.logits.len() / 2);
+                        let (a, b) = both.logprobs.split_at(n);
+                        dependency.extend(dependency_of(a, b, la, lb));
+                        lp_old.extend_from_slice(a);
                     }
+                    continue;
+                }
+                let pass = |dev: &mut DeviceModel, seqs: &[TrainSequence]| {
+                    let inputs: Vec<&SequenceInput> = seqs.iter().map(|s| &s.input).collect();
+                    let lens: Vec<usize> = seqs.iter().map(|s| s.prompt_len).collect();
+                    dev.packed_logprobs(&inputs, &lens, exact)
                 };
-                let original = pass(dev, seq)?;
+                let original = pass(dev, &batch[r.clone()])?;
                 if let Some(dependency) = &mut dependency {
-                    let masked = pass(dev, &perturbed(i))?;
-                    dependency.extend(if exact {
-                        let rows = original.logprobs.len();
-                        let (mut kl, mut lse_a, mut lse_b) =
-                            (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-                        softmax_kl_fwd(
-                            &original.logits,
-                            &masked.logits,
-                            vocab,
-                            &mut kl,
-                            &mut lse_a,
-                            &mut lse_b,
-                        );
-                        kl
-                    } else {
-                        visual_dependency(&original.logprobs, &masked.logprobs)
-                    });
+                    let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
+                    let masked = pass(dev, &masked)?;
+                    dependency.extend(dependency_of(
+                        &original.logprobs,
+                        &masked.logprobs,
+                        &original.logits,
+                        &masked.logits,
+                    ));
                 }
                 lp_old.extend(original.logprobs);
             }

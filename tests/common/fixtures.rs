@@ -91,6 +91,8 @@ pub fn fixture_input(case: &str) -> (SequenceInput, usize) {
             .chunks(3)
             .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
             .collect(),
+        // torch's processor output only: no resized bytes.
+        resized: Vec::new(),
     };
     (input, r.i64("prompt_len").1[0] as usize)
 }

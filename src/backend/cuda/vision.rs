@@ -6,11 +6,11 @@ use super::launch_util::{need, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use crate::processor::image::{normalize_lut, ImageProcessorConfig};
 use crate::rl::perturb::patch_mask_threshold;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 /// The perturbed copy of a patch-embed call: its output and the draw.
-pub struct PatchMask<'a, T> {
-    pub out: &'a mut CudaSlice<T>,
+pub struct PatchMask<'a, 'v, T> {
+    pub out: &'a mut CudaViewMut<'v, T>,
     pub seed: u64,
     /// Probability of blackening each patch.
     pub p: f64,
@@ -39,11 +39,11 @@ impl CudaBackend {
         &self,
         cfg: &ImageProcessorConfig,
         lut: &CudaSlice<f32>,
-        img: &CudaSlice<u8>,
+        img: &CudaView<'_, u8>,
         width: usize,
         height: usize,
-        out: &mut CudaSlice<T>,
-        mask: Option<PatchMask<T>>,
+        out: &mut CudaViewMut<'_, T>,
+        mask: Option<PatchMask<'_, '_, T>>,
     ) -> Result<(), CudaError> {
         const K: &str = "patch_embed";
         let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
