@@ -14,7 +14,8 @@ use vppo_engine::pipeline::Pipeline;
 use vppo_engine::rl::{perturb_images, Perturbation};
 use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
 use vppo_engine::train::step::{
-    collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, Algo, Prompt, StepConfig,
+    collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, update_on, Algo, Prompt,
+    StepConfig,
 };
 
 /// fp32 on both sides: the loss and the gradients differ only by summation
@@ -97,17 +98,19 @@ fn step_case(case: &'static str) -> Case {
                 ));
             }
 
-            // One AdamW step from each side's gradients.
+            // One AdamW step from each side's gradients on the host...
             let opt_cfg = AdamWConfig {
                 lr: 1e-2,
                 ..AdamWConfig::default()
             };
             let mut after = Vec::new();
+            let mut cpu_opt = None;
             for mut grads in [g_cpu, g_dev] {
                 let mut weights = pipe.model.weights.clone();
                 let mut opt = AdamW::new(&weights, opt_cfg, Some(1.0), WeightPrecision::Fp32);
-                opt.step(&mut weights, &mut grads);
+                let report = opt.step(&mut weights, &mut grads);
                 after.push(flat(&weights.0));
+                cpu_opt.get_or_insert((opt, report));
             }
             let w_err = rel_err(&after[1], &after[0]);
             if w_err.is_nan() || w_err > GRAD_TOL {
@@ -115,11 +118,49 @@ fn step_case(case: &'static str) -> Case {
                     "weights after AdamW: rel err {w_err:e} > {GRAD_TOL:e}"
                 ));
             }
+            // ...and the whole update on the device (gradients, clipping and
+            // AdamW there, then copied back), as `train --device cuda` does.
+            let (cpu_opt, cpu_report) = cpu_opt.expect("two steps ran");
+            let mut pipe_dev = Pipeline::load(&dir).map_err(|e| e.to_string())?;
+            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
+            let mut dev = DeviceModel::new(gpu, &pipe_dev.model).map_err(|e| e.to_string())?;
+            let mut dev_opt = AdamW::new(
+                &pipe_dev.model.weights,
+                opt_cfg,
+                Some(1.0),
+                WeightPrecision::Fp32,
+            );
+            let u = update_on(
+                &mut pipe_dev,
+                Some(&mut dev),
+                &mut dev_opt,
+                &rollouts,
+                0..rollouts.groups(),
+                &cfg,
+            )
+            .map_err(|e| e.to_string())?;
+            dev.sync_to_host(&mut pipe_dev.model.weights, &mut dev_opt)
+                .map_err(|e| e.to_string())?;
+            let dw_err = rel_err(&flat(&pipe_dev.model.weights.0), &after[0]);
+            let m_err = rel_err(&flat(&dev_opt.exp_avg.0), &flat(&cpu_opt.exp_avg.0));
+            let v_err = rel_err(&flat(&dev_opt.exp_avg_sq.0), &flat(&cpu_opt.exp_avg_sq.0));
+            let norm_err = (u.optimizer.grad_norm - cpu_report.grad_norm).abs()
+                / cpu_report.grad_norm.max(1e-12);
+            let worst_opt = dw_err.max(m_err).max(v_err).max(norm_err);
+            if worst_opt.is_nan() || worst_opt > GRAD_TOL || dev_opt.step != 1 {
+                return Err(format!(
+                    "device optimizer: weights {dw_err:e}, exp_avg {m_err:e}, exp_avg_sq {v_err:e}, \
+                     grad norm {norm_err:e} (tol {GRAD_TOL:e}), step {}",
+                    dev_opt.step
+                ));
+            }
             Ok(format!(
                 "loss {:.6} vs {:.6} (rel {loss_err:.1e}), grads {grad_err:.1e} (worst {worst_name} \
-                 {worst:.1e}), weights after AdamW {w_err:.1e}, {} responses",
+                 {worst:.1e}), weights after AdamW {w_err:.1e}; device AdamW weights {dw_err:.1e} \
+                 moments {:.1e} norm {norm_err:.1e}, {} responses",
                 s_dev.loss,
                 s_cpu.loss,
+                m_err.max(v_err),
                 rollouts.batch.len()
             ))
         }),

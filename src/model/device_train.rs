@@ -20,9 +20,10 @@ use super::params::{ParamId, Tensors};
 use super::qwen::{ModelError, TrainSequence};
 use crate::backend::cpu::attention::VarlenAttention;
 use crate::backend::cuda::{
-    rmsnorm_bwd_scratch_len, CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk,
-    RopeFreqsDevice, Trans, LOGPROB_STATE_PER_ROW,
+    clip_coefficient, rmsnorm_bwd_scratch_len, AdamWTensor, CudaBackend, CudaError, FlashAttnShape,
+    GemmShape, LogitChunk, RopeFreqsDevice, Trans, LOGPROB_STATE_PER_ROW,
 };
+use crate::train::optimizer::{AdamW, StepReport, WeightPrecision};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use std::sync::Arc;
 
@@ -30,11 +31,16 @@ use std::sync::Arc;
 /// forward awaits its backward.
 pub struct TrainState {
     grads: Vec<CudaSlice<f32>>,
+    /// AdamW's first and second moments, once the optimizer runs here.
+    moments: Option<Moments>,
     arena: Option<TrainArena>,
     pending: Option<Pending>,
     /// Training arena (re)allocations so far (tests check reuse).
     pub arena_allocations: usize,
 }
+
+/// AdamW's first and second moments of every parameter tensor.
+type Moments = (Vec<CudaSlice<f32>>, Vec<CudaSlice<f32>>);
 
 /// What the backward of the last forward needs from the host.
 struct Pending {
@@ -292,6 +298,7 @@ impl DeviceModel {
                 .collect::<Result<Vec<_>, _>>()?;
             self.train = Some(TrainState {
                 grads,
+                moments: None,
                 arena: None,
                 pending: None,
                 arena_allocations: 0,
@@ -370,6 +377,87 @@ impl DeviceModel {
         for (dst, src) in self.core.w.iter_mut().zip(&weights.0) {
             s.memcpy_htod(src, dst)?;
         }
+        Ok(())
+    }
+
+    /// One AdamW step on the device from the accumulated gradients (then
+    /// zeroed): global grad-norm clipping and the multi-tensor kernel, the
+    /// twin of [`AdamW::step`] with fp32 weights. The moments move to the
+    /// device on the first call (from `opt`, so a resumed run continues
+    /// its state); `opt.step` counts here, its host moments and the host
+    /// weights go stale until [`Self::sync_to_host`].
+    pub fn optimizer_step(&mut self, opt: &mut AdamW) -> Result<StepReport, ModelError> {
+        if opt.precision() != WeightPrecision::Fp32 {
+            return Err(ModelError::DeviceOptimizer);
+        }
+        let gpu = self.core.gpu.clone();
+        let s = gpu.stream().clone();
+        let st = self.train.as_mut().ok_or(ModelError::NoPendingForward)?;
+        if st.moments.is_none() {
+            let up = |t: &Tensors| {
+                t.0.iter()
+                    .map(|v| s.clone_htod(v))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            st.moments = Some((up(&opt.exp_avg)?, up(&opt.exp_avg_sq)?));
+        }
+        let grad_refs: Vec<&CudaSlice<f32>> = st.grads.iter().collect();
+        let grad_norm = gpu.global_grad_norm(&grad_refs)?;
+        let report = if grad_norm.is_finite() {
+            opt.step += 1;
+            let scale = clip_coefficient(grad_norm, opt.max_grad_norm.unwrap_or(f64::INFINITY));
+            let (m, v) = st.moments.as_mut().expect("uploaded above");
+            let mut tensors: Vec<AdamWTensor> = self
+                .core
+                .w
+                .iter_mut()
+                .zip(&st.grads)
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .map(|((param, grad), (exp_avg, exp_avg_sq))| AdamWTensor {
+                    param,
+                    grad,
+                    exp_avg,
+                    exp_avg_sq,
+                    model: None,
+                })
+                .collect();
+            gpu.adamw_step(&opt.cfg, opt.step, scale, &mut tensors)?;
+            StepReport {
+                grad_norm,
+                skipped: false,
+            }
+        } else {
+            StepReport {
+                grad_norm,
+                skipped: true,
+            }
+        };
+        for g in st.grads.iter_mut() {
+            s.memset_zeros(g)?;
+        }
+        Ok(report)
+    }
+
+    /// Copies the device weights into `weights` and, when the optimizer
+    /// ran here, its moments into `opt` (before a checkpoint, and at the end).
+    pub fn sync_to_host(
+        &mut self,
+        weights: &mut Tensors,
+        opt: &mut AdamW,
+    ) -> Result<(), ModelError> {
+        let s = self.core.gpu.stream().clone();
+        for (host, dev) in weights.0.iter_mut().zip(&self.core.w) {
+            s.memcpy_dtoh(dev, host.as_mut_slice())?;
+        }
+        if let Some((m, v)) = self.train.as_ref().and_then(|t| t.moments.as_ref()) {
+            for (host, dev) in opt.exp_avg.0.iter_mut().zip(m) {
+                s.memcpy_dtoh(dev, host.as_mut_slice())?;
+            }
+            for (host, dev) in opt.exp_avg_sq.0.iter_mut().zip(v) {
+                s.memcpy_dtoh(dev, host.as_mut_slice())?;
+            }
+        }
+        s.synchronize()?;
         Ok(())
     }
 

@@ -45,6 +45,10 @@ pub enum ModelError {
     GradLength { expected: usize, found: usize },
     #[error("device backward called without a training forward before it")]
     NoPendingForward,
+    #[error(
+        "the device optimizer keeps fp32 weights; with bf16 model weights AdamW runs on the host"
+    )]
+    DeviceOptimizer,
     #[error("the fused dual pass needs the image processor on the device (set_image_processor)")]
     NoImageProcessor,
     #[error(

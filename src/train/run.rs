@@ -234,9 +234,29 @@ fn open_device(
     let dev = DeviceModel::new(std::sync::Arc::new(gpu), &pipeline.model)
         .map_err(|e| RunError::Device(format!("uploading the model: {e}")))?;
     progress.line(&format!(
-        "training on CUDA device {ordinal} {name} (rollouts, log-probs, backward; AdamW on the host)"
+        "training on CUDA device {ordinal} {name} (rollouts, log-probs, backward{})",
+        if cfg.bf16 {
+            "; AdamW on the host: bf16 model weights"
+        } else {
+            ", AdamW"
+        }
     ));
     Ok(Some(dev))
+}
+
+/// Brings the host's weights and optimizer state up to date with the
+/// device's (the optimizer steps there) before they are saved.
+fn sync_from_device(
+    device: Option<&mut DeviceModel>,
+    pipeline: &mut Pipeline,
+    optimizer: &mut AdamW,
+) -> Result<(), RunError> {
+    match device {
+        Some(dev) => dev
+            .sync_to_host(&mut pipeline.model.weights, optimizer)
+            .map_err(|e| RunError::Device(format!("copying the weights back: {e}"))),
+        None => Ok(()),
+    }
 }
 
 struct Progress {
@@ -497,6 +517,7 @@ pub fn run(
         state.extra["rollout_batches"] = rollout_index.into();
         let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
         if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64 || done {
+            sync_from_device(device.as_mut(), &mut pipeline, &mut optimizer)?;
             save(
                 &out,
                 &pipeline.model,
@@ -509,6 +530,7 @@ pub fn run(
     }
     progress.bar.finish_and_clear();
     if state.step != last_saved {
+        sync_from_device(device.as_mut(), &mut pipeline, &mut optimizer)?;
         save(
             &out,
             &pipeline.model,

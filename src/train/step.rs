@@ -4,7 +4,7 @@
 //! `--algo dapo` is the same step without the perturbed pass; `grpo` also
 //! drops dynamic sampling and uses a symmetric clip.
 
-use super::optimizer::{AdamW, StepReport};
+use super::optimizer::{AdamW, StepReport, WeightPrecision};
 use crate::backend::cpu::kl::softmax_kl_fwd;
 use crate::model::acts::Save;
 use crate::model::device::DeviceModel;
@@ -409,8 +409,11 @@ pub fn update(
     update_on(pipeline, None, optimizer, rollouts, groups, cfg)
 }
 
-/// [`update`] with the forward and backward on `device` when given; the
-/// AdamW step runs on the host's fp32 weights, which are then uploaded.
+/// [`update`] with the forward and backward on `device` when given. With
+/// fp32 weights the AdamW step runs there too (moments on the device; the
+/// host's weights and moments go stale until `DeviceModel::sync_to_host`);
+/// with bf16 model weights it runs on the host and the weights are
+/// uploaded.
 pub fn update_on(
     pipeline: &mut Pipeline,
     device: Option<&mut DeviceModel>,
@@ -425,6 +428,20 @@ pub fn update_on(
         stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
         return Ok(stats);
     };
+    if optimizer.precision() == WeightPrecision::Fp32 {
+        // Gradients, moments and weights stay on the device; the host copies
+        // are brought up to date by `DeviceModel::sync_to_host`.
+        let mut stats = accumulate(
+            &pipeline.model,
+            Some(&mut *dev),
+            rollouts,
+            groups,
+            cfg,
+            &mut Tensors(Vec::new()),
+        )?;
+        stats.optimizer = dev.optimizer_step(optimizer)?;
+        return Ok(stats);
+    }
     let (mut grads, mut stats) =
         mini_batch_gradients_on(&pipeline.model, Some(&mut *dev), rollouts, groups, cfg)?;
     stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
@@ -526,6 +543,27 @@ pub fn mini_batch_gradients_on(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<(Tensors, UpdateStats), PipelineError> {
+    let mut grads = Tensors::zeros(&model.layout);
+    let stats = match engine.as_mut() {
+        Some(e) => accumulate(model, Some(&mut **e), rollouts, groups, cfg, &mut grads)?,
+        None => accumulate(model, None, rollouts, groups, cfg, &mut grads)?,
+    };
+    if let Some(engine) = engine {
+        engine.finish(&mut grads)?;
+    }
+    Ok((grads, stats))
+}
+
+/// The micro-batch loop of [`mini_batch_gradients_on`]: gradients go to
+/// `engine` when given (left there), else into `grads`.
+fn accumulate(
+    model: &Qwen25Vl,
+    mut engine: Option<&mut dyn ResponseEngine>,
+    rollouts: &Rollouts,
+    groups: std::ops::Range<usize>,
+    cfg: &StepConfig,
+    grads: &mut Tensors,
+) -> Result<UpdateStats, PipelineError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
@@ -542,7 +580,6 @@ pub fn mini_batch_gradients_on(
     } else {
         Save::All
     };
-    let mut grads = Tensors::zeros(&model.layout);
     let (mut loss, mut clipped, mut neg_logprob, mut dependency, mut kept) =
         (0.0, 0.0, 0.0f64, 0.0f64, 0usize);
     let (mut scale_min, mut scale_max) = (f32::INFINITY, f32::NEG_INFINITY);
@@ -590,12 +627,9 @@ pub fn mini_batch_gradients_on(
                 let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
                 let token_grads = evaluate(&fwd.logprobs, 0..tok.len());
                 let zeros = vec![0.0; token_grads.len()];
-                model.train_backward(&fwd, &token_grads, &zeros, &mut grads)?;
+                model.train_backward(&fwd, &token_grads, &zeros, grads)?;
             }
         }
-    }
-    if let Some(engine) = engine {
-        engine.finish(&mut grads)?;
     }
     let denom = total_tokens.max(1) as f64;
     let stats = UpdateStats {
@@ -613,7 +647,7 @@ pub fn mini_batch_gradients_on(
             .sum(),
         optimizer: StepReport::default(),
     };
-    Ok((grads, stats))
+    Ok(stats)
 }
 
 /// Rollouts and one update over every kept group: the whole rollout batch
