@@ -2,6 +2,7 @@
 //! graph (vision tower, merger, decoder) built from the CPU op library.
 
 pub mod acts;
+pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

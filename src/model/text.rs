@@ -1,288 +1,14 @@
 //! The Qwen2 decoder with M-RoPE over packed sequences, and the lm_head.
 //! Each layer's forward returns the activations its backward will need.
 
-use super::acts::{BlockActs, Save, SavedBlock};
+use super::acts::{Save, SavedBlock};
+use super::block::{block_bwd, block_fwd, mlp_fwd, o_residual, qkv_fwd, BlockWiring, Qkv};
 use super::config::TextConfig;
-use super::grad_util::{add_into, attention_rope_bwd, linear_bwd_acc};
-use super::params::{Tensors, TextLayerParams, TextParams};
-use crate::backend::cpu::activations::{swiglu_bwd, swiglu_fwd};
-use crate::backend::cpu::attention::{attention_fwd, VarlenAttention};
+use super::params::{Tensors, TextParams};
 use crate::backend::cpu::gemm::{matmul, Trans};
-use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
-use crate::backend::cpu::rope::{rope_fwd, RopeTable};
+use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cpu::OpError;
-
-/// Causal GQA over the packed sequences.
-fn attention_shape<'a>(cfg: &TextConfig, cu_seqlens: &'a [i32]) -> VarlenAttention<'a> {
-    VarlenAttention {
-        cu_seqlens_q: cu_seqlens,
-        cu_seqlens_k: cu_seqlens,
-        q_heads: cfg.num_heads,
-        kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        causal: true,
-        scale: 1.0 / (cfg.head_dim as f64).sqrt(),
-    }
-}
-
-/// The attention half's inputs: the normed layer input and q, k (after
-/// RoPE) and v, shared by the full forward and the decode step.
-struct Qkv {
-    rstd1: Vec<f32>,
-    h1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-fn qkv_fwd(
-    cfg: &TextConfig,
-    p: &TextLayerParams,
-    w: &Tensors,
-    x: &[f32],
-    rope: &RopeTable<f32>,
-) -> Qkv {
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let t = x.len() / h;
-    let (mut h1, mut rstd1) = (vec![0.0; t * h], vec![0.0; t]);
-    rmsnorm_fwd(
-        x,
-        w.get(p.input_norm),
-        h,
-        cfg.rms_norm_eps as f32,
-        &mut h1,
-        &mut rstd1,
-    );
-    let project = |wid, bid, out: usize| {
-        let mut y = vec![0.0; t * out];
-        linear_fwd(&h1, w.get(wid), Some(w.get(bid)), t, h, out, &mut y);
-        y
-    };
-    let (q_raw, k_raw, v) = (
-        project(p.q_w, p.q_b, q_out),
-        project(p.k_w, p.k_b, kv_out),
-        project(p.v_w, p.v_b, kv_out),
-    );
-    let (mut q, mut k) = (vec![0.0; t * q_out], vec![0.0; t * kv_out]);
-    rope_fwd(rope, &q_raw, cfg.num_heads, &mut q);
-    rope_fwd(rope, &k_raw, cfg.num_kv_heads, &mut k);
-    Qkv { rstd1, h1, q, k, v }
-}
-
-/// The MLP half's activations.
-struct Mlp {
-    rstd2: Vec<f32>,
-    h2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    act: Vec<f32>,
-}
-
-/// `x += o_proj(attn)`.
-fn o_proj_residual(
-    cfg: &TextConfig,
-    p: &TextLayerParams,
-    w: &Tensors,
-    attn: &[f32],
-    x: &mut [f32],
-) {
-    let h = cfg.hidden_size;
-    let t = x.len() / h;
-    let mut o = vec![0.0; t * h];
-    linear_fwd(
-        attn,
-        w.get(p.o_w),
-        None,
-        t,
-        cfg.num_heads * cfg.head_dim,
-        h,
-        &mut o,
-    );
-    add_into(x, &o);
-}
-
-/// `x += down(silu(gate(h2)) * up(h2))` with `h2 = rmsnorm(x)`.
-fn mlp_fwd(cfg: &TextConfig, p: &TextLayerParams, w: &Tensors, x: &mut [f32]) -> Mlp {
-    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-    let t = x.len() / h;
-    let (mut h2, mut rstd2) = (vec![0.0; t * h], vec![0.0; t]);
-    rmsnorm_fwd(
-        x,
-        w.get(p.post_norm),
-        h,
-        cfg.rms_norm_eps as f32,
-        &mut h2,
-        &mut rstd2,
-    );
-    let (mut gate, mut up, mut act) = (
-        vec![0.0; t * inter],
-        vec![0.0; t * inter],
-        vec![0.0; t * inter],
-    );
-    linear_fwd(&h2, w.get(p.gate_w), None, t, h, inter, &mut gate);
-    linear_fwd(&h2, w.get(p.up_w), None, t, h, inter, &mut up);
-    swiglu_fwd(&gate, &up, &mut act);
-    let mut down = vec![0.0; t * h];
-    linear_fwd(&act, w.get(p.down_w), None, t, inter, h, &mut down);
-    add_into(x, &down);
-    Mlp {
-        rstd2,
-        h2,
-        gate,
-        up,
-        act,
-    }
-}
-
-/// One layer: `x += o_proj(attn(rmsnorm(x)))`, `x += down(silu(gate) * up)`.
-pub fn text_layer_fwd(
-    cfg: &TextConfig,
-    p: &TextLayerParams,
-    w: &Tensors,
-    x: &mut [f32],
-    rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-) -> Result<BlockActs, OpError> {
-    let t = x.len() / cfg.hidden_size;
-    let x_in = x.to_vec();
-    let Qkv { rstd1, h1, q, k, v } = qkv_fwd(cfg, p, w, x, rope);
-    let (mut attn, mut lse) = (
-        vec![0.0; t * cfg.num_heads * cfg.head_dim],
-        vec![0.0; t * cfg.num_heads],
-    );
-    attention_fwd(
-        &attention_shape(cfg, cu_seqlens),
-        &q,
-        &k,
-        &v,
-        &mut attn,
-        &mut lse,
-    )?;
-    o_proj_residual(cfg, p, w, &attn, x);
-    let x_mid = x.to_vec();
-    let mlp = mlp_fwd(cfg, p, w, x);
-    Ok(BlockActs {
-        x_in,
-        rstd1,
-        h1,
-        q,
-        k,
-        v,
-        attn,
-        lse,
-        x_mid,
-        rstd2: mlp.rstd2,
-        h2: mlp.h2,
-        gate: mlp.gate,
-        up: mlp.up,
-        act: mlp.act,
-    })
-}
-
-/// Backward of [`text_layer_fwd`]: `dx` holds the gradient w.r.t. the
-/// layer's output on entry and w.r.t. its input on return; weight gradients
-/// accumulate into `g`.
-#[allow(clippy::too_many_arguments)]
-pub fn text_layer_bwd(
-    cfg: &TextConfig,
-    p: &TextLayerParams,
-    w: &Tensors,
-    acts: &BlockActs,
-    rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-    dx: &mut [f32],
-    g: &mut Tensors,
-) -> Result<(), OpError> {
-    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let t = dx.len() / h;
-    // MLP branch: x_out = x_mid + down(silu(gate(h2)) * up(h2)).
-    let mut d_act = vec![0.0; t * inter];
-    linear_bwd(
-        dx,
-        &acts.act,
-        w.get(p.down_w),
-        t,
-        inter,
-        h,
-        Some(&mut d_act),
-        g.get_mut(p.down_w),
-        None,
-    );
-    let (mut d_gate, mut d_up) = (vec![0.0; t * inter], vec![0.0; t * inter]);
-    swiglu_bwd(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up);
-    let mut d_h2 = vec![0.0; t * h];
-    linear_bwd_acc(
-        &d_gate,
-        &acts.h2,
-        w.get(p.gate_w),
-        t,
-        h,
-        inter,
-        &mut d_h2,
-        g.get_mut(p.gate_w),
-        None,
-    );
-    linear_bwd_acc(
-        &d_up,
-        &acts.h2,
-        w.get(p.up_w),
-        t,
-        h,
-        inter,
-        &mut d_h2,
-        g.get_mut(p.up_w),
-        None,
-    );
-    let mut d_norm = vec![0.0; t * h];
-    rmsnorm_bwd(
-        &d_h2,
-        &acts.x_mid,
-        w.get(p.post_norm),
-        &acts.rstd2,
-        h,
-        &mut d_norm,
-        g.get_mut(p.post_norm),
-    );
-    add_into(dx, &d_norm);
-    // Attention branch: x_mid = x_in + o_proj(attn(rope(q), rope(k), v)).
-    let mut d_attn = vec![0.0; t * q_out];
-    linear_bwd(
-        dx,
-        &acts.attn,
-        w.get(p.o_w),
-        t,
-        q_out,
-        h,
-        Some(&mut d_attn),
-        g.get_mut(p.o_w),
-        None,
-    );
-    let (dq_raw, dk_raw, dv) =
-        attention_rope_bwd(&attention_shape(cfg, cu_seqlens), acts, rope, &d_attn)?;
-    let mut d_h1 = vec![0.0; t * h];
-    for (dy, out, wid, bid) in [
-        (&dq_raw, q_out, p.q_w, p.q_b),
-        (&dk_raw, kv_out, p.k_w, p.k_b),
-        (&dv, kv_out, p.v_w, p.v_b),
-    ] {
-        let (dw, db) = g.pair_mut(wid, bid);
-        linear_bwd_acc(dy, &acts.h1, w.get(wid), t, h, out, &mut d_h1, dw, Some(db));
-    }
-    rmsnorm_bwd(
-        &d_h1,
-        &acts.x_in,
-        w.get(p.input_norm),
-        &acts.rstd1,
-        h,
-        &mut d_norm,
-        g.get_mut(p.input_norm),
-    );
-    add_into(dx, &d_norm);
-    Ok(())
-}
 
 /// Activations of a whole decoder forward (kept only when training).
 pub struct TextActs {
@@ -313,7 +39,7 @@ pub fn decoder_fwd(
     let t = x.len() / h;
     let mut layers = Vec::new();
     for (l, lp) in p.layers.iter().enumerate() {
-        let acts = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
+        let acts = block_fwd(&BlockWiring::text(cfg, lp), w, &mut x, rope, cu_seqlens)?;
         if let Some(sink) = kv_sink.as_mut() {
             sink(l, &acts.k, &acts.v);
         }
@@ -361,16 +87,17 @@ pub fn decoder_bwd(
         g.get_mut(p.norm),
     );
     for (lp, saved) in p.layers.iter().zip(&acts.layers).rev() {
+        let wiring = BlockWiring::text(cfg, lp);
         let recomputed;
         let layer_acts = match saved {
             SavedBlock::All(a) => a,
             SavedBlock::Input(x_in) => {
                 let mut x = x_in.clone();
-                recomputed = text_layer_fwd(cfg, lp, w, &mut x, rope, cu_seqlens)?;
+                recomputed = block_fwd(&wiring, w, &mut x, rope, cu_seqlens)?;
                 &recomputed
             }
         };
-        text_layer_bwd(cfg, lp, w, layer_acts, rope, cu_seqlens, &mut dx, g)?;
+        block_bwd(&wiring, w, layer_acts, rope, cu_seqlens, &mut dx, g)?;
     }
     Ok(dx)
 }
@@ -442,7 +169,8 @@ pub fn decode_step(
         })
         .collect();
     for (l, lp) in p.layers.iter().enumerate() {
-        let Qkv { q, k, v, .. } = qkv_fwd(cfg, lp, w, &x, rope);
+        let wiring = BlockWiring::text(cfg, lp);
+        let Qkv { q, k, v, .. } = qkv_fwd(&wiring, w, &x, rope);
         for (i, &slot) in slots.iter().enumerate() {
             cache.write(
                 l,
@@ -453,8 +181,8 @@ pub fn decode_step(
         }
         let mut attn = vec![0.0; b * q_out];
         paged_decode_attention(&shape, &q, &cache.k[l], &cache.v[l], &paged, &mut attn);
-        o_proj_residual(cfg, lp, w, &attn, &mut x);
-        mlp_fwd(cfg, lp, w, &mut x);
+        o_residual(&wiring, w, &attn, &mut x);
+        mlp_fwd(&wiring, w, &mut x);
     }
     let mut rstd = vec![0.0; b];
     let mut out = vec![0.0; b * h];

@@ -2,264 +2,16 @@
 //! full attention), the patch merger, and the inverse permutation.
 //! Each layer's forward returns the activations its backward will need.
 
-use super::acts::{BlockActs, Save, SavedBlock};
+use super::acts::{Save, SavedBlock};
+use super::block::{block_bwd, block_fwd, BlockWiring};
 use super::config::VisionConfig;
-use super::grad_util::{add_into, attention_rope_bwd, linear_bwd_acc};
-use super::params::{MergerParams, Tensors, VisionBlockParams, VisionParams};
+use super::params::{MergerParams, Tensors, VisionParams};
 use super::positions::VisionLayout;
-use crate::backend::cpu::activations::{gelu_bwd, gelu_fwd, swiglu_bwd, swiglu_fwd};
-use crate::backend::cpu::attention::{attention_fwd, VarlenAttention};
+use crate::backend::cpu::activations::{gelu_bwd, gelu_fwd};
 use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
-use crate::backend::cpu::rope::{rope_fwd, RopeTable};
+use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cpu::OpError;
-
-/// Splits fused `qkv[N, 3 * hidden]` (rows q | k | v, head-major) into three.
-fn split_qkv(qkv: &[f32], n: usize, hidden: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mut q, mut k, mut v) = (
-        Vec::with_capacity(n * hidden),
-        Vec::with_capacity(n * hidden),
-        Vec::with_capacity(n * hidden),
-    );
-    for row in qkv.chunks(3 * hidden) {
-        q.extend_from_slice(&row[..hidden]);
-        k.extend_from_slice(&row[hidden..2 * hidden]);
-        v.extend_from_slice(&row[2 * hidden..]);
-    }
-    (q, k, v)
-}
-
-/// Bidirectional attention inside each window (or whole image).
-fn attention_shape<'a>(cfg: &VisionConfig, cu_seqlens: &'a [i32]) -> VarlenAttention<'a> {
-    VarlenAttention {
-        cu_seqlens_q: cu_seqlens,
-        cu_seqlens_k: cu_seqlens,
-        q_heads: cfg.num_heads,
-        kv_heads: cfg.num_heads,
-        head_dim: cfg.head_dim(),
-        causal: false,
-        scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
-    }
-}
-
-/// One block: `x += proj(attn(rmsnorm1(x)))`, `x += mlp(rmsnorm2(x))`.
-pub fn vision_block_fwd(
-    cfg: &VisionConfig,
-    p: &VisionBlockParams,
-    w: &Tensors,
-    x: &mut [f32],
-    rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-) -> Result<BlockActs, OpError> {
-    let (heads, hid, inter) = (cfg.num_heads, cfg.hidden_size, cfg.intermediate_size);
-    let n = x.len() / hid;
-    let eps = cfg.rms_norm_eps as f32;
-    let x_in = x.to_vec();
-    let (mut h1, mut rstd1) = (vec![0.0; n * hid], vec![0.0; n]);
-    rmsnorm_fwd(x, w.get(p.norm1), hid, eps, &mut h1, &mut rstd1);
-    let mut qkv = vec![0.0; n * 3 * hid];
-    linear_fwd(
-        &h1,
-        w.get(p.qkv_w),
-        Some(w.get(p.qkv_b)),
-        n,
-        hid,
-        3 * hid,
-        &mut qkv,
-    );
-    let (q_raw, k_raw, v) = split_qkv(&qkv, n, hid);
-    let (mut q, mut k) = (vec![0.0; n * hid], vec![0.0; n * hid]);
-    rope_fwd(rope, &q_raw, heads, &mut q);
-    rope_fwd(rope, &k_raw, heads, &mut k);
-    let (mut attn, mut lse) = (vec![0.0; n * hid], vec![0.0; n * heads]);
-    attention_fwd(
-        &attention_shape(cfg, cu_seqlens),
-        &q,
-        &k,
-        &v,
-        &mut attn,
-        &mut lse,
-    )?;
-    let mut proj = vec![0.0; n * hid];
-    linear_fwd(
-        &attn,
-        w.get(p.proj_w),
-        Some(w.get(p.proj_b)),
-        n,
-        hid,
-        hid,
-        &mut proj,
-    );
-    add_into(x, &proj);
-    let x_mid = x.to_vec();
-    let (mut h2, mut rstd2) = (vec![0.0; n * hid], vec![0.0; n]);
-    rmsnorm_fwd(x, w.get(p.norm2), hid, eps, &mut h2, &mut rstd2);
-    let (mut gate, mut up, mut act) = (
-        vec![0.0; n * inter],
-        vec![0.0; n * inter],
-        vec![0.0; n * inter],
-    );
-    linear_fwd(
-        &h2,
-        w.get(p.gate_w),
-        Some(w.get(p.gate_b)),
-        n,
-        hid,
-        inter,
-        &mut gate,
-    );
-    linear_fwd(
-        &h2,
-        w.get(p.up_w),
-        Some(w.get(p.up_b)),
-        n,
-        hid,
-        inter,
-        &mut up,
-    );
-    swiglu_fwd(&gate, &up, &mut act);
-    let mut down = vec![0.0; n * hid];
-    linear_fwd(
-        &act,
-        w.get(p.down_w),
-        Some(w.get(p.down_b)),
-        n,
-        inter,
-        hid,
-        &mut down,
-    );
-    add_into(x, &down);
-    Ok(BlockActs {
-        x_in,
-        rstd1,
-        h1,
-        q,
-        k,
-        v,
-        attn,
-        lse,
-        x_mid,
-        rstd2,
-        h2,
-        gate,
-        up,
-        act,
-    })
-}
-
-/// Backward of [`vision_block_fwd`]: `dx` holds the gradient w.r.t. the
-/// block output on entry and w.r.t. its input on return; weight gradients
-/// accumulate into `g`.
-#[allow(clippy::too_many_arguments)]
-pub fn vision_block_bwd(
-    cfg: &VisionConfig,
-    p: &VisionBlockParams,
-    w: &Tensors,
-    acts: &BlockActs,
-    rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-    dx: &mut [f32],
-    g: &mut Tensors,
-) -> Result<(), OpError> {
-    let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
-    let n = dx.len() / hid;
-    // MLP branch.
-    let mut d_act = vec![0.0; n * inter];
-    {
-        let (dw, db) = g.pair_mut(p.down_w, p.down_b);
-        linear_bwd(
-            dx,
-            &acts.act,
-            w.get(p.down_w),
-            n,
-            inter,
-            hid,
-            Some(&mut d_act),
-            dw,
-            Some(db),
-        );
-    }
-    let (mut d_gate, mut d_up) = (vec![0.0; n * inter], vec![0.0; n * inter]);
-    swiglu_bwd(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up);
-    let mut d_h2 = vec![0.0; n * hid];
-    for (dy, wid, bid) in [(&d_gate, p.gate_w, p.gate_b), (&d_up, p.up_w, p.up_b)] {
-        let (dw, db) = g.pair_mut(wid, bid);
-        linear_bwd_acc(
-            dy,
-            &acts.h2,
-            w.get(wid),
-            n,
-            hid,
-            inter,
-            &mut d_h2,
-            dw,
-            Some(db),
-        );
-    }
-    let mut d_norm = vec![0.0; n * hid];
-    rmsnorm_bwd(
-        &d_h2,
-        &acts.x_mid,
-        w.get(p.norm2),
-        &acts.rstd2,
-        hid,
-        &mut d_norm,
-        g.get_mut(p.norm2),
-    );
-    add_into(dx, &d_norm);
-    // Attention branch.
-    let mut d_attn = vec![0.0; n * hid];
-    {
-        let (dw, db) = g.pair_mut(p.proj_w, p.proj_b);
-        linear_bwd(
-            dx,
-            &acts.attn,
-            w.get(p.proj_w),
-            n,
-            hid,
-            hid,
-            Some(&mut d_attn),
-            dw,
-            Some(db),
-        );
-    }
-    let (dq_raw, dk_raw, dv) =
-        attention_rope_bwd(&attention_shape(cfg, cu_seqlens), acts, rope, &d_attn)?;
-    // Re-fuse into d_qkv rows (q | k | v) for the fused projection.
-    let mut d_qkv = Vec::with_capacity(n * 3 * hid);
-    for i in 0..n {
-        let r = i * hid..(i + 1) * hid;
-        d_qkv.extend_from_slice(&dq_raw[r.clone()]);
-        d_qkv.extend_from_slice(&dk_raw[r.clone()]);
-        d_qkv.extend_from_slice(&dv[r]);
-    }
-    let mut d_h1 = vec![0.0; n * hid];
-    {
-        let (dw, db) = g.pair_mut(p.qkv_w, p.qkv_b);
-        linear_bwd(
-            &d_qkv,
-            &acts.h1,
-            w.get(p.qkv_w),
-            n,
-            hid,
-            3 * hid,
-            Some(&mut d_h1),
-            dw,
-            Some(db),
-        );
-    }
-    rmsnorm_bwd(
-        &d_h1,
-        &acts.x_in,
-        w.get(p.norm1),
-        &acts.rstd1,
-        hid,
-        &mut d_norm,
-        g.get_mut(p.norm1),
-    );
-    add_into(dx, &d_norm);
-    Ok(())
-}
 
 /// What the merger saw and made.
 pub struct MergerActs {
@@ -443,7 +195,7 @@ pub fn vision_fwd(
         } else {
             &layout.cu_window
         };
-        let acts = vision_block_fwd(cfg, bp, w, &mut x, &rope, cu)?;
+        let acts = block_fwd(&BlockWiring::vision(cfg, bp), w, &mut x, &rope, cu)?;
         blocks.extend(SavedBlock::keep(acts, save));
     }
     let (merged, merger) = merger_fwd(cfg, &p.merger, w, &x);
@@ -490,16 +242,17 @@ pub fn vision_bwd(
         } else {
             &acts.layout.cu_window
         };
+        let wiring = BlockWiring::vision(cfg, bp);
         let recomputed;
         let block_acts = match saved {
             SavedBlock::All(a) => a,
             SavedBlock::Input(x_in) => {
                 let mut x = x_in.clone();
-                recomputed = vision_block_fwd(cfg, bp, w, &mut x, &acts.rope, cu)?;
+                recomputed = block_fwd(&wiring, w, &mut x, &acts.rope, cu)?;
                 &recomputed
             }
         };
-        vision_block_bwd(cfg, bp, w, block_acts, &acts.rope, cu, &mut dx, g)?;
+        block_bwd(&wiring, w, block_acts, &acts.rope, cu, &mut dx, g)?;
     }
     // Undo the window permutation of patches, then the patch embedding.
     let n = dx.len() / hid;

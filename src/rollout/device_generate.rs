@@ -9,7 +9,7 @@
 //!
 //! [`Generator`]: super::generate::Generator
 
-use super::generate::{FinishReason, GenerationStats, Sample, KV_BLOCK_SIZE};
+use super::generate::{retire_finished, GenerationStats, Live, Sample, KV_BLOCK_SIZE};
 use super::kv_cache::{PagedKvCache, SeqCache};
 use super::sampling::{sample_rng, SamplingParams};
 use crate::backend::cpu::paged_attention::PagedSeq;
@@ -75,16 +75,6 @@ impl DecodeBatch {
 }
 
 /// A sample still decoding.
-struct Live {
-    prompt_index: usize,
-    sample_index: usize,
-    cache: SeqCache,
-    rope_delta: i64,
-    rng: StdRng,
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
-}
-
 pub struct DeviceGenerator<'d> {
     pub model: &'d mut DeviceModel,
     pub eos: Vec<u32>,
@@ -201,30 +191,10 @@ impl<'d> DeviceGenerator<'d> {
             }
         }
         loop {
-            let mut still = Vec::with_capacity(live.len());
-            for s in live {
-                let last = *s.tokens.last().expect("every live sample has a token");
-                let reason = if self.eos.contains(&last) {
-                    Some(FinishReason::Stop)
-                } else if s.tokens.len() >= max_new_tokens {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
-                match reason {
-                    Some(finish_reason) => {
-                        self.blocks.release(s.cache);
-                        done.push(Sample {
-                            prompt_index: s.prompt_index,
-                            sample_index: s.sample_index,
-                            token_ids: s.tokens,
-                            logprobs: s.logprobs,
-                            finish_reason,
-                        });
-                    }
-                    None => still.push(s),
-                }
-            }
+            let blocks = &mut self.blocks;
+            let still = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
+                blocks.release(c)
+            });
             live = still;
             if live.is_empty() {
                 break;

@@ -74,14 +74,52 @@ pub fn eos_ids(dir: &Path) -> Vec<u32> {
 }
 
 /// A sample still decoding.
-struct Live {
-    prompt_index: usize,
-    sample_index: usize,
-    cache: SeqCache,
-    rope_delta: i64,
-    rng: StdRng,
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
+/// A sample being generated (the CPU and the device generator share it).
+pub(crate) struct Live {
+    pub(crate) prompt_index: usize,
+    pub(crate) sample_index: usize,
+    pub(crate) cache: SeqCache,
+    pub(crate) rope_delta: i64,
+    pub(crate) rng: StdRng,
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) logprobs: Vec<f32>,
+}
+
+/// Moves the samples of `live` that ended (an EOS token, or `max_new_tokens`
+/// tokens) into `done`, handing their caches to `release`; returns the rest,
+/// whose last token is the next to decode.
+pub(crate) fn retire_finished(
+    live: Vec<Live>,
+    eos: &[u32],
+    max_new_tokens: usize,
+    done: &mut Vec<Sample>,
+    mut release: impl FnMut(SeqCache),
+) -> Vec<Live> {
+    let mut still = Vec::with_capacity(live.len());
+    for s in live {
+        let last = *s.tokens.last().expect("every live sample has a token");
+        let reason = if eos.contains(&last) {
+            Some(FinishReason::Stop)
+        } else if s.tokens.len() >= max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        match reason {
+            Some(finish_reason) => {
+                release(s.cache);
+                done.push(Sample {
+                    prompt_index: s.prompt_index,
+                    sample_index: s.sample_index,
+                    token_ids: s.tokens,
+                    logprobs: s.logprobs,
+                    finish_reason,
+                });
+            }
+            None => still.push(s),
+        }
+    }
+    still
 }
 
 /// Samples from `row` with the `banned` tokens removed (`row` is changed);
@@ -178,30 +216,10 @@ impl<'m> Generator<'m> {
         }
         loop {
             // Retire finished samples; the rest leave their last token to decode.
-            let mut still = Vec::with_capacity(live.len());
-            for s in live {
-                let last = *s.tokens.last().expect("every live sample has a token");
-                let reason = if self.eos.contains(&last) {
-                    Some(FinishReason::Stop)
-                } else if s.tokens.len() >= max_new_tokens {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
-                match reason {
-                    Some(finish_reason) => {
-                        self.cache.release(s.cache);
-                        done.push(Sample {
-                            prompt_index: s.prompt_index,
-                            sample_index: s.sample_index,
-                            token_ids: s.tokens,
-                            logprobs: s.logprobs,
-                            finish_reason,
-                        });
-                    }
-                    None => still.push(s),
-                }
-            }
+            let cache = &mut self.cache;
+            let still = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
+                cache.release(c)
+            });
             live = still;
             if live.is_empty() {
                 break;
