@@ -392,55 +392,11 @@ fn macro_argspec(name: &str) -> (&'static str, bool) {
         "textcolor" | "colorbox" => "[{{",
         "fcolorbox" => "[{[{{",
         "hspace" | "vspace" => "*{",
-        "text"
-        | "textrm"
-        | "textit"
-        | "textbf"
-        | "textmd"
-        | "textsc"
-        | "textsf"
-        | "textsl"
-        | "texttt"
-        | "textup"
-        | "mbox"
-        | "emph"
-        | "mathrm"
-        | "mathbb"
-        | "mathbf"
-        | "mathit"
-        | "mathsf"
-        | "mathtt"
-        | "mathcal"
-        | "mathscr"
-        | "mathfrak"
-        | "ensuremath"
-        | "label"
-        | "ref"
-        | "eqref"
-        | "url"
-        | "ket"
-        | "bra"
-        | "overline"
-        | "underline"
-        | "widehat"
-        | "widetilde"
-        | "wideparen"
-        | "overleftarrow"
-        | "overrightarrow"
-        | "overleftrightarrow"
-        | "underleftarrow"
-        | "underrightarrow"
-        | "underleftrightarrow"
-        | "overbrace"
-        | "underbrace"
-        | "overgroup"
-        | "undergroup"
-        | "overbracket"
-        | "underbracket"
-        | "overlinesegment"
-        | "underlinesegment"
-        | "overleftharpoon"
-        | "overrightharpoon" => "{",
+        "text" | "textrm" | "textit" | "textbf" | "textmd" | "textsc" | "textsf" | "textsl"
+        | "texttt" | "textup" | "mbox" | "emph" | "mathrm" | "mathbb" | "mathbf" | "mathit"
+        | "mathsf" | "mathtt" | "mathcal" | "mathscr" | "mathfrak" | "ensuremath" | "label"
+        | "ref" | "eqref" | "url" | "ket" | "bra" => "{",
+        _ if is_decoration(name) => "{",
         _ if accent(name).is_some() => "{",
         _ => "",
     };
@@ -458,6 +414,36 @@ fn env_argspec(name: &str) -> &'static str {
         | "remark" | "proof" => "[",
         _ => "",
     }
+}
+
+/// Decorations over or under one argument (`\overline{x}`, ...): each
+/// opens a group and renders as its argument.
+const DECORATIONS: &[&str] = &[
+    "overline",
+    "underline",
+    "widehat",
+    "widetilde",
+    "wideparen",
+    "overleftarrow",
+    "overrightarrow",
+    "overleftrightarrow",
+    "underleftarrow",
+    "underrightarrow",
+    "underleftrightarrow",
+    "overbrace",
+    "underbrace",
+    "overgroup",
+    "undergroup",
+    "overbracket",
+    "underbracket",
+    "overlinesegment",
+    "underlinesegment",
+    "overleftharpoon",
+    "overrightharpoon",
+];
+
+fn is_decoration(name: &str) -> bool {
+    DECORATIONS.contains(&name)
 }
 
 /// The combining character an accent macro puts on each letter.
@@ -839,28 +825,8 @@ fn macro_to_text(name: &str, args: Option<&[Option<Node>]>) -> Result<String, Co
             2 => Ok(format!("√({})", arg(1)?)),
             _ => Err(ConversionFailed),
         },
-        "ensuremath"
-        | "overline"
-        | "underline"
-        | "widehat"
-        | "widetilde"
-        | "wideparen"
-        | "overleftarrow"
-        | "overrightarrow"
-        | "overleftrightarrow"
-        | "underleftarrow"
-        | "underrightarrow"
-        | "underleftrightarrow"
-        | "overbrace"
-        | "underbrace"
-        | "overgroup"
-        | "undergroup"
-        | "overbracket"
-        | "underbracket"
-        | "overlinesegment"
-        | "underlinesegment"
-        | "overleftharpoon"
-        | "overrightharpoon" => template(1, &|t| t[0].clone(), "%s"),
+        "ensuremath" => template(1, &|t| t[0].clone(), "%s"),
+        _ if is_decoration(name) => template(1, &|t| t[0].clone(), "%s"),
         "textcolor" | "colorbox" => match args.len() {
             3 => arg(2),
             _ => Err(ConversionFailed),
