@@ -4,8 +4,9 @@
 //! block and a decoder layer differ only in their [`BlockWiring`]: widths,
 //! head counts, which projections have biases, a fused qkv weight (row
 //! ranges of one tensor) or three, and causal or windowed attention. The
-//! CPU forward and backward live here; the device graph
-//! (`device_train.rs`) reads the same wiring.
+//! CPU forward and backward live here. (The device training graph,
+//! `device_train.rs`, still spells its two block kinds out: it is kept as
+//! it was verified on a GPU until a GPU run can check it on this wiring.)
 
 use super::acts::BlockActs;
 use super::config::{TextConfig, VisionConfig};

@@ -14,11 +14,11 @@
 //! Memory: one [`TrainArena`] sized per [`ForwardShape`] and reused while
 //! later sequences fit; the per-layer loop allocates nothing.
 
-use super::block::{BlockWiring, Proj};
 use super::config::ModelConfig;
 use super::device::{logit_chunk_rows, DeviceModel, DeviceWeights, ForwardShape, HostPlan};
-use super::params::Tensors;
+use super::params::{ParamId, Tensors};
 use super::qwen::{ModelError, TrainSequence};
+use crate::backend::cpu::attention::VarlenAttention;
 use crate::backend::cuda::{
     clip_coefficient, rmsnorm_bwd_scratch_len, AdamWTensor, CudaBackend, CudaError, FlashAttnShape,
     GemmShape, LogitChunk, RopeFreqsDevice, Trans, LOGPROB_STATE_PER_ROW,
@@ -500,10 +500,9 @@ impl TrainRun<'_> {
         Ok(())
     }
 
-    /// Backward of `y[rows, n] = x[rows, k] @ W[r0..r0+n, :]^T (+ b)` for
-    /// the projection `p` (`n = p.out`, `r0 = p.row0`): `dW += dy^T x`,
-    /// `db += ones^T dy`, and `dx = dy W` (overwritten, or accumulated with
-    /// `accumulate`).
+    /// Backward of `y[rows, n] = x[rows, k] @ W[r0..r0+n, :]^T (+ b)`:
+    /// `dW += dy^T x`, `db += ones^T dy`, and `dx = dy W` (overwritten, or
+    /// accumulated with `accumulate`).
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -511,11 +510,10 @@ impl TrainRun<'_> {
         ones: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         x: &CudaSlice<f32>,
-        (rows, k): (usize, usize),
-        p: &Proj,
+        (rows, k, n): (usize, usize, usize),
+        (weight, bias, r0): (ParamId, Option<ParamId>, usize),
         dx: Option<(&mut CudaSlice<f32>, bool)>,
     ) -> Result<(), CudaError> {
-        let (weight, bias, r0, n) = (p.weight, p.bias, p.row0, p.out);
         let gpu = self.gpu();
         let dy_v = dy.slice(0..rows * n);
         let w_rows = r0 * k..(r0 + n) * k;
@@ -575,25 +573,50 @@ impl TrainRun<'_> {
         Ok(())
     }
 
-    /// The attention shape of `block` for the sequences of `plan`.
+    fn attn_shape(
+        &self,
+        cu: &[i32],
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Result<FlashAttnShape, CudaError> {
+        FlashAttnShape::of(&VarlenAttention {
+            cu_seqlens_q: cu,
+            cu_seqlens_k: cu,
+            q_heads: heads,
+            kv_heads,
+            head_dim,
+            causal,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// The attention shape of `block` for the sequence of `plan`.
     fn block_attn(&self, block: Block, plan: &HostPlan) -> Result<FlashAttnShape, CudaError> {
-        let (wiring, _, _, full) = self.placed(block, plan);
-        let cu = match block {
-            Block::Vision(_) => {
+        let (vc, tc) = (&self.run.cfg.vision, &self.run.cfg.text);
+        match block {
+            Block::Vision(i) => {
                 let layout = &plan
                     .vision
                     .as_ref()
                     .expect("vision blocks need images")
                     .layout;
-                if full {
+                let cu = if vc.fullatt_block_indexes.contains(&i) {
                     &layout.cu_full
                 } else {
                     &layout.cu_window
-                }
+                };
+                self.attn_shape(cu, vc.num_heads, vc.num_heads, vc.head_dim(), false)
             }
-            Block::Text(_) => &plan.cu_text,
-        };
-        FlashAttnShape::of(&wiring.attention(cu))
+            Block::Text(_) => self.attn_shape(
+                &plan.cu_text,
+                tc.num_heads,
+                tc.num_kv_heads,
+                tc.head_dim,
+                true,
+            ),
+        }
     }
 
     /// Forward of one training sequence: leaves the saved inputs, the merger
@@ -725,85 +748,99 @@ impl TrainRun<'_> {
         )
     }
 
-    /// The wiring of `block` (shared with the CPU graph), its rows and
-    /// rope plan, and whether a vision block attends over whole images.
-    fn placed(
-        &self,
-        block: Block,
-        plan: &HostPlan,
-    ) -> (BlockWiring, usize, &RopeFreqsDevice, bool) {
-        let r = self.run;
-        match block {
-            Block::Vision(i) => (
-                BlockWiring::vision(&r.cfg.vision, &r.layout.vision.blocks[i]),
-                plan.shape.patches,
-                &r.vision_rope,
-                r.cfg.vision.fullatt_block_indexes.contains(&i),
-            ),
-            Block::Text(l) => (
-                BlockWiring::text(&r.cfg.text, &r.layout.text.layers[l]),
-                plan.shape.tokens,
-                &r.text_rope,
-                false,
-            ),
-        }
-    }
-
-    /// `out[rows, p.out] = x[rows, inp] @ W^T (+ b)` for projection `p`.
-    fn project(
-        &self,
-        x: &CudaSlice<f32>,
-        rows: usize,
-        inp: usize,
-        p: &Proj,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        self.run
-            .linear(x, rows, inp, p.out, p.weight, p.bias, p.row0, out)
-    }
-
     /// One vision block or decoder layer on `a.x` (updated in place),
-    /// keeping its activations in `a.acts`: the device twin of
-    /// `block::block_fwd` with the same wiring.
+    /// keeping its activations in `a.acts`. Twin of `vision_block_fwd` /
+    /// `text_layer_fwd`.
     fn block_fwd(
         &self,
         a: &mut TrainArena,
         block: Block,
         plan: &HostPlan,
     ) -> Result<(), CudaError> {
-        let (r, g) = (self.run, self.gpu());
+        let r = self.run;
+        let g = self.gpu();
         let shape = self.block_attn(block, plan)?;
-        let (w, n, rope, full) = self.placed(block, plan);
-        let (pos, cu) = match block {
-            Block::Vision(_) if full => (&a.vpos, &a.cu_full),
-            Block::Vision(_) => (&a.vpos, &a.cu_window),
-            Block::Text(_) => (&a.tpos, &a.cu_text),
-        };
-        let hid = w.hidden;
         let b = &mut a.acts;
-        g.rmsnorm_fwd(&a.x, r.w(w.norm1), n, hid, w.eps, &mut b.h1, &mut b.rstd1)?;
-        self.project(&b.h1, n, hid, &w.q, &mut b.raw)?;
-        g.rope(rope, pos, n, w.q_heads, false, &b.raw, &mut b.q)?;
-        self.project(&b.h1, n, hid, &w.k, &mut b.raw)?;
-        g.rope(rope, pos, n, w.kv_heads, false, &b.raw, &mut b.k)?;
-        self.project(&b.h1, n, hid, &w.v, &mut b.v)?;
-        g.flash_attn_fwd(&shape, &b.q, &b.k, &b.v, cu, cu, &mut b.attn, &mut b.lse)?;
-        self.project(&b.attn, n, w.q_width(), &w.o, &mut b.proj)?;
-        r.add(&mut a.x, &b.proj, n * hid)?;
-        self.copy(&a.x, &mut b.x_mid, n * hid)?;
-        g.rmsnorm_fwd(&a.x, r.w(w.norm2), n, hid, w.eps, &mut b.h2, &mut b.rstd2)?;
-        self.project(&b.h2, n, hid, &w.gate, &mut b.gate)?;
-        self.project(&b.h2, n, hid, &w.up, &mut b.up)?;
-        g.swiglu_fwd(&b.gate, &b.up, n * w.intermediate, &mut b.act)?;
-        self.project(&b.act, n, w.intermediate, &w.down, &mut b.proj)?;
-        r.add(&mut a.x, &b.proj, n * hid)?;
+        match block {
+            Block::Vision(i) => {
+                let vc = &r.cfg.vision;
+                let bp = &r.layout.vision.blocks[i];
+                let n = plan.shape.patches;
+                let (vh, vi, heads) = (vc.hidden_size, vc.intermediate_size, vc.num_heads);
+                let eps = vc.rms_norm_eps as f32;
+                let cu = if vc.fullatt_block_indexes.contains(&i) {
+                    &a.cu_full
+                } else {
+                    &a.cu_window
+                };
+                g.rmsnorm_fwd(&a.x, r.w(bp.norm1), n, vh, eps, &mut b.h1, &mut b.rstd1)?;
+                r.linear(&b.h1, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 0, &mut b.raw)?;
+                g.rope(&r.vision_rope, &a.vpos, n, heads, false, &b.raw, &mut b.q)?;
+                r.linear(&b.h1, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), vh, &mut b.raw)?;
+                g.rope(&r.vision_rope, &a.vpos, n, heads, false, &b.raw, &mut b.k)?;
+                r.linear(&b.h1, n, vh, vh, bp.qkv_w, Some(bp.qkv_b), 2 * vh, &mut b.v)?;
+                g.flash_attn_fwd(&shape, &b.q, &b.k, &b.v, cu, cu, &mut b.attn, &mut b.lse)?;
+                r.linear(
+                    &b.attn,
+                    n,
+                    vh,
+                    vh,
+                    bp.proj_w,
+                    Some(bp.proj_b),
+                    0,
+                    &mut b.proj,
+                )?;
+                r.add(&mut a.x, &b.proj, n * vh)?;
+                self.copy(&a.x, &mut b.x_mid, n * vh)?;
+                g.rmsnorm_fwd(&a.x, r.w(bp.norm2), n, vh, eps, &mut b.h2, &mut b.rstd2)?;
+                r.linear(&b.h2, n, vh, vi, bp.gate_w, Some(bp.gate_b), 0, &mut b.gate)?;
+                r.linear(&b.h2, n, vh, vi, bp.up_w, Some(bp.up_b), 0, &mut b.up)?;
+                g.swiglu_fwd(&b.gate, &b.up, n * vi, &mut b.act)?;
+                r.linear(
+                    &b.act,
+                    n,
+                    vi,
+                    vh,
+                    bp.down_w,
+                    Some(bp.down_b),
+                    0,
+                    &mut b.proj,
+                )?;
+                r.add(&mut a.x, &b.proj, n * vh)?;
+            }
+            Block::Text(l) => {
+                let tc = &r.cfg.text;
+                let lp = &r.layout.text.layers[l];
+                let t = plan.shape.tokens;
+                let (h, inter, hd) = (tc.hidden_size, tc.intermediate_size, tc.head_dim);
+                let (nh, nkv) = (tc.num_heads, tc.num_kv_heads);
+                let (qw, kw) = (nh * hd, nkv * hd);
+                let eps = tc.rms_norm_eps as f32;
+                g.rmsnorm_fwd(&a.x, r.w(lp.input_norm), t, h, eps, &mut b.h1, &mut b.rstd1)?;
+                r.linear(&b.h1, t, h, qw, lp.q_w, Some(lp.q_b), 0, &mut b.raw)?;
+                g.rope(&r.text_rope, &a.tpos, t, nh, false, &b.raw, &mut b.q)?;
+                r.linear(&b.h1, t, h, kw, lp.k_w, Some(lp.k_b), 0, &mut b.raw)?;
+                g.rope(&r.text_rope, &a.tpos, t, nkv, false, &b.raw, &mut b.k)?;
+                r.linear(&b.h1, t, h, kw, lp.v_w, Some(lp.v_b), 0, &mut b.v)?;
+                let cu = &a.cu_text;
+                g.flash_attn_fwd(&shape, &b.q, &b.k, &b.v, cu, cu, &mut b.attn, &mut b.lse)?;
+                r.linear(&b.attn, t, qw, h, lp.o_w, None, 0, &mut b.proj)?;
+                r.add(&mut a.x, &b.proj, t * h)?;
+                self.copy(&a.x, &mut b.x_mid, t * h)?;
+                g.rmsnorm_fwd(&a.x, r.w(lp.post_norm), t, h, eps, &mut b.h2, &mut b.rstd2)?;
+                r.linear(&b.h2, t, h, inter, lp.gate_w, None, 0, &mut b.gate)?;
+                r.linear(&b.h2, t, h, inter, lp.up_w, None, 0, &mut b.up)?;
+                g.swiglu_fwd(&b.gate, &b.up, t * inter, &mut b.act)?;
+                r.linear(&b.act, t, inter, h, lp.down_w, None, 0, &mut b.proj)?;
+                r.add(&mut a.x, &b.proj, t * h)?;
+            }
+        }
         Ok(())
     }
 
     /// Backward of [`Self::block_fwd`] (its activations in `a.acts`, its
-    /// input saved in the arena): `a.dx` holds the gradient w.r.t. the
-    /// block's output on entry and w.r.t. its input on return. The device
-    /// twin of `block::block_bwd`.
+    /// input in `input`): `a.dx` holds the gradient w.r.t. the block's
+    /// output on entry and w.r.t. its input on return.
     fn block_bwd(
         &self,
         a: &mut TrainArena,
@@ -811,27 +848,107 @@ impl TrainRun<'_> {
         block: Block,
         plan: &HostPlan,
     ) -> Result<(), CudaError> {
-        let (r, g) = (self.run, self.gpu());
+        let r = self.run;
+        let g = self.gpu();
         let shape = self.block_attn(block, plan)?;
-        let (w, n, rope, full) = self.placed(block, plan);
-        let (input, pos, cu) = match block {
-            Block::Vision(i) if full => (&a.block_inputs[i], &a.vpos, &a.cu_full),
-            Block::Vision(i) => (&a.block_inputs[i], &a.vpos, &a.cu_window),
-            Block::Text(l) => (&a.layer_inputs[l], &a.tpos, &a.cu_text),
+        // Per tower: rows, widths, norms, the MLP and attention projections
+        // (weight, bias, first weight row) and the rope plan.
+        struct Wiring<'w> {
+            rows: usize,
+            hid: usize,
+            inter: usize,
+            q_heads: usize,
+            kv_heads: usize,
+            q_width: usize,
+            kv_width: usize,
+            norm1: ParamId,
+            norm2: ParamId,
+            q: (ParamId, Option<ParamId>, usize),
+            k: (ParamId, Option<ParamId>, usize),
+            v: (ParamId, Option<ParamId>, usize),
+            o: (ParamId, Option<ParamId>, usize),
+            gate: (ParamId, Option<ParamId>, usize),
+            up: (ParamId, Option<ParamId>, usize),
+            down: (ParamId, Option<ParamId>, usize),
+            rope: &'w RopeFreqsDevice,
+        }
+        let (wiring, input, pos, cu) = match block {
+            Block::Vision(i) => {
+                let vc = &r.cfg.vision;
+                let bp = &r.layout.vision.blocks[i];
+                let vh = vc.hidden_size;
+                let cu = if vc.fullatt_block_indexes.contains(&i) {
+                    &a.cu_full
+                } else {
+                    &a.cu_window
+                };
+                (
+                    Wiring {
+                        rows: plan.shape.patches,
+                        hid: vh,
+                        inter: vc.intermediate_size,
+                        q_heads: vc.num_heads,
+                        kv_heads: vc.num_heads,
+                        q_width: vh,
+                        kv_width: vh,
+                        norm1: bp.norm1,
+                        norm2: bp.norm2,
+                        q: (bp.qkv_w, Some(bp.qkv_b), 0),
+                        k: (bp.qkv_w, Some(bp.qkv_b), vh),
+                        v: (bp.qkv_w, Some(bp.qkv_b), 2 * vh),
+                        o: (bp.proj_w, Some(bp.proj_b), 0),
+                        gate: (bp.gate_w, Some(bp.gate_b), 0),
+                        up: (bp.up_w, Some(bp.up_b), 0),
+                        down: (bp.down_w, Some(bp.down_b), 0),
+                        rope: &r.vision_rope,
+                    },
+                    &a.block_inputs[i],
+                    &a.vpos,
+                    cu,
+                )
+            }
+            Block::Text(l) => {
+                let tc = &r.cfg.text;
+                let lp = &r.layout.text.layers[l];
+                (
+                    Wiring {
+                        rows: plan.shape.tokens,
+                        hid: tc.hidden_size,
+                        inter: tc.intermediate_size,
+                        q_heads: tc.num_heads,
+                        kv_heads: tc.num_kv_heads,
+                        q_width: tc.num_heads * tc.head_dim,
+                        kv_width: tc.num_kv_heads * tc.head_dim,
+                        norm1: lp.input_norm,
+                        norm2: lp.post_norm,
+                        q: (lp.q_w, Some(lp.q_b), 0),
+                        k: (lp.k_w, Some(lp.k_b), 0),
+                        v: (lp.v_w, Some(lp.v_b), 0),
+                        o: (lp.o_w, None, 0),
+                        gate: (lp.gate_w, None, 0),
+                        up: (lp.up_w, None, 0),
+                        down: (lp.down_w, None, 0),
+                        rope: &r.text_rope,
+                    },
+                    &a.layer_inputs[l],
+                    &a.tpos,
+                    &a.cu_text,
+                )
+            }
         };
-        let (hid, inter) = (w.hidden, w.intermediate);
+        let w = wiring;
+        let (n, hid, inter) = (w.rows, w.hid, w.inter);
         let b = &mut a.acts;
         let ones = &a.ones;
         let dx = &mut a.dx;
-        let part = &mut a.norm_partial;
         // MLP branch: out = x_mid + down(silu(gate(h2)) * up(h2)).
         self.linear_bwd(
             grads,
             ones,
             dx,
             &b.act,
-            (n, inter),
-            &w.down,
+            (n, inter, hid),
+            w.down,
             Some((&mut b.d_act, false)),
         )?;
         g.swiglu_bwd(
@@ -847,8 +964,8 @@ impl TrainRun<'_> {
             ones,
             &b.d_gate,
             &b.h2,
-            (n, hid),
-            &w.gate,
+            (n, hid, inter),
+            w.gate,
             Some((&mut b.d_h, false)),
         )?;
         self.linear_bwd(
@@ -856,11 +973,10 @@ impl TrainRun<'_> {
             ones,
             &b.d_up,
             &b.h2,
-            (n, hid),
-            &w.up,
+            (n, hid, inter),
+            w.up,
             Some((&mut b.d_h, true)),
         )?;
-        let dw2 = &mut grads[w.norm2.0];
         g.rmsnorm_bwd_with(
             &b.d_h,
             &b.x_mid,
@@ -869,8 +985,8 @@ impl TrainRun<'_> {
             n,
             hid,
             &mut b.d_norm,
-            dw2,
-            part,
+            &mut grads[w.norm2.0],
+            &mut a.norm_partial,
         )?;
         r.add(dx, &b.d_norm, n * hid)?;
         // Attention branch: x_mid = x_in + o(attn(rope(q(h1)), rope(k(h1)), v(h1))).
@@ -879,8 +995,8 @@ impl TrainRun<'_> {
             ones,
             dx,
             &b.attn,
-            (n, w.q_width()),
-            &w.o,
+            (n, w.q_width, hid),
+            w.o,
             Some((&mut b.d_attn, false)),
         )?;
         g.flash_attn_bwd(
@@ -898,24 +1014,24 @@ impl TrainRun<'_> {
             &mut b.dk,
             &mut b.dv,
         )?;
-        g.rope(rope, pos, n, w.q_heads, true, &b.dq, &mut b.d_raw)?;
+        g.rope(w.rope, pos, n, w.q_heads, true, &b.dq, &mut b.d_raw)?;
         self.linear_bwd(
             grads,
             ones,
             &b.d_raw,
             &b.h1,
-            (n, hid),
-            &w.q,
+            (n, hid, w.q_width),
+            w.q,
             Some((&mut b.d_h, false)),
         )?;
-        g.rope(rope, pos, n, w.kv_heads, true, &b.dk, &mut b.d_raw)?;
+        g.rope(w.rope, pos, n, w.kv_heads, true, &b.dk, &mut b.d_raw)?;
         self.linear_bwd(
             grads,
             ones,
             &b.d_raw,
             &b.h1,
-            (n, hid),
-            &w.k,
+            (n, hid, w.kv_width),
+            w.k,
             Some((&mut b.d_h, true)),
         )?;
         self.linear_bwd(
@@ -923,11 +1039,10 @@ impl TrainRun<'_> {
             ones,
             &b.dv,
             &b.h1,
-            (n, hid),
-            &w.v,
+            (n, hid, w.kv_width),
+            w.v,
             Some((&mut b.d_h, true)),
         )?;
-        let dw1 = &mut grads[w.norm1.0];
         g.rmsnorm_bwd_with(
             &b.d_h,
             input,
@@ -936,8 +1051,8 @@ impl TrainRun<'_> {
             n,
             hid,
             &mut b.d_norm,
-            dw1,
-            part,
+            &mut grads[w.norm1.0],
+            &mut a.norm_partial,
         )?;
         r.add(dx, &b.d_norm, n * hid)?;
         Ok(())
@@ -1182,8 +1297,8 @@ impl TrainRun<'_> {
             &a.ones,
             &a.d_merged,
             &a.gelu,
-            (m, mw),
-            &Proj::whole(mp.fc2_w, Some(mp.fc2_b), out),
+            (m, mw, out),
+            (mp.fc2_w, Some(mp.fc2_b), 0),
             Some((&mut a.d_gelu, false)),
         )?;
         self.gpu()
@@ -1193,8 +1308,8 @@ impl TrainRun<'_> {
             &a.ones,
             &a.d_fc1,
             &a.m_h,
-            (m, mw),
-            &Proj::whole(mp.fc1_w, Some(mp.fc1_b), mw),
+            (m, mw, mw),
+            (mp.fc1_w, Some(mp.fc1_b), 0),
             Some((&mut a.acts.d_h, false)),
         )?;
         self.gpu().rmsnorm_bwd_with(
@@ -1227,8 +1342,8 @@ impl TrainRun<'_> {
             &a.ones,
             &a.acts.d_norm,
             &a.pixels,
-            (n, pd),
-            &Proj::whole(v.patch_embed, None, vh),
+            (n, pd, vh),
+            (v.patch_embed, None, 0),
             None,
         )?;
         Ok(())
