@@ -274,4 +274,28 @@ mod tests {
         blacken_patches(&mut other, &cfg, 0.5, 4);
         assert_ne!(other, pv);
     }
+
+    /// A sequence's images each get their own draw: image `i` is masked as
+    /// `perturb_patches` with `image_mask_seed(seed, i)` on its own rows
+    /// (the device's patch-embed kernel runs per image the same way).
+    #[test]
+    fn each_image_of_a_sequence_has_its_own_mask() {
+        let cfg = ImageProcessorConfig::default();
+        let row = 3 * cfg.temporal_patch_size * cfg.patch_size * cfg.patch_size;
+        let grids = [[1, 4, 4], [1, 2, 6]];
+        let clean: Vec<f32> = (0..28 * row).map(|i| (i % 97) as f32 / 97.0).collect();
+        let mut whole = clean.clone();
+        let n = perturb_images(&mut whole, &grids, &cfg, Perturbation::Black, 0.5, 9);
+        let mut parts = clean.clone();
+        let (a, b) = parts.split_at_mut(16 * row);
+        let na = perturb_patches(a, &cfg, Perturbation::Black, 0.5, image_mask_seed(9, 0));
+        let nb = perturb_patches(b, &cfg, Perturbation::Black, 0.5, image_mask_seed(9, 1));
+        assert_eq!(whole, parts);
+        assert_eq!(n, na + nb);
+        assert!(na > 0 && nb > 0 && n < 28);
+        // Not the draw of one image spanning both.
+        let mut one = clean;
+        perturb_patches(&mut one, &cfg, Perturbation::Black, 0.5, 9);
+        assert_ne!(one, whole);
+    }
 }
