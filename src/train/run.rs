@@ -244,19 +244,21 @@ fn open_device(
     Ok(Some(dev))
 }
 
-/// Brings the host's weights and optimizer state up to date with the
-/// device's (the optimizer steps there) before they are saved.
-fn sync_from_device(
+/// [`save`] after bringing the host's weights and optimizer state up to
+/// date with the device's (where the optimizer steps).
+fn save_from(
     device: Option<&mut DeviceModel>,
+    out: &Path,
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,
-) -> Result<(), RunError> {
-    match device {
-        Some(dev) => dev
-            .sync_to_host(&mut pipeline.model.weights, optimizer)
-            .map_err(|e| RunError::Device(format!("copying the weights back: {e}"))),
-        None => Ok(()),
+    state: &TrainingState,
+    keep: usize,
+) -> Result<PathBuf, RunError> {
+    if let Some(dev) = device {
+        dev.sync_to_host(&mut pipeline.model.weights, optimizer)
+            .map_err(|e| RunError::Device(format!("copying the weights back: {e}")))?;
     }
+    save(out, &pipeline.model, optimizer, state, keep)
 }
 
 struct Progress {
@@ -517,26 +519,28 @@ pub fn run(
         state.extra["rollout_batches"] = rollout_index.into();
         let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
         if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64 || done {
-            sync_from_device(device.as_mut(), &mut pipeline, &mut optimizer)?;
-            save(
+            let keep = cfg.keep_checkpoints;
+            save_from(
+                device.as_mut(),
                 &out,
-                &pipeline.model,
-                &optimizer,
+                &mut pipeline,
+                &mut optimizer,
                 &state,
-                cfg.keep_checkpoints,
+                keep,
             )?;
             last_saved = state.step;
         }
     }
     progress.bar.finish_and_clear();
     if state.step != last_saved {
-        sync_from_device(device.as_mut(), &mut pipeline, &mut optimizer)?;
-        save(
+        let keep = cfg.keep_checkpoints;
+        save_from(
+            device.as_mut(),
             &out,
-            &pipeline.model,
-            &optimizer,
+            &mut pipeline,
+            &mut optimizer,
             &state,
-            cfg.keep_checkpoints,
+            keep,
         )?;
     }
     let plot = out.join(PLOT_FILE);
