@@ -68,7 +68,7 @@ enum Command {
         /// Training data: parquet or JSONL with problem, answer, images.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Where rollouts, log-probs and the backward run (same as
+        /// Where rollouts, log-probs, the backward and AdamW run (same as
         /// device=...): auto picks the GPU when one is usable.
         #[arg(long, value_enum)]
         device: Option<Device>,

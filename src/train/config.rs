@@ -94,8 +94,9 @@ pub struct TrainConfig {
     pub warmup_batch: usize,
     /// Grid side of the built-in counting task (cells x cells shapes).
     pub builtin_grid: usize,
-    /// Where rollouts, log-probs and the backward run: auto (the GPU when
-    /// one is usable), cpu, cuda. The optimizer and warm-up stay on the CPU.
+    /// Where rollouts, log-probs, the backward and AdamW run: auto (the GPU
+    /// when one is usable), cpu, cuda. The built-in warm-up runs on the CPU,
+    /// and so does AdamW with `bf16` model weights.
     pub device: crate::backend::Device,
 }
 
