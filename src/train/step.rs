@@ -308,44 +308,41 @@ pub fn collect_rollouts_on(
                     .all(|s| s.input.resized.len() == s.input.grids.len());
             if fused {
                 dev.ensure_image_processor(&pipeline.images)?;
-            }
-            for r in chunks(0..batch.len(), cfg.micro_batch) {
-                if fused {
-                    let dependency = dependency.as_mut().expect("fused implies VPPO");
-                    for i in r {
-                        let s = &batch[i];
-                        let both = dev.dual_logprobs(
-                            &s.input,
-                            s.prompt_len,
-                            mask_seed(i),
-                            cfg.blacken_p,
-                            exact,
-                        )?;
-                        let n = both.logprobs.len() / 2;
-                        let (la, lb) = both.logits.split_at(both.logits.len() / 2);
-                        let (a, b) = both.logprobs.split_at(n);
-                        dependency.extend(dependency_of(a, b, la, lb));
-                        lp_old.extend_from_slice(a);
-                    }
-                    continue;
+                let dependency = dependency.as_mut().expect("fused implies VPPO");
+                for (i, s) in batch.iter().enumerate() {
+                    let both = dev.dual_logprobs(
+                        &s.input,
+                        s.prompt_len,
+                        mask_seed(i),
+                        cfg.blacken_p,
+                        exact,
+                    )?;
+                    // The original's rows come first, then the twin's.
+                    let (a, b) = both.logprobs.split_at(both.logprobs.len() / 2);
+                    let (la, lb) = both.logits.split_at(both.logits.len() / 2);
+                    dependency.extend(dependency_of(a, b, la, lb));
+                    lp_old.extend_from_slice(a);
                 }
+            } else {
                 let pass = |dev: &mut DeviceModel, seqs: &[TrainSequence]| {
                     let inputs: Vec<&SequenceInput> = seqs.iter().map(|s| &s.input).collect();
                     let lens: Vec<usize> = seqs.iter().map(|s| s.prompt_len).collect();
                     dev.packed_logprobs(&inputs, &lens, exact)
                 };
-                let original = pass(dev, &batch[r.clone()])?;
-                if let Some(dependency) = &mut dependency {
-                    let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
-                    let masked = pass(dev, &masked)?;
-                    dependency.extend(dependency_of(
-                        &original.logprobs,
-                        &masked.logprobs,
-                        &original.logits,
-                        &masked.logits,
-                    ));
+                for r in chunks(0..batch.len(), cfg.micro_batch) {
+                    let original = pass(dev, &batch[r.clone()])?;
+                    if let Some(dependency) = &mut dependency {
+                        let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
+                        let masked = pass(dev, &masked)?;
+                        dependency.extend(dependency_of(
+                            &original.logprobs,
+                            &masked.logprobs,
+                            &original.logits,
+                            &masked.logits,
+                        ));
+                    }
+                    lp_old.extend(original.logprobs);
                 }
-                lp_old.extend(original.logprobs);
             }
         }
         None => {
