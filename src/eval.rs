@@ -4,11 +4,13 @@
 
 use crate::data::prompt::{build_prompt, PromptFormat, Skip};
 use crate::data::{open_rows, Columns, DataError, Example, RowCounts};
+use crate::model::device::DeviceModel;
 use crate::model::ModelError;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::reward::accuracy_reward;
-use crate::rollout::generate::{eos_ids, Generator, Sample};
+use crate::rollout::generate::{eos_ids, Sample};
 use crate::rollout::sampling::SamplingParams;
+use crate::rollout::AnyGenerator;
 use std::path::Path;
 use std::time::Instant;
 
@@ -115,10 +117,12 @@ impl EvalSummary {
     }
 }
 
-/// Runs the benchmark; `on_problem` receives each finished problem (for the
-/// JSONL output), `on_skip` each skipped row with its reason.
+/// Runs the benchmark (sampling on `device` when given); `on_problem`
+/// receives each finished problem (for the JSONL output), `on_skip` each
+/// skipped row with its reason.
 pub fn evaluate(
     pipeline: &Pipeline,
+    device: Option<&mut DeviceModel>,
     data: &Path,
     opts: &EvalOptions,
     on_problem: &mut dyn FnMut(&ProblemResult),
@@ -129,11 +133,11 @@ pub fn evaluate(
     let mut accuracy_sum = 0.0;
     let mut response_tokens = 0usize;
     let mut pending: Vec<(Example, crate::model::SequenceInput)> = Vec::new();
-    let mut generator = Generator::new(&pipeline.model, eos_ids(&pipeline.model.dir));
+    let mut generator = AnyGenerator::new(&pipeline.model, device, eos_ids(&pipeline.model.dir));
     let mut batch_index = 0u64;
     let mut flush = |pending: &mut Vec<(Example, crate::model::SequenceInput)>,
                      summary: &mut EvalSummary,
-                     generator: &mut Generator|
+                     generator: &mut AnyGenerator|
      -> Result<(), EvalError> {
         if pending.is_empty() {
             return Ok(());

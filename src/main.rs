@@ -211,6 +211,9 @@ enum Command {
         /// Instruction appended after a blank line (default: the recipe's).
         #[arg(long)]
         prompt_suffix: Option<String>,
+        /// Where to sample: auto (the GPU when one is usable), cpu, cuda.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
     },
     /// Re-save a checkpoint in the Hub layout (`visual.*` / `model.*`
     /// names, sharded safetensors + index, other files copied), e.g. to
@@ -239,6 +242,17 @@ enum Command {
         #[arg(long)]
         response: String,
     },
+}
+
+/// The model on CUDA device 0 (`--device cuda`), with a clear error when
+/// there is no usable GPU or the upload fails.
+fn open_device_model(
+    model: &vppo_engine::model::Qwen25Vl,
+) -> anyhow::Result<vppo_engine::model::device::DeviceModel> {
+    let gpu = vppo_engine::backend::cuda::CudaBackend::new(0)
+        .context("--device cuda: cannot open CUDA device 0")?;
+    vppo_engine::model::device::DeviceModel::new(std::sync::Arc::new(gpu), model)
+        .context("--device cuda: uploading the model")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -323,13 +337,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let scorer = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
             let scored = if device == Device::Cuda {
-                let gpu = vppo_engine::backend::cuda::CudaBackend::new(0)
-                    .context("--device cuda: cannot open CUDA device 0")?;
-                let mut dev = vppo_engine::model::device::DeviceModel::new(
-                    std::sync::Arc::new(gpu),
-                    &scorer.model,
-                )
-                .context("--device cuda: uploading the model")?;
+                let mut dev = open_device_model(&scorer.model)?;
                 let loaded = start.elapsed();
                 let scored = scorer.score_device(&mut dev, &images, &prompt, &response)?;
                 (scored, loaded)
@@ -399,24 +407,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let eos = vppo_engine::rollout::generate::eos_ids(&model);
             let start = Instant::now();
-            let (samples, st) = if device == Device::Cuda {
-                let gpu = vppo_engine::backend::cuda::CudaBackend::new(0)
-                    .context("--device cuda: cannot open CUDA device 0")?;
-                let mut dev = vppo_engine::model::device::DeviceModel::new(
-                    std::sync::Arc::new(gpu),
-                    &pipeline.model,
-                )
-                .context("--device cuda: uploading the model")?;
-                let mut generator =
-                    vppo_engine::rollout::device_generate::DeviceGenerator::new(&mut dev, eos);
-                let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
-                (samples, generator.stats)
-            } else {
-                let mut generator =
-                    vppo_engine::rollout::generate::Generator::new(&pipeline.model, eos);
-                let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
-                (samples, generator.stats)
+            let mut dev = match device {
+                Device::Cuda => Some(open_device_model(&pipeline.model)?),
+                _ => None,
             };
+            let mut generator =
+                vppo_engine::rollout::AnyGenerator::new(&pipeline.model, dev.as_mut(), eos);
+            let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
+            let st = *generator.stats();
             for s in &samples {
                 let text = pipeline.text.decode(&s.token_ids, true)?;
                 let line = serde_json::json!({
@@ -457,6 +455,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             answer_column,
             images_column,
             prompt_suffix,
+            device,
         } => {
             use std::io::Write as _;
             if n == 0 {
@@ -464,6 +463,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
+            let mut dev = match device.resolve(false) {
+                Device::Cuda => Some(open_device_model(&pipeline.model)?),
+                _ => None,
+            };
             let opts = vppo_engine::eval::EvalOptions {
                 n,
                 sampling: vppo_engine::rollout::sampling::SamplingParams {
@@ -507,6 +510,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut write_error = None;
             let summary = vppo_engine::eval::evaluate(
                 &pipeline,
+                dev.as_mut(),
                 &data,
                 &opts,
                 &mut |p| {

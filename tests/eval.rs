@@ -49,6 +49,7 @@ fn eval_reports_average_accuracy_at_n() {
     let mut skipped = Vec::new();
     let summary = evaluate(
         &pipeline,
+        None,
         &data,
         &opts,
         &mut |p| problems.push(p.clone()),
@@ -80,7 +81,7 @@ fn eval_reports_average_accuracy_at_n() {
         limit: Some(2),
         ..opts.clone()
     };
-    let s = evaluate(&pipeline, &data, &limited, &mut |_| {}, &mut |_| {}).unwrap();
+    let s = evaluate(&pipeline, None, &data, &limited, &mut |_| {}, &mut |_| {}).unwrap();
     assert_eq!(s.problems, 2);
     // The CLI writes one JSON line per problem and prints the table.
     let out = dir.join("results.jsonl");

@@ -18,9 +18,9 @@ use crate::rl::{
     group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
     Perturbation, PolicyLossConfig,
 };
-use crate::rollout::device_generate::DeviceGenerator;
-use crate::rollout::generate::{eos_ids, Generator};
+use crate::rollout::generate::eos_ids;
 use crate::rollout::sampling::SamplingParams;
+use crate::rollout::AnyGenerator;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algo {
@@ -205,22 +205,13 @@ pub fn collect_rollouts_on(
     let samples = {
         let _nvtx = crate::nvtx::range("rollout");
         let eos = eos_ids(&pipeline.model.dir);
-        match device.as_deref_mut() {
-            Some(dev) => DeviceGenerator::new(dev, eos).generate(
-                &inputs,
-                cfg.n,
-                &cfg.sampling,
-                cfg.max_new_tokens,
-                seed,
-            )?,
-            None => Generator::new(&pipeline.model, eos).generate(
-                &inputs,
-                cfg.n,
-                &cfg.sampling,
-                cfg.max_new_tokens,
-                seed,
-            )?,
-        }
+        AnyGenerator::new(&pipeline.model, device.as_deref_mut(), eos).generate(
+            &inputs,
+            cfg.n,
+            &cfg.sampling,
+            cfg.max_new_tokens,
+            seed,
+        )?
     };
     let mut rewards = Vec::with_capacity(samples.len());
     for s in &samples {
