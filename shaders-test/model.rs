@@ -9,6 +9,7 @@ use std::sync::Arc;
 use vppo_engine::backend::cpu::gemm::{matmul, Trans};
 use vppo_engine::backend::cuda::{blas_present, CudaBackend, GemmImpl, GemmShape};
 use vppo_engine::model::device::DeviceModel;
+use vppo_engine::model::SequenceInput;
 use vppo_engine::pipeline::Pipeline;
 
 /// fp32 parity of the whole forward (the GEMMs run without TF32).
@@ -249,6 +250,35 @@ pub(crate) fn fixture_request(
     Ok((dir, prompt, images, response))
 }
 
+/// A fixture loaded for a model case: its checkpoint directory and
+/// request, the pipeline, and the request prepared (prompt + response).
+pub(crate) struct Prepared {
+    pub dir: PathBuf,
+    pub prompt: String,
+    pub images: Vec<PathBuf>,
+    pub response: String,
+    pub pipe: Pipeline,
+    pub input: SequenceInput,
+    pub prompt_len: usize,
+}
+
+pub(crate) fn prepared(case: &str) -> Result<Prepared, String> {
+    let (dir, prompt, images, response) = fixture_request(case)?;
+    let pipe = Pipeline::load(&dir).map_err(|e| e.to_string())?;
+    let (input, prompt_len) = pipe
+        .prepare(&images, &prompt, &response)
+        .map_err(|e| e.to_string())?;
+    Ok(Prepared {
+        dir,
+        prompt,
+        images,
+        response,
+        pipe,
+        input,
+        prompt_len,
+    })
+}
+
 pub(crate) fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -265,11 +295,15 @@ fn model_case(case: &'static str) -> Case {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
             }
-            let (dir, prompt, images, response) = fixture_request(case)?;
-            let pipe = Pipeline::load(&dir).map_err(|e| e.to_string())?;
-            let (input, prompt_len) = pipe
-                .prepare(&images, &prompt, &response)
-                .map_err(|e| e.to_string())?;
+            let Prepared {
+                prompt,
+                images,
+                response,
+                pipe,
+                input,
+                prompt_len,
+                ..
+            } = prepared(case)?;
             let cpu_scored = pipe
                 .score(&images, &prompt, &response)
                 .map_err(|e| e.to_string())?;

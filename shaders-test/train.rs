@@ -2,7 +2,7 @@
 //! CPU step on a committed fixture: the mini-batch loss, every parameter
 //! gradient, and the weights after one AdamW step.
 
-use super::model::{fixture_request, NO_CUBLAS};
+use super::model::{prepared, Prepared, NO_CUBLAS};
 use super::{check, cuda, rel_err, Case};
 use std::sync::Arc;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
@@ -35,11 +35,13 @@ fn step_case(case: &'static str) -> Case {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
             }
-            let (dir, prompt, images, response) = fixture_request(case)?;
-            let pipe = Pipeline::load(&dir).map_err(|e| e.to_string())?;
-            let (mut input, prompt_len) = pipe
-                .prepare(&images, &prompt, &response)
-                .map_err(|e| e.to_string())?;
+            let Prepared {
+                dir,
+                pipe,
+                mut input,
+                prompt_len,
+                ..
+            } = prepared(case)?;
             input.ids.truncate(prompt_len);
             let prompts = vec![
                 Prompt {
@@ -178,11 +180,12 @@ fn dual_case(case: &'static str) -> Case {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
             }
-            let (dir, prompt, images, response) = fixture_request(case)?;
-            let pipe = Pipeline::load(&dir).map_err(|e| e.to_string())?;
-            let (input, prompt_len) = pipe
-                .prepare(&images, &prompt, &response)
-                .map_err(|e| e.to_string())?;
+            let Prepared {
+                pipe,
+                input,
+                prompt_len,
+                ..
+            } = prepared(case)?;
             if input.resized.len() != input.grids.len() {
                 return Err("the prepared input has no resized image bytes".into());
             }

@@ -487,16 +487,6 @@ impl DeviceModel {
         Ok(())
     }
 
-    /// The log-probs and entropies of the tokens after `prompt_len` (as
-    /// [`Self::forward`], without bringing the logits back to the host).
-    pub fn response_logprobs(
-        &mut self,
-        input: &SequenceInput,
-        prompt_len: usize,
-    ) -> Result<DeviceForward, ModelError> {
-        self.packed_logprobs(&[input], &[prompt_len], false)
-    }
-
     fn forward_with(
         &mut self,
         inputs: &[&SequenceInput],

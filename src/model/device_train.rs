@@ -460,11 +460,6 @@ impl DeviceModel {
         s.synchronize()?;
         Ok(())
     }
-
-    /// Training arena (re)allocations so far.
-    pub fn train_arena_allocations(&self) -> usize {
-        self.train.as_ref().map_or(0, |t| t.arena_allocations)
-    }
 }
 
 /// The training graph over a borrowed [`Run`].

@@ -14,6 +14,6 @@ pub mod shaping;
 
 pub use advantage::{group_advantages, keep_group};
 pub use loss::{PolicyLoss, PolicyLossConfig};
-pub use objective::{micro_batch_objective, MicroBatch, VppoConfig};
+pub use objective::{Shaping, VppoConfig};
 pub use perturb::{blacken_patches, perturb_images, perturb_patches, Perturbation};
 pub use shaping::{dependency_range, tas_scales, tgf_mask, visual_dependency, DependencyEstimator};

@@ -1,9 +1,8 @@
-//! One micro-batch's VPPO objective, composed from the pieces: visual
-//! dependency from the two rollout-time log-probs, TAS-scaled advantages,
-//! the TGF token mask, and the dual-clip loss. DAPO/GRPO are the same call
-//! without the perturbed log-probs (no shaping, no filtering).
+//! VPPO's shaping of a micro-batch: TAS-scaled advantages and the TGF
+//! token mask from the rollout-time visual dependency, ready for the
+//! dual-clip loss (`PolicyLossConfig::evaluate`). DAPO/GRPO have no
+//! dependency: plain advantages, every token kept.
 
-use super::loss::{PolicyLoss, PolicyLossConfig};
 use super::shaping::{tas_scales, tgf_mask};
 use crate::backend::cpu::OpError;
 
@@ -35,63 +34,6 @@ pub fn mean_dependency(dependency: &[f32], lens: &[usize]) -> Vec<f32> {
         at += len;
     }
     out
-}
-
-/// Inputs of one micro-batch, tokens of its responses concatenated.
-pub struct MicroBatch<'a> {
-    pub lp_new: &'a [f32],
-    pub lp_old: &'a [f32],
-    /// Each token's visual dependency, from the rollout-time original and
-    /// perturbed-image passes (`None`: DAPO/GRPO).
-    pub dependency: Option<&'a [f32]>,
-    pub response_lens: &'a [usize],
-    /// One GRPO advantage per response.
-    pub advantages: &'a [f32],
-}
-
-/// A micro-batch's loss with what the shaping did (for the run's metrics).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Objective {
-    pub policy: PolicyLoss,
-    /// TAS scale of each response (all 1 without the perturbed pass).
-    pub scales: Vec<f32>,
-    /// Tokens whose policy gradient TGF kept.
-    pub kept_tokens: usize,
-    /// Sum of the token visual dependencies (0 without the perturbed pass).
-    pub dependency_sum: f64,
-}
-
-/// The loss and per-token gradients of a micro-batch. `dependency_range`
-/// is the min/max mean dependency over the whole update mini-batch;
-/// `total_tokens` its valid response tokens.
-pub fn micro_batch_objective(
-    mb: &MicroBatch,
-    vppo: &VppoConfig,
-    loss: &PolicyLossConfig,
-    dependency_range: Option<(f32, f32)>,
-    total_tokens: usize,
-) -> Result<Objective, OpError> {
-    let n: usize = mb.response_lens.iter().sum();
-    assert_eq!(mb.lp_new.len(), n, "objective: token count");
-    let shaping = Shaping::of(
-        mb.dependency,
-        mb.response_lens,
-        mb.advantages,
-        vppo,
-        dependency_range,
-    )?;
-    Ok(Objective {
-        policy: loss.evaluate(
-            mb.lp_new,
-            mb.lp_old,
-            &shaping.token_advantages,
-            &shaping.mask,
-            total_tokens,
-        ),
-        kept_tokens: shaping.kept_tokens(),
-        scales: shaping.scales,
-        dependency_sum: shaping.dependency_sum,
-    })
 }
 
 /// What VPPO's shaping makes of a micro-batch before any log-prob of the
@@ -159,6 +101,7 @@ impl Shaping {
 
 #[cfg(test)]
 mod tests {
+    use super::super::loss::PolicyLossConfig;
     use super::*;
 
     #[test]
@@ -173,22 +116,17 @@ mod tests {
             entropy_penalty: 0.0,
             ..Default::default()
         };
-        let mb = MicroBatch {
-            lp_new: &lp_old,
-            lp_old: &lp_old,
-            dependency: Some(&dep),
-            response_lens: &lens,
-            advantages: &adv,
-        };
         let sbar = mean_dependency(&dep, &lens);
         let range = super::super::shaping::dependency_range(&sbar);
-        let out = micro_batch_objective(&mb, &VppoConfig::default(), &loss, range, 5).unwrap();
+        let shaping = Shaping::of(Some(&dep), &lens, &adv, &VppoConfig::default(), range).unwrap();
         let scales = tas_scales(&sbar, range, 0.9);
-        assert_eq!(out.scales, scales);
-        assert_eq!(out.kept_tokens, 3);
+        assert_eq!(shaping.scales, scales);
+        assert_eq!(shaping.kept_tokens(), 3);
         let dep_sum: f32 = dep.iter().sum();
-        assert!((out.dependency_sum - dep_sum as f64).abs() < 1e-6);
-        let out = out.policy;
+        assert!((shaping.dependency_sum - dep_sum as f64).abs() < 1e-6);
+        let evaluate =
+            |s: &Shaping| loss.evaluate(&lp_old, &lp_old, &s.token_advantages, &s.mask, 5);
+        let out = evaluate(&shaping);
         // TGF keeps ceil(0.4*3)=2 of response 0 (token 1 and the earlier tie),
         // ceil(0.4*2)=1 of response 1 (the larger shift, token 4).
         let kept = [true, true, false, false, true];
@@ -206,13 +144,9 @@ mod tests {
             );
         }
         // Without the perturbed pass: plain advantages, every token.
-        let plain = MicroBatch {
-            dependency: None,
-            ..mb
-        };
-        let out = micro_batch_objective(&plain, &VppoConfig::default(), &loss, None, 5).unwrap();
-        assert_eq!((out.kept_tokens, out.dependency_sum), (5, 0.0));
-        let out = out.policy;
+        let plain = Shaping::of(None, &lens, &adv, &VppoConfig::default(), None).unwrap();
+        assert_eq!((plain.kept_tokens(), plain.dependency_sum), (5, 0.0));
+        let out = evaluate(&plain);
         for t in 0..5 {
             assert!((out.token_grads[t] + adv[owner[t]] / 5.0).abs() < 1e-6);
         }

@@ -192,10 +192,9 @@ impl<'d> DeviceGenerator<'d> {
         }
         loop {
             let blocks = &mut self.blocks;
-            let still = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
+            live = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
                 blocks.release(c)
             });
-            live = still;
             if live.is_empty() {
                 break;
             }

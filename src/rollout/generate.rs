@@ -217,10 +217,9 @@ impl<'m> Generator<'m> {
         loop {
             // Retire finished samples; the rest leave their last token to decode.
             let cache = &mut self.cache;
-            let still = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
+            live = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
                 cache.release(c)
             });
-            live = still;
             if live.is_empty() {
                 break;
             }

@@ -419,14 +419,7 @@ pub fn update_on(
     if optimizer.precision() == WeightPrecision::Fp32 {
         // Gradients, moments and weights stay on the device; the host copies
         // are brought up to date by `DeviceModel::sync_to_host`.
-        let mut stats = accumulate(
-            &pipeline.model,
-            Some(&mut *dev),
-            rollouts,
-            groups,
-            cfg,
-            &mut Tensors(Vec::new()),
-        )?;
+        let mut stats = accumulate(&pipeline.model, Grads::Engine(dev), rollouts, groups, cfg)?;
         stats.optimizer = dev.optimizer_step(optimizer)?;
         return Ok(stats);
     }
@@ -533,8 +526,8 @@ pub fn mini_batch_gradients_on(
 ) -> Result<(Tensors, UpdateStats), PipelineError> {
     let mut grads = Tensors::zeros(&model.layout);
     let stats = match engine.as_mut() {
-        Some(e) => accumulate(model, Some(&mut **e), rollouts, groups, cfg, &mut grads)?,
-        None => accumulate(model, None, rollouts, groups, cfg, &mut grads)?,
+        Some(e) => accumulate(model, Grads::Engine(&mut **e), rollouts, groups, cfg)?,
+        None => accumulate(model, Grads::Host(&mut grads), rollouts, groups, cfg)?,
     };
     if let Some(engine) = engine {
         engine.finish(&mut grads)?;
@@ -542,15 +535,21 @@ pub fn mini_batch_gradients_on(
     Ok((grads, stats))
 }
 
-/// The micro-batch loop of [`mini_batch_gradients_on`]: gradients go to
-/// `engine` when given (left there), else into `grads`.
+/// Where [`accumulate`] sends the gradients.
+enum Grads<'g> {
+    /// The CPU model's micro-batch backward, into these tensors.
+    Host(&'g mut Tensors),
+    /// One response at a time through an engine, which keeps them.
+    Engine(&'g mut dyn ResponseEngine),
+}
+
+/// The micro-batch loop of [`mini_batch_gradients_on`].
 fn accumulate(
     model: &Qwen25Vl,
-    mut engine: Option<&mut dyn ResponseEngine>,
+    mut grads: Grads<'_>,
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-    grads: &mut Tensors,
 ) -> Result<UpdateStats, PipelineError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
@@ -603,15 +602,15 @@ fn accumulate(
             neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
             policy.token_grads
         };
-        match engine.as_deref_mut() {
-            Some(engine) => {
+        match &mut grads {
+            Grads::Engine(engine) => {
                 for i in r.clone() {
                     let lp = engine.forward(&rollouts.batch[i])?;
                     let token_grads = evaluate(&lp, local(i));
                     engine.backward(&token_grads)?;
                 }
             }
-            None => {
+            Grads::Host(grads) => {
                 let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
                 let token_grads = evaluate(&fwd.logprobs, 0..tok.len());
                 let zeros = vec![0.0; token_grads.len()];
