@@ -7,7 +7,9 @@
 mod common;
 
 use std::time::Instant;
+use vppo_engine::model::engine::Engine;
 use vppo_engine::model::SequenceInput;
+use vppo_engine::ops::cpu::CpuBackend;
 use vppo_engine::rollout::generate::Generator;
 use vppo_engine::rollout::sampling::SamplingParams;
 
@@ -24,15 +26,16 @@ fn main() {
         model.layout.numel() as f64 / 1e6,
         rayon::current_num_threads()
     );
+    let engine = Engine::new(CpuBackend, &model).unwrap();
     for batch in [1usize, 8, 64] {
         // A 1-token generation is the prefill plus one sampling step.
         let t0 = Instant::now();
-        Generator::new(&model, vec![])
+        Generator::new(&engine, vec![])
             .generate(std::slice::from_ref(&prompt), batch, &params, 1, 0)
             .unwrap();
         let prefill = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let mut generator = Generator::new(&model, vec![]);
+        let mut generator = Generator::new(&engine, vec![]);
         let samples = generator
             .generate(std::slice::from_ref(&prompt), batch, &params, new_tokens, 0)
             .unwrap();

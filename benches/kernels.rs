@@ -45,12 +45,12 @@ use std::sync::Arc;
 use std::time::Instant;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
 use vppo_engine::backend::cpu::paged_attention::{PagedSeq, PagedShape};
-use vppo_engine::backend::cpu::rope::RopeFreqs;
 use vppo_engine::backend::cuda::{
     flatten_block_tables, AdamWTensor, CudaBackend, FlashAttnShape, LogitChunk, PatchMask,
     LOGPROB_STATE_PER_ROW,
 };
-use vppo_engine::processor::image::ImageProcessorConfig;
+use vppo_engine::backend::desc::RopeFreqs;
+use vppo_engine::processor::image::{normalize_lut, ImageProcessorConfig};
 use vppo_engine::rollout::sampling::SamplingParams;
 
 /// Elements of the random pool every f32 input is copied from (128 MiB).
@@ -786,7 +786,7 @@ fn bench_patch_embed(b: &mut Bench) -> Result<()> {
     let mut rng = SmallRng::seed_from_u64(4);
     let img: Vec<u8> = (0..w * h * 3).map(|_| rng.random()).collect();
     let img = b.htod(&img)?;
-    let lut = b.gpu.patch_lut(&cfg)?;
+    let lut = b.gpu.patch_lut(&normalize_lut(&cfg))?;
     let mut out = b.zeros::<bf16>(patches * features)?;
     let mut masked = b.zeros::<bf16>(patches * features)?;
     b.time(
@@ -799,7 +799,7 @@ fn bench_patch_embed(b: &mut Bench) -> Result<()> {
         },
         &mut |g| {
             Ok(g.patch_embed(
-                &cfg,
+                &cfg.geometry(),
                 &lut,
                 &img.slice(..),
                 w,

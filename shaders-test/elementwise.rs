@@ -5,7 +5,7 @@ use crate::{check, cuda, drv, random, Case, FP32_TOL};
 use half::bf16;
 use rand::Rng;
 use vppo_engine::backend::cpu;
-use vppo_engine::backend::cpu::rope::RopeFreqs;
+use vppo_engine::backend::desc::RopeFreqs;
 
 #[derive(Clone, Copy, Debug)]
 pub enum RopeKind {

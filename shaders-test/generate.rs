@@ -1,17 +1,16 @@
-//! Rollouts on the device (`rollout::device_generate`) against the CPU
-//! `Generator` on the committed fixtures: greedy ids identical and log-probs
+//! The generator on the CUDA backend against the same generator on the CPU
+//! backend on the committed fixtures: greedy ids identical and log-probs
 //! within 1e-3; sampled log-probs against scoring the same tokens with the
 //! device forward; prefill forks and batching across prompts of different
 //! lengths; every KV block returned at the end.
 
 use super::model::{fixture_dir, fixture_request, max_abs, NO_CUBLAS};
 use super::{cuda, Case};
-use std::sync::Arc;
 use vppo_engine::backend::cuda::{blas_present, CudaBackend};
-use vppo_engine::model::device::DeviceModel;
-use vppo_engine::model::SequenceInput;
+use vppo_engine::model::engine::Engine;
+use vppo_engine::model::{SequenceInput, TrainSequence};
+use vppo_engine::ops::cpu::CpuBackend;
 use vppo_engine::pipeline::Pipeline;
-use vppo_engine::rollout::device_generate::DeviceGenerator;
 use vppo_engine::rollout::generate::{eos_ids, Generator, Sample};
 use vppo_engine::rollout::sampling::SamplingParams;
 
@@ -39,9 +38,13 @@ fn prompts(case: &str) -> Result<(Pipeline, Vec<SequenceInput>), String> {
     Ok((pipe, vec![input, text]))
 }
 
-fn device_model(pipe: &Pipeline) -> Result<DeviceModel, String> {
-    let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
-    DeviceModel::new(gpu, &pipe.model).map_err(|e| e.to_string())
+fn device_model(pipe: &Pipeline) -> Result<Engine<CudaBackend>, String> {
+    let gpu = CudaBackend::new(0).map_err(cuda)?;
+    Engine::new(gpu, &pipe.model).map_err(|e| e.to_string())
+}
+
+fn cpu_model(pipe: &Pipeline) -> Result<Engine<CpuBackend>, String> {
+    Engine::new(CpuBackend, &pipe.model).map_err(|e| e.to_string())
 }
 
 fn describe(s: &Sample) -> String {
@@ -62,12 +65,13 @@ fn greedy_case(case: &'static str) -> Case {
             let (pipe, prompts) = prompts(case)?;
             let eos = eos_ids(&fixture_dir(case));
             let (n, max_new, seed) = (2, 24, 5);
-            let mut cpu = Generator::new(&pipe.model, eos.clone());
+            let host = cpu_model(&pipe)?;
+            let mut cpu = Generator::new(&host, eos.clone());
             let want = cpu
                 .generate(&prompts, n, &GREEDY, max_new, seed)
                 .map_err(|e| e.to_string())?;
-            let mut dev = device_model(&pipe)?;
-            let mut gen = DeviceGenerator::new(&mut dev, eos);
+            let dev = device_model(&pipe)?;
+            let mut gen = Generator::new(&dev, eos);
             let got = gen
                 .generate(&prompts, n, &GREEDY, max_new, seed)
                 .map_err(|e| e.to_string())?;
@@ -121,11 +125,12 @@ fn sampled_case(case: &'static str) -> Case {
                 top_k: 50,
             };
             let (n, max_new, seed) = (3, 12, 7);
-            let mut dev = device_model(&pipe)?;
-            let got = DeviceGenerator::new(&mut dev, eos.clone())
+            let dev = device_model(&pipe)?;
+            let host = cpu_model(&pipe)?;
+            let got = Generator::new(&dev, eos.clone())
                 .generate(&prompts, n, &params, max_new, seed)
                 .map_err(|e| e.to_string())?;
-            let want = Generator::new(&pipe.model, eos)
+            let want = Generator::new(&host, eos)
                 .generate(&prompts, n, &params, max_new, seed)
                 .map_err(|e| e.to_string())?;
             let same = got
@@ -144,8 +149,12 @@ fn sampled_case(case: &'static str) -> Case {
                 }
                 let mut input = prompt.clone();
                 input.ids.extend(&s.token_ids);
+                let seq = TrainSequence {
+                    input,
+                    prompt_len: prompt.ids.len(),
+                };
                 let scored = dev
-                    .forward(&input, Some(prompt.ids.len()), false)
+                    .logprobs(std::slice::from_ref(&seq))
                     .map_err(|e| e.to_string())?;
                 let d = max_abs(&s.logprobs, &scored.logprobs);
                 if d.is_nan() || d > GEN_LOGPROB_TOL || scored.logprobs.len() != s.logprobs.len() {

@@ -1,15 +1,17 @@
 //! cuBLAS GEMMs against `cpu::gemm::matmul` (+ the Linear bias), and the
-//! whole device model forward (`model::device`) against the CPU
-//! `Qwen25Vl::forward` / `score` on the committed fixtures.
+//! model's generic graph on the CUDA backend against the same graph on the
+//! CPU backend (`Qwen25Vl::forward` / `score`) on the committed fixtures.
 
 use super::{check, cuda, drv, random, Case, FP32_TOL};
 use half::bf16;
 use std::path::PathBuf;
-use std::sync::Arc;
 use vppo_engine::backend::cpu::gemm::{matmul, Trans};
 use vppo_engine::backend::cuda::{blas_present, CudaBackend, GemmImpl, GemmShape};
-use vppo_engine::model::device::DeviceModel;
-use vppo_engine::model::SequenceInput;
+use vppo_engine::model::acts::Save;
+use vppo_engine::model::engine::Engine;
+use vppo_engine::model::plan::HostPlan;
+use vppo_engine::model::{SequenceInput, TrainSequence};
+use vppo_engine::ops::Backend;
 use vppo_engine::pipeline::Pipeline;
 
 /// fp32 parity of the whole forward (the GEMMs run without TF32).
@@ -286,11 +288,11 @@ pub(crate) fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Device forward vs CPU forward: log-probs, logits and final hidden
-/// states; then a second forward reuses the arena and repeats the result.
+/// The generic graph on the CUDA backend vs the CPU backend: log-probs,
+/// logits and final hidden states; a second forward repeats the result.
 fn model_case(case: &'static str) -> Case {
     Case {
-        name: format!("qwen2.5-vl device forward fixture {case} f32"),
+        name: format!("qwen2.5-vl graph forward on CUDA fixture {case} f32"),
         run: Box::new(move |_gpu, _rng| {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
@@ -309,50 +311,46 @@ fn model_case(case: &'static str) -> Case {
                 .map_err(|e| e.to_string())?;
             let cpu_fwd = pipe.model.forward(&input).map_err(|e| e.to_string())?;
 
-            // The model keeps its own handle on the device (an Arc).
-            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
-            let mut dev = DeviceModel::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
-            let out = dev
-                .forward(&input, Some(prompt_len), true)
+            let gpu = CudaBackend::new(0).map_err(cuda)?;
+            let dev = Engine::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
+            let seq = TrainSequence {
+                input: input.clone(),
+                prompt_len,
+            };
+            let (logprobs, logits) = dev.response_logits(&seq).map_err(|e| e.to_string())?;
+            let plan = HostPlan::new(dev.config(), &input, None).map_err(|e| e.to_string())?;
+            let pixels = dev
+                .be
+                .upload(&input.pixel_values)
                 .map_err(|e| e.to_string())?;
-            let hidden = out.hidden.as_deref().ok_or("no hidden states")?;
+            let fwd = dev
+                .graph()
+                .forward(&plan, &input.ids, Some(pixels), Save::Nothing, None)
+                .map_err(|e| e.to_string())?;
+            let hidden = dev.be.download(&fwd.hidden).map_err(|e| e.to_string())?;
             let e_lp = check(
                 "logprobs",
-                &out.logprobs,
+                &logprobs,
                 &cpu_scored.response_logprobs,
                 MODEL_TOL,
             )?;
-            let e_logits = check(
-                "logits",
-                &out.logits,
-                &cpu_scored.response_logits,
-                MODEL_TOL,
-            )?;
-            let e_h = check("hidden", hidden, &cpu_fwd.hidden, MODEL_TOL)?;
-            if out.positions != cpu_fwd.positions {
+            let e_logits = check("logits", &logits, &cpu_scored.response_logits, MODEL_TOL)?;
+            let e_h = check("hidden", &hidden, &cpu_fwd.hidden, MODEL_TOL)?;
+            if plan.positions[0] != cpu_fwd.positions {
                 return Err("M-RoPE positions differ".into());
             }
-            let d_lp = max_abs(&out.logprobs, &cpu_scored.response_logprobs);
-
-            // Same shape again: no new arena, same numbers (deterministic).
-            let again = dev
-                .forward(&input, Some(prompt_len), false)
-                .map_err(|e| e.to_string())?;
-            if dev.arena_allocations != 1 {
-                return Err(format!(
-                    "arena allocated {} times for one shape",
-                    dev.arena_allocations
-                ));
-            }
-            if again.logprobs != out.logprobs {
+            let d_lp = max_abs(&logprobs, &cpu_scored.response_logprobs);
+            // Same input again: the same numbers (deterministic).
+            let (again, _) = dev.response_logits(&seq).map_err(|e| e.to_string())?;
+            if again != logprobs {
                 return Err("second forward differs from the first".into());
             }
             // The Pipeline entry point `score --device cuda` uses.
             let scored = pipe
-                .score_device(&mut dev, &images, &prompt, &response)
+                .score_on(&dev, &images, &prompt, &response)
                 .map_err(|e| e.to_string())?;
-            if scored.response_logprobs != out.logprobs || scored.input_ids != input.ids {
-                return Err("score_device differs from the forward".into());
+            if scored.response_logprobs != logprobs || scored.input_ids != input.ids {
+                return Err("score_on differs from the forward".into());
             }
             Ok(format!(
                 "logprobs {e_lp:.1e} (max abs {d_lp:.1e}) logits {e_logits:.1e} hidden {e_h:.1e}"

@@ -1,18 +1,18 @@
-//! One VPPO training step on the device (`model::device_train`) against the
-//! CPU step on a committed fixture: the mini-batch loss, every parameter
+//! One VPPO training step through the generic graph on the CUDA backend
+//! against the same step on the CPU backend, on a committed fixture: the mini-batch loss, every parameter
 //! gradient, and the weights after one AdamW step.
 
 use super::model::{prepared, Prepared, NO_CUBLAS};
 use super::{check, cuda, rel_err, Case};
-use std::sync::Arc;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
 use vppo_engine::backend::cuda::{blas_present, CudaBackend};
 use vppo_engine::model::acts::Save;
-use vppo_engine::model::device::DeviceModel;
-use vppo_engine::model::{SequenceInput, TrainSequence};
+use vppo_engine::model::engine::{Engine, PatchProcessor};
+use vppo_engine::model::TrainSequence;
 use vppo_engine::pipeline::Pipeline;
+use vppo_engine::processor::image::normalize_lut;
 use vppo_engine::rl::{perturb_images, Perturbation};
-use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
+use vppo_engine::train::optimizer::{AdamW, Policy, WeightPrecision};
 use vppo_engine::train::step::{
     collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, update_on, Algo, Prompt,
     StepConfig,
@@ -30,7 +30,7 @@ const MODEL_TOL: f64 = 1e-4;
 
 fn step_case(case: &'static str) -> Case {
     Case {
-        name: format!("qwen2.5-vl device training step fixture {case} f32"),
+        name: format!("qwen2.5-vl graph training step on CUDA fixture {case} f32"),
         run: Box::new(move |_gpu, _rng| {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
@@ -70,11 +70,10 @@ fn step_case(case: &'static str) -> Case {
             let groups = 0..rollouts.groups();
             let (g_cpu, s_cpu) = mini_batch_gradients(&pipe.model, &rollouts, groups.clone(), &cfg)
                 .map_err(|e| e.to_string())?;
-            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
-            let mut dev = DeviceModel::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
-            let (g_dev, s_dev) =
-                mini_batch_gradients_on(&pipe.model, Some(&mut dev), &rollouts, groups, &cfg)
-                    .map_err(|e| e.to_string())?;
+            let gpu = CudaBackend::new(0).map_err(cuda)?;
+            let mut dev = Engine::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
+            let (g_dev, s_dev) = mini_batch_gradients_on(&mut dev, &rollouts, groups, &cfg)
+                .map_err(|e| e.to_string())?;
 
             let loss_err = (s_dev.loss - s_cpu.loss).abs() / s_cpu.loss.abs().max(1e-12);
             if loss_err.is_nan() || loss_err > LOSS_TOL {
@@ -124,8 +123,9 @@ fn step_case(case: &'static str) -> Case {
             // AdamW there, then copied back), as `train --device cuda` does.
             let (cpu_opt, cpu_report) = cpu_opt.expect("two steps ran");
             let mut pipe_dev = Pipeline::load(&dir).map_err(|e| e.to_string())?;
-            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
-            let mut dev = DeviceModel::new(gpu, &pipe_dev.model).map_err(|e| e.to_string())?;
+            let gpu = CudaBackend::new(0).map_err(cuda)?;
+            let dev = Engine::new(gpu, &pipe_dev.model).map_err(|e| e.to_string())?;
+            let mut policy = Policy::new(dev);
             let mut dev_opt = AdamW::new(
                 &pipe_dev.model.weights,
                 opt_cfg,
@@ -133,15 +133,16 @@ fn step_case(case: &'static str) -> Case {
                 WeightPrecision::Fp32,
             );
             let u = update_on(
-                &mut pipe_dev,
-                Some(&mut dev),
+                &mut policy,
+                &mut pipe_dev.model.weights,
                 &mut dev_opt,
                 &rollouts,
                 0..rollouts.groups(),
                 &cfg,
             )
             .map_err(|e| e.to_string())?;
-            dev.sync_to_host(&mut pipe_dev.model.weights, &mut dev_opt)
+            policy
+                .sync_to_host(&mut pipe_dev.model.weights, &mut dev_opt)
                 .map_err(|e| e.to_string())?;
             let dw_err = rel_err(&flat(&pipe_dev.model.weights.0), &after[0]);
             let m_err = rel_err(&flat(&dev_opt.exp_avg.0), &flat(&cpu_opt.exp_avg.0));
@@ -175,7 +176,7 @@ fn step_case(case: &'static str) -> Case {
 /// same sequences, the twin perturbed on the host.
 fn dual_case(case: &'static str) -> Case {
     Case {
-        name: format!("qwen2.5-vl device packed + fused dual pass fixture {case} f32"),
+        name: format!("qwen2.5-vl graph packed + fused dual pass on CUDA fixture {case} f32"),
         run: Box::new(move |_gpu, _rng| {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
@@ -219,12 +220,9 @@ fn dual_case(case: &'static str) -> Case {
                 .model
                 .train_forward(&seqs, Save::Nothing)
                 .map_err(|e| e.to_string())?;
-            let gpu = Arc::new(CudaBackend::new(0).map_err(cuda)?);
-            let mut dev = DeviceModel::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
-            let inputs: Vec<&SequenceInput> = seqs.iter().map(|s| &s.input).collect();
-            let packed = dev
-                .packed_logprobs(&inputs, &[prompt_len; 3], false)
-                .map_err(|e| e.to_string())?;
+            let gpu = CudaBackend::new(0).map_err(cuda)?;
+            let dev = Engine::new(gpu, &pipe.model).map_err(|e| e.to_string())?;
+            let packed = dev.logprobs(&seqs).map_err(|e| e.to_string())?;
             let e_packed = check(
                 "packed logprobs",
                 &packed.logprobs,
@@ -232,15 +230,18 @@ fn dual_case(case: &'static str) -> Case {
                 MODEL_TOL,
             )?;
             let e_ent = check("packed entropy", &packed.entropy, &cpu.entropy, MODEL_TOL)?;
-            dev.set_image_processor(&pipe.images)
+            let images = PatchProcessor {
+                geometry: pipe.images.geometry(),
+                lut: normalize_lut(&pipe.images),
+            };
+            let (orig, twin, _) = dev
+                .dual_logprobs(&seqs[0], &images, seed, p, false)
                 .map_err(|e| e.to_string())?;
-            let dual = dev
-                .dual_logprobs(&input, prompt_len, seed, p, false)
-                .map_err(|e| e.to_string())?;
+            let dual = [orig.logprobs, twin.logprobs].concat();
             let r = cpu.response_lens[0];
             let want: Vec<f32> =
                 [&cpu.logprobs[..r], &cpu.logprobs[cpu.logprobs.len() - r..]].concat();
-            let e_dual = check("dual logprobs", &dual.logprobs, &want, MODEL_TOL)?;
+            let e_dual = check("dual logprobs", &dual, &want, MODEL_TOL)?;
             if dark == 0 {
                 return Err("the mask blackened no patch: nothing was checked".into());
             }

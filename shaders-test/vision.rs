@@ -7,7 +7,7 @@ use half::bf16;
 use rand::Rng;
 use vppo_engine::backend::cpu::cast::f32_to_bf16;
 use vppo_engine::backend::cuda::PatchMask;
-use vppo_engine::processor::image::{patchify, ImageProcessorConfig, RgbImage};
+use vppo_engine::processor::image::{normalize_lut, patchify, ImageProcessorConfig, RgbImage};
 use vppo_engine::rl::perturb::blacken_patches;
 
 pub fn patch_embed_case(width: usize, height: usize, p: f64, seed: u64) -> Case {
@@ -26,12 +26,12 @@ pub fn patch_embed_case(width: usize, height: usize, p: f64, seed: u64) -> Case 
             let want = patchify(&img, &cfg);
             let mut want_m = want.clone();
             let dark = blacken_patches(&mut want_m, &cfg, p, seed);
-            let lut = gpu.patch_lut(&cfg).map_err(cuda)?;
+            let lut = gpu.patch_lut(&normalize_lut(&cfg)).map_err(cuda)?;
             let img_d = s.clone_htod(&img.data).map_err(drv)?;
             let mut out = s.clone_htod(&vec![f32::NAN; want.len()]).map_err(drv)?;
             let mut out_m = s.clone_htod(&vec![f32::NAN; want.len()]).map_err(drv)?;
             gpu.patch_embed(
-                &cfg,
+                &cfg.geometry(),
                 &lut,
                 &img_d.slice(..),
                 width,
@@ -46,7 +46,7 @@ pub fn patch_embed_case(width: usize, height: usize, p: f64, seed: u64) -> Case 
             .map_err(cuda)?;
             let mut plain = s.clone_htod(&vec![f32::NAN; want.len()]).map_err(drv)?;
             gpu.patch_embed(
-                &cfg,
+                &cfg.geometry(),
                 &lut,
                 &img_d.slice(..),
                 width,
@@ -102,12 +102,12 @@ pub fn patch_embed_bf16_case(width: usize, height: usize, p: f64, seed: u64) -> 
                 out
             };
             let (want, want_m) = (round(&plain), round(&masked));
-            let lut = gpu.patch_lut(&cfg).map_err(cuda)?;
+            let lut = gpu.patch_lut(&normalize_lut(&cfg)).map_err(cuda)?;
             let img_d = s.clone_htod(&img.data).map_err(drv)?;
             let mut out = s.clone_htod(&vec![bf16::NAN; want.len()]).map_err(drv)?;
             let mut out_m = s.clone_htod(&vec![bf16::NAN; want.len()]).map_err(drv)?;
             gpu.patch_embed(
-                &cfg,
+                &cfg.geometry(),
                 &lut,
                 &img_d.slice(..),
                 width,

@@ -4,13 +4,13 @@
 
 use crate::data::prompt::{build_prompt, PromptFormat, Skip};
 use crate::data::{open_rows, Columns, DataError, Example, RowCounts};
-use crate::model::device::DeviceModel;
+use crate::model::engine::Engine;
 use crate::model::ModelError;
+use crate::ops::Backend;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::reward::accuracy_reward;
-use crate::rollout::generate::{eos_ids, Sample};
+use crate::rollout::generate::{eos_ids, Generator, Sample};
 use crate::rollout::sampling::SamplingParams;
-use crate::rollout::AnyGenerator;
 use std::path::Path;
 use std::time::Instant;
 
@@ -117,12 +117,12 @@ impl EvalSummary {
     }
 }
 
-/// Runs the benchmark (sampling on `device` when given); `on_problem`
+/// Runs the benchmark, sampling on `engine`'s backend; `on_problem`
 /// receives each finished problem (for the JSONL output), `on_skip` each
 /// skipped row with its reason.
-pub fn evaluate(
+pub fn evaluate<B: Backend>(
     pipeline: &Pipeline,
-    device: Option<&mut DeviceModel>,
+    engine: &Engine<B>,
     data: &Path,
     opts: &EvalOptions,
     on_problem: &mut dyn FnMut(&ProblemResult),
@@ -133,11 +133,11 @@ pub fn evaluate(
     let mut accuracy_sum = 0.0;
     let mut response_tokens = 0usize;
     let mut pending: Vec<(Example, crate::model::SequenceInput)> = Vec::new();
-    let mut generator = AnyGenerator::new(&pipeline.model, device, eos_ids(&pipeline.model.dir));
+    let mut generator = Generator::new(engine, eos_ids(&pipeline.model.dir));
     let mut batch_index = 0u64;
     let mut flush = |pending: &mut Vec<(Example, crate::model::SequenceInput)>,
                      summary: &mut EvalSummary,
-                     generator: &mut AnyGenerator|
+                     generator: &mut Generator<B>|
      -> Result<(), EvalError> {
         if pending.is_empty() {
             return Ok(());

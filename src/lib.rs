@@ -13,6 +13,7 @@ pub mod info;
 pub mod kernels;
 pub mod model;
 pub mod nvtx;
+pub mod ops;
 pub mod pipeline;
 pub mod processor;
 pub mod reward;

@@ -14,6 +14,10 @@ struct Cli {
 }
 
 use vppo_engine::backend::Device;
+use vppo_engine::model::engine::Engine;
+use vppo_engine::model::Qwen25Vl;
+use vppo_engine::ops::cpu::CpuBackend;
+use vppo_engine::ops::Backend;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum SaveDtypeArg {
@@ -244,15 +248,95 @@ enum Command {
     },
 }
 
-/// The model on CUDA device 0 (`--device cuda`), with a clear error when
-/// there is no usable GPU or the upload fails.
-fn open_device_model(
-    model: &vppo_engine::model::Qwen25Vl,
-) -> anyhow::Result<vppo_engine::model::device::DeviceModel> {
-    let gpu = vppo_engine::backend::cuda::CudaBackend::new(0)
-        .context("--device cuda: cannot open CUDA device 0")?;
-    vppo_engine::model::device::DeviceModel::new(std::sync::Arc::new(gpu), model)
-        .context("--device cuda: uploading the model")
+/// Work a command does with the model on some backend (the device is
+/// picked once, in [`with_engine`]).
+trait WithEngine {
+    type Out;
+    fn run<B: Backend>(self, engine: &Engine<B>) -> anyhow::Result<Self::Out>;
+}
+
+/// Runs `work` with `model` on `device` (resolved): this process's GPU
+/// (`LOCAL_RANK`, else 0) or the CPU.
+fn with_engine<W: WithEngine>(device: Device, model: &Qwen25Vl, work: W) -> anyhow::Result<W::Out> {
+    match device {
+        Device::Cuda => {
+            let gpu = vppo_engine::backend::open_local_gpu()
+                .map_err(anyhow::Error::msg)
+                .context("--device cuda")?;
+            let engine = Engine::new(gpu, model).context("--device cuda: uploading the model")?;
+            work.run(&engine)
+        }
+        _ => work.run(&Engine::new(CpuBackend, model)?),
+    }
+}
+
+struct ScoreWork<'a> {
+    pipeline: &'a vppo_engine::pipeline::Pipeline,
+    images: &'a [PathBuf],
+    prompt: &'a str,
+    response: &'a str,
+}
+
+impl WithEngine for ScoreWork<'_> {
+    type Out = vppo_engine::score::Scored;
+    fn run<B: Backend>(self, engine: &Engine<B>) -> anyhow::Result<Self::Out> {
+        Ok(self
+            .pipeline
+            .score_on(engine, self.images, self.prompt, self.response)?)
+    }
+}
+
+struct GenerateWork<'a> {
+    inputs: &'a [vppo_engine::model::SequenceInput],
+    eos: Vec<u32>,
+    n: usize,
+    params: vppo_engine::rollout::sampling::SamplingParams,
+    max_new_tokens: usize,
+    seed: u64,
+}
+
+impl WithEngine for GenerateWork<'_> {
+    type Out = (
+        Vec<vppo_engine::rollout::generate::Sample>,
+        vppo_engine::rollout::generate::GenerationStats,
+    );
+    fn run<B: Backend>(self, engine: &Engine<B>) -> anyhow::Result<Self::Out> {
+        let mut generator = vppo_engine::rollout::generate::Generator::new(engine, self.eos);
+        let samples = generator.generate(
+            self.inputs,
+            self.n,
+            &self.params,
+            self.max_new_tokens,
+            self.seed,
+        )?;
+        Ok((samples, generator.stats))
+    }
+}
+
+struct EvalWork<'a, P, S> {
+    pipeline: &'a vppo_engine::pipeline::Pipeline,
+    data: &'a std::path::Path,
+    opts: &'a vppo_engine::eval::EvalOptions,
+    on_problem: P,
+    on_skip: S,
+}
+
+impl<P, S> WithEngine for EvalWork<'_, P, S>
+where
+    P: FnMut(&vppo_engine::eval::ProblemResult),
+    S: FnMut(&str),
+{
+    type Out = vppo_engine::eval::EvalSummary;
+    fn run<B: Backend>(mut self, engine: &Engine<B>) -> anyhow::Result<Self::Out> {
+        Ok(vppo_engine::eval::evaluate(
+            self.pipeline,
+            engine,
+            self.data,
+            self.opts,
+            &mut self.on_problem,
+            &mut self.on_skip,
+        )?)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -336,16 +420,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let start = Instant::now();
             let scorer = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
-            let scored = if device == Device::Cuda {
-                let mut dev = open_device_model(&scorer.model)?;
-                let loaded = start.elapsed();
-                let scored = scorer.score_device(&mut dev, &images, &prompt, &response)?;
-                (scored, loaded)
-            } else {
-                let loaded = start.elapsed();
-                (scorer.score(&images, &prompt, &response)?, loaded)
-            };
-            let (scored, loaded) = scored;
+            let loaded = start.elapsed();
+            let scored = with_engine(
+                device,
+                &scorer.model,
+                ScoreWork {
+                    pipeline: &scorer,
+                    images: &images,
+                    prompt: &prompt,
+                    response: &response,
+                },
+            )?;
             scored.save(&out)?;
             if let Some(path) = &grad_out {
                 let t = Instant::now();
@@ -407,14 +492,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let eos = vppo_engine::rollout::generate::eos_ids(&model);
             let start = Instant::now();
-            let mut dev = match device {
-                Device::Cuda => Some(open_device_model(&pipeline.model)?),
-                _ => None,
-            };
-            let mut generator =
-                vppo_engine::rollout::AnyGenerator::new(&pipeline.model, dev.as_mut(), eos);
-            let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
-            let st = *generator.stats();
+            let (samples, st) = with_engine(
+                device,
+                &pipeline.model,
+                GenerateWork {
+                    inputs: &inputs,
+                    eos,
+                    n,
+                    params,
+                    max_new_tokens,
+                    seed,
+                },
+            )?;
             for s in &samples {
                 let text = pipeline.text.decode(&s.token_ids, true)?;
                 let line = serde_json::json!({
@@ -463,10 +552,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
-            let mut dev = match device.resolve(false) {
-                Device::Cuda => Some(open_device_model(&pipeline.model)?),
-                _ => None,
-            };
             let opts = vppo_engine::eval::EvalOptions {
                 n,
                 sampling: vppo_engine::rollout::sampling::SamplingParams {
@@ -508,26 +593,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let mut correct = 0.0;
             let mut write_error = None;
-            let summary = vppo_engine::eval::evaluate(
-                &pipeline,
-                dev.as_mut(),
-                &data,
-                &opts,
-                &mut |p| {
-                    correct += p.accuracy;
-                    bar.inc(1);
-                    bar.set_message(format!(
-                        "avg accuracy@{n} so far {:.3}",
-                        correct / bar.position() as f64
-                    ));
-                    if let Some(w) = writer.as_mut() {
-                        let line = serde_json::to_string(p).expect("results serialize");
-                        if let Err(e) = writeln!(w, "{line}") {
-                            write_error.get_or_insert(e);
+            let summary = with_engine(
+                device.resolve(false),
+                &pipeline.model,
+                EvalWork {
+                    pipeline: &pipeline,
+                    data: &data,
+                    opts: &opts,
+                    on_problem: |p: &vppo_engine::eval::ProblemResult| {
+                        correct += p.accuracy;
+                        bar.inc(1);
+                        bar.set_message(format!(
+                            "avg accuracy@{n} so far {:.3}",
+                            correct / bar.position() as f64
+                        ));
+                        if let Some(w) = writer.as_mut() {
+                            let line = serde_json::to_string(p).expect("results serialize");
+                            if let Err(e) = writeln!(w, "{line}") {
+                                write_error.get_or_insert(e);
+                            }
                         }
-                    }
+                    },
+                    on_skip: |why: &str| bar.println(format!("skipped {why}")),
                 },
-                &mut |why| bar.println(format!("skipped {why}")),
             )?;
             bar.finish_and_clear();
             if let Some(e) = write_error {

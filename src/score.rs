@@ -2,8 +2,11 @@
 //! with images, under a checkpoint: the engine's "old log-probs".
 
 use crate::model::acts::Save;
+use crate::model::engine::Engine;
 use crate::model::params::Tensors;
-use crate::model::{ModelError, TrainSequence};
+use crate::model::TrainSequence;
+use crate::ops::cpu::CpuBackend;
+use crate::ops::Backend;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::safetensors_io::{write_atomic, OwnedTensor, WriteError};
 use std::path::{Path, PathBuf};
@@ -21,57 +24,34 @@ pub struct Scored {
 }
 
 impl Pipeline {
+    /// [`Pipeline::score_on`] on the CPU.
     pub fn score(
         &self,
         images: &[PathBuf],
         prompt: &str,
         response: &str,
     ) -> Result<Scored, PipelineError> {
-        let (input, prompt_len) = self.prepare(images, prompt, response)?;
-        let out = self.model.forward(&input)?;
-        let t = input.ids.len();
-        let rows: Vec<usize> = (prompt_len - 1..t - 1).collect();
-        let logits = self.model.logits(&out, &rows);
-        let vocab = self.model.config.text.vocab_size;
-        let targets: Vec<u32> = input.ids[prompt_len..].to_vec();
-        let r = targets.len();
-        let (mut logp, mut entropy, mut lse) = (vec![0.0; r], vec![0.0; r], vec![0.0; r]);
-        crate::backend::cpu::logprob::token_logprob_fwd(
-            &logits,
-            vocab,
-            &targets,
-            &mut logp,
-            &mut entropy,
-            &mut lse,
-        )
-        .map_err(ModelError::from)?;
-        Ok(Scored {
-            input_ids: input.ids,
-            prompt_len,
-            response_logprobs: logp,
-            response_logits: logits,
-            vocab,
-        })
+        let engine = Engine::new(CpuBackend, &self.model)?;
+        self.score_on(&engine, images, prompt, response)
     }
-}
 
-impl Pipeline {
-    /// [`Pipeline::score`] with the model forward, lm_head and log-probs on
-    /// a CUDA device (`device` holds the uploaded weights).
-    pub fn score_device(
+    /// Scores `response` with the model forward, lm_head and log-probs on
+    /// `engine`'s backend.
+    pub fn score_on<B: Backend>(
         &self,
-        device: &mut crate::model::device::DeviceModel,
+        engine: &Engine<B>,
         images: &[PathBuf],
         prompt: &str,
         response: &str,
     ) -> Result<Scored, PipelineError> {
         let (input, prompt_len) = self.prepare(images, prompt, response)?;
-        let out = device.forward(&input, Some(prompt_len), false)?;
+        let seq = TrainSequence { input, prompt_len };
+        let (response_logprobs, response_logits) = engine.response_logits(&seq)?;
         Ok(Scored {
-            input_ids: input.ids,
+            input_ids: seq.input.ids,
             prompt_len,
-            response_logprobs: out.logprobs,
-            response_logits: out.logits,
+            response_logprobs,
+            response_logits,
             vocab: self.model.config.text.vocab_size,
         })
     }

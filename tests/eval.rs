@@ -9,6 +9,8 @@ mod common;
 
 use common::fixtures::case_dir;
 use vppo_engine::eval::{evaluate, EvalOptions};
+use vppo_engine::model::engine::Engine;
+use vppo_engine::ops::cpu::CpuBackend;
 use vppo_engine::pipeline::Pipeline;
 use vppo_engine::rollout::sampling::SamplingParams;
 
@@ -47,9 +49,10 @@ fn eval_reports_average_accuracy_at_n() {
     };
     let mut problems = Vec::new();
     let mut skipped = Vec::new();
+    let engine = Engine::new(CpuBackend, &pipeline.model).unwrap();
     let summary = evaluate(
         &pipeline,
-        None,
+        &engine,
         &data,
         &opts,
         &mut |p| problems.push(p.clone()),
@@ -81,7 +84,15 @@ fn eval_reports_average_accuracy_at_n() {
         limit: Some(2),
         ..opts.clone()
     };
-    let s = evaluate(&pipeline, None, &data, &limited, &mut |_| {}, &mut |_| {}).unwrap();
+    let s = evaluate(
+        &pipeline,
+        &engine,
+        &data,
+        &limited,
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(s.problems, 2);
     // The CLI writes one JSON line per problem and prints the table.
     let out = dir.join("results.jsonl");

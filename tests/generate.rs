@@ -6,7 +6,9 @@ mod common;
 
 use common::fixtures::{case_dir, fixture_input, Reference, CASES};
 use vppo_engine::model::acts::Save;
+use vppo_engine::model::engine::Engine;
 use vppo_engine::model::{Qwen25Vl, SequenceInput, TrainSequence};
+use vppo_engine::ops::cpu::CpuBackend;
 use vppo_engine::rollout::generate::{eos_ids, FinishReason, Generator};
 use vppo_engine::rollout::sampling::SamplingParams;
 
@@ -32,7 +34,8 @@ fn greedy_decoding_reproduces_transformers_generate() {
             .iter()
             .map(|&v| v as u32)
             .collect();
-        let mut generator = Generator::new(&model, eos_ids(&case_dir(case)));
+        let engine_generator = Engine::new(CpuBackend, &model).unwrap();
+        let mut generator = Generator::new(&engine_generator, eos_ids(&case_dir(case)));
         let out = generator
             .generate(&[prompt_of(case)], 1, &GREEDY, want.len(), 0)
             .unwrap();
@@ -45,7 +48,8 @@ fn sampled_log_probs_equal_scoring_the_same_tokens() {
     let case = "two_images";
     let model = Qwen25Vl::load(&case_dir(case)).unwrap();
     let prompt = prompt_of(case);
-    let mut generator = Generator::new(&model, eos_ids(&case_dir(case)));
+    let engine_generator = Engine::new(CpuBackend, &model).unwrap();
+    let mut generator = Generator::new(&engine_generator, eos_ids(&case_dir(case)));
     let params = SamplingParams {
         temperature: 1.0,
         top_p: 0.9,
@@ -86,7 +90,8 @@ fn samples_share_one_prefill_and_are_reproducible() {
     let model = Qwen25Vl::load(&case_dir("resize")).unwrap();
     let prompts = [prompt_of("resize"), prompt_of("resize")];
     let params = SamplingParams::default();
-    let mut generator = Generator::new(&model, vec![]);
+    let engine_generator = Engine::new(CpuBackend, &model).unwrap();
+    let mut generator = Generator::new(&engine_generator, vec![]);
     let out = generator.generate(&prompts, 4, &params, 6, 42).unwrap();
     assert_eq!(out.len(), 8);
     // Two prompts: two prefills and their three images each, for 8 samples.
@@ -102,7 +107,8 @@ fn samples_share_one_prefill_and_are_reproducible() {
         .iter()
         .all(|s| s.token_ids.len() == 6 && s.finish_reason == FinishReason::Length));
     // Sample (p, s) depends only on (seed, p, s): alone or batched, same tokens.
-    let mut alone = Generator::new(&model, vec![]);
+    let engine_alone = Engine::new(CpuBackend, &model).unwrap();
+    let mut alone = Generator::new(&engine_alone, vec![]);
     let single = alone.generate(&prompts[..1], 4, &params, 6, 42).unwrap();
     for (a, b) in single.iter().zip(&out[..4]) {
         assert_eq!(a.token_ids, b.token_ids);
@@ -125,7 +131,8 @@ fn an_end_of_sequence_token_stops_the_sample() {
         .map(|&v| v as u32)
         .collect();
     // Declare the third greedy token an end-of-sequence id.
-    let mut generator = Generator::new(&model, vec![greedy[2]]);
+    let engine_generator = Engine::new(CpuBackend, &model).unwrap();
+    let mut generator = Generator::new(&engine_generator, vec![greedy[2]]);
     let out = generator
         .generate(&[prompt_of(case)], 1, &GREEDY, 50, 0)
         .unwrap();

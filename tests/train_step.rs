@@ -192,53 +192,53 @@ fn end_to_end_step_gradient_matches_finite_differences() {
     }
 }
 
-/// The device computes a mini-batch's gradient one response at a time
-/// (`ResponseEngine`): with the CPU model behind that contract, the loop
-/// must give the CPU micro-batch loop's loss, stats and gradients.
+/// Responses packed into one forward (the trainer's micro-batches, on
+/// every backend) give the log-probs and gradients of the same responses
+/// run one at a time, with activations kept or recomputed.
 #[test]
-fn one_response_at_a_time_gives_the_micro_batch_gradient() {
+fn a_packed_micro_batch_gives_the_one_response_at_a_time_gradient() {
     use vppo_engine::model::acts::Save;
-    use vppo_engine::train::step::{
-        collect_rollouts, mini_batch_gradients, mini_batch_gradients_on, CpuResponses,
-    };
+    use vppo_engine::model::engine::Engine;
+    use vppo_engine::model::params::Tensors;
+    use vppo_engine::ops::cpu::CpuBackend;
+    use vppo_engine::train::step::collect_rollouts;
     let p = Pipeline::load(&case_dir("single_noresize")).unwrap();
     let cfg = StepConfig {
         dynamic_sampling: None,
         micro_batch: 4,
         ..config(Algo::Vppo)
     };
-    let mut rollouts = collect_rollouts(&p, &prompts(), &cfg, 5).unwrap();
-    for (i, a) in rollouts.advantages.iter_mut().enumerate() {
-        *a = [0.9, -1.1, 0.3][i % 3];
+    let rollouts = collect_rollouts(&p, &prompts(), &cfg, 5).unwrap();
+    let batch = &rollouts.batch[..4];
+    let mut engine = Engine::new(CpuBackend, &p.model).unwrap();
+    let whole = engine.train_forward(batch, Save::Inputs).unwrap().logprobs;
+    let d_lp: Vec<f32> = (0..whole.len()).map(|i| [0.9, -1.1, 0.3][i % 3]).collect();
+    let d_ent: Vec<f32> = (0..whole.len())
+        .map(|i| 0.05 * ((i % 5) as f32 - 2.0))
+        .collect();
+    engine.train_backward(&d_lp, &d_ent).unwrap();
+    let mut packed = Tensors::zeros(&p.model.layout);
+    engine.take_grads(&mut packed).unwrap();
+    let mut at = 0;
+    for seq in batch {
+        let lp = engine
+            .train_forward(std::slice::from_ref(seq), Save::All)
+            .unwrap()
+            .logprobs;
+        let span = at..at + lp.len();
+        for (a, b) in lp.iter().zip(&whole[span.clone()]) {
+            assert!((a - b).abs() <= 1e-5, "log-prob {a} alone vs {b} packed");
+        }
+        engine
+            .train_backward(&d_lp[span.clone()], &d_ent[span.clone()])
+            .unwrap();
+        at = span.end;
     }
-    let groups = 0..rollouts.groups();
-    let (whole, s_whole) = mini_batch_gradients(&p.model, &rollouts, groups.clone(), &cfg).unwrap();
-    let mut engine = CpuResponses::new(&p.model, Save::Inputs);
-    let (split, s_split) =
-        mini_batch_gradients_on(&p.model, Some(&mut engine), &rollouts, groups, &cfg).unwrap();
-    assert!(s_whole.loss.abs() > 0.0);
-    assert!(
-        (s_whole.loss - s_split.loss).abs() <= 1e-6 * s_whole.loss.abs(),
-        "loss {} vs {}",
-        s_whole.loss,
-        s_split.loss
-    );
-    assert_eq!(
-        (
-            s_whole.tgf_kept_frac,
-            s_whole.adv_scale_min,
-            s_whole.adv_scale_max
-        ),
-        (
-            s_split.tgf_kept_frac,
-            s_split.adv_scale_min,
-            s_split.adv_scale_max
-        )
-    );
-    assert!((s_whole.clip_fraction - s_split.clip_fraction).abs() < 1e-6);
-    assert!((s_whole.entropy - s_split.entropy).abs() < 1e-9);
+    assert_eq!(at, whole.len());
+    let mut split = Tensors::zeros(&p.model.layout);
+    engine.take_grads(&mut split).unwrap();
     let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (a, b) in whole.0.iter().flatten().zip(split.0.iter().flatten()) {
+    for (a, b) in packed.0.iter().flatten().zip(split.0.iter().flatten()) {
         num += ((a - b) as f64).powi(2);
         den += (*a as f64).powi(2);
     }

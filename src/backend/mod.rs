@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod desc;
 
 /// Where a command computes: `auto` is the GPU when one is usable (a CUDA
 /// driver, a device, and kernels embedded in this binary), else the CPU.
@@ -41,4 +42,20 @@ impl Device {
 /// A CUDA driver, at least one device, and kernels embedded in this binary.
 pub fn gpu_usable() -> bool {
     crate::kernels::kernels_embedded() && cuda::list_devices().is_ok_and(|d| !d.is_empty())
+}
+
+/// The GPU of this process: `LOCAL_RANK` under a launcher (torchrun sets
+/// it, one process per GPU), else device 0.
+pub fn local_ordinal() -> usize {
+    std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens this process's GPU ([`local_ordinal`]): the one place a command
+/// picks its CUDA device.
+pub fn open_local_gpu() -> Result<cuda::CudaBackend, String> {
+    let ordinal = local_ordinal();
+    cuda::CudaBackend::new(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))
 }

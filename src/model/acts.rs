@@ -2,6 +2,8 @@
 //! layers are both pre-norm transformer blocks (norm, attention, residual,
 //! norm, SwiGLU MLP, residual), so they save the same activations.
 
+use crate::ops::Backend;
+
 /// How much of a forward to keep for a backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Save {
@@ -15,34 +17,34 @@ pub enum Save {
 }
 
 /// What one transformer block saw and made (input to its backward).
-pub struct BlockActs {
-    pub x_in: Vec<f32>,
-    pub rstd1: Vec<f32>,
-    pub h1: Vec<f32>,
+pub struct BlockActs<B: Backend> {
+    pub x_in: B::Buf,
+    pub rstd1: B::Buf,
+    pub h1: B::Buf,
     /// q, k after RoPE, and v: `[T, heads, head_dim]` / `[T, kv_heads, head_dim]`.
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub attn: Vec<f32>,
-    pub lse: Vec<f32>,
-    pub x_mid: Vec<f32>,
-    pub rstd2: Vec<f32>,
-    pub h2: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub act: Vec<f32>,
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
+    pub attn: B::Buf,
+    pub lse: B::Buf,
+    pub x_mid: B::Buf,
+    pub rstd2: B::Buf,
+    pub h2: B::Buf,
+    pub gate: B::Buf,
+    pub up: B::Buf,
+    pub act: B::Buf,
 }
 
 /// What a forward kept of one block.
-pub enum SavedBlock {
-    All(Box<BlockActs>),
+pub enum SavedBlock<B: Backend> {
+    All(Box<BlockActs<B>>),
     /// Only the block input; the backward re-runs the block's forward.
-    Input(Vec<f32>),
+    Input(B::Buf),
 }
 
-impl SavedBlock {
+impl<B: Backend> SavedBlock<B> {
     /// Keeps what `save` asks for (`None` for [`Save::Nothing`]).
-    pub fn keep(acts: BlockActs, save: Save) -> Option<Self> {
+    pub fn keep(acts: BlockActs<B>, save: Save) -> Option<Self> {
         match save {
             Save::Nothing => None,
             Save::All => Some(SavedBlock::All(Box::new(acts))),

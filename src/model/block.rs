@@ -4,20 +4,14 @@
 //! block and a decoder layer differ only in their [`BlockWiring`]: widths,
 //! head counts, which projections have biases, a fused qkv weight (row
 //! ranges of one tensor) or three, and causal or windowed attention. The
-//! CPU forward and backward live here. (The device training graph,
-//! `device_train.rs`, still spells its two block kinds out: it is kept as
-//! it was verified on a GPU until a GPU run can check it on this wiring.)
+//! forward and backward are written once, over any [`Backend`].
 
 use super::acts::BlockActs;
 use super::config::{TextConfig, VisionConfig};
-use super::grad_util::{add_into, attention_rope_bwd};
-use super::params::{ParamId, Tensors, TextLayerParams, VisionBlockParams};
-use crate::backend::cpu::activations::{swiglu_bwd, swiglu_fwd};
-use crate::backend::cpu::attention::{attention_fwd, VarlenAttention};
-use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
-use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
-use crate::backend::cpu::rope::{rope_fwd, RopeTable};
-use crate::backend::cpu::OpError;
+use super::graph::Graph;
+use super::params::{ParamId, TextLayerParams, VisionBlockParams};
+use crate::backend::desc::AttnSpec;
+use crate::ops::{Backend, Buffer, Result, WeightGrads, WeightRows};
 
 /// A projection: rows `row0 .. row0 + out` of the weight `[*, in]` (and of
 /// its bias, if any).
@@ -125,11 +119,9 @@ impl BlockWiring {
         self.kv_heads * self.head_dim
     }
 
-    /// The attention of this block over the spans of `cu_seqlens`.
-    pub fn attention<'a>(&self, cu_seqlens: &'a [i32]) -> VarlenAttention<'a> {
-        VarlenAttention {
-            cu_seqlens_q: cu_seqlens,
-            cu_seqlens_k: cu_seqlens,
+    /// The attention of this block (its spans come with the call).
+    pub fn attention(&self) -> AttnSpec {
+        AttnSpec {
             q_heads: self.q_heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
@@ -139,237 +131,249 @@ impl BlockWiring {
     }
 }
 
-fn weight_rows<'w>(w: &'w Tensors, p: &Proj, inp: usize) -> (&'w [f32], Option<&'w [f32]>) {
-    let rows = p.row0..p.row0 + p.out;
-    (
-        &w.get(p.weight)[rows.start * inp..rows.end * inp],
-        p.bias.map(|b| &w.get(b)[rows]),
-    )
-}
-
-/// `y[rows, out] = x[rows, inp] @ W^T (+ b)` for projection `p`.
-fn project(w: &Tensors, p: &Proj, x: &[f32], inp: usize) -> Vec<f32> {
-    let rows = x.len() / inp;
-    let (wv, bv) = weight_rows(w, p, inp);
-    let mut y = vec![0.0; rows * p.out];
-    linear_fwd(x, wv, bv, rows, inp, p.out, &mut y);
-    y
-}
-
-/// Backward of [`project`]: accumulates `dW`, `db`; `dx` gets `dy W`
-/// added (`accumulate`) or written.
-fn project_bwd(
-    w: &Tensors,
-    g: &mut Tensors,
-    p: &Proj,
-    x: &[f32],
-    inp: usize,
-    dy: &[f32],
-    dx: Option<(&mut [f32], bool)>,
-) {
-    let rows = x.len() / inp;
-    let (wv, _) = weight_rows(w, p, inp);
-    let rows_w = p.row0 * inp..(p.row0 + p.out) * inp;
-    let mut run = |dx_out: Option<&mut [f32]>| match p.bias {
-        Some(b) => {
-            let (dw, db) = g.pair_mut(p.weight, b);
-            let db = &mut db[p.row0..p.row0 + p.out];
-            linear_bwd(
-                dy,
-                x,
-                wv,
-                rows,
-                inp,
-                p.out,
-                dx_out,
-                &mut dw[rows_w.clone()],
-                Some(db),
-            );
-        }
-        None => {
-            let dw = &mut g.get_mut(p.weight)[rows_w.clone()];
-            linear_bwd(dy, x, wv, rows, inp, p.out, dx_out, dw, None);
-        }
-    };
-    match dx {
-        None => run(None),
-        Some((dx, false)) => run(Some(dx)),
-        Some((dx, true)) => {
-            let mut delta = vec![0.0; rows * inp];
-            run(Some(&mut delta));
-            add_into(dx, &delta);
-        }
+/// Mutable references to two different entries of `v`.
+pub fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b, "two_mut: the same entry twice");
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &mut lo[b])
     }
 }
 
 /// The attention half's inputs: the normed block input and q, k (after
 /// RoPE) and v; shared by the full forward and the decode step.
-pub struct Qkv {
-    pub rstd1: Vec<f32>,
-    pub h1: Vec<f32>,
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-}
-
-pub fn qkv_fwd(b: &BlockWiring, w: &Tensors, x: &[f32], rope: &RopeTable<f32>) -> Qkv {
-    let n = x.len() / b.hidden;
-    let (mut h1, mut rstd1) = (vec![0.0; n * b.hidden], vec![0.0; n]);
-    rmsnorm_fwd(x, w.get(b.norm1), b.hidden, b.eps, &mut h1, &mut rstd1);
-    let (q_raw, k_raw) = (
-        project(w, &b.q, &h1, b.hidden),
-        project(w, &b.k, &h1, b.hidden),
-    );
-    let v = project(w, &b.v, &h1, b.hidden);
-    let (mut q, mut k) = (vec![0.0; q_raw.len()], vec![0.0; k_raw.len()]);
-    rope_fwd(rope, &q_raw, b.q_heads, &mut q);
-    rope_fwd(rope, &k_raw, b.kv_heads, &mut k);
-    Qkv { rstd1, h1, q, k, v }
-}
-
-/// `x += o(attn)`.
-pub fn o_residual(b: &BlockWiring, w: &Tensors, attn: &[f32], x: &mut [f32]) {
-    add_into(x, &project(w, &b.o, attn, b.q_width()));
+pub struct Qkv<B: Backend> {
+    pub rstd1: B::Buf,
+    pub h1: B::Buf,
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
 }
 
 /// The MLP half's activations.
-pub struct Mlp {
-    pub rstd2: Vec<f32>,
-    pub h2: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub act: Vec<f32>,
+pub struct Mlp<B: Backend> {
+    pub rstd2: B::Buf,
+    pub h2: B::Buf,
+    pub gate: B::Buf,
+    pub up: B::Buf,
+    pub act: B::Buf,
 }
 
-/// `x += down(silu(gate(h2)) * up(h2))` with `h2 = rmsnorm2(x)`.
-pub fn mlp_fwd(b: &BlockWiring, w: &Tensors, x: &mut [f32]) -> Mlp {
-    let n = x.len() / b.hidden;
-    let (mut h2, mut rstd2) = (vec![0.0; n * b.hidden], vec![0.0; n]);
-    rmsnorm_fwd(x, w.get(b.norm2), b.hidden, b.eps, &mut h2, &mut rstd2);
-    let gate = project(w, &b.gate, &h2, b.hidden);
-    let up = project(w, &b.up, &h2, b.hidden);
-    let mut act = vec![0.0; gate.len()];
-    swiglu_fwd(&gate, &up, &mut act);
-    add_into(x, &project(w, &b.down, &act, b.intermediate));
-    Mlp {
-        rstd2,
-        h2,
-        gate,
-        up,
-        act,
+impl<B: Backend> Graph<'_, B> {
+    fn rows_of(&self, p: &Proj) -> WeightRows<'_, B::Buf> {
+        WeightRows {
+            weight: self.w(p.weight),
+            bias: p.bias.map(|b| self.w(b)),
+            rows: p.row0..p.row0 + p.out,
+        }
     }
-}
 
-/// One block on `x` (updated in place), attending within the spans of
-/// `cu_seqlens`; returns what its backward needs.
-pub fn block_fwd(
-    b: &BlockWiring,
-    w: &Tensors,
-    x: &mut [f32],
-    rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-) -> Result<BlockActs, OpError> {
-    let n = x.len() / b.hidden;
-    let x_in = x.to_vec();
-    let Qkv { rstd1, h1, q, k, v } = qkv_fwd(b, w, x, rope);
-    let (mut attn, mut lse) = (vec![0.0; n * b.q_width()], vec![0.0; n * b.q_heads]);
-    attention_fwd(&b.attention(cu_seqlens), &q, &k, &v, &mut attn, &mut lse)?;
-    o_residual(b, w, &attn, x);
-    let x_mid = x.to_vec();
-    let mlp = mlp_fwd(b, w, x);
-    Ok(BlockActs {
-        x_in,
-        rstd1,
-        h1,
-        q,
-        k,
-        v,
-        attn,
-        lse,
-        x_mid,
-        rstd2: mlp.rstd2,
-        h2: mlp.h2,
-        gate: mlp.gate,
-        up: mlp.up,
-        act: mlp.act,
-    })
-}
+    /// `y[rows, out] = x[rows, inp] @ W^T (+ b)` for projection `p`.
+    pub fn project(&self, p: &Proj, x: &B::Buf, inp: usize) -> Result<B::Buf> {
+        self.be.linear_fwd(x, x.len() / inp, inp, &self.rows_of(p))
+    }
 
-/// Backward of [`block_fwd`]: `dx` holds the gradient w.r.t. the block's
-/// output on entry and w.r.t. its input on return; weight gradients
-/// accumulate into `g`.
-#[allow(clippy::too_many_arguments)]
-pub fn block_bwd(
-    b: &BlockWiring,
-    w: &Tensors,
-    acts: &BlockActs,
-    rope: &RopeTable<f32>,
-    cu_seqlens: &[i32],
-    dx: &mut [f32],
-    g: &mut Tensors,
-) -> Result<(), OpError> {
-    let (hid, inter) = (b.hidden, b.intermediate);
-    let n = dx.len() / hid;
-    // MLP branch.
-    let mut d_act = vec![0.0; n * inter];
-    project_bwd(
-        w,
-        g,
-        &b.down,
-        &acts.act,
-        inter,
-        dx,
-        Some((&mut d_act, false)),
-    );
-    let (mut d_gate, mut d_up) = (vec![0.0; n * inter], vec![0.0; n * inter]);
-    swiglu_bwd(&d_act, &acts.gate, &acts.up, &mut d_gate, &mut d_up);
-    let mut d_h2 = vec![0.0; n * hid];
-    project_bwd(
-        w,
-        g,
-        &b.gate,
-        &acts.h2,
-        hid,
-        &d_gate,
-        Some((&mut d_h2, false)),
-    );
-    project_bwd(w, g, &b.up, &acts.h2, hid, &d_up, Some((&mut d_h2, true)));
-    let mut d_norm = vec![0.0; n * hid];
-    rmsnorm_bwd(
-        &d_h2,
-        &acts.x_mid,
-        w.get(b.norm2),
-        &acts.rstd2,
-        hid,
-        &mut d_norm,
-        g.get_mut(b.norm2),
-    );
-    add_into(dx, &d_norm);
-    // Attention branch.
-    let mut d_attn = vec![0.0; n * b.q_width()];
-    project_bwd(
-        w,
-        g,
-        &b.o,
-        &acts.attn,
-        b.q_width(),
-        dx,
-        Some((&mut d_attn, false)),
-    );
-    let (dq_raw, dk_raw, dv) = attention_rope_bwd(&b.attention(cu_seqlens), acts, rope, &d_attn)?;
-    let mut d_h1 = vec![0.0; n * hid];
-    project_bwd(w, g, &b.q, &acts.h1, hid, &dq_raw, Some((&mut d_h1, false)));
-    project_bwd(w, g, &b.k, &acts.h1, hid, &dk_raw, Some((&mut d_h1, true)));
-    project_bwd(w, g, &b.v, &acts.h1, hid, &dv, Some((&mut d_h1, true)));
-    rmsnorm_bwd(
-        &d_h1,
-        &acts.x_in,
-        w.get(b.norm1),
-        &acts.rstd1,
-        hid,
-        &mut d_norm,
-        g.get_mut(b.norm1),
-    );
-    add_into(dx, &d_norm);
-    Ok(())
+    /// Backward of [`Self::project`]: accumulates `dW`, `db` into `g`.
+    fn project_bwd(
+        &self,
+        g: &mut [B::Buf],
+        p: &Proj,
+        x: &B::Buf,
+        inp: usize,
+        dy: &B::Buf,
+        want_dx: bool,
+    ) -> Result<Option<B::Buf>> {
+        let grads = match p.bias {
+            Some(b) => {
+                let (weight, bias) = two_mut(g, p.weight.0, b.0);
+                WeightGrads {
+                    weight,
+                    bias: Some(bias),
+                    rows: p.row0..p.row0 + p.out,
+                }
+            }
+            None => WeightGrads {
+                weight: &mut g[p.weight.0],
+                bias: None,
+                rows: p.row0..p.row0 + p.out,
+            },
+        };
+        self.be
+            .linear_bwd(dy, x, x.len() / inp, inp, self.w(p.weight), grads, want_dx)
+    }
+
+    /// Backward of a projection whose `dx` adds into `acc`.
+    fn project_bwd_add(
+        &self,
+        g: &mut [B::Buf],
+        p: &Proj,
+        x: &B::Buf,
+        inp: usize,
+        dy: &B::Buf,
+        acc: &mut B::Buf,
+    ) -> Result<()> {
+        let dx = self.project_bwd(g, p, x, inp, dy, true)?;
+        self.be.add_into(acc, &dx.expect("asked for dx"))
+    }
+
+    fn project_bwd_new(
+        &self,
+        g: &mut [B::Buf],
+        p: &Proj,
+        x: &B::Buf,
+        inp: usize,
+        dy: &B::Buf,
+    ) -> Result<B::Buf> {
+        Ok(self
+            .project_bwd(g, p, x, inp, dy, true)?
+            .expect("asked for dx"))
+    }
+
+    /// `rmsnorm1(x)`, then q, k (roped) and v.
+    pub fn qkv_fwd(&self, b: &BlockWiring, x: &B::Buf, rope: &B::Rope) -> Result<Qkv<B>> {
+        let be = self.be;
+        let (h1, rstd1) = be.rmsnorm_fwd(x, self.w(b.norm1), b.hidden, b.eps)?;
+        let q_raw = self.project(&b.q, &h1, b.hidden)?;
+        let k_raw = self.project(&b.k, &h1, b.hidden)?;
+        let v = self.project(&b.v, &h1, b.hidden)?;
+        let q = be.rope_apply(rope, &q_raw, b.q_heads, false)?;
+        let k = be.rope_apply(rope, &k_raw, b.kv_heads, false)?;
+        Ok(Qkv { rstd1, h1, q, k, v })
+    }
+
+    /// `x += o(attn)`.
+    pub fn o_residual(&self, b: &BlockWiring, attn: &B::Buf, x: &mut B::Buf) -> Result<()> {
+        let o = self.project(&b.o, attn, b.q_width())?;
+        self.be.add_into(x, &o)
+    }
+
+    /// `x += down(silu(gate(h2)) * up(h2))` with `h2 = rmsnorm2(x)`.
+    pub fn mlp_fwd(&self, b: &BlockWiring, x: &mut B::Buf) -> Result<Mlp<B>> {
+        let be = self.be;
+        let (h2, rstd2) = be.rmsnorm_fwd(x, self.w(b.norm2), b.hidden, b.eps)?;
+        let gate = self.project(&b.gate, &h2, b.hidden)?;
+        let up = self.project(&b.up, &h2, b.hidden)?;
+        let act = be.swiglu_fwd(&gate, &up)?;
+        let down = self.project(&b.down, &act, b.intermediate)?;
+        be.add_into(x, &down)?;
+        Ok(Mlp {
+            rstd2,
+            h2,
+            gate,
+            up,
+            act,
+        })
+    }
+
+    /// One block on `x` (updated in place), attending within the spans of
+    /// `cu`; returns what its backward needs.
+    pub fn block_fwd(
+        &self,
+        b: &BlockWiring,
+        x: &mut B::Buf,
+        rope: &B::Rope,
+        cu: &B::Seqlens,
+    ) -> Result<BlockActs<B>> {
+        let be = self.be;
+        let x_in = be.copy(x)?;
+        let Qkv { rstd1, h1, q, k, v } = self.qkv_fwd(b, x, rope)?;
+        let (attn, lse) = be.attention_fwd(&b.attention(), cu, &q, &k, &v)?;
+        self.o_residual(b, &attn, x)?;
+        let x_mid = be.copy(x)?;
+        let mlp = self.mlp_fwd(b, x)?;
+        Ok(BlockActs {
+            x_in,
+            rstd1,
+            h1,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x_mid,
+            rstd2: mlp.rstd2,
+            h2: mlp.h2,
+            gate: mlp.gate,
+            up: mlp.up,
+            act: mlp.act,
+        })
+    }
+
+    /// Backward of [`Self::block_fwd`]: `dx` holds the gradient w.r.t. the
+    /// block's output on entry and w.r.t. its input on return; weight
+    /// gradients accumulate into `g`.
+    pub fn block_bwd(
+        &self,
+        b: &BlockWiring,
+        acts: &BlockActs<B>,
+        rope: &B::Rope,
+        cu: &B::Seqlens,
+        dx: &mut B::Buf,
+        g: &mut [B::Buf],
+    ) -> Result<()> {
+        let be = self.be;
+        let (hid, inter) = (b.hidden, b.intermediate);
+        // MLP branch.
+        let d_act = self.project_bwd_new(g, &b.down, &acts.act, inter, dx)?;
+        let (d_gate, d_up) = be.swiglu_bwd(&d_act, &acts.gate, &acts.up)?;
+        let mut d_h2 = self.project_bwd_new(g, &b.gate, &acts.h2, hid, &d_gate)?;
+        self.project_bwd_add(g, &b.up, &acts.h2, hid, &d_up, &mut d_h2)?;
+        let d_norm = be.rmsnorm_bwd(
+            &d_h2,
+            &acts.x_mid,
+            self.w(b.norm2),
+            &acts.rstd2,
+            hid,
+            &mut g[b.norm2.0],
+        )?;
+        be.add_into(dx, &d_norm)?;
+        // Attention branch.
+        let d_attn = self.project_bwd_new(g, &b.o, &acts.attn, b.q_width(), dx)?;
+        let (dq, dk, dv) = be.attention_bwd(
+            &b.attention(),
+            cu,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            &acts.attn,
+            &acts.lse,
+            &d_attn,
+        )?;
+        let dq_raw = be.rope_apply(rope, &dq, b.q_heads, true)?;
+        let dk_raw = be.rope_apply(rope, &dk, b.kv_heads, true)?;
+        let mut d_h1 = self.project_bwd_new(g, &b.q, &acts.h1, hid, &dq_raw)?;
+        self.project_bwd_add(g, &b.k, &acts.h1, hid, &dk_raw, &mut d_h1)?;
+        self.project_bwd_add(g, &b.v, &acts.h1, hid, &dv, &mut d_h1)?;
+        let d_norm = be.rmsnorm_bwd(
+            &d_h1,
+            &acts.x_in,
+            self.w(b.norm1),
+            &acts.rstd1,
+            hid,
+            &mut g[b.norm1.0],
+        )?;
+        be.add_into(dx, &d_norm)
+    }
+
+    /// The block's activations from what was saved (recomputed from its
+    /// input under [`super::acts::Save::Inputs`]).
+    pub fn block_acts<'a>(
+        &self,
+        b: &BlockWiring,
+        saved: &'a super::acts::SavedBlock<B>,
+        rope: &B::Rope,
+        cu: &B::Seqlens,
+        recomputed: &'a mut Option<BlockActs<B>>,
+    ) -> Result<&'a BlockActs<B>> {
+        Ok(match saved {
+            super::acts::SavedBlock::All(a) => a,
+            super::acts::SavedBlock::Input(x_in) => {
+                let mut x = self.be.copy(x_in)?;
+                recomputed.insert(self.block_fwd(b, &mut x, rope, cu)?)
+            }
+        })
+    }
 }

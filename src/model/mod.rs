@@ -1,19 +1,20 @@
 //! Qwen2.5-VL: configuration, parameter table, checkpoint loading and the
-//! graph (vision tower, merger, decoder) built from the CPU op library.
+//! graph (vision tower, merger, decoder, loss head, decode step), written
+//! once over the op layer's `Backend`.
 
 pub mod acts;
 pub mod block;
 pub mod checkpoint;
 pub mod config;
-pub mod device;
-pub mod device_train;
+pub mod engine;
+pub mod forward;
+pub mod graph;
+pub mod kv_cache;
 pub mod params;
+pub mod plan;
 pub mod positions;
 pub mod qwen;
 pub mod text;
 pub mod vision;
 
-pub use qwen::{
-    ForwardOutput, ModelError, PackedForward, Qwen25Vl, SequenceInput, TrainForward, TrainSequence,
-};
-pub mod grad_util;
+pub use qwen::{ForwardOutput, ModelError, Qwen25Vl, SequenceInput, TrainForward, TrainSequence};

@@ -58,6 +58,15 @@ impl Default for ImageProcessorConfig {
 }
 
 impl ImageProcessorConfig {
+    /// What the patch-embed kernel needs of this processor.
+    pub fn geometry(&self) -> crate::backend::desc::PatchGeometry {
+        crate::backend::desc::PatchGeometry {
+            patch: self.patch_size,
+            merge: self.merge_size,
+            temporal: self.temporal_patch_size,
+        }
+    }
+
     /// Reads `preprocessor_config.json` from a checkpoint directory; the
     /// defaults apply when the file is absent.
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
@@ -275,31 +284,17 @@ pub fn normalize_lut(cfg: &ImageProcessorConfig) -> [[f32; 256]; 3] {
     lut
 }
 
-/// GPU twin: `kernels/patch_embed.cu` (patch_embed_u8_f32).
+/// The vision tower's `pixel_values` of a resized image (the CPU twin of
+/// the GPU patch-embed kernel: `backend::cpu::patch_embed`).
 pub fn patchify(img: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
-    let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
-    let (gh, gw) = (img.height / p, img.width / p);
     let lut = normalize_lut(cfg);
-    let patch_dim = 3 * tp * p * p;
-    let mut out = Vec::with_capacity(gh * gw * patch_dim);
-    for hb in 0..gh / m {
-        for wb in 0..gw / m {
-            for mh in 0..m {
-                for mw in 0..m {
-                    let (y0, x0) = ((hb * m + mh) * p, (wb * m + mw) * p);
-                    for (c, table) in lut.iter().enumerate() {
-                        for _t in 0..tp {
-                            for y in 0..p {
-                                let row = ((y0 + y) * img.width + x0) * 3;
-                                out.extend(
-                                    (0..p).map(|x| table[img.data[row + x * 3 + c] as usize]),
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    crate::backend::cpu::patch_embed::patch_embed(
+        &cfg.geometry(),
+        &lut,
+        &img.data,
+        img.width,
+        img.height,
+        None,
+    )
+    .0
 }

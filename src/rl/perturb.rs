@@ -108,12 +108,6 @@ pub fn perturb_patches(
     count
 }
 
-/// The mask seed of image `image` of a sample seeded `seed`: each image of
-/// a sequence gets its own draw (the patch-embed kernel runs per image).
-pub fn image_mask_seed(seed: u64, image: usize) -> u64 {
-    seed ^ (image as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
-}
-
 /// [`perturb_patches`] over every image of a sequence (`grids` give each
 /// image's patch count), image `i` with [`image_mask_seed`]`(seed, i)`.
 pub fn perturb_images(
@@ -141,22 +135,7 @@ pub fn perturb_images(
     count
 }
 
-/// The patch-mask threshold of probability `p`: patch `k` is blackened when
-/// its 24-bit hash is below it (so p = 0 never, p = 1 always).
-pub fn patch_mask_threshold(p: f64) -> u32 {
-    (p.clamp(0.0, 1.0) * (1u64 << 24) as f64).round() as u32
-}
-
-/// Counter-based draw for patch `patch` of the sample seeded `seed`
-/// (splitmix64 of the pair): the same on the CPU and in the GPU patch-embed
-/// kernel (`kernels/patch_embed.cu`), with no generator state to carry.
-pub fn patch_is_blackened(seed: u64, patch: u64, threshold: u32) -> bool {
-    let mut z = seed.wrapping_add((patch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as u32) < threshold
-}
+pub use crate::backend::desc::{image_mask_seed, patch_is_blackened, patch_mask_threshold};
 
 #[cfg(test)]
 mod tests {

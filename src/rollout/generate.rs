@@ -4,14 +4,17 @@
 //! they sample an end-of-sequence id or reach the token budget.
 
 use super::kv_cache::{PagedKvCache, SeqCache};
-use super::sampling::{sample_rng, sample_token, SamplingParams};
-use crate::backend::cpu::embedding::embedding_fwd;
-use crate::backend::cpu::rope::RopeTable;
+use super::sampling::{sample_rng, SamplingParams};
+use crate::backend::desc::RopeFreqs;
 use crate::model::acts::Save;
-use crate::model::text::{decode_step, lm_head_rows};
-use crate::model::{ModelError, Qwen25Vl, SequenceInput};
+use crate::model::engine::Engine;
+use crate::model::kv_cache::{DecodeBatch, KvStore};
+use crate::model::plan::HostPlan;
+use crate::model::text::KvSink;
+use crate::model::{ModelError, SequenceInput};
+use crate::ops::Backend;
 use rand::rngs::StdRng;
-use rayon::prelude::*;
+use rand::Rng;
 use std::path::Path;
 
 /// Tokens per KV-cache block.
@@ -73,22 +76,21 @@ pub fn eos_ids(dir: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// A sample still decoding.
-/// A sample being generated (the CPU and the device generator share it).
-pub(crate) struct Live {
-    pub(crate) prompt_index: usize,
-    pub(crate) sample_index: usize,
-    pub(crate) cache: SeqCache,
-    pub(crate) rope_delta: i64,
-    pub(crate) rng: StdRng,
-    pub(crate) tokens: Vec<u32>,
-    pub(crate) logprobs: Vec<f32>,
+/// A sample being generated.
+struct Live {
+    prompt_index: usize,
+    sample_index: usize,
+    cache: SeqCache,
+    rope_delta: i64,
+    rng: StdRng,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
 }
 
 /// Moves the samples of `live` that ended (an EOS token, or `max_new_tokens`
 /// tokens) into `done`, handing their caches to `release`; returns the rest,
 /// whose last token is the next to decode.
-pub(crate) fn retire_finished(
+fn retire_finished(
     live: Vec<Live>,
     eos: &[u32],
     max_new_tokens: usize,
@@ -122,61 +124,65 @@ pub(crate) fn retire_finished(
     still
 }
 
-/// Samples from `row` with the `banned` tokens removed (`row` is changed);
-/// the log-prob is under the full distribution, as scoring the token gives it.
-pub fn sample_allowed(
-    row: &mut [f32],
-    banned: &[u32],
-    params: &SamplingParams,
-    rng: &mut StdRng,
-) -> (u32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + row.iter().map(|&z| (z - max).exp()).sum::<f32>().ln();
-    for &id in banned {
-        if let Some(z) = row.get_mut(id as usize) {
-            *z = f32::NEG_INFINITY;
-        }
+/// The uniform the sampler consumes for one row: one draw when sampling
+/// (temperature > 0), none for greedy, as `sampling::sample_token` does.
+pub fn draw_uniform(params: &SamplingParams, rng: &mut StdRng) -> f32 {
+    if params.temperature > 0.0 {
+        rng.random::<f32>()
+    } else {
+        0.0
     }
-    let (tok, _) = sample_token(row, params, rng);
-    (tok, row[tok as usize] - lse)
 }
 
-pub struct Generator<'m> {
-    pub model: &'m Qwen25Vl,
+/// Blocks of `block_size` tokens that a generate call can hold at once:
+/// every prompt's prefill plus, for each of its `n` samples, a whole
+/// sequence of prompt + `max_new_tokens` tokens (a fork's copied partial
+/// block included). All prompts are prefilled before decoding starts.
+pub fn kv_block_bound(
+    prompt_lens: &[usize],
+    n: usize,
+    max_new_tokens: usize,
+    block_size: usize,
+) -> usize {
+    prompt_lens
+        .iter()
+        .map(|&t| t.div_ceil(block_size) + n * (t + max_new_tokens).div_ceil(block_size))
+        .sum()
+}
+
+/// Generation on the model of one backend (the CPU, or a GPU where the
+/// cache, the forward and the sampling kernel run on the device).
+pub struct Generator<'e, B: Backend> {
+    pub engine: &'e Engine<B>,
     pub eos: Vec<u32>,
     /// Never sampled: the image and video placeholders, which stand for
     /// vision embeddings and would make a response unreadable by the model.
     pub banned: Vec<u32>,
     pub stats: GenerationStats,
-    cache: PagedKvCache,
+    /// Which blocks each sequence owns; the numbers live in a [`KvStore`].
+    blocks: PagedKvCache,
 }
 
-impl<'m> Generator<'m> {
-    pub fn new(model: &'m Qwen25Vl, eos: Vec<u32>) -> Self {
-        let t = &model.config.text;
+impl<'e, B: Backend> Generator<'e, B> {
+    pub fn new(engine: &'e Engine<B>, eos: Vec<u32>) -> Self {
+        let cfg = engine.config();
         Self {
-            model,
+            engine,
             eos,
-            banned: vec![
-                model.config.tokens.image_token_id,
-                model.config.tokens.video_token_id,
-            ],
+            banned: vec![cfg.tokens.image_token_id, cfg.tokens.video_token_id],
             stats: GenerationStats::default(),
-            cache: PagedKvCache::new(t.num_layers, t.num_kv_heads, t.head_dim, KV_BLOCK_SIZE),
+            blocks: PagedKvCache::new(KV_BLOCK_SIZE),
         }
-    }
-
-    fn sample(&self, row: &mut [f32], params: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
-        sample_allowed(row, &self.banned, params, rng)
     }
 
     /// KV-cache blocks still held (0 once every sample finished).
     pub fn cache_blocks_in_use(&self) -> usize {
-        self.cache.blocks_in_use()
+        self.blocks.blocks_in_use()
     }
 
     /// Generates `n` samples for each prompt; results are ordered by prompt,
-    /// then sample. `seed` makes every sample reproducible on its own.
+    /// then sample. `seed` makes every sample reproducible on its own: the
+    /// same tokens whatever else shares the batch, on every backend.
     pub fn generate(
         &mut self,
         prompts: &[SequenceInput],
@@ -185,144 +191,130 @@ impl<'m> Generator<'m> {
         max_new_tokens: usize,
         seed: u64,
     ) -> Result<Vec<Sample>, ModelError> {
+        let engine = self.engine;
+        let be = &engine.be;
+        let cfg = engine.config();
+        let (h, vocab) = (cfg.text.hidden_size, cfg.text.vocab_size);
+        let lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+        let bound = kv_block_bound(&lens, n, max_new_tokens, KV_BLOCK_SIZE);
+        let mut store = KvStore::new(be, cfg, KV_BLOCK_SIZE, bound)?;
+        let graph = engine.graph();
         let mut done: Vec<Sample> = Vec::new();
         let mut live: Vec<Live> = Vec::new();
-        let vocab = self.model.config.text.vocab_size;
         for (pi, prompt) in prompts.iter().enumerate() {
-            let (cache, logits, rope_delta) = self.prefill(prompt)?;
-            for si in 0..n {
-                let seq_cache = if si + 1 == n {
-                    cache.clone()
+            let t = prompt.ids.len();
+            if t == 0 {
+                return Err(ModelError::NoResponse {
+                    seq: pi,
+                    prompt_len: 0,
+                    len: 0,
+                });
+            }
+            let plan = HostPlan::new(cfg, prompt, None)?;
+            let mut seq = SeqCache::default();
+            let slots: Vec<i32> = (0..t)
+                .map(|_| self.blocks.push_slot(&mut seq) as i32)
+                .collect();
+            let slots = be.index(&slots)?;
+            let pixels = match plan.vision {
+                Some(_) => Some(be.upload(&prompt.pixel_values)?),
+                None => None,
+            };
+            let sink = KvSink {
+                store: &mut store,
+                slots: &slots,
+            };
+            let fwd = graph.forward(&plan, &prompt.ids, pixels, Save::Nothing, Some(sink))?;
+            self.stats.prefills += 1;
+            self.stats.prefill_tokens += t;
+            self.stats.images_encoded += prompt.grids.len();
+            let mut rngs: Vec<StdRng> = (0..n).map(|si| sample_rng(seed, pi, si)).collect();
+            let uniforms: Vec<f32> = rngs.iter_mut().map(|r| draw_uniform(params, r)).collect();
+            // The last position's logits, once per sample.
+            let last = be.gather_rows(&fwd.hidden, &be.index(&vec![(t - 1) as i32; n])?, h)?;
+            let logits = graph.lm_head(&last)?;
+            let (tokens, logprobs) = be.sample(&logits, vocab, params, &self.banned, &uniforms)?;
+            let rope_delta = plan.positions[0].rope_delta;
+            for (si, rng) in rngs.into_iter().enumerate() {
+                let cache = if si + 1 == n {
+                    seq.clone()
                 } else {
-                    self.cache.fork(&cache)
+                    let forked = self.blocks.fork(&seq);
+                    if let (Some(&src), Some(&dst)) = (seq.blocks.last(), forked.blocks.last()) {
+                        if src != dst {
+                            store.copy_block(be, src, dst)?;
+                        }
+                    }
+                    forked
                 };
-                let mut rng = sample_rng(seed, pi, si);
-                // Each sample bans on its own copy: the row serves all n.
-                let mut row = logits[..vocab].to_vec();
-                let (tok, lp) = self.sample(&mut row, params, &mut rng);
                 live.push(Live {
                     prompt_index: pi,
                     sample_index: si,
-                    cache: seq_cache,
+                    cache,
                     rope_delta,
                     rng,
-                    tokens: vec![tok],
-                    logprobs: vec![lp],
+                    tokens: vec![tokens[si]],
+                    logprobs: vec![logprobs[si]],
                 });
             }
             if n == 0 {
-                self.cache.release(cache);
+                self.blocks.release(seq);
             }
         }
+        let freqs = RopeFreqs::text_1d(cfg.text.head_dim, cfg.text.rope_theta);
         loop {
-            // Retire finished samples; the rest leave their last token to decode.
-            let cache = &mut self.cache;
+            let blocks = &mut self.blocks;
             live = retire_finished(live, &self.eos, max_new_tokens, &mut done, |c| {
-                cache.release(c)
+                blocks.release(c)
             });
             if live.is_empty() {
                 break;
             }
-            let mut logits = self.decode(&mut live)?;
-            // Top-p sorts the vocabulary: sample the live sequences in parallel.
-            live.par_iter_mut()
-                .zip(logits.par_chunks_mut(vocab))
-                .for_each(|(s, row)| {
-                    let (tok, lp) = self.sample(row, params, &mut s.rng);
-                    s.tokens.push(tok);
-                    s.logprobs.push(lp);
-                });
+            let ids: Vec<u32> = live.iter().map(|s| *s.tokens.last().unwrap()).collect();
+            // The new token's index is the number of cached tokens; text
+            // tokens sit at index + rope_delta on all three M-RoPE streams.
+            let positions: Vec<i32> = live
+                .iter()
+                .map(|s| (s.cache.len as i64 + s.rope_delta) as i32)
+                .collect();
+            let slots: Vec<usize> = live
+                .iter_mut()
+                .map(|s| self.blocks.push_slot(&mut s.cache))
+                .collect();
+            let seqs: Vec<(&[usize], usize)> = live
+                .iter()
+                .map(|s| (s.cache.blocks.as_slice(), s.cache.len))
+                .collect();
+            let batch = DecodeBatch::new(be, &seqs, &slots)?;
+            let x = be.embedding_fwd(&be.ids(&ids)?, graph.w(cfg_embed(engine)), h)?;
+            let rope = be.rope(&freqs, &[&positions])?;
+            let hidden = graph.decode_step(x, &rope, &mut store, &batch)?;
+            let logits = graph.lm_head(&hidden)?;
+            let uniforms: Vec<f32> = live
+                .iter_mut()
+                .map(|s| draw_uniform(params, &mut s.rng))
+                .collect();
+            let (tokens, logprobs) = be.sample(&logits, vocab, params, &self.banned, &uniforms)?;
+            self.stats.decode_steps += 1;
+            self.stats.decoded_tokens += live.len();
+            for ((s, t), lp) in live.iter_mut().zip(tokens).zip(logprobs) {
+                s.tokens.push(t);
+                s.logprobs.push(lp);
+            }
         }
         done.sort_by_key(|s| (s.prompt_index, s.sample_index));
         Ok(done)
     }
+}
 
-    /// Runs the prompt once, filling a fresh cache sequence; returns it, the
-    /// last position's logits and the M-RoPE delta for decoding.
-    fn prefill(&mut self, prompt: &SequenceInput) -> Result<(SeqCache, Vec<f32>, i64), ModelError> {
-        let mut seq = SeqCache::default();
-        let slots: Vec<usize> = (0..prompt.ids.len())
-            .map(|_| self.cache.push_slot(&mut seq))
-            .collect();
-        let slot_width = self.cache.slot;
-        let cache = &mut self.cache;
-        let mut sink = |layer: usize, k: &[f32], v: &[f32]| {
-            for (i, &slot) in slots.iter().enumerate() {
-                cache.write(
-                    layer,
-                    slot,
-                    &k[i * slot_width..(i + 1) * slot_width],
-                    &v[i * slot_width..(i + 1) * slot_width],
-                );
-            }
-        };
-        let packed = self.model.forward_packed_kv(
-            std::slice::from_ref(prompt),
-            Save::Nothing,
-            Some(&mut sink),
-        )?;
-        let t = prompt.ids.len();
-        let tc = &self.model.config.text;
-        let logits = lm_head_rows(
-            tc,
-            &self.model.layout.text,
-            &self.model.weights,
-            &packed.hidden,
-            &[t - 1],
-        );
-        self.stats.prefills += 1;
-        self.stats.prefill_tokens += t;
-        self.stats.images_encoded += prompt.grids.len();
-        let rope_delta = packed.positions[0].rope_delta;
-        Ok((seq, logits, rope_delta))
-    }
-
-    /// One decode step over every live sample; returns logits `[B, vocab]`.
-    fn decode(&mut self, live: &mut [Live]) -> Result<Vec<f32>, ModelError> {
-        let model = self.model;
-        let tc = &model.config.text;
-        let h = tc.hidden_size;
-        let ids: Vec<u32> = live.iter().map(|s| *s.tokens.last().unwrap()).collect();
-        let mut x = vec![0.0; ids.len() * h];
-        embedding_fwd(&ids, model.weights.get(model.layout.text.embed), h, &mut x)?;
-        // The new token's index is the number of cached tokens; text tokens
-        // sit at index + rope_delta on all three M-RoPE streams.
-        let positions: Vec<i32> = live
-            .iter()
-            .map(|s| (s.cache.len as i64 + s.rope_delta) as i32)
-            .collect();
-        let rope = RopeTable::text_1d(&positions, tc.head_dim, tc.rope_theta);
-        let slots: Vec<usize> = live
-            .iter_mut()
-            .map(|s| self.cache.push_slot(&mut s.cache))
-            .collect();
-        let caches: Vec<SeqCache> = live.iter().map(|s| s.cache.clone()).collect();
-        let hidden = decode_step(
-            tc,
-            &model.layout.text,
-            &model.weights,
-            x,
-            &rope,
-            &mut self.cache,
-            &caches,
-            &slots,
-        );
-        let rows: Vec<usize> = (0..live.len()).collect();
-        self.stats.decode_steps += 1;
-        self.stats.decoded_tokens += live.len();
-        Ok(lm_head_rows(
-            tc,
-            &model.layout.text,
-            &model.weights,
-            &hidden,
-            &rows,
-        ))
-    }
+fn cfg_embed<B: Backend>(engine: &Engine<B>) -> crate::model::params::ParamId {
+    engine.layout.text.embed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::cpu::sample_row;
     use rand::SeedableRng;
 
     #[test]
@@ -334,7 +326,8 @@ mod tests {
             ..Default::default()
         };
         let mut rng = StdRng::seed_from_u64(0);
-        let (tok, lp) = sample_allowed(&mut logits.clone(), &[1], &greedy, &mut rng);
+        let u = draw_uniform(&greedy, &mut rng);
+        let (tok, lp) = sample_row(&logits, &greedy, &[1], u);
         assert_eq!(tok, 2, "the best allowed token");
         assert!((lp - (2.5 - lse)).abs() < 1e-6);
         let hot = SamplingParams {
@@ -343,8 +336,46 @@ mod tests {
             top_k: 0,
         };
         for _ in 0..200 {
-            let (tok, _) = sample_allowed(&mut logits.clone(), &[1, 2], &hot, &mut rng);
+            let u = draw_uniform(&hot, &mut rng);
+            let (tok, _) = sample_row(&logits, &hot, &[1, 2], u);
             assert!(tok == 0 || tok == 3);
         }
+    }
+
+    #[test]
+    fn uniforms_follow_the_cpu_sampler_draws() {
+        let hot = SamplingParams::default();
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (sample_rng(3, 1, 0), sample_rng(3, 1, 0));
+        assert_eq!(draw_uniform(&greedy, &mut a), 0.0);
+        // Greedy draws nothing: both streams are still in step.
+        assert_eq!(draw_uniform(&hot, &mut a), b.random::<f32>());
+    }
+
+    #[test]
+    fn block_bound_covers_prefill_forks_and_growth() {
+        // 20 prompt tokens (2 blocks of 16); 3 samples of up to 20 + 13.
+        assert_eq!(kv_block_bound(&[20], 3, 13, 16), 2 + 3 * 3);
+        assert_eq!(kv_block_bound(&[16, 1], 1, 1, 16), (1 + 2) + (1 + 1));
+        // Simulate the generator's worst case and check the bound holds.
+        let (t, n, max_new, bs) = (21usize, 3usize, 30usize, 16usize);
+        let mut c = PagedKvCache::new(bs);
+        let mut seq = SeqCache::default();
+        (0..t).for_each(|_| {
+            c.push_slot(&mut seq);
+        });
+        let mut seqs: Vec<SeqCache> = (0..n - 1).map(|_| c.fork(&seq)).collect();
+        seqs.push(seq);
+        for _ in 0..max_new - 1 {
+            for s in &mut seqs {
+                c.push_slot(s);
+            }
+        }
+        assert!(c.blocks_in_use() <= kv_block_bound(&[t], n, max_new, bs));
+        let top = seqs.iter().flat_map(|s| s.blocks.iter()).max().unwrap();
+        assert!(*top < kv_block_bound(&[t], n, max_new, bs));
     }
 }

@@ -1,7 +1,8 @@
-//! A paged KV cache: keys and values of every layer in fixed-size blocks
-//! from one pool, a block table per sequence, reference-counted blocks so n
-//! samples of a prompt share its prefill (fork), and blocks returned to a
-//! free list when a sequence finishes. The GPU backend reuses the layout.
+//! The block bookkeeping of a paged KV cache: a block table per sequence,
+//! reference-counted blocks so n samples of a prompt share its prefill
+//! (fork), and blocks returned to a free list when a sequence finishes.
+//! The keys and values themselves live in a `model::kv_cache::KvStore` on
+//! the model's backend, indexed by these blocks.
 
 /// One sequence's view of the cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -12,24 +13,14 @@ pub struct SeqCache {
 
 pub struct PagedKvCache {
     pub block_size: usize,
-    pub layers: usize,
-    /// Floats per token slot: kv_heads * head_dim.
-    pub slot: usize,
-    /// Per layer: `[blocks, block_size, slot]`.
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
     refcount: Vec<u32>,
     free: Vec<usize>,
 }
 
 impl PagedKvCache {
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, block_size: usize) -> Self {
+    pub fn new(block_size: usize) -> Self {
         Self {
             block_size,
-            layers,
-            slot: kv_heads * head_dim,
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
             refcount: Vec::new(),
             free: Vec::new(),
         }
@@ -45,14 +36,8 @@ impl PagedKvCache {
             self.refcount[b] = 1;
             return b;
         }
-        let b = self.refcount.len();
         self.refcount.push(1);
-        let floats = self.block_size * self.slot;
-        for l in 0..self.layers {
-            self.k[l].resize((b + 1) * floats, 0.0);
-            self.v[l].resize((b + 1) * floats, 0.0);
-        }
-        b
+        self.refcount.len() - 1
     }
 
     /// Reserves the next token slot of `seq` (allocating a block when the
@@ -68,16 +53,10 @@ impl PagedKvCache {
         slot
     }
 
-    /// Writes one token's keys and values of one layer at `slot`.
-    pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let r = slot * self.slot..(slot + 1) * self.slot;
-        self.k[layer][r.clone()].copy_from_slice(k);
-        self.v[layer][r].copy_from_slice(v);
-    }
-
     /// A second sequence with the same cached tokens: full blocks are
-    /// shared (reference counted, never written again), the partial last
-    /// block is copied so both can append independently.
+    /// shared (reference counted, never written again); the partial last
+    /// block gets a new block, which the caller fills with a copy of the
+    /// original's (`KvStore::copy_block`) so both can append independently.
     pub fn fork(&mut self, seq: &SeqCache) -> SeqCache {
         let full = seq.len / self.block_size;
         let mut blocks: Vec<usize> = seq.blocks[..full].to_vec();
@@ -85,14 +64,7 @@ impl PagedKvCache {
             self.refcount[b] += 1;
         }
         if seq.len % self.block_size != 0 {
-            let src = seq.blocks[full];
-            let dst = self.alloc_block();
-            let floats = self.block_size * self.slot;
-            for l in 0..self.layers {
-                self.k[l].copy_within(src * floats..(src + 1) * floats, dst * floats);
-                self.v[l].copy_within(src * floats..(src + 1) * floats, dst * floats);
-            }
-            blocks.push(dst);
+            blocks.push(self.alloc_block());
         }
         SeqCache {
             blocks,
@@ -116,29 +88,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fork_shares_full_blocks_and_copies_the_partial_one() {
-        let mut c = PagedKvCache::new(1, 1, 2, 4);
+    fn fork_shares_full_blocks_and_gives_the_partial_one_its_own() {
+        let mut c = PagedKvCache::new(4);
         let mut a = SeqCache::default();
-        for i in 0..6 {
-            let s = c.push_slot(&mut a);
-            c.write(0, s, &[i as f32, 0.0], &[0.0, i as f32]);
-        }
+        let slots: Vec<usize> = (0..6).map(|_| c.push_slot(&mut a)).collect();
+        assert_eq!(slots, vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(a.blocks.len(), 2);
         let mut b = c.fork(&a);
         assert_eq!(b.blocks[0], a.blocks[0]);
         assert_ne!(b.blocks[1], a.blocks[1]);
         assert_eq!(c.blocks_in_use(), 3);
-        // Appending to the fork does not touch the original.
+        // Appending to the fork writes into its own block.
         let s = c.push_slot(&mut b);
-        c.write(0, s, &[99.0, 0.0], &[0.0, 99.0]);
-        let a_slot6 = a.blocks[1] * 4 + 2;
-        assert_eq!(c.k[0][a_slot6 * 2], 0.0);
-        assert_eq!(c.k[0][s * 2], 99.0);
-        // The shared prefix is intact for both.
-        assert_eq!(c.k[0][(b.blocks[1] * 4 + 1) * 2], 5.0);
+        assert_eq!(s, b.blocks[1] * 4 + 2);
         c.release(a);
         assert_eq!(c.blocks_in_use(), 2);
         c.release(b);
         assert_eq!(c.blocks_in_use(), 0);
+        // A fork on a block boundary has nothing of its own.
+        let mut full = SeqCache::default();
+        (0..4).for_each(|_| {
+            c.push_slot(&mut full);
+        });
+        let g = c.fork(&full);
+        assert_eq!(g.blocks, full.blocks, "nothing to copy on a block boundary");
     }
 }

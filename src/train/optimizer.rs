@@ -3,7 +3,11 @@
 //! state that saves and restores.
 
 use crate::backend::cpu::adamw::{adamw_step, clip_grad_norm, AdamWConfig};
+use crate::backend::cuda::clip_coefficient;
+use crate::model::engine::Engine;
 use crate::model::params::Tensors;
+use crate::model::ModelError;
+use crate::ops::Backend;
 use half::bf16;
 
 /// What the model's weights are kept in between steps.
@@ -111,5 +115,97 @@ impl AdamW {
             grad_norm,
             skipped: false,
         }
+    }
+}
+
+/// The policy being trained on one backend: the model there, and AdamW's
+/// moments there once the optimizer has stepped (fp32 weights), so a step
+/// moves no weights or gradients off the backend. With bf16 model weights
+/// AdamW runs on the host over its fp32 masters and the weights are
+/// uploaded after each step.
+pub struct Policy<B: Backend> {
+    pub engine: Engine<B>,
+    moments: Option<(Vec<B::Buf>, Vec<B::Buf>)>,
+}
+
+impl<B: Backend> Policy<B> {
+    pub fn new(engine: Engine<B>) -> Self {
+        Self {
+            engine,
+            moments: None,
+        }
+    }
+
+    /// One AdamW step from the engine's accumulated gradients (then zeroed):
+    /// global grad-norm clipping and the multi-tensor update on the backend,
+    /// the twin of [`AdamW::step`] with fp32 weights. The moments move to
+    /// the backend on the first call (from `opt`, so a resumed run continues
+    /// its state); `opt.step` counts here, its host moments and `host`
+    /// weights go stale until [`Self::sync_to_host`].
+    pub fn optimizer_step(
+        &mut self,
+        opt: &mut AdamW,
+        host: &mut Tensors,
+    ) -> Result<StepReport, ModelError> {
+        if opt.precision() != WeightPrecision::Fp32 {
+            let mut grads = Tensors(host.0.iter().map(|w| vec![0.0; w.len()]).collect());
+            self.engine.take_grads(&mut grads)?;
+            let report = opt.step(host, &mut grads);
+            self.engine.upload_weights(host)?;
+            return Ok(report);
+        }
+        let be = &self.engine.be;
+        if self.moments.is_none() {
+            let up = |t: &Tensors| {
+                t.0.iter()
+                    .map(|v| be.upload(v))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            self.moments = Some((up(&opt.exp_avg)?, up(&opt.exp_avg_sq)?));
+        }
+        let Some(grads) = self.engine.grads.as_ref() else {
+            return Ok(StepReport::default());
+        };
+        let grad_norm = be.grad_norm(grads)?;
+        let report = if grad_norm.is_finite() {
+            opt.step += 1;
+            let scale = clip_coefficient(grad_norm, opt.max_grad_norm.unwrap_or(f64::INFINITY));
+            let (m, v) = self.moments.as_mut().expect("uploaded above");
+            be.adamw_step(
+                &opt.cfg,
+                opt.step,
+                scale,
+                &mut self.engine.weights,
+                grads,
+                m,
+                v,
+            )?;
+            StepReport {
+                grad_norm,
+                skipped: false,
+            }
+        } else {
+            StepReport {
+                grad_norm,
+                skipped: true,
+            }
+        };
+        self.engine.zero_grads()?;
+        Ok(report)
+    }
+
+    /// Copies the weights into `host` and, when the optimizer ran on the
+    /// backend, its moments into `opt` (before a checkpoint, and at the end).
+    pub fn sync_to_host(&mut self, host: &mut Tensors, opt: &mut AdamW) -> Result<(), ModelError> {
+        self.engine.download_weights(host)?;
+        if let Some((m, v)) = &self.moments {
+            for (dst, src) in opt.exp_avg.0.iter_mut().zip(m) {
+                *dst = self.engine.be.download(src)?;
+            }
+            for (dst, src) in opt.exp_avg_sq.0.iter_mut().zip(v) {
+                *dst = self.engine.be.download(src)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -11,18 +11,19 @@ use super::checkpoint::{
 };
 use super::config::{AlgoName, ConfigError, TrainConfig};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics};
-use super::optimizer::{AdamW, WeightPrecision};
+use super::optimizer::{AdamW, Policy, WeightPrecision};
 use super::source::{PromptSource, SourceError};
 use super::step::{collect_rollouts_on, update_on, Algo, Prompt, Rollouts, StepConfig};
 use super::warmup::warmup_step;
 use crate::backend::cpu::adamw::AdamWConfig;
-use crate::backend::cuda::CudaBackend;
-use crate::backend::Device;
+use crate::backend::{local_ordinal, open_local_gpu, Device};
 use crate::builtin::{write_model_dir, BuiltinError, CountingTask, TinySizes};
 use crate::data::prompt::PromptFormat;
 use crate::data::Columns;
-use crate::model::device::DeviceModel;
+use crate::model::engine::Engine;
 use crate::model::Qwen25Vl;
+use crate::ops::cpu::CpuBackend;
+use crate::ops::Backend;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::processor::image::ImageProcessorConfig;
 use crate::processor::text::TextProcessor;
@@ -212,52 +213,19 @@ fn next_prompts(
     Ok(out)
 }
 
-/// The device model when `cfg.device` resolves to CUDA: the weights are
-/// uploaded once (here, after any warm-up) and refreshed after each step.
-fn open_device(
-    cfg: &TrainConfig,
-    pipeline: &Pipeline,
-    progress: &Progress,
-) -> Result<Option<DeviceModel>, RunError> {
-    if cfg.device.resolve(false) != Device::Cuda {
-        progress.line("training on the CPU");
-        return Ok(None);
-    }
-    // One process per GPU under a launcher (torchrun sets LOCAL_RANK).
-    let ordinal = std::env::var("LOCAL_RANK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let gpu = CudaBackend::new(ordinal)
-        .map_err(|e| RunError::Device(format!("cannot open CUDA device {ordinal}: {e}")))?;
-    let name = gpu.context().name().unwrap_or_default();
-    let dev = DeviceModel::new(std::sync::Arc::new(gpu), &pipeline.model)
-        .map_err(|e| RunError::Device(format!("uploading the model: {e}")))?;
-    progress.line(&format!(
-        "training on CUDA device {ordinal} {name} (rollouts, log-probs, backward{})",
-        if cfg.bf16 {
-            "; AdamW on the host: bf16 model weights"
-        } else {
-            ", AdamW"
-        }
-    ));
-    Ok(Some(dev))
-}
-
 /// [`save`] after bringing the host's weights and optimizer state up to
 /// date with the device's (where the optimizer steps).
-fn save_from(
-    device: Option<&mut DeviceModel>,
+fn save_from<B: Backend>(
+    policy: &mut Policy<B>,
     out: &Path,
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,
     state: &TrainingState,
     keep: usize,
 ) -> Result<PathBuf, RunError> {
-    if let Some(dev) = device {
-        dev.sync_to_host(&mut pipeline.model.weights, optimizer)
-            .map_err(|e| RunError::Device(format!("copying the weights back: {e}")))?;
-    }
+    policy
+        .sync_to_host(&mut pipeline.model.weights, optimizer)
+        .map_err(|e| RunError::Device(format!("copying the weights back: {e}")))?;
     save(out, &pipeline.model, optimizer, state, keep)
 }
 
@@ -379,7 +347,7 @@ pub fn run(
             (load_pipeline(&dir, model, &cfg)?, optimizer, state)
         }
     };
-    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.then_some(state.step))?;
+    let metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.then_some(state.step))?;
 
     if cfg.warmup_steps > 0 && state.extra["warmup_done"] != true {
         warmup(&mut pipeline, &cfg, &out, &progress)?;
@@ -394,9 +362,65 @@ pub fn run(
         )?;
     }
 
-    let step_cfg = step_config(&cfg);
-    let mut device = open_device(&cfg, &pipeline, &progress)?;
-    let mut source = open_source(&cfg, state.data_position)?;
+    let parts = RunParts {
+        pipeline,
+        optimizer,
+        state,
+        metrics,
+    };
+    // The one place training picks its device.
+    match cfg.device.resolve(false) {
+        Device::Cuda => {
+            let gpu = open_local_gpu().map_err(RunError::Device)?;
+            let name = gpu.context().name().unwrap_or_default();
+            let engine = Engine::new(gpu, &parts.pipeline.model)
+                .map_err(|e| RunError::Device(format!("uploading the model: {e}")))?;
+            progress.line(&format!(
+                "training on CUDA device {} {name} (rollouts, log-probs, backward{})",
+                local_ordinal(),
+                if cfg.bf16 {
+                    "; AdamW on the host: bf16 model weights"
+                } else {
+                    ", AdamW"
+                }
+            ));
+            train_loop(Policy::new(engine), parts, &cfg, &out, &progress, started)
+        }
+        _ => {
+            progress.line("training on the CPU");
+            let engine =
+                Engine::new(CpuBackend, &parts.pipeline.model).map_err(PipelineError::from)?;
+            train_loop(Policy::new(engine), parts, &cfg, &out, &progress, started)
+        }
+    }
+}
+
+/// What a run carries from its setup into the training loop.
+struct RunParts {
+    pipeline: Pipeline,
+    optimizer: AdamW,
+    state: TrainingState,
+    metrics: MetricsLog,
+}
+
+/// The RL loop on the policy's backend: rollout batches, mini-batch
+/// updates, metrics and checkpoints until `max_steps` or the data ends.
+fn train_loop<B: Backend>(
+    mut policy: Policy<B>,
+    parts: RunParts,
+    cfg: &TrainConfig,
+    out: &Path,
+    progress: &Progress,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
+    let RunParts {
+        mut pipeline,
+        mut optimizer,
+        mut state,
+        mut metrics,
+    } = parts;
+    let step_cfg = step_config(cfg);
+    let mut source = open_source(cfg, state.data_position)?;
     let mut rollout_index = state.extra["rollout_batches"].as_u64().unwrap_or(0);
     let mut last_saved = state.step;
     progress.bar.set_position(state.step);
@@ -414,7 +438,7 @@ pub fn run(
                 break;
             }
             let seed = rollout_seed(cfg.seed, rollout_index, attempt);
-            let more = collect_rollouts_on(&pipeline, device.as_mut(), &prompts, &step_cfg, seed)?;
+            let more = collect_rollouts_on(&pipeline, &policy.engine, &prompts, &step_cfg, seed)?;
             match &mut rollouts {
                 None => rollouts = Some(more),
                 Some(r) => r.append(more),
@@ -445,8 +469,8 @@ pub fn run(
         for range in &updates {
             let t1 = Instant::now();
             let u = update_on(
-                &mut pipeline,
-                device.as_mut(),
+                &mut policy,
+                &mut pipeline.model.weights,
                 &mut optimizer,
                 &rollouts,
                 range.clone(),
@@ -521,8 +545,8 @@ pub fn run(
         if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64 || done {
             let keep = cfg.keep_checkpoints;
             save_from(
-                device.as_mut(),
-                &out,
+                &mut policy,
+                out,
                 &mut pipeline,
                 &mut optimizer,
                 &state,
@@ -535,8 +559,8 @@ pub fn run(
     if state.step != last_saved {
         let keep = cfg.keep_checkpoints;
         save_from(
-            device.as_mut(),
-            &out,
+            &mut policy,
+            out,
             &mut pipeline,
             &mut optimizer,
             &state,
@@ -577,7 +601,7 @@ pub fn run(
         reward_first_fifth: first,
         reward_last_fifth: last,
         seconds: started.elapsed().as_secs_f64(),
-        checkpoint: latest_checkpoint(&out)?,
+        checkpoint: latest_checkpoint(out)?,
         plot,
     })
 }

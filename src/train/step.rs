@@ -4,13 +4,15 @@
 //! `--algo dapo` is the same step without the perturbed pass; `grpo` also
 //! drops dynamic sampling and uses a symmetric clip.
 
-use super::optimizer::{AdamW, StepReport, WeightPrecision};
-use crate::backend::cpu::kl::softmax_kl_fwd;
+use super::optimizer::{AdamW, Policy, StepReport};
 use crate::model::acts::Save;
-use crate::model::device::DeviceModel;
+use crate::model::engine::{Engine, Logprobs, PatchProcessor};
 use crate::model::params::Tensors;
 use crate::model::{ModelError, Qwen25Vl, SequenceInput, TrainSequence};
+use crate::ops::cpu::CpuBackend;
+use crate::ops::Backend;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::processor::image::normalize_lut;
 use crate::reward::accuracy_reward;
 use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
@@ -18,9 +20,8 @@ use crate::rl::{
     group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
     Perturbation, PolicyLossConfig,
 };
-use crate::rollout::generate::eos_ids;
+use crate::rollout::generate::{eos_ids, Generator};
 use crate::rollout::sampling::SamplingParams;
-use crate::rollout::AnyGenerator;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algo {
@@ -181,21 +182,23 @@ fn chunks(range: std::ops::Range<usize>, size: usize) -> Vec<std::ops::Range<usi
 }
 
 /// Rollouts, rewards, dynamic sampling, GRPO advantages, then the old and
-/// (VPPO) perturbed log-probs of every kept response with the current weights.
+/// (VPPO) perturbed log-probs of every kept response with the current
+/// weights, on the CPU.
 pub fn collect_rollouts(
     pipeline: &Pipeline,
     prompts: &[Prompt],
     cfg: &StepConfig,
     seed: u64,
 ) -> Result<Rollouts, PipelineError> {
-    collect_rollouts_on(pipeline, None, prompts, cfg, seed)
+    let engine = Engine::new(CpuBackend, &pipeline.model)?;
+    collect_rollouts_on(pipeline, &engine, prompts, cfg, seed)
 }
 
 /// [`collect_rollouts`] with generation and the old / perturbed log-probs
-/// on `device` when given (its weights must equal the pipeline model's).
-pub fn collect_rollouts_on(
+/// on `engine` (its weights must equal the pipeline model's).
+pub fn collect_rollouts_on<B: Backend>(
     pipeline: &Pipeline,
-    mut device: Option<&mut DeviceModel>,
+    engine: &Engine<B>,
     prompts: &[Prompt],
     cfg: &StepConfig,
     seed: u64,
@@ -205,7 +208,7 @@ pub fn collect_rollouts_on(
     let samples = {
         let _nvtx = crate::nvtx::range("rollout");
         let eos = eos_ids(&pipeline.model.dir);
-        AnyGenerator::new(&pipeline.model, device.as_deref_mut(), eos).generate(
+        Generator::new(engine, eos).generate(
             &inputs,
             cfg.n,
             &cfg.sampling,
@@ -249,19 +252,63 @@ pub fn collect_rollouts_on(
         .collect();
     let generated: Vec<usize> = samples.iter().map(|s| s.token_ids.len()).collect();
     stats.mean_response_tokens = mean_len(&generated);
-    // Old log-probs and (VPPO) dependency, micro-batch by micro-batch, with
-    // the weights that generated the responses.
-    let model = &pipeline.model;
+    let (lp_old, dependency) = old_logprobs(pipeline, engine, &batch, cfg, seed)?;
+    Ok(Rollouts {
+        batch,
+        advantages,
+        lens,
+        lp_old,
+        dependency,
+        group_size: cfg.n,
+        stats,
+    })
+}
+
+/// The old log-probs of every response of `batch`, and (VPPO) each token's
+/// visual dependency from a pass with perturbed images, with the weights
+/// that generated the responses.
+fn old_logprobs<B: Backend>(
+    pipeline: &Pipeline,
+    engine: &Engine<B>,
+    batch: &[TrainSequence],
+    cfg: &StepConfig,
+    seed: u64,
+) -> Result<(Vec<f32>, Option<Vec<f32>>), PipelineError> {
     let vppo = cfg.algo == Algo::Vppo;
     let _nvtx = crate::nvtx::range(if vppo {
         "old_and_perturbed_logprobs"
     } else {
         "old_logprobs"
     });
-    let mut lp_old = Vec::new();
-    let mut dependency = vppo.then(Vec::new);
+    let exact = cfg.dependency == DependencyEstimator::ExactKl;
     // A fresh mask per response.
     let mask_seed = |i: usize| seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let dependency_of = |a: &Logprobs, b: &Logprobs, kl: Option<Vec<f32>>| {
+        kl.unwrap_or_else(|| visual_dependency(&a.logprobs, &b.logprobs))
+    };
+    let (mut lp_old, mut dependency) = (Vec::new(), vppo.then(Vec::new));
+    // Black tiles on images with their resized bytes: the fused dual pass
+    // (original + masked twin in one forward, the twin's pixels made by the
+    // patch-embed op). Otherwise packed micro-batches, the perturbed copies
+    // made on the host.
+    let fused = vppo
+        && cfg.perturbation == Perturbation::Black
+        && batch
+            .iter()
+            .all(|s| s.input.resized.len() == s.input.grids.len());
+    if let (true, Some(dependency)) = (fused, dependency.as_mut()) {
+        let images = PatchProcessor {
+            geometry: pipeline.images.geometry(),
+            lut: normalize_lut(&pipeline.images),
+        };
+        for (i, s) in batch.iter().enumerate() {
+            let (a, b, kl) =
+                engine.dual_logprobs(s, &images, mask_seed(i), cfg.blacken_p, exact)?;
+            dependency.extend(dependency_of(&a, &b, kl));
+            lp_old.extend(a.logprobs);
+        }
+        return Ok((lp_old, Some(std::mem::take(dependency))));
+    }
     let perturbed = |i: usize| {
         let mut s = batch[i].clone();
         perturb_images(
@@ -274,94 +321,19 @@ pub fn collect_rollouts_on(
         );
         s
     };
-    match device {
-        Some(dev) => {
-            let exact = cfg.dependency == DependencyEstimator::ExactKl;
-            let vocab = model.config.text.vocab_size;
-            let dependency_of = |a: &[f32], b: &[f32], la: &[f32], lb: &[f32]| {
-                if !exact {
-                    return visual_dependency(a, b);
-                }
-                let rows = a.len();
-                let (mut kl, mut lse_a, mut lse_b) =
-                    (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-                softmax_kl_fwd(la, lb, vocab, &mut kl, &mut lse_a, &mut lse_b);
-                kl
-            };
-            // Black tiles on images with their resized bytes: the fused dual
-            // pass (original + masked twin in one forward, the mask drawn in
-            // the patch-embed kernel). Otherwise packed micro-batches, the
-            // perturbed copies made on the host.
-            let fused = dependency.is_some()
-                && cfg.perturbation == Perturbation::Black
-                && batch
-                    .iter()
-                    .all(|s| s.input.resized.len() == s.input.grids.len());
-            if fused {
-                dev.ensure_image_processor(&pipeline.images)?;
-                let dependency = dependency.as_mut().expect("fused implies VPPO");
-                for (i, s) in batch.iter().enumerate() {
-                    let both = dev.dual_logprobs(
-                        &s.input,
-                        s.prompt_len,
-                        mask_seed(i),
-                        cfg.blacken_p,
-                        exact,
-                    )?;
-                    // The original's rows come first, then the twin's.
-                    let (a, b) = both.logprobs.split_at(both.logprobs.len() / 2);
-                    let (la, lb) = both.logits.split_at(both.logits.len() / 2);
-                    dependency.extend(dependency_of(a, b, la, lb));
-                    lp_old.extend_from_slice(a);
-                }
-            } else {
-                let pass = |dev: &mut DeviceModel, seqs: &[TrainSequence]| {
-                    let inputs: Vec<&SequenceInput> = seqs.iter().map(|s| &s.input).collect();
-                    let lens: Vec<usize> = seqs.iter().map(|s| s.prompt_len).collect();
-                    dev.packed_logprobs(&inputs, &lens, exact)
-                };
-                for r in chunks(0..batch.len(), cfg.micro_batch) {
-                    let original = pass(dev, &batch[r.clone()])?;
-                    if let Some(dependency) = &mut dependency {
-                        let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
-                        let masked = pass(dev, &masked)?;
-                        dependency.extend(dependency_of(
-                            &original.logprobs,
-                            &masked.logprobs,
-                            &original.logits,
-                            &masked.logits,
-                        ));
-                    }
-                    lp_old.extend(original.logprobs);
-                }
+    for r in chunks(0..batch.len(), cfg.micro_batch) {
+        let original = &batch[r.clone()];
+        match &mut dependency {
+            Some(dependency) => {
+                let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
+                let (a, b, kl) = engine.logprobs_pair(original, &masked, exact)?;
+                dependency.extend(dependency_of(&a, &b, kl));
+                lp_old.extend(a.logprobs);
             }
-        }
-        None => {
-            for r in chunks(0..batch.len(), cfg.micro_batch) {
-                let original = model.train_forward(&batch[r.clone()], Save::Nothing)?;
-                if let Some(dependency) = &mut dependency {
-                    let masked: Vec<TrainSequence> = r.clone().map(perturbed).collect();
-                    let masked = model.train_forward(&masked, Save::Nothing)?;
-                    dependency.extend(match cfg.dependency {
-                        DependencyEstimator::K3 => {
-                            visual_dependency(&original.logprobs, &masked.logprobs)
-                        }
-                        DependencyEstimator::ExactKl => model.response_kl(&original, &masked)?,
-                    });
-                }
-                lp_old.extend(original.logprobs);
-            }
+            None => lp_old.extend(engine.logprobs(original)?.logprobs),
         }
     }
-    Ok(Rollouts {
-        batch,
-        advantages,
-        lens,
-        lp_old,
-        dependency,
-        group_size: cfg.n,
-        stats,
-    })
+    Ok((lp_old, dependency))
 }
 
 /// What one optimizer step did.
@@ -386,7 +358,7 @@ pub struct UpdateStats {
 }
 
 /// One optimizer step on the groups `groups` of a rollout batch (an update
-/// mini-batch).
+/// mini-batch), on the CPU: the pipeline model's weights are updated.
 pub fn update(
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,
@@ -394,45 +366,33 @@ pub fn update(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, PipelineError> {
-    update_on(pipeline, None, optimizer, rollouts, groups, cfg)
+    let mut policy = Policy::new(Engine::new(CpuBackend, &pipeline.model)?);
+    let host = &mut pipeline.model.weights;
+    let stats = update_on(&mut policy, host, optimizer, rollouts, groups, cfg)?;
+    policy.sync_to_host(host, optimizer)?;
+    Ok(stats)
 }
 
-/// [`update`] with the forward and backward on `device` when given. With
-/// fp32 weights the AdamW step runs there too (moments on the device; the
-/// host's weights and moments go stale until `DeviceModel::sync_to_host`);
-/// with bf16 model weights it runs on the host and the weights are
-/// uploaded.
-pub fn update_on(
-    pipeline: &mut Pipeline,
-    device: Option<&mut DeviceModel>,
+/// [`update`] on the policy's backend: the forward, backward and AdamW
+/// step run there (see [`Policy::optimizer_step`]; `host` are the host's
+/// weights, which the bf16 path updates and uploads).
+pub fn update_on<B: Backend>(
+    policy: &mut Policy<B>,
+    host: &mut Tensors,
     optimizer: &mut AdamW,
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, PipelineError> {
     let _nvtx = crate::nvtx::range("update");
-    let Some(dev) = device else {
-        let (mut grads, mut stats) = mini_batch_gradients(&pipeline.model, rollouts, groups, cfg)?;
-        stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
-        return Ok(stats);
-    };
-    if optimizer.precision() == WeightPrecision::Fp32 {
-        // Gradients, moments and weights stay on the device; the host copies
-        // are brought up to date by `DeviceModel::sync_to_host`.
-        let mut stats = accumulate(&pipeline.model, Grads::Engine(dev), rollouts, groups, cfg)?;
-        stats.optimizer = dev.optimizer_step(optimizer)?;
-        return Ok(stats);
-    }
-    let (mut grads, mut stats) =
-        mini_batch_gradients_on(&pipeline.model, Some(&mut *dev), rollouts, groups, cfg)?;
-    stats.optimizer = optimizer.step(&mut pipeline.model.weights, &mut grads);
-    dev.upload_weights(&pipeline.model.weights)?;
+    let mut stats = accumulate(&mut policy.engine, rollouts, groups, cfg)?;
+    stats.optimizer = policy.optimizer_step(optimizer, host)?;
     Ok(stats)
 }
 
 /// The loss and parameter gradients of an update mini-batch (the groups
-/// `groups` of a rollout batch): TAS's dependency range and the loss's
-/// token count are over this mini-batch; gradients accumulate
+/// `groups` of a rollout batch) on the CPU: TAS's dependency range and the
+/// loss's token count are over this mini-batch; gradients accumulate
 /// micro-batch by micro-batch. `optimizer` in the stats is left empty.
 pub fn mini_batch_gradients(
     model: &Qwen25Vl,
@@ -440,113 +400,30 @@ pub fn mini_batch_gradients(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<(Tensors, UpdateStats), PipelineError> {
-    mini_batch_gradients_on(model, None, rollouts, groups, cfg)
+    let mut engine = Engine::new(CpuBackend, model)?;
+    mini_batch_gradients_on(&mut engine, rollouts, groups, cfg)
 }
 
-/// Forward and backward of ONE response at a time, gradients accumulating
-/// inside: how the device trains ([`DeviceModel`]); [`CpuResponses`] is the
-/// same contract on the CPU (tests check the two loops agree).
-pub trait ResponseEngine {
-    /// Log-probs of the response tokens; the backward must come next.
-    fn forward(&mut self, seq: &TrainSequence) -> Result<Vec<f32>, ModelError>;
-    /// Backward of the last forward from `d loss / d log-prob`.
-    fn backward(&mut self, d_logprob: &[f32]) -> Result<(), ModelError>;
-    /// Adds the accumulated gradients into `grads` (and resets them).
-    fn finish(&mut self, grads: &mut Tensors) -> Result<(), ModelError>;
-}
-
-impl ResponseEngine for DeviceModel {
-    fn forward(&mut self, seq: &TrainSequence) -> Result<Vec<f32>, ModelError> {
-        Ok(self.train_forward(seq)?.logprobs)
-    }
-    fn backward(&mut self, d_logprob: &[f32]) -> Result<(), ModelError> {
-        self.train_backward(d_logprob, &vec![0.0; d_logprob.len()])
-    }
-    fn finish(&mut self, grads: &mut Tensors) -> Result<(), ModelError> {
-        self.take_grads(grads)
-    }
-}
-
-/// [`ResponseEngine`] on the CPU model.
-pub struct CpuResponses<'m> {
-    model: &'m Qwen25Vl,
-    save: Save,
-    grads: Tensors,
-    pending: Option<crate::model::TrainForward>,
-}
-
-impl<'m> CpuResponses<'m> {
-    pub fn new(model: &'m Qwen25Vl, save: Save) -> Self {
-        Self {
-            model,
-            save,
-            grads: Tensors::zeros(&model.layout),
-            pending: None,
-        }
-    }
-}
-
-impl ResponseEngine for CpuResponses<'_> {
-    fn forward(&mut self, seq: &TrainSequence) -> Result<Vec<f32>, ModelError> {
-        let fwd = self
-            .model
-            .train_forward(std::slice::from_ref(seq), self.save)?;
-        let lp = fwd.logprobs.clone();
-        self.pending = Some(fwd);
-        Ok(lp)
-    }
-    fn backward(&mut self, d_logprob: &[f32]) -> Result<(), ModelError> {
-        let fwd = self.pending.take().ok_or(ModelError::NoPendingForward)?;
-        let zeros = vec![0.0; d_logprob.len()];
-        self.model
-            .train_backward(&fwd, d_logprob, &zeros, &mut self.grads)
-    }
-    fn finish(&mut self, grads: &mut Tensors) -> Result<(), ModelError> {
-        for (g, mine) in grads.0.iter_mut().zip(self.grads.0.iter_mut()) {
-            for (a, b) in g.iter_mut().zip(mine.iter_mut()) {
-                *a += *b;
-                *b = 0.0;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// [`mini_batch_gradients`] with the forward and backward on `engine`
-/// (one response at a time; its weights must equal `model`'s) when given.
-/// The micro-batches, and so TAS's micro-batch mean, are the same either
-/// way: the shaping is fixed per micro-batch first, then each response's
-/// tokens are evaluated and pushed back on their own.
-pub fn mini_batch_gradients_on(
-    model: &Qwen25Vl,
-    mut engine: Option<&mut dyn ResponseEngine>,
+/// [`mini_batch_gradients`] on `engine`'s backend, the gradients brought
+/// back to the host.
+pub fn mini_batch_gradients_on<B: Backend>(
+    engine: &mut Engine<B>,
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<(Tensors, UpdateStats), PipelineError> {
-    let mut grads = Tensors::zeros(&model.layout);
-    let stats = match engine.as_mut() {
-        Some(e) => accumulate(model, Grads::Engine(&mut **e), rollouts, groups, cfg)?,
-        None => accumulate(model, Grads::Host(&mut grads), rollouts, groups, cfg)?,
-    };
-    if let Some(engine) = engine {
-        engine.finish(&mut grads)?;
-    }
+    let stats = accumulate(engine, rollouts, groups, cfg)?;
+    let mut grads = Tensors::zeros(&engine.layout);
+    engine.take_grads(&mut grads)?;
     Ok((grads, stats))
 }
 
-/// Where [`accumulate`] sends the gradients.
-enum Grads<'g> {
-    /// The CPU model's micro-batch backward, into these tensors.
-    Host(&'g mut Tensors),
-    /// One response at a time through an engine, which keeps them.
-    Engine(&'g mut dyn ResponseEngine),
-}
-
-/// The micro-batch loop of [`mini_batch_gradients_on`].
-fn accumulate(
-    model: &Qwen25Vl,
-    mut grads: Grads<'_>,
+/// The micro-batch loop: each micro-batch's shaping (TAS over it, TGF) is
+/// fixed first, then its responses go through one packed forward, the
+/// objective gives each token's gradient, and the backward accumulates
+/// into the engine's gradients.
+fn accumulate<B: Backend>(
+    engine: &mut Engine<B>,
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
@@ -586,37 +463,21 @@ fn accumulate(
             scale_min = scale_min.min(s);
             scale_max = scale_max.max(s);
         }
-        // Token range of response `i` inside the micro-batch, and globally.
-        let local = |i: usize| offset(i) - tok.start..offset(i + 1) - tok.start;
-        let mut evaluate = |lp_new: &[f32], span: std::ops::Range<usize>| {
-            let at = tok.start + span.start..tok.start + span.end;
-            let policy = cfg.loss.evaluate(
-                lp_new,
-                &rollouts.lp_old[at],
-                &shaping.token_advantages[span.clone()],
-                &shaping.mask[span.clone()],
-                total_tokens,
-            );
-            loss += policy.loss;
-            clipped += policy.clip_fraction * span.len() as f32;
-            neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
-            policy.token_grads
-        };
-        match &mut grads {
-            Grads::Engine(engine) => {
-                for i in r.clone() {
-                    let lp = engine.forward(&rollouts.batch[i])?;
-                    let token_grads = evaluate(&lp, local(i));
-                    engine.backward(&token_grads)?;
-                }
-            }
-            Grads::Host(grads) => {
-                let fwd = model.train_forward(&rollouts.batch[r.clone()], save)?;
-                let token_grads = evaluate(&fwd.logprobs, 0..tok.len());
-                let zeros = vec![0.0; token_grads.len()];
-                model.train_backward(&fwd, &token_grads, &zeros, grads)?;
-            }
-        }
+        let lp_new = engine
+            .train_forward(&rollouts.batch[r.clone()], save)?
+            .logprobs;
+        let policy = cfg.loss.evaluate(
+            &lp_new,
+            &rollouts.lp_old[tok.clone()],
+            &shaping.token_advantages,
+            &shaping.mask,
+            total_tokens,
+        );
+        loss += policy.loss;
+        clipped += policy.clip_fraction * tok.len() as f32;
+        neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
+        let zeros = vec![0.0; policy.token_grads.len()];
+        engine.train_backward(&policy.token_grads, &zeros)?;
     }
     let denom = total_tokens.max(1) as f64;
     let stats = UpdateStats {
@@ -638,7 +499,7 @@ fn accumulate(
 }
 
 /// Rollouts and one update over every kept group: the whole rollout batch
-/// as a single mini-batch.
+/// as a single mini-batch, on the CPU.
 pub fn train_step(
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,

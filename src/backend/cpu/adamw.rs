@@ -6,27 +6,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-/// Hyper-parameters; defaults are the VPPO recipe's.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-6,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
-    }
-}
+pub use crate::backend::desc::AdamWConfig;
 
 /// One step (`step` counts from 1) on one tensor, in torch's operation order:
 /// `p *= 1 - lr*wd; m += (g - m)(1 - b1); v = b2 v + (1 - b2) g^2;

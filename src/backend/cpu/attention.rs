@@ -21,18 +21,7 @@ use rayon::prelude::*;
 /// Query rows per block: bounds the score scratch to `[Q_BLOCK, Lk]`.
 const Q_BLOCK: usize = 64;
 
-/// Shape and masking of one varlen attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct VarlenAttention<'a> {
-    pub cu_seqlens_q: &'a [i32],
-    pub cu_seqlens_k: &'a [i32],
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub causal: bool,
-    /// Multiplies the scores, usually `head_dim^-0.5`.
-    pub scale: f64,
-}
+pub use crate::backend::desc::VarlenAttention;
 
 /// Validated offsets of every sequence.
 struct Plan {

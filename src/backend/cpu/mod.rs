@@ -18,9 +18,11 @@ pub mod kl;
 pub mod linear;
 pub mod logprob;
 pub mod paged_attention;
+pub mod patch_embed;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sampling;
 pub mod topk;
 
 pub use real::Real;

@@ -6,25 +6,8 @@
 //! Cache layout per layer: `[blocks, block_size, kv_heads, head_dim]`, the
 //! slot of token `i` of a sequence is `(table[i / block_size], i % block_size)`.
 
+pub use crate::backend::desc::{PagedSeq, PagedShape};
 use rayon::prelude::*;
-
-/// Where one sequence's cached tokens live.
-#[derive(Debug, Clone, Copy)]
-pub struct PagedSeq<'a> {
-    pub block_table: &'a [usize],
-    /// Cached tokens (all visible to the query: it is the newest token).
-    pub len: usize,
-}
-
-/// Shape of the paged cache and the heads.
-#[derive(Debug, Clone, Copy)]
-pub struct PagedShape {
-    pub block_size: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub scale: f32,
-}
 
 /// `o[b, h] = softmax(q[b, h] . K_b^T * scale) V_b` for `q[B, q_heads, head_dim]`,
 /// grouped-query heads reading kv head `h / (q_heads / kv_heads)`.

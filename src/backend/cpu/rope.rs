@@ -9,6 +9,7 @@
 //! the fly from the integer positions and a [`RopeFreqs`] plan.
 
 use super::Real;
+use crate::backend::desc::RopeFreqs;
 use rayon::prelude::*;
 
 /// Per-token cos/sin of every rotary frequency: `[tokens, half]` each, with
@@ -156,56 +157,7 @@ fn rotate<R: Real>(table: &RopeTable<R>, x: &[R], heads: usize, y: &mut [R], sin
         });
 }
 
-/// The angle plan behind every [`RopeTable`] layout: frequency `j` of token
-/// `t` has the angle `positions[stream[j]][t] * inv_freq[j]` (f32 product).
-/// The GPU rope kernel takes this plan and the positions instead of a table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeFreqs {
-    pub inv_freq: Vec<f32>,
-    /// Which position stream each frequency reads.
-    pub stream: Vec<i32>,
-}
-
 impl RopeFreqs {
-    /// The plan of [`RopeTable::text_1d`] (one stream).
-    pub fn text_1d(head_dim: usize, theta: f64) -> Self {
-        assert!(head_dim % 2 == 0, "rope: head_dim must be even");
-        let inv_freq = inv_freq::<f32>(head_dim, theta);
-        let stream = vec![0; inv_freq.len()];
-        Self { inv_freq, stream }
-    }
-
-    /// The plan of [`RopeTable::mrope`] (streams t, h, w by section).
-    pub fn mrope(sections: [usize; 3], head_dim: usize, theta: f64) -> Self {
-        assert!(head_dim % 2 == 0, "rope: head_dim must be even");
-        assert_eq!(
-            sections.iter().sum::<usize>(),
-            head_dim / 2,
-            "mrope: sections must sum to head_dim/2"
-        );
-        let stream = (0..3)
-            .flat_map(|s| std::iter::repeat_n(s as i32, sections[s]))
-            .collect();
-        Self {
-            inv_freq: inv_freq::<f32>(head_dim, theta),
-            stream,
-        }
-    }
-
-    /// The plan of [`RopeTable::vision_2d`] (streams rows, cols).
-    pub fn vision_2d(head_dim: usize, theta: f64) -> Self {
-        assert!(
-            head_dim % 4 == 0,
-            "vision rope: head_dim must be a multiple of 4"
-        );
-        let f = inv_freq::<f32>(head_dim / 2, theta);
-        let nf = f.len();
-        Self {
-            inv_freq: f.iter().chain(&f).copied().collect(),
-            stream: (0..2 * nf).map(|j| i32::from(j >= nf)).collect(),
-        }
-    }
-
     /// The table these frequencies give for `positions` (one slice per stream).
     pub fn table(&self, positions: &[&[i32]]) -> RopeTable<f32> {
         let tokens = positions.first().map_or(0, |p| p.len());

@@ -4,9 +4,8 @@
 
 use super::launch_util::{need, to_i32, Elem};
 use super::{CudaBackend, CudaError};
-use crate::backend::cpu::attention::VarlenAttention;
 use crate::backend::cpu::check_cu_seqlens;
-use crate::backend::cpu::paged_attention::{PagedSeq, PagedShape};
+use crate::backend::desc::{PagedSeq, PagedShape, VarlenAttention};
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 

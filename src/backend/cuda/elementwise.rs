@@ -11,7 +11,7 @@ use super::{CudaBackend, CudaError};
 use crate::backend::cpu::OpError;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-/// Device copy of a [`crate::backend::cpu::rope::RopeFreqs`] plan.
+/// Device copy of a [`crate::backend::desc::RopeFreqs`] plan.
 pub struct RopeFreqsDevice {
     pub inv_freq: CudaSlice<f32>,
     pub stream: CudaSlice<i32>,
@@ -68,7 +68,7 @@ impl CudaBackend {
     /// Uploads a rotary frequency plan once (it is the same for every layer).
     pub fn rope_freqs(
         &self,
-        freqs: &crate::backend::cpu::rope::RopeFreqs,
+        freqs: &crate::backend::desc::RopeFreqs,
     ) -> Result<RopeFreqsDevice, CudaError> {
         Ok(RopeFreqsDevice {
             inv_freq: self.stream.clone_htod(&freqs.inv_freq)?,

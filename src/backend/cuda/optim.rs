@@ -4,7 +4,7 @@
 
 use super::launch_util::to_i32;
 use super::{CudaBackend, CudaError};
-use crate::backend::cpu::adamw::AdamWConfig;
+use crate::backend::desc::AdamWConfig;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
 use half::bf16;
 

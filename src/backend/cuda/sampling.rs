@@ -3,7 +3,7 @@
 
 use super::launch_util::{need, row_grid, to_i32};
 use super::{CudaBackend, CudaError};
-use crate::rollout::sampling::SamplingParams;
+use crate::backend::desc::SamplingParams;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 impl CudaBackend {

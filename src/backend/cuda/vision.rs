@@ -4,8 +4,7 @@
 
 use super::launch_util::{need, to_i32, Elem};
 use super::{CudaBackend, CudaError};
-use crate::processor::image::{normalize_lut, ImageProcessorConfig};
-use crate::rl::perturb::patch_mask_threshold;
+use crate::backend::desc::{patch_mask_threshold, PatchGeometry};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 /// The perturbed copy of a patch-embed call: its output and the draw.
@@ -17,10 +16,10 @@ pub struct PatchMask<'a, 'v, T> {
 }
 
 impl CudaBackend {
-    /// Uploads the per-channel normalisation table of `cfg` (768 floats),
-    /// once per processor config.
-    pub fn patch_lut(&self, cfg: &ImageProcessorConfig) -> Result<CudaSlice<f32>, CudaError> {
-        let flat: Vec<f32> = normalize_lut(cfg).concat();
+    /// Uploads an image processor's per-channel normalisation table
+    /// (`processor::image::normalize_lut`, 768 floats), once per processor.
+    pub fn patch_lut(&self, lut: &[[f32; 256]; 3]) -> Result<CudaSlice<f32>, CudaError> {
+        let flat: Vec<f32> = lut.concat();
         Ok(self.stream.clone_htod(&flat)?)
     }
 
@@ -37,7 +36,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn patch_embed<T: Elem>(
         &self,
-        cfg: &ImageProcessorConfig,
+        geom: &PatchGeometry,
         lut: &CudaSlice<f32>,
         img: &CudaView<'_, u8>,
         width: usize,
@@ -46,7 +45,7 @@ impl CudaBackend {
         mask: Option<PatchMask<'_, '_, T>>,
     ) -> Result<(), CudaError> {
         const K: &str = "patch_embed";
-        let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
+        let (p, m, t) = (geom.patch, geom.merge, geom.temporal);
         let factor = p * m;
         if p == 0 || m == 0 || t == 0 || width % factor != 0 || height % factor != 0 {
             return Err(CudaError::Unsupported {
