@@ -4,7 +4,7 @@
 //! count). Prints one table; the median of several timed runs after warm-up.
 
 use std::time::Instant;
-use vppo_engine::backend::cpu::attention::{attention_bwd, attention_fwd, VarlenAttention};
+use vppo_engine::backend::cpu::flash_attn::{attention_bwd, attention_fwd, VarlenAttention};
 use vppo_engine::backend::cpu::gemm::{matmul, Trans};
 
 fn median_seconds(mut f: impl FnMut(), runs: usize) -> f64 {

@@ -44,11 +44,11 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
-use vppo_engine::backend::cpu::paged_attention::{PagedSeq, PagedShape};
+use vppo_engine::backend::cpu::paged_attn::{PagedSeq, PagedShape};
 use vppo_engine::backend::cuda::{
-    flatten_block_tables, AdamWTensor, CudaBackend, FlashAttnShape, LogitChunk, PatchMask,
-    LOGPROB_STATE_PER_ROW,
+    AdamWTensor, CudaBackend, FlashAttnShape, LogitChunk, PatchMask, LOGPROB_STATE_PER_ROW,
 };
+use vppo_engine::backend::desc::flatten_block_tables;
 use vppo_engine::backend::desc::RopeFreqs;
 use vppo_engine::processor::image::{normalize_lut, ImageProcessorConfig};
 use vppo_engine::rollout::sampling::SamplingParams;
@@ -510,7 +510,7 @@ fn bench_cast(b: &mut Bench) -> Result<()> {
 
 // ----------------------------------------------------------------- loss heads
 
-fn bench_kl(b: &mut Bench) -> Result<()> {
+fn bench_softmax_kl(b: &mut Bench) -> Result<()> {
     if b.wants("softmax_kl") {
         let rows = 512usize;
         let n = rows * VOCAB;
@@ -547,7 +547,7 @@ fn bench_kl(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
-fn bench_topk(b: &mut Bench) -> Result<()> {
+fn bench_topk_select(b: &mut Bench) -> Result<()> {
     if !b.wants("topk_select") {
         return Ok(());
     }
@@ -827,7 +827,7 @@ struct AttnCase {
     causal: bool,
 }
 
-fn bench_flash(b: &mut Bench, c: &AttnCase) -> Result<()> {
+fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
     let fwd_id = format!("flash_fwd_{}", c.name);
     let bwd_id = format!("flash_bwd_{}", c.name);
     if !b.wants(&fwd_id) && !b.wants(&bwd_id) {
@@ -909,7 +909,7 @@ fn bench_flash(b: &mut Bench, c: &AttnCase) -> Result<()> {
     )
 }
 
-fn bench_attention(b: &mut Bench) -> Result<()> {
+fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
     for c in [
         // Qwen2.5-VL vision tower, full-attention blocks: 4 images of 896x896
         // (4096 patches each), 16 heads of 80.
@@ -943,7 +943,7 @@ fn bench_attention(b: &mut Bench) -> Result<()> {
             causal: true,
         },
     ] {
-        if let Err(e) = bench_flash(b, &c) {
+        if let Err(e) = bench_flash_attn(b, &c) {
             println!("FAIL  flash {:<24} {e:#}", c.name);
             b.failed.push(format!("flash_{}", c.name));
         }
@@ -951,7 +951,7 @@ fn bench_attention(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
-fn bench_paged(b: &mut Bench) -> Result<()> {
+fn bench_paged_attn(b: &mut Bench) -> Result<()> {
     if !b.wants("paged_decode") {
         return Ok(());
     }
@@ -1042,14 +1042,14 @@ const FAMILIES: &[(&str, Family)] = &[
     ("activations", bench_activations),
     ("embedding", bench_embedding),
     ("cast", bench_cast),
-    ("kl", bench_kl),
-    ("topk", bench_topk),
+    ("kl", bench_softmax_kl),
+    ("topk", bench_topk_select),
     ("logprob", bench_logprob),
     ("sampling", bench_sampling),
     ("adamw", bench_adamw),
     ("patch_embed", bench_patch_embed),
-    ("attention", bench_attention),
-    ("paged", bench_paged),
+    ("attention", bench_flash_attn_cases),
+    ("paged", bench_paged_attn),
 ];
 
 fn main() -> Result<()> {

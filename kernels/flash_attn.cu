@@ -1,7 +1,7 @@
 // Flash attention over packed variable-length sequences (cu_seqlens), fp32:
 // forward with online softmax and saved log-sum-exp, and the backward that
 // recomputes probabilities tile by tile. No [L, L] matrix ever exists.
-// CPU twin: src/backend/cpu/attention.rs (attention_fwd, attention_bwd with
+// CPU twin: src/backend/cpu/flash_attn.rs (attention_fwd, attention_bwd with
 // VarlenAttention); same contract:
 //   q[Tq, q_heads, D], k/v[Tk, kv_heads, D], o[Tq, q_heads, D], lse[Tq, q_heads];
 //   query head h reads kv head h / (q_heads / kv_heads);

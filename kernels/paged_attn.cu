@@ -1,6 +1,6 @@
 // Decode-time attention of one new query per sequence against a paged KV
 // cache, fp32.
-// CPU twin: src/backend/cpu/paged_attention.rs (paged_decode_attention); same
+// CPU twin: src/backend/cpu/paged_attn.rs (paged_decode_attention); same
 // contract: q[B, q_heads, D], caches [blocks, block_size, kv_heads, D], token
 // i of sequence b lives in slot (table[b][i / block_size], i % block_size),
 // query head h reads kv head h / (q_heads / kv_heads), all `len` cached tokens

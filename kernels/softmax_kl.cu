@@ -1,6 +1,6 @@
 // Per-row KL(softmax(p) || softmax(q)) over the full vocabulary in one pass,
 // and the k3 visual-dependency estimator from two gathered log-probs.
-// CPU twin: src/backend/cpu/kl.rs (softmax_kl_fwd, dependency_k3).
+// CPU twin: src/backend/cpu/softmax_kl.rs (softmax_kl_fwd, dependency_k3).
 #include "common.cuh"
 
 // Online state over a slice of the vocabulary:

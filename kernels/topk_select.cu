@@ -1,6 +1,6 @@
 // Per-response top-k token selection by ratio (VPPO token-level gradient
 // filtering): keep the k = ceil(len * ratio) tokens with the largest score.
-// CPU twin: src/backend/cpu/topk.rs (topk_select_mask); same tie rule: equal
+// CPU twin: src/backend/cpu/topk_select.rs (topk_select_mask); same tie rule: equal
 // scores rank by position (earlier first), NaN ranks as -inf.
 //
 // One block per response, O(len) per row: a 4-pass 8-bit radix select finds

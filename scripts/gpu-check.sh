@@ -15,8 +15,9 @@
 #   shared machine.
 # run: device/driver/clocks, `vppo-engine info`, shaders-test (every kernel vs
 #   its CPU twin), the kernel benches, the PyTorch equivalents, a bounded
-#   compute-sanitizer memcheck of the small cases, the device model forward
-#   and training step vs the CPU, `train --device cuda` vs cpu on the
+#   compute-sanitizer memcheck of the small cases, the generic model graph
+#   on the CUDA backend vs the CPU backend (forward, training step, dual
+#   pass, generation), `train --device cuda` vs cpu on the
 #   built-in task, a summary of the checks, then the merged table
 #   (ours vs torch, % of roofline) LAST. Every step has a timeout; the whole
 #   run stays under 8 minutes. JSON lines, the log and the table go to
@@ -78,7 +79,8 @@ case "${1:-}" in
       timeout 30 "$bundle/vppo-engine" info || echo "info: rc $?"
       step "shaders-test (kernels vs CPU twins)"
       timeout 120 "$bundle/shaders" || echo "shaders: FAILED or timed out (rc $?)"
-      # ---- device model forward (branch gpu-model): GEMMs, device forward,
+      # ---- the graph on CUDA: GEMMs, the generic graph's forward, training
+      # ---- step, dual pass and generator vs the CPU backend, and
       # ---- `score --device cuda` vs the CPU on a fixture. Self-contained.
       # cuBLAS: if the loader cannot find libcublasLt, use the CUDA toolkit's
       # or the pip wheels' (next to PyTorch) library directory.
@@ -99,9 +101,9 @@ PY
           echo "cuBLAS from $cublas_dir"
         fi
       fi
-      step "cuBLAS GEMMs + device forward vs CPU, score --device cuda vs cpu"
-      timeout 90 "$bundle/shaders" "gemm " "device forward" "device training step" ||
-        echo "shaders gemm + device forward + training step: FAILED (rc $?)"
+      step "cuBLAS GEMMs + the generic graph on CUDA vs CPU (forward, training step, dual pass, generate), score --device cuda vs cpu"
+      timeout 120 "$bundle/shaders" "gemm " "graph " "generate " ||
+        echo "shaders gemm + graph on CUDA: FAILED (rc $?)"
       fx=tests/fixtures/qwen2_5_vl/single_noresize
       response=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["response"])' "$fx/inputs.json")
       prompt="<image>What is shown in the image? Describe the picture."

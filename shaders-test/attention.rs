@@ -1,13 +1,14 @@
 //! Flash attention (forward + backward) and paged decode attention against
-//! `cpu::attention` and `cpu::paged_attention`.
+//! `cpu::flash_attn` and `cpu::paged_attn`.
 
 use crate::{check, check_truth, cuda, drv, random, to_f64, Case, FP32_TOL};
 use half::bf16;
 use rand::Rng;
 use vppo_engine::backend::cpu;
-use vppo_engine::backend::cpu::attention::VarlenAttention;
-use vppo_engine::backend::cpu::paged_attention::{PagedSeq, PagedShape};
-use vppo_engine::backend::cuda::{flatten_block_tables, FlashAttnShape};
+use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
+use vppo_engine::backend::cpu::paged_attn::{PagedSeq, PagedShape};
+use vppo_engine::backend::cuda::FlashAttnShape;
+use vppo_engine::backend::desc::flatten_block_tables;
 
 /// Like `check`, for log-sum-exps: infinities must agree exactly (a query
 /// that sees no key has lse = -inf), the finite values within `tol`.
@@ -73,11 +74,11 @@ pub fn flash_case(
             let dout = random(rng, nq, 1.0);
             let mut o_ref = vec![0.0; nq];
             let mut lse_ref = vec![0.0; tq * q_heads];
-            cpu::attention::attention_fwd(&cfg, &q, &k, &v, &mut o_ref, &mut lse_ref)
+            cpu::flash_attn::attention_fwd(&cfg, &q, &k, &v, &mut o_ref, &mut lse_ref)
                 .map_err(|e| e.to_string())?;
             let (mut dq_ref, mut dk_ref, mut dv_ref) =
                 (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::attention::attention_bwd(
+            cpu::flash_attn::attention_bwd(
                 &cfg,
                 &q,
                 &k,
@@ -93,10 +94,10 @@ pub fn flash_case(
             // dq with a single key is exactly 0 (softmax = 1): judged against f64.
             let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
             let (mut o64, mut lse64) = (vec![0.0; nq], vec![0.0; tq * q_heads]);
-            cpu::attention::attention_fwd(&cfg, &q64, &k64, &v64, &mut o64, &mut lse64)
+            cpu::flash_attn::attention_fwd(&cfg, &q64, &k64, &v64, &mut o64, &mut lse64)
                 .map_err(|e| e.to_string())?;
             let (mut dq64, mut dk64, mut dv64) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::attention::attention_bwd(
+            cpu::flash_attn::attention_bwd(
                 &cfg,
                 &q64,
                 &k64,
@@ -227,7 +228,7 @@ pub fn paged_case_typed(
             let nq = lens.len() * q_heads * head_dim;
             let q = grid(random(rng, nq, 2.0));
             let mut want = vec![0.0; nq];
-            cpu::paged_attention::paged_decode_attention(
+            cpu::paged_attn::paged_decode_attention(
                 &shape, &q, &k_cache, &v_cache, &seqs, &mut want,
             );
             let (tab, seq_lens, stride) = flatten_block_tables(&seqs);
@@ -346,10 +347,10 @@ pub fn flash_bf16_case(
             let (qf, kf, vf, df) = (widen(&q), widen(&k), widen(&v), widen(&dout));
             let mut o_ref = vec![0.0; nq];
             let mut lse_ref = vec![0.0; tq * q_heads];
-            cpu::attention::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
+            cpu::flash_attn::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
                 .map_err(|e| e.to_string())?;
             let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::attention::attention_bwd(
+            cpu::flash_attn::attention_bwd(
                 &cfg,
                 &qf,
                 &kf,

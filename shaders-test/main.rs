@@ -6,15 +6,15 @@
 //! Without a CUDA device (or without embedded kernels) every case is reported
 //! as skipped, with the reason. Runs as `cargo test --test shaders`.
 
+mod adamw;
 mod attention;
 mod elementwise;
 mod generate;
-mod loss;
+mod logprob;
 mod model;
-mod optim;
+mod patch_embed;
 mod sampling;
 mod train;
-mod vision;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -181,7 +181,7 @@ fn softmax_kl_case(rows: usize, vocab: usize, masked: bool) -> Case {
             }
             let (mut kl_ref, mut lp_ref, mut lq_ref) =
                 (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            cpu::kl::softmax_kl_fwd(&zp, &zq, vocab, &mut kl_ref, &mut lp_ref, &mut lq_ref);
+            cpu::softmax_kl::softmax_kl_fwd(&zp, &zq, vocab, &mut kl_ref, &mut lp_ref, &mut lq_ref);
             let (zp_d, zq_d) = (
                 s.clone_htod(&zp).map_err(drv)?,
                 s.clone_htod(&zq).map_err(drv)?,
@@ -195,7 +195,7 @@ fn softmax_kl_case(rows: usize, vocab: usize, masked: bool) -> Case {
             // KL is a sum over the vocabulary: judged against the f64 twin.
             let (mut kl64, mut lp64, mut lq64) =
                 (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            cpu::kl::softmax_kl_fwd(
+            cpu::softmax_kl::softmax_kl_fwd(
                 &to_f64(&zp),
                 &to_f64(&zq),
                 vocab,
@@ -232,7 +232,7 @@ fn k3_case(n: usize) -> Case {
             let a = random(rng, n, 30.0);
             let b = random(rng, n, 30.0);
             let mut want = vec![0.0; n];
-            cpu::kl::dependency_k3(&a, &b, &mut want);
+            cpu::softmax_kl::dependency_k3(&a, &b, &mut want);
             let (a_d, b_d) = (
                 s.clone_htod(&a).map_err(drv)?,
                 s.clone_htod(&b).map_err(drv)?,
@@ -267,7 +267,7 @@ fn topk_case(lens: Vec<usize>, ratio: f32, ties: bool) -> Case {
                 cu.push(cu.last().unwrap() + l as i32);
             }
             let mut want = vec![0.0f32; total];
-            cpu::topk::topk_select_mask(&scores, &cu, ratio, &mut want)
+            cpu::topk_select::topk_select_mask(&scores, &cu, ratio, &mut want)
                 .map_err(|e| e.to_string())?;
             let (sc_d, cu_d) = (
                 s.clone_htod(&scores).map_err(drv)?,
@@ -314,10 +314,10 @@ fn cases() -> Vec<Case> {
     .chain(attention::bf16_cases())
     .chain(elementwise::cases())
     .chain(elementwise::bf16_cases())
-    .chain(loss::cases())
-    .chain(optim::cases())
+    .chain(logprob::cases())
+    .chain(adamw::cases())
     .chain(sampling::cases())
-    .chain(vision::cases())
+    .chain(patch_embed::cases())
     .chain(model::cases())
     .chain(generate::cases())
     .chain(train::cases())

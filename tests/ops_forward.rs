@@ -9,16 +9,16 @@ use half::bf16;
 use rand::Rng;
 use vppo_engine::backend::cpu::activations::{gelu_fwd, swiglu_fwd};
 use vppo_engine::backend::cpu::adamw::{adamw_step, clip_grad_norm, global_grad_norm, AdamWConfig};
-use vppo_engine::backend::cpu::attention::{attention_fwd, VarlenAttention};
 use vppo_engine::backend::cpu::cast::{bf16_to_f32, f32_to_bf16};
 use vppo_engine::backend::cpu::embedding::embedding_fwd;
+use vppo_engine::backend::cpu::flash_attn::{attention_fwd, VarlenAttention};
 use vppo_engine::backend::cpu::gemm::{matmul, Trans};
-use vppo_engine::backend::cpu::kl::{dependency_k3, softmax_kl_fwd};
 use vppo_engine::backend::cpu::linear::linear_fwd;
 use vppo_engine::backend::cpu::logprob::token_logprob_fwd;
 use vppo_engine::backend::cpu::rmsnorm::rmsnorm_fwd;
 use vppo_engine::backend::cpu::rope::{rope_fwd, RopeTable};
-use vppo_engine::backend::cpu::topk::{topk_count, topk_select_mask};
+use vppo_engine::backend::cpu::softmax_kl::{dependency_k3, softmax_kl_fwd};
+use vppo_engine::backend::cpu::topk_select::{topk_count, topk_select_mask};
 use vppo_engine::backend::cpu::OpError;
 
 fn naive_matmul(
@@ -625,9 +625,7 @@ fn bf16_casts_round_to_nearest_even() {
 
 #[test]
 fn paged_decode_attention_matches_the_last_row_of_causal_attention() {
-    use vppo_engine::backend::cpu::paged_attention::{
-        paged_decode_attention, PagedSeq, PagedShape,
-    };
+    use vppo_engine::backend::cpu::paged_attn::{paged_decode_attention, PagedSeq, PagedShape};
     let mut r = rng(19);
     let (hq, hkv, d, bs) = (6usize, 2usize, 8usize, 4usize);
     let lens = [1usize, 5, 9];

@@ -8,13 +8,13 @@ mod common;
 use common::{check_gradient, dot, randn, rng};
 use rand::Rng;
 use vppo_engine::backend::cpu::activations::{gelu_bwd, gelu_fwd, swiglu_bwd, swiglu_fwd};
-use vppo_engine::backend::cpu::attention::{attention_bwd, attention_fwd, VarlenAttention};
 use vppo_engine::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
-use vppo_engine::backend::cpu::kl::{softmax_kl_bwd, softmax_kl_fwd};
+use vppo_engine::backend::cpu::flash_attn::{attention_bwd, attention_fwd, VarlenAttention};
 use vppo_engine::backend::cpu::linear::{linear_bwd, linear_fwd};
 use vppo_engine::backend::cpu::logprob::{token_logprob_bwd, token_logprob_fwd};
 use vppo_engine::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use vppo_engine::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
+use vppo_engine::backend::cpu::softmax_kl::{softmax_kl_bwd, softmax_kl_fwd};
 
 const PROBES: usize = 48;
 

@@ -251,7 +251,7 @@ fn a_packed_micro_batch_gives_the_one_response_at_a_time_gradient() {
 /// whole-sequence logits, and a rollout batch carries it per token.
 #[test]
 fn exact_kl_dependency_matches_the_full_distributions() {
-    use vppo_engine::backend::cpu::kl::softmax_kl_fwd;
+    use vppo_engine::backend::cpu::softmax_kl::softmax_kl_fwd;
     use vppo_engine::model::acts::Save;
     use vppo_engine::model::TrainSequence;
     use vppo_engine::rl::{perturb_patches, DependencyEstimator, Perturbation};

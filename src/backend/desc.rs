@@ -192,3 +192,51 @@ pub fn patch_is_blackened(seed: u64, patch: u64, threshold: u32) -> bool {
     z ^= z >> 31;
     ((z >> 40) as u32) < threshold
 }
+
+/// Block tables of a decode batch laid out for the paged kernel:
+/// `[B, stride]` i32 (rows padded with 0) and the `B` sequence lengths.
+pub fn flatten_block_tables(seqs: &[PagedSeq]) -> (Vec<i32>, Vec<i32>, usize) {
+    let stride = seqs
+        .iter()
+        .map(|s| s.block_table.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut tables = vec![0i32; seqs.len() * stride];
+    for (row, s) in tables.chunks_mut(stride).zip(seqs) {
+        for (t, &b) in row.iter_mut().zip(s.block_table) {
+            *t = b as i32;
+        }
+    }
+    let lens = seqs.iter().map(|s| s.len as i32).collect();
+    (tables, lens, stride)
+}
+
+/// The clip coefficient `cpu::adamw::clip_grad_norm` applies for a global
+/// norm: pass it as `grad_scale` to the CUDA `adamw_step` to get the
+/// CPU's clip-then-step (1.0 when no clipping is needed or the norm is not
+/// finite; the caller skips the step in that case).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
+    if !norm.is_finite() {
+        return 1.0;
+    }
+    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    if coef < 1.0 {
+        coef
+    } else {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_coefficient_matches_the_cpu_rule() {
+        assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
+        assert_eq!(clip_coefficient(f64::NAN, 1.0), 1.0);
+        let c = clip_coefficient(4.0, 1.0);
+        assert_eq!(c, (1.0 / (4.0 + 1e-6)) as f32);
+    }
+}

@@ -5,8 +5,7 @@
 //! the sampler's bookkeeping (`rollout::kv_cache`); this holds the numbers.
 
 use super::config::ModelConfig;
-use crate::backend::cuda::flatten_block_tables;
-use crate::backend::desc::PagedSeq;
+use crate::backend::desc::{flatten_block_tables, PagedSeq};
 use crate::ops::{Backend, Result};
 
 pub struct KvStore<B: Backend> {

@@ -4,16 +4,16 @@
 use super::{Backend, Result, WeightGrads, WeightRows};
 use crate::backend::cpu::activations::{gelu_bwd, gelu_fwd, swiglu_bwd, swiglu_fwd};
 use crate::backend::cpu::adamw::{adamw_step, global_grad_norm};
-use crate::backend::cpu::attention::{attention_bwd, attention_fwd};
 use crate::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
-use crate::backend::cpu::kl::softmax_kl_fwd;
+use crate::backend::cpu::flash_attn::{attention_bwd, attention_fwd};
 use crate::backend::cpu::linear::{linear_bwd, linear_fwd};
 use crate::backend::cpu::logprob::{token_logprob_bwd, token_logprob_fwd};
-use crate::backend::cpu::paged_attention::paged_decode_attention;
+use crate::backend::cpu::paged_attn::paged_decode_attention;
 use crate::backend::cpu::patch_embed::patch_embed;
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
 use crate::backend::cpu::sampling::sample_token_with_uniform;
+use crate::backend::cpu::softmax_kl::softmax_kl_fwd;
 use crate::backend::desc::{
     AdamWConfig, AttnSpec, PagedSeq, PagedShape, PatchGeometry, RopeFreqs, SamplingParams,
 };

@@ -79,9 +79,9 @@ fn zeros_f32(gpu: &CudaBackend, n: usize) -> Result<CudaSlice<f32>> {
 }
 
 impl CudaBackend {
-    fn mirrored<T: cudarc::driver::DeviceRepr + Clone>(&self, host: &[T]) -> Result<Mirrored<T>>
+    fn mirrored<T>(&self, host: &[T]) -> Result<Mirrored<T>>
     where
-        T: cudarc::driver::ValidAsZeroBits,
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Clone,
     {
         let dev = if host.is_empty() {
             self.stream().alloc_zeros::<T>(1)?
@@ -696,22 +696,23 @@ impl Backend for CudaBackend {
             Some(_) => Some(zeros_f32(self, n * features)?),
             None => None,
         };
-        let mut masked_view = masked.as_mut().map(|m| m.slice_mut(..));
-        let patch_mask = match (mask, masked_view.as_mut()) {
-            (Some((seed, p)), Some(out)) => Some(PatchMask { out, seed, p }),
-            _ => None,
-        };
-        CudaBackend::patch_embed(
-            self,
-            geom,
-            &lut_dev,
-            &bytes.slice(..),
-            width,
-            height,
-            &mut out.slice_mut(..),
-            patch_mask,
-        )?;
-        drop(masked_view);
+        {
+            let mut masked_view = masked.as_mut().map(|m| m.slice_mut(..));
+            let patch_mask = match (mask, masked_view.as_mut()) {
+                (Some((seed, p)), Some(out)) => Some(PatchMask { out, seed, p }),
+                _ => None,
+            };
+            CudaBackend::patch_embed(
+                self,
+                geom,
+                &lut_dev,
+                &bytes.slice(..),
+                width,
+                height,
+                &mut out.slice_mut(..),
+                patch_mask,
+            )?;
+        }
         Ok((DeviceBuf::F32(out), masked.map(DeviceBuf::F32)))
     }
 

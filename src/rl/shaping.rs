@@ -2,8 +2,8 @@
 //! perturbed-image log-probs, trajectory-level advantage shaping (TAS) and
 //! token-level gradient filtering (TGF).
 
-use crate::backend::cpu::kl::dependency_k3;
-use crate::backend::cpu::topk::topk_select_mask;
+use crate::backend::cpu::softmax_kl::dependency_k3;
+use crate::backend::cpu::topk_select::topk_select_mask;
 use crate::backend::cpu::OpError;
 
 /// How a token's visual dependency is measured.

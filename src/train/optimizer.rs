@@ -3,7 +3,7 @@
 //! state that saves and restores.
 
 use crate::backend::cpu::adamw::{adamw_step, clip_grad_norm, AdamWConfig};
-use crate::backend::cuda::clip_coefficient;
+use crate::backend::desc::clip_coefficient;
 use crate::model::engine::Engine;
 use crate::model::params::Tensors;
 use crate::model::ModelError;
@@ -125,8 +125,11 @@ impl AdamW {
 /// uploaded after each step.
 pub struct Policy<B: Backend> {
     pub engine: Engine<B>,
-    moments: Option<(Vec<B::Buf>, Vec<B::Buf>)>,
+    moments: Option<Moments<B>>,
 }
+
+/// AdamW's first and second moments of every parameter, on a backend.
+type Moments<B> = (Vec<<B as Backend>::Buf>, Vec<<B as Backend>::Buf>);
 
 impl<B: Backend> Policy<B> {
     pub fn new(engine: Engine<B>) -> Self {

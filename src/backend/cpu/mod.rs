@@ -10,20 +10,20 @@
 
 pub mod activations;
 pub mod adamw;
-pub mod attention;
 pub mod cast;
 pub mod embedding;
+pub mod flash_attn;
 pub mod gemm;
-pub mod kl;
 pub mod linear;
 pub mod logprob;
-pub mod paged_attention;
+pub mod paged_attn;
 pub mod patch_embed;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sampling;
-pub mod topk;
+pub mod softmax_kl;
+pub mod topk_select;
 
 pub use real::Real;
 

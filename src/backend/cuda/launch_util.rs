@@ -1,4 +1,4 @@
-//! Small helpers shared by the kernel launchers of the newer kernel files.
+//! Small helpers shared by the kernel launchers.
 
 use super::CudaError;
 use cudarc::driver::LaunchConfig;

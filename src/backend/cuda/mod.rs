@@ -1,31 +1,37 @@
 //! CUDA backend: finds devices without panicking on machines that have no
 //! driver, loads the kernel modules embedded by `build.rs`, and launches them
-//! (`ops`). Each launcher matches a CPU op of `backend::cpu` one to one.
+//! (one launcher file per `kernels/*.cu`, named alike). Each launcher matches a CPU op of `backend::cpu` one to one.
 //! GEMMs go through cuBLASLt ([`Blas`], created lazily per device, plans
-//! cached per shape); `model::device` builds the model forward from both.
+//! cached per shape); `ops::cuda` implements the op layer's `Backend` with both.
 //!
 //! Nothing here is global: a [`CudaBackend`] is one device and one stream, so
 //! several can live in one process (one per rank, later).
 
-mod attention;
-mod elementwise;
+mod activations;
+mod adamw;
+mod cast;
+mod embedding;
+mod flash_attn;
 mod gemm;
 mod launch_util;
-mod loss;
-mod ops;
-mod optim;
+mod logprob;
+mod paged_attn;
+mod patch_embed;
+mod rmsnorm;
+mod rope;
 mod rows;
 mod sampling;
-mod vision;
+mod softmax_kl;
+mod topk_select;
 
-pub use attention::{flatten_block_tables, FlashAttnShape};
-pub use elementwise::RopeFreqsDevice;
+pub use adamw::AdamWTensor;
+pub use flash_attn::FlashAttnShape;
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
-pub use loss::{LogitChunk, LOGPROB_STATE_PER_ROW};
-pub use ops::rmsnorm_bwd_scratch_len;
-pub use optim::{clip_coefficient, AdamWTensor};
-pub use vision::PatchMask;
+pub use logprob::{LogitChunk, LOGPROB_STATE_PER_ROW};
+pub use patch_embed::PatchMask;
+pub use rmsnorm::rmsnorm_bwd_scratch_len;
+pub use rope::RopeFreqsDevice;
 
 use crate::kernels;
 use cudarc::driver::{

@@ -4,7 +4,8 @@ use crate::{cuda, drv, random, Case};
 use half::bf16;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::adamw::AdamWConfig;
-use vppo_engine::backend::cuda::{clip_coefficient, AdamWTensor};
+use vppo_engine::backend::cuda::AdamWTensor;
+use vppo_engine::backend::desc::clip_coefficient;
 
 /// Several steps on tensors of the given sizes (each with a bf16 model copy
 /// when `with_model`), clipping to `max_norm` as the trainer does: the

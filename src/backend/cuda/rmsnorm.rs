@@ -1,12 +1,12 @@
-//! Kernel launchers. Each keeps the C signature it launches in a comment:
-//! kernel arguments are untyped, so an `i32` must meet an `int` and a `f32` a
-//! `float`, or the launch silently reads garbage.
+//! Launchers of the RMSNorm kernels (`kernels/rmsnorm.cu`). Each keeps the
+//! C signature it launches in a comment: kernel arguments are untyped, so an
+//! `i32` must meet an `int` and a `f32` a `float`, or the launch silently
+//! reads garbage.
 
-use super::launch_util::need;
+use super::launch_util::{elementwise_grid, need, row_grid, to_i32, BLOCK};
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-const BLOCK: u32 = 256;
 /// Rows each block of the RMSNorm backward walks (sets the dw partial count).
 const RMSNORM_BWD_ROWS_PER_BLOCK: usize = 32;
 
@@ -16,30 +16,6 @@ pub fn rmsnorm_bwd_scratch_len(rows: usize, dim: usize) -> usize {
 }
 /// Dynamic shared memory available without opting in.
 const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
-
-fn to_i32(kernel: &'static str, what: &str, v: usize) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| CudaError::Unsupported {
-        kernel,
-        reason: format!("{what} = {v} exceeds i32"),
-    })
-}
-
-/// One thread per element.
-fn elementwise_grid(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn row_grid(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.max(1) as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 impl CudaBackend {
     /// Twin of `cpu::rmsnorm::rmsnorm_fwd`.
@@ -76,7 +52,7 @@ impl CudaBackend {
         // SAFETY: argument types and order match the C signature above, and
         // the buffers hold rows*dim (x, y), dim (weight) and rows (rstd) floats
         // as the CPU twin's contract requires.
-        unsafe { launch.launch(row_grid(rows)) }?;
+        unsafe { launch.launch(row_grid(rows, BLOCK)) }?;
         Ok(())
     }
 
@@ -161,7 +137,7 @@ impl CudaBackend {
             .arg(&per_block);
         let cfg = LaunchConfig {
             shared_mem_bytes: smem as u32,
-            ..row_grid(partial_rows)
+            ..row_grid(partial_rows, BLOCK)
         };
         // SAFETY: matches the C signature above; `partial` holds
         // partial_rows*dim floats, one row per block, and dynamic shared
@@ -171,91 +147,6 @@ impl CudaBackend {
         launch.arg(&*partial).arg(dw).arg(&partial_i).arg(&dim_i);
         // SAFETY: matches the C signature above; one thread per column of dw.
         unsafe { launch.launch(elementwise_grid(dim)) }?;
-        Ok(())
-    }
-
-    /// Twin of `cpu::kl::softmax_kl_fwd`.
-    // softmax_kl_fwd_f32(const float* logits_p, const float* logits_q,
-    //                    float* kl, float* lse_p, float* lse_q, int rows, int vocab)
-    #[allow(clippy::too_many_arguments)]
-    pub fn softmax_kl_fwd(
-        &self,
-        logits_p: &CudaSlice<f32>,
-        logits_q: &CudaSlice<f32>,
-        rows: usize,
-        vocab: usize,
-        kl: &mut CudaSlice<f32>,
-        lse_p: &mut CudaSlice<f32>,
-        lse_q: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let f = self.function("softmax_kl", "softmax_kl_fwd_f32")?;
-        let rows_i = to_i32("softmax_kl_fwd", "rows", rows)?;
-        let vocab_i = to_i32("softmax_kl_fwd", "vocab", vocab)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(logits_p)
-            .arg(logits_q)
-            .arg(kl)
-            .arg(lse_p)
-            .arg(lse_q)
-            .arg(&rows_i)
-            .arg(&vocab_i);
-        // SAFETY: matches the C signature above; logits hold rows*vocab floats,
-        // the outputs `rows` floats; the block size is a multiple of 32.
-        unsafe { launch.launch(row_grid(rows)) }?;
-        Ok(())
-    }
-
-    /// Twin of `cpu::kl::dependency_k3`.
-    // dependency_k3_f32(const float* lp_orig, const float* lp_mask, float* score, int n)
-    pub fn dependency_k3(
-        &self,
-        lp_orig: &CudaSlice<f32>,
-        lp_mask: &CudaSlice<f32>,
-        n: usize,
-        score: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        if n == 0 {
-            return Ok(());
-        }
-        let f = self.function("softmax_kl", "dependency_k3_f32")?;
-        let n_i = to_i32("dependency_k3", "n", n)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(lp_orig).arg(lp_mask).arg(score).arg(&n_i);
-        // SAFETY: matches the C signature above; all three buffers hold n floats.
-        unsafe { launch.launch(elementwise_grid(n)) }?;
-        Ok(())
-    }
-
-    /// Twin of `cpu::topk::topk_select_mask`.
-    // topk_select_mask_f32(const float* scores, const int* cu_seqlens,
-    //                      float* mask, int rows, float ratio)
-    pub fn topk_select_mask(
-        &self,
-        scores: &CudaSlice<f32>,
-        cu_seqlens: &CudaSlice<i32>,
-        rows: usize,
-        ratio: f32,
-        mask: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let f = self.function("topk_select", "topk_select_mask_f32")?;
-        let rows_i = to_i32("topk_select_mask", "rows", rows)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(scores)
-            .arg(cu_seqlens)
-            .arg(mask)
-            .arg(&rows_i)
-            .arg(&ratio);
-        // SAFETY: matches the C signature above; cu_seqlens holds rows+1
-        // offsets into scores and mask, validated by the caller.
-        unsafe { launch.launch(row_grid(rows)) }?;
         Ok(())
     }
 }

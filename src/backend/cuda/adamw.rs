@@ -22,22 +22,6 @@ pub struct AdamWTensor<'a> {
     pub model: Option<&'a mut CudaSlice<bf16>>,
 }
 
-/// The clip coefficient `cpu::adamw::clip_grad_norm` applies for a global
-/// norm: pass it as `grad_scale` to [`CudaBackend::adamw_step`] to get the
-/// CPU's clip-then-step (1.0 when no clipping is needed or the norm is not
-/// finite; the caller skips the step in that case).
-pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
-    if !norm.is_finite() {
-        return 1.0;
-    }
-    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
-    if coef < 1.0 {
-        coef
-    } else {
-        1.0
-    }
-}
-
 /// Block -> (tensor, chunk) maps for tensors of the given lengths.
 fn block_map(lens: &[usize]) -> (Vec<i32>, Vec<i32>) {
     let mut tensor = Vec::new();
@@ -61,7 +45,7 @@ fn grid(blocks: usize) -> LaunchConfig {
 
 impl CudaBackend {
     /// Twin of `cpu::adamw::adamw_step` on every tensor at once (after the
-    /// gradients are multiplied by `grad_scale`, see [`clip_coefficient`]),
+    /// gradients are multiplied by `grad_scale`, see `backend::desc::clip_coefficient`),
     /// bit-identical to the CPU.
     // adamw_multi_f32(const unsigned long long* desc, const int* block_tensor,
     //     const int* block_chunk, int chunk, float decay, float one_minus_b1,
@@ -210,13 +194,5 @@ mod tests {
         let (t, c) = block_map(&[1, 0, CHUNK, CHUNK + 1]);
         assert_eq!(t, vec![0, 2, 3, 3]);
         assert_eq!(c, vec![0, 0, 0, 1]);
-    }
-
-    #[test]
-    fn clip_coefficient_matches_the_cpu_rule() {
-        assert_eq!(clip_coefficient(0.5, 1.0), 1.0);
-        assert_eq!(clip_coefficient(f64::NAN, 1.0), 1.0);
-        let c = clip_coefficient(4.0, 1.0);
-        assert_eq!(c, (1.0 / (4.0 + 1e-6)) as f32);
     }
 }

@@ -1,11 +1,11 @@
-//! Launchers of the attention kernels (`kernels/flash_attn.cu`,
-//! `kernels/paged_attn.cu`). Each keeps the C signature it launches in a
-//! comment: kernel arguments are untyped.
+//! Launchers of the flash-attention kernels (`kernels/flash_attn.cu`).
+//! Each keeps the C signature it launches in a comment: kernel arguments are
+//! untyped.
 
 use super::launch_util::{need, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use crate::backend::cpu::check_cu_seqlens;
-use crate::backend::desc::{PagedSeq, PagedShape, VarlenAttention};
+use crate::backend::desc::VarlenAttention;
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -119,7 +119,7 @@ fn fa_config(tiles: usize, heads: usize, seqs: usize, smem: usize) -> LaunchConf
 }
 
 impl CudaBackend {
-    /// Twin of `cpu::attention::attention_fwd`: writes `o[Tq, q_heads, D]`
+    /// Twin of `cpu::flash_attn::attention_fwd`: writes `o[Tq, q_heads, D]`
     /// and `lse[Tq, q_heads]` (f32 whatever the storage type `T`).
     // flash_attn_fwd_d{80,128}_{f32,bf16}(const T* q, const T* k, const T* v,
     //     const int* cu_q, const int* cu_k, T* o, float* lse,
@@ -181,7 +181,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Twin of `cpu::attention::attention_bwd`: writes `dq`, `dk`, `dv`
+    /// Twin of `cpu::flash_attn::attention_bwd`: writes `dq`, `dk`, `dv`
     /// (overwritten). `delta` is scratch of `Tq * q_heads` floats.
     // flash_attn_bwd_delta_{f32,bf16}(const T* o, const T* dout, float* delta,
     //     int rows, int head_dim)
@@ -317,108 +317,6 @@ impl CudaBackend {
             // SAFETY: matches the C signature above; sizes checked against the shape.
             unsafe { launch.launch(cfg) }?;
         }
-        Ok(())
-    }
-}
-
-/// Block tables of a decode batch laid out for the paged kernel:
-/// `[B, stride]` i32 (rows padded with 0) and the `B` sequence lengths.
-pub fn flatten_block_tables(seqs: &[PagedSeq]) -> (Vec<i32>, Vec<i32>, usize) {
-    let stride = seqs
-        .iter()
-        .map(|s| s.block_table.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut tables = vec![0i32; seqs.len() * stride];
-    for (row, s) in tables.chunks_mut(stride).zip(seqs) {
-        for (t, &b) in row.iter_mut().zip(s.block_table) {
-            *t = b as i32;
-        }
-    }
-    let lens = seqs.iter().map(|s| s.len as i32).collect();
-    (tables, lens, stride)
-}
-
-impl CudaBackend {
-    /// Twin of `cpu::paged_attention::paged_decode_attention`, for `batch`
-    /// sequences whose tables and lengths come from [`flatten_block_tables`].
-    /// Every table entry a sequence uses must name a block of the caches.
-    /// With `T = bf16`, q, the caches and o are bf16 (f32 arithmetic).
-    // paged_decode_attention_{f32,bf16}(const T* q, const T* k_cache,
-    //     const T* v_cache, const int* block_tables, const int* seq_lens,
-    //     T* o, int q_heads, int kv_heads, int head_dim, int block_size,
-    //     int table_stride, float scale)
-    #[allow(clippy::too_many_arguments)]
-    pub fn paged_decode_attention<T: Elem>(
-        &self,
-        shape: &PagedShape,
-        batch: usize,
-        q: &CudaSlice<T>,
-        k_cache: &CudaSlice<T>,
-        v_cache: &CudaSlice<T>,
-        block_tables: &CudaSlice<i32>,
-        table_stride: usize,
-        seq_lens: &CudaSlice<i32>,
-        o: &mut CudaSlice<T>,
-    ) -> Result<(), CudaError> {
-        const K: &str = "paged_decode_attention";
-        let bad = |reason: String| Err(CudaError::Unsupported { kernel: K, reason });
-        if shape.head_dim == 0 || shape.head_dim > 128 {
-            return bad(format!("head_dim {} (1..=128)", shape.head_dim));
-        }
-        if shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0 || shape.block_size == 0 {
-            return bad(format!(
-                "q_heads {} / kv_heads {} / block_size {}",
-                shape.q_heads, shape.kv_heads, shape.block_size
-            ));
-        }
-        if batch > 65_535 {
-            return bad(format!("batch {batch} exceeds the grid"));
-        }
-        let qn = batch * shape.q_heads * shape.head_dim;
-        need(K, "q", q.len(), qn)?;
-        need(K, "o", o.len(), qn)?;
-        need(K, "block_tables", block_tables.len(), batch * table_stride)?;
-        need(K, "seq_lens", seq_lens.len(), batch)?;
-        if k_cache.len() != v_cache.len() {
-            return bad("k and v caches differ in length".into());
-        }
-        if batch == 0 {
-            return Ok(());
-        }
-        let f = self.function(
-            "paged_attn",
-            &format!("paged_decode_attention_{}", T::SUFFIX),
-        )?;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let d = to_i32(K, "head_dim", shape.head_dim)?;
-        let bs = to_i32(K, "block_size", shape.block_size)?;
-        let stride = to_i32(K, "table_stride", table_stride)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(block_tables)
-            .arg(seq_lens)
-            .arg(o)
-            .arg(&hq)
-            .arg(&hkv)
-            .arg(&d)
-            .arg(&bs)
-            .arg(&stride)
-            .arg(&shape.scale);
-        let cfg = LaunchConfig {
-            grid_dim: (shape.q_heads as u32, batch as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches the C signature above; q and o hold batch*q_heads*D
-        // floats, the tables [batch, stride] ints naming cache blocks (caller's
-        // contract), seq_lens batch ints.
-        unsafe { launch.launch(cfg) }?;
         Ok(())
     }
 }
