@@ -310,3 +310,81 @@ fn exact_kl_dependency_matches_the_full_distributions() {
     assert_eq!(dep.len(), rollouts.lp_old.len());
     assert!(dep.iter().all(|&d| d >= -1e-6 && d.is_finite()));
 }
+
+/// VPPO's fused dual pass (the original and its patch-blackened twin as ONE
+/// packed forward, both pixel sets made by the patch-embed op from the
+/// resized image bytes) against the host path: `train_forward` of the
+/// original and of a copy perturbed by `perturb_images` with the same draw.
+#[test]
+fn the_fused_dual_pass_equals_the_host_perturbed_forward() {
+    use vppo_engine::model::acts::Save;
+    use vppo_engine::model::engine::{Engine, PatchProcessor};
+    use vppo_engine::model::TrainSequence;
+    use vppo_engine::ops::cpu::CpuBackend;
+    use vppo_engine::processor::image::normalize_lut;
+    use vppo_engine::rl::{perturb_images, Perturbation};
+    for case in ["two_images", "resize"] {
+        let dir = case_dir(case);
+        let p = Pipeline::load(&dir).unwrap();
+        let inp = common::fixtures::inputs(case);
+        let mut prompt = String::new();
+        for item in inp["messages"][0]["content"].as_array().unwrap() {
+            match item["type"].as_str() {
+                Some("image") => prompt.push_str("<image>"),
+                _ => prompt.push_str(item["text"].as_str().unwrap_or_default()),
+            }
+        }
+        let images: Vec<_> = inp["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| dir.join(v.as_str().unwrap()))
+            .collect();
+        let response = inp["response"].as_str().unwrap();
+        let (input, prompt_len) = p.prepare(&images, &prompt, response).unwrap();
+        assert_eq!(
+            input.resized.len(),
+            input.grids.len(),
+            "{case}: resized bytes"
+        );
+        let (seed, prob) = (0x5eed_u64, 0.5);
+        let mut masked = input.clone();
+        let dark = perturb_images(
+            &mut masked.pixel_values,
+            &masked.grids,
+            &p.images,
+            Perturbation::Black,
+            prob,
+            seed,
+        );
+        assert!(dark > 0, "{case}: the draw blackens some patch");
+        let seq = |input| TrainSequence { input, prompt_len };
+        let want_a = p
+            .model
+            .train_forward(&[seq(input.clone())], Save::Nothing)
+            .unwrap();
+        let want_b = p
+            .model
+            .train_forward(&[seq(masked)], Save::Nothing)
+            .unwrap();
+        let want_kl = p.model.response_kl(&want_a, &want_b).unwrap();
+        let engine = Engine::new(CpuBackend, &p.model).unwrap();
+        let images = PatchProcessor {
+            geometry: p.images.geometry(),
+            lut: normalize_lut(&p.images),
+        };
+        let (a, b, kl) = engine
+            .dual_logprobs(&seq(input), &images, seed, prob, true)
+            .unwrap();
+        let close = |x: &[f32], y: &[f32]| {
+            x.len() == y.len() && x.iter().zip(y).all(|(u, v)| (u - v).abs() <= 1e-5)
+        };
+        assert!(close(&a.logprobs, &want_a.logprobs), "{case}: original");
+        assert!(close(&b.logprobs, &want_b.logprobs), "{case}: twin");
+        assert!(
+            a.logprobs != b.logprobs,
+            "{case}: the blackened twin changes the log-probs"
+        );
+        assert!(close(&kl.unwrap(), &want_kl), "{case}: exact KL");
+    }
+}
