@@ -7,11 +7,13 @@
 
 use super::acts::Save;
 use super::config::ModelConfig;
+use super::error::ModelError;
 use super::forward::{Forward, Scored};
 use super::graph::Graph;
+use super::input::{packed_inputs, SequenceInput, TrainSequence};
 use super::params::{ParamLayout, Tensors};
 use super::plan::HostPlan;
-use super::qwen::{packed_inputs, ModelError, Qwen25Vl, SequenceInput, TrainSequence};
+use super::qwen::Qwen25Vl;
 use crate::backend::desc::{image_mask_seed, PatchGeometry};
 use crate::ops::Backend;
 

@@ -7,8 +7,10 @@ pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod forward;
 pub mod graph;
+pub mod input;
 pub mod kv_cache;
 pub mod params;
 pub mod plan;
@@ -17,4 +19,6 @@ pub mod qwen;
 pub mod text;
 pub mod vision;
 
-pub use qwen::{ForwardOutput, ModelError, Qwen25Vl, SequenceInput, TrainForward, TrainSequence};
+pub use error::ModelError;
+pub use input::{SequenceInput, TrainSequence};
+pub use qwen::{ForwardOutput, Qwen25Vl, TrainForward};

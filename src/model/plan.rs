@@ -3,8 +3,9 @@
 //! the index arrays the ops read (image rows, response rows, targets).
 
 use super::config::ModelConfig;
+use super::error::ModelError;
+use super::input::SequenceInput;
 use super::positions::{mrope_positions, MropePositions, VisionLayout};
-use super::qwen::{ModelError, SequenceInput};
 
 /// The sizes of one packed forward: tokens, patches, windows...
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

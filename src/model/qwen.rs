@@ -4,87 +4,17 @@
 //! graph (`graph.rs` and the layers) on the CPU backend.
 
 use super::acts::Save;
-use super::checkpoint::{Checkpoint, LoadError, NameLayout};
-use super::config::{ConfigError, ModelConfig};
+use super::checkpoint::{Checkpoint, NameLayout};
+use super::config::ModelConfig;
+use super::error::ModelError;
 use super::forward::{Forward, Scored};
 use super::graph::Graph;
+use super::input::{packed_inputs, SequenceInput, TrainSequence};
 use super::params::{ParamLayout, Tensors};
 use super::plan::HostPlan;
-use super::positions::{MropePositions, PositionError};
-use crate::backend::cpu::OpError;
+use super::positions::MropePositions;
 use crate::ops::cpu::CpuBackend;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("checkpoint directory {0} does not exist or is not a directory")]
-    NotADirectory(PathBuf),
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error(transparent)]
-    Positions(#[from] PositionError),
-    #[error(transparent)]
-    Op(#[from] OpError),
-    #[error("the batch has {tokens} image tokens but the images give {features} features")]
-    ImageTokens { tokens: usize, features: usize },
-    #[error("pixel_values has {len} values, not a multiple of the patch size {patch_dim}")]
-    PixelShape { len: usize, patch_dim: usize },
-    #[error("sequence {seq}: prompt length {prompt_len} leaves no response in {len} tokens")]
-    NoResponse {
-        seq: usize,
-        prompt_len: usize,
-        len: usize,
-    },
-    #[error("the two forwards compared by response_kl score different tokens")]
-    ForwardsDiffer,
-    #[error("loss gradients have {found} entries for {expected} response tokens")]
-    GradLength { expected: usize, found: usize },
-    #[error("backward called without a training forward before it")]
-    NoPendingForward,
-    #[error(
-        "the device optimizer keeps fp32 weights; with bf16 model weights AdamW runs on the host"
-    )]
-    DeviceOptimizer,
-    #[error("the fused dual pass needs the image processor on the device (set_image_processor)")]
-    NoImageProcessor,
-    #[error(
-        "the fused dual pass needs the resized image bytes of the input (build it from images)"
-    )]
-    NoResizedImages,
-    #[error("CUDA device: {0}")]
-    Device(#[from] crate::backend::cuda::CudaError),
-}
-
-impl From<crate::ops::Error> for ModelError {
-    fn from(e: crate::ops::Error) -> Self {
-        match e {
-            crate::ops::Error::Op(e) => Self::Op(e),
-            crate::ops::Error::Device(e) => Self::Device(e),
-        }
-    }
-}
-
-impl From<cudarc::driver::DriverError> for ModelError {
-    fn from(e: cudarc::driver::DriverError) -> Self {
-        Self::Device(e.into())
-    }
-}
-
-/// One token sequence and its images (already processed).
-#[derive(Debug, Clone, Default)]
-pub struct SequenceInput {
-    pub ids: Vec<u32>,
-    /// Concatenated `[N, patch_dim]` of all images, in order.
-    pub pixel_values: Vec<f32>,
-    /// Patch grid `(t, h, w)` of each image.
-    pub grids: Vec<[usize; 3]>,
-    /// Each image after smart_resize, as 8-bit RGB (empty when the input
-    /// was built from `pixel_values` alone): the GPU embeds patches, and
-    /// draws VPPO's perturbed copy, straight from these bytes.
-    pub resized: Vec<crate::processor::image::RgbImage>,
-}
 
 /// Forward results of one sequence.
 pub struct ForwardOutput {
@@ -93,13 +23,6 @@ pub struct ForwardOutput {
     pub positions: MropePositions,
     /// Vision tower + merger output `[image tokens, hidden]`, in scatter order.
     pub vision_embeds: Vec<f32>,
-}
-
-/// A training sequence: the model input and where its response starts.
-#[derive(Debug, Clone)]
-pub struct TrainSequence {
-    pub input: SequenceInput,
-    pub prompt_len: usize,
 }
 
 /// A training forward over packed sequences: the response tokens' log-probs
@@ -123,16 +46,6 @@ pub struct Qwen25Vl {
     pub weights: Tensors,
     /// The weight-name layout of the checkpoint it came from.
     pub names: NameLayout,
-}
-
-/// The packed token ids and pixel rows of `inputs`.
-pub fn packed_inputs(inputs: &[&SequenceInput]) -> (Vec<u32>, Vec<f32>) {
-    let ids = inputs.iter().flat_map(|s| s.ids.iter().copied()).collect();
-    let pixels = inputs
-        .iter()
-        .flat_map(|s| s.pixel_values.iter().copied())
-        .collect();
-    (ids, pixels)
 }
 
 impl Qwen25Vl {
