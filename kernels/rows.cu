@@ -1,5 +1,5 @@
-// Row movement and small adds of the device model forward, on f32 or bf16
-// storage (f32 compute):
+// Row movement and small adds of the model graph on the CUDA backend, on f32
+// or bf16 storage (f32 compute):
 //   add_inplace:   x[i] += y[i]                 (residual adds)
 //   add_bias_rows: y[r, c] += bias[c]           (Linear bias when the GEMM
 //                                                 does not fuse it)
@@ -7,11 +7,9 @@
 //                                                 patches, response rows)
 //   scatter_rows:  dst[idx[i], :] = src[i, :]   (undoing the merged-token
 //                                                 permutation, image scatter)
-// CPU twins: src/model/grad_util.rs (add_into), src/backend/cpu/linear.rs
-// (the bias loop of linear_fwd), and the row copies of
-// src/model/vision.rs (vision_fwd: patch order, window un-permutation) and
-// src/model/qwen.rs (forward_packed_kv: image scatter; lm_head_rows: row
-// selection). All kernels are grid-stride loops; indices are not checked on
+// CPU twins: src/backend/cpu/rows.rs (add_inplace, gather_rows,
+// scatter_rows) and src/backend/cpu/linear.rs (the bias loop of
+// linear_fwd). All kernels are grid-stride loops; indices are not checked on
 // the device (the launchers' callers build them from the host layouts).
 #include "common.cuh"
 #include "elem.cuh"

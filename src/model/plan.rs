@@ -76,7 +76,7 @@ impl HostPlan {
 
     /// The plan of `inputs` packed into one forward (all images through the
     /// vision tower together, each sequence its own positions and causal
-    /// span, as `Qwen25Vl::forward_packed`), scoring sequence `i` from
+    /// span), scoring sequence `i` from
     /// `prompt_lens[i]` on.
     pub fn packed(
         cfg: &ModelConfig,

@@ -12,6 +12,7 @@ use crate::backend::cpu::paged_attn::paged_decode_attention;
 use crate::backend::cpu::patch_embed::patch_embed;
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
+use crate::backend::cpu::rows::{add_inplace, gather_rows, scatter_rows};
 use crate::backend::cpu::sampling::sample_token_with_uniform;
 use crate::backend::cpu::softmax_kl::softmax_kl_fwd;
 use crate::backend::desc::{
@@ -179,10 +180,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_into(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
-        assert_eq!(acc.len(), x.len(), "add_into: lengths differ");
-        for (a, b) in acc.iter_mut().zip(x) {
-            *a += b;
-        }
+        add_inplace(acc, x);
         Ok(())
     }
 
@@ -295,12 +293,7 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, src: &Vec<f32>, idx: &Vec<i32>, width: usize) -> Result<Vec<f32>> {
         let mut out = vec![0.0; idx.len() * width];
-        out.par_chunks_mut(width.max(1))
-            .zip(idx.par_iter())
-            .for_each(|(dst, &i)| {
-                let i = i as usize;
-                dst.copy_from_slice(&src[i * width..(i + 1) * width]);
-            });
+        gather_rows(src, idx, width, &mut out);
         Ok(out)
     }
 
@@ -311,10 +304,7 @@ impl Backend for CpuBackend {
         width: usize,
         dst: &mut Vec<f32>,
     ) -> Result<()> {
-        for (k, &i) in idx.iter().enumerate() {
-            let i = i as usize;
-            dst[i * width..(i + 1) * width].copy_from_slice(&src[k * width..(k + 1) * width]);
-        }
+        scatter_rows(src, idx, width, dst);
         Ok(())
     }
 

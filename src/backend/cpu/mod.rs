@@ -21,6 +21,7 @@ pub mod patch_embed;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rows;
 pub mod sampling;
 pub mod softmax_kl;
 pub mod topk_select;

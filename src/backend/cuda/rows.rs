@@ -8,7 +8,7 @@ use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 impl CudaBackend {
-    /// Twin of `model::grad_util::add_into`: `x[..n] += y[..n]`.
+    /// Twin of `cpu::rows::add_inplace`: `x[..n] += y[..n]`.
     // add_inplace_{f32,bf16}(T* x, const T* y, long long n)
     pub fn add_inplace<T: Elem>(
         &self,
