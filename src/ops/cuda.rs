@@ -14,40 +14,54 @@ use crate::backend::desc::{
 use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
 
-/// A device buffer and the type of its elements.
-pub enum DeviceBuf {
+/// A device buffer: its elements (their count may be 0 while the
+/// allocation holds at least one, as CUDA allocations cannot be empty) and
+/// their type.
+pub struct DeviceBuf {
+    len: usize,
+    storage: Storage,
+}
+
+/// The allocation behind a [`DeviceBuf`].
+pub enum Storage {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<bf16>),
 }
 
 impl Buffer for DeviceBuf {
     fn len(&self) -> usize {
-        match self {
-            DeviceBuf::F32(s) => s.len(),
-            DeviceBuf::Bf16(s) => s.len(),
-        }
+        self.len
     }
     fn dtype(&self) -> DType {
-        match self {
-            DeviceBuf::F32(_) => DType::F32,
-            DeviceBuf::Bf16(_) => DType::Bf16,
+        match self.storage {
+            Storage::F32(_) => DType::F32,
+            Storage::Bf16(_) => DType::Bf16,
         }
     }
 }
 
 impl DeviceBuf {
+    /// `len` f32 elements in `data` (which holds at least that many).
+    pub fn from_f32(data: CudaSlice<f32>, len: usize) -> Self {
+        debug_assert!(data.len() >= len);
+        Self {
+            len,
+            storage: Storage::F32(data),
+        }
+    }
+
     /// The f32 storage; the graph's ops run on fp32 buffers for now.
     pub fn f32(&self) -> Result<&CudaSlice<f32>> {
-        match self {
-            DeviceBuf::F32(s) => Ok(s),
-            DeviceBuf::Bf16(_) => Err(bf16_unsupported()),
+        match &self.storage {
+            Storage::F32(s) => Ok(s),
+            Storage::Bf16(_) => Err(bf16_unsupported()),
         }
     }
 
     pub fn f32_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
-        match self {
-            DeviceBuf::F32(s) => Ok(s),
-            DeviceBuf::Bf16(_) => Err(bf16_unsupported()),
+        match &mut self.storage {
+            Storage::F32(s) => Ok(s),
+            Storage::Bf16(_) => Err(bf16_unsupported()),
         }
     }
 }
@@ -78,6 +92,11 @@ fn zeros_f32(gpu: &CudaBackend, n: usize) -> Result<CudaSlice<f32>> {
     Ok(gpu.stream().alloc_zeros::<f32>(n.max(1))?)
 }
 
+/// A buffer over a whole allocation of `n` elements made by [`zeros_f32`].
+fn buf(data: CudaSlice<f32>, n: usize) -> DeviceBuf {
+    DeviceBuf::from_f32(data, n)
+}
+
 impl CudaBackend {
     fn mirrored<T>(&self, host: &[T]) -> Result<Mirrored<T>>
     where
@@ -95,7 +114,7 @@ impl CudaBackend {
     }
 
     fn new_buf(&self, n: usize) -> Result<DeviceBuf> {
-        Ok(DeviceBuf::F32(zeros_f32(self, n)?))
+        Ok(buf(zeros_f32(self, n)?, n))
     }
 }
 
@@ -115,19 +134,22 @@ impl Backend for CudaBackend {
         if host.is_empty() {
             return self.new_buf(0);
         }
-        Ok(DeviceBuf::F32(self.stream().clone_htod(host)?))
+        Ok(buf(self.stream().clone_htod(host)?, host.len()))
     }
 
-    fn download(&self, buf: &DeviceBuf) -> Result<Vec<f32>> {
-        Ok(self.stream().clone_dtoh(buf.f32()?)?)
+    fn download(&self, src: &DeviceBuf) -> Result<Vec<f32>> {
+        if src.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.stream().clone_dtoh(&view(src.f32()?, src.len()))?)
     }
 
     fn zeros(&self, len: usize) -> Result<DeviceBuf> {
         self.new_buf(len)
     }
 
-    fn copy(&self, buf: &DeviceBuf) -> Result<DeviceBuf> {
-        Ok(DeviceBuf::F32(self.stream().clone_dtod(buf.f32()?)?))
+    fn copy(&self, src: &DeviceBuf) -> Result<DeviceBuf> {
+        Ok(buf(self.stream().clone_dtod(src.f32()?)?, src.len()))
     }
 
     fn concat(&self, parts: &[&DeviceBuf]) -> Result<DeviceBuf> {
@@ -142,11 +164,15 @@ impl Backend for CudaBackend {
             }
             at += n;
         }
-        Ok(DeviceBuf::F32(out))
+        Ok(buf(out, total))
     }
 
     fn write(&self, dst: &mut DeviceBuf, host: &[f32]) -> Result<()> {
-        self.stream().memcpy_htod(host, dst.f32_mut()?)?;
+        assert_eq!(dst.len(), host.len(), "write: lengths differ");
+        if !host.is_empty() {
+            self.stream()
+                .memcpy_htod(host, &mut dst.f32_mut()?.slice_mut(0..host.len()))?;
+        }
         Ok(())
     }
 
@@ -187,7 +213,7 @@ impl Backend for CudaBackend {
         let out = w.rows.len();
         let mut y = zeros_f32(self, rows * out)?;
         if rows * out == 0 {
-            return Ok(DeviceBuf::F32(y));
+            return Ok(buf(y, rows * out));
         }
         let wv = w.weight.f32()?.slice(w.rows.start * inp..w.rows.end * inp);
         let bias = match w.bias {
@@ -203,7 +229,7 @@ impl Backend for CudaBackend {
             &mut y.slice_mut(0..rows * out),
             bias.as_ref(),
         )?;
-        Ok(DeviceBuf::F32(y))
+        Ok(buf(y, rows * out))
     }
 
     fn linear_bwd(
@@ -240,7 +266,7 @@ impl Backend for CudaBackend {
                     None,
                 )?;
             }
-            Some(DeviceBuf::F32(dx))
+            Some(buf(dx, rows * inp))
         } else {
             None
         };
@@ -296,7 +322,7 @@ impl Backend for CudaBackend {
         let rows = x.len() / dim;
         let (mut y, mut rstd) = (zeros_f32(self, rows * dim)?, zeros_f32(self, rows)?);
         CudaBackend::rmsnorm_fwd(self, x.f32()?, w.f32()?, rows, dim, eps, &mut y, &mut rstd)?;
-        Ok((DeviceBuf::F32(y), DeviceBuf::F32(rstd)))
+        Ok((buf(y, rows * dim), buf(rstd, rows)))
     }
 
     fn rmsnorm_bwd(
@@ -321,14 +347,14 @@ impl Backend for CudaBackend {
             &mut dx,
             dw.f32_mut()?,
         )?;
-        Ok(DeviceBuf::F32(dx))
+        Ok(buf(dx, rows * dim))
     }
 
     fn swiglu_fwd(&self, gate: &DeviceBuf, up: &DeviceBuf) -> Result<DeviceBuf> {
         let n = gate.len();
         let mut h = zeros_f32(self, n)?;
         CudaBackend::swiglu_fwd(self, gate.f32()?, up.f32()?, n, &mut h)?;
-        Ok(DeviceBuf::F32(h))
+        Ok(buf(h, n))
     }
 
     fn swiglu_bwd(
@@ -348,21 +374,21 @@ impl Backend for CudaBackend {
             &mut dg,
             &mut du,
         )?;
-        Ok((DeviceBuf::F32(dg), DeviceBuf::F32(du)))
+        Ok((buf(dg, n), buf(du, n)))
     }
 
     fn gelu_fwd(&self, x: &DeviceBuf) -> Result<DeviceBuf> {
         let n = x.len();
         let mut y = zeros_f32(self, n)?;
         CudaBackend::gelu_fwd(self, x.f32()?, n, &mut y)?;
-        Ok(DeviceBuf::F32(y))
+        Ok(buf(y, n))
     }
 
     fn gelu_bwd(&self, dy: &DeviceBuf, x: &DeviceBuf) -> Result<DeviceBuf> {
         let n = x.len();
         let mut dx = zeros_f32(self, n)?;
         CudaBackend::gelu_bwd(self, dy.f32()?, x.f32()?, n, &mut dx)?;
-        Ok(DeviceBuf::F32(dx))
+        Ok(buf(dx, n))
     }
 
     fn add_into(&self, acc: &mut DeviceBuf, x: &DeviceBuf) -> Result<()> {
@@ -394,7 +420,7 @@ impl Backend for CudaBackend {
             x.f32()?,
             &mut y,
         )?;
-        Ok(DeviceBuf::F32(y))
+        Ok(buf(y, x.len()))
     }
 
     fn attention_fwd(
@@ -420,7 +446,7 @@ impl Backend for CudaBackend {
             &mut o,
             &mut lse,
         )?;
-        Ok((DeviceBuf::F32(o), DeviceBuf::F32(lse)))
+        Ok((buf(o, q.len()), buf(lse, q.len() / spec.head_dim)))
     }
 
     fn attention_bwd(
@@ -456,7 +482,7 @@ impl Backend for CudaBackend {
             &mut dk,
             &mut dv,
         )?;
-        Ok((DeviceBuf::F32(dq), DeviceBuf::F32(dk), DeviceBuf::F32(dv)))
+        Ok((buf(dq, q.len()), buf(dk, k.len()), buf(dv, v.len())))
     }
 
     fn paged_attention(
@@ -481,7 +507,7 @@ impl Backend for CudaBackend {
             &lens.dev,
             &mut o,
         )?;
-        Ok(DeviceBuf::F32(o))
+        Ok(buf(o, q.len()))
     }
 
     fn embedding_fwd(
@@ -502,7 +528,7 @@ impl Backend for CudaBackend {
         }
         let mut x = zeros_f32(self, tokens * dim)?;
         CudaBackend::embedding_fwd(self, &ids.dev, tokens, table.f32()?, vocab, dim, &mut x)?;
-        Ok(DeviceBuf::F32(x))
+        Ok(buf(x, tokens * dim))
     }
 
     fn embedding_bwd(
@@ -529,7 +555,7 @@ impl Backend for CudaBackend {
                 &mut out.slice_mut(..),
             )?;
         }
-        Ok(DeviceBuf::F32(out))
+        Ok(buf(out, rows * width))
     }
 
     fn scatter_rows(
@@ -572,11 +598,7 @@ impl Backend for CudaBackend {
             self.logprob_chunk(&chunk, logits.f32()?, &targets.dev, true, &mut state)?;
             self.logprob_finish(&state, rows, &mut logp, &mut ent, &mut lse)?;
         }
-        Ok((
-            DeviceBuf::F32(logp),
-            DeviceBuf::F32(ent),
-            DeviceBuf::F32(lse),
-        ))
+        Ok((buf(logp, rows), buf(ent, rows), buf(lse, rows)))
     }
 
     fn token_logprob_bwd(
@@ -603,7 +625,7 @@ impl Backend for CudaBackend {
                 &mut d_logits,
             )?;
         }
-        Ok(DeviceBuf::F32(d_logits))
+        Ok(buf(d_logits, rows * vocab))
     }
 
     fn softmax_kl_fwd(&self, a: &DeviceBuf, b: &DeviceBuf, vocab: usize) -> Result<DeviceBuf> {
@@ -623,7 +645,7 @@ impl Backend for CudaBackend {
             &mut lse_a,
             &mut lse_b,
         )?;
-        Ok(DeviceBuf::F32(kl))
+        Ok(buf(kl, rows))
     }
 
     fn sample(
@@ -713,7 +735,7 @@ impl Backend for CudaBackend {
                 patch_mask,
             )?;
         }
-        Ok((DeviceBuf::F32(out), masked.map(DeviceBuf::F32)))
+        Ok((buf(out, n * features), masked.map(|m| buf(m, n * features))))
     }
 
     fn grad_norm(&self, grads: &[DeviceBuf]) -> Result<f64> {
