@@ -7,12 +7,14 @@
 pub mod alloc_stats;
 pub mod backend;
 pub mod builtin;
+pub mod cli_values;
 pub mod data;
 pub mod eval;
 pub mod info;
 pub mod kernels;
 pub mod model;
 pub mod nvtx;
+pub mod outputs;
 pub mod pipeline;
 pub mod processor;
 pub mod reward;
