@@ -16,8 +16,11 @@ pub struct StepMetrics {
     pub reward_mean: f64,
     /// Fraction of those responses that are correct.
     pub accuracy: f64,
+    /// Not finite on a skipped update (written as null).
+    #[serde(deserialize_with = "null_as_nan")]
     pub loss: f64,
     /// Mean negative log-prob of the step's response tokens.
+    #[serde(deserialize_with = "null_as_nan")]
     pub entropy: f64,
     /// Mean token visual dependency (null without the perturbed pass).
     pub visual_dependency_mean: Option<f64>,
@@ -31,13 +34,24 @@ pub struct StepMetrics {
     /// Groups this step trained on.
     pub groups: usize,
     pub clip_fraction: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub grad_norm: f64,
+    /// Updates skipped so far in the run because the loss or the gradient
+    /// norm was not finite (the weights were left as they were).
+    #[serde(default)]
+    pub skipped_steps: u64,
     /// This step's update plus its share of the rollout batch's generation
     /// and scoring time.
     pub step_time_s: f64,
     /// Prompt and response tokens of the step's sequences per second of
     /// `step_time_s`.
     pub tokens_per_s: f64,
+}
+
+/// JSON has no NaN: serde_json writes a non-finite number as null; read
+/// it back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, thiserror::Error)]
