@@ -311,6 +311,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.reward_first_fifth,
                 summary.reward_last_fifth
             );
+            if summary.skipped_steps > 0 {
+                println!(
+                    "skipped updates (non-finite loss or gradient norm): {}",
+                    summary.skipped_steps
+                );
+            }
             if let Some(c) = &summary.checkpoint {
                 println!("checkpoint: {}", c.display());
             }
@@ -544,7 +550,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dtype,
             max_shard_mib,
         } => {
-            outputs::check_new_dir("--out", &out, &[&model])?;
+            outputs::check_new_dir("--out", &out, &[&model], &[])?;
             let start = Instant::now();
             let loaded = vppo_engine::model::Qwen25Vl::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;

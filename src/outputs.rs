@@ -119,8 +119,13 @@ pub fn check_output_file(
 }
 
 /// Checks an output directory the command will fill: not a source, not a
-/// folder holding a source, and either absent or empty.
-pub fn check_new_dir(flag: &'static str, out: &Path, sources: &[&Path]) -> Result<(), OutputError> {
+/// folder holding a source, and either absent or empty (but for `ignore`).
+pub fn check_new_dir(
+    flag: &'static str,
+    out: &Path,
+    sources: &[&Path],
+    ignore: &[&str],
+) -> Result<(), OutputError> {
     for source in sources {
         if is_within(source, out) {
             return Err(OutputError::HoldsSource {
@@ -136,7 +141,7 @@ pub fn check_new_dir(flag: &'static str, out: &Path, sources: &[&Path]) -> Resul
             flag,
             out: out.to_path_buf(),
         }),
-        Ok(_) => match first_entry(out, &[])? {
+        Ok(_) => match first_entry(out, ignore)? {
             None => Ok(()),
             Some(example) => Err(OutputError::NotEmpty {
                 flag,
@@ -258,18 +263,18 @@ mod tests {
         let model = dir.join("p/m");
         std::fs::create_dir_all(&model).unwrap();
         std::fs::write(model.join("config.json"), "{}").unwrap();
-        let e = check_new_dir("--out", &dir.join("p"), &[&model]).unwrap_err();
+        let e = check_new_dir("--out", &dir.join("p"), &[&model], &[]).unwrap_err();
         assert!(matches!(e, OutputError::HoldsSource { .. }), "{e}");
-        let e = check_new_dir("--out", &model, &[&model]).unwrap_err();
+        let e = check_new_dir("--out", &model, &[&model], &[]).unwrap_err();
         assert!(matches!(e, OutputError::HoldsSource { .. }), "{e}");
         let user = dir.join("user");
         std::fs::create_dir_all(&user).unwrap();
         std::fs::write(user.join("notes.txt"), "mine").unwrap();
-        let e = check_new_dir("--out", &user, &[&model]).unwrap_err();
+        let e = check_new_dir("--out", &user, &[&model], &[]).unwrap_err();
         assert!(e.to_string().contains("notes.txt"), "{e}");
-        assert!(check_new_dir("--out", &dir.join("new"), &[&model]).is_ok());
+        assert!(check_new_dir("--out", &dir.join("new"), &[&model], &[]).is_ok());
         std::fs::create_dir_all(dir.join("empty")).unwrap();
-        assert!(check_new_dir("--out", &dir.join("empty"), &[&model]).is_ok());
+        assert!(check_new_dir("--out", &dir.join("empty"), &[&model], &[]).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -319,6 +319,11 @@ fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     let summary = run(None, &settings(&[]), Some(&whole), false, false).unwrap();
     // 5 usable rows x 2 epochs = 10 prompts = 5 rollout batches of 2 updates.
     assert_eq!(summary.steps, 10);
+    assert_eq!(
+        summary.skipped_rows,
+        (1, 0),
+        "the corrupt row is counted once, not once per epoch"
+    );
     let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
     assert_eq!(reference.len(), 10);
     assert!(reference

@@ -140,9 +140,8 @@ pub fn jpeg_is_truncated(bytes: &[u8]) -> bool {
     let find_last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
     match (find_last(0xDA), find_last(0xD9)) {
         (Some(scan), Some(end)) => end < scan,
-        (Some(_), None) => true,
-        // No scan at all: the decoder reports that itself.
-        (None, _) => false,
+        // No scan at all: cut off before the image data.
+        (Some(_), None) | (None, _) => true,
     }
 }
 

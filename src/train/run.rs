@@ -92,6 +92,40 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
     }
 }
 
+/// Updates skipped because the loss or the gradient norm was not finite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Skips {
+    /// In the whole run (kept across a resume through the metrics).
+    total: u64,
+    /// Since the last update that went through.
+    in_a_row: u64,
+}
+
+impl Skips {
+    fn resume(total: u64) -> Self {
+        Self { total, in_a_row: 0 }
+    }
+
+    /// Records one update; true when it was skipped. The optimizer skips a
+    /// non-finite gradient norm itself; a non-finite loss counts as skipped
+    /// too (its gradient cannot be trusted).
+    fn record(&mut self, loss: f64, optimizer_skipped: bool) -> bool {
+        let skipped = optimizer_skipped || !loss.is_finite();
+        if skipped {
+            self.total += 1;
+            self.in_a_row += 1;
+        } else {
+            self.in_a_row = 0;
+        }
+        skipped
+    }
+
+    /// Too many skipped in a row: the run has diverged.
+    fn diverged(&self) -> bool {
+        self.in_a_row >= MAX_SKIPPED_IN_A_ROW
+    }
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -102,6 +136,10 @@ pub struct RunSummary {
     pub seconds: f64,
     pub checkpoint: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// Data set rows skipped as corrupt and as too long (each row once).
+    pub skipped_rows: (usize, usize),
+    /// Updates skipped for a non-finite loss or gradient norm.
+    pub skipped_steps: u64,
 }
 
 /// Mean reward over the first and last fifth of the steps.
@@ -365,7 +403,8 @@ pub fn run(
             .chain(&cfg.data)
             .map(PathBuf::as_path)
             .collect();
-        crate::outputs::check_new_dir("--out", &out, &inputs)?;
+        // The lock file of a run starting there is answered by the lock below.
+        crate::outputs::check_new_dir("--out", &out, &inputs, &[super::run_dir::LOCK_FILE])?;
         (cfg, out)
     };
     // Before anything is written or the warm-up runs, which can take long.
@@ -489,8 +528,7 @@ pub fn run(
         .set_prefix(format!("{:?}", cfg.algo).to_lowercase());
     let mini_groups = cfg.mini_batch;
     let mut batches_without_update = 0usize;
-    let mut skipped_steps = metrics.records.last().map_or(0, |m| m.skipped_steps);
-    let mut skipped_in_a_row = 0u64;
+    let mut skips = Skips::resume(metrics.records.last().map_or(0, |m| m.skipped_steps));
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
         let t0 = Instant::now();
         let mut rollouts: Option<Rollouts> = None;
@@ -541,16 +579,11 @@ pub fn run(
             state.step += 1;
             // The optimizer already left the weights alone on a non-finite
             // gradient norm; a non-finite loss counts as skipped too.
-            let skipped = u.optimizer.skipped || !u.loss.is_finite();
-            if skipped {
-                skipped_steps += 1;
-                skipped_in_a_row += 1;
+            if skips.record(u.loss, u.optimizer.skipped) {
                 progress.warn(&format!(
-                    "step {}: update skipped (loss {}, gradient norm {}); {skipped_steps} skipped so far",
-                    state.step, u.loss, u.optimizer.grad_norm
+                    "step {}: update skipped (loss {}, gradient norm {}); {} skipped so far",
+                    state.step, u.loss, u.optimizer.grad_norm, skips.total
                 ));
-            } else {
-                skipped_in_a_row = 0;
             }
             let step_time = t1.elapsed().as_secs_f64() + rollout_time / updates.len() as f64;
             let m = StepMetrics {
@@ -571,7 +604,7 @@ pub fn run(
                 grad_norm: u.optimizer.grad_norm,
                 step_time_s: step_time,
                 tokens_per_s: u.tokens as f64 / step_time.max(1e-9),
-                skipped_steps,
+                skipped_steps: skips.total,
             };
             progress.bar.set_position(state.step);
             progress.bar.set_message(format!(
@@ -596,12 +629,13 @@ pub fn run(
                 );
             }
             metrics.push(m)?;
-            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+            if skips.diverged() {
                 return Err(RunError::Diverged(format!(
-                    "{skipped_in_a_row} updates in a row (up to step {}) had a non-finite loss or \
-                     gradient norm (last: loss {}, gradient norm {}), and were skipped; stopping. \
-                     The weights are unchanged since the last good update and no checkpoint of \
-                     them was written now ({} holds the last one). Lower lr or check the data",
+                    "{} updates in a row (up to step {}) had a non-finite loss or gradient norm \
+                     (last: loss {}, gradient norm {}), and were skipped; stopping. The weights \
+                     are unchanged since the last good update and no checkpoint of them was \
+                     written now ({} holds the last one). Lower lr or check the data",
+                    skips.in_a_row,
                     state.step,
                     u.loss,
                     u.optimizer.grad_norm,
@@ -691,6 +725,8 @@ pub fn run(
         seconds: started.elapsed().as_secs_f64(),
         checkpoint: latest_checkpoint(&out)?,
         plot,
+        skipped_rows: source.skipped().map_or((0, 0), |s| (s.corrupt, s.too_long)),
+        skipped_steps: skips.total,
     })
 }
 
@@ -765,4 +801,33 @@ fn warmup(
     progress.bar.set_length(cfg.max_steps as u64);
     progress.bar.set_position(0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_updates_are_counted_and_several_in_a_row_stop_the_run() {
+        let mut s = Skips::resume(2);
+        assert!(!s.record(0.5, false));
+        assert!(s.record(f64::NAN, false), "a NaN loss is skipped");
+        assert!(s.record(0.1, true), "the optimizer's skip counts");
+        assert!(!s.diverged());
+        assert!(!s.record(0.3, false), "a good update resets the streak");
+        assert_eq!(
+            s,
+            Skips {
+                total: 4,
+                in_a_row: 0
+            }
+        );
+        for k in 1..=MAX_SKIPPED_IN_A_ROW {
+            assert!(!s.diverged());
+            assert!(s.record(f64::INFINITY, false));
+            assert_eq!(s.in_a_row, k);
+        }
+        assert!(s.diverged());
+        assert_eq!(s.total, 4 + MAX_SKIPPED_IN_A_ROW);
+    }
 }
