@@ -28,6 +28,8 @@ pub enum OutputError {
         out: PathBuf,
         example: String,
     },
+    #[error("{flag} {out} is a directory; give a file path")]
+    IsDirectory { flag: &'static str, out: PathBuf },
     #[error("{flag} {out} exists and is not a directory")]
     NotADirectory { flag: &'static str, out: PathBuf },
     #[error("cannot write {path}: {source}")]
@@ -94,6 +96,12 @@ pub fn check_output_file(
     inputs: &[&Path],
     input_dirs: &[&Path],
 ) -> Result<(), OutputError> {
+    if out.is_dir() {
+        return Err(OutputError::IsDirectory {
+            flag,
+            out: out.to_path_buf(),
+        });
+    }
     let target = resolve(out);
     for input in inputs {
         if resolve(input) == target {
@@ -254,6 +262,8 @@ mod tests {
         let err = check_output_file("--out", &other, &[&data], &[]).unwrap_err();
         assert!(err.to_string().contains("also an input"), "{err}");
         assert!(check_output_file("--out", &dir.join("r.jsonl"), &[&data], &[]).is_ok());
+        let e = check_output_file("--out", &dir.join("sub"), &[&data], &[]).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -546,4 +546,78 @@ mod tests {
         assert!(err.contains("bad.toml") && err.contains("ppo"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn toml_errors_give_the_users_own_line_numbers() {
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("two.toml");
+        std::fs::write(&path, "lr = 1e-6\nclip_low = \"wide\"\n").unwrap();
+        let err = TrainConfig::resolve(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("two.toml") && err.contains("line 2") && err.contains("clip_low"),
+            "{err}"
+        );
+        std::fs::write(&path, "lr = 1e-6\n").unwrap();
+        let err = TrainConfig::resolve(Some(&path), &["max_steps=1".into(), "beta1=x".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`beta1=x`") && !err.contains("line 1"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_numeric_field_is_checked_against_its_range() {
+        let cases = [
+            ("lr=-1", "lr", "[0, 1]"),
+            ("lr=nan", "lr", "[0, 1]"),
+            ("warmup_lr=inf", "warmup_lr", "[0, 1]"),
+            ("weight_decay=-5", "weight_decay", "[0, 1]"),
+            ("beta1=2", "beta1", "[0, 1)"),
+            ("beta2=1.0", "beta2", "[0, 1)"),
+            ("max_grad_norm=0", "max_grad_norm", "> 0"),
+            ("max_grad_norm=nan", "max_grad_norm", "> 0"),
+            ("clip_low=1.5", "clip_low", "[0, 1)"),
+            ("clip_high=-1", "clip_high", "[0, 10]"),
+            ("clip_dual=0.5", "clip_dual", "(1, 1e6]"),
+            ("entropy_penalty=nan", "entropy_penalty", "[-10, 10]"),
+            ("tas_beta_min=2", "tas_beta_min", "[0, 1]"),
+            ("tgf_ratio=1.5", "tgf_ratio", "[0, 1]"),
+            ("blacken_p=nan", "blacken_p", "[0, 1]"),
+            ("temperature=nan", "temperature", "[0, 100]"),
+            ("top_p=0", "top_p", "(0, 1]"),
+            ("warmup_batch=0", "warmup_batch", "at least 1"),
+            ("epochs=0", "epochs", "at least 1"),
+            ("max_prompt_tokens=0", "max_prompt_tokens", "at least 1"),
+            ("min_pixels=9999999", "min_pixels", "at most max_pixels"),
+            ("max_steps=0", "max_steps", "at least 1"),
+            ("builtin_grid=4", "builtin_grid", "1, 2 or 3"),
+        ];
+        for (given, field, range) in cases {
+            let err = TrainConfig::resolve(None, &[given.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains(range), "{given}: {err}");
+        }
+        // The edges that are allowed.
+        for ok in [
+            "lr=0",
+            "beta2=0.9999",
+            "clip_dual=0",
+            "clip_low=0",
+            "temperature=0",
+            "top_p=1",
+            "entropy_penalty=-0.01",
+        ] {
+            TrainConfig::resolve(None, &[ok.to_string()]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // max_steps = 0 is "run the epochs" on a data set.
+        let c = TrainConfig::resolve(None, &["data=d.jsonl".into()]).unwrap();
+        assert_eq!(c.max_steps, 0);
+    }
 }

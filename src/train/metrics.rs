@@ -134,3 +134,44 @@ impl MetricsLog {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skipped_steps_non_finite_numbers_survive_a_resume() {
+        let dir = std::env::temp_dir().join(format!("vppo-metrics-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, None).unwrap();
+        let m = StepMetrics {
+            step: 1,
+            rollout_batch: 0,
+            reward_mean: 0.5,
+            accuracy: 0.5,
+            loss: f64::NAN,
+            entropy: f64::INFINITY,
+            visual_dependency_mean: None,
+            tgf_kept_frac: 1.0,
+            adv_scale_min: 1.0,
+            adv_scale_max: 1.0,
+            response_len_mean: 3.0,
+            filtered_groups: 0,
+            groups: 1,
+            clip_fraction: 0.0,
+            grad_norm: f64::NAN,
+            step_time_s: 0.1,
+            tokens_per_s: 10.0,
+            skipped_steps: 1,
+        };
+        log.push(m).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"loss\":null") && text.contains("\"skipped_steps\":1"));
+        let back = MetricsLog::open(&path, Some(1)).unwrap().records;
+        assert_eq!(back.len(), 1);
+        assert!(back[0].loss.is_nan() && back[0].grad_norm.is_nan());
+        assert_eq!(back[0].skipped_steps, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
