@@ -29,7 +29,8 @@ pub enum PromptSource {
         position: u64,
         /// Rows in one pass, once a pass has ended.
         rows_per_epoch: Option<u64>,
-        skipped: SkippedRows,
+        /// Boxed: the row set makes it large next to the built-in variant.
+        skipped: Box<SkippedRows>,
         /// Position the source was opened at (a resumed run's).
         start: u64,
         /// Usable prompts handed out since then.
@@ -115,7 +116,7 @@ impl PromptSource {
             epoch: 0,
             position: 0,
             rows_per_epoch: None,
-            skipped: SkippedRows::default(),
+            skipped: Box::default(),
             start: position,
             usable: 0,
         };
@@ -132,7 +133,7 @@ impl PromptSource {
     pub fn skipped(&self) -> Option<&SkippedRows> {
         match self {
             Self::Builtin { .. } => None,
-            Self::Dataset { skipped, .. } => Some(skipped),
+            Self::Dataset { skipped, .. } => Some(skipped.as_ref()),
         }
     }
 
