@@ -213,7 +213,7 @@ impl Checkpoint {
             }
         }
         // A NaN or inf weight poisons every forward silently: refuse it here.
-        if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+        if let Some(index) = out.par_iter().position_first(|v| !v.is_finite()) {
             return Err(LoadError::NonFinite {
                 name,
                 path: shard.path.clone(),
