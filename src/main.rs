@@ -359,6 +359,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (scorer.score(&images, &prompt, &response)?, loaded)
             };
             let (scored, loaded) = scored;
+            if let Some(i) = scored.response_logprobs.iter().position(|v| !v.is_finite()) {
+                // Finite weights can still overflow (huge values): a NaN
+                // score is not a score.
+                bail!(
+                    "the model in {} gives a non-finite log-prob ({}) for response token {i}: \
+                     its weights overflow; nothing written",
+                    model.display(),
+                    scored.response_logprobs[i]
+                );
+            }
             scored.save(&out)?;
             if let Some(path) = &grad_out {
                 let t = Instant::now();
@@ -422,6 +432,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 vppo_engine::rollout::AnyGenerator::new(&pipeline.model, dev.as_mut(), eos);
             let samples = generator.generate(&inputs, n, &params, max_new_tokens, seed)?;
             let st = *generator.stats();
+            if let Some(s) = samples
+                .iter()
+                .find(|s| s.logprobs.iter().any(|v| !v.is_finite()))
+            {
+                bail!(
+                    "the model in {} gives non-finite log-probs (prompt {}, sample {}): its \
+                     weights overflow; the samples are noise",
+                    model.display(),
+                    s.prompt_index,
+                    s.sample_index
+                );
+            }
             for s in &samples {
                 let text = pipeline.text.decode(&s.token_ids, true)?;
                 let line = serde_json::json!({

@@ -711,3 +711,120 @@ fn quiet_still_reports_skipped_rows() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Sets every element of tensor `name` to +-3e38: finite weights whose
+/// logits overflow, so log-probs, the loss and the gradients are NaN.
+fn overflow_weight(model: &Path, name: &str) {
+    let path = model.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let mut data = t.data().to_vec();
+            if n == name {
+                for (k, v) in data.chunks_exact_mut(4).enumerate() {
+                    let x: f32 = if k % 2 == 0 { 3e38 } else { -3e38 };
+                    v.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            (n, t.dtype(), t.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Updates with a non-finite loss are skipped and counted in the metrics;
+/// three in a row stop the run with a clear error; every checkpoint written
+/// holds finite weights and loads. `score` and `generate` refuse to report
+/// NaN log-probs.
+#[test]
+fn a_run_whose_loss_is_nan_skips_its_updates_and_stops() {
+    use vppo_engine::train::checkpoint::{latest_checkpoint, load_training_checkpoint};
+    use vppo_engine::train::metrics::read_metrics;
+    use vppo_engine::train::run::{MAX_SKIPPED_IN_A_ROW, METRICS_FILE};
+    let dir = scratch("diverge");
+    let model = model_copy(&dir.join("m"));
+    overflow_weight(&model, "lm_head.weight");
+    let data = dir.join("d.jsonl");
+    jsonl(
+        &data,
+        &[
+            serde_json::json!({"problem": "1+1?", "answer": "2"}),
+            serde_json::json!({"problem": "2+2?", "answer": "4"}),
+        ],
+    );
+    let out = dir.join("run");
+    let settings: Vec<String> = [
+        format!("model={:?}", model.display().to_string()),
+        format!("data={:?}", data.display().to_string()),
+        "algo=grpo".into(),
+        "device=cpu".into(),
+        "rollout_batch=1".into(),
+        "mini_batch=1".into(),
+        "group_size=2".into(),
+        "epochs=5".into(),
+        "max_response_tokens=2".into(),
+        "bf16=false".into(),
+        "save_every=1".into(),
+    ]
+    .to_vec();
+    let err = run(None, &settings, Some(&out), false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{MAX_SKIPPED_IN_A_ROW} updates in a row")),
+        "{err}"
+    );
+    let metrics = read_metrics(&out.join(METRICS_FILE)).unwrap();
+    assert_eq!(metrics.len() as u64, MAX_SKIPPED_IN_A_ROW);
+    for (k, m) in metrics.iter().enumerate() {
+        assert!(m.loss.is_nan(), "step {}: {}", m.step, m.loss);
+        assert_eq!(m.skipped_steps, k as u64 + 1);
+    }
+    let latest = latest_checkpoint(&out).unwrap().expect("a checkpoint");
+    let (saved, _, _) = load_training_checkpoint(&latest).unwrap();
+    let original = vppo_engine::model::Qwen25Vl::load(&model).unwrap();
+    assert_eq!(saved.weights.0, original.weights.0, "no update applied");
+
+    let m = model.to_str().unwrap();
+    let score_out = dir.join("s.safetensors");
+    let o = bin(&[
+        "score",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--response",
+        "ok",
+        "--device",
+        "cpu",
+        "--out",
+        score_out.to_str().unwrap(),
+    ]);
+    assert_refused(&o, "non-finite log-prob");
+    assert!(!score_out.exists());
+    let o = bin(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&o, "non-finite log-probs");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
