@@ -22,6 +22,14 @@ pub enum EvalError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("{path}: no usable problem ({corrupt} corrupt, {too_long} too long{example}); nothing was evaluated")]
+    NoUsableRow {
+        path: std::path::PathBuf,
+        corrupt: usize,
+        too_long: usize,
+        /// "; e.g. <the first reason>", or nothing for an empty file.
+        example: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +191,7 @@ pub fn evaluate<B: Backend>(
         pending.clear();
         Ok(())
     };
+    let mut first_skip: Option<String> = None;
     for row in open_rows(data, &opts.columns)? {
         if opts.limit.is_some_and(|l| summary.rows.used >= l) {
             break;
@@ -191,6 +200,7 @@ pub fn evaluate<B: Backend>(
             Ok(ex) => ex,
             Err(e) => {
                 summary.rows.corrupt += 1;
+                first_skip.get_or_insert_with(|| e.to_string());
                 on_skip(&e.to_string());
                 continue;
             }
@@ -202,14 +212,17 @@ pub fn evaluate<B: Backend>(
             }
             Err(Skip::Corrupt(e)) => {
                 summary.rows.corrupt += 1;
+                first_skip.get_or_insert_with(|| e.to_string());
                 on_skip(&e.to_string());
             }
             Err(Skip::TooLong { row, tokens }) => {
                 summary.rows.too_long += 1;
-                on_skip(&format!(
+                let why = format!(
                     "row {row}: prompt of {tokens} tokens exceeds {}",
                     opts.format.max_prompt_tokens
-                ));
+                );
+                first_skip.get_or_insert_with(|| why.clone());
+                on_skip(&why);
             }
         }
         if pending.len() >= opts.batch.max(1) {
@@ -217,6 +230,15 @@ pub fn evaluate<B: Backend>(
         }
     }
     flush(&mut pending, &mut summary, &mut generator)?;
+    if summary.problems == 0 {
+        // An accuracy over no problems is not 0: it does not exist.
+        return Err(EvalError::NoUsableRow {
+            path: data.to_path_buf(),
+            corrupt: summary.rows.corrupt,
+            too_long: summary.rows.too_long,
+            example: first_skip.map_or(String::new(), |e| format!("; e.g. {e}")),
+        });
+    }
     summary.accuracy = if summary.problems > 0 {
         accuracy_sum / summary.problems as f64
     } else {

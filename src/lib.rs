@@ -7,6 +7,7 @@
 pub mod alloc_stats;
 pub mod backend;
 pub mod builtin;
+pub mod cli_values;
 pub mod data;
 pub mod eval;
 pub mod info;
@@ -14,6 +15,7 @@ pub mod kernels;
 pub mod model;
 pub mod nvtx;
 pub mod ops;
+pub mod outputs;
 pub mod pipeline;
 pub mod processor;
 pub mod reward;

@@ -18,6 +18,7 @@ use vppo_engine::model::engine::Engine;
 use vppo_engine::model::Qwen25Vl;
 use vppo_engine::ops::cpu::CpuBackend;
 use vppo_engine::ops::Backend;
+use vppo_engine::{cli_values, outputs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum SaveDtypeArg {
@@ -142,19 +143,19 @@ enum Command {
         #[arg(long, conflicts_with_all = ["prompt", "images"])]
         prompts: Option<PathBuf>,
         /// Samples per prompt.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = cli_values::at_least_one)]
         n: usize,
         /// Sampling temperature; 0 is greedy.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = cli_values::temperature)]
         temperature: f32,
         /// Nucleus sampling mass (1.0 disables).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = cli_values::top_p)]
         top_p: f32,
         /// Keep only the k most likely tokens (0 disables).
         #[arg(long, default_value_t = 0)]
         top_k: usize,
         /// Most tokens generated per sample.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = cli_values::at_least_one)]
         max_new_tokens: usize,
         /// Seed; each (prompt, sample) has its own reproducible stream.
         #[arg(long, default_value_t = 0)]
@@ -177,31 +178,31 @@ enum Command {
         #[arg(long)]
         data: PathBuf,
         /// Samples per problem.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = cli_values::at_least_one)]
         n: usize,
         /// Sampling temperature (the recipe validates at 1.0).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = cli_values::temperature)]
         temperature: f32,
         /// Nucleus sampling mass (1.0 disables).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = cli_values::top_p)]
         top_p: f32,
         /// Most tokens per response.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = cli_values::at_least_one)]
         max_new_tokens: usize,
         /// Evaluate only the first K usable problems.
-        #[arg(long)]
+        #[arg(long, value_parser = cli_values::at_least_one)]
         limit: Option<usize>,
         /// Per-problem results (JSONL).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Prompts generated together.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = cli_values::at_least_one)]
         batch: usize,
         /// Seed of the sampling streams.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Problems longer than this many prompt tokens are skipped.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = cli_values::at_least_one)]
         max_prompt_tokens: usize,
         /// Column (or JSON key) holding the problem text.
         #[arg(long, default_value = "problem")]
@@ -226,14 +227,14 @@ enum Command {
         /// Source checkpoint directory.
         #[arg(long)]
         model: PathBuf,
-        /// Destination directory (replaced atomically if it exists).
+        /// Destination directory: new, or empty (it is filled atomically).
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype of the saved weights.
         #[arg(long, value_enum, default_value_t = SaveDtypeArg::Bf16)]
         dtype: SaveDtypeArg,
         /// Largest shard, in MiB.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = cli_values::shard_mib)]
         max_shard_mib: usize,
     },
     /// Grade a response with the VPPO accuracy reward: prints the answer in
@@ -394,6 +395,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.reward_first_fifth,
                 summary.reward_last_fifth
             );
+            if summary.skipped_steps > 0 {
+                println!(
+                    "skipped updates (non-finite loss or gradient norm): {}",
+                    summary.skipped_steps
+                );
+            }
             if let Some(c) = &summary.checkpoint {
                 println!("checkpoint: {}", c.display());
             }
@@ -417,6 +424,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if device == Device::Cuda && grad_out.is_some() {
                 bail!("--grad-out runs on the CPU only (the backward is not on the CUDA backend yet); drop --device cuda");
             }
+            let mut inputs: Vec<&std::path::Path> = images.iter().map(PathBuf::as_path).collect();
+            outputs::check_output_file("--out", &out, &inputs, &[&model])?;
+            if let Some(g) = &grad_out {
+                inputs.push(&out);
+                outputs::check_output_file("--grad-out", g, &inputs, &[&model])?;
+            }
             let start = Instant::now();
             let scorer = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
@@ -431,6 +444,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     response: &response,
                 },
             )?;
+            if let Some(i) = scored.response_logprobs.iter().position(|v| !v.is_finite()) {
+                // Finite weights can still overflow (huge values): a NaN
+                // score is not a score.
+                bail!(
+                    "the model in {} gives a non-finite log-prob ({}) for response token {i}: \
+                     its weights overflow; nothing written",
+                    model.display(),
+                    scored.response_logprobs[i]
+                );
+            }
             scored.save(&out)?;
             if let Some(path) = &grad_out {
                 let t = Instant::now();
@@ -469,12 +492,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             let device = device.resolve(false);
-            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
-                bail!("--top-p must be in (0, 1], got {top_p}");
-            }
-            if temperature < 0.0 {
-                bail!("--temperature must be >= 0, got {temperature}");
-            }
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
             let requests = match prompts {
@@ -504,6 +521,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     seed,
                 },
             )?;
+            if let Some(s) = samples
+                .iter()
+                .find(|s| s.logprobs.iter().any(|v| !v.is_finite()))
+            {
+                bail!(
+                    "the model in {} gives non-finite log-probs (prompt {}, sample {}): its \
+                     weights overflow; the samples are noise",
+                    model.display(),
+                    s.prompt_index,
+                    s.sample_index
+                );
+            }
             for s in &samples {
                 let text = pipeline.text.decode(&s.token_ids, true)?;
                 let line = serde_json::json!({
@@ -547,8 +576,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
         } => {
             use std::io::Write as _;
-            if n == 0 {
-                bail!("--n must be at least 1");
+            if let Some(out) = &out {
+                outputs::check_output_file("--out", out, &[&data], &[&model])?;
             }
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
@@ -574,11 +603,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_prompt_tokens,
                 },
             };
+            // Written beside --out and moved into place at the end: a failed
+            // run leaves an existing file as it was.
             let mut writer = match &out {
-                Some(path) => Some(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("creating {}", path.display()))?,
-                )),
+                Some(path) => Some(outputs::AtomicFile::create(path)?),
                 None => None,
             };
             let bar = match limit {
@@ -621,9 +649,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(e) = write_error {
                 bail!("writing {}: {e}", out.as_ref().unwrap().display());
             }
-            if let Some(mut w) = writer {
-                w.flush()
-                    .with_context(|| format!("writing {}", out.as_ref().unwrap().display()))?;
+            if let Some(w) = writer {
+                w.commit()?;
             }
             println!("{}", summary.table(n));
         }
@@ -633,6 +660,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dtype,
             max_shard_mib,
         } => {
+            outputs::check_new_dir("--out", &out, &[&model], &[])?;
             let start = Instant::now();
             let loaded = vppo_engine::model::Qwen25Vl::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;

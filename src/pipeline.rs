@@ -20,6 +20,20 @@ pub enum PipelineError {
     Write(#[from] WriteError),
     #[error("the response is empty after tokenisation: nothing to score")]
     EmptyResponse,
+    #[error("the prompt is {tokens} tokens, longer than the model's context of {context} (max_position_embeddings in {config})")]
+    PromptTooLong {
+        tokens: usize,
+        context: usize,
+        config: PathBuf,
+    },
+    #[error("{config}: {field} = {id}, but the tokenizer's {token} is {found}; the config and the tokenizer do not belong together")]
+    TokenMismatch {
+        config: PathBuf,
+        field: &'static str,
+        id: u32,
+        token: &'static str,
+        found: String,
+    },
 }
 
 /// Everything loaded from one checkpoint directory.
@@ -27,15 +41,80 @@ pub struct Pipeline {
     pub model: Qwen25Vl,
     pub text: TextProcessor,
     pub images: ImageProcessorConfig,
+    /// `max_position_embeddings` of the checkpoint's config, when it has one.
+    pub context: Option<usize>,
+}
+
+/// `max_position_embeddings` (in `text_config` or at the top level).
+fn context_length(config: &Path) -> Option<usize> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(config).ok()?).ok()?;
+    let field = |v: &serde_json::Value| v.get("max_position_embeddings")?.as_u64();
+    json.get("text_config")
+        .and_then(field)
+        .or_else(|| field(&json))
+        .map(|v| v as usize)
 }
 
 impl Pipeline {
     pub fn load(dir: &Path) -> Result<Self, PipelineError> {
+        Self::new(
+            Qwen25Vl::load(dir)?,
+            TextProcessor::load(dir)?,
+            ImageProcessorConfig::load(dir)?,
+        )
+    }
+
+    /// Puts the parts together, checking that the config's special token
+    /// ids are the tokenizer's (else every image would silently go unused).
+    pub fn new(
+        model: Qwen25Vl,
+        text: TextProcessor,
+        images: ImageProcessorConfig,
+    ) -> Result<Self, PipelineError> {
+        let config = model.dir.join("config.json");
+        let tokens = &model.config.tokens;
+        for (field, id, token) in [
+            ("image_token_id", tokens.image_token_id, "<|image_pad|>"),
+            (
+                "vision_start_token_id",
+                tokens.vision_start_token_id,
+                "<|vision_start|>",
+            ),
+            (
+                "vision_end_token_id",
+                tokens.vision_end_token_id,
+                "<|vision_end|>",
+            ),
+        ] {
+            let found = text.token_id(token);
+            if found != Some(id) {
+                return Err(PipelineError::TokenMismatch {
+                    config,
+                    field,
+                    id,
+                    token,
+                    found: found.map_or("missing".to_string(), |f| f.to_string()),
+                });
+            }
+        }
         Ok(Self {
-            model: Qwen25Vl::load(dir)?,
-            text: TextProcessor::load(dir)?,
-            images: ImageProcessorConfig::load(dir)?,
+            context: context_length(&config),
+            model,
+            text,
+            images,
         })
+    }
+
+    fn check_context(&self, tokens: usize) -> Result<(), PipelineError> {
+        match self.context {
+            Some(context) if tokens > context => Err(PipelineError::PromptTooLong {
+                tokens,
+                context,
+                config: self.model.dir.join("config.json"),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The model input of a single-turn prompt: the images processed, the
@@ -69,6 +148,7 @@ impl Pipeline {
             input.resized.push(processed.resized);
         }
         input.ids = self.text.prompt_ids(prompt, &tokens_per_image)?;
+        self.check_context(input.ids.len())?;
         Ok(input)
     }
 
@@ -87,6 +167,7 @@ impl Pipeline {
             return Err(PipelineError::EmptyResponse);
         }
         input.ids.extend(response_ids);
+        self.check_context(input.ids.len())?;
         Ok((input, prompt_len))
     }
 }

@@ -213,3 +213,57 @@ fn a_save_killed_midway_leaves_the_previous_checkpoint_intact() {
     );
     std::fs::remove_dir_all(&run).unwrap();
 }
+
+/// A diverged model (or optimizer state) is never written: the previous
+/// checkpoint stays the latest, and no folder is left behind.
+#[test]
+fn non_finite_weights_or_moments_are_never_saved() {
+    let model = Qwen25Vl::load(&case_dir("single_noresize")).unwrap();
+    let state = TrainingState {
+        step: 1,
+        seed: 1,
+        data_position: 0,
+        extra: serde_json::Value::Null,
+    };
+    let run = scratch("non-finite");
+    let good = save_training_checkpoint(
+        &run,
+        &model,
+        &optimizer(&model, WeightPrecision::Fp32),
+        &state,
+        &mut |_| {},
+    )
+    .unwrap();
+    for poison_moment in [false, true] {
+        let mut bad = Qwen25Vl::load(&case_dir("single_noresize")).unwrap();
+        let mut opt = optimizer(&bad, WeightPrecision::Fp32);
+        if poison_moment {
+            opt.exp_avg_sq.0[3][0] = f32::INFINITY;
+        } else {
+            bad.weights.0[3][5] = f32::NAN;
+        }
+        let next = TrainingState {
+            step: 2,
+            ..state.clone()
+        };
+        let err = save_training_checkpoint(&run, &bad, &opt, &next, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        let name = &bad.layout.specs[3].name;
+        assert!(
+            err.contains("non-finite") && err.contains(name.as_str()),
+            "{err}"
+        );
+        assert_eq!(latest_checkpoint(&run).unwrap(), Some(good.clone()));
+        let entries: Vec<_> = std::fs::read_dir(&run).unwrap().flatten().collect();
+        assert_eq!(entries.len(), 2, "only checkpoint-00000001 and latest");
+    }
+    // A missing trainer_state.json is a read error, named as such.
+    std::fs::remove_file(good.join("trainer_state.json")).unwrap();
+    let err = load_training_checkpoint(&good).err().unwrap().to_string();
+    assert!(
+        err.contains("cannot read") && err.contains("trainer_state.json"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&run).unwrap();
+}

@@ -218,7 +218,7 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     assert!(err.contains("multiple of mini_batch"), "{err}");
     let err = run(
         None,
-        &["model=/no/such/model".into()],
+        &["model=/no/such/model".into(), "max_steps=1".into()],
         Some(&fresh),
         false,
         false,
@@ -228,24 +228,22 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     assert!(err.contains("/no/such/model"), "{err}");
     let _ = std::fs::remove_dir_all(&fresh);
 
-    // device=cuda without a usable GPU fails naming the device; auto falls
-    // back to the CPU (every other run here).
+    // device=cuda without a usable GPU fails naming the device, before the
+    // warm-up and before anything is written; auto falls back to the CPU
+    // (every other run here).
     if !vppo_engine::backend::gpu_usable() {
         let gpu = run_dir("no-gpu");
         let err = run(
             None,
-            &small(&["max_steps=1", "device=cuda", "warmup_steps=0"]),
+            &small(&["max_steps=1", "device=cuda"]),
             Some(&gpu),
             false,
             false,
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            err.contains("device=cuda: cannot open CUDA device"),
-            "{err}"
-        );
-        let _ = std::fs::remove_dir_all(&gpu);
+        assert!(err.contains("device=cuda: no usable CUDA device"), "{err}");
+        assert!(!gpu.exists(), "nothing written before the device check");
     }
 
     // An untrained model never answers: no group has mixed rewards, and the
@@ -321,6 +319,11 @@ fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     let summary = run(None, &settings(&[]), Some(&whole), false, false).unwrap();
     // 5 usable rows x 2 epochs = 10 prompts = 5 rollout batches of 2 updates.
     assert_eq!(summary.steps, 10);
+    assert_eq!(
+        summary.skipped_rows,
+        (1, 0),
+        "the corrupt row is counted once, not once per epoch"
+    );
     let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
     assert_eq!(reference.len(), 10);
     assert!(reference

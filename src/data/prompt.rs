@@ -69,7 +69,13 @@ pub fn build_prompt(
     }
     let input = pipeline
         .prompt_input_from_images(&images, &prompt_text(&example.problem, format))
-        .map_err(|e| corrupt(e.to_string()))?;
+        .map_err(|e| match e {
+            crate::pipeline::PipelineError::PromptTooLong { tokens, .. } => Skip::TooLong {
+                row: example.row,
+                tokens,
+            },
+            e => corrupt(e.to_string()),
+        })?;
     if input.ids.len() > format.max_prompt_tokens {
         return Err(Skip::TooLong {
             row: example.row,

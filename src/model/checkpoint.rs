@@ -32,6 +32,14 @@ pub enum LoadError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error("tensor `{name}` in {path} holds {value} at index {index} (and {count} non-finite values in all): the weights are corrupt or diverged")]
+    NonFinite {
+        name: String,
+        path: PathBuf,
+        index: usize,
+        value: f32,
+        count: usize,
+    },
     #[error("tensor `{name}` in {path} has dtype {dtype:?}; only F32, BF16 and F16 are supported")]
     Dtype {
         name: String,
@@ -203,6 +211,16 @@ impl Checkpoint {
                     dtype,
                 })
             }
+        }
+        // A NaN or inf weight poisons every forward silently: refuse it here.
+        if let Some(index) = out.par_iter().position_first(|v| !v.is_finite()) {
+            return Err(LoadError::NonFinite {
+                name,
+                path: shard.path.clone(),
+                index,
+                value: out[index],
+                count: out.par_iter().filter(|v| !v.is_finite()).count(),
+            });
         }
         Ok(out)
     }

@@ -138,6 +138,22 @@ impl ImageProcessorConfig {
     }
 }
 
+/// Whether `bytes` are a JPEG whose last scan has no end-of-image marker
+/// after it. Inside entropy-coded data a 0xFF byte is always followed by 0x00
+/// or a restart marker, so an `FF D9` after the last start-of-scan (`FF DA`)
+/// is the real end marker.
+pub fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let find_last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (find_last(0xDA), find_last(0xD9)) {
+        (Some(scan), Some(end)) => end < scan,
+        // No scan at all: cut off before the image data.
+        (Some(_), None) | (None, _) => true,
+    }
+}
+
 /// A decoded RGB image, 8 bits per sample, row-major interleaved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
@@ -149,6 +165,14 @@ pub struct RgbImage {
 impl RgbImage {
     /// Decodes PNG or JPEG bytes; `source` names the image in errors.
     pub fn decode(bytes: &[u8], source: &Path) -> Result<Self, ImageError> {
+        if jpeg_is_truncated(bytes) {
+            // The JPEG decoder fills a cut-off scan with grey and succeeds;
+            // Pillow refuses such a file, and so do we.
+            return Err(ImageError::Decode {
+                path: source.to_path_buf(),
+                reason: "image file is truncated (the JPEG data ends before its end marker)".into(),
+            });
+        }
         let img = image::load_from_memory(bytes).map_err(|e| ImageError::Decode {
             path: source.to_path_buf(),
             reason: e.to_string(),

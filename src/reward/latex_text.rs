@@ -18,12 +18,23 @@ use super::pystr;
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConversionFailed;
 
-/// Converts `s`; `Err` where the reference converter raises.
+/// Groups, math and environments nested deeper than this are not read:
+/// the input is untrusted model output, and each level is a stack frame
+/// here and in the conversion. Real answers nest a handful of levels.
+pub const MAX_DEPTH: usize = 64;
+
+/// Converts `s`; `Err` where the reference converter raises, and where `s`
+/// nests deeper than [`MAX_DEPTH`].
 pub fn latex_to_text(s: &str) -> Result<String, ConversionFailed> {
     let mut p = Parser {
         s: s.chars().collect(),
+        depth: 0,
+        too_deep: false,
     };
     let (nodes, _) = p.nodes(0, Stop::None);
+    if p.too_deep {
+        return Err(ConversionFailed);
+    }
     nodes_to_text(&nodes)
 }
 
@@ -93,6 +104,10 @@ const SPECIALS: &[(&str, &str)] = &[
 
 struct Parser {
     s: Vec<char>,
+    /// Nesting of [`Parser::nodes`] calls.
+    depth: usize,
+    /// Set when the input nests past [`MAX_DEPTH`]; the parse then stops.
+    too_deep: bool,
 }
 
 impl Parser {
@@ -289,7 +304,18 @@ impl Parser {
 
     /// Reads nodes until `stop` (or the end); returns them and the position
     /// after the stopping token.
-    fn nodes(&mut self, mut pos: usize, stop: Stop) -> (Vec<Node>, usize) {
+    fn nodes(&mut self, pos: usize, stop: Stop) -> (Vec<Node>, usize) {
+        if self.depth >= MAX_DEPTH || self.too_deep {
+            self.too_deep = true;
+            return (Vec::new(), self.s.len());
+        }
+        self.depth += 1;
+        let read = self.nodes_at_depth(pos, stop);
+        self.depth -= 1;
+        read
+    }
+
+    fn nodes_at_depth(&mut self, mut pos: usize, stop: Stop) -> (Vec<Node>, usize) {
         let mut out = Vec::new();
         let mut chars = String::new();
         let extra = match stop {

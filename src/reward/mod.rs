@@ -73,8 +73,24 @@ pub fn extract_boxed(text: &str) -> Option<String> {
     None
 }
 
-/// `grade_answer(given, ground_truth)` of the reference grader.
+/// Longest answer (either side, in characters) the normalisers and the
+/// symbolic stage see: model output is untrusted, and their time and stack
+/// grow with the length. A longer answer is right only when it is the
+/// ground truth verbatim.
+pub const MAX_ANSWER_CHARS: usize = 2000;
+
+/// `grade_answer(given, ground_truth)` of the reference grader. Answers
+/// longer than [`MAX_ANSWER_CHARS`] or nested deeper than the parsers read
+/// grade as different unless they are identical.
 pub fn grade_answer(given: &str, ground_truth: &str) -> bool {
+    // The reference's first step compares normalise(given) with
+    // normalise(ground_truth): identical strings always pass.
+    if given == ground_truth {
+        return true;
+    }
+    if given.chars().count() > MAX_ANSWER_CHARS || ground_truth.chars().count() > MAX_ANSWER_CHARS {
+        return false;
+    }
     if mathd::normalize_answer(ground_truth) == mathd::normalize_answer(given) {
         return true;
     }

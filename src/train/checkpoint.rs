@@ -25,6 +25,15 @@ pub enum CheckpointError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read checkpoint file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "not saving a checkpoint: tensor `{name}` holds a non-finite value (the run diverged)"
+    )]
+    NonFinite { name: String },
     #[error(transparent)]
     Write(#[from] WriteError),
     #[error(transparent)]
@@ -37,6 +46,13 @@ pub enum CheckpointError {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Read {
         path: path.to_path_buf(),
         source,
     }
@@ -74,7 +90,7 @@ pub fn write_hub_weights(
     on_file: &mut dyn FnMut(&Path),
 ) -> Result<(), CheckpointError> {
     for entry in std::fs::read_dir(&model.dir)
-        .map_err(io(&model.dir))?
+        .map_err(read_err(&model.dir))?
         .flatten()
     {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -190,6 +206,31 @@ pub fn save_hub_checkpoint(
     })
 }
 
+/// A checkpoint with a NaN or inf anywhere would not load (and would
+/// poison a resumed run): refuse to write it.
+fn ensure_finite(model: &Qwen25Vl, optimizer: &AdamW) -> Result<(), CheckpointError> {
+    use rayon::prelude::*;
+    let tables = [
+        ("", Some(&model.weights)),
+        ("exp_avg.", Some(&optimizer.exp_avg)),
+        ("exp_avg_sq.", Some(&optimizer.exp_avg_sq)),
+        ("master.", optimizer.master.as_ref()),
+    ];
+    for (prefix, table) in tables {
+        let Some(table) = table else { continue };
+        if let Some(i) = table
+            .0
+            .par_iter()
+            .position_first(|t| t.iter().any(|v| !v.is_finite()))
+        {
+            return Err(CheckpointError::NonFinite {
+                name: format!("{prefix}{}", model.layout.specs[i].name),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Where a run is: enough to resume it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingState {
@@ -234,6 +275,7 @@ pub fn save_training_checkpoint(
     state: &TrainingState,
     on_file: &mut dyn FnMut(&Path),
 ) -> Result<PathBuf, CheckpointError> {
+    ensure_finite(model, optimizer)?;
     let name = checkpoint_dir_name(state.step);
     let dest = run_dir.join(&name);
     write_dir_atomically(&dest, |tmp| {
@@ -291,8 +333,24 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>, CheckpointEr
     if !latest.is_file() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
-    let dir = run_dir.join(name.trim());
+    let name = std::fs::read_to_string(&latest).map_err(read_err(&latest))?;
+    let name = name.trim();
+    // `latest` names a sibling `checkpoint-NNNNNNNN`, nothing else: an
+    // empty or edited file must not send the loader to another folder.
+    let well_formed = name
+        .strip_prefix("checkpoint-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if !well_formed {
+        return Err(CheckpointError::State {
+            path: latest,
+            reason: if name.is_empty() {
+                "is empty; it should name the newest checkpoint-NNNNNNNN folder".into()
+            } else {
+                format!("names `{name}`, not a checkpoint-NNNNNNNN folder")
+            },
+        });
+    }
+    let dir = run_dir.join(name);
     if !dir.is_dir() {
         return Err(CheckpointError::State {
             path: latest,
@@ -300,6 +358,22 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>, CheckpointEr
         });
     }
     Ok(Some(dir))
+}
+
+/// The `checkpoint-*` folders in `run_dir`, oldest first.
+pub fn checkpoint_dirs(run_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(run_dir)
+        .map_err(read_err(run_dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+        .collect();
+    dirs.sort();
+    Ok(dirs)
 }
 
 /// Loads model, optimizer and training state from a training checkpoint.
@@ -312,7 +386,7 @@ pub fn load_training_checkpoint(
         path: state_path.clone(),
         reason,
     };
-    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+    let text = std::fs::read_to_string(&state_path).map_err(read_err(&state_path))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let state: TrainingState =
         serde_json::from_value(json["state"].clone()).map_err(|e| bad(format!("state: {e}")))?;

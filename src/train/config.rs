@@ -14,6 +14,26 @@ pub enum ConfigError {
     Parse { path: PathBuf, reason: String },
     #[error("override `{given}`: {reason}")]
     Override { given: String, reason: String },
+    #[error("invalid config: {reason}")]
+    Invalid { reason: String },
+}
+
+/// `Ok` when `v` is a finite number in the range; else the range in words.
+fn check_range(v: f64, lo: f64, hi: f64, lo_in: bool, hi_in: bool) -> Result<(), String> {
+    let above = if lo_in { v >= lo } else { v > lo };
+    let below = if hi_in { v <= hi } else { v < hi };
+    if v.is_finite() && above && below {
+        return Ok(());
+    }
+    Err(if hi == f64::MAX {
+        format!("finite and {} {lo}", if lo_in { ">=" } else { ">" })
+    } else {
+        format!(
+            "in {}{lo}, {hi}{}",
+            if lo_in { "[" } else { "(" },
+            if hi_in { "]" } else { ")" }
+        )
+    })
 }
 
 /// Which objective to train with (`vppo`, or the baselines `dapo`, `grpo`).
@@ -192,19 +212,24 @@ impl TrainConfig {
     /// command-line `key=value` overrides.
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let mut table = toml::Table::try_from(Self::default()).expect("the config serializes");
-        let file_table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        let file_text = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
                     path: path.to_path_buf(),
                     reason: e.to_string(),
-                })?;
+                })?,
+            ),
+            None => None,
+        };
+        let file_table = match (&file_text, file) {
+            (Some(text), Some(path)) => {
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Parse {
                         path: path.to_path_buf(),
                         reason: e.to_string(),
                     })?
             }
-            None => toml::Table::new(),
+            _ => toml::Table::new(),
         };
         let pairs = parse_overrides(overrides)?;
         let names_input =
@@ -216,18 +241,21 @@ impl TrainConfig {
         table.extend(file_table);
         table.extend(pairs);
         let text = toml::to_string(&table).expect("a table serializes");
-        let cfg: Self = toml::from_str(&text).map_err(|e| {
-            let reason = e.to_string();
-            match file {
-                Some(path) => ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    reason: format!("{reason} (with overrides: {})", overrides.join(" ")),
-                },
-                None => ConfigError::Override {
-                    given: overrides.join(" "),
-                    reason,
-                },
+        let cfg: Self = toml::from_str(&text).map_err(|merged| {
+            // Report the error against what the user wrote (the file's own
+            // lines, or the one override), not the merged document.
+            if let (Some(text), Some(path)) = (&file_text, file) {
+                if let Err(e) = toml::from_str::<Self>(text) {
+                    return ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    };
+                }
             }
+            override_error(overrides).unwrap_or_else(|| ConfigError::Override {
+                given: overrides.join(" "),
+                reason: merged.message().to_string(),
+            })
         })?;
         cfg.validate()
     }
@@ -243,43 +271,121 @@ impl TrainConfig {
         let mut table = toml::Table::try_from(&self).expect("the config serializes to a table");
         table.extend(parse_overrides(overrides)?);
         let text = toml::to_string(&table).expect("a table serializes");
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Override {
-            given: overrides.join(" "),
-            reason: e.to_string(),
+        let cfg: Self = toml::from_str(&text).map_err(|merged| {
+            override_error(overrides).unwrap_or_else(|| ConfigError::Override {
+                given: overrides.join(" "),
+                reason: merged.message().to_string(),
+            })
         })?;
         cfg.validate()
     }
 
+    /// Every numeric field against its allowed range, once, as the config
+    /// is resolved; the message names the field and the range.
     fn validate(self) -> Result<Self, ConfigError> {
-        let bad = |reason: &str| {
-            Err(ConfigError::Override {
-                given: "(resolved config)".into(),
-                reason: reason.into(),
-            })
-        };
-        if self.group_size == 0 || self.rollout_batch == 0 || self.mini_batch == 0 {
-            return bad("group_size, rollout_batch and mini_batch must be positive");
+        let bad = |reason: String| Err(ConfigError::Invalid { reason });
+        // (name, value, lowest, highest, whether each end is included)
+        let reals: [(&str, f64, f64, f64, bool, bool); 14] = [
+            ("lr", self.lr, 0.0, 1.0, true, true),
+            ("warmup_lr", self.warmup_lr, 0.0, 1.0, true, true),
+            ("weight_decay", self.weight_decay, 0.0, 1.0, true, true),
+            ("beta1", self.beta1, 0.0, 1.0, true, false),
+            ("beta2", self.beta2, 0.0, 1.0, true, false),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                0.0,
+                f64::MAX,
+                false,
+                true,
+            ),
+            ("clip_low", self.clip_low as f64, 0.0, 1.0, true, false),
+            ("clip_high", self.clip_high as f64, 0.0, 10.0, true, true),
+            (
+                "entropy_penalty",
+                self.entropy_penalty as f64,
+                -10.0,
+                10.0,
+                true,
+                true,
+            ),
+            ("tgf_ratio", self.tgf_ratio as f64, 0.0, 1.0, true, true),
+            (
+                "tas_beta_min",
+                self.tas_beta_min as f64,
+                0.0,
+                1.0,
+                true,
+                true,
+            ),
+            ("blacken_p", self.blacken_p, 0.0, 1.0, true, true),
+            (
+                "temperature",
+                self.temperature as f64,
+                0.0,
+                100.0,
+                true,
+                true,
+            ),
+            ("top_p", self.top_p as f64, 0.0, 1.0, false, true),
+        ];
+        for (name, v, lo, hi, lo_in, hi_in) in reals {
+            if let Err(range) = check_range(v, lo, hi, lo_in, hi_in) {
+                return bad(format!("{name} = {v} is out of range: it must be {range}"));
+            }
+        }
+        if self.clip_dual != 0.0 && !(self.clip_dual > 1.0 && self.clip_dual <= 1e6) {
+            return bad(format!(
+                "clip_dual = {} is out of range: it must be 0 (off) or in (1, 1e6]",
+                self.clip_dual
+            ));
+        }
+        let counts: [(&str, usize); 12] = [
+            ("group_size", self.group_size),
+            ("rollout_batch", self.rollout_batch),
+            ("mini_batch", self.mini_batch),
+            ("micro_batch", self.micro_batch),
+            ("max_gen_batches", self.max_gen_batches),
+            ("save_every", self.save_every),
+            ("max_response_tokens", self.max_response_tokens),
+            ("max_prompt_tokens", self.max_prompt_tokens),
+            ("epochs", self.epochs),
+            ("warmup_batch", self.warmup_batch),
+            ("min_pixels", self.min_pixels),
+            ("max_pixels", self.max_pixels),
+        ];
+        for (name, v) in counts {
+            if v == 0 {
+                return bad(format!("{name} = 0 is out of range: it must be at least 1"));
+            }
         }
         if self.rollout_batch % self.mini_batch != 0 {
-            return bad("rollout_batch must be a multiple of mini_batch");
+            return bad(format!(
+                "rollout_batch = {} must be a multiple of mini_batch = {}",
+                self.rollout_batch, self.mini_batch
+            ));
         }
-        if self.micro_batch == 0 || self.max_gen_batches == 0 || self.save_every == 0 {
-            return bad("micro_batch, max_gen_batches and save_every must be positive");
-        }
-        if self.max_response_tokens == 0 {
-            return bad("max_response_tokens must be positive");
+        if self.min_pixels > self.max_pixels {
+            return bad(format!(
+                "min_pixels = {} exceeds max_pixels = {}: min_pixels must be at most max_pixels",
+                self.min_pixels, self.max_pixels
+            ));
         }
         if !self.is_builtin() && self.warmup_steps > 0 {
-            return bad("warmup_steps needs the built-in task (no model, no data)");
+            return bad("warmup_steps needs the built-in task (no model, no data)".into());
         }
         if self.is_builtin() && !(1..=3).contains(&self.builtin_grid) {
-            return bad("builtin_grid must be 1, 2 or 3");
+            return bad(format!(
+                "builtin_grid = {} is out of range: it must be 1, 2 or 3",
+                self.builtin_grid
+            ));
         }
-        if !(0.0..=1.0).contains(&self.tgf_ratio) || !(0.0..=1.0).contains(&self.blacken_p) {
-            return bad("tgf_ratio and blacken_p must be in [0, 1]");
-        }
-        if self.top_p <= 0.0 || self.top_p > 1.0 || self.temperature < 0.0 {
-            return bad("top_p must be in (0, 1] and temperature >= 0");
+        if self.data.is_none() && self.max_steps == 0 {
+            return bad(
+                "max_steps = 0 means \"until the data runs out\", but the built-in task never \
+                 does: set max_steps to at least 1"
+                    .into(),
+            );
         }
         Ok(self)
     }
@@ -288,6 +394,22 @@ impl TrainConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the config serializes")
     }
+}
+
+/// The first override that is wrong on its own (unknown key, wrong type),
+/// with the deserializer's message.
+fn override_error(overrides: &[String]) -> Option<ConfigError> {
+    overrides.iter().find_map(|given| {
+        let pairs = parse_overrides(std::slice::from_ref(given)).ok()?;
+        let table: toml::Table = pairs.into_iter().collect();
+        let text = toml::to_string(&table).ok()?;
+        toml::from_str::<TrainConfig>(&text)
+            .err()
+            .map(|e| ConfigError::Override {
+                given: given.clone(),
+                reason: e.message().to_string(),
+            })
+    })
 }
 
 fn parse_overrides(overrides: &[String]) -> Result<Vec<(String, toml::Value)>, ConfigError> {
@@ -351,7 +473,7 @@ mod tests {
         let path = dir.join("run.toml");
         std::fs::write(
             &path,
-            "algo = \"dapo\"\nlr = 2e-6\nmodel = \"/models/qwen\"\n",
+            "algo = \"dapo\"\nlr = 2e-6\nmodel = \"/models/qwen\"\ndata = \"d.jsonl\"\n",
         )
         .unwrap();
         let c = TrainConfig::load(&path).unwrap();
@@ -423,5 +545,79 @@ mod tests {
         let err = TrainConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("bad.toml") && err.contains("ppo"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn toml_errors_give_the_users_own_line_numbers() {
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("two.toml");
+        std::fs::write(&path, "lr = 1e-6\nclip_low = \"wide\"\n").unwrap();
+        let err = TrainConfig::resolve(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("two.toml") && err.contains("line 2") && err.contains("clip_low"),
+            "{err}"
+        );
+        std::fs::write(&path, "lr = 1e-6\n").unwrap();
+        let err = TrainConfig::resolve(Some(&path), &["max_steps=1".into(), "beta1=x".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`beta1=x`") && !err.contains("line 1"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_numeric_field_is_checked_against_its_range() {
+        let cases = [
+            ("lr=-1", "lr", "[0, 1]"),
+            ("lr=nan", "lr", "[0, 1]"),
+            ("warmup_lr=inf", "warmup_lr", "[0, 1]"),
+            ("weight_decay=-5", "weight_decay", "[0, 1]"),
+            ("beta1=2", "beta1", "[0, 1)"),
+            ("beta2=1.0", "beta2", "[0, 1)"),
+            ("max_grad_norm=0", "max_grad_norm", "> 0"),
+            ("max_grad_norm=nan", "max_grad_norm", "> 0"),
+            ("clip_low=1.5", "clip_low", "[0, 1)"),
+            ("clip_high=-1", "clip_high", "[0, 10]"),
+            ("clip_dual=0.5", "clip_dual", "(1, 1e6]"),
+            ("entropy_penalty=nan", "entropy_penalty", "[-10, 10]"),
+            ("tas_beta_min=2", "tas_beta_min", "[0, 1]"),
+            ("tgf_ratio=1.5", "tgf_ratio", "[0, 1]"),
+            ("blacken_p=nan", "blacken_p", "[0, 1]"),
+            ("temperature=nan", "temperature", "[0, 100]"),
+            ("top_p=0", "top_p", "(0, 1]"),
+            ("warmup_batch=0", "warmup_batch", "at least 1"),
+            ("epochs=0", "epochs", "at least 1"),
+            ("max_prompt_tokens=0", "max_prompt_tokens", "at least 1"),
+            ("min_pixels=9999999", "min_pixels", "at most max_pixels"),
+            ("max_steps=0", "max_steps", "at least 1"),
+            ("builtin_grid=4", "builtin_grid", "1, 2 or 3"),
+        ];
+        for (given, field, range) in cases {
+            let err = TrainConfig::resolve(None, &[given.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains(range), "{given}: {err}");
+        }
+        // The edges that are allowed.
+        for ok in [
+            "lr=0",
+            "beta2=0.9999",
+            "clip_dual=0",
+            "clip_low=0",
+            "temperature=0",
+            "top_p=1",
+            "entropy_penalty=-0.01",
+        ] {
+            TrainConfig::resolve(None, &[ok.to_string()]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // max_steps = 0 is "run the epochs" on a data set.
+        let c = TrainConfig::resolve(None, &["data=d.jsonl".into()]).unwrap();
+        assert_eq!(c.max_steps, 0);
     }
 }

@@ -16,8 +16,11 @@ pub struct StepMetrics {
     pub reward_mean: f64,
     /// Fraction of those responses that are correct.
     pub accuracy: f64,
+    /// Not finite on a skipped update (written as null).
+    #[serde(deserialize_with = "null_as_nan")]
     pub loss: f64,
     /// Mean negative log-prob of the step's response tokens.
+    #[serde(deserialize_with = "null_as_nan")]
     pub entropy: f64,
     /// Mean token visual dependency (null without the perturbed pass).
     pub visual_dependency_mean: Option<f64>,
@@ -31,13 +34,24 @@ pub struct StepMetrics {
     /// Groups this step trained on.
     pub groups: usize,
     pub clip_fraction: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub grad_norm: f64,
+    /// Updates skipped so far in the run because the loss or the gradient
+    /// norm was not finite (the weights were left as they were).
+    #[serde(default)]
+    pub skipped_steps: u64,
     /// This step's update plus its share of the rollout batch's generation
     /// and scoring time.
     pub step_time_s: f64,
     /// Prompt and response tokens of the step's sequences per second of
     /// `step_time_s`.
     pub tokens_per_s: f64,
+}
+
+/// JSON has no NaN: serde_json writes a non-finite number as null; read
+/// it back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,5 +132,46 @@ impl MetricsLog {
         self.file.flush().map_err(io(&self.path))?;
         self.records.push(m);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skipped_steps_non_finite_numbers_survive_a_resume() {
+        let dir = std::env::temp_dir().join(format!("vppo-metrics-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, None).unwrap();
+        let m = StepMetrics {
+            step: 1,
+            rollout_batch: 0,
+            reward_mean: 0.5,
+            accuracy: 0.5,
+            loss: f64::NAN,
+            entropy: f64::INFINITY,
+            visual_dependency_mean: None,
+            tgf_kept_frac: 1.0,
+            adv_scale_min: 1.0,
+            adv_scale_max: 1.0,
+            response_len_mean: 3.0,
+            filtered_groups: 0,
+            groups: 1,
+            clip_fraction: 0.0,
+            grad_norm: f64::NAN,
+            step_time_s: 0.1,
+            tokens_per_s: 10.0,
+            skipped_steps: 1,
+        };
+        log.push(m).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"loss\":null") && text.contains("\"skipped_steps\":1"));
+        let back = MetricsLog::open(&path, Some(1)).unwrap().records;
+        assert_eq!(back.len(), 1);
+        assert!(back[0].loss.is_nan() && back[0].grad_norm.is_nan());
+        assert_eq!(back[0].skipped_steps, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod optimizer;
 pub mod plot;
 pub mod run;
+pub mod run_dir;
 pub mod source;
 pub mod step;
 pub mod warmup;

@@ -6,8 +6,8 @@
 //! run seed and the rollout-batch index) come back as they were.
 
 use super::checkpoint::{
-    latest_checkpoint, load_training_checkpoint, save_training_checkpoint, CheckpointError,
-    TrainingState,
+    checkpoint_dirs, latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
+    CheckpointError, TrainingState,
 };
 use super::config::{AlgoName, ConfigError, TrainConfig};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics};
@@ -41,6 +41,9 @@ pub const PLOT_FILE: &str = "reward.png";
 const BASE_MODEL_DIR: &str = "base-model";
 /// Rollout batches in a row without an update before the run gives up.
 const MAX_BATCHES_WITHOUT_UPDATE: usize = 20;
+/// Updates in a row skipped for a non-finite loss or gradient norm before
+/// the run stops: one can be a fluke, several mean the run has diverged.
+pub const MAX_SKIPPED_IN_A_ROW: u64 = 3;
 /// Keeps the warm-up's problems apart from the RL prompts.
 const WARMUP_SEED_SALT: u64 = 0x5EED_0F5F;
 
@@ -64,12 +67,63 @@ pub enum RunError {
     Usage(String),
     #[error("device=cuda: {0}")]
     Device(String),
+    #[error(transparent)]
+    RunDir(#[from] super::run_dir::RunDirError),
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputError),
+    #[error("{0}")]
+    Diverged(String),
+}
+
+/// Writes `path` through a temporary sibling and a rename (never torn).
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
     move |e| RunError::Io {
         path: path.to_path_buf(),
         reason: e.to_string(),
+    }
+}
+
+/// Updates skipped because the loss or the gradient norm was not finite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Skips {
+    /// In the whole run (kept across a resume through the metrics).
+    total: u64,
+    /// Since the last update that went through.
+    in_a_row: u64,
+}
+
+impl Skips {
+    fn resume(total: u64) -> Self {
+        Self { total, in_a_row: 0 }
+    }
+
+    /// Records one update; true when it was skipped. The optimizer skips a
+    /// non-finite gradient norm itself; a non-finite loss counts as skipped
+    /// too (its gradient cannot be trusted).
+    fn record(&mut self, loss: f64, optimizer_skipped: bool) -> bool {
+        let skipped = optimizer_skipped || !loss.is_finite();
+        if skipped {
+            self.total += 1;
+            self.in_a_row += 1;
+        } else {
+            self.in_a_row = 0;
+        }
+        skipped
+    }
+
+    /// Too many skipped in a row: the run has diverged.
+    fn diverged(&self) -> bool {
+        self.in_a_row >= MAX_SKIPPED_IN_A_ROW
     }
 }
 
@@ -83,6 +137,10 @@ pub struct RunSummary {
     pub seconds: f64,
     pub checkpoint: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    /// Data set rows skipped as corrupt and as too long (each row once).
+    pub skipped_rows: (usize, usize),
+    /// Updates skipped for a non-finite loss or gradient norm.
+    pub skipped_steps: u64,
 }
 
 /// Mean reward over the first and last fifth of the steps.
@@ -167,11 +225,11 @@ fn load_pipeline(dir: &Path, model: Qwen25Vl, cfg: &TrainConfig) -> Result<Pipel
     let mut images = ImageProcessorConfig::load(dir).map_err(PipelineError::from)?;
     images.min_pixels = cfg.min_pixels;
     images.max_pixels = cfg.max_pixels;
-    Ok(Pipeline {
+    Ok(Pipeline::new(
         model,
-        text: TextProcessor::load(dir).map_err(PipelineError::from)?,
+        TextProcessor::load(dir).map_err(PipelineError::from)?,
         images,
-    })
+    )?)
 }
 
 fn prompt_format(cfg: &TrainConfig) -> PromptFormat {
@@ -226,7 +284,7 @@ fn save_from<B: Backend>(
     policy
         .sync_to_host(&mut pipeline.model.weights, optimizer)
         .map_err(|e| RunError::Device(format!("copying the weights back: {e}")))?;
-    save(out, &pipeline.model, optimizer, state, keep)
+    save(out, &mut pipeline.model, optimizer, state, keep)
 }
 
 struct Progress {
@@ -255,6 +313,16 @@ impl Progress {
 
     fn line(&self, text: &str) {
         if self.plain {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
+    /// A line that `--quiet` does not hide: something the user must know
+    /// (skipped rows, skipped updates, removed leftovers).
+    fn warn(&self, text: &str) {
+        if self.bar.is_hidden() {
             eprintln!("{text}");
         } else {
             self.bar.println(text);
@@ -297,23 +365,78 @@ pub fn run(
                 out.display()
             )));
         }
+        let inputs: Vec<&Path> = cfg
+            .model
+            .iter()
+            .chain(&cfg.data)
+            .map(PathBuf::as_path)
+            .collect();
+        // The lock file of a run starting there is answered by the lock below.
+        crate::outputs::check_new_dir("--out", &out, &inputs, &[super::run_dir::LOCK_FILE])?;
         (cfg, out)
     };
+    // Before anything is written or the warm-up runs, which can take long.
+    if cfg.device == Device::Cuda && !crate::backend::gpu_usable() {
+        return Err(RunError::Device(
+            "no usable CUDA device (no driver, no GPU, or no kernels in this build); \
+             use device=cpu, or device=auto to fall back to the CPU"
+                .into(),
+        ));
+    }
     std::fs::create_dir_all(&out).map_err(io(&out))?;
+    // Two runs in one directory would overwrite each other's checkpoints.
+    let _lock = super::run_dir::lock(&out)?;
+    if !resume {
+        // Checked again under the lock: another run may have started here.
+        if let Some(name) = crate::outputs::first_entry(&out, &[super::run_dir::LOCK_FILE])? {
+            return Err(crate::outputs::OutputError::NotEmpty {
+                flag: "--out",
+                out: out.clone(),
+                example: name,
+            }
+            .into());
+        }
+    }
+    let leftovers = super::run_dir::remove_leftovers(&out)?;
+    let checkpoint = if resume {
+        let latest = latest_checkpoint(&out)?;
+        let saved = checkpoint_dirs(&out)?;
+        if latest.is_none() {
+            if let Some(newest) = saved.last() {
+                // Starting over would overwrite these checkpoints.
+                return Err(RunError::Usage(format!(
+                    "{}/latest is missing, but the run has {} checkpoint(s), the newest {}: \
+                     restore it (e.g. `echo {} > {}/latest`) and resume again",
+                    out.display(),
+                    saved.len(),
+                    newest.display(),
+                    newest
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    out.display()
+                )));
+            }
+        }
+        latest
+    } else {
+        None
+    };
     let cfg_path = out.join(CONFIG_FILE);
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(io(&cfg_path))?;
+    write_file_atomically(&cfg_path, cfg.to_toml().as_bytes())?;
     let progress = Progress::new(
         (cfg.max_steps > 0).then_some(cfg.max_steps as u64),
         show_progress,
     );
+    for path in &leftovers {
+        progress.warn(&format!(
+            "removed {} (left by an interrupted save)",
+            path.display()
+        ));
+    }
 
     // The model: the latest checkpoint of a resumed run, else the given
     // checkpoint, else a freshly written built-in one.
-    let checkpoint = if resume {
-        latest_checkpoint(&out)?
-    } else {
-        None
-    };
     let (mut pipeline, mut optimizer, mut state) = match &checkpoint {
         Some(dir) => {
             progress.line(&format!("resuming from {}", dir.display()));
@@ -355,7 +478,7 @@ pub fn run(
         state.extra["warmup_done"] = true.into();
         save(
             &out,
-            &pipeline.model,
+            &mut pipeline.model,
             &optimizer,
             &state,
             cfg.keep_checkpoints,
@@ -429,6 +552,7 @@ fn train_loop<B: Backend>(
         .set_prefix(format!("{:?}", cfg.algo).to_lowercase());
     let mini_groups = cfg.mini_batch;
     let mut batches_without_update = 0usize;
+    let mut skips = Skips::resume(metrics.records.last().map_or(0, |m| m.skipped_steps));
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
         let t0 = Instant::now();
         let mut rollouts: Option<Rollouts> = None;
@@ -477,6 +601,14 @@ fn train_loop<B: Backend>(
                 &step_cfg,
             )?;
             state.step += 1;
+            // The optimizer already left the weights alone on a non-finite
+            // gradient norm; a non-finite loss counts as skipped too.
+            if skips.record(u.loss, u.optimizer.skipped) {
+                progress.warn(&format!(
+                    "step {}: update skipped (loss {}, gradient norm {}); {} skipped so far",
+                    state.step, u.loss, u.optimizer.grad_norm, skips.total
+                ));
+            }
             let step_time = t1.elapsed().as_secs_f64() + rollout_time / updates.len() as f64;
             let m = StepMetrics {
                 step: state.step,
@@ -496,6 +628,7 @@ fn train_loop<B: Backend>(
                 grad_norm: u.optimizer.grad_norm,
                 step_time_s: step_time,
                 tokens_per_s: u.tokens as f64 / step_time.max(1e-9),
+                skipped_steps: skips.total,
             };
             progress.bar.set_position(state.step);
             progress.bar.set_message(format!(
@@ -520,6 +653,19 @@ fn train_loop<B: Backend>(
                 );
             }
             metrics.push(m)?;
+            if skips.diverged() {
+                return Err(RunError::Diverged(format!(
+                    "{} updates in a row (up to step {}) had a non-finite loss or gradient norm \
+                     (last: loss {}, gradient norm {}), and were skipped; stopping. The weights \
+                     are unchanged since the last good update and no checkpoint of them was \
+                     written now ({} holds the last one). Lower lr or check the data",
+                    skips.in_a_row,
+                    state.step,
+                    u.loss,
+                    u.optimizer.grad_norm,
+                    out.display()
+                )));
+            }
         }
         if updates.is_empty() {
             batches_without_update += 1;
@@ -581,13 +727,13 @@ fn train_loop<B: Backend>(
     let plot = match super::plot::write_plot(&metrics.records, &title, &plot) {
         Ok(()) => Some(plot),
         Err(e) => {
-            progress.line(&format!("warning: no plot: {e}"));
+            progress.warn(&format!("warning: no plot: {e}"));
             None
         }
     };
     if let Some(skipped) = source.skipped() {
         if skipped.corrupt + skipped.too_long > 0 {
-            progress.line(&format!(
+            progress.warn(&format!(
                 "skipped rows: {} corrupt, {} too long (e.g. {})",
                 skipped.corrupt,
                 skipped.too_long,
@@ -603,32 +749,27 @@ fn train_loop<B: Backend>(
         seconds: started.elapsed().as_secs_f64(),
         checkpoint: latest_checkpoint(out)?,
         plot,
+        skipped_rows: source.skipped().map_or((0, 0), |s| (s.corrupt, s.too_long)),
+        skipped_steps: skips.total,
     })
 }
 
 /// Saves a training checkpoint, then (with `keep` > 0) deletes all but the
 /// newest `keep` ones; the new one is complete and `latest` points at it
-/// before anything is removed.
+/// before anything is removed. The model's files (config, tokenizer) are
+/// read from the checkpoint just written from then on, since the one it
+/// was loaded from may be among those deleted.
 fn save(
     out: &Path,
-    model: &Qwen25Vl,
+    model: &mut Qwen25Vl,
     optimizer: &AdamW,
     state: &TrainingState,
     keep: usize,
 ) -> Result<PathBuf, RunError> {
     let dir = save_training_checkpoint(out, model, optimizer, state, &mut |_| {})?;
+    model.dir = dir.clone();
     if keep > 0 {
-        let mut old: Vec<PathBuf> = std::fs::read_dir(out)
-            .map_err(io(out))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.is_dir()
-                    && p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
-            })
-            .collect();
-        old.sort();
+        let old = checkpoint_dirs(out)?;
         let surplus = old.len().saturating_sub(keep);
         for stale in old.into_iter().take(surplus).filter(|p| *p != dir) {
             std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
@@ -680,8 +821,37 @@ fn warmup(
             );
         }
     }
-    std::fs::write(&path, log).map_err(io(&path))?;
+    write_file_atomically(&path, log.as_bytes())?;
     progress.bar.set_length(cfg.max_steps as u64);
     progress.bar.set_position(0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_updates_are_counted_and_several_in_a_row_stop_the_run() {
+        let mut s = Skips::resume(2);
+        assert!(!s.record(0.5, false));
+        assert!(s.record(f64::NAN, false), "a NaN loss is skipped");
+        assert!(s.record(0.1, true), "the optimizer's skip counts");
+        assert!(!s.diverged());
+        assert!(!s.record(0.3, false), "a good update resets the streak");
+        assert_eq!(
+            s,
+            Skips {
+                total: 4,
+                in_a_row: 0
+            }
+        );
+        for k in 1..=MAX_SKIPPED_IN_A_ROW {
+            assert!(!s.diverged());
+            assert!(s.record(f64::INFINITY, false));
+            assert_eq!(s.in_a_row, k);
+        }
+        assert!(s.diverged());
+        assert_eq!(s.total, 4 + MAX_SKIPPED_IN_A_ROW);
+    }
 }

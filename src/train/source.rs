@@ -29,20 +29,34 @@ pub enum PromptSource {
         position: u64,
         /// Rows in one pass, once a pass has ended.
         rows_per_epoch: Option<u64>,
-        skipped: SkippedRows,
+        /// Boxed: the row set makes it large next to the built-in variant.
+        skipped: Box<SkippedRows>,
+        /// Position the source was opened at (a resumed run's).
+        start: u64,
+        /// Usable prompts handed out since then.
+        usable: u64,
     },
 }
 
-/// Rows a data set pass could not use, with the first few reasons.
+/// Rows of the data set that could not be used, each counted once however
+/// many epochs meet it, with the first few reasons.
 #[derive(Debug, Default, Clone)]
 pub struct SkippedRows {
     pub corrupt: usize,
     pub too_long: usize,
     pub examples: Vec<String>,
+    seen: std::collections::HashSet<usize>,
 }
 
 impl SkippedRows {
     fn note(&mut self, skip: Skip) {
+        let row = match &skip {
+            Skip::Corrupt(e) => e.row,
+            Skip::TooLong { row, .. } => *row,
+        };
+        if !self.seen.insert(row) {
+            return;
+        }
         let text = match skip {
             Skip::Corrupt(e) => {
                 self.corrupt += 1;
@@ -72,6 +86,8 @@ pub enum SourceError {
         too_long: usize,
         example: String,
     },
+    #[error("{path}: the data set has no rows")]
+    Empty { path: PathBuf },
 }
 
 impl PromptSource {
@@ -100,7 +116,9 @@ impl PromptSource {
             epoch: 0,
             position: 0,
             rows_per_epoch: None,
-            skipped: SkippedRows::default(),
+            skipped: Box::default(),
+            start: position,
+            usable: 0,
         };
         source.skip_rows(position)?;
         Ok(source)
@@ -115,7 +133,7 @@ impl PromptSource {
     pub fn skipped(&self) -> Option<&SkippedRows> {
         match self {
             Self::Builtin { .. } => None,
-            Self::Dataset { skipped, .. } => Some(skipped),
+            Self::Dataset { skipped, .. } => Some(skipped.as_ref()),
         }
     }
 
@@ -164,6 +182,30 @@ impl PromptSource {
         }
     }
 
+    /// The end of the data: an error when a run starting from the first row
+    /// never found a usable one (an empty file, or every row skipped).
+    fn exhausted(&self) -> Result<Option<Prompt>, SourceError> {
+        let Self::Dataset {
+            path,
+            skipped,
+            start: 0,
+            usable: 0,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        if skipped.corrupt + skipped.too_long == 0 {
+            return Err(SourceError::Empty { path: path.clone() });
+        }
+        Err(SourceError::NoUsableRow {
+            path: path.clone(),
+            corrupt: skipped.corrupt,
+            too_long: skipped.too_long,
+            example: skipped.examples.first().cloned().unwrap_or_default(),
+        })
+    }
+
     /// The next usable prompt, or `None` when the data set is exhausted.
     pub fn next_prompt(&mut self, pipeline: &Pipeline) -> Result<Option<Prompt>, SourceError> {
         if let Self::Builtin {
@@ -188,13 +230,14 @@ impl PromptSource {
         let mut since_usable = 0u64;
         loop {
             let Some(row) = self.next_row()? else {
-                return Ok(None);
+                return self.exhausted();
             };
             let Self::Dataset {
                 path,
                 format,
                 skipped,
                 rows_per_epoch,
+                usable,
                 ..
             } = self
             else {
@@ -205,10 +248,11 @@ impl PromptSource {
                 .and_then(|example| Ok((build_prompt(pipeline, &example, format)?, example)));
             match built {
                 Ok((input, example)) => {
+                    *usable += 1;
                     return Ok(Some(Prompt {
                         input,
                         answer: example.answer,
-                    }))
+                    }));
                 }
                 Err(skip) => {
                     skipped.note(skip);

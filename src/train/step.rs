@@ -386,6 +386,16 @@ pub fn update_on<B: Backend>(
 ) -> Result<UpdateStats, PipelineError> {
     let _nvtx = crate::nvtx::range("update");
     let mut stats = accumulate(&mut policy.engine, rollouts, groups, cfg)?;
+    if !stats.loss.is_finite() {
+        // A non-finite loss poisons the gradients: skip the step, as a
+        // non-finite gradient norm does.
+        policy.engine.zero_grads()?;
+        stats.optimizer = StepReport {
+            grad_norm: f64::NAN,
+            skipped: true,
+        };
+        return Ok(stats);
+    }
     stats.optimizer = policy.optimizer_step(optimizer, host)?;
     Ok(stats)
 }

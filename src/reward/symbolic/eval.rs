@@ -42,8 +42,16 @@ pub enum Func {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsupported;
 
+/// Nesting (parentheses, unary signs, powers) past which an expression is
+/// not read: each level is a stack frame, and the input is model output.
+const MAX_DEPTH: usize = 64;
+
 pub fn parse(tokens: &[Tok]) -> Result<Ast, Unsupported> {
-    let mut p = P { t: tokens, i: 0 };
+    let mut p = P {
+        t: tokens,
+        i: 0,
+        depth: 0,
+    };
     let e = p.expr()?;
     while p
         .peek()
@@ -60,6 +68,9 @@ pub fn parse(tokens: &[Tok]) -> Result<Ast, Unsupported> {
 struct P<'a> {
     t: &'a [Tok],
     i: usize,
+    /// Open calls of [`P::expr`] and [`P::factor`], which every recursion
+    /// of the grammar passes through.
+    depth: usize,
 }
 
 impl P<'_> {
@@ -88,7 +99,22 @@ impl P<'_> {
         }
     }
 
+    /// Runs `f` one level deeper; `Unsupported` past [`MAX_DEPTH`].
+    fn nested(&mut self, f: fn(&mut Self) -> Result<Ast, Unsupported>) -> Result<Ast, Unsupported> {
+        if self.depth >= MAX_DEPTH {
+            return Err(Unsupported);
+        }
+        self.depth += 1;
+        let r = f(self);
+        self.depth -= 1;
+        r
+    }
+
     fn expr(&mut self) -> Result<Ast, Unsupported> {
+        self.nested(Self::sum)
+    }
+
+    fn sum(&mut self) -> Result<Ast, Unsupported> {
         let mut lhs = self.term()?;
         loop {
             let op = if self.eat_op("+") {
@@ -123,6 +149,10 @@ impl P<'_> {
     }
 
     fn factor(&mut self) -> Result<Ast, Unsupported> {
+        self.nested(Self::signed)
+    }
+
+    fn signed(&mut self) -> Result<Ast, Unsupported> {
         if self.eat_op("-") {
             return Ok(Ast::Neg(Box::new(self.factor()?)));
         }

@@ -23,7 +23,7 @@ use value::Num;
 /// `are_equal_under_sympy(ground_truth, given)`.
 pub fn are_equal(ground_truth: &str, given: &str) -> bool {
     let expr = format!("({ground_truth})-({given})");
-    if !allow_eval(&expr) {
+    if !allow_eval(&expr) || paren_depth(&expr) > MAX_PAREN_DEPTH {
         return false;
     }
     // The reference parses the whole difference; parse the sides apart (same
@@ -46,6 +46,26 @@ pub fn are_equal(ground_truth: &str, given: &str) -> bool {
         return false;
     };
     zero_difference(&a, &b)
+}
+
+/// Parentheses nested deeper than this are not parsed (each level is a
+/// pass over the tokens and a stack frame; the input is model output).
+const MAX_PAREN_DEPTH: usize = 32;
+
+/// The deepest nesting of `(` in `s`.
+fn paren_depth(s: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for c in s.chars() {
+        match c {
+            '(' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// `should_allow_eval`.
