@@ -1,8 +1,8 @@
 """PyTorch side of `cargo bench --bench cpu_vs_torch`: the same checkpoint and
 input through transformers' Qwen2_5_VLForConditionalGeneration on the CPU
 (fp32, SDPA attention), timed as the Rust side times the engine: the
-forward, and forward + backward of the sum of the response tokens'
-log-probs. Prints one JSON line.
+forward to the final hidden states, and forward + backward of the sum of
+the response tokens' log-probs (the head on the response rows only). Prints one JSON line.
 
     python3 scripts/bench_cpu_torch.py MODEL_DIR INPUT.safetensors --threads 2 --runs 3
 """
@@ -41,13 +41,17 @@ def main() -> None:
     kwargs = dict(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=mm)
     targets = ids[0, prompt_len:]
 
+    # The same work as the engine's: the forward stops at the final hidden
+    # states (no [T, vocab] logits), and the loss head runs on the response
+    # rows only.
     def forward():
         with torch.no_grad():
-            model(**kwargs)
+            model.model(**kwargs)
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        logits = model(**kwargs).logits[0, prompt_len - 1 : -1]
+        hidden = model.model(**kwargs).last_hidden_state[0, prompt_len - 1 : -1]
+        logits = model.lm_head(hidden)
         logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
         logp.backward()
 
