@@ -106,11 +106,11 @@ enum Command {
         /// An image file (PNG or JPEG); repeat for several images, in order.
         #[arg(long = "image")]
         images: Vec<PathBuf>,
-        /// The user's text.
-        #[arg(long)]
+        /// The user's text (may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         prompt: String,
-        /// The assistant response to score.
-        #[arg(long)]
+        /// The assistant response to score (may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         response: String,
         /// Where to run the model.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -136,7 +136,7 @@ enum Command {
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         /// The user's text (`<image>` marks where each image goes).
-        #[arg(long, required_unless_present = "prompts")]
+        #[arg(long, required_unless_present = "prompts", allow_hyphen_values = true)]
         prompt: Option<String>,
         /// Batch mode: a JSONL file of {"prompt": ..., "images": [paths]}
         /// (paths relative to the file), instead of --prompt/--image.
@@ -205,16 +205,16 @@ enum Command {
         #[arg(long, default_value_t = 4096, value_parser = cli_values::at_least_one)]
         max_prompt_tokens: usize,
         /// Column (or JSON key) holding the problem text.
-        #[arg(long, default_value = "problem")]
+        #[arg(long, default_value = "problem", allow_hyphen_values = true)]
         problem_column: String,
         /// Column holding the ground-truth answer.
-        #[arg(long, default_value = "answer")]
+        #[arg(long, default_value = "answer", allow_hyphen_values = true)]
         answer_column: String,
         /// Column holding the images.
-        #[arg(long, default_value = "images")]
+        #[arg(long, default_value = "images", allow_hyphen_values = true)]
         images_column: String,
         /// Instruction appended after a blank line (default: the recipe's).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         prompt_suffix: Option<String>,
         /// Where to sample: auto (the GPU when one is usable), cpu, cuda.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -240,11 +240,11 @@ enum Command {
     /// Grade a response with the VPPO accuracy reward: prints the answer in
     /// its last \boxed{...} (or that there is none), then `1` or `0`.
     Grade {
-        /// The ground-truth answer.
-        #[arg(long)]
+        /// The ground-truth answer (may start with `-`: `--answer -3`).
+        #[arg(long, allow_hyphen_values = true)]
         answer: String,
-        /// The model's response.
-        #[arg(long)]
+        /// The model's response (may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         response: String,
     },
 }
@@ -724,4 +724,100 @@ fn read_prompt_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<P
         bail!("{}: no prompts", path.display());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parses(args: &[&str]) -> Command {
+        let mut all = vec!["vppo-engine"];
+        all.extend(args);
+        match Cli::try_parse_from(&all) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    /// Each free-text value may start with `-` (a negative answer, a
+    /// response or prompt opening with a dash) and is taken as the value.
+    #[test]
+    fn text_values_may_start_with_a_dash() {
+        let Command::Grade { answer, response } =
+            parses(&["grade", "--answer", "-3", "--response", "-x \\boxed{-3}"])
+        else {
+            panic!("not grade")
+        };
+        assert_eq!(
+            (answer.as_str(), response.as_str()),
+            ("-3", "-x \\boxed{-3}")
+        );
+        let Command::Score {
+            prompt, response, ..
+        } = parses(&[
+            "score",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--prompt",
+            "-p",
+            "--response",
+            "--r",
+        ])
+        else {
+            panic!("not score")
+        };
+        assert_eq!((prompt.as_str(), response.as_str()), ("-p", "--r"));
+        let Command::Generate { prompt, .. } =
+            parses(&["generate", "--model", "m", "--prompt", "-1 + 1 = ?"])
+        else {
+            panic!("not generate")
+        };
+        assert_eq!(prompt.as_deref(), Some("-1 + 1 = ?"));
+        let Command::Eval {
+            prompt_suffix,
+            problem_column,
+            answer_column,
+            images_column,
+            ..
+        } = parses(&[
+            "eval",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--prompt-suffix",
+            "- answer in a box",
+            "--problem-column",
+            "-q",
+            "--answer-column",
+            "-a",
+            "--images-column",
+            "-i",
+        ])
+        else {
+            panic!("not eval")
+        };
+        assert_eq!(prompt_suffix.as_deref(), Some("- answer in a box"));
+        assert_eq!(
+            (
+                problem_column.as_str(),
+                answer_column.as_str(),
+                images_column.as_str()
+            ),
+            ("-q", "-a", "-i")
+        );
+    }
+
+    /// Without a value the option still fails clearly rather than taking
+    /// nothing.
+    #[test]
+    fn a_missing_value_is_still_an_error() {
+        let err = Cli::try_parse_from(["vppo-engine", "grade", "--answer"])
+            .err()
+            .expect("no value")
+            .to_string();
+        assert!(err.contains("--answer"), "{err}");
+    }
 }
