@@ -378,9 +378,11 @@ pub fn run(
     // Before anything is written or the warm-up runs, which can take long.
     if cfg.device == Device::Cuda && !crate::backend::gpu_usable() {
         return Err(RunError::Device(
-            "no usable CUDA device (no driver, no GPU, or no kernels in this build); \
-             use device=cpu, or device=auto to fall back to the CPU"
-                .into(),
+            crate::backend::kernelless_gpu().unwrap_or_else(|| {
+                "no usable CUDA device (no driver, no GPU, or no kernels in this build); \
+                 use device=cpu, or device=auto to fall back to the CPU"
+                    .into()
+            }),
         ));
     }
     std::fs::create_dir_all(&out).map_err(io(&out))?;
