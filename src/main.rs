@@ -401,8 +401,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     summary.skipped_steps
                 );
             }
+            if let Some((step, acc)) = summary.last_validation {
+                println!("validation accuracy at step {step}: {acc:.4}");
+            }
             if let Some(c) = &summary.checkpoint {
                 println!("checkpoint: {}", c.display());
+            }
+            if let Some(b) = &summary.best {
+                println!("best checkpoint (validation accuracy): {}", b.display());
             }
             if let Some(p) = &summary.plot {
                 println!("plot: {}", p.display());

@@ -22,10 +22,12 @@ fn prompts() -> Vec<Prompt> {
         Prompt {
             input: input.clone(),
             answer: "None".into(),
+            problem: String::new(),
         },
         Prompt {
             input,
             answer: "42".into(),
+            problem: String::new(),
         },
     ]
 }
