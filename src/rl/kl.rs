@@ -79,7 +79,10 @@ mod tests {
     #[test]
     fn estimators_match_their_formulas_and_vanish_on_the_reference() {
         for e in [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3] {
-            assert_eq!(e.token(-1.3, -1.3), (0.0, if e == KlEstimator::K1 { 1.0 } else { 0.0 }));
+            assert_eq!(
+                e.token(-1.3, -1.3),
+                (0.0, if e == KlEstimator::K1 { 1.0 } else { 0.0 })
+            );
         }
         let (lp, r) = (-0.5f32, -1.5f32); // d = 1
         assert!((KlEstimator::K1.token(lp, r).0 - 1.0).abs() < 1e-12);
@@ -105,7 +108,8 @@ mod tests {
                 let (mut up, mut down) = (lp, lp);
                 up[t] += h;
                 down[t] -= h;
-                let fd = (e.loss(&up, &lp_ref, 0.3, 10).loss - e.loss(&down, &lp_ref, 0.3, 10).loss)
+                let fd = (e.loss(&up, &lp_ref, 0.3, 10).loss
+                    - e.loss(&down, &lp_ref, 0.3, 10).loss)
                     / (2.0 * h as f64);
                 assert!(
                     (fd - out.token_grads[t] as f64).abs() < 1e-4,

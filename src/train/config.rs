@@ -65,7 +65,11 @@ impl DataFiles {
 
 impl std::fmt::Display for DataFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         f.write_str(&names.join(" + "))
     }
 }
@@ -451,7 +455,10 @@ impl TrainConfig {
             return bad("val_n = 0 is out of range: it must be at least 1".into());
         }
         if let Err(range) = check_range(self.kl_coef, 0.0, 1e3, true, true) {
-            return bad(format!("kl_coef = {} is out of range: it must be {range}", self.kl_coef));
+            return bad(format!(
+                "kl_coef = {} is out of range: it must be {range}",
+                self.kl_coef
+            ));
         }
         if let Err(range) = check_range(self.reward_timeout_s, 0.0, 1e6, false, true) {
             return bad(format!(
@@ -459,7 +466,11 @@ impl TrainConfig {
                 self.reward_timeout_s
             ));
         }
-        if self.reward_command.as_ref().is_some_and(|c| c.trim().is_empty()) {
+        if self
+            .reward_command
+            .as_ref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
             return bad("reward_command is empty: name a program, or leave it out".into());
         }
         let files = self.data.as_ref().map_or(0, |d| d.paths().len());
@@ -701,6 +712,66 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn easyr1_names_data_lists_and_the_new_settings_are_checked() {
+        let c = TrainConfig::resolve(None, &["save_limit=2".into()]).unwrap();
+        assert_eq!(c.keep_checkpoints, 2, "save_limit is keep_checkpoints");
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-alias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.toml");
+        std::fs::write(
+            &path,
+            "save_limit = 4\ndata = [\"a.parquet\", \"b.jsonl\"]\ndata_weights = [3, 1]\n",
+        )
+        .unwrap();
+        let c = TrainConfig::resolve(Some(&path), &[]).unwrap();
+        assert_eq!(c.keep_checkpoints, 4);
+        assert_eq!(
+            c.data.as_ref().unwrap().paths(),
+            [PathBuf::from("a.parquet"), PathBuf::from("b.jsonl")]
+        );
+        assert_eq!(c.data_weights, vec![3.0, 1.0]);
+        // One file is still a plain string, and round-trips.
+        let c = TrainConfig::resolve(None, &["data=train.parquet".into()]).unwrap();
+        assert_eq!(c.data, Some(DataFiles::One("train.parquet".into())));
+        let again: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Off by default: the VPPO recipe has no KL loss and no custom reward.
+        let c = TrainConfig::default();
+        assert!(!c.use_kl_loss && c.reward_command.is_none() && c.tensorboard);
+        let c = TrainConfig::resolve(None, &["kl_estimator=low_var_kl".into()]).unwrap();
+        assert_eq!(c.kl_estimator, KlEstimator::K3);
+        let builtin = TrainConfig::resolve(None, &[]).unwrap();
+        assert_eq!(
+            builtin.keep_checkpoints, 3,
+            "the built-in run keeps a handful"
+        );
+        for (given, want) in [
+            (
+                vec!["data=[\"a.jsonl\", \"b.jsonl\"]", "data_weights=[1]"],
+                "one weight per file",
+            ),
+            (
+                vec!["data=[\"a.jsonl\", \"b.jsonl\"]", "data_weights=[1, -1]"],
+                "data_weights",
+            ),
+            (
+                vec!["data=[\"a.jsonl\", \"b.jsonl\"]", "data_weights=[0, 0]"],
+                "all 0",
+            ),
+            (vec!["data=[]"], "at least one file"),
+            (vec!["val_n=0"], "val_n"),
+            (vec!["kl_coef=-1"], "kl_coef"),
+            (vec!["reward_timeout_s=0"], "reward_timeout_s"),
+            (vec!["reward_command=''"], "reward_command"),
+        ] {
+            let given: Vec<String> = given.into_iter().map(String::from).collect();
+            let err = TrainConfig::resolve(None, &given).unwrap_err().to_string();
+            assert!(err.contains(want), "{given:?}: {err}");
+        }
     }
 
     #[test]

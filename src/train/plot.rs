@@ -88,7 +88,11 @@ fn draw(
             .label("val/accuracy")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(2)));
         reward
-            .draw_series(points.into_iter().map(|p| Circle::new(p, 3, BLACK.filled())))
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, BLACK.filled())),
+            )
             .map_err(|e| e.to_string())?;
     }
     reward

@@ -24,8 +24,18 @@ fn fail(msg: String) -> StepError {
 }
 
 impl RewardCommand {
-    /// The program's replies, one per request line.
-    fn replies(&self, requests: &[String]) -> Result<Vec<String>, StepError> {
+    /// The program's replies, one per request line; on failure, the
+    /// replies that came before it too (a bad one among them is the
+    /// clearer error).
+    fn replies(&self, requests: &[String]) -> Result<Vec<String>, (Vec<String>, StepError)> {
+        let mut replies = Vec::with_capacity(requests.len());
+        match self.collect(requests, &mut replies) {
+            Ok(()) => Ok(replies),
+            Err(e) => Err((replies, e)),
+        }
+    }
+
+    fn collect(&self, requests: &[String], replies: &mut Vec<String>) -> Result<(), StepError> {
         let cmd = &self.command;
         let mut child = Command::new("sh")
             .arg("-c")
@@ -54,7 +64,6 @@ impl RewardCommand {
             }
         });
         let deadline = Instant::now() + self.timeout;
-        let mut replies = Vec::with_capacity(requests.len());
         while replies.len() < requests.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -88,13 +97,11 @@ impl RewardCommand {
             }
         }
         let _ = writer.join();
-        let status = child
-            .wait()
-            .map_err(|e| fail(format!("`{cmd}`: {e}")))?;
+        let status = child.wait().map_err(|e| fail(format!("`{cmd}`: {e}")))?;
         if !status.success() {
             return Err(fail(format!("`{cmd}` failed ({status}) after replying")));
         }
-        Ok(replies)
+        Ok(())
     }
 }
 
@@ -109,9 +116,7 @@ fn parse_reply(line: &str, row: usize) -> Result<(f32, Vec<(String, f64)>), Stri
         .get("score")
         .and_then(serde_json::Value::as_f64)
         .filter(|s| s.is_finite())
-        .ok_or_else(|| {
-            format!("row {row}: the reply `{line}` has no finite numeric \"score\"")
-        })?;
+        .ok_or_else(|| format!("row {row}: the reply `{line}` has no finite numeric \"score\""))?;
     let extra = obj
         .iter()
         .filter(|(k, _)| k.as_str() != "score")
@@ -139,14 +144,17 @@ impl RewardFn for RewardCommand {
                 .to_string()
             })
             .collect();
-        let replies = self.replies(&requests)?;
+        let (replies, failure) = match self.replies(&requests) {
+            Ok(r) => (r, None),
+            Err((r, e)) => (r, Some(e)),
+        };
         let mut scores = Vec::with_capacity(replies.len());
         // Extra keys: their mean over the replies that carry them, in the
         // order they first appear.
         let mut sums: Vec<(String, f64, usize)> = Vec::new();
         for (row, line) in replies.iter().enumerate() {
-            let (score, extra) = parse_reply(line, row)
-                .map_err(|e| fail(format!("`{}`: {e}", self.command)))?;
+            let (score, extra) =
+                parse_reply(line, row).map_err(|e| fail(format!("`{}`: {e}", self.command)))?;
             scores.push(score);
             for (k, x) in extra {
                 match sums.iter_mut().find(|(name, ..)| *name == k) {
@@ -157,6 +165,9 @@ impl RewardFn for RewardCommand {
                     None => sums.push((k, x, 1)),
                 }
             }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         let extra = sums
             .into_iter()
@@ -169,6 +180,93 @@ impl RewardFn for RewardCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prompts() -> Vec<Prompt> {
+        ["3", "-1"]
+            .iter()
+            .map(|a| Prompt {
+                input: Default::default(),
+                answer: a.to_string(),
+                problem: format!("what is {a}?"),
+            })
+            .collect()
+    }
+
+    fn responses() -> Vec<(usize, String)> {
+        vec![
+            (0, "it is 3".into()),
+            (0, "it is 4".into()),
+            (1, "-1, surely".into()),
+        ]
+    }
+
+    fn command(cmd: &str, timeout_s: f64) -> RewardCommand {
+        RewardCommand {
+            command: cmd.into(),
+            timeout: Duration::from_secs_f64(timeout_s),
+        }
+    }
+
+    /// A small reward program in Python: 1 when the answer is in the
+    /// response, and its length as an extra metric.
+    #[test]
+    fn a_program_scores_every_response_in_order_with_extra_metrics() {
+        let dir = std::env::temp_dir().join(format!("vppo-reward-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("my_reward.py");
+        std::fs::write(
+            &script,
+            "import json, sys\n\
+             for line in sys.stdin:\n\
+             \x20   r = json.loads(line)\n\
+             \x20   ok = r['answer'] in r['response'] and r['problem'].startswith('what')\n\
+             \x20   print(json.dumps({'score': 1.0 if ok else 0.0, 'length': len(r['response']), 'index': r['index']}), flush=True)\n",
+        )
+        .unwrap();
+        let reward = command(&format!("python3 {}", script.display()), 30.0);
+        let (scores, extra) = reward.score(&prompts(), &responses()).unwrap();
+        assert_eq!(scores, vec![1.0, 0.0, 1.0]);
+        assert_eq!(
+            extra,
+            vec![
+                ("reward/index".to_string(), 1.0),
+                ("reward/length".to_string(), (7.0 + 7.0 + 10.0) / 3.0)
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_missing_and_late_replies_are_clear_errors() {
+        let err = command("read l; echo oops", 10.0)
+            .score(&prompts(), &responses())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 0") && err.contains("not JSON"), "{err}");
+        let err = command("read l; echo '{\"score\": 1}'", 10.0)
+            .score(&prompts(), &responses())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no reply for row 1"), "{err}");
+        let started = std::time::Instant::now();
+        let err = command("sleep 5", 0.3)
+            .score(&prompts(), &responses())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reward_timeout_s") && err.contains("row 0"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "killed at the timeout"
+        );
+        let err = command("exit 3", 10.0)
+            .score(&prompts(), &responses())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no reply for row 0"), "{err}");
+    }
 
     #[test]
     fn replies_are_checked_and_name_the_row() {

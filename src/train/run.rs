@@ -16,8 +16,8 @@ use super::retention::{self, RetentionError};
 use super::reward_command::RewardCommand;
 use super::source::{Mix, PromptSource, SourceError};
 use super::step::{
-    collect_rollouts_with, update_on, AccuracyReward, Algo, Prompt, RewardFn, Rollouts,
-    StepConfig, StepError,
+    collect_rollouts_with, update_on, AccuracyReward, Algo, Prompt, RewardFn, Rollouts, StepConfig,
+    StepError,
 };
 use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
 use super::validation::{self, ValError};
@@ -279,13 +279,7 @@ fn open_source(
         ));
     };
     let open = |path: &Path, at: u64| {
-        PromptSource::dataset(
-            path,
-            Columns::default(),
-            prompt_format(cfg),
-            cfg.epochs,
-            at,
-        )
+        PromptSource::dataset(path, Columns::default(), prompt_format(cfg), cfg.epochs, at)
     };
     match data.paths() {
         [one] => Ok(open(one, position)?),
@@ -360,8 +354,13 @@ fn run_validation<B: Backend>(
     tb: &mut Option<EventWriter>,
     progress: &Progress,
 ) -> Result<bool, RunError> {
-    let v: ValMetrics =
-        validation::validate(pipeline, engine, data, &validation::options(cfg), state.step)?;
+    let v: ValMetrics = validation::validate(
+        pipeline,
+        engine,
+        data,
+        &validation::options(cfg),
+        state.step,
+    )?;
     progress.line(&format!(
         "validation at step {}: accuracy (avg@{}) {:.4} on {} problems, mean length {:.1} ({:.1} s)",
         v.step, cfg.val_n, v.accuracy, v.problems, v.response_len_mean, v.seconds

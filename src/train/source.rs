@@ -293,7 +293,12 @@ impl PromptSource {
                 if let Some(k) = s.skipped() {
                     all.corrupt += k.corrupt;
                     all.too_long += k.too_long;
-                    all.examples.extend(k.examples.iter().take(5 - all.examples.len().min(5)).cloned());
+                    all.examples.extend(
+                        k.examples
+                            .iter()
+                            .take(5 - all.examples.len().min(5))
+                            .cloned(),
+                    );
                 }
             }
             mix.skipped = all;
@@ -361,5 +366,24 @@ impl PromptSource {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_draws_each_source_by_its_weight_and_repeats_per_seed() {
+        let cumulative = [0.75, 1.0];
+        let draws: Vec<usize> = (0..8000).map(|k| mix_choice(&cumulative, 9, k)).collect();
+        let first = draws.iter().filter(|&&i| i == 0).count() as f64 / draws.len() as f64;
+        assert!((first - 0.75).abs() < 0.02, "{first}");
+        let again: Vec<usize> = (0..8000).map(|k| mix_choice(&cumulative, 9, k)).collect();
+        assert_eq!(draws, again, "a pure function of (seed, k)");
+        let other: Vec<usize> = (0..8000).map(|k| mix_choice(&cumulative, 10, k)).collect();
+        assert_ne!(draws, other, "another seed, another order");
+        // A zero weight is never drawn.
+        assert!((0..2000).all(|k| mix_choice(&[0.0, 1.0], 3, k) == 1));
     }
 }

@@ -556,9 +556,7 @@ fn accumulate<B: Backend>(
         (0.0, 0.0, 0.0f64, 0.0f64, 0usize);
     let kl = match (cfg.kl, &rollouts.lp_ref) {
         (Some((estimator, coef)), Some(lp_ref)) => Some((estimator, coef, lp_ref)),
-        (Some(_), None) => {
-            return Err(StepError::NoReference)
-        }
+        (Some(_), None) => return Err(StepError::NoReference),
         _ => None,
     };
     let mut kl_sum = 0.0f64;

@@ -107,12 +107,13 @@ pub fn validate<B: Backend>(
     opts: &EvalOptions,
     step: u64,
 ) -> Result<ValMetrics, ValError> {
-    let summary = evaluate(pipeline, engine, data, opts, &mut |_| {}, &mut |_| {}).map_err(
-        |source| ValError::Eval {
-            data: data.to_path_buf(),
-            source,
-        },
-    )?;
+    let summary =
+        evaluate(pipeline, engine, data, opts, &mut |_| {}, &mut |_| {}).map_err(|source| {
+            ValError::Eval {
+                data: data.to_path_buf(),
+                source,
+            }
+        })?;
     Ok(ValMetrics {
         step,
         accuracy: summary.accuracy,
