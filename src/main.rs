@@ -47,11 +47,20 @@ enum Command {
     /// Otherwise the config's defaults are the published 7B recipe.
     ///
     /// The run directory gets config.toml (the resolved config),
-    /// metrics.jsonl (one line per optimizer step), checkpoint-NNNNNNNN/
-    /// (Hugging Face layout plus optimizer state, every `save_every` steps
-    /// and at the end), and reward.png. Settings: a TOML --config file,
-    /// then KEY=VALUE arguments (e.g. `lr=1e-6 max_steps=100`); every field
-    /// of the config can be set either way.
+    /// metrics.jsonl (one line per optimizer step and per validation),
+    /// checkpoint-NNNNNNNN/ (Hugging Face layout plus optimizer state, every
+    /// `save_every` steps, at a new best validation accuracy and at the
+    /// end; `latest` and `best` name them), tb/ (TensorBoard scalars), and
+    /// reward.png. Settings: a TOML --config file, then KEY=VALUE arguments
+    /// (e.g. `lr=1e-6 max_steps=100`); every field of the config can be set
+    /// either way (`--print-config` lists them), among them:
+    ///
+    /// val_data, val_freq, val_before_train, val_n, val_max_samples
+    /// (validation during training); keep_checkpoints or save_limit (newest
+    /// N plus the best); tensorboard; use_kl_loss, kl_coef, kl_estimator
+    /// (k1, k2, k3 = low_var_kl); reward_command, reward_timeout_s (an
+    /// external reward program, JSON lines in and out); data = ["a", "b"]
+    /// with data_weights (a mix of data sets).
     Train {
         /// TOML config file; fields it leaves out keep their defaults.
         #[arg(long)]
@@ -70,7 +79,8 @@ enum Command {
         /// Hugging Face Qwen2.5-VL checkpoint directory to start from.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Training data: parquet or JSONL with problem, answer, images.
+        /// Training data: parquet or JSONL with problem, answer, images
+        /// (several files: data=["a", "b"] with data_weights).
         #[arg(long)]
         data: Option<PathBuf>,
         /// Where rollouts, log-probs, the backward and AdamW run (same as
