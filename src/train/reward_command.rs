@@ -7,7 +7,7 @@
 //! that is missing, late, not JSON or without a finite score stops the run
 //! with the row it is about.
 
-use super::step::{Prompt, RewardFn, StepError};
+use super::step::{Prompt, RewardFn, Scored, StepError};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -24,18 +24,10 @@ fn fail(msg: String) -> StepError {
 }
 
 impl RewardCommand {
-    /// The program's replies, one per request line; on failure, the
-    /// replies that came before it too (a bad one among them is the
-    /// clearer error).
-    fn replies(&self, requests: &[String]) -> Result<Vec<String>, (Vec<String>, StepError)> {
-        let mut replies = Vec::with_capacity(requests.len());
-        match self.collect(requests, &mut replies) {
-            Ok(()) => Ok(replies),
-            Err(e) => Err((replies, e)),
-        }
-    }
-
-    fn collect(&self, requests: &[String], replies: &mut Vec<String>) -> Result<(), StepError> {
+    /// The program's replies, one per request line, into `replies`; on
+    /// failure the replies before it stay there (a bad one among them is
+    /// the clearer error).
+    fn replies(&self, requests: &[String], replies: &mut Vec<String>) -> Result<(), StepError> {
         let cmd = &self.command;
         let mut child = Command::new("sh")
             .arg("-c")
@@ -130,7 +122,7 @@ impl RewardFn for RewardCommand {
         &self,
         prompts: &[Prompt],
         responses: &[(usize, String)],
-    ) -> Result<(Vec<f32>, Vec<(String, f64)>), StepError> {
+    ) -> Result<Scored, StepError> {
         let requests: Vec<String> = responses
             .iter()
             .enumerate()
@@ -144,10 +136,8 @@ impl RewardFn for RewardCommand {
                 .to_string()
             })
             .collect();
-        let (replies, failure) = match self.replies(&requests) {
-            Ok(r) => (r, None),
-            Err((r, e)) => (r, Some(e)),
-        };
+        let mut replies = Vec::with_capacity(requests.len());
+        let failure = self.replies(&requests, &mut replies).err();
         let mut scores = Vec::with_capacity(replies.len());
         // Extra keys: their mean over the replies that carry them, in the
         // order they first appear.
@@ -173,7 +163,10 @@ impl RewardFn for RewardCommand {
             .into_iter()
             .map(|(k, sum, n)| (format!("reward/{k}"), sum / n as f64))
             .collect();
-        Ok((scores, extra))
+        Ok(Scored {
+            rewards: scores,
+            extra,
+        })
     }
 }
 
@@ -224,7 +217,10 @@ mod tests {
         )
         .unwrap();
         let reward = command(&format!("python3 {}", script.display()), 30.0);
-        let (scores, extra) = reward.score(&prompts(), &responses()).unwrap();
+        let Scored {
+            rewards: scores,
+            extra,
+        } = reward.score(&prompts(), &responses()).unwrap();
         assert_eq!(scores, vec![1.0, 0.0, 1.0]);
         assert_eq!(
             extra,

@@ -238,17 +238,22 @@ pub fn collect_rollouts_on<B: Backend>(
     collect_rollouts_with(pipeline, engine, None, prompts, cfg, seed, &AccuracyReward)
 }
 
+/// The rewards of a batch of responses, in order, and a custom reward's
+/// extra named metrics (means over the responses).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scored {
+    pub rewards: Vec<f32>,
+    pub extra: Vec<(String, f64)>,
+}
+
 /// How responses are scored: the recipe's accuracy reward, or an external
 /// program (`reward_command`). Extra per-response metrics are averaged and
 /// logged.
 pub trait RewardFn {
     /// One reward per response, in order, and extra named metrics (means
     /// over the responses).
-    fn score(
-        &self,
-        prompts: &[Prompt],
-        responses: &[(usize, String)],
-    ) -> Result<(Vec<f32>, Vec<(String, f64)>), StepError>;
+    fn score(&self, prompts: &[Prompt], responses: &[(usize, String)])
+        -> Result<Scored, StepError>;
 }
 
 /// The VPPO accuracy reward (the default).
@@ -259,14 +264,14 @@ impl RewardFn for AccuracyReward {
         &self,
         prompts: &[Prompt],
         responses: &[(usize, String)],
-    ) -> Result<(Vec<f32>, Vec<(String, f64)>), StepError> {
-        Ok((
-            responses
+    ) -> Result<Scored, StepError> {
+        Ok(Scored {
+            rewards: responses
                 .iter()
                 .map(|(p, text)| accuracy_reward(text, &prompts[*p].answer))
                 .collect(),
-            Vec::new(),
-        ))
+            extra: Vec::new(),
+        })
     }
 }
 
@@ -303,7 +308,7 @@ pub fn collect_rollouts_with<B: Backend>(
             .map_err(PipelineError::from)?;
         texts.push((s.prompt_index, text));
     }
-    let (rewards, extra) = reward.score(prompts, &texts)?;
+    let Scored { rewards, extra } = reward.score(prompts, &texts)?;
     stats.reward_extra = extra;
     stats.responses = samples.len();
     stats.mean_reward = rewards.iter().sum::<f32>() / rewards.len().max(1) as f32;

@@ -29,7 +29,10 @@ pub enum ValError {
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
     #[error("validation on {data}: {source}")]
-    Eval { data: PathBuf, source: EvalError },
+    Eval {
+        data: PathBuf,
+        source: Box<EvalError>,
+    },
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ValError + '_ {
@@ -111,7 +114,7 @@ pub fn validate<B: Backend>(
         evaluate(pipeline, engine, data, opts, &mut |_| {}, &mut |_| {}).map_err(|source| {
             ValError::Eval {
                 data: data.to_path_buf(),
-                source,
+                source: Box::new(source),
             }
         })?;
     Ok(ValMetrics {
