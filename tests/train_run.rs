@@ -236,6 +236,21 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("/no/such/model"), "{err}");
+    let bad_val = run_dir("bad-val");
+    let err = run(
+        None,
+        &small(&["max_steps=1", "val_data=/no/such/val.jsonl"]),
+        Some(&bad_val),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/no/such/val.jsonl") && err.contains("no such file"),
+        "{err}"
+    );
+    assert!(!bad_val.exists(), "checked before anything is written");
     let _ = std::fs::remove_dir_all(&fresh);
 
     // device=cuda without a usable GPU fails naming the device, before the

@@ -466,6 +466,14 @@ pub fn run(
         (cfg, out)
     };
     // Before anything is written or the warm-up runs, which can take long.
+    if let Some(v) = &cfg.val_data {
+        if !v.is_file() {
+            return Err(RunError::Usage(format!(
+                "val_data = {}: no such file (parquet or JSONL with problem, answer, images)",
+                v.display()
+            )));
+        }
+    }
     if cfg.device == Device::Cuda && !crate::backend::gpu_usable() {
         return Err(RunError::Device(
             crate::backend::kernelless_gpu().unwrap_or_else(|| {
