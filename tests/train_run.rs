@@ -367,6 +367,40 @@ fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     run(None, &["max_steps=0".into()], Some(&split), true, false).unwrap();
     let resumed = read_metrics(&split.join(METRICS_FILE)).unwrap();
     assert_eq!(without_timing(&resumed), without_timing(&reference));
+
+    // Validation on a data set (the same file: its corrupt row is skipped),
+    // before training, every rollout batch, and capped by val_max_samples.
+    let validated = dir.join("validated");
+    let val_data = format!("val_data={:?}", data.display().to_string());
+    run(
+        None,
+        &settings(&["max_steps=4", &val_data, "val_freq=1"]),
+        Some(&validated),
+        false,
+        false,
+    )
+    .unwrap();
+    let val = vppo_engine::train::metrics::read_validations(&validated.join(METRICS_FILE)).unwrap();
+    // Due at the end of the rollout batch that reaches a multiple of
+    // val_freq: here every batch (2 updates each).
+    assert_eq!(
+        val.iter().map(|v| v.step).collect::<Vec<_>>(),
+        vec![0, 2, 4]
+    );
+    assert!(val.iter().all(|v| v.problems == 5), "{val:?}");
+    // The random fixture model never boxes an answer.
+    assert!(val.iter().all(|v| v.accuracy == 0.0), "{val:?}");
+    let capped = dir.join("capped");
+    run(
+        None,
+        &settings(&["max_steps=1", &val_data, "val_max_samples=3", "val_n=2"]),
+        Some(&capped),
+        false,
+        false,
+    )
+    .unwrap();
+    let val = vppo_engine::train::metrics::read_validations(&capped.join(METRICS_FILE)).unwrap();
+    assert!(val.iter().all(|v| v.problems == 3), "{val:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -354,13 +354,23 @@ fn run_validation<B: Backend>(
     tb: &mut Option<EventWriter>,
     progress: &Progress,
 ) -> Result<bool, RunError> {
-    let v: ValMetrics = validation::validate(
+    let (v, rows): (ValMetrics, _) = validation::validate(
         pipeline,
         engine,
         data,
         &validation::options(cfg),
         state.step,
     )?;
+    if rows.corrupt + rows.too_long > 0 && state.extra["val_skips_reported"] != true {
+        // Once per run: every validation meets the same rows.
+        state.extra["val_skips_reported"] = true.into();
+        progress.warn(&format!(
+            "validation data {}: {} corrupt and {} too-long rows skipped",
+            data.display(),
+            rows.corrupt,
+            rows.too_long
+        ));
+    }
     progress.line(&format!(
         "validation at step {}: accuracy (avg@{}) {:.4} on {} problems, mean length {:.1} ({:.1} s)",
         v.step, cfg.val_n, v.accuracy, v.problems, v.response_len_mean, v.seconds
@@ -1050,9 +1060,10 @@ fn train_loop<B: Backend>(
     })
 }
 
-/// Saves a training checkpoint, then (with `keep` > 0) deletes all but the
-/// newest `keep` ones; the new one is complete and `latest` points at it
-/// before anything is removed. The model's files (config, tokenizer) are
+/// Saves a training checkpoint (with `mark_best`, `best` names it), then
+/// (with `keep` > 0) deletes all but the newest `keep` ones and the best;
+/// the new one is complete and `latest` points at it before anything is
+/// removed. The model's files (config, tokenizer) are
 /// read from the checkpoint just written from then on, since the one it
 /// was loaded from may be among those deleted.
 fn save(

@@ -7,6 +7,7 @@
 use super::config::TrainConfig;
 use super::metrics::ValMetrics;
 use crate::builtin::CountingTask;
+use crate::data::RowCounts;
 use crate::eval::{evaluate, EvalError, EvalOptions};
 use crate::model::engine::Engine;
 use crate::ops::Backend;
@@ -102,14 +103,15 @@ pub fn options(cfg: &TrainConfig) -> EvalOptions {
     }
 }
 
-/// One validation at `step` on `engine`'s backend.
+/// One validation at `step` on `engine`'s backend, and the data's row
+/// counts (used, skipped as corrupt or too long).
 pub fn validate<B: Backend>(
     pipeline: &Pipeline,
     engine: &Engine<B>,
     data: &Path,
     opts: &EvalOptions,
     step: u64,
-) -> Result<ValMetrics, ValError> {
+) -> Result<(ValMetrics, RowCounts), ValError> {
     let summary =
         evaluate(pipeline, engine, data, opts, &mut |_| {}, &mut |_| {}).map_err(|source| {
             ValError::Eval {
@@ -117,13 +119,14 @@ pub fn validate<B: Backend>(
                 source: Box::new(source),
             }
         })?;
-    Ok(ValMetrics {
+    let v = ValMetrics {
         step,
         accuracy: summary.accuracy,
         response_len_mean: summary.mean_response_tokens,
         problems: summary.problems,
         seconds: summary.seconds,
-    })
+    };
+    Ok((v, summary.rows))
 }
 
 /// Whether a validation is due after the rollout batch that moved the run
