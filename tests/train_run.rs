@@ -517,6 +517,26 @@ fn builtin_run_validates_keeps_the_best_and_logs_to_tensorboard() {
     ] {
         assert!(!series(tag).is_empty(), "no {tag} in TensorBoard");
     }
+    // Stopped after 2 steps and resumed: the same validations, the same
+    // best (the best score so far comes back from the metrics), and a
+    // second event file whose restart marker tells TensorBoard to drop
+    // what the first attempt logged after step 2.
+    let split = run_dir("validate-split");
+    let settings = small(&["max_steps=2", "val_freq=2", "save_limit=1"]);
+    run(None, &settings, Some(&split), false, false).unwrap();
+    run(None, &["max_steps=6".into()], Some(&split), true, false).unwrap();
+    let again = read_validations(&split.join(METRICS_FILE)).unwrap();
+    let acc = |v: &[vppo_engine::train::metrics::ValMetrics]| -> Vec<(u64, f64)> {
+        v.iter().map(|v| (v.step, v.accuracy)).collect()
+    };
+    assert_eq!(acc(&again), acc(&val));
+    assert_eq!(
+        std::fs::read_to_string(split.join("best")).unwrap(),
+        best,
+        "the same best checkpoint"
+    );
+    assert_eq!(std::fs::read_dir(split.join("tb")).unwrap().count(), 2);
+    std::fs::remove_dir_all(&split).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -340,50 +340,66 @@ fn save_from<B: Backend>(
     save(out, &mut pipeline.model, optimizer, state, keep, mark_best)
 }
 
-/// Validates the weights on `engine` at the current step: the record goes
-/// to metrics.jsonl and TensorBoard; true when its accuracy is the best of
-/// the run so far (kept in the training state, so a resume knows it).
-#[allow(clippy::too_many_arguments)]
-fn run_validation<B: Backend>(
-    pipeline: &Pipeline,
-    engine: &Engine<B>,
-    data: &Path,
-    cfg: &TrainConfig,
-    state: &mut TrainingState,
-    metrics: &mut MetricsLog,
-    tb: &mut Option<EventWriter>,
-    progress: &Progress,
-) -> Result<bool, RunError> {
-    let (v, rows): (ValMetrics, _) = validation::validate(
-        pipeline,
-        engine,
-        data,
-        &validation::options(cfg),
-        state.step,
-    )?;
-    if rows.corrupt + rows.too_long > 0 && state.extra["val_skips_reported"] != true {
-        // Once per run: every validation meets the same rows.
-        state.extra["val_skips_reported"] = true.into();
-        progress.warn(&format!(
-            "validation data {}: {} corrupt and {} too-long rows skipped",
-            data.display(),
-            rows.corrupt,
-            rows.too_long
+/// Validation during a run: the held-out data, the eval settings, and the
+/// best accuracy so far (from the metrics, so a resumed run knows it).
+struct Validator {
+    data: PathBuf,
+    opts: crate::eval::EvalOptions,
+    val_n: usize,
+    best: Option<f64>,
+    /// The step of the last validation.
+    last: Option<u64>,
+    /// Skipped rows are reported once: every validation meets the same.
+    reported_skips: bool,
+}
+
+impl Validator {
+    fn new(data: PathBuf, cfg: &TrainConfig, done: &[ValMetrics]) -> Self {
+        Self {
+            data,
+            opts: validation::options(cfg),
+            val_n: cfg.val_n,
+            best: done.iter().map(|v| v.accuracy).reduce(f64::max),
+            last: done.last().map(|v| v.step),
+            reported_skips: false,
+        }
+    }
+
+    /// Validates the weights on `engine` after `step` updates: the record
+    /// goes to metrics.jsonl and TensorBoard; true when its accuracy is the
+    /// best of the run so far.
+    fn run<B: Backend>(
+        &mut self,
+        pipeline: &Pipeline,
+        engine: &Engine<B>,
+        step: u64,
+        metrics: &mut MetricsLog,
+        tb: &mut Option<EventWriter>,
+        progress: &Progress,
+    ) -> Result<bool, RunError> {
+        let (v, rows) = validation::validate(pipeline, engine, &self.data, &self.opts, step)?;
+        if rows.corrupt + rows.too_long > 0 && !self.reported_skips {
+            self.reported_skips = true;
+            progress.warn(&format!(
+                "validation data {}: {} corrupt and {} too-long rows skipped",
+                self.data.display(),
+                rows.corrupt,
+                rows.too_long
+            ));
+        }
+        progress.line(&format!(
+            "validation at step {}: accuracy (avg@{}) {:.4} on {} problems, mean length {:.1} ({:.1} s)",
+            v.step, self.val_n, v.accuracy, v.problems, v.response_len_mean, v.seconds
         ));
+        log_scalars(tb, v.step, &v)?;
+        let is_best = self.best.is_none_or(|b| v.accuracy > b);
+        if is_best {
+            self.best = Some(v.accuracy);
+        }
+        self.last = Some(step);
+        metrics.push_val(v)?;
+        Ok(is_best)
     }
-    progress.line(&format!(
-        "validation at step {}: accuracy (avg@{}) {:.4} on {} problems, mean length {:.1} ({:.1} s)",
-        v.step, cfg.val_n, v.accuracy, v.problems, v.response_len_mean, v.seconds
-    ));
-    log_scalars(tb, v.step, &v)?;
-    let best = state.extra["best_val_accuracy"].as_f64();
-    let is_best = best.is_none_or(|b| v.accuracy > b);
-    if is_best {
-        state.extra["best_val_accuracy"] = v.accuracy.into();
-        state.extra["best_val_step"] = v.step.into();
-    }
-    metrics.push_val(v)?;
-    Ok(is_best)
 }
 
 struct Progress {
@@ -589,7 +605,9 @@ pub fn run(
     let tensorboard = if cfg.tensorboard {
         Some(EventWriter::create(
             &out.join(TB_DIR),
-            resume.then_some(state.step),
+            // TensorBoard drops the logged events at and after this step:
+            // the resumed run's first update is the step after the checkpoint.
+            resume.then_some(state.step + 1),
         )?)
     } else {
         None
@@ -776,20 +794,17 @@ fn train_loop<B: Backend>(
         }),
         None => Box::new(AccuracyReward),
     };
-    let mut validated_at = metrics.val.last().map(|v| v.step);
-    if let Some(data) = val_data.as_deref() {
-        if cfg.val_before_train && state.step == 0 && validated_at.is_none() {
-            let best = run_validation(
+    let mut validator = val_data.map(|data| Validator::new(data, cfg, &metrics.val));
+    if let Some(v) = validator.as_mut() {
+        if cfg.val_before_train && state.step == 0 && v.last.is_none() {
+            let best = v.run(
                 &pipeline,
                 &policy.engine,
-                data,
-                cfg,
-                &mut state,
+                0,
                 &mut metrics,
                 &mut tensorboard,
                 progress,
             )?;
-            validated_at = Some(0);
             // The warm-up's checkpoint holds these weights.
             if let (true, Some(latest)) = (best, latest_checkpoint(out)?) {
                 if latest.ends_with(super::checkpoint::checkpoint_dir_name(0)) {
@@ -958,20 +973,16 @@ fn train_loop<B: Backend>(
         state.extra["rollout_batches"] = rollout_index.into();
         let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
         let mut new_best = false;
-        if let Some(data) = val_data.as_deref() {
-            let before = validated_at.unwrap_or(0).max(step_before_batch);
-            if validation::due(cfg.val_freq, before, state.step) || done {
-                new_best = run_validation(
+        if let Some(v) = validator.as_mut() {
+            if validation::due(cfg.val_freq, step_before_batch, state.step) || done {
+                new_best = v.run(
                     &pipeline,
                     &policy.engine,
-                    data,
-                    cfg,
-                    &mut state,
+                    state.step,
                     &mut metrics,
                     &mut tensorboard,
                     progress,
                 )?;
-                validated_at = Some(state.step);
             }
         }
         // A new best is saved now, whatever save_every says, so `best`
@@ -994,14 +1005,12 @@ fn train_loop<B: Backend>(
     }
     progress.bar.finish_and_clear();
     let mut new_best = false;
-    if let Some(data) = val_data.as_deref() {
-        if validated_at != Some(state.step) && state.step > 0 {
-            new_best = run_validation(
+    if let Some(v) = validator.as_mut() {
+        if v.last != Some(state.step) && state.step > 0 {
+            new_best = v.run(
                 &pipeline,
                 &policy.engine,
-                data,
-                cfg,
-                &mut state,
+                state.step,
                 &mut metrics,
                 &mut tensorboard,
                 progress,

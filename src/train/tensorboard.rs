@@ -48,8 +48,8 @@ pub enum EventBody<'a> {
     FileVersion,
     /// Scalars (`Summary.Value` with `simple_value`).
     Scalars(&'a [(String, f64)]),
-    /// `SessionLog.START`: TensorBoard drops the events of later steps
-    /// written before it (a resumed run rewrites them).
+    /// `SessionLog.START`: TensorBoard drops the events at this step and
+    /// later written before it (a resumed run rewrites them).
     SessionStart,
 }
 
@@ -111,9 +111,9 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// A new event file in `dir` (created if needed). `resumed_at`: the step
-    /// a resumed run continues from, written as a session start so the
-    /// dashboards forget the steps after it that the first attempt logged.
+    /// A new event file in `dir` (created if needed). `resumed_at`: the
+    /// first step a resumed run writes, as a session start: TensorBoard
+    /// then drops the events at and after it that the first attempt logged.
     pub fn create(dir: &Path, resumed_at: Option<u64>) -> Result<Self, TensorBoardError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -129,16 +129,24 @@ impl EventWriter {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".into());
-        // TensorBoard's naming; the pid keeps two files of one second apart.
-        let path = dir.join(format!(
-            "events.out.tfevents.{secs}.{host}.{}.v2",
-            std::process::id()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        // TensorBoard's naming; the pid and a counter keep two files of one
+        // second apart (a resume in the same process and second).
+        let mut n = 0u32;
+        let (path, file) = loop {
+            let path = dir.join(format!(
+                "events.out.tfevents.{secs}.{host}.{}.{n}.v2",
+                std::process::id()
+            ));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => break (path, file),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => return Err(io(&path)(e)),
+            }
+        };
         let mut w = Self { path, file };
         w.write(0, &EventBody::FileVersion)?;
         if let Some(step) = resumed_at {
