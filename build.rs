@@ -12,6 +12,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "build/nvcc.rs"]
+mod nvcc;
+
 /// Architectures every kernel is compiled for: (virtual arch, real arch).
 const BASE_TARGETS: &[(&str, &str)] = &[("compute_80", "sm_80"), ("compute_90", "sm_90")];
 /// Kernels that use wgmma/TMA say so with this marker on a line of their own.
@@ -52,9 +55,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
 
-    let Some(nvcc) = find_nvcc(&manifest_dir) else {
-        let msg = "nvcc not found ($NVCC, $CUDA_HOME/bin, .cuda-toolchain/, PATH): building WITHOUT CUDA kernels \
-                   (run scripts/install-cuda-toolchain.sh to get the pinned nvcc 13.0)";
+    let Some(nvcc) = nvcc::find_nvcc(&|k| env::var_os(k), &manifest_dir) else {
+        let msg = "nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, .cuda-toolchain/, PATH, /usr/local/cuda/bin, /opt/cuda/bin): \
+                   building WITHOUT CUDA kernels, so the binary runs on the CPU only \
+                   (run scripts/install-cuda-toolchain.sh to get the pinned nvcc 13.0, then build again)";
         if require {
             panic!("VPPO_REQUIRE_KERNELS is set but {msg}");
         }
@@ -143,30 +147,6 @@ fn list_kernel_sources(dir: &Path) -> Vec<KernelSource> {
         .collect();
     sources.sort_by(|a, b| a.name.cmp(&b.name));
     sources
-}
-
-fn find_nvcc(manifest_dir: &Path) -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Ok(p) = env::var("NVCC") {
-        candidates.push(PathBuf::from(p));
-    }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Ok(home) = env::var(var) {
-            candidates.push(Path::new(&home).join("bin/nvcc"));
-        }
-    }
-    let lib = manifest_dir.join(".cuda-toolchain/lib");
-    if let Ok(entries) = fs::read_dir(&lib) {
-        let mut pythons: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        pythons.sort();
-        for py in pythons {
-            candidates.push(py.join("site-packages/nvidia/cu13/bin/nvcc"));
-        }
-    }
-    if let Some(path) = env::var_os("PATH") {
-        candidates.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
-    }
-    candidates.into_iter().find(|c| c.is_file())
 }
 
 fn nvcc_version(nvcc: &Path) -> String {

@@ -8,12 +8,32 @@
 # nvvm/crt resolve to a newer release whose PTX ptxas 13.0 rejects
 # ("Unsupported .version"). cccl supplies <nv/target>, needed by cuda_bf16.h.
 #
-# Usage: scripts/install-cuda-toolchain.sh [DIR]   (default: <repo>/.cuda-toolchain)
+# Usage: scripts/install-cuda-toolchain.sh [--if-missing] [DIR]   (default: <repo>/.cuda-toolchain)
+# --if-missing: do nothing when build.rs would already find an nvcc ($NVCC,
+# $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, /usr/local/cuda/bin, /opt/cuda/bin);
+# the README's first command uses it, so a machine with CUDA keeps its own.
 # Prints the absolute path of nvcc on its last line.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if_missing=0
+if [ "${1:-}" = "--if-missing" ]; then
+  if_missing=1
+  shift
+fi
 venv="${1:-$repo_root/.cuda-toolchain}"
+
+if [ "$if_missing" = 1 ]; then
+  # The same places as build/nvcc.rs, minus the pinned toolchain (below).
+  for candidate in "${NVCC:-}" "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" "${CUDA_PATH:+$CUDA_PATH/bin/nvcc}" \
+    "$(command -v nvcc 2>/dev/null || true)" /usr/local/cuda/bin/nvcc /opt/cuda/bin/nvcc; do
+    if [ -n "$candidate" ] && [ -f "$candidate" ]; then
+      echo "nvcc found at $candidate; nothing to install" >&2
+      echo "$candidate"
+      exit 0
+    fi
+  done
+fi
 pins=(
   "nvidia-cuda-nvcc==13.0.88"
   "nvidia-nvvm==13.0.*"

@@ -47,10 +47,12 @@ fn step_case(case: &'static str) -> Case {
                 Prompt {
                     input: input.clone(),
                     answer: "None".into(),
+                    problem: String::new(),
                 },
                 Prompt {
                     input,
                     answer: "42".into(),
+                    problem: String::new(),
                 },
             ];
             let cfg = StepConfig {

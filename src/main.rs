@@ -47,11 +47,20 @@ enum Command {
     /// Otherwise the config's defaults are the published 7B recipe.
     ///
     /// The run directory gets config.toml (the resolved config),
-    /// metrics.jsonl (one line per optimizer step), checkpoint-NNNNNNNN/
-    /// (Hugging Face layout plus optimizer state, every `save_every` steps
-    /// and at the end), and reward.png. Settings: a TOML --config file,
-    /// then KEY=VALUE arguments (e.g. `lr=1e-6 max_steps=100`); every field
-    /// of the config can be set either way.
+    /// metrics.jsonl (one line per optimizer step and per validation),
+    /// checkpoint-NNNNNNNN/ (Hugging Face layout plus optimizer state, every
+    /// `save_every` steps, at a new best validation accuracy and at the
+    /// end; `latest` and `best` name them), tb/ (TensorBoard scalars), and
+    /// reward.png. Settings: a TOML --config file, then KEY=VALUE arguments
+    /// (e.g. `lr=1e-6 max_steps=100`); every field of the config can be set
+    /// either way (`--print-config` lists them), among them:
+    ///
+    /// val_data, val_freq, val_before_train, val_n, val_max_samples
+    /// (validation during training); keep_checkpoints or save_limit (newest
+    /// N plus the best); tensorboard; use_kl_loss, kl_coef, kl_estimator
+    /// (k1, k2, k3 = low_var_kl); reward_command, reward_timeout_s (an
+    /// external reward program, JSON lines in and out); data = ["a", "b"]
+    /// with data_weights (a mix of data sets).
     Train {
         /// TOML config file; fields it leaves out keep their defaults.
         #[arg(long)]
@@ -70,7 +79,8 @@ enum Command {
         /// Hugging Face Qwen2.5-VL checkpoint directory to start from.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Training data: parquet or JSONL with problem, answer, images.
+        /// Training data: parquet or JSONL with problem, answer, images
+        /// (several files: data=["a", "b"] with data_weights).
         #[arg(long)]
         data: Option<PathBuf>,
         /// Where rollouts, log-probs, the backward and AdamW run (same as
@@ -106,11 +116,11 @@ enum Command {
         /// An image file (PNG or JPEG); repeat for several images, in order.
         #[arg(long = "image")]
         images: Vec<PathBuf>,
-        /// The user's text.
-        #[arg(long)]
+        /// The user's text (may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         prompt: String,
-        /// The assistant response to score.
-        #[arg(long)]
+        /// The assistant response to score (may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         response: String,
         /// Where to run the model.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -136,7 +146,7 @@ enum Command {
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         /// The user's text (`<image>` marks where each image goes).
-        #[arg(long, required_unless_present = "prompts")]
+        #[arg(long, required_unless_present = "prompts", allow_hyphen_values = true)]
         prompt: Option<String>,
         /// Batch mode: a JSONL file of {"prompt": ..., "images": [paths]}
         /// (paths relative to the file), instead of --prompt/--image.
@@ -205,16 +215,16 @@ enum Command {
         #[arg(long, default_value_t = 4096, value_parser = cli_values::at_least_one)]
         max_prompt_tokens: usize,
         /// Column (or JSON key) holding the problem text.
-        #[arg(long, default_value = "problem")]
+        #[arg(long, default_value = "problem", allow_hyphen_values = true)]
         problem_column: String,
         /// Column holding the ground-truth answer.
-        #[arg(long, default_value = "answer")]
+        #[arg(long, default_value = "answer", allow_hyphen_values = true)]
         answer_column: String,
         /// Column holding the images.
-        #[arg(long, default_value = "images")]
+        #[arg(long, default_value = "images", allow_hyphen_values = true)]
         images_column: String,
         /// Instruction appended after a blank line (default: the recipe's).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         prompt_suffix: Option<String>,
         /// Where to sample: auto (the GPU when one is usable), cpu, cuda.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -240,11 +250,11 @@ enum Command {
     /// Grade a response with the VPPO accuracy reward: prints the answer in
     /// its last \boxed{...} (or that there is none), then `1` or `0`.
     Grade {
-        /// The ground-truth answer.
-        #[arg(long)]
+        /// The ground-truth answer (may start with `-`: `--answer -3`).
+        #[arg(long, allow_hyphen_values = true)]
         answer: String,
-        /// The model's response.
-        #[arg(long)]
+        /// The model's response (may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         response: String,
     },
 }
@@ -401,8 +411,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     summary.skipped_steps
                 );
             }
+            if let Some((step, acc)) = summary.last_validation {
+                println!("validation accuracy at step {step}: {acc:.4}");
+            }
             if let Some(c) = &summary.checkpoint {
                 println!("checkpoint: {}", c.display());
+            }
+            if let Some(b) = &summary.best {
+                println!("best checkpoint (validation accuracy): {}", b.display());
             }
             if let Some(p) = &summary.plot {
                 println!("plot: {}", p.display());
@@ -724,4 +740,100 @@ fn read_prompt_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<P
         bail!("{}: no prompts", path.display());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parses(args: &[&str]) -> Command {
+        let mut all = vec!["vppo-engine"];
+        all.extend(args);
+        match Cli::try_parse_from(&all) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    /// Each free-text value may start with `-` (a negative answer, a
+    /// response or prompt opening with a dash) and is taken as the value.
+    #[test]
+    fn text_values_may_start_with_a_dash() {
+        let Command::Grade { answer, response } =
+            parses(&["grade", "--answer", "-3", "--response", "-x \\boxed{-3}"])
+        else {
+            panic!("not grade")
+        };
+        assert_eq!(
+            (answer.as_str(), response.as_str()),
+            ("-3", "-x \\boxed{-3}")
+        );
+        let Command::Score {
+            prompt, response, ..
+        } = parses(&[
+            "score",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--prompt",
+            "-p",
+            "--response",
+            "--r",
+        ])
+        else {
+            panic!("not score")
+        };
+        assert_eq!((prompt.as_str(), response.as_str()), ("-p", "--r"));
+        let Command::Generate { prompt, .. } =
+            parses(&["generate", "--model", "m", "--prompt", "-1 + 1 = ?"])
+        else {
+            panic!("not generate")
+        };
+        assert_eq!(prompt.as_deref(), Some("-1 + 1 = ?"));
+        let Command::Eval {
+            prompt_suffix,
+            problem_column,
+            answer_column,
+            images_column,
+            ..
+        } = parses(&[
+            "eval",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--prompt-suffix",
+            "- answer in a box",
+            "--problem-column",
+            "-q",
+            "--answer-column",
+            "-a",
+            "--images-column",
+            "-i",
+        ])
+        else {
+            panic!("not eval")
+        };
+        assert_eq!(prompt_suffix.as_deref(), Some("- answer in a box"));
+        assert_eq!(
+            (
+                problem_column.as_str(),
+                answer_column.as_str(),
+                images_column.as_str()
+            ),
+            ("-q", "-a", "-i")
+        );
+    }
+
+    /// Without a value the option still fails clearly rather than taking
+    /// nothing.
+    #[test]
+    fn a_missing_value_is_still_an_error() {
+        let err = Cli::try_parse_from(["vppo-engine", "grade", "--answer"])
+            .err()
+            .expect("no value")
+            .to_string();
+        assert!(err.contains("--answer"), "{err}");
+    }
 }

@@ -47,3 +47,44 @@ fn a_missing_box_is_reported_and_scores_zero() {
     );
     assert_eq!(lines.last().map(String::as_str), Some("0"));
 }
+
+/// Every case of the reference grader table whose answer or response starts
+/// with `-`, passed the natural way (`--answer -3`, not `--answer=-3`):
+/// clap must take them as values, and the reward must be the reference's.
+#[test]
+fn answers_and_responses_starting_with_a_dash_are_values() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        response: String,
+        ground_truth: String,
+        reward: u8,
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/grader/cases.jsonl"
+    );
+    let text = std::fs::read_to_string(path).expect("grader fixture table");
+    let dashed: Vec<Case> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Case>(l).expect("a JSON case per line"))
+        .filter(|c| c.ground_truth.starts_with('-') || c.response.starts_with('-'))
+        .collect();
+    assert!(
+        dashed.len() >= 20,
+        "the table has {} dashed cases",
+        dashed.len()
+    );
+    for c in &dashed {
+        let (stdout, lines) = grade(&c.ground_truth, &c.response);
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(if c.reward == 1 { "1" } else { "0" }),
+            "--answer {:?} --response {:?}: {stdout}",
+            c.ground_truth,
+            c.response
+        );
+    }
+    // A response that itself starts with a dash.
+    let (_, lines) = grade("-3", "-3 it is: \\boxed{-3}");
+    assert_eq!(lines.last().map(String::as_str), Some("1"));
+}

@@ -68,7 +68,13 @@ fn builtin_run_writes_metrics_checkpoints_and_plot() {
         false,
     )
     .unwrap();
-    assert_eq!(checkpoints(&trimmed), vec!["checkpoint-00000004"]);
+    // The newest one, plus the best by validation accuracy when that is
+    // another one.
+    let kept = checkpoints(&trimmed);
+    let best = std::fs::read_to_string(trimmed.join("best")).unwrap();
+    let mut want = vec![best.trim().to_string(), "checkpoint-00000004".to_string()];
+    want.dedup();
+    assert_eq!(kept, want);
     std::fs::remove_dir_all(&trimmed).unwrap();
     let metrics = read_metrics(&dir.join(METRICS_FILE)).unwrap();
     assert_eq!(
@@ -90,7 +96,11 @@ fn builtin_run_writes_metrics_checkpoints_and_plot() {
     }
     // The raw JSON lines carry the names the issue lists.
     let line = std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
-    let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    let first: serde_json::Value = line
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("reward_mean").is_some())
+        .unwrap();
     for key in [
         "step",
         "reward_mean",
@@ -226,6 +236,21 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("/no/such/model"), "{err}");
+    let bad_val = run_dir("bad-val");
+    let err = run(
+        None,
+        &small(&["max_steps=1", "val_data=/no/such/val.jsonl"]),
+        Some(&bad_val),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/no/such/val.jsonl") && err.contains("no such file"),
+        "{err}"
+    );
+    assert!(!bad_val.exists(), "checked before anything is written");
     let _ = std::fs::remove_dir_all(&fresh);
 
     // device=cuda without a usable GPU fails naming the device, before the
@@ -342,6 +367,40 @@ fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     run(None, &["max_steps=0".into()], Some(&split), true, false).unwrap();
     let resumed = read_metrics(&split.join(METRICS_FILE)).unwrap();
     assert_eq!(without_timing(&resumed), without_timing(&reference));
+
+    // Validation on a data set (the same file: its corrupt row is skipped),
+    // before training, every rollout batch, and capped by val_max_samples.
+    let validated = dir.join("validated");
+    let val_data = format!("val_data={:?}", data.display().to_string());
+    run(
+        None,
+        &settings(&["max_steps=4", &val_data, "val_freq=1"]),
+        Some(&validated),
+        false,
+        false,
+    )
+    .unwrap();
+    let val = vppo_engine::train::metrics::read_validations(&validated.join(METRICS_FILE)).unwrap();
+    // Due at the end of the rollout batch that reaches a multiple of
+    // val_freq: here every batch (2 updates each).
+    assert_eq!(
+        val.iter().map(|v| v.step).collect::<Vec<_>>(),
+        vec![0, 2, 4]
+    );
+    assert!(val.iter().all(|v| v.problems == 5), "{val:?}");
+    // The random fixture model never boxes an answer.
+    assert!(val.iter().all(|v| v.accuracy == 0.0), "{val:?}");
+    let capped = dir.join("capped");
+    run(
+        None,
+        &settings(&["max_steps=1", &val_data, "val_max_samples=3", "val_n=2"]),
+        Some(&capped),
+        false,
+        false,
+    )
+    .unwrap();
+    let val = vppo_engine::train::metrics::read_validations(&capped.join(METRICS_FILE)).unwrap();
+    assert!(val.iter().all(|v| v.problems == 3), "{val:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -366,4 +425,313 @@ fn print_config_shows_the_resolved_settings() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("clip_low"));
+}
+
+/// Validation during training, checkpoint retention with `best`, and the
+/// TensorBoard log, on the built-in task: validation before training,
+/// every `val_freq` steps and at the end on the fixed held-out split; at
+/// most keep_checkpoints + best checkpoints left; every metric a scalar.
+#[test]
+fn builtin_run_validates_keeps_the_best_and_logs_to_tensorboard() {
+    use vppo_engine::train::metrics::read_validations;
+    use vppo_engine::train::tensorboard::read_scalars;
+    let dir = run_dir("validate");
+    let summary = run(
+        None,
+        &small(&["max_steps=6", "val_freq=2", "save_limit=1"]),
+        Some(&dir),
+        false,
+        false,
+    )
+    .unwrap();
+    let val = read_validations(&dir.join(METRICS_FILE)).unwrap();
+    assert_eq!(
+        val.iter().map(|v| v.step).collect::<Vec<_>>(),
+        vec![0, 2, 4, 6],
+        "before training, every 2 steps"
+    );
+    for v in &val {
+        assert!((0.0..=1.0).contains(&v.accuracy), "{v:?}");
+        assert_eq!(v.problems, 64, "the built-in held-out split");
+        assert!(v.response_len_mean >= 1.0);
+    }
+    // The split is a real eval data set in the run directory.
+    assert!(dir.join("val/builtin-val.jsonl").is_file() && dir.join("val/000.png").is_file());
+    // `best` names the checkpoint of the first highest validation.
+    let best_val = val
+        .iter()
+        .fold(
+            None::<&vppo_engine::train::metrics::ValMetrics>,
+            |b, v| match b {
+                Some(b) if b.accuracy >= v.accuracy => Some(b),
+                _ => Some(v),
+            },
+        )
+        .unwrap();
+    let best = std::fs::read_to_string(dir.join("best")).unwrap();
+    assert_eq!(best.trim(), format!("checkpoint-{:08}", best_val.step));
+    assert_eq!(summary.best, Some(dir.join(best.trim())));
+    assert_eq!(summary.last_validation, Some((6, val[3].accuracy)));
+    // save_limit = 1 (EasyR1's name): the newest plus the best.
+    let mut want = vec![best.trim().to_string(), "checkpoint-00000006".to_string()];
+    want.sort();
+    want.dedup();
+    assert_eq!(checkpoints(&dir), want);
+    // TensorBoard: one event file under tb/, every step metric and every
+    // validation as scalars at their steps.
+    let files: Vec<_> = std::fs::read_dir(dir.join("tb"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let scalars = read_scalars(&files[0]).unwrap();
+    let series = |tag: &str| -> Vec<(u64, f32)> {
+        scalars
+            .iter()
+            .filter(|(_, t, _)| t == tag)
+            .map(|(s, _, v)| (*s, *v))
+            .collect()
+    };
+    let metrics = read_metrics(&dir.join(METRICS_FILE)).unwrap();
+    assert_eq!(
+        series("reward_mean"),
+        metrics
+            .iter()
+            .map(|m| (m.step, m.reward_mean as f32))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        series("val/accuracy"),
+        val.iter()
+            .map(|v| (v.step, v.accuracy as f32))
+            .collect::<Vec<_>>()
+    );
+    for tag in [
+        "loss",
+        "entropy",
+        "grad_norm",
+        "visual_dependency_mean",
+        "tokens_per_s",
+        "val/response_len_mean",
+    ] {
+        assert!(!series(tag).is_empty(), "no {tag} in TensorBoard");
+    }
+    // Stopped after 2 steps and resumed: the same validations, the same
+    // best (the best score so far comes back from the metrics), and a
+    // second event file whose restart marker tells TensorBoard to drop
+    // what the first attempt logged after step 2.
+    let split = run_dir("validate-split");
+    let settings = small(&["max_steps=2", "val_freq=2", "save_limit=1"]);
+    run(None, &settings, Some(&split), false, false).unwrap();
+    run(None, &["max_steps=6".into()], Some(&split), true, false).unwrap();
+    let again = read_validations(&split.join(METRICS_FILE)).unwrap();
+    let acc = |v: &[vppo_engine::train::metrics::ValMetrics]| -> Vec<(u64, f64)> {
+        v.iter().map(|v| (v.step, v.accuracy)).collect()
+    };
+    assert_eq!(acc(&again), acc(&val));
+    assert_eq!(
+        std::fs::read_to_string(split.join("best")).unwrap(),
+        best,
+        "the same best checkpoint"
+    );
+    assert_eq!(std::fs::read_dir(split.join("tb")).unwrap().count(), 2);
+    std::fs::remove_dir_all(&split).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The KL loss (off by default): the reference is the warmed-up model,
+/// saved once; the first update starts on the reference (KL 0 up to
+/// float noise), later ones have moved away from it.
+#[test]
+fn kl_to_the_reference_is_logged_and_off_by_default() {
+    let dir = run_dir("kl");
+    run(
+        None,
+        &small(&[
+            "max_steps=4",
+            "use_kl_loss=true",
+            "kl_coef=0.1",
+            "kl_estimator=k2",
+            "tensorboard=false",
+            "val_before_train=false",
+        ]),
+        Some(&dir),
+        false,
+        false,
+    )
+    .unwrap();
+    let metrics = read_metrics(&dir.join(METRICS_FILE)).unwrap();
+    let kl: Vec<f64> = metrics
+        .iter()
+        .map(|m| m.kl_mean.expect("kl_mean"))
+        .collect();
+    assert!(
+        kl[0].abs() < 1e-9,
+        "the first update starts at the reference: {kl:?}"
+    );
+    assert!(kl[1..].iter().all(|k| *k > 1e-9 && k.is_finite()), "{kl:?}");
+    assert!(dir.join("reference-model/config.json").is_file());
+    assert!(!dir.join("tb").exists(), "tensorboard=false writes none");
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Off by default: no kl_mean in the metrics, no reference written.
+    let plain = run_dir("no-kl");
+    run(None, &small(&["max_steps=2"]), Some(&plain), false, false).unwrap();
+    let text = std::fs::read_to_string(plain.join(METRICS_FILE)).unwrap();
+    assert!(!text.contains("kl_mean") && !plain.join("reference-model").exists());
+    std::fs::remove_dir_all(&plain).unwrap();
+}
+
+/// A custom reward program replaces the accuracy reward: its scores are
+/// the rewards and its extra keys are logged; a bad reply stops the run
+/// naming the row.
+#[test]
+fn a_reward_command_scores_the_rollouts() {
+    let dir = run_dir("reward-cmd");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Rewards responses by their length's parity (mixed groups even from
+    // an untrained model), and reports the length.
+    let script = dir.join("my_reward.py");
+    std::fs::write(
+        &script,
+        "import json, sys\n\
+         for line in sys.stdin:\n\
+         \x20   r = json.loads(line)\n\
+         \x20   n = len(r['response'])\n\
+         \x20   print(json.dumps({'score': float(n % 2), 'chars': n}), flush=True)\n",
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let cmd = format!("reward_command=\"python3 {}\"", script.display());
+    run(
+        None,
+        &small(&[
+            "max_steps=2",
+            "warmup_steps=0",
+            "algo=grpo",
+            &cmd,
+            "val_before_train=false",
+            "val_freq=0",
+        ]),
+        Some(&out),
+        false,
+        false,
+    )
+    .unwrap();
+    let lines = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
+    let steps: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("reward_mean").is_some())
+        .collect();
+    assert_eq!(steps.len(), 2);
+    for v in &steps {
+        let chars = v["reward/chars"].as_f64().expect("the extra key is logged");
+        assert!(chars >= 1.0, "{v}");
+    }
+    let bad = dir.join("bad");
+    let err = run(
+        None,
+        &small(&[
+            "max_steps=1",
+            "warmup_steps=0",
+            "reward_command=\"echo nonsense\"",
+        ]),
+        Some(&bad),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("row 0") && err.contains("not JSON"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two data sets mixed 2:1 (`data = [a, b]`, `data_weights`): every
+/// prompt drawn is one row of one file, the run ends when a drawn file
+/// runs out, and a resumed run draws the same mix (same metrics, same rows
+/// of each file consumed).
+#[test]
+fn mixed_data_sets_resume_the_same_mix() {
+    use vppo_engine::builtin::CountingTask;
+    let dir = run_dir("mix");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for (f, seed) in [("a", 5u64), ("b", 6)] {
+        let task = CountingTask::new(2, seed);
+        let mut lines = Vec::new();
+        for i in 0..6u64 {
+            let item = task.item(i);
+            let name = format!("{f}{i}.png");
+            image::RgbImage::from_raw(56, 56, item.image.data.clone())
+                .unwrap()
+                .save(dir.join(&name))
+                .unwrap();
+            lines.push(
+                serde_json::json!({"problem": format!("<image>{}", item.question), "answer": item.answer, "images": [name]})
+                    .to_string(),
+            );
+        }
+        let path = dir.join(format!("{f}.jsonl"));
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        files.push(path.display().to_string());
+    }
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl/single_noresize");
+    let settings = |extra: &[&str]| -> Vec<String> {
+        let mut o = vec![
+            format!("model={:?}", model.display().to_string()),
+            format!("data=[{:?}, {:?}]", files[0], files[1]),
+            "data_weights=[2, 1]".into(),
+            "seed=4".into(),
+            "algo=grpo".into(),
+            "rollout_batch=2".into(),
+            "mini_batch=1".into(),
+            "group_size=2".into(),
+            "epochs=1".into(),
+            "max_response_tokens=2".into(),
+            "min_pixels=3136".into(),
+            "max_pixels=3136".into(),
+            "prompt_suffix=''".into(),
+            "save_every=2".into(),
+            "bf16=false".into(),
+            "tensorboard=false".into(),
+        ];
+        o.extend(extra.iter().map(|s| s.to_string()));
+        o
+    };
+    let state = |run: &Path| -> serde_json::Value {
+        let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+        let text =
+            std::fs::read_to_string(run.join(latest.trim()).join("trainer_state.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["state"].clone()
+    };
+    let whole = dir.join("whole");
+    let summary = run(None, &settings(&[]), Some(&whole), false, false).unwrap();
+    let s = state(&whole);
+    let positions: Vec<u64> = serde_json::from_value(s["extra"]["data_positions"].clone()).unwrap();
+    let draws = s["data_position"].as_u64().unwrap();
+    // Every step trained on one prompt; each was one row of one file.
+    assert_eq!(positions.iter().sum::<u64>(), draws, "{s}");
+    // Seed 4 draws a a b a a a a b, then a again: a (6 rows) has run out
+    // and the mix ends (first exhausted).
+    assert_eq!((positions.clone(), summary.steps), (vec![6, 2], 8), "{s}");
+    let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
+    let split = dir.join("split");
+    run(
+        None,
+        &settings(&["max_steps=2"]),
+        Some(&split),
+        false,
+        false,
+    )
+    .unwrap();
+    run(None, &["max_steps=0".into()], Some(&split), true, false).unwrap();
+    let resumed = read_metrics(&split.join(METRICS_FILE)).unwrap();
+    assert_eq!(without_timing(&resumed), without_timing(&reference));
+    assert_eq!(
+        state(&split)["extra"]["data_positions"],
+        s["extra"]["data_positions"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

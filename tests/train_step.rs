@@ -22,10 +22,12 @@ fn prompts() -> Vec<Prompt> {
         Prompt {
             input: input.clone(),
             answer: "None".into(),
+            problem: String::new(),
         },
         Prompt {
             input,
             answer: "42".into(),
+            problem: String::new(),
         },
     ]
 }
@@ -189,6 +191,84 @@ fn end_to_end_step_gradient_matches_finite_differences() {
             "{name}[{j}]: manual {} vs finite difference {fd} (rel {rel:e})",
             g[j]
         );
+    }
+}
+
+/// The same end-to-end check with the KL-to-reference term on (k3, the
+/// EasyR1 default, and k2): reference log-probs away from the policy's, so
+/// the term has a gradient; it flows through the same per-token
+/// `d_logprob` path as the policy loss.
+#[test]
+fn kl_loss_step_gradient_matches_finite_differences() {
+    use vppo_engine::rl::KlEstimator;
+    use vppo_engine::train::step::{collect_rollouts, mini_batch_gradients};
+    let mut p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    for estimator in [KlEstimator::K3, KlEstimator::K2] {
+        let cfg = StepConfig {
+            dynamic_sampling: None,
+            micro_batch: 3,
+            kl: Some((estimator, 0.5)),
+            ..config(Algo::Dapo)
+        };
+        let mut rollouts = collect_rollouts(&p, &prompts(), &cfg, 11).unwrap();
+        for (i, a) in rollouts.advantages.iter_mut().enumerate() {
+            *a = [1.2, -0.7, 0.4, -1.5][i % 4];
+        }
+        // A reference that differs from the policy token by token.
+        rollouts.lp_ref = Some(
+            rollouts
+                .lp_old
+                .iter()
+                .enumerate()
+                .map(|(t, lp)| lp + [0.7, -0.4, 0.2][t % 3])
+                .collect(),
+        );
+        let groups = 0..rollouts.groups();
+        let (grads, stats) =
+            mini_batch_gradients(&p.model, &rollouts, groups.clone(), &cfg).unwrap();
+        let kl = stats.kl_mean.expect("kl_mean with the KL loss");
+        assert!(kl > 1e-3, "{estimator:?}: {kl}");
+        // The KL term changes the loss by kl_coef x kl_mean.
+        let without = StepConfig {
+            kl: None,
+            ..cfg.clone()
+        };
+        let (_, plain) =
+            mini_batch_gradients(&p.model, &rollouts, groups.clone(), &without).unwrap();
+        assert!(
+            (stats.loss - plain.loss - 0.5 * kl).abs() < 1e-5,
+            "{} vs {} + 0.5 x {kl}",
+            stats.loss,
+            plain.loss
+        );
+        let layout = p.model.layout.clone();
+        for name in ["model.layers.1.mlp.down_proj.weight", "lm_head.weight"] {
+            let id = layout
+                .specs
+                .iter()
+                .position(|s| s.name.ends_with(name))
+                .unwrap();
+            let g = &grads.0[id];
+            let j = (0..g.len())
+                .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+                .unwrap();
+            let eps = 1e-2f32;
+            let w0 = p.model.weights.0[id][j];
+            let mut loss_at = |w: f32| {
+                p.model.weights.0[id][j] = w;
+                let (_, s) =
+                    mini_batch_gradients(&p.model, &rollouts, groups.clone(), &cfg).unwrap();
+                s.loss
+            };
+            let fd = (loss_at(w0 + eps) - loss_at(w0 - eps)) / (2.0 * eps as f64);
+            p.model.weights.0[id][j] = w0;
+            let rel = (fd - g[j] as f64).abs() / (g[j] as f64).abs();
+            assert!(
+                rel < 5e-3,
+                "{estimator:?} {name}[{j}]: manual {} vs finite difference {fd} (rel {rel:e})",
+                g[j]
+            );
+        }
     }
 }
 

@@ -33,10 +33,56 @@ impl Device {
     pub fn resolve(self, cpu_only: bool) -> Device {
         match self {
             Device::Auto if !cpu_only && gpu_usable() => Device::Cuda,
-            Device::Auto => Device::Cpu,
+            Device::Auto => {
+                warn_unused_gpu();
+                Device::Cpu
+            }
             chosen => chosen,
         }
     }
+}
+
+/// How to get a binary that carries the kernels.
+pub const REBUILD_HINT: &str =
+    "rebuild with them: `scripts/install-cuda-toolchain.sh && cargo build --release` \
+     (or set NVCC or CUDA_HOME to an nvcc 13.0), then `vppo-engine info` shows the kernels";
+
+/// The warning for a machine with CUDA devices that this binary cannot use
+/// because it was built without kernels (no nvcc at build time); `None`
+/// when the kernels are there or there is no device.
+pub fn kernelless_gpu_message(kernels_embedded: bool, devices: &[String]) -> Option<String> {
+    if kernels_embedded || devices.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "this machine has {} CUDA device(s) ({}), but this binary was built WITHOUT CUDA kernels \
+         (no nvcc was found at build time), so it cannot use them; {REBUILD_HINT}",
+        devices.len(),
+        devices.join(", ")
+    ))
+}
+
+/// [`kernelless_gpu_message`] for this binary on this machine.
+pub fn kernelless_gpu() -> Option<String> {
+    if crate::kernels::kernels_embedded() {
+        return None;
+    }
+    let names: Vec<String> = cuda::list_devices()
+        .map(|d| d.into_iter().map(|d| d.name).collect())
+        .unwrap_or_default();
+    kernelless_gpu_message(false, &names)
+}
+
+/// Says, once per process and loudly, that `auto` falls back to the CPU
+/// although there is a GPU: a run that silently trains on the CPU of a GPU
+/// machine wastes hours before anyone notices.
+fn warn_unused_gpu() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Some(msg) = kernelless_gpu() {
+            eprintln!("\n**** WARNING: running on the CPU. {msg} ****\n");
+        }
+    });
 }
 
 /// A CUDA driver, at least one device, and kernels embedded in this binary.
@@ -58,4 +104,25 @@ pub fn local_ordinal() -> usize {
 pub fn open_local_gpu() -> Result<cuda::CudaBackend, String> {
     let ordinal = local_ordinal();
     cuda::CudaBackend::new(ordinal).map_err(|e| format!("cannot open CUDA device {ordinal}: {e}"))
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_without_kernels_is_named_with_how_to_rebuild() {
+        let msg = kernelless_gpu_message(false, &["NVIDIA H200".into()]).expect("a warning");
+        assert!(
+            msg.contains("NVIDIA H200") && msg.contains("WITHOUT CUDA kernels"),
+            "{msg}"
+        );
+        assert!(msg.contains("scripts/install-cuda-toolchain.sh"), "{msg}");
+        assert_eq!(kernelless_gpu_message(true, &["NVIDIA H200".into()]), None);
+        assert_eq!(
+            kernelless_gpu_message(false, &[]),
+            None,
+            "no GPU: nothing to say"
+        );
+    }
 }

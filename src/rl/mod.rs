@@ -7,12 +7,14 @@
 //! Follows the VPPO reference code (EasyR1-based): see shared/docs/vppo.md.
 
 pub mod advantage;
+pub mod kl;
 pub mod loss;
 pub mod objective;
 pub mod perturb;
 pub mod shaping;
 
 pub use advantage::{group_advantages, keep_group};
+pub use kl::{KlEstimator, KlLoss};
 pub use loss::{PolicyLoss, PolicyLossConfig};
 pub use objective::{Shaping, VppoConfig};
 pub use perturb::{blacken_patches, perturb_images, perturb_patches, Perturbation};

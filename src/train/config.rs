@@ -2,7 +2,7 @@
 //! VPPO 7B recipe (shared/docs/vppo.md), every field overridable on the
 //! command line as `key=value`, and the resolved config saved with the run.
 
-use crate::rl::{DependencyEstimator, Perturbation};
+use crate::rl::{DependencyEstimator, KlEstimator, Perturbation};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -45,13 +45,76 @@ pub enum AlgoName {
     Grpo,
 }
 
+/// The training data: one parquet/JSONL file, or several mixed by
+/// `data_weights` (`data = ["a.parquet", "b.jsonl"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DataFiles {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl DataFiles {
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            Self::One(p) => std::slice::from_ref(p),
+            Self::Many(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Display for DataFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        f.write_str(&names.join(" + "))
+    }
+}
+
+/// EasyR1's names for fields this config calls otherwise: accepted in a
+/// file and as overrides, resolved to ours.
+const ALIASES: &[(&str, &str)] = &[("save_limit", "keep_checkpoints")];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Hugging Face checkpoint directory (none: the built-in default model).
     pub model: Option<PathBuf>,
-    /// Training data, parquet or JSONL (none: the built-in default task).
-    pub data: Option<PathBuf>,
+    /// Training data, parquet or JSONL, or a list of such files mixed by
+    /// `data_weights` (none: the built-in default task).
+    pub data: Option<DataFiles>,
+    /// With several data files: the probability of drawing each next
+    /// prompt from each (normalised; empty: equal). The mix is a pure
+    /// function of the seed, so a resumed run draws the same.
+    pub data_weights: Vec<f64>,
+    /// Held-out data for validation during training (parquet or JSONL; for
+    /// the built-in task, a fixed generated split when unset).
+    pub val_data: Option<PathBuf>,
+    /// Validate every this many optimizer steps (0: only before training
+    /// and at the end).
+    pub val_freq: usize,
+    /// Validate once before the first update.
+    pub val_before_train: bool,
+    /// Samples per validation problem (val/accuracy is avg@val_n).
+    pub val_n: usize,
+    /// Validate on the first this many usable problems (0: all).
+    pub val_max_samples: usize,
+    /// Write every metric as a TensorBoard scalar under `<run>/tb/`.
+    pub tensorboard: bool,
+    /// Add KL(policy || frozen initial model) to the loss (EasyR1/verl
+    /// `use_kl_loss`; off in the VPPO recipe).
+    pub use_kl_loss: bool,
+    pub kl_coef: f64,
+    /// KL estimator per sampled token: k1, k2, k3 (= low_var_kl).
+    pub kl_estimator: KlEstimator,
+    /// Score responses with this program instead of the accuracy reward:
+    /// run through `sh -c` once per rollout batch, JSON lines in and out.
+    pub reward_command: Option<String>,
+    /// Longest a reward_command batch may take, in seconds.
+    pub reward_timeout_s: f64,
     pub output_dir: PathBuf,
     pub algo: AlgoName,
     pub seed: u64,
@@ -96,7 +159,8 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Save a checkpoint every this many optimizer steps.
     pub save_every: usize,
-    /// Keep only the newest this many checkpoints (0: keep all).
+    /// Keep only the newest this many checkpoints, plus the best by
+    /// validation accuracy (0: keep all). EasyR1's `save_limit` is accepted.
     pub keep_checkpoints: usize,
     /// Stop at the end of the rollout batch that reaches this many optimizer
     /// steps (0: run `epochs` over the data).
@@ -125,6 +189,18 @@ impl Default for TrainConfig {
         Self {
             model: None,
             data: None,
+            data_weights: Vec::new(),
+            val_data: None,
+            val_freq: 5,
+            val_before_train: true,
+            val_n: 1,
+            val_max_samples: 0,
+            tensorboard: true,
+            use_kl_loss: false,
+            kl_coef: 1e-2,
+            kl_estimator: KlEstimator::K3,
+            reward_command: None,
+            reward_timeout_s: 300.0,
             output_dir: PathBuf::from("runs/vppo"),
             algo: AlgoName::Vppo,
             seed: 1,
@@ -192,6 +268,9 @@ save_every = 10
 warmup_steps = 60
 warmup_lr = 2e-3
 warmup_batch = 32
+keep_checkpoints = 3
+val_freq = 25
+val_n = 4
 "#;
 
 impl TrainConfig {
@@ -231,6 +310,7 @@ impl TrainConfig {
             }
             _ => toml::Table::new(),
         };
+        let file_table = resolve_aliases(file_table);
         let pairs = parse_overrides(overrides)?;
         let names_input =
             |key: &str| file_table.contains_key(key) || pairs.iter().any(|(k, _)| k == key);
@@ -371,6 +451,50 @@ impl TrainConfig {
                 self.min_pixels, self.max_pixels
             ));
         }
+        if self.val_n == 0 {
+            return bad("val_n = 0 is out of range: it must be at least 1".into());
+        }
+        if let Err(range) = check_range(self.kl_coef, 0.0, 1e3, true, true) {
+            return bad(format!(
+                "kl_coef = {} is out of range: it must be {range}",
+                self.kl_coef
+            ));
+        }
+        if let Err(range) = check_range(self.reward_timeout_s, 0.0, 1e6, false, true) {
+            return bad(format!(
+                "reward_timeout_s = {} is out of range: it must be {range}",
+                self.reward_timeout_s
+            ));
+        }
+        if self
+            .reward_command
+            .as_ref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return bad("reward_command is empty: name a program, or leave it out".into());
+        }
+        let files = self.data.as_ref().map_or(0, |d| d.paths().len());
+        if self.data.is_some() && files == 0 {
+            return bad("data = []: name at least one file".into());
+        }
+        if !self.data_weights.is_empty() {
+            if self.data_weights.len() != files {
+                return bad(format!(
+                    "data_weights has {} entries for {files} data file(s): give one weight per file",
+                    self.data_weights.len()
+                ));
+            }
+            if let Some(w) = self
+                .data_weights
+                .iter()
+                .find(|w| !(w.is_finite() && **w >= 0.0))
+            {
+                return bad(format!("data_weights: {w} is not a finite weight >= 0"));
+            }
+            if self.data_weights.iter().sum::<f64>() <= 0.0 {
+                return bad("data_weights are all 0: at least one must be positive".into());
+            }
+        }
         if !self.is_builtin() && self.warmup_steps > 0 {
             return bad("warmup_steps needs the built-in task (no model, no data)".into());
         }
@@ -420,7 +544,26 @@ fn parse_overrides(overrides: &[String]) -> Result<Vec<(String, toml::Value)>, C
                 given: given.clone(),
                 reason: "expected key=value".into(),
             })?;
-            Ok((key.trim().replace('-', "_"), parse_value(raw.trim())))
+            let key = key.trim().replace('-', "_");
+            let key = ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == key)
+                .map_or(key.clone(), |(_, ours)| ours.to_string());
+            Ok((key, parse_value(raw.trim())))
+        })
+        .collect()
+}
+
+/// A file's table with EasyR1's names replaced by ours.
+fn resolve_aliases(table: toml::Table) -> toml::Table {
+    table
+        .into_iter()
+        .map(|(k, v)| {
+            let k = ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == k)
+                .map_or(k.clone(), |(_, ours)| ours.to_string());
+            (k, v)
         })
         .collect()
 }
@@ -569,6 +712,66 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn easyr1_names_data_lists_and_the_new_settings_are_checked() {
+        let c = TrainConfig::resolve(None, &["save_limit=2".into()]).unwrap();
+        assert_eq!(c.keep_checkpoints, 2, "save_limit is keep_checkpoints");
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-alias-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.toml");
+        std::fs::write(
+            &path,
+            "save_limit = 4\ndata = [\"a.parquet\", \"b.jsonl\"]\ndata_weights = [3, 1]\n",
+        )
+        .unwrap();
+        let c = TrainConfig::resolve(Some(&path), &[]).unwrap();
+        assert_eq!(c.keep_checkpoints, 4);
+        assert_eq!(
+            c.data.as_ref().unwrap().paths(),
+            [PathBuf::from("a.parquet"), PathBuf::from("b.jsonl")]
+        );
+        assert_eq!(c.data_weights, vec![3.0, 1.0]);
+        // One file is still a plain string, and round-trips.
+        let c = TrainConfig::resolve(None, &["data=train.parquet".into()]).unwrap();
+        assert_eq!(c.data, Some(DataFiles::One("train.parquet".into())));
+        let again: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Off by default: the VPPO recipe has no KL loss and no custom reward.
+        let c = TrainConfig::default();
+        assert!(!c.use_kl_loss && c.reward_command.is_none() && c.tensorboard);
+        let c = TrainConfig::resolve(None, &["kl_estimator=low_var_kl".into()]).unwrap();
+        assert_eq!(c.kl_estimator, KlEstimator::K3);
+        let builtin = TrainConfig::resolve(None, &[]).unwrap();
+        assert_eq!(
+            builtin.keep_checkpoints, 3,
+            "the built-in run keeps a handful"
+        );
+        for (given, want) in [
+            (
+                vec!["data=[\"a.jsonl\", \"b.jsonl\"]", "data_weights=[1]"],
+                "one weight per file",
+            ),
+            (
+                vec!["data=[\"a.jsonl\", \"b.jsonl\"]", "data_weights=[1, -1]"],
+                "data_weights",
+            ),
+            (
+                vec!["data=[\"a.jsonl\", \"b.jsonl\"]", "data_weights=[0, 0]"],
+                "all 0",
+            ),
+            (vec!["data=[]"], "at least one file"),
+            (vec!["val_n=0"], "val_n"),
+            (vec!["kl_coef=-1"], "kl_coef"),
+            (vec!["reward_timeout_s=0"], "reward_timeout_s"),
+            (vec!["reward_command=''"], "reward_command"),
+        ] {
+            let given: Vec<String> = given.into_iter().map(String::from).collect();
+            let err = TrainConfig::resolve(None, &given).unwrap_err().to_string();
+            assert!(err.contains(want), "{given:?}: {err}");
+        }
     }
 
     #[test]

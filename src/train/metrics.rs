@@ -1,8 +1,10 @@
 //! The run's metrics: one JSON object per optimizer step in
-//! `metrics.jsonl`, appended as the run goes (a crash loses nothing
-//! written), trimmed back to the checkpoint's step when a run resumes.
+//! `metrics.jsonl`, and one per validation (`val/accuracy`, ...), appended
+//! as the run goes (a crash loses nothing written), trimmed back to the
+//! checkpoint's step when a run resumes.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -46,6 +48,51 @@ pub struct StepMetrics {
     /// Prompt and response tokens of the step's sequences per second of
     /// `step_time_s`.
     pub tokens_per_s: f64,
+    /// Mean KL-to-reference estimate per response token (KL loss only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_mean: Option<f64>,
+    /// A custom reward's extra keys (`reward/<key>`, batch means).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// One validation: avg@n accuracy and mean response length on the
+/// held-out data after `step` optimizer steps (0: before training).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValMetrics {
+    pub step: u64,
+    #[serde(rename = "val/accuracy")]
+    pub accuracy: f64,
+    #[serde(rename = "val/response_len_mean")]
+    pub response_len_mean: f64,
+    #[serde(rename = "val/problems")]
+    pub problems: usize,
+    #[serde(rename = "val/time_s")]
+    pub seconds: f64,
+}
+
+/// A line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Step(StepMetrics),
+    Val(ValMetrics),
+}
+
+impl Record {
+    pub fn step(&self) -> u64 {
+        match self {
+            Self::Step(m) => m.step,
+            Self::Val(v) => v.step,
+        }
+    }
+
+    fn to_json(&self) -> String {
+        match self {
+            Self::Step(m) => serde_json::to_string(m),
+            Self::Val(v) => serde_json::to_string(v),
+        }
+        .expect("metrics serialize")
+    }
 }
 
 /// JSON has no NaN: serde_json writes a non-finite number as null; read
@@ -70,6 +117,7 @@ pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
     pub records: Vec<StepMetrics>,
+    pub val: Vec<ValMetrics>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> MetricsError + '_ {
@@ -79,39 +127,72 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> MetricsError + '_ {
     }
 }
 
-/// Reads every record of a metrics file.
-pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, MetricsError> {
+/// Reads every line of a metrics file, steps and validations in order.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, MetricsError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| MetricsError::Parse {
+            let parse = |e: serde_json::Error| MetricsError::Parse {
                 path: path.to_path_buf(),
                 line: i + 1,
                 reason: e.to_string(),
-            })
+            };
+            let v: serde_json::Value = serde_json::from_str(l).map_err(parse)?;
+            if v.get("val/accuracy").is_some() {
+                serde_json::from_value(v).map(Record::Val).map_err(parse)
+            } else {
+                serde_json::from_value(v).map(Record::Step).map_err(parse)
+            }
         })
         .collect()
+}
+
+/// Reads the optimizer steps' records of a metrics file.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>, MetricsError> {
+    Ok(read_records(path)?
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Step(m) => Some(m),
+            Record::Val(_) => None,
+        })
+        .collect())
+}
+
+/// Reads the validations of a metrics file.
+pub fn read_validations(path: &Path) -> Result<Vec<ValMetrics>, MetricsError> {
+    Ok(read_records(path)?
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Val(v) => Some(v),
+            Record::Step(_) => None,
+        })
+        .collect())
 }
 
 impl MetricsLog {
     /// Starts `path` afresh, or (resuming) keeps the records up to
     /// `keep_up_to` and drops later ones, which the resumed run rewrites.
     pub fn open(path: &Path, keep_up_to: Option<u64>) -> Result<Self, MetricsError> {
-        let records = match keep_up_to {
+        let lines = match keep_up_to {
             Some(step) if path.exists() => {
-                let mut r = read_metrics(path)?;
-                r.retain(|m| m.step <= step);
+                let mut r = read_records(path)?;
+                r.retain(|m| m.step() <= step);
                 r
             }
             _ => Vec::new(),
         };
         let tmp = path.with_extension("jsonl.tmp");
         let mut text = String::new();
-        for r in &records {
-            text.push_str(&serde_json::to_string(r).expect("metrics serialize"));
+        let (mut records, mut val) = (Vec::new(), Vec::new());
+        for r in lines {
+            text.push_str(&r.to_json());
             text.push('\n');
+            match r {
+                Record::Step(m) => records.push(m),
+                Record::Val(v) => val.push(v),
+            }
         }
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io(path))?;
@@ -123,14 +204,30 @@ impl MetricsLog {
             path: path.to_path_buf(),
             file,
             records,
+            val,
         })
     }
 
+    fn append(&mut self, r: &Record) -> Result<(), MetricsError> {
+        writeln!(self.file, "{}", r.to_json()).map_err(io(&self.path))?;
+        self.file.flush().map_err(io(&self.path))
+    }
+
     pub fn push(&mut self, m: StepMetrics) -> Result<(), MetricsError> {
-        let line = serde_json::to_string(&m).expect("metrics serialize");
-        writeln!(self.file, "{line}").map_err(io(&self.path))?;
-        self.file.flush().map_err(io(&self.path))?;
-        self.records.push(m);
+        let r = Record::Step(m);
+        self.append(&r)?;
+        if let Record::Step(m) = r {
+            self.records.push(m);
+        }
+        Ok(())
+    }
+
+    pub fn push_val(&mut self, v: ValMetrics) -> Result<(), MetricsError> {
+        let r = Record::Val(v);
+        self.append(&r)?;
+        if let Record::Val(v) = r {
+            self.val.push(v);
+        }
         Ok(())
     }
 }
@@ -164,6 +261,8 @@ mod tests {
             step_time_s: 0.1,
             tokens_per_s: 10.0,
             skipped_steps: 1,
+            kl_mean: None,
+            extra: BTreeMap::new(),
         };
         log.push(m).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();

@@ -1,7 +1,7 @@
 //! The end-of-run plot: reward (and accuracy) and mean visual dependency
 //! over optimizer steps, as a PNG next to `metrics.jsonl`.
 
-use super::metrics::StepMetrics;
+use super::metrics::{StepMetrics, ValMetrics};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
@@ -34,7 +34,12 @@ fn series_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// Draws the curves into an RGB buffer.
-fn draw(records: &[StepMetrics], title: &str, buf: &mut [u8]) -> Result<(), String> {
+fn draw(
+    records: &[StepMetrics],
+    val: &[ValMetrics],
+    title: &str,
+    buf: &mut [u8],
+) -> Result<(), String> {
     ensure_font();
     let root = BitMapBackend::with_buffer(buf, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -74,6 +79,22 @@ fn draw(records: &[StepMetrics], title: &str, buf: &mut [u8]) -> Result<(), Stri
         .map_err(|e| e.to_string())?
         .label("accuracy")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED));
+    if !val.is_empty() {
+        // Held-out accuracy: what the training curves cannot show.
+        let points: Vec<(f64, f64)> = val.iter().map(|v| (v.step as f64, v.accuracy)).collect();
+        reward
+            .draw_series(LineSeries::new(points.clone(), BLACK.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label("val/accuracy")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+        reward
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 3, BLACK.filled())),
+            )
+            .map_err(|e| e.to_string())?;
+    }
     reward
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -109,9 +130,14 @@ fn draw(records: &[StepMetrics], title: &str, buf: &mut [u8]) -> Result<(), Stri
 }
 
 /// Writes the plot to `path` (PNG; a temporary file, then renamed).
-pub fn write_plot(records: &[StepMetrics], title: &str, path: &Path) -> Result<(), String> {
+pub fn write_plot(
+    records: &[StepMetrics],
+    val: &[ValMetrics],
+    title: &str,
+    path: &Path,
+) -> Result<(), String> {
     let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
-    draw(records, title, &mut buf)?;
+    draw(records, val, title, &mut buf)?;
     let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf).ok_or("plot buffer size")?;
     let tmp = path.with_extension("png.tmp");
     img.save_with_format(&tmp, image::ImageFormat::Png)

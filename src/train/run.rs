@@ -10,10 +10,17 @@ use super::checkpoint::{
     CheckpointError, TrainingState,
 };
 use super::config::{AlgoName, ConfigError, TrainConfig};
-use super::metrics::{MetricsError, MetricsLog, StepMetrics};
+use super::metrics::{MetricsError, MetricsLog, StepMetrics, ValMetrics};
 use super::optimizer::{AdamW, Policy, WeightPrecision};
-use super::source::{PromptSource, SourceError};
-use super::step::{collect_rollouts_on, update_on, Algo, Prompt, Rollouts, StepConfig};
+use super::retention::{self, RetentionError};
+use super::reward_command::RewardCommand;
+use super::source::{Mix, PromptSource, SourceError};
+use super::step::{
+    collect_rollouts_with, update_on, AccuracyReward, Algo, Prompt, RewardFn, Rollouts, StepConfig,
+    StepError,
+};
+use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
+use super::validation::{self, ValError};
 use super::warmup::warmup_step;
 use crate::backend::cpu::adamw::AdamWConfig;
 use crate::backend::{local_ordinal, open_local_gpu, Device};
@@ -38,6 +45,11 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const WARMUP_FILE: &str = "warmup.jsonl";
 pub const PLOT_FILE: &str = "reward.png";
+/// TensorBoard event files, under the run directory.
+pub const TB_DIR: &str = "tb";
+/// The frozen initial weights the KL loss compares with, when the run
+/// starts from the built-in model (a given `model` is its own reference).
+pub const REFERENCE_DIR: &str = "reference-model";
 const BASE_MODEL_DIR: &str = "base-model";
 /// Rollout batches in a row without an update before the run gives up.
 const MAX_BATCHES_WITHOUT_UPDATE: usize = 20;
@@ -73,6 +85,14 @@ pub enum RunError {
     Output(#[from] crate::outputs::OutputError),
     #[error("{0}")]
     Diverged(String),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Validation(#[from] ValError),
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
+    #[error(transparent)]
+    TensorBoard(#[from] TensorBoardError),
 }
 
 /// Writes `path` through a temporary sibling and a rename (never torn).
@@ -141,6 +161,10 @@ pub struct RunSummary {
     pub skipped_rows: (usize, usize),
     /// Updates skipped for a non-finite loss or gradient norm.
     pub skipped_steps: u64,
+    /// The last validation (step, avg@n accuracy), if the run validates.
+    pub last_validation: Option<(u64, f64)>,
+    /// The checkpoint with the best validation accuracy (`best`).
+    pub best: Option<PathBuf>,
 }
 
 /// Mean reward over the first and last fifth of the steps.
@@ -187,6 +211,7 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
     step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
     step.recompute = cfg.recompute;
+    step.kl = cfg.use_kl_loss.then_some((cfg.kl_estimator, cfg.kl_coef));
     step
 }
 
@@ -239,21 +264,48 @@ fn prompt_format(cfg: &TrainConfig) -> PromptFormat {
     }
 }
 
-fn open_source(cfg: &TrainConfig, position: u64) -> Result<PromptSource, RunError> {
-    Ok(match &cfg.data {
-        None => PromptSource::builtin(
+/// The prompt source at a run's position: `position` rows (a mix: draws),
+/// and for a mix, `mix_positions` rows of each of its data sets.
+fn open_source(
+    cfg: &TrainConfig,
+    position: u64,
+    mix_positions: Option<Vec<u64>>,
+) -> Result<PromptSource, RunError> {
+    let Some(data) = &cfg.data else {
+        return Ok(PromptSource::builtin(
             CountingTask::new(cfg.builtin_grid, cfg.seed),
             prompt_format(cfg),
             position,
-        ),
-        Some(path) => PromptSource::dataset(
-            path,
-            Columns::default(),
-            prompt_format(cfg),
-            cfg.epochs,
-            position,
-        )?,
-    })
+        ));
+    };
+    let open = |path: &Path, at: u64| {
+        PromptSource::dataset(path, Columns::default(), prompt_format(cfg), cfg.epochs, at)
+    };
+    match data.paths() {
+        [one] => Ok(open(one, position)?),
+        many => {
+            let at = mix_positions.unwrap_or_else(|| vec![0; many.len()]);
+            if at.len() != many.len() {
+                return Err(RunError::Usage(format!(
+                    "the checkpoint was saved with {} data files, the config names {}: \
+                     a resumed run must keep its data list",
+                    at.len(),
+                    many.len()
+                )));
+            }
+            let sources = many
+                .iter()
+                .zip(at)
+                .map(|(p, at)| open(p, at))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(PromptSource::Mix(Box::new(Mix::new(
+                sources,
+                &cfg.data_weights,
+                cfg.seed,
+                position,
+            ))))
+        }
+    }
 }
 
 fn next_prompts(
@@ -280,11 +332,74 @@ fn save_from<B: Backend>(
     optimizer: &mut AdamW,
     state: &TrainingState,
     keep: usize,
+    mark_best: bool,
 ) -> Result<PathBuf, RunError> {
     policy
         .sync_to_host(&mut pipeline.model.weights, optimizer)
         .map_err(|e| RunError::Device(format!("copying the weights back: {e}")))?;
-    save(out, &mut pipeline.model, optimizer, state, keep)
+    save(out, &mut pipeline.model, optimizer, state, keep, mark_best)
+}
+
+/// Validation during a run: the held-out data, the eval settings, and the
+/// best accuracy so far (from the metrics, so a resumed run knows it).
+struct Validator {
+    data: PathBuf,
+    opts: crate::eval::EvalOptions,
+    val_n: usize,
+    best: Option<f64>,
+    /// The step of the last validation.
+    last: Option<u64>,
+    /// Skipped rows are reported once: every validation meets the same.
+    reported_skips: bool,
+}
+
+impl Validator {
+    fn new(data: PathBuf, cfg: &TrainConfig, done: &[ValMetrics]) -> Self {
+        Self {
+            data,
+            opts: validation::options(cfg),
+            val_n: cfg.val_n,
+            best: done.iter().map(|v| v.accuracy).reduce(f64::max),
+            last: done.last().map(|v| v.step),
+            reported_skips: false,
+        }
+    }
+
+    /// Validates the weights on `engine` after `step` updates: the record
+    /// goes to metrics.jsonl and TensorBoard; true when its accuracy is the
+    /// best of the run so far.
+    fn run<B: Backend>(
+        &mut self,
+        pipeline: &Pipeline,
+        engine: &Engine<B>,
+        step: u64,
+        metrics: &mut MetricsLog,
+        tb: &mut Option<EventWriter>,
+        progress: &Progress,
+    ) -> Result<bool, RunError> {
+        let (v, rows) = validation::validate(pipeline, engine, &self.data, &self.opts, step)?;
+        if rows.corrupt + rows.too_long > 0 && !self.reported_skips {
+            self.reported_skips = true;
+            progress.warn(&format!(
+                "validation data {}: {} corrupt and {} too-long rows skipped",
+                self.data.display(),
+                rows.corrupt,
+                rows.too_long
+            ));
+        }
+        progress.line(&format!(
+            "validation at step {}: accuracy (avg@{}) {:.4} on {} problems, mean length {:.1} ({:.1} s)",
+            v.step, self.val_n, v.accuracy, v.problems, v.response_len_mean, v.seconds
+        ));
+        log_scalars(tb, v.step, &v)?;
+        let is_best = self.best.is_none_or(|b| v.accuracy > b);
+        if is_best {
+            self.best = Some(v.accuracy);
+        }
+        self.last = Some(step);
+        metrics.push_val(v)?;
+        Ok(is_best)
+    }
 }
 
 struct Progress {
@@ -368,7 +483,8 @@ pub fn run(
         let inputs: Vec<&Path> = cfg
             .model
             .iter()
-            .chain(&cfg.data)
+            .chain(cfg.data.iter().flat_map(|d| d.paths()))
+            .chain(&cfg.val_data)
             .map(PathBuf::as_path)
             .collect();
         // The lock file of a run starting there is answered by the lock below.
@@ -376,11 +492,21 @@ pub fn run(
         (cfg, out)
     };
     // Before anything is written or the warm-up runs, which can take long.
+    if let Some(v) = &cfg.val_data {
+        if !v.is_file() {
+            return Err(RunError::Usage(format!(
+                "val_data = {}: no such file (parquet or JSONL with problem, answer, images)",
+                v.display()
+            )));
+        }
+    }
     if cfg.device == Device::Cuda && !crate::backend::gpu_usable() {
         return Err(RunError::Device(
-            "no usable CUDA device (no driver, no GPU, or no kernels in this build); \
-             use device=cpu, or device=auto to fall back to the CPU"
-                .into(),
+            crate::backend::kernelless_gpu().unwrap_or_else(|| {
+                "no usable CUDA device (no driver, no GPU, or no kernels in this build); \
+                 use device=cpu, or device=auto to fall back to the CPU"
+                    .into()
+            }),
         ));
     }
     std::fs::create_dir_all(&out).map_err(io(&out))?;
@@ -471,6 +597,21 @@ pub fn run(
         }
     };
     let metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.then_some(state.step))?;
+    let val_data = match (&cfg.val_data, cfg.is_builtin()) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => Some(validation::write_builtin_split(&out, cfg.builtin_grid)?),
+        (None, false) => None,
+    };
+    let tensorboard = if cfg.tensorboard {
+        Some(EventWriter::create(
+            &out.join(TB_DIR),
+            // TensorBoard drops the logged events at and after this step:
+            // the resumed run's first update is the step after the checkpoint.
+            resume.then_some(state.step + 1),
+        )?)
+    } else {
+        None
+    };
 
     if cfg.warmup_steps > 0 && state.extra["warmup_done"] != true {
         warmup(&mut pipeline, &cfg, &out, &progress)?;
@@ -482,14 +623,23 @@ pub fn run(
             &optimizer,
             &state,
             cfg.keep_checkpoints,
+            false,
         )?;
     }
+    // The KL loss's reference: the weights RL starts from, frozen.
+    let reference = if cfg.use_kl_loss {
+        Some(reference_model(&cfg, &out, &pipeline.model, resume)?)
+    } else {
+        None
+    };
 
     let parts = RunParts {
         pipeline,
         optimizer,
         state,
         metrics,
+        val_data,
+        tensorboard,
     };
     // The one place training picks its device.
     match cfg.device.resolve(false) {
@@ -507,15 +657,87 @@ pub fn run(
                     ", AdamW"
                 }
             ));
-            train_loop(Policy::new(engine), parts, &cfg, &out, &progress, started)
+            let reference = match &reference {
+                Some(model) => {
+                    let gpu = open_local_gpu().map_err(RunError::Device)?;
+                    Some(Engine::new(gpu, model).map_err(|e| {
+                        RunError::Device(format!("uploading the reference model: {e}"))
+                    })?)
+                }
+                None => None,
+            };
+            train_loop(
+                Policy::new(engine),
+                reference,
+                parts,
+                &cfg,
+                &out,
+                &progress,
+                started,
+            )
         }
         _ => {
             progress.line("training on the CPU");
             let engine =
                 Engine::new(CpuBackend, &parts.pipeline.model).map_err(PipelineError::from)?;
-            train_loop(Policy::new(engine), parts, &cfg, &out, &progress, started)
+            let reference = match &reference {
+                Some(model) => Some(Engine::new(CpuBackend, model).map_err(PipelineError::from)?),
+                None => None,
+            };
+            train_loop(
+                Policy::new(engine),
+                reference,
+                parts,
+                &cfg,
+                &out,
+                &progress,
+                started,
+            )
         }
     }
+}
+
+/// The frozen reference of the KL loss: the given `model`, or (built-in)
+/// the warmed-up weights RL starts from, saved once under
+/// `reference-model/` so a resumed run compares with the same weights.
+/// With `bf16` the weights are rounded to bf16, as the policy's are.
+fn reference_model(
+    cfg: &TrainConfig,
+    out: &Path,
+    current: &Qwen25Vl,
+    resume: bool,
+) -> Result<Qwen25Vl, RunError> {
+    let dir = match &cfg.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = out.join(REFERENCE_DIR);
+            if !dir.join("config.json").is_file() {
+                if resume {
+                    return Err(RunError::Usage(format!(
+                        "use_kl_loss: {} is missing, and the reference (the weights RL \
+                         started from) cannot be rebuilt on resume",
+                        dir.display()
+                    )));
+                }
+                super::checkpoint::save_hub_checkpoint(
+                    current,
+                    &dir,
+                    super::checkpoint::SaveDtype::F32,
+                    2 << 30,
+                )?;
+            }
+            dir
+        }
+    };
+    let mut model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
+    if cfg.bf16 {
+        for w in &mut model.weights.0 {
+            for x in w.iter_mut() {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+    }
+    Ok(model)
 }
 
 /// What a run carries from its setup into the training loop.
@@ -524,12 +746,29 @@ struct RunParts {
     optimizer: AdamW,
     state: TrainingState,
     metrics: MetricsLog,
+    /// Held-out data validated on (none: no validation).
+    val_data: Option<PathBuf>,
+    tensorboard: Option<EventWriter>,
+}
+
+/// Writes a record's numbers to TensorBoard, when it is on.
+fn log_scalars<T: serde::Serialize>(
+    tb: &mut Option<EventWriter>,
+    step: u64,
+    record: &T,
+) -> Result<(), RunError> {
+    if let Some(tb) = tb {
+        let v = serde_json::to_value(record).expect("metrics serialize");
+        tb.scalars(step, &numeric_fields(&v))?;
+    }
+    Ok(())
 }
 
 /// The RL loop on the policy's backend: rollout batches, mini-batch
 /// updates, metrics and checkpoints until `max_steps` or the data ends.
 fn train_loop<B: Backend>(
     mut policy: Policy<B>,
+    reference: Option<Engine<B>>,
     parts: RunParts,
     cfg: &TrainConfig,
     out: &Path,
@@ -541,9 +780,39 @@ fn train_loop<B: Backend>(
         mut optimizer,
         mut state,
         mut metrics,
+        val_data,
+        mut tensorboard,
     } = parts;
     let step_cfg = step_config(cfg);
-    let mut source = open_source(cfg, state.data_position)?;
+    let mix_positions: Option<Vec<u64>> =
+        serde_json::from_value(state.extra["data_positions"].clone()).ok();
+    let mut source = open_source(cfg, state.data_position, mix_positions)?;
+    let reward: Box<dyn RewardFn> = match &cfg.reward_command {
+        Some(command) => Box::new(RewardCommand {
+            command: command.clone(),
+            timeout: std::time::Duration::from_secs_f64(cfg.reward_timeout_s),
+        }),
+        None => Box::new(AccuracyReward),
+    };
+    let mut validator = val_data.map(|data| Validator::new(data, cfg, &metrics.val));
+    if let Some(v) = validator.as_mut() {
+        if cfg.val_before_train && state.step == 0 && v.last.is_none() {
+            let best = v.run(
+                &pipeline,
+                &policy.engine,
+                0,
+                &mut metrics,
+                &mut tensorboard,
+                progress,
+            )?;
+            // The warm-up's checkpoint holds these weights.
+            if let (true, Some(latest)) = (best, latest_checkpoint(out)?) {
+                if latest.ends_with(super::checkpoint::checkpoint_dir_name(0)) {
+                    retention::set_best(out, &latest)?;
+                }
+            }
+        }
+    }
     let mut rollout_index = state.extra["rollout_batches"].as_u64().unwrap_or(0);
     let mut last_saved = state.step;
     progress.bar.set_position(state.step);
@@ -555,6 +824,7 @@ fn train_loop<B: Backend>(
     let mut skips = Skips::resume(metrics.records.last().map_or(0, |m| m.skipped_steps));
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
         let t0 = Instant::now();
+        let step_before_batch = state.step;
         let mut rollouts: Option<Rollouts> = None;
         for attempt in 0..cfg.max_gen_batches as u64 {
             let prompts = next_prompts(&mut source, &pipeline, cfg.rollout_batch)?;
@@ -562,7 +832,15 @@ fn train_loop<B: Backend>(
                 break;
             }
             let seed = rollout_seed(cfg.seed, rollout_index, attempt);
-            let more = collect_rollouts_on(&pipeline, &policy.engine, &prompts, &step_cfg, seed)?;
+            let more = collect_rollouts_with(
+                &pipeline,
+                &policy.engine,
+                reference.as_ref(),
+                &prompts,
+                &step_cfg,
+                seed,
+                reward.as_ref(),
+            )?;
             match &mut rollouts {
                 None => rollouts = Some(more),
                 Some(r) => r.append(more),
@@ -629,7 +907,10 @@ fn train_loop<B: Backend>(
                 step_time_s: step_time,
                 tokens_per_s: u.tokens as f64 / step_time.max(1e-9),
                 skipped_steps: skips.total,
+                kl_mean: u.kl_mean,
+                extra: stats.reward_extra.iter().cloned().collect(),
             };
+            log_scalars(&mut tensorboard, m.step, &m)?;
             progress.bar.set_position(state.step);
             progress.bar.set_message(format!(
                 "reward {:.3} dep {} {:.0} tok/s",
@@ -686,31 +967,65 @@ fn train_loop<B: Backend>(
         }
         rollout_index += 1;
         state.data_position = source.position();
+        if let Some(positions) = source.mix_positions() {
+            state.extra["data_positions"] = positions.into();
+        }
         state.extra["rollout_batches"] = rollout_index.into();
         let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
-        if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64 || done {
-            let keep = cfg.keep_checkpoints;
+        let mut new_best = false;
+        if let Some(v) = validator.as_mut() {
+            if validation::due(cfg.val_freq, step_before_batch, state.step) || done {
+                new_best = v.run(
+                    &pipeline,
+                    &policy.engine,
+                    state.step,
+                    &mut metrics,
+                    &mut tensorboard,
+                    progress,
+                )?;
+            }
+        }
+        // A new best is saved now, whatever save_every says, so `best`
+        // names the weights that were validated.
+        if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64
+            || done
+            || new_best
+        {
             save_from(
                 &mut policy,
                 out,
                 &mut pipeline,
                 &mut optimizer,
                 &state,
-                keep,
+                cfg.keep_checkpoints,
+                new_best,
             )?;
             last_saved = state.step;
         }
     }
     progress.bar.finish_and_clear();
-    if state.step != last_saved {
-        let keep = cfg.keep_checkpoints;
+    let mut new_best = false;
+    if let Some(v) = validator.as_mut() {
+        if v.last != Some(state.step) && state.step > 0 {
+            new_best = v.run(
+                &pipeline,
+                &policy.engine,
+                state.step,
+                &mut metrics,
+                &mut tensorboard,
+                progress,
+            )?;
+        }
+    }
+    if state.step != last_saved || new_best {
         save_from(
             &mut policy,
             out,
             &mut pipeline,
             &mut optimizer,
             &state,
-            keep,
+            cfg.keep_checkpoints,
+            new_best,
         )?;
     }
     let plot = out.join(PLOT_FILE);
@@ -719,12 +1034,10 @@ fn train_loop<B: Backend>(
         format!("{:?}", cfg.algo).to_lowercase(),
         cfg.data
             .as_ref()
-            .map_or("the built-in counting task".to_string(), |d| d
-                .display()
-                .to_string()),
+            .map_or("the built-in counting task".to_string(), |d| d.to_string()),
         state.step
     );
-    let plot = match super::plot::write_plot(&metrics.records, &title, &plot) {
+    let plot = match super::plot::write_plot(&metrics.records, &metrics.val, &title, &plot) {
         Ok(()) => Some(plot),
         Err(e) => {
             progress.warn(&format!("warning: no plot: {e}"));
@@ -751,12 +1064,15 @@ fn train_loop<B: Backend>(
         plot,
         skipped_rows: source.skipped().map_or((0, 0), |s| (s.corrupt, s.too_long)),
         skipped_steps: skips.total,
+        last_validation: metrics.val.last().map(|v| (v.step, v.accuracy)),
+        best: retention::best_checkpoint(out),
     })
 }
 
-/// Saves a training checkpoint, then (with `keep` > 0) deletes all but the
-/// newest `keep` ones; the new one is complete and `latest` points at it
-/// before anything is removed. The model's files (config, tokenizer) are
+/// Saves a training checkpoint (with `mark_best`, `best` names it), then
+/// (with `keep` > 0) deletes all but the newest `keep` ones and the best;
+/// the new one is complete and `latest` points at it before anything is
+/// removed. The model's files (config, tokenizer) are
 /// read from the checkpoint just written from then on, since the one it
 /// was loaded from may be among those deleted.
 fn save(
@@ -765,16 +1081,14 @@ fn save(
     optimizer: &AdamW,
     state: &TrainingState,
     keep: usize,
+    mark_best: bool,
 ) -> Result<PathBuf, RunError> {
     let dir = save_training_checkpoint(out, model, optimizer, state, &mut |_| {})?;
     model.dir = dir.clone();
-    if keep > 0 {
-        let old = checkpoint_dirs(out)?;
-        let surplus = old.len().saturating_sub(keep);
-        for stale in old.into_iter().take(surplus).filter(|p| *p != dir) {
-            std::fs::remove_dir_all(&stale).map_err(io(&stale))?;
-        }
+    if mark_best {
+        retention::set_best(out, &dir)?;
     }
+    retention::prune(out, &checkpoint_dirs(out)?, keep, &dir)?;
     Ok(dir)
 }
 

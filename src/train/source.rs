@@ -36,6 +36,68 @@ pub enum PromptSource {
         /// Usable prompts handed out since then.
         usable: u64,
     },
+    /// Several data sets, each next prompt drawn from one of them with the
+    /// given probabilities (OpenRLHF's `prompt_probs`); ends when the drawn
+    /// one runs out (Hugging Face's `first_exhausted`).
+    Mix(Box<Mix>),
+}
+
+pub struct Mix {
+    pub sources: Vec<PromptSource>,
+    /// Cumulative, normalised weights.
+    cumulative: Vec<f64>,
+    seed: u64,
+    /// Prompts drawn so far: the draw of prompt k is a pure function of
+    /// (seed, k), so a resumed run continues the same sequence.
+    draws: u64,
+    skipped: SkippedRows,
+}
+
+/// The source index prompt `k` of a mix comes from.
+pub fn mix_choice(cumulative: &[f64], seed: u64, k: u64) -> usize {
+    // splitmix64 of (seed, k) to a uniform in [0, 1).
+    let mut x = seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+    cumulative
+        .iter()
+        .position(|&c| u < c)
+        .unwrap_or(cumulative.len() - 1)
+}
+
+impl Mix {
+    /// `sources` opened at their own positions, `draws` prompts into the
+    /// mix; `weights` (empty: equal) are normalised here.
+    pub fn new(sources: Vec<PromptSource>, weights: &[f64], seed: u64, draws: u64) -> Self {
+        let weights: Vec<f64> = if weights.is_empty() {
+            vec![1.0; sources.len()]
+        } else {
+            weights.to_vec()
+        };
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cumulative = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        Self {
+            sources,
+            cumulative,
+            seed,
+            draws,
+            skipped: SkippedRows::default(),
+        }
+    }
+
+    /// Rows consumed in each data set (what a resumed run reopens at).
+    pub fn positions(&self) -> Vec<u64> {
+        self.sources.iter().map(PromptSource::position).collect()
+    }
 }
 
 /// Rows of the data set that could not be used, each counted once however
@@ -124,9 +186,19 @@ impl PromptSource {
         Ok(source)
     }
 
+    /// Rows consumed (a mix: prompts drawn; see [`Mix::positions`]).
     pub fn position(&self) -> u64 {
         match self {
             Self::Builtin { position, .. } | Self::Dataset { position, .. } => *position,
+            Self::Mix(mix) => mix.draws,
+        }
+    }
+
+    /// The rows of each data set of a mix consumed so far.
+    pub fn mix_positions(&self) -> Option<Vec<u64>> {
+        match self {
+            Self::Mix(mix) => Some(mix.positions()),
+            _ => None,
         }
     }
 
@@ -134,6 +206,7 @@ impl PromptSource {
         match self {
             Self::Builtin { .. } => None,
             Self::Dataset { skipped, .. } => Some(skipped.as_ref()),
+            Self::Mix(mix) => Some(&mix.skipped),
         }
     }
 
@@ -208,6 +281,29 @@ impl PromptSource {
 
     /// The next usable prompt, or `None` when the data set is exhausted.
     pub fn next_prompt(&mut self, pipeline: &Pipeline) -> Result<Option<Prompt>, SourceError> {
+        if let Self::Mix(mix) = self {
+            let i = mix_choice(&mix.cumulative, mix.seed, mix.draws);
+            let prompt = mix.sources[i].next_prompt(pipeline)?;
+            if prompt.is_some() {
+                mix.draws += 1;
+            }
+            // The summary's skipped rows: every data set's, together.
+            let mut all = SkippedRows::default();
+            for s in &mix.sources {
+                if let Some(k) = s.skipped() {
+                    all.corrupt += k.corrupt;
+                    all.too_long += k.too_long;
+                    all.examples.extend(
+                        k.examples
+                            .iter()
+                            .take(5 - all.examples.len().min(5))
+                            .cloned(),
+                    );
+                }
+            }
+            mix.skipped = all;
+            return Ok(prompt);
+        }
         if let Self::Builtin {
             task,
             format,
@@ -224,6 +320,7 @@ impl PromptSource {
             return Ok(Some(Prompt {
                 input,
                 answer: item.answer,
+                problem: item.question,
             }));
         }
         // Stop at a full pass without one usable row rather than loop forever.
@@ -252,6 +349,7 @@ impl PromptSource {
                     return Ok(Some(Prompt {
                         input,
                         answer: example.answer,
+                        problem: example.problem,
                     }));
                 }
                 Err(skip) => {
@@ -268,5 +366,24 @@ impl PromptSource {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_draws_each_source_by_its_weight_and_repeats_per_seed() {
+        let cumulative = [0.75, 1.0];
+        let draws: Vec<usize> = (0..8000).map(|k| mix_choice(&cumulative, 9, k)).collect();
+        let first = draws.iter().filter(|&&i| i == 0).count() as f64 / draws.len() as f64;
+        assert!((first - 0.75).abs() < 0.02, "{first}");
+        let again: Vec<usize> = (0..8000).map(|k| mix_choice(&cumulative, 9, k)).collect();
+        assert_eq!(draws, again, "a pure function of (seed, k)");
+        let other: Vec<usize> = (0..8000).map(|k| mix_choice(&cumulative, 10, k)).collect();
+        assert_ne!(draws, other, "another seed, another order");
+        // A zero weight is never drawn.
+        assert!((0..2000).all(|k| mix_choice(&[0.0, 1.0], 3, k) == 1));
     }
 }

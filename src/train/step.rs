@@ -18,10 +18,24 @@ use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
 use crate::rl::{
     group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
-    Perturbation, PolicyLossConfig,
+    KlEstimator, Perturbation, PolicyLossConfig,
 };
 use crate::rollout::generate::{eos_ids, Generator};
 use crate::rollout::sampling::SamplingParams;
+
+/// What a step reports instead of panicking.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The custom reward program failed or answered wrongly.
+    #[error("reward_command: {0}")]
+    Reward(String),
+    #[error("the KL loss is on, but the rollouts carry no reference log-probs")]
+    NoReference,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algo {
@@ -54,6 +68,10 @@ pub struct StepConfig {
     pub micro_batch: usize,
     /// Recompute activations in the backward (less memory).
     pub recompute: bool,
+    /// The KL-to-reference loss term: its estimator and coefficient
+    /// (`None`: off, as in the VPPO recipe). Needs reference log-probs in
+    /// the rollouts.
+    pub kl: Option<(KlEstimator, f64)>,
 }
 
 impl StepConfig {
@@ -78,6 +96,7 @@ impl StepConfig {
             dependency: DependencyEstimator::K3,
             micro_batch: 8,
             recompute: false,
+            kl: None,
         }
     }
 }
@@ -87,6 +106,8 @@ impl StepConfig {
 pub struct Prompt {
     pub input: SequenceInput,
     pub answer: String,
+    /// The problem text as the data has it (what a custom reward sees).
+    pub problem: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -103,6 +124,8 @@ pub struct StepStats {
     pub clip_fraction: f32,
     /// `None` when no group survived (no update).
     pub optimizer: Option<StepReport>,
+    /// Extra metrics of a custom reward (means over the responses).
+    pub reward_extra: Vec<(String, f64)>,
 }
 
 /// A rollout batch ready for updates: the kept groups' sequences with their
@@ -118,6 +141,9 @@ pub struct Rollouts {
     /// Token visual dependency (VPPO only), from the original and the
     /// perturbed-image pass with the rollout weights.
     pub dependency: Option<Vec<f32>>,
+    /// The response tokens' log-probs under the frozen reference model
+    /// (only with the KL loss).
+    pub lp_ref: Option<Vec<f32>>,
     /// Responses per group.
     pub group_size: usize,
     pub stats: StepStats,
@@ -143,6 +169,9 @@ impl Rollouts {
         if let (Some(mine), Some(theirs)) = (&mut self.dependency, other.dependency) {
             mine.extend(theirs);
         }
+        if let (Some(mine), Some(theirs)) = (&mut self.lp_ref, other.lp_ref) {
+            mine.extend(theirs);
+        }
         self.stats.responses = responses;
         self.stats.mean_reward = weighted(a.mean_reward, b.mean_reward);
         self.stats.accuracy = weighted(a.accuracy, b.accuracy);
@@ -164,6 +193,9 @@ impl Rollouts {
         self.lp_old.truncate(tokens);
         if let Some(dep) = &mut self.dependency {
             dep.truncate(tokens);
+        }
+        if let Some(r) = &mut self.lp_ref {
+            r.truncate(tokens);
         }
     }
 }
@@ -189,7 +221,7 @@ pub fn collect_rollouts(
     prompts: &[Prompt],
     cfg: &StepConfig,
     seed: u64,
-) -> Result<Rollouts, PipelineError> {
+) -> Result<Rollouts, StepError> {
     let engine = Engine::new(CpuBackend, &pipeline.model)?;
     collect_rollouts_on(pipeline, &engine, prompts, cfg, seed)
 }
@@ -202,7 +234,59 @@ pub fn collect_rollouts_on<B: Backend>(
     prompts: &[Prompt],
     cfg: &StepConfig,
     seed: u64,
-) -> Result<Rollouts, PipelineError> {
+) -> Result<Rollouts, StepError> {
+    collect_rollouts_with(pipeline, engine, None, prompts, cfg, seed, &AccuracyReward)
+}
+
+/// The rewards of a batch of responses, in order, and a custom reward's
+/// extra named metrics (means over the responses).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scored {
+    pub rewards: Vec<f32>,
+    pub extra: Vec<(String, f64)>,
+}
+
+/// How responses are scored: the recipe's accuracy reward, or an external
+/// program (`reward_command`). Extra per-response metrics are averaged and
+/// logged.
+pub trait RewardFn {
+    /// One reward per response, in order, and extra named metrics (means
+    /// over the responses).
+    fn score(&self, prompts: &[Prompt], responses: &[(usize, String)])
+        -> Result<Scored, StepError>;
+}
+
+/// The VPPO accuracy reward (the default).
+pub struct AccuracyReward;
+
+impl RewardFn for AccuracyReward {
+    fn score(
+        &self,
+        prompts: &[Prompt],
+        responses: &[(usize, String)],
+    ) -> Result<Scored, StepError> {
+        Ok(Scored {
+            rewards: responses
+                .iter()
+                .map(|(p, text)| accuracy_reward(text, &prompts[*p].answer))
+                .collect(),
+            extra: Vec::new(),
+        })
+    }
+}
+
+/// [`collect_rollouts_on`] with a reward function and, for the KL loss,
+/// the frozen `reference` model whose log-probs of every kept response are
+/// taken here (rollout phase).
+pub fn collect_rollouts_with<B: Backend>(
+    pipeline: &Pipeline,
+    engine: &Engine<B>,
+    reference: Option<&Engine<B>>,
+    prompts: &[Prompt],
+    cfg: &StepConfig,
+    seed: u64,
+    reward: &dyn RewardFn,
+) -> Result<Rollouts, StepError> {
     let mut stats = StepStats::default();
     let inputs: Vec<SequenceInput> = prompts.iter().map(|p| p.input.clone()).collect();
     let samples = {
@@ -216,11 +300,16 @@ pub fn collect_rollouts_on<B: Backend>(
             seed,
         )?
     };
-    let mut rewards = Vec::with_capacity(samples.len());
+    let mut texts = Vec::with_capacity(samples.len());
     for s in &samples {
-        let text = pipeline.text.decode(&s.token_ids, true)?;
-        rewards.push(accuracy_reward(&text, &prompts[s.prompt_index].answer));
+        let text = pipeline
+            .text
+            .decode(&s.token_ids, true)
+            .map_err(PipelineError::from)?;
+        texts.push((s.prompt_index, text));
     }
+    let Scored { rewards, extra } = reward.score(prompts, &texts)?;
+    stats.reward_extra = extra;
     stats.responses = samples.len();
     stats.mean_reward = rewards.iter().sum::<f32>() / rewards.len().max(1) as f32;
     stats.accuracy =
@@ -253,12 +342,24 @@ pub fn collect_rollouts_on<B: Backend>(
     let generated: Vec<usize> = samples.iter().map(|s| s.token_ids.len()).collect();
     stats.mean_response_tokens = mean_len(&generated);
     let (lp_old, dependency) = old_logprobs(pipeline, engine, &batch, cfg, seed)?;
+    let lp_ref = match (reference, cfg.kl) {
+        (Some(reference), Some(_)) => {
+            let _nvtx = crate::nvtx::range("reference_logprobs");
+            let mut lp = Vec::with_capacity(lp_old.len());
+            for r in chunks(0..batch.len(), cfg.micro_batch) {
+                lp.extend(reference.logprobs(&batch[r])?.logprobs);
+            }
+            Some(lp)
+        }
+        _ => None,
+    };
     Ok(Rollouts {
         batch,
         advantages,
         lens,
         lp_old,
         dependency,
+        lp_ref,
         group_size: cfg.n,
         stats,
     })
@@ -273,7 +374,7 @@ fn old_logprobs<B: Backend>(
     batch: &[TrainSequence],
     cfg: &StepConfig,
     seed: u64,
-) -> Result<(Vec<f32>, Option<Vec<f32>>), PipelineError> {
+) -> Result<(Vec<f32>, Option<Vec<f32>>), StepError> {
     let vppo = cfg.algo == Algo::Vppo;
     let _nvtx = crate::nvtx::range(if vppo {
         "old_and_perturbed_logprobs"
@@ -346,6 +447,8 @@ pub struct UpdateStats {
     pub entropy: f64,
     /// Mean token visual dependency (`None` without the perturbed pass).
     pub visual_dependency_mean: Option<f64>,
+    /// Mean KL-to-reference estimate per token (`None` without the KL loss).
+    pub kl_mean: Option<f64>,
     /// Fraction of response tokens TGF kept.
     pub tgf_kept_frac: f32,
     pub adv_scale_min: f32,
@@ -365,7 +468,7 @@ pub fn update(
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-) -> Result<UpdateStats, PipelineError> {
+) -> Result<UpdateStats, StepError> {
     let mut policy = Policy::new(Engine::new(CpuBackend, &pipeline.model)?);
     let host = &mut pipeline.model.weights;
     let stats = update_on(&mut policy, host, optimizer, rollouts, groups, cfg)?;
@@ -383,7 +486,7 @@ pub fn update_on<B: Backend>(
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-) -> Result<UpdateStats, PipelineError> {
+) -> Result<UpdateStats, StepError> {
     let _nvtx = crate::nvtx::range("update");
     let mut stats = accumulate(&mut policy.engine, rollouts, groups, cfg)?;
     if !stats.loss.is_finite() {
@@ -409,7 +512,7 @@ pub fn mini_batch_gradients(
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-) -> Result<(Tensors, UpdateStats), PipelineError> {
+) -> Result<(Tensors, UpdateStats), StepError> {
     let mut engine = Engine::new(CpuBackend, model)?;
     mini_batch_gradients_on(&mut engine, rollouts, groups, cfg)
 }
@@ -421,7 +524,7 @@ pub fn mini_batch_gradients_on<B: Backend>(
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-) -> Result<(Tensors, UpdateStats), PipelineError> {
+) -> Result<(Tensors, UpdateStats), StepError> {
     let stats = accumulate(engine, rollouts, groups, cfg)?;
     let mut grads = Tensors::zeros(&engine.layout);
     engine.take_grads(&mut grads)?;
@@ -437,7 +540,7 @@ fn accumulate<B: Backend>(
     rollouts: &Rollouts,
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
-) -> Result<UpdateStats, PipelineError> {
+) -> Result<UpdateStats, StepError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
@@ -456,6 +559,12 @@ fn accumulate<B: Backend>(
     };
     let (mut loss, mut clipped, mut neg_logprob, mut dependency, mut kept) =
         (0.0, 0.0, 0.0f64, 0.0f64, 0usize);
+    let kl = match (cfg.kl, &rollouts.lp_ref) {
+        (Some((estimator, coef)), Some(lp_ref)) => Some((estimator, coef, lp_ref)),
+        (Some(_), None) => return Err(StepError::NoReference),
+        _ => None,
+    };
+    let mut kl_sum = 0.0f64;
     let (mut scale_min, mut scale_max) = (f32::INFINITY, f32::NEG_INFINITY);
     for r in chunks(responses.clone(), cfg.micro_batch) {
         let tok = offset(r.start)..offset(r.end);
@@ -476,13 +585,22 @@ fn accumulate<B: Backend>(
         let lp_new = engine
             .train_forward(&rollouts.batch[r.clone()], save)?
             .logprobs;
-        let policy = cfg.loss.evaluate(
+        let mut policy = cfg.loss.evaluate(
             &lp_new,
             &rollouts.lp_old[tok.clone()],
             &shaping.token_advantages,
             &shaping.mask,
             total_tokens,
         );
+        if let Some((estimator, coef, lp_ref)) = kl {
+            // On every response token (TGF masks only the policy term).
+            let k = estimator.loss(&lp_new, &lp_ref[tok.clone()], coef, total_tokens);
+            policy.loss += k.loss;
+            kl_sum += k.kl_sum;
+            for (g, kg) in policy.token_grads.iter_mut().zip(&k.token_grads) {
+                *g += kg;
+            }
+        }
         loss += policy.loss;
         clipped += policy.clip_fraction * tok.len() as f32;
         neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
@@ -495,6 +613,7 @@ fn accumulate<B: Backend>(
         clip_fraction: clipped / total_tokens.max(1) as f32,
         entropy: neg_logprob / denom,
         visual_dependency_mean: rollouts.dependency.as_ref().map(|_| dependency / denom),
+        kl_mean: kl.map(|_| kl_sum / denom),
         tgf_kept_frac: (kept as f64 / denom) as f32,
         adv_scale_min: scale_min,
         adv_scale_max: scale_max,
@@ -516,7 +635,7 @@ pub fn train_step(
     prompts: &[Prompt],
     cfg: &StepConfig,
     seed: u64,
-) -> Result<StepStats, PipelineError> {
+) -> Result<StepStats, StepError> {
     let rollouts = collect_rollouts(pipeline, prompts, cfg, seed)?;
     let mut stats = rollouts.stats.clone();
     if rollouts.groups() > 0 {
@@ -542,6 +661,7 @@ mod tests {
             lens: Vec::new(),
             lp_old: Vec::new(),
             dependency: Some(Vec::new()),
+            lp_ref: None,
             group_size: n,
             stats: StepStats {
                 responses: (groups + dropped) * n,

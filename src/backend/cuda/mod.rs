@@ -47,7 +47,10 @@ pub enum CudaError {
     NoDriver,
     #[error("the CUDA driver is present but reports no device")]
     NoDevice,
-    #[error("this binary was built without CUDA kernels: {0}")]
+    #[error(
+        "this binary was built without CUDA kernels ({0}); {hint}",
+        hint = crate::backend::REBUILD_HINT
+    )]
     NoKernels(&'static str),
     #[error("kernel module `{0}` is not embedded in this binary")]
     MissingModule(&'static str),
