@@ -1,14 +1,11 @@
-//! Flash attention (forward + backward) and paged decode attention against
-//! `cpu::flash_attn` and `cpu::paged_attn`.
+//! Flash attention (forward + backward, f32 and bf16 storage) against
+//! `cpu::flash_attn`.
 
-use crate::{check, check_truth, cuda, drv, random, to_f64, Case, FP32_TOL};
+use crate::{check, check_truth, cuda, drv, random, to_f64, Case, BF16_TOL, FP32_TOL};
 use half::bf16;
-use rand::Rng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
-use vppo_engine::backend::cpu::paged_attn::{PagedSeq, PagedShape};
 use vppo_engine::backend::cuda::FlashAttnShape;
-use vppo_engine::backend::desc::flatten_block_tables;
 
 /// Like `check`, for log-sum-exps: infinities must agree exactly (a query
 /// that sees no key has lse = -inf), the finite values within `tol`.
@@ -157,154 +154,6 @@ pub fn flash_case(
     }
 }
 
-pub fn paged_case(
-    lens: Vec<usize>,
-    block_size: usize,
-    q_heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-) -> Case {
-    paged_case_typed(lens, block_size, q_heads, kv_heads, head_dim, false)
-}
-
-/// With `bf16`, q and the caches are rounded to bf16 and the kernel runs on
-/// bf16 storage; the reference is the CPU op on the widened values.
-pub fn paged_case_typed(
-    lens: Vec<usize>,
-    block_size: usize,
-    q_heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    bf16_storage: bool,
-) -> Case {
-    Case {
-        name: format!(
-            "paged_decode{} lens={lens:?} bs={block_size} h={q_heads}/{kv_heads} d={head_dim}",
-            if bf16_storage { " bf16" } else { "" }
-        ),
-        run: Box::new(move |gpu, rng| {
-            let s = gpu.stream();
-            // Blocks handed out in a shuffled order, plus unused ones.
-            let needed: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum();
-            let n_blocks = needed + 3;
-            let mut free: Vec<usize> = (0..n_blocks).collect();
-            for i in (1..free.len()).rev() {
-                free.swap(i, rng.random_range(0..=i));
-            }
-            let tables: Vec<Vec<usize>> = lens
-                .iter()
-                .map(|l| {
-                    (0..l.div_ceil(block_size))
-                        .map(|_| free.pop().unwrap())
-                        .collect()
-                })
-                .collect();
-            let seqs: Vec<PagedSeq> = tables
-                .iter()
-                .zip(&lens)
-                .map(|(t, &len)| PagedSeq {
-                    block_table: t,
-                    len,
-                })
-                .collect();
-            let shape = PagedShape {
-                block_size,
-                q_heads,
-                kv_heads,
-                head_dim,
-                scale: 1.0 / (head_dim as f32).sqrt(),
-            };
-            let cache_len = n_blocks * block_size * kv_heads * head_dim;
-            // bf16 storage: values already on the bf16 grid.
-            let grid = |v: Vec<f32>| -> Vec<f32> {
-                if bf16_storage {
-                    v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect()
-                } else {
-                    v
-                }
-            };
-            let k_cache = grid(random(rng, cache_len, 2.0));
-            let v_cache = grid(random(rng, cache_len, 1.0));
-            let nq = lens.len() * q_heads * head_dim;
-            let q = grid(random(rng, nq, 2.0));
-            let mut want = vec![0.0; nq];
-            cpu::paged_attn::paged_decode_attention(
-                &shape, &q, &k_cache, &v_cache, &seqs, &mut want,
-            );
-            let (tab, seq_lens, stride) = flatten_block_tables(&seqs);
-            let tab_d = s.clone_htod(&tab).map_err(drv)?;
-            let lens_d = s.clone_htod(&seq_lens).map_err(drv)?;
-            let got: Vec<f32> = if bf16_storage {
-                let b = |v: &[f32]| -> Vec<bf16> { v.iter().map(|x| bf16::from_f32(*x)).collect() };
-                let q_d = s.clone_htod(&b(&q)).map_err(drv)?;
-                let k_d = s.clone_htod(&b(&k_cache)).map_err(drv)?;
-                let v_d = s.clone_htod(&b(&v_cache)).map_err(drv)?;
-                let mut o_d = s.clone_htod(&vec![bf16::NAN; nq]).map_err(drv)?;
-                gpu.paged_decode_attention(
-                    &shape,
-                    lens.len(),
-                    &q_d,
-                    &k_d,
-                    &v_d,
-                    &tab_d,
-                    stride,
-                    &lens_d,
-                    &mut o_d,
-                )
-                .map_err(cuda)?;
-                let o = s.clone_dtoh(&o_d).map_err(drv)?;
-                o.iter().map(|x| x.to_f32()).collect()
-            } else {
-                let q_d = s.clone_htod(&q).map_err(drv)?;
-                let k_d = s.clone_htod(&k_cache).map_err(drv)?;
-                let v_d = s.clone_htod(&v_cache).map_err(drv)?;
-                let mut o_d = s.clone_htod(&vec![f32::NAN; nq]).map_err(drv)?;
-                gpu.paged_decode_attention(
-                    &shape,
-                    lens.len(),
-                    &q_d,
-                    &k_d,
-                    &v_d,
-                    &tab_d,
-                    stride,
-                    &lens_d,
-                    &mut o_d,
-                )
-                .map_err(cuda)?;
-                s.clone_dtoh(&o_d).map_err(drv)?
-            };
-            let tol = if bf16_storage { BF16_TOL } else { FP32_TOL };
-            let e = check("o", &got, &want, tol)?;
-            Ok(format!("o {e:.1e}"))
-        }),
-    }
-}
-
-pub fn cases() -> Vec<Case> {
-    vec![
-        // Vision: bidirectional, head_dim 80, windows and a full image.
-        flash_case(vec![1], vec![1], 2, 2, 80, false),
-        flash_case(vec![5, 64, 100, 31], vec![5, 64, 100, 31], 4, 4, 80, false),
-        flash_case(vec![300], vec![300], 2, 2, 80, false),
-        // Text: causal GQA, head_dim 128.
-        flash_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
-        flash_case(vec![97], vec![97], 4, 4, 128, true),
-        flash_case(vec![70, 0, 45], vec![70, 0, 45], 6, 1, 128, true),
-        // Fewer queries than keys (ends aligned), and more (rows that see nothing).
-        flash_case(vec![3, 40], vec![8, 77], 4, 2, 128, true),
-        flash_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
-        flash_case(vec![7, 40], vec![33, 2], 2, 1, 80, false),
-        // Small head dims (test-size models: the fixtures use 16).
-        flash_case(vec![64, 48], vec![64, 48], 2, 2, 16, false),
-        flash_case(vec![93], vec![93], 4, 2, 16, true),
-        flash_case(vec![1, 70], vec![1, 70], 8, 8, 64, true),
-        paged_case(vec![1], 16, 2, 2, 128),
-        paged_case(vec![17, 0, 300, 64], 16, 8, 2, 128),
-        paged_case(vec![5, 1000], 32, 4, 4, 80),
-        paged_case(vec![33, 129], 16, 28, 4, 128),
-    ]
-}
-
 /// bf16 storage (f32 arithmetic): inputs rounded to bf16, the CPU op on the
 /// widened inputs as reference, relative error below 1e-2 (lse below 1e-5).
 pub fn flash_bf16_case(
@@ -412,7 +261,26 @@ pub fn flash_bf16_case(
     }
 }
 
-const BF16_TOL: f64 = 1e-2;
+pub fn cases() -> Vec<Case> {
+    vec![
+        // Vision: bidirectional, head_dim 80, windows and a full image.
+        flash_case(vec![1], vec![1], 2, 2, 80, false),
+        flash_case(vec![5, 64, 100, 31], vec![5, 64, 100, 31], 4, 4, 80, false),
+        flash_case(vec![300], vec![300], 2, 2, 80, false),
+        // Text: causal GQA, head_dim 128.
+        flash_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
+        flash_case(vec![97], vec![97], 4, 4, 128, true),
+        flash_case(vec![70, 0, 45], vec![70, 0, 45], 6, 1, 128, true),
+        // Fewer queries than keys (ends aligned), and more (rows that see nothing).
+        flash_case(vec![3, 40], vec![8, 77], 4, 2, 128, true),
+        flash_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
+        flash_case(vec![7, 40], vec![33, 2], 2, 1, 80, false),
+        // Small head dims (test-size models: the fixtures use 16).
+        flash_case(vec![64, 48], vec![64, 48], 2, 2, 16, false),
+        flash_case(vec![93], vec![93], 4, 2, 16, true),
+        flash_case(vec![1, 70], vec![1, 70], 8, 8, 64, true),
+    ]
+}
 
 pub fn bf16_cases() -> Vec<Case> {
     vec![
@@ -420,6 +288,5 @@ pub fn bf16_cases() -> Vec<Case> {
         flash_bf16_case(vec![1, 33, 130], vec![1, 33, 130], 8, 2, 128, true),
         flash_bf16_case(vec![50, 9], vec![20, 3], 4, 2, 128, true),
         flash_bf16_case(vec![93], vec![93], 4, 2, 16, true),
-        paged_case_typed(vec![17, 0, 300], 16, 8, 2, 128, true),
     ]
 }
