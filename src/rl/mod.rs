@@ -7,6 +7,7 @@
 //! Follows the VPPO reference code (EasyR1-based): see shared/docs/vppo.md.
 
 pub mod advantage;
+pub mod balance;
 pub mod kl;
 pub mod loss;
 pub mod objective;

@@ -165,10 +165,16 @@ pub struct TrainConfig {
     /// Stop at the end of the rollout batch that reaches this many optimizer
     /// steps (0: run `epochs` over the data).
     pub max_steps: usize,
-    /// Responses per forward/backward chunk (gradient accumulation).
+    /// Responses per forward/backward chunk (gradient accumulation); TAS's
+    /// mean is over one (EasyR1's `micro_batch_size_per_device_for_update`).
     pub micro_batch: usize,
+    /// Parts a rollout batch is balanced into by sequence length before the
+    /// updates, as the reference's data-parallel ranks (its GPUs): TAS's
+    /// range is over one part's mini-batch. 1 keeps the batch's order.
+    pub tas_partitions: usize,
     /// Dynamic sampling: generation batches tried per rollout batch to fill
-    /// it with informative groups before training on what there is.
+    /// it with informative groups before training on what there is (0:
+    /// until it is full, EasyR1's `max_try_make_batch = -1`).
     pub max_gen_batches: usize,
     /// Supervised warm-up steps on the reference answers before RL (the
     /// built-in task only; 0: none).
@@ -235,8 +241,9 @@ impl Default for TrainConfig {
             save_every: 10,
             keep_checkpoints: 0,
             max_steps: 0,
-            micro_batch: 8,
-            max_gen_batches: 3,
+            micro_batch: 16,
+            tas_partitions: 8,
+            max_gen_batches: 0,
             warmup_steps: 0,
             warmup_lr: 1e-3,
             warmup_batch: 32,
@@ -258,6 +265,8 @@ lr = 1e-3
 weight_decay = 0.0
 max_steps = 300
 micro_batch = 64
+tas_partitions = 1
+max_gen_batches = 3
 max_response_tokens = 8
 max_prompt_tokens = 256
 min_pixels = 3136
@@ -421,11 +430,11 @@ impl TrainConfig {
             ));
         }
         let counts: [(&str, usize); 12] = [
+            ("tas_partitions", self.tas_partitions),
             ("group_size", self.group_size),
             ("rollout_batch", self.rollout_batch),
             ("mini_batch", self.mini_batch),
             ("micro_batch", self.micro_batch),
-            ("max_gen_batches", self.max_gen_batches),
             ("save_every", self.save_every),
             ("max_response_tokens", self.max_response_tokens),
             ("max_prompt_tokens", self.max_prompt_tokens),
@@ -443,6 +452,14 @@ impl TrainConfig {
             return bad(format!(
                 "rollout_batch = {} must be a multiple of mini_batch = {}",
                 self.rollout_batch, self.mini_batch
+            ));
+        }
+        if (self.mini_batch * self.group_size) % self.tas_partitions != 0 {
+            return bad(format!(
+                "tas_partitions = {} must divide the responses of a mini-batch \
+                 (mini_batch x group_size = {})",
+                self.tas_partitions,
+                self.mini_batch * self.group_size
             ));
         }
         if self.min_pixels > self.max_pixels {

@@ -12,11 +12,12 @@ use super::checkpoint::{
 use super::config::{AlgoName, ConfigError, TrainConfig};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics, ValMetrics};
 use super::optimizer::{AdamW, Policy, WeightPrecision};
+use super::refill::fill;
 use super::retention::{self, RetentionError};
 use super::reward_command::RewardCommand;
 use super::source::{Mix, PromptSource, SourceError};
 use super::step::{
-    collect_rollouts_with, update_on, AccuracyReward, Algo, Prompt, RewardFn, Rollouts, StepConfig,
+    collect_rollouts_with, update_parts_on, update_plan, AccuracyReward, Algo, Prompt, RewardFn, Rollouts, StepConfig,
     StepError,
 };
 use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
@@ -210,6 +211,7 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
     step.perturbation = cfg.perturbation;
     step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
+    step.tas_partitions = cfg.tas_partitions;
     step.recompute = cfg.recompute;
     step.kl = cfg.use_kl_loss.then_some((cfg.kl_estimator, cfg.kl_coef));
     step
@@ -825,32 +827,30 @@ fn train_loop<B: Backend>(
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
         let t0 = Instant::now();
         let step_before_batch = state.step;
-        let mut rollouts: Option<Rollouts> = None;
-        for attempt in 0..cfg.max_gen_batches as u64 {
-            let prompts = next_prompts(&mut source, &pipeline, cfg.rollout_batch)?;
-            if prompts.is_empty() {
-                break;
-            }
-            let seed = rollout_seed(cfg.seed, rollout_index, attempt);
-            let more = collect_rollouts_with(
-                &pipeline,
-                &policy.engine,
-                reference.as_ref(),
-                &prompts,
-                &step_cfg,
-                seed,
-                reward.as_ref(),
-            )?;
-            match &mut rollouts {
-                None => rollouts = Some(more),
-                Some(r) => r.append(more),
-            }
-            let r = rollouts.as_ref().expect("set above");
-            if step_cfg.dynamic_sampling.is_none() || r.groups() >= cfg.rollout_batch {
-                break;
-            }
-        }
-        let Some(mut rollouts) = rollouts else {
+        let filled = fill(
+            cfg.rollout_batch,
+            cfg.max_gen_batches,
+            step_cfg.dynamic_sampling.is_some(),
+            MAX_BATCHES_WITHOUT_UPDATE as u64,
+            |attempt| -> Result<Option<Rollouts>, RunError> {
+                let prompts = next_prompts(&mut source, &pipeline, cfg.rollout_batch)?;
+                if prompts.is_empty() {
+                    return Ok(None);
+                }
+                let seed = rollout_seed(cfg.seed, rollout_index, attempt);
+                Ok(Some(collect_rollouts_with(
+                    &pipeline,
+                    &policy.engine,
+                    reference.as_ref(),
+                    &prompts,
+                    &step_cfg,
+                    seed,
+                    reward.as_ref(),
+                )?))
+            },
+        )?;
+        let gen_batches = filled.tries;
+        let Some(mut rollouts) = filled.rollouts else {
             progress.line("the data set is exhausted");
             break 'run;
         };
@@ -860,22 +860,19 @@ fn train_loop<B: Backend>(
         let stats = rollouts.stats.clone();
         if groups < cfg.rollout_batch && step_cfg.dynamic_sampling.is_some() {
             progress.line(&format!(
-                "rollout batch {rollout_index}: {groups} of {} groups informative after {} generation batches ({} filtered)",
-                cfg.rollout_batch, cfg.max_gen_batches, stats.dropped_groups
+                "rollout batch {rollout_index}: {groups} of {} groups informative after {gen_batches} generation batches ({} filtered)",
+                cfg.rollout_batch, stats.dropped_groups
             ));
         }
-        let updates: Vec<std::ops::Range<usize>> = (0..groups)
-            .step_by(mini_groups)
-            .map(|g| g..(g + mini_groups).min(groups))
-            .collect();
+        let updates = update_plan(&mut rollouts, mini_groups, &step_cfg);
         for range in &updates {
             let t1 = Instant::now();
-            let u = update_on(
+            let u = update_parts_on(
                 &mut policy,
                 &mut pipeline.model.weights,
                 &mut optimizer,
                 &rollouts,
-                range.clone(),
+                range,
                 &step_cfg,
             )?;
             state.step += 1;
@@ -901,7 +898,8 @@ fn train_loop<B: Backend>(
                 adv_scale_max: u.adv_scale_max as f64,
                 response_len_mean: stats.mean_response_tokens as f64,
                 filtered_groups: stats.dropped_groups,
-                groups: range.len(),
+                groups: range.iter().map(|r| r.len()).sum::<usize>() / cfg.group_size,
+                gen_batches,
                 clip_fraction: u.clip_fraction as f64,
                 grad_norm: u.optimizer.grad_norm,
                 step_time_s: step_time,
