@@ -124,7 +124,14 @@ pub struct TrainConfig {
     pub group_size: usize,
     /// Prompts per optimizer step (rollout_batch / mini_batch steps per rollout).
     pub mini_batch: usize,
+    /// Passes over the data: the run makes `floor(rows / rollout_batch) x
+    /// epochs` rollout batches when `max_steps = 0` (EasyR1's
+    /// `total_epochs`), restarting the data whenever dynamic sampling needs
+    /// more prompts.
     pub epochs: usize,
+    /// Shuffle the data every epoch from `seed` (the reference's seeded
+    /// `RandomSampler`); false reads it in file order.
+    pub shuffle: bool,
     pub lr: f64,
     pub weight_decay: f64,
     pub beta1: f64,
@@ -214,6 +221,7 @@ impl Default for TrainConfig {
             group_size: 8,
             mini_batch: 128,
             epochs: 2,
+            shuffle: true,
             lr: 1e-6,
             weight_decay: 0.01,
             beta1: 0.9,

@@ -15,10 +15,10 @@ use super::optimizer::{AdamW, Policy, WeightPrecision};
 use super::refill::fill;
 use super::retention::{self, RetentionError};
 use super::reward_command::RewardCommand;
-use super::source::{Mix, PromptSource, SourceError};
+use super::source::{DataOrder, Mix, PromptSource, SourceError};
 use super::step::{
-    collect_rollouts_with, update_parts_on, update_plan, AccuracyReward, Algo, Prompt, RewardFn, Rollouts, StepConfig,
-    StepError,
+    collect_rollouts_with, update_parts_on, update_plan, AccuracyReward, Algo, Prompt, RewardFn,
+    Rollouts, StepConfig, StepError,
 };
 use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
 use super::validation::{self, ValError};
@@ -280,11 +280,23 @@ fn open_source(
             position,
         ));
     };
-    let open = |path: &Path, at: u64| {
-        PromptSource::dataset(path, Columns::default(), prompt_format(cfg), cfg.epochs, at)
+    let open = |path: &Path, at: u64, order: DataOrder| {
+        PromptSource::dataset(path, Columns::default(), prompt_format(cfg), order, at)
     };
     match data.paths() {
-        [one] => Ok(open(one, position)?),
+        // One data set as the reference reads it: epochs restart for as
+        // long as the run (its length counted from the rows) asks, each
+        // epoch's last incomplete rollout batch dropped.
+        [one] => Ok(open(
+            one,
+            position,
+            DataOrder {
+                shuffle: cfg.shuffle,
+                seed: cfg.seed,
+                batch: cfg.rollout_batch as u64,
+                epochs: None,
+            },
+        )?),
         many => {
             let at = mix_positions.unwrap_or_else(|| vec![0; many.len()]);
             if at.len() != many.len() {
@@ -298,7 +310,17 @@ fn open_source(
             let sources = many
                 .iter()
                 .zip(at)
-                .map(|(p, at)| open(p, at))
+                .enumerate()
+                .map(|(i, (p, at))| {
+                    // A mix ends when a drawn file runs out.
+                    let order = DataOrder {
+                        shuffle: cfg.shuffle,
+                        seed: cfg.seed.wrapping_add(i as u64),
+                        batch: 1,
+                        epochs: Some(cfg.epochs as u64),
+                    };
+                    open(p, at, order)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(PromptSource::Mix(Box::new(Mix::new(
                 sources,
@@ -308,6 +330,13 @@ fn open_source(
             ))))
         }
     }
+}
+
+/// Rollout batches a run over `rows` rows makes: `floor(rows / batch)` per
+/// epoch (the reference's data loader drops the last incomplete batch), at
+/// least one.
+pub fn training_length(rows: u64, batch: usize, epochs: usize) -> u64 {
+    (rows / batch.max(1) as u64).max(1) * epochs as u64
 }
 
 fn next_prompts(
@@ -789,6 +818,19 @@ fn train_loop<B: Backend>(
     let mix_positions: Option<Vec<u64>> =
         serde_json::from_value(state.extra["data_positions"].clone()).ok();
     let mut source = open_source(cfg, state.data_position, mix_positions)?;
+    // The reference's length: whole rollout batches per epoch, times the
+    // epochs (one data set and no max_steps).
+    let rollout_batches = match (&source, cfg.max_steps) {
+        (PromptSource::Dataset { .. }, 0) => source
+            .rows()
+            .map(|rows| training_length(rows, cfg.rollout_batch, cfg.epochs)),
+        _ => None,
+    };
+    if let Some(total) = rollout_batches {
+        progress
+            .bar
+            .set_length(total * (cfg.rollout_batch / cfg.mini_batch) as u64);
+    }
     let reward: Box<dyn RewardFn> = match &cfg.reward_command {
         Some(command) => Box::new(RewardCommand {
             command: command.clone(),
@@ -825,6 +867,9 @@ fn train_loop<B: Backend>(
     let mut batches_without_update = 0usize;
     let mut skips = Skips::resume(metrics.records.last().map_or(0, |m| m.skipped_steps));
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
+        if rollout_batches.is_some_and(|total| rollout_index >= total) {
+            break;
+        }
         let t0 = Instant::now();
         let step_before_batch = state.step;
         let filled = fill(
@@ -969,7 +1014,8 @@ fn train_loop<B: Backend>(
             state.extra["data_positions"] = positions.into();
         }
         state.extra["rollout_batches"] = rollout_index.into();
-        let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
+        let done = (cfg.max_steps > 0 && state.step >= cfg.max_steps as u64)
+            || rollout_batches.is_some_and(|total| rollout_index >= total);
         let mut new_best = false;
         if let Some(v) = validator.as_mut() {
             if validation::due(cfg.val_freq, step_before_batch, state.step) || done {

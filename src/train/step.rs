@@ -14,8 +14,8 @@ use crate::ops::Backend;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::processor::image::normalize_lut;
 use crate::reward::accuracy_reward;
-use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::balance::balanced_partitions;
+use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
 use crate::rl::{
     group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
