@@ -177,7 +177,9 @@ pub struct TrainConfig {
     pub micro_batch: usize,
     /// Parts a rollout batch is balanced into by sequence length before the
     /// updates, as the reference's data-parallel ranks (its GPUs): TAS's
-    /// range is over one part's mini-batch. 1 keeps the batch's order.
+    /// range is over one part's mini-batch. 1 keeps the batch's order; a
+    /// value that does not divide `mini_batch x group_size` is reduced to
+    /// their greatest common divisor.
     pub tas_partitions: usize,
     /// Dynamic sampling: generation batches tried per rollout batch to fill
     /// it with informative groups before training on what there is (0:
@@ -460,14 +462,6 @@ impl TrainConfig {
             return bad(format!(
                 "rollout_batch = {} must be a multiple of mini_batch = {}",
                 self.rollout_batch, self.mini_batch
-            ));
-        }
-        if (self.mini_batch * self.group_size) % self.tas_partitions != 0 {
-            return bad(format!(
-                "tas_partitions = {} must divide the responses of a mini-batch \
-                 (mini_batch x group_size = {})",
-                self.tas_partitions,
-                self.mini_batch * self.group_size
             ));
         }
         if self.min_pixels > self.max_pixels {

@@ -250,8 +250,9 @@ fn rollout_seed(seed: u64, index: u64, attempt: u64) -> u64 {
 
 fn load_pipeline(dir: &Path, model: Qwen25Vl, cfg: &TrainConfig) -> Result<Pipeline, RunError> {
     let mut images = ImageProcessorConfig::load(dir).map_err(PipelineError::from)?;
-    images.min_pixels = cfg.min_pixels;
-    images.max_pixels = cfg.max_pixels;
+    // As the reference: the recipe's bounds in the data loading, then the
+    // checkpoint's processor with its own bounds.
+    images.dataset_pixels = Some((cfg.min_pixels, cfg.max_pixels));
     Ok(Pipeline::new(
         model,
         TextProcessor::load(dir).map_err(PipelineError::from)?,

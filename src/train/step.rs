@@ -549,8 +549,8 @@ pub fn update_parts_on<B: Backend>(
 }
 
 /// The reference's update layout over a full rollout batch: the responses
-/// are balanced by sequence length into `cfg.tas_partitions` parts of
-/// equal count (the batch is reordered part after part), each part is cut
+/// are balanced by sequence length into `cfg.tas_partitions` parts (its
+/// greatest common divisor with a step's responses) of equal count (the batch is reordered part after part), each part is cut
 /// into mini-batches of `mini_groups * n / parts` responses, and step i
 /// trains on every part's i-th mini-batch. One part keeps the batch's
 /// order: mini-batches of `mini_groups` consecutive groups.
@@ -560,8 +560,10 @@ pub fn update_plan(
     cfg: &StepConfig,
 ) -> Vec<Vec<std::ops::Range<usize>>> {
     let total = rollouts.batch.len();
-    let parts = cfg.tas_partitions.max(1);
     let per_step = mini_groups * rollouts.group_size;
+    // Every step takes the same count from every part (small settings
+    // would otherwise leave parts empty and change the number of steps).
+    let parts = gcd(cfg.tas_partitions.max(1), per_step.max(1));
     if parts == 1 {
         return chunks(0..total, per_step)
             .into_iter()
@@ -571,7 +573,7 @@ pub fn update_plan(
     let seqlens: Vec<usize> = rollouts.batch.iter().map(|s| s.input.ids.len()).collect();
     let partition = balanced_partitions(&seqlens, parts);
     rollouts.reorder(&partition.concat());
-    let per_part = per_step.div_ceil(parts);
+    let per_part = per_step / parts;
     let mut ranges = Vec::with_capacity(parts);
     let mut start = 0;
     for p in &partition {
@@ -582,6 +584,14 @@ pub fn update_plan(
     (0..steps)
         .map(|i| ranges.iter().filter_map(|r| r.get(i).cloned()).collect())
         .collect()
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The loss and parameter gradients of an update mini-batch (the groups
@@ -935,5 +945,13 @@ mod tests {
         cfg.tas_partitions = 1;
         assert_eq!(update_plan(&mut r, 2, &cfg), vec![vec![0..4], vec![4..8]]);
         assert_eq!(r.lens, lens);
+        // 8 parts, but a step holds only 2 responses (one group of 2): 2
+        // parts, so the batch still makes 4 steps of 2.
+        cfg.tas_partitions = 8;
+        let plan = update_plan(&mut r, 1, &cfg);
+        assert_eq!(plan.len(), 4);
+        assert!(plan
+            .iter()
+            .all(|s| s.len() == 2 && s.iter().all(|r| r.len() == 1)));
     }
 }
