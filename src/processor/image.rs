@@ -289,6 +289,9 @@ pub struct ProcessedImage {
     pub grid_thw: [usize; 3],
     /// The image after smart_resize (the VPPO perturbation works on it).
     pub resized: RgbImage,
+    /// The image the processor's resize started from (after the data
+    /// loading's stage, when there is one).
+    pub loaded: RgbImage,
 }
 
 impl ProcessedImage {
@@ -325,6 +328,7 @@ pub fn process_image(
         pixel_values,
         grid_thw: [1, h / p, w / p],
         resized,
+        loaded: img.clone(),
     })
 }
 

@@ -2,7 +2,7 @@
 //! VPPO 7B recipe (shared/docs/vppo.md), every field overridable on the
 //! command line as `key=value`, and the resolved config saved with the run.
 
-use crate::rl::{DependencyEstimator, KlEstimator, Perturbation};
+use crate::rl::{DependencyEstimator, KlEstimator, PerturbSpace, Perturbation};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -148,6 +148,10 @@ pub struct TrainConfig {
     pub blacken_p: f64,
     /// What a perturbed tile becomes: black (the reference), grey, noise, blur.
     pub perturbation: Perturbation,
+    /// Where the tiles are: `patches` (the ViT's 14x14 patches of the
+    /// resized image; fused into the GPU's dual pass) or `pixels` (the
+    /// reference's: 14-pixel tiles before the processor's resize; host path).
+    pub perturb_space: PerturbSpace,
     /// Token visual dependency: k3 (the reference) or exact_kl (full vocabulary).
     pub dependency: DependencyEstimator,
     /// Dynamic sampling bounds on a group's mean accuracy (off for grpo).
@@ -237,6 +241,7 @@ impl Default for TrainConfig {
             tas_beta_min: 0.9,
             blacken_p: 0.5,
             perturbation: Perturbation::Black,
+            perturb_space: PerturbSpace::Patches,
             dependency: DependencyEstimator::K3,
             dynamic_sampling: true,
             temperature: 1.0,

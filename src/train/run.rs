@@ -209,6 +209,7 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
     };
     step.blacken_p = cfg.blacken_p;
     step.perturbation = cfg.perturbation;
+    step.perturb_space = cfg.perturb_space;
     step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
     step.tas_partitions = cfg.tas_partitions;

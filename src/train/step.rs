@@ -18,8 +18,8 @@ use crate::rl::balance::balanced_partitions;
 use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
 use crate::rl::{
-    group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
-    KlEstimator, Perturbation, PolicyLossConfig,
+    group_advantages, keep_group, perturb_images, perturb_loaded_images, visual_dependency,
+    DependencyEstimator, KlEstimator, PerturbSpace, Perturbation, PolicyLossConfig,
 };
 use crate::rollout::generate::{eos_ids, Generator};
 use crate::rollout::sampling::SamplingParams;
@@ -63,6 +63,9 @@ pub struct StepConfig {
     pub blacken_p: f64,
     /// What a perturbed tile becomes (black by default).
     pub perturbation: Perturbation,
+    /// Tiles on the ViT's patches (fused on the GPU) or, as the reference,
+    /// on the image before the processor's resize (host path).
+    pub perturb_space: PerturbSpace,
     /// k3 from the sampled tokens' log-probs, or the exact KL.
     pub dependency: DependencyEstimator,
     /// Responses per forward/backward chunk (gradient accumulation); also
@@ -98,6 +101,7 @@ impl StepConfig {
             loss,
             blacken_p: 0.5,
             perturbation: Perturbation::Black,
+            perturb_space: PerturbSpace::Patches,
             dependency: DependencyEstimator::K3,
             micro_batch: 16,
             tas_partitions: 8,
@@ -424,6 +428,7 @@ fn old_logprobs<B: Backend>(
     // made on the host.
     let fused = vppo
         && cfg.perturbation == Perturbation::Black
+        && cfg.perturb_space == PerturbSpace::Patches
         && batch
             .iter()
             .all(|s| s.input.resized.len() == s.input.grids.len());
@@ -442,6 +447,18 @@ fn old_logprobs<B: Backend>(
     }
     let perturbed = |i: usize| {
         let mut s = batch[i].clone();
+        let input = &s.input;
+        if cfg.perturb_space == PerturbSpace::Pixels && input.loaded.len() == input.grids.len() {
+            s.input.pixel_values = perturb_loaded_images(
+                &input.loaded,
+                &input.resized,
+                &pipeline.images,
+                cfg.perturbation,
+                cfg.blacken_p,
+                mask_seed(i),
+            );
+            return s;
+        }
         perturb_images(
             &mut s.input.pixel_values,
             &s.input.grids,
