@@ -35,12 +35,16 @@ pub enum Skip {
     TooLong { row: usize, tokens: usize },
 }
 
-/// The user text of a row: the problem trimmed as the reference's template
-/// does (Jinja's `trim`, Python's `str.strip()`: Unicode white space and
-/// the separators U+001C..U+001F), then the suffix.
+/// The problem as the reference's template uses it: Jinja's `trim`
+/// (Python's `str.strip()`: Unicode white space and the separators
+/// U+001C..U+001F).
+pub fn trim_problem(problem: &str) -> &str {
+    problem.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// The user text of a row: the trimmed problem, then the suffix.
 pub fn prompt_text(problem: &str, format: &PromptFormat) -> String {
-    let problem =
-        problem.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c));
+    let problem = trim_problem(problem);
     if format.suffix.is_empty() {
         problem.to_string()
     } else {

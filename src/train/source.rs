@@ -6,7 +6,7 @@
 use super::step::Prompt;
 use crate::builtin::CountingTask;
 use crate::data::order::EpochOrder;
-use crate::data::prompt::{build_prompt, prompt_text, PromptFormat, Skip};
+use crate::data::prompt::{build_prompt, prompt_text, trim_problem, PromptFormat, Skip};
 use crate::data::shards::Shards;
 use crate::data::{Columns, DataError, RowResult};
 use crate::pipeline::{Pipeline, PipelineError};
@@ -356,6 +356,7 @@ impl PromptSource {
             };
             let Self::Dataset {
                 path,
+                shards,
                 format,
                 skipped,
                 order,
@@ -374,13 +375,19 @@ impl PromptSource {
                     return Ok(Some(Prompt {
                         input,
                         answer: example.answer,
-                        problem: example.problem,
+                        problem: trim_problem(&example.problem).to_string(),
                     }));
                 }
                 Err(skip) => {
                     skipped.note(global, skip);
                     since_usable += 1;
-                    if since_usable >= order.epoch_len() {
+                    // Every row found unusable; or, should an epoch's
+                    // dropped tail hide the usable ones, three epochs'
+                    // worth in a row (a shuffle can put an unusable row at
+                    // the end of one epoch and the start of the next).
+                    if skipped.seen.len() as u64 >= shards.len()
+                        || since_usable >= 3 * order.epoch_len()
+                    {
                         return Err(SourceError::NoUsableRow {
                             path: path.clone(),
                             corrupt: skipped.corrupt,
