@@ -285,6 +285,23 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     .to_string();
     assert!(err.contains("no group with mixed rewards"), "{err}");
     let _ = std::fs::remove_dir_all(&stuck);
+    // Uncapped regeneration gives up after 20 generation batches, and no
+    // update was made.
+    let err = run(
+        None,
+        &small(&["warmup_steps=0", "max_gen_batches=0"]),
+        Some(&stuck),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("20 generation batches in a row had no group with mixed rewards"),
+        "{err}"
+    );
+    assert!(read_metrics(&stuck.join(METRICS_FILE)).map_or(true, |m| m.is_empty()));
+    let _ = std::fs::remove_dir_all(&stuck);
 }
 
 /// Training on a data set (JSONL with image paths, one corrupt row): the

@@ -994,16 +994,23 @@ fn train_loop<B: Backend>(
             }
         }
         if updates.is_empty() {
-            batches_without_update += 1;
+            // Uncapped, the refill already gave up after that many
+            // generation batches without a kept group: stop now.
+            batches_without_update += if cfg.max_gen_batches == 0 {
+                gen_batches as usize
+            } else {
+                1
+            };
             progress.line(&format!(
                 "rollout batch {rollout_index}: every group filtered out (mean reward {:.3}); no update",
                 stats.mean_reward
             ));
             if batches_without_update >= MAX_BATCHES_WITHOUT_UPDATE {
                 return Err(RunError::Usage(format!(
-                    "{MAX_BATCHES_WITHOUT_UPDATE} rollout batches in a row had no group with mixed rewards \
+                    "{MAX_BATCHES_WITHOUT_UPDATE} {} batches in a row had no group with mixed rewards \
                      (last mean reward {:.3}): every response is right, or every one is wrong. \
                      Check the answers in the data, max_response_tokens, or the warm-up",
+                    if cfg.max_gen_batches == 0 { "generation" } else { "rollout" },
                     stats.mean_reward
                 )));
             }
