@@ -200,15 +200,16 @@ impl Rollouts {
             starts.push(at);
             at += l;
         }
-        let tokens = |v: &[f32]| -> Vec<f32> {
-            order
-                .iter()
-                .flat_map(|&i| v[starts[i]..starts[i] + self.lens[i]].iter().copied())
-                .collect()
-        };
-        self.lp_old = tokens(&self.lp_old);
-        self.dependency = self.dependency.as_deref().map(tokens);
-        self.lp_ref = self.lp_ref.as_deref().map(tokens);
+        let lens = &self.lens;
+        self.lp_old = gather_tokens(&self.lp_old, order, &starts, lens);
+        self.dependency = self
+            .dependency
+            .as_deref()
+            .map(|v| gather_tokens(v, order, &starts, lens));
+        self.lp_ref = self
+            .lp_ref
+            .as_deref()
+            .map(|v| gather_tokens(v, order, &starts, lens));
         self.batch = order.iter().map(|&i| self.batch[i].clone()).collect();
         self.advantages = order.iter().map(|&i| self.advantages[i]).collect();
         self.lens = order.iter().map(|&i| self.lens[i]).collect();
@@ -232,6 +233,15 @@ impl Rollouts {
             r.truncate(tokens);
         }
     }
+}
+
+/// The token spans `starts[i]..starts[i] + lens[i]` of `v`, for `i` in
+/// `order`, one after another.
+fn gather_tokens(v: &[f32], order: &[usize], starts: &[usize], lens: &[usize]) -> Vec<f32> {
+    order
+        .iter()
+        .flat_map(|&i| v[starts[i]..starts[i] + lens[i]].iter().copied())
+        .collect()
 }
 
 fn mean_len(lens: &[usize]) -> f32 {
@@ -535,8 +545,15 @@ pub fn update_on<B: Backend>(
     cfg: &StepConfig,
 ) -> Result<UpdateStats, StepError> {
     let n = rollouts.group_size;
-    let parts = [groups.start * n..groups.end * n];
-    update_parts_on(policy, host, optimizer, rollouts, &parts, cfg)
+    let responses = groups.start * n..groups.end * n;
+    update_parts_on(
+        policy,
+        host,
+        optimizer,
+        rollouts,
+        std::slice::from_ref(&responses),
+        cfg,
+    )
 }
 
 /// [`update_on`] for one step of an [`update_plan`]: the union of the
@@ -639,6 +656,9 @@ pub fn mini_batch_gradients_on<B: Backend>(
     Ok((grads, stats))
 }
 
+/// A micro-batch's responses and its part's TAS range.
+pub type MicroBatch = (std::ops::Range<usize>, Option<(f32, f32)>);
+
 /// The micro-batches of an optimizer step's parts (response ranges), each
 /// with its part's TAS range: the min and max of the responses' mean
 /// dependency over that part's mini-batch (`None` without dependencies).
@@ -646,7 +666,7 @@ pub fn micro_batches(
     rollouts: &Rollouts,
     parts: &[std::ops::Range<usize>],
     micro_batch: usize,
-) -> Vec<(std::ops::Range<usize>, Option<(f32, f32)>)> {
+) -> Vec<MicroBatch> {
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
     parts
         .iter()
@@ -673,7 +693,8 @@ fn accumulate<B: Backend>(
     cfg: &StepConfig,
 ) -> Result<UpdateStats, StepError> {
     let n = rollouts.group_size;
-    accumulate_parts(engine, rollouts, &[groups.start * n..groups.end * n], cfg)
+    let responses = groups.start * n..groups.end * n;
+    accumulate_parts(engine, rollouts, std::slice::from_ref(&responses), cfg)
 }
 
 /// [`accumulate`] over an optimizer step made of several parts' mini-batches
