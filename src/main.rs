@@ -60,7 +60,11 @@ enum Command {
     /// N plus the best); tensorboard; use_kl_loss, kl_coef, kl_estimator
     /// (k1, k2, k3 = low_var_kl); reward_command, reward_timeout_s (an
     /// external reward program, JSON lines in and out); data = ["a", "b"]
-    /// with data_weights (a mix of data sets).
+    /// with data_weights (a mix of data sets); data as a folder or glob of
+    /// shards; shuffle, epochs (the reference's training length);
+    /// tas_partitions, micro_batch (the reference's TAS layout);
+    /// max_gen_batches (0: regenerate until the batch is full);
+    /// perturb_space (patches, or pixels as the reference).
     Train {
         /// TOML config file; fields it leaves out keep their defaults.
         #[arg(long)]

@@ -146,6 +146,7 @@ impl Pipeline {
             input.pixel_values.extend(processed.pixel_values);
             input.grids.push(processed.grid_thw);
             input.resized.push(processed.resized);
+            input.loaded.push(processed.loaded);
         }
         input.ids = self.text.prompt_ids(prompt, &tokens_per_image)?;
         self.check_context(input.ids.len())?;

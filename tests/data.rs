@@ -262,3 +262,74 @@ fn prompts_carry_the_recipe_suffix_after_a_blank_line() {
         .to_string();
     assert!(err.contains("unknown data format"), "{err}");
 }
+
+/// A Hugging Face data set's shards (a folder or a glob) read as one table
+/// in name order, each row addressable by its global index.
+#[test]
+fn sharded_parquet_folders_and_globs_read_in_name_order() {
+    use vppo_engine::data::shards::{shard_paths, Shards};
+    let dir = scratch("shards");
+    let png = png_bytes();
+    let row =
+        |p: &'static str| -> Row<'static> { (Some(p), Some("1"), vec![(Some(png.clone()), None)]) };
+    // Written out of order; a README sits beside them as on the Hub.
+    write_parquet(
+        &dir.join("train-00001-of-00002.parquet"),
+        &[row("b0"), row("b1")],
+        "problem",
+    );
+    write_parquet(
+        &dir.join("train-00000-of-00002.parquet"),
+        &[row("a0"), row("a1"), row("a2")],
+        "problem",
+    );
+    std::fs::write(dir.join("README.md"), "# data\n").unwrap();
+    write_parquet(
+        &dir.join("test-00000-of-00001.parquet"),
+        &[row("t0")],
+        "problem",
+    );
+    let problem = |s: &mut Shards, i: u64| s.read(i).unwrap().unwrap().problem;
+    let glob = dir.join("train-*.parquet");
+    let mut shards = Shards::open(&glob, &Columns::default()).unwrap();
+    assert_eq!(shards.len(), 5);
+    let all: Vec<String> = (0..5).map(|i| problem(&mut shards, i)).collect();
+    assert_eq!(all, ["a0", "a1", "a2", "b0", "b1"]);
+    // Any order (a shuffled epoch): backwards reopens the shard.
+    assert_eq!(problem(&mut shards, 4), "b1");
+    assert_eq!(problem(&mut shards, 1), "a1");
+    assert_eq!(problem(&mut shards, 3), "b0");
+    let (file, local) = shards.locate(3);
+    assert_eq!(
+        (file.file_name().unwrap().to_str().unwrap(), local),
+        ("train-00001-of-00002.parquet", 0)
+    );
+    // The folder takes every parquet file (here the test split too), not
+    // the README.
+    let folder = shard_paths(&dir).unwrap();
+    let names: Vec<&str> = folder
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "test-00000-of-00001.parquet",
+            "train-00000-of-00002.parquet",
+            "train-00001-of-00002.parquet"
+        ]
+    );
+    // A single file is itself; a glob matching nothing is an error naming it.
+    let one = dir.join("train-00000-of-00002.parquet");
+    assert_eq!(shard_paths(&one).unwrap(), vec![one.clone()]);
+    let none = dir.join("valid-*.parquet");
+    let err = Shards::open(&none, &Columns::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("valid-*.parquet") && err.contains("no parquet or JSONL file"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

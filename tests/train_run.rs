@@ -285,11 +285,29 @@ fn an_existing_run_is_never_overwritten_and_bad_settings_are_named() {
     .to_string();
     assert!(err.contains("no group with mixed rewards"), "{err}");
     let _ = std::fs::remove_dir_all(&stuck);
+    // Uncapped regeneration gives up after 20 generation batches, and no
+    // update was made.
+    let err = run(
+        None,
+        &small(&["warmup_steps=0", "max_gen_batches=0"]),
+        Some(&stuck),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("20 generation batches in a row had no group with mixed rewards"),
+        "{err}"
+    );
+    assert!(read_metrics(&stuck.join(METRICS_FILE)).map_or(true, |m| m.is_empty()));
+    let _ = std::fs::remove_dir_all(&stuck);
 }
 
-/// Training on a data set (JSONL with image paths, one corrupt row): epochs
-/// are streamed in order, the corrupt row is skipped each pass, and the run
-/// ends when the data is exhausted; a resumed run continues at the same row.
+/// Training on a data set (JSONL with image paths, one corrupt row): the
+/// epochs are shuffled, the corrupt row is skipped whenever it comes up, and
+/// the run makes `floor(rows / rollout_batch) x epochs` rollout batches; a
+/// resumed run continues at the same row.
 #[test]
 fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     use vppo_engine::builtin::CountingTask;
@@ -342,15 +360,16 @@ fn dataset_runs_stream_epochs_and_resume_at_the_same_row() {
     };
     let whole = dir.join("whole");
     let summary = run(None, &settings(&[]), Some(&whole), false, false).unwrap();
-    // 5 usable rows x 2 epochs = 10 prompts = 5 rollout batches of 2 updates.
-    assert_eq!(summary.steps, 10);
+    // 6 rows (one corrupt): floor(6 / 2) x 2 epochs = 6 rollout batches of
+    // 2 prompts, 2 updates each.
+    assert_eq!(summary.steps, 12);
     assert_eq!(
         summary.skipped_rows,
         (1, 0),
         "the corrupt row is counted once, not once per epoch"
     );
     let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
-    assert_eq!(reference.len(), 10);
+    assert_eq!(reference.len(), 12);
     assert!(reference
         .iter()
         .all(|m| m.reward_mean == 0.0 && m.groups == 1));
@@ -425,6 +444,48 @@ fn print_config_shows_the_resolved_settings() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("clip_low"));
+}
+
+/// With a model and data, `--print-config` shows the reference's layout and
+/// data handling; the built-in task keeps its own.
+#[test]
+fn print_config_with_a_model_and_data_shows_the_recipe() {
+    use vppo_engine::train::config::TrainConfig;
+    let print = |args: &[&str]| -> TrainConfig {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+            .args(["train", "--print-config"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap()
+    };
+    let recipe = print(&["--model", "/models/qwen", "--data", "data/train-*.parquet"]);
+    assert_eq!(
+        (
+            recipe.micro_batch,
+            recipe.tas_partitions,
+            recipe.shuffle,
+            recipe.max_gen_batches,
+            recipe.max_steps,
+            recipe.epochs
+        ),
+        (16, 8, true, 0, 0, 2)
+    );
+    assert_eq!((recipe.min_pixels, recipe.max_pixels), (200_704, 1_003_520));
+    let builtin = print(&[]);
+    assert_eq!(
+        (
+            builtin.tas_partitions,
+            builtin.max_gen_batches,
+            builtin.micro_batch
+        ),
+        (1, 3, 64)
+    );
 }
 
 /// Validation during training, checkpoint retention with `best`, and the
@@ -733,5 +794,114 @@ fn mixed_data_sets_resume_the_same_mix() {
         state(&split)["extra"]["data_positions"],
         s["extra"]["data_positions"]
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The reference's training length on a sharded data set: `floor(rows /
+/// rollout_batch) x epochs` rollout batches, each filled however many
+/// generation batches dynamic sampling needs (no cap), the data restarting
+/// (a fresh shuffle) whenever it runs out; a resumed run continues the
+/// same shuffled order.
+#[test]
+fn a_data_set_run_counts_rollout_batches_and_restarts_the_data_for_dynamic_sampling() {
+    use vppo_engine::builtin::CountingTask;
+    let dir = run_dir("length");
+    let shards = dir.join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let task = CountingTask::new(2, 5);
+    // Six rows over two shards: "keep" problems get mixed rewards from the
+    // reward program, "drop" problems all zero (filtered).
+    let mut rows = Vec::new();
+    for i in 0..6u64 {
+        let item = task.item(i);
+        let name = format!("img{i}.png");
+        image::RgbImage::from_raw(56, 56, item.image.data.clone())
+            .unwrap()
+            .save(shards.join(&name))
+            .unwrap();
+        let kind = if i % 2 == 0 { "keep" } else { "drop" };
+        rows.push(
+            serde_json::json!({"problem": format!("  <image>{kind} {i}\n"), "answer": "1", "images": [name]})
+                .to_string(),
+        );
+    }
+    std::fs::write(
+        shards.join("train-00000-of-00002.jsonl"),
+        rows[..4].join("\n") + "\n",
+    )
+    .unwrap();
+    std::fs::write(
+        shards.join("train-00001-of-00002.jsonl"),
+        rows[4..].join("\n") + "\n",
+    )
+    .unwrap();
+    let script = dir.join("reward.py");
+    std::fs::write(
+        &script,
+        "import json, sys\n\
+         for line in sys.stdin:\n\
+         \x20   r = json.loads(line)\n\
+         \x20   keep = r['problem'].startswith('<image>keep')\n\
+         \x20   print(json.dumps({'score': float(keep and r['index'] % 2), 'trimmed': float(r['problem'] == r['problem'].strip())}), flush=True)\n",
+    )
+    .unwrap();
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl/single_noresize");
+    let settings = |extra: &[&str]| -> Vec<String> {
+        let mut o = vec![
+            format!("model={:?}", model.display().to_string()),
+            format!("data={:?}", shards.display().to_string()),
+            format!("reward_command=\"python3 {}\"", script.display()),
+            "algo=dapo".into(),
+            "rollout_batch=2".into(),
+            "mini_batch=1".into(),
+            "group_size=2".into(),
+            "epochs=2".into(),
+            "max_response_tokens=2".into(),
+            "min_pixels=3136".into(),
+            "max_pixels=3136".into(),
+            "prompt_suffix=''".into(),
+            "save_every=2".into(),
+            "bf16=false".into(),
+            "tensorboard=false".into(),
+        ];
+        o.extend(extra.iter().map(|s| s.to_string()));
+        o
+    };
+    let whole = dir.join("whole");
+    let summary = run(None, &settings(&[]), Some(&whole), false, false).unwrap();
+    // floor(6 / 2) x 2 = 6 rollout batches of 2 kept groups: 12 updates.
+    assert_eq!(summary.steps, 12);
+    let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
+    assert_eq!(reference.len(), 12);
+    assert!(reference.iter().all(|m| m.groups == 1));
+    let batches: Vec<u64> = reference.iter().map(|m| m.rollout_batch).collect();
+    assert_eq!(batches, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
+    // Half the groups are filtered: batches needed more than one
+    // generation batch, and the run read past its two epochs of 6 rows.
+    assert!(reference.iter().any(|m| m.gen_batches > 1));
+    let latest = std::fs::read_to_string(whole.join("latest")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(whole.join(latest.trim()).join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let rows_read = state["state"]["data_position"].as_u64().unwrap();
+    assert!(rows_read > 12, "{rows_read} rows: the data restarted");
+    // The problems reach the reward trimmed.
+    assert!(reference.iter().all(|m| m.extra["reward/trimmed"] == 1.0));
+
+    // Stopped after 4 updates and resumed: the same shuffled prompts.
+    let split = dir.join("split");
+    run(
+        None,
+        &settings(&["max_steps=4"]),
+        Some(&split),
+        false,
+        false,
+    )
+    .unwrap();
+    run(None, &["max_steps=0".into()], Some(&split), true, false).unwrap();
+    let resumed = read_metrics(&split.join(METRICS_FILE)).unwrap();
+    assert_eq!(without_timing(&resumed), without_timing(&reference));
     std::fs::remove_dir_all(&dir).unwrap();
 }

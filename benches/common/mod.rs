@@ -86,5 +86,6 @@ pub fn small_input() -> SequenceInput {
             .collect(),
         grids: vec![[1, 32, 32]],
         resized: Vec::new(),
+        loaded: Vec::new(),
     }
 }

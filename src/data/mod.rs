@@ -7,8 +7,10 @@
 //! count; only an unreadable file or schema stops the iteration.
 
 pub mod jsonl;
+pub mod order;
 pub mod parquet;
 pub mod prompt;
+pub mod shards;
 
 use std::path::{Path, PathBuf};
 

@@ -71,6 +71,18 @@ impl ParquetRows {
     }
 }
 
+/// Rows in a parquet file, from its footer (nothing is decoded).
+pub fn count_rows(path: &Path) -> Result<u64, DataError> {
+    let read_err = |reason: String| DataError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| read_err(e.to_string()))?;
+    Ok(builder.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
 fn is_text(t: &DataType) -> bool {
     matches!(
         t,

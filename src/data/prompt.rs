@@ -35,8 +35,16 @@ pub enum Skip {
     TooLong { row: usize, tokens: usize },
 }
 
-/// The user text of a row.
+/// The problem as the reference's template uses it: Jinja's `trim`
+/// (Python's `str.strip()`: Unicode white space and the separators
+/// U+001C..U+001F).
+pub fn trim_problem(problem: &str) -> &str {
+    problem.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// The user text of a row: the trimmed problem, then the suffix.
 pub fn prompt_text(problem: &str, format: &PromptFormat) -> String {
+    let problem = trim_problem(problem);
     if format.suffix.is_empty() {
         problem.to_string()
     } else {
@@ -83,4 +91,28 @@ pub fn build_prompt(
         });
     }
     Ok(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_problem_is_trimmed_like_python_strip() {
+        let format = PromptFormat {
+            suffix: "Answer.".into(),
+            max_prompt_tokens: 10,
+        };
+        // Python: " \t<image>What is x?\n\u3000\x1c ".strip() == "<image>What is x?"
+        assert_eq!(
+            prompt_text(" \t<image>What is x?\n\u{3000}\u{1c} ", &format),
+            "<image>What is x?\n\nAnswer."
+        );
+        // Inner white space stays.
+        let bare = PromptFormat {
+            suffix: String::new(),
+            max_prompt_tokens: 10,
+        };
+        assert_eq!(prompt_text("\n a  b \n", &bare), "a  b");
+    }
 }

@@ -12,6 +12,9 @@ pub struct SequenceInput {
     /// was built from `pixel_values` alone): the GPU embeds patches, and
     /// draws VPPO's perturbed copy, straight from these bytes.
     pub resized: Vec<crate::processor::image::RgbImage>,
+    /// Each image as it entered the processor's resize (after the data
+    /// loading's): where `perturb_space = "pixels"` draws its tiles.
+    pub loaded: Vec<crate::processor::image::RgbImage>,
 }
 
 /// A training sequence: the model input and where its response starts.

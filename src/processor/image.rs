@@ -38,6 +38,10 @@ pub struct ImageProcessorConfig {
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
     pub rescale_factor: f64,
+    /// The reference's data-loading stage before the processor's own
+    /// resize: `(min_pixels, max_pixels)` of the recipe (see
+    /// [`dataset_resize`]). `None`: the processor's resize alone.
+    pub dataset_pixels: Option<(usize, usize)>,
 }
 
 impl Default for ImageProcessorConfig {
@@ -53,6 +57,7 @@ impl Default for ImageProcessorConfig {
             image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
             rescale_factor: 1.0 / 255.0,
+            dataset_pixels: None,
         }
     }
 }
@@ -251,6 +256,30 @@ pub fn smart_resize(
     Some((h_bar as usize, w_bar as usize))
 }
 
+/// The reference's `process_image` in its data set (EasyR1's
+/// `dataset.py`): an image over `max_pixels` is scaled down, one under
+/// `min_pixels` up, keeping the aspect ratio, each side
+/// `int(side * sqrt(bound / area))` (truncated, so the area can land just
+/// outside the bound), with Pillow's bicubic. The processor's
+/// `smart_resize` then resizes the result a second time.
+pub fn dataset_resize(img: &RgbImage, min_pixels: usize, max_pixels: usize) -> RgbImage {
+    let mut img = img.clone();
+    // Both checks in turn, as the reference: the second sees the first's
+    // result.
+    for (bound, over) in [(max_pixels, true), (min_pixels, false)] {
+        let area = img.width * img.height;
+        if (over && area > bound) || (!over && area < bound) {
+            let factor = (bound as f64 / area as f64).sqrt();
+            let w = (img.width as f64 * factor) as usize;
+            let h = (img.height as f64 * factor) as usize;
+            if w > 0 && h > 0 {
+                img = img.resize(w, h);
+            }
+        }
+    }
+    img
+}
+
 /// One image ready for the vision tower.
 #[derive(Debug, Clone)]
 pub struct ProcessedImage {
@@ -260,6 +289,9 @@ pub struct ProcessedImage {
     pub grid_thw: [usize; 3],
     /// The image after smart_resize (the VPPO perturbation works on it).
     pub resized: RgbImage,
+    /// The image the processor's resize started from (after the data
+    /// loading's stage, when there is one).
+    pub loaded: RgbImage,
 }
 
 impl ProcessedImage {
@@ -275,6 +307,14 @@ pub fn process_image(
     cfg: &ImageProcessorConfig,
     source: &Path,
 ) -> Result<ProcessedImage, ImageError> {
+    let staged;
+    let img = match cfg.dataset_pixels {
+        Some((min, max)) => {
+            staged = dataset_resize(img, min, max);
+            &staged
+        }
+        None => img,
+    };
     let (h, w) =
         smart_resize(img.height, img.width, cfg).ok_or_else(|| ImageError::AspectRatio {
             path: source.to_path_buf(),
@@ -288,6 +328,7 @@ pub fn process_image(
         pixel_values,
         grid_thw: [1, h / p, w / p],
         resized,
+        loaded: img.clone(),
     })
 }
 

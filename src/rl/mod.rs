@@ -7,6 +7,7 @@
 //! Follows the VPPO reference code (EasyR1-based): see shared/docs/vppo.md.
 
 pub mod advantage;
+pub mod balance;
 pub mod kl;
 pub mod loss;
 pub mod objective;
@@ -17,5 +18,8 @@ pub use advantage::{group_advantages, keep_group};
 pub use kl::{KlEstimator, KlLoss};
 pub use loss::{PolicyLoss, PolicyLossConfig};
 pub use objective::{Shaping, VppoConfig};
-pub use perturb::{blacken_patches, perturb_images, perturb_patches, Perturbation};
+pub use perturb::{
+    blacken_patches, perturb_images, perturb_loaded_images, perturb_patches, PerturbSpace,
+    Perturbation,
+};
 pub use shaping::{dependency_range, tas_scales, tgf_mask, visual_dependency, DependencyEstimator};

@@ -4,7 +4,7 @@
 //! on `pixel_values` rows directly (the GPU's fused dual forward does the
 //! same inside the patch-embed kernel); image size and token ids are unchanged.
 
-use crate::processor::image::ImageProcessorConfig;
+use crate::processor::image::{patchify, ImageProcessorConfig, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -135,6 +135,92 @@ pub fn perturb_images(
     count
 }
 
+/// Where the perturbed pass draws its tiles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PerturbSpace {
+    /// Exactly the ViT's 14x14 patches of the resized image (the engine's
+    /// design: the GPU's fused dual pass draws the mask in patch-embed).
+    #[default]
+    Patches,
+    /// The reference's: 14x14-pixel tiles of the image before the
+    /// processor's resize, which then resamples them across patch borders.
+    Pixels,
+}
+
+/// The reference's perturbation: `img` cut into `tile`-pixel tiles from the
+/// top left (partial tiles at the right and bottom edges), tile `k` in
+/// row-major order perturbed when [`patch_is_blackened`]`(seed, k)`.
+pub fn perturb_tiles(
+    img: &RgbImage,
+    tile: usize,
+    kind: Perturbation,
+    p: f64,
+    seed: u64,
+) -> RgbImage {
+    let mut out = img.clone();
+    let threshold = patch_mask_threshold(p);
+    let mut noise_rng = StdRng::seed_from_u64(seed ^ 0xA5A5_5A5A_C3C3_3C3C);
+    let (cols, rows) = (img.width.div_ceil(tile), img.height.div_ceil(tile));
+    for ty in 0..rows {
+        for tx in 0..cols {
+            if !patch_is_blackened(seed, (ty * cols + tx) as u64, threshold) {
+                continue;
+            }
+            let (xs, ys) = (
+                tx * tile..((tx + 1) * tile).min(img.width),
+                ty * tile..((ty + 1) * tile).min(img.height),
+            );
+            let mut mean = [0f64; 3];
+            if kind == Perturbation::Blur {
+                for y in ys.clone() {
+                    for x in xs.clone() {
+                        for (c, m) in mean.iter_mut().enumerate() {
+                            *m += img.data[(y * img.width + x) * 3 + c] as f64;
+                        }
+                    }
+                }
+                let n = (xs.len() * ys.len()) as f64;
+                mean = mean.map(|m| (m / n).round());
+            }
+            for y in ys.clone() {
+                for x in xs.clone() {
+                    let px = &mut out.data[(y * img.width + x) * 3..][..3];
+                    for (c, v) in px.iter_mut().enumerate() {
+                        *v = match kind {
+                            Perturbation::Black => 0,
+                            Perturbation::Grey => 128,
+                            Perturbation::Blur => mean[c] as u8,
+                            Perturbation::Noise => noise_rng.random_range(0..=255u8),
+                        };
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The perturbed `pixel_values` of a sequence's images in the reference's
+/// space: each loaded image's 14-pixel tiles perturbed (image `i` with
+/// [`image_mask_seed`]`(seed, i)`), then resized by the processor to the
+/// same grid and patchified.
+pub fn perturb_loaded_images(
+    loaded: &[RgbImage],
+    resized: &[RgbImage],
+    cfg: &ImageProcessorConfig,
+    kind: Perturbation,
+    p: f64,
+    seed: u64,
+) -> Vec<f32> {
+    let mut out = Vec::new();
+    for (i, (img, target)) in loaded.iter().zip(resized).enumerate() {
+        let tiles = perturb_tiles(img, cfg.patch_size, kind, p, image_mask_seed(seed, i));
+        out.extend(patchify(&tiles.resize(target.width, target.height), cfg));
+    }
+    out
+}
+
 pub use crate::backend::desc::{image_mask_seed, patch_is_blackened, patch_mask_threshold};
 
 #[cfg(test)]
@@ -164,7 +250,6 @@ mod tests {
             .chunks(row)
             .all(|r| r[0] == 0.5 || r[0] == normalised(&cfg, 0.0)[0]));
     }
-    use crate::processor::image::{patchify, RgbImage};
 
     #[test]
     fn every_perturbation_hits_the_same_tiles_and_keeps_others() {
@@ -276,5 +361,61 @@ mod tests {
         let mut one = clean;
         perturb_patches(&mut one, &cfg, Perturbation::Black, 0.5, 9);
         assert_ne!(one, whole);
+    }
+
+    #[test]
+    fn pixel_space_blackens_tiles_before_the_resize() {
+        let cfg = ImageProcessorConfig::default();
+        // The loaded image (100x70: tiles of 14 leave partial ones at the
+        // edges) and the processor's target 112x84.
+        let loaded = RgbImage {
+            width: 100,
+            height: 70,
+            data: (0..100 * 70 * 3).map(|i| (i * 7 % 253) as u8).collect(),
+        };
+        let resized = loaded.resize(112, 84);
+        let (p, seed) = (0.5, 21);
+        let got = perturb_loaded_images(
+            std::slice::from_ref(&loaded),
+            std::slice::from_ref(&resized),
+            &cfg,
+            Perturbation::Black,
+            p,
+            seed,
+        );
+        // The host reference: every pixel of a drawn tile set to 0, by
+        // pixel position, then the processor's resize and patches.
+        let (t, cols) = (patch_mask_threshold(p), 100usize.div_ceil(14));
+        let mut black = loaded.clone();
+        let mut drawn = 0;
+        for y in 0..70 {
+            for x in 0..100 {
+                if patch_is_blackened(
+                    image_mask_seed(seed, 0),
+                    ((y / 14) * cols + x / 14) as u64,
+                    t,
+                ) {
+                    black.data[(y * 100 + x) * 3..][..3].fill(0);
+                    drawn += 1;
+                }
+            }
+        }
+        assert!(drawn > 0 && drawn < 100 * 70);
+        assert_eq!(got, patchify(&black.resize(112, 84), &cfg));
+        // The tiles drift off the ViT grid: some patches come out partly
+        // dark, neither the clean patch nor a black one.
+        let clean = patchify(&resized, &cfg);
+        let row = clean.len() / 48;
+        let dark = normalised(&cfg, 0.0)[0];
+        let mixed = got
+            .chunks(row)
+            .zip(clean.chunks(row))
+            .filter(|(g, c)| g != c && g.iter().any(|&v| v != dark))
+            .count();
+        assert!(mixed > 0);
+        // p = 0 leaves the image alone.
+        let none =
+            perturb_loaded_images(&[loaded], &[resized], &cfg, Perturbation::Black, 0.0, seed);
+        assert_eq!(none, clean);
     }
 }

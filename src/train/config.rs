@@ -2,7 +2,7 @@
 //! VPPO 7B recipe (shared/docs/vppo.md), every field overridable on the
 //! command line as `key=value`, and the resolved config saved with the run.
 
-use crate::rl::{DependencyEstimator, KlEstimator, Perturbation};
+use crate::rl::{DependencyEstimator, KlEstimator, PerturbSpace, Perturbation};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -124,7 +124,14 @@ pub struct TrainConfig {
     pub group_size: usize,
     /// Prompts per optimizer step (rollout_batch / mini_batch steps per rollout).
     pub mini_batch: usize,
+    /// Passes over the data: the run makes `floor(rows / rollout_batch) x
+    /// epochs` rollout batches when `max_steps = 0` (EasyR1's
+    /// `total_epochs`), restarting the data whenever dynamic sampling needs
+    /// more prompts.
     pub epochs: usize,
+    /// Shuffle the data every epoch from `seed` (the reference's seeded
+    /// `RandomSampler`); false reads it in file order.
+    pub shuffle: bool,
     pub lr: f64,
     pub weight_decay: f64,
     pub beta1: f64,
@@ -141,6 +148,10 @@ pub struct TrainConfig {
     pub blacken_p: f64,
     /// What a perturbed tile becomes: black (the reference), grey, noise, blur.
     pub perturbation: Perturbation,
+    /// Where the tiles are: `patches` (the ViT's 14x14 patches of the
+    /// resized image; fused into the GPU's dual pass) or `pixels` (the
+    /// reference's: 14-pixel tiles before the processor's resize; host path).
+    pub perturb_space: PerturbSpace,
     /// Token visual dependency: k3 (the reference) or exact_kl (full vocabulary).
     pub dependency: DependencyEstimator,
     /// Dynamic sampling bounds on a group's mean accuracy (off for grpo).
@@ -165,10 +176,18 @@ pub struct TrainConfig {
     /// Stop at the end of the rollout batch that reaches this many optimizer
     /// steps (0: run `epochs` over the data).
     pub max_steps: usize,
-    /// Responses per forward/backward chunk (gradient accumulation).
+    /// Responses per forward/backward chunk (gradient accumulation); TAS's
+    /// mean is over one (EasyR1's `micro_batch_size_per_device_for_update`).
     pub micro_batch: usize,
+    /// Parts a rollout batch is balanced into by sequence length before the
+    /// updates, as the reference's data-parallel ranks (its GPUs): TAS's
+    /// range is over one part's mini-batch. 1 keeps the batch's order; a
+    /// value that does not divide `mini_batch x group_size` is reduced to
+    /// their greatest common divisor.
+    pub tas_partitions: usize,
     /// Dynamic sampling: generation batches tried per rollout batch to fill
-    /// it with informative groups before training on what there is.
+    /// it with informative groups before training on what there is (0:
+    /// until it is full, EasyR1's `max_try_make_batch = -1`).
     pub max_gen_batches: usize,
     /// Supervised warm-up steps on the reference answers before RL (the
     /// built-in task only; 0: none).
@@ -208,6 +227,7 @@ impl Default for TrainConfig {
             group_size: 8,
             mini_batch: 128,
             epochs: 2,
+            shuffle: true,
             lr: 1e-6,
             weight_decay: 0.01,
             beta1: 0.9,
@@ -221,6 +241,7 @@ impl Default for TrainConfig {
             tas_beta_min: 0.9,
             blacken_p: 0.5,
             perturbation: Perturbation::Black,
+            perturb_space: PerturbSpace::Patches,
             dependency: DependencyEstimator::K3,
             dynamic_sampling: true,
             temperature: 1.0,
@@ -235,8 +256,9 @@ impl Default for TrainConfig {
             save_every: 10,
             keep_checkpoints: 0,
             max_steps: 0,
-            micro_batch: 8,
-            max_gen_batches: 3,
+            micro_batch: 16,
+            tas_partitions: 8,
+            max_gen_batches: 0,
             warmup_steps: 0,
             warmup_lr: 1e-3,
             warmup_batch: 32,
@@ -258,6 +280,8 @@ lr = 1e-3
 weight_decay = 0.0
 max_steps = 300
 micro_batch = 64
+tas_partitions = 1
+max_gen_batches = 3
 max_response_tokens = 8
 max_prompt_tokens = 256
 min_pixels = 3136
@@ -421,11 +445,11 @@ impl TrainConfig {
             ));
         }
         let counts: [(&str, usize); 12] = [
+            ("tas_partitions", self.tas_partitions),
             ("group_size", self.group_size),
             ("rollout_batch", self.rollout_batch),
             ("mini_batch", self.mini_batch),
             ("micro_batch", self.micro_batch),
-            ("max_gen_batches", self.max_gen_batches),
             ("save_every", self.save_every),
             ("max_response_tokens", self.max_response_tokens),
             ("max_prompt_tokens", self.max_prompt_tokens),

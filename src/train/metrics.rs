@@ -48,6 +48,9 @@ pub struct StepMetrics {
     /// Prompt and response tokens of the step's sequences per second of
     /// `step_time_s`.
     pub tokens_per_s: f64,
+    /// Generation batches dynamic sampling ran to fill the rollout batch.
+    #[serde(default)]
+    pub gen_batches: u64,
     /// Mean KL-to-reference estimate per response token (KL loss only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_mean: Option<f64>,
@@ -261,6 +264,7 @@ mod tests {
             step_time_s: 0.1,
             tokens_per_s: 10.0,
             skipped_steps: 1,
+            gen_batches: 1,
             kl_mean: None,
             extra: BTreeMap::new(),
         };

@@ -6,6 +6,7 @@ pub mod config;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;
+pub mod refill;
 pub mod retention;
 pub mod reward_command;
 pub mod run;

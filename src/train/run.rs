@@ -12,12 +12,13 @@ use super::checkpoint::{
 use super::config::{AlgoName, ConfigError, TrainConfig};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics, ValMetrics};
 use super::optimizer::{AdamW, Policy, WeightPrecision};
+use super::refill::fill;
 use super::retention::{self, RetentionError};
 use super::reward_command::RewardCommand;
-use super::source::{Mix, PromptSource, SourceError};
+use super::source::{DataOrder, Mix, PromptSource, SourceError};
 use super::step::{
-    collect_rollouts_with, update_on, AccuracyReward, Algo, Prompt, RewardFn, Rollouts, StepConfig,
-    StepError,
+    collect_rollouts_with, update_parts_on, update_plan, AccuracyReward, Algo, Prompt, RewardFn,
+    Rollouts, StepConfig, StepError,
 };
 use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
 use super::validation::{self, ValError};
@@ -208,8 +209,10 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
     };
     step.blacken_p = cfg.blacken_p;
     step.perturbation = cfg.perturbation;
+    step.perturb_space = cfg.perturb_space;
     step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
+    step.tas_partitions = cfg.tas_partitions;
     step.recompute = cfg.recompute;
     step.kl = cfg.use_kl_loss.then_some((cfg.kl_estimator, cfg.kl_coef));
     step
@@ -248,8 +251,9 @@ fn rollout_seed(seed: u64, index: u64, attempt: u64) -> u64 {
 
 fn load_pipeline(dir: &Path, model: Qwen25Vl, cfg: &TrainConfig) -> Result<Pipeline, RunError> {
     let mut images = ImageProcessorConfig::load(dir).map_err(PipelineError::from)?;
-    images.min_pixels = cfg.min_pixels;
-    images.max_pixels = cfg.max_pixels;
+    // As the reference: the recipe's bounds in the data loading, then the
+    // checkpoint's processor with its own bounds.
+    images.dataset_pixels = Some((cfg.min_pixels, cfg.max_pixels));
     Ok(Pipeline::new(
         model,
         TextProcessor::load(dir).map_err(PipelineError::from)?,
@@ -278,11 +282,23 @@ fn open_source(
             position,
         ));
     };
-    let open = |path: &Path, at: u64| {
-        PromptSource::dataset(path, Columns::default(), prompt_format(cfg), cfg.epochs, at)
+    let open = |path: &Path, at: u64, order: DataOrder| {
+        PromptSource::dataset(path, Columns::default(), prompt_format(cfg), order, at)
     };
     match data.paths() {
-        [one] => Ok(open(one, position)?),
+        // One data set as the reference reads it: epochs restart for as
+        // long as the run (its length counted from the rows) asks, each
+        // epoch's last incomplete rollout batch dropped.
+        [one] => Ok(open(
+            one,
+            position,
+            DataOrder {
+                shuffle: cfg.shuffle,
+                seed: cfg.seed,
+                batch: cfg.rollout_batch as u64,
+                epochs: None,
+            },
+        )?),
         many => {
             let at = mix_positions.unwrap_or_else(|| vec![0; many.len()]);
             if at.len() != many.len() {
@@ -296,7 +312,17 @@ fn open_source(
             let sources = many
                 .iter()
                 .zip(at)
-                .map(|(p, at)| open(p, at))
+                .enumerate()
+                .map(|(i, (p, at))| {
+                    // A mix ends when a drawn file runs out.
+                    let order = DataOrder {
+                        shuffle: cfg.shuffle,
+                        seed: cfg.seed.wrapping_add(i as u64),
+                        batch: 1,
+                        epochs: Some(cfg.epochs as u64),
+                    };
+                    open(p, at, order)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(PromptSource::Mix(Box::new(Mix::new(
                 sources,
@@ -306,6 +332,13 @@ fn open_source(
             ))))
         }
     }
+}
+
+/// Rollout batches a run over `rows` rows makes: `floor(rows / batch)` per
+/// epoch (the reference's data loader drops the last incomplete batch), at
+/// least one.
+pub fn training_length(rows: u64, batch: usize, epochs: usize) -> u64 {
+    (rows / batch.max(1) as u64).max(1) * epochs as u64
 }
 
 fn next_prompts(
@@ -787,6 +820,19 @@ fn train_loop<B: Backend>(
     let mix_positions: Option<Vec<u64>> =
         serde_json::from_value(state.extra["data_positions"].clone()).ok();
     let mut source = open_source(cfg, state.data_position, mix_positions)?;
+    // The reference's length: whole rollout batches per epoch, times the
+    // epochs (one data set and no max_steps).
+    let rollout_batches = match (&source, cfg.max_steps) {
+        (PromptSource::Dataset { .. }, 0) => source
+            .rows()
+            .map(|rows| training_length(rows, cfg.rollout_batch, cfg.epochs)),
+        _ => None,
+    };
+    if let Some(total) = rollout_batches {
+        progress
+            .bar
+            .set_length(total * (cfg.rollout_batch / cfg.mini_batch) as u64);
+    }
     let reward: Box<dyn RewardFn> = match &cfg.reward_command {
         Some(command) => Box::new(RewardCommand {
             command: command.clone(),
@@ -823,34 +869,35 @@ fn train_loop<B: Backend>(
     let mut batches_without_update = 0usize;
     let mut skips = Skips::resume(metrics.records.last().map_or(0, |m| m.skipped_steps));
     'run: while cfg.max_steps == 0 || state.step < cfg.max_steps as u64 {
+        if rollout_batches.is_some_and(|total| rollout_index >= total) {
+            break;
+        }
         let t0 = Instant::now();
         let step_before_batch = state.step;
-        let mut rollouts: Option<Rollouts> = None;
-        for attempt in 0..cfg.max_gen_batches as u64 {
-            let prompts = next_prompts(&mut source, &pipeline, cfg.rollout_batch)?;
-            if prompts.is_empty() {
-                break;
-            }
-            let seed = rollout_seed(cfg.seed, rollout_index, attempt);
-            let more = collect_rollouts_with(
-                &pipeline,
-                &policy.engine,
-                reference.as_ref(),
-                &prompts,
-                &step_cfg,
-                seed,
-                reward.as_ref(),
-            )?;
-            match &mut rollouts {
-                None => rollouts = Some(more),
-                Some(r) => r.append(more),
-            }
-            let r = rollouts.as_ref().expect("set above");
-            if step_cfg.dynamic_sampling.is_none() || r.groups() >= cfg.rollout_batch {
-                break;
-            }
-        }
-        let Some(mut rollouts) = rollouts else {
+        let filled = fill(
+            cfg.rollout_batch,
+            cfg.max_gen_batches,
+            step_cfg.dynamic_sampling.is_some(),
+            MAX_BATCHES_WITHOUT_UPDATE as u64,
+            |attempt| -> Result<Option<Rollouts>, RunError> {
+                let prompts = next_prompts(&mut source, &pipeline, cfg.rollout_batch)?;
+                if prompts.is_empty() {
+                    return Ok(None);
+                }
+                let seed = rollout_seed(cfg.seed, rollout_index, attempt);
+                Ok(Some(collect_rollouts_with(
+                    &pipeline,
+                    &policy.engine,
+                    reference.as_ref(),
+                    &prompts,
+                    &step_cfg,
+                    seed,
+                    reward.as_ref(),
+                )?))
+            },
+        )?;
+        let gen_batches = filled.tries;
+        let Some(mut rollouts) = filled.rollouts else {
             progress.line("the data set is exhausted");
             break 'run;
         };
@@ -860,22 +907,19 @@ fn train_loop<B: Backend>(
         let stats = rollouts.stats.clone();
         if groups < cfg.rollout_batch && step_cfg.dynamic_sampling.is_some() {
             progress.line(&format!(
-                "rollout batch {rollout_index}: {groups} of {} groups informative after {} generation batches ({} filtered)",
-                cfg.rollout_batch, cfg.max_gen_batches, stats.dropped_groups
+                "rollout batch {rollout_index}: {groups} of {} groups informative after {gen_batches} generation batches ({} filtered)",
+                cfg.rollout_batch, stats.dropped_groups
             ));
         }
-        let updates: Vec<std::ops::Range<usize>> = (0..groups)
-            .step_by(mini_groups)
-            .map(|g| g..(g + mini_groups).min(groups))
-            .collect();
+        let updates = update_plan(&mut rollouts, mini_groups, &step_cfg);
         for range in &updates {
             let t1 = Instant::now();
-            let u = update_on(
+            let u = update_parts_on(
                 &mut policy,
                 &mut pipeline.model.weights,
                 &mut optimizer,
                 &rollouts,
-                range.clone(),
+                range,
                 &step_cfg,
             )?;
             state.step += 1;
@@ -901,7 +945,8 @@ fn train_loop<B: Backend>(
                 adv_scale_max: u.adv_scale_max as f64,
                 response_len_mean: stats.mean_response_tokens as f64,
                 filtered_groups: stats.dropped_groups,
-                groups: range.len(),
+                groups: range.iter().map(|r| r.len()).sum::<usize>() / cfg.group_size,
+                gen_batches,
                 clip_fraction: u.clip_fraction as f64,
                 grad_norm: u.optimizer.grad_norm,
                 step_time_s: step_time,
@@ -949,16 +994,23 @@ fn train_loop<B: Backend>(
             }
         }
         if updates.is_empty() {
-            batches_without_update += 1;
+            // Uncapped, the refill already gave up after that many
+            // generation batches without a kept group: stop now.
+            batches_without_update += if cfg.max_gen_batches == 0 {
+                gen_batches as usize
+            } else {
+                1
+            };
             progress.line(&format!(
                 "rollout batch {rollout_index}: every group filtered out (mean reward {:.3}); no update",
                 stats.mean_reward
             ));
             if batches_without_update >= MAX_BATCHES_WITHOUT_UPDATE {
                 return Err(RunError::Usage(format!(
-                    "{MAX_BATCHES_WITHOUT_UPDATE} rollout batches in a row had no group with mixed rewards \
+                    "{MAX_BATCHES_WITHOUT_UPDATE} {} batches in a row had no group with mixed rewards \
                      (last mean reward {:.3}): every response is right, or every one is wrong. \
                      Check the answers in the data, max_response_tokens, or the warm-up",
+                    if cfg.max_gen_batches == 0 { "generation" } else { "rollout" },
                     stats.mean_reward
                 )));
             }
@@ -971,7 +1023,8 @@ fn train_loop<B: Backend>(
             state.extra["data_positions"] = positions.into();
         }
         state.extra["rollout_batches"] = rollout_index.into();
-        let done = cfg.max_steps > 0 && state.step >= cfg.max_steps as u64;
+        let done = (cfg.max_steps > 0 && state.step >= cfg.max_steps as u64)
+            || rollout_batches.is_some_and(|total| rollout_index >= total);
         let mut new_best = false;
         if let Some(v) = validator.as_mut() {
             if validation::due(cfg.val_freq, step_before_batch, state.step) || done {

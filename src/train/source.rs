@@ -5,12 +5,28 @@
 
 use super::step::Prompt;
 use crate::builtin::CountingTask;
-use crate::data::prompt::{build_prompt, prompt_text, PromptFormat, Skip};
-use crate::data::{open_rows, Columns, DataError, RowResult};
+use crate::data::order::EpochOrder;
+use crate::data::prompt::{build_prompt, prompt_text, trim_problem, PromptFormat, Skip};
+use crate::data::shards::Shards;
+use crate::data::{Columns, DataError, RowResult};
 use crate::pipeline::{Pipeline, PipelineError};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
-type Rows = Box<dyn Iterator<Item = Result<RowResult, DataError>>>;
+/// Rows read ahead at a time in a shuffled order: each window is one
+/// forward pass over the shards it touches.
+const READ_AHEAD: u64 = 512;
+
+/// How a data set is ordered and how long it lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataOrder {
+    pub shuffle: bool,
+    pub seed: u64,
+    /// Each epoch's last incomplete batch of this many rows is dropped.
+    pub batch: u64,
+    /// `None`: cycle epochs for as long as the run asks.
+    pub epochs: Option<u64>,
+}
 
 pub enum PromptSource {
     Builtin {
@@ -19,16 +35,19 @@ pub enum PromptSource {
         position: u64,
     },
     Dataset {
+        /// What the config names (a file, a folder of shards or a glob).
         path: PathBuf,
-        columns: Columns,
+        shards: Box<Shards>,
+        order: EpochOrder,
         format: PromptFormat,
-        epochs: usize,
-        rows: Rows,
-        epoch: usize,
+        /// Epochs before the source ends (`None`: it never does; the run
+        /// counts its own length).
+        epochs: Option<u64>,
+        /// The next rows in training order, read ahead in global-index
+        /// order: `(global row, row)`.
+        ahead: VecDeque<(u64, RowResult)>,
         /// Rows consumed over all epochs (usable or not).
         position: u64,
-        /// Rows in one pass, once a pass has ended.
-        rows_per_epoch: Option<u64>,
         /// Boxed: the row set makes it large next to the built-in variant.
         skipped: Box<SkippedRows>,
         /// Position the source was opened at (a resumed run's).
@@ -107,16 +126,13 @@ pub struct SkippedRows {
     pub corrupt: usize,
     pub too_long: usize,
     pub examples: Vec<String>,
-    seen: std::collections::HashSet<usize>,
+    seen: std::collections::HashSet<u64>,
 }
 
 impl SkippedRows {
-    fn note(&mut self, skip: Skip) {
-        let row = match &skip {
-            Skip::Corrupt(e) => e.row,
-            Skip::TooLong { row, .. } => *row,
-        };
-        if !self.seen.insert(row) {
+    /// `key` identifies the row across shards and epochs.
+    fn note(&mut self, key: u64, skip: Skip) {
+        if !self.seen.insert(key) {
             return;
         }
         let text = match skip {
@@ -161,29 +177,43 @@ impl PromptSource {
         }
     }
 
-    /// Opens `path` and skips the `position` rows a previous run consumed.
+    /// Opens the data set `path` names (a file, a folder of shards or a
+    /// glob) at `position`, the rows a previous run consumed.
     pub fn dataset(
         path: &Path,
         columns: Columns,
         format: PromptFormat,
-        epochs: usize,
+        order: DataOrder,
         position: u64,
     ) -> Result<Self, SourceError> {
-        let mut source = Self::Dataset {
-            rows: open_rows(path, &columns)?,
+        let shards = Shards::open(path, &columns)?;
+        if shards.is_empty() {
+            return Err(SourceError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Self::Dataset {
+            order: EpochOrder::new(shards.len(), order.batch, order.shuffle, order.seed),
+            shards: Box::new(shards),
             path: path.to_path_buf(),
-            columns,
             format,
-            epochs,
-            epoch: 0,
-            position: 0,
-            rows_per_epoch: None,
+            epochs: order.epochs,
+            ahead: VecDeque::new(),
+            position,
             skipped: Box::default(),
             start: position,
             usable: 0,
-        };
-        source.skip_rows(position)?;
-        Ok(source)
+        })
+    }
+
+    /// Rows of a data set (a mix: of all of them); `None` for the built-in
+    /// task.
+    pub fn rows(&self) -> Option<u64> {
+        match self {
+            Self::Builtin { .. } => None,
+            Self::Dataset { shards, .. } => Some(shards.len()),
+            Self::Mix(mix) => mix.sources.iter().map(PromptSource::rows).sum(),
+        }
     }
 
     /// Rows consumed (a mix: prompts drawn; see [`Mix::positions`]).
@@ -210,49 +240,44 @@ impl PromptSource {
         }
     }
 
-    fn skip_rows(&mut self, count: u64) -> Result<(), SourceError> {
-        for _ in 0..count {
-            if self.next_row()?.is_none() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// The next row of the data set, moving to the next epoch at the end of
-    /// a pass; `None` once every epoch is done.
-    fn next_row(&mut self) -> Result<Option<RowResult>, SourceError> {
+    /// The next row in training order, `(global row, row)`; `None` once
+    /// every epoch is done.
+    fn next_row(&mut self) -> Result<Option<(u64, RowResult)>, SourceError> {
         let Self::Dataset {
-            path,
-            columns,
+            shards,
+            order,
             epochs,
-            rows,
-            epoch,
+            ahead,
             position,
-            rows_per_epoch,
             ..
         } = self
         else {
             unreachable!("next_row is for data sets")
         };
-        loop {
-            if *epoch >= *epochs {
-                return Ok(None);
+        let epoch_len = order.epoch_len();
+        let end = epochs.map_or(u64::MAX, |e| e * epoch_len);
+        if ahead.is_empty() && *position < end {
+            // A window inside one epoch (a row appears once in it), read in
+            // ascending row order and handed out in training order.
+            let epoch_end = (*position / epoch_len + 1) * epoch_len;
+            let window_end = (*position + READ_AHEAD).min(epoch_end).min(end);
+            let rows: Vec<u64> = (*position..window_end).map(|p| order.row(p)).collect();
+            let mut sorted = rows.clone();
+            sorted.sort_unstable();
+            let mut read = std::collections::HashMap::with_capacity(sorted.len());
+            for r in sorted {
+                read.insert(r, shards.read(r)?);
             }
-            match rows.next() {
-                Some(row) => {
-                    *position += 1;
-                    return Ok(Some(row?));
-                }
-                None => {
-                    rows_per_epoch.get_or_insert(*position / (*epoch as u64 + 1));
-                    *epoch += 1;
-                    if *epoch < *epochs {
-                        *rows = open_rows(path, columns)?;
-                    }
-                }
+            for r in rows {
+                let row = read.remove(&r).expect("read above");
+                ahead.push_back((r, row));
             }
         }
+        let Some(next) = ahead.pop_front() else {
+            return Ok(None);
+        };
+        *position += 1;
+        Ok(Some(next))
     }
 
     /// The end of the data: an error when a run starting from the first row
@@ -326,14 +351,15 @@ impl PromptSource {
         // Stop at a full pass without one usable row rather than loop forever.
         let mut since_usable = 0u64;
         loop {
-            let Some(row) = self.next_row()? else {
+            let Some((global, row)) = self.next_row()? else {
                 return self.exhausted();
             };
             let Self::Dataset {
                 path,
+                shards,
                 format,
                 skipped,
-                rows_per_epoch,
+                order,
                 usable,
                 ..
             } = self
@@ -349,13 +375,19 @@ impl PromptSource {
                     return Ok(Some(Prompt {
                         input,
                         answer: example.answer,
-                        problem: example.problem,
+                        problem: trim_problem(&example.problem).to_string(),
                     }));
                 }
                 Err(skip) => {
-                    skipped.note(skip);
+                    skipped.note(global, skip);
                     since_usable += 1;
-                    if rows_per_epoch.is_some_and(|n| since_usable >= n) {
+                    // Every row found unusable; or, should an epoch's
+                    // dropped tail hide the usable ones, three epochs'
+                    // worth in a row (a shuffle can put an unusable row at
+                    // the end of one epoch and the start of the next).
+                    if skipped.seen.len() as u64 >= shards.len()
+                        || since_usable >= 3 * order.epoch_len()
+                    {
                         return Err(SourceError::NoUsableRow {
                             path: path.clone(),
                             corrupt: skipped.corrupt,

@@ -14,11 +14,12 @@ use crate::ops::Backend;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::processor::image::normalize_lut;
 use crate::reward::accuracy_reward;
+use crate::rl::balance::balanced_partitions;
 use crate::rl::objective::{mean_dependency, Shaping, VppoConfig};
 use crate::rl::shaping::dependency_range;
 use crate::rl::{
-    group_advantages, keep_group, perturb_images, visual_dependency, DependencyEstimator,
-    KlEstimator, Perturbation, PolicyLossConfig,
+    group_advantages, keep_group, perturb_images, perturb_loaded_images, visual_dependency,
+    DependencyEstimator, KlEstimator, PerturbSpace, Perturbation, PolicyLossConfig,
 };
 use crate::rollout::generate::{eos_ids, Generator};
 use crate::rollout::sampling::SamplingParams;
@@ -62,10 +63,17 @@ pub struct StepConfig {
     pub blacken_p: f64,
     /// What a perturbed tile becomes (black by default).
     pub perturbation: Perturbation,
+    /// Tiles on the ViT's patches (fused on the GPU) or, as the reference,
+    /// on the image before the processor's resize (host path).
+    pub perturb_space: PerturbSpace,
     /// k3 from the sampled tokens' log-probs, or the exact KL.
     pub dependency: DependencyEstimator,
-    /// Responses per forward/backward chunk (gradient accumulation).
+    /// Responses per forward/backward chunk (gradient accumulation); also
+    /// the responses TAS's mean is taken over.
     pub micro_batch: usize,
+    /// Parts a rollout batch is balanced into before the updates (the
+    /// reference's data-parallel ranks): each part has its own TAS range.
+    pub tas_partitions: usize,
     /// Recompute activations in the backward (less memory).
     pub recompute: bool,
     /// The KL-to-reference loss term: its estimator and coefficient
@@ -93,8 +101,10 @@ impl StepConfig {
             loss,
             blacken_p: 0.5,
             perturbation: Perturbation::Black,
+            perturb_space: PerturbSpace::Patches,
             dependency: DependencyEstimator::K3,
-            micro_batch: 8,
+            micro_batch: 16,
+            tas_partitions: 8,
             recompute: false,
             kl: None,
         }
@@ -180,6 +190,31 @@ impl Rollouts {
         self.stats.mean_response_tokens = weighted(a.mean_response_tokens, b.mean_response_tokens);
     }
 
+    /// Puts response `order[i]` at position i (every per-response and
+    /// per-token array alike). Groups no longer sit together afterwards:
+    /// only the updates' layout reads the batch after this.
+    pub fn reorder(&mut self, order: &[usize]) {
+        let mut starts = Vec::with_capacity(self.lens.len());
+        let mut at = 0;
+        for &l in &self.lens {
+            starts.push(at);
+            at += l;
+        }
+        let lens = &self.lens;
+        self.lp_old = gather_tokens(&self.lp_old, order, &starts, lens);
+        self.dependency = self
+            .dependency
+            .as_deref()
+            .map(|v| gather_tokens(v, order, &starts, lens));
+        self.lp_ref = self
+            .lp_ref
+            .as_deref()
+            .map(|v| gather_tokens(v, order, &starts, lens));
+        self.batch = order.iter().map(|&i| self.batch[i].clone()).collect();
+        self.advantages = order.iter().map(|&i| self.advantages[i]).collect();
+        self.lens = order.iter().map(|&i| self.lens[i]).collect();
+    }
+
     /// Keeps the first `groups` groups (a full batch after refilling).
     pub fn truncate_groups(&mut self, groups: usize) {
         let keep = groups * self.group_size;
@@ -198,6 +233,15 @@ impl Rollouts {
             r.truncate(tokens);
         }
     }
+}
+
+/// The token spans `starts[i]..starts[i] + lens[i]` of `v`, for `i` in
+/// `order`, one after another.
+fn gather_tokens(v: &[f32], order: &[usize], starts: &[usize], lens: &[usize]) -> Vec<f32> {
+    order
+        .iter()
+        .flat_map(|&i| v[starts[i]..starts[i] + lens[i]].iter().copied())
+        .collect()
 }
 
 fn mean_len(lens: &[usize]) -> f32 {
@@ -394,6 +438,7 @@ fn old_logprobs<B: Backend>(
     // made on the host.
     let fused = vppo
         && cfg.perturbation == Perturbation::Black
+        && cfg.perturb_space == PerturbSpace::Patches
         && batch
             .iter()
             .all(|s| s.input.resized.len() == s.input.grids.len());
@@ -412,6 +457,18 @@ fn old_logprobs<B: Backend>(
     }
     let perturbed = |i: usize| {
         let mut s = batch[i].clone();
+        let input = &s.input;
+        if cfg.perturb_space == PerturbSpace::Pixels && input.loaded.len() == input.grids.len() {
+            s.input.pixel_values = perturb_loaded_images(
+                &input.loaded,
+                &input.resized,
+                &pipeline.images,
+                cfg.perturbation,
+                cfg.blacken_p,
+                mask_seed(i),
+            );
+            return s;
+        }
         perturb_images(
             &mut s.input.pixel_values,
             &s.input.grids,
@@ -487,8 +544,30 @@ pub fn update_on<B: Backend>(
     groups: std::ops::Range<usize>,
     cfg: &StepConfig,
 ) -> Result<UpdateStats, StepError> {
+    let n = rollouts.group_size;
+    let responses = groups.start * n..groups.end * n;
+    update_parts_on(
+        policy,
+        host,
+        optimizer,
+        rollouts,
+        std::slice::from_ref(&responses),
+        cfg,
+    )
+}
+
+/// [`update_on`] for one step of an [`update_plan`]: the union of the
+/// parts' mini-batches (response ranges).
+pub fn update_parts_on<B: Backend>(
+    policy: &mut Policy<B>,
+    host: &mut Tensors,
+    optimizer: &mut AdamW,
+    rollouts: &Rollouts,
+    parts: &[std::ops::Range<usize>],
+    cfg: &StepConfig,
+) -> Result<UpdateStats, StepError> {
     let _nvtx = crate::nvtx::range("update");
-    let mut stats = accumulate(&mut policy.engine, rollouts, groups, cfg)?;
+    let mut stats = accumulate_parts(&mut policy.engine, rollouts, parts, cfg)?;
     if !stats.loss.is_finite() {
         // A non-finite loss poisons the gradients: skip the step, as a
         // non-finite gradient norm does.
@@ -501,6 +580,52 @@ pub fn update_on<B: Backend>(
     }
     stats.optimizer = policy.optimizer_step(optimizer, host)?;
     Ok(stats)
+}
+
+/// The reference's update layout over a full rollout batch: the responses
+/// are balanced by sequence length into `cfg.tas_partitions` parts (its
+/// greatest common divisor with a step's responses) of equal count (the batch is reordered part after part), each part is cut
+/// into mini-batches of `mini_groups * n / parts` responses, and step i
+/// trains on every part's i-th mini-batch. One part keeps the batch's
+/// order: mini-batches of `mini_groups` consecutive groups.
+pub fn update_plan(
+    rollouts: &mut Rollouts,
+    mini_groups: usize,
+    cfg: &StepConfig,
+) -> Vec<Vec<std::ops::Range<usize>>> {
+    let total = rollouts.batch.len();
+    let per_step = mini_groups * rollouts.group_size;
+    // Every step takes the same count from every part (small settings
+    // would otherwise leave parts empty and change the number of steps).
+    let parts = gcd(cfg.tas_partitions.max(1), per_step.max(1));
+    if parts == 1 {
+        return chunks(0..total, per_step)
+            .into_iter()
+            .map(|r| vec![r])
+            .collect();
+    }
+    let seqlens: Vec<usize> = rollouts.batch.iter().map(|s| s.input.ids.len()).collect();
+    let partition = balanced_partitions(&seqlens, parts);
+    rollouts.reorder(&partition.concat());
+    let per_part = per_step / parts;
+    let mut ranges = Vec::with_capacity(parts);
+    let mut start = 0;
+    for p in &partition {
+        ranges.push(chunks(start..start + p.len(), per_part));
+        start += p.len();
+    }
+    let steps = ranges.iter().map(Vec::len).max().unwrap_or(0);
+    (0..steps)
+        .map(|i| ranges.iter().filter_map(|r| r.get(i).cloned()).collect())
+        .collect()
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The loss and parameter gradients of an update mini-batch (the groups
@@ -531,6 +656,32 @@ pub fn mini_batch_gradients_on<B: Backend>(
     Ok((grads, stats))
 }
 
+/// A micro-batch's responses and its part's TAS range.
+pub type MicroBatch = (std::ops::Range<usize>, Option<(f32, f32)>);
+
+/// The micro-batches of an optimizer step's parts (response ranges), each
+/// with its part's TAS range: the min and max of the responses' mean
+/// dependency over that part's mini-batch (`None` without dependencies).
+pub fn micro_batches(
+    rollouts: &Rollouts,
+    parts: &[std::ops::Range<usize>],
+    micro_batch: usize,
+) -> Vec<MicroBatch> {
+    let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
+    parts
+        .iter()
+        .flat_map(|part| {
+            let tokens = offset(part.start)..offset(part.end);
+            let range = rollouts.dependency.as_ref().and_then(|dep| {
+                dependency_range(&mean_dependency(&dep[tokens], &rollouts.lens[part.clone()]))
+            });
+            chunks(part.clone(), micro_batch)
+                .into_iter()
+                .map(move |r| (r, range))
+        })
+        .collect()
+}
+
 /// The micro-batch loop: each micro-batch's shaping (TAS over it, TGF) is
 /// fixed first, then its responses go through one packed forward, the
 /// objective gives each token's gradient, and the backward accumulates
@@ -543,15 +694,21 @@ fn accumulate<B: Backend>(
 ) -> Result<UpdateStats, StepError> {
     let n = rollouts.group_size;
     let responses = groups.start * n..groups.end * n;
+    accumulate_parts(engine, rollouts, std::slice::from_ref(&responses), cfg)
+}
+
+/// [`accumulate`] over an optimizer step made of several parts' mini-batches
+/// (`parts`: response ranges): TAS's range is each part's own, its mean
+/// each micro-batch's within that part; the loss's token count is the
+/// whole step's.
+fn accumulate_parts<B: Backend>(
+    engine: &mut Engine<B>,
+    rollouts: &Rollouts,
+    parts: &[std::ops::Range<usize>],
+    cfg: &StepConfig,
+) -> Result<UpdateStats, StepError> {
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
-    let tokens = offset(responses.start)..offset(responses.end);
-    let total_tokens = tokens.len();
-    let range = rollouts.dependency.as_ref().and_then(|dep| {
-        dependency_range(&mean_dependency(
-            &dep[tokens.clone()],
-            &rollouts.lens[responses.clone()],
-        ))
-    });
+    let total_tokens: usize = parts.iter().map(|r| offset(r.end) - offset(r.start)).sum();
     let save = if cfg.recompute {
         Save::Inputs
     } else {
@@ -566,7 +723,7 @@ fn accumulate<B: Backend>(
     };
     let mut kl_sum = 0.0f64;
     let (mut scale_min, mut scale_max) = (f32::INFINITY, f32::NEG_INFINITY);
-    for r in chunks(responses.clone(), cfg.micro_batch) {
+    for (r, range) in micro_batches(rollouts, parts, cfg.micro_batch) {
         let tok = offset(r.start)..offset(r.end);
         let shaping = Shaping::of(
             rollouts.dependency.as_ref().map(|d| &d[tok.clone()]),
@@ -618,8 +775,9 @@ fn accumulate<B: Backend>(
         adv_scale_min: scale_min,
         adv_scale_max: scale_max,
         response_tokens: total_tokens,
-        tokens: rollouts.batch[responses]
+        tokens: parts
             .iter()
+            .flat_map(|r| &rollouts.batch[r.clone()])
             .map(|s| s.input.ids.len())
             .sum(),
         optimizer: StepReport::default(),
@@ -723,5 +881,115 @@ mod tests {
         // Fewer groups than asked: nothing to cut.
         r.truncate_groups(10);
         assert_eq!(r.groups(), 3);
+    }
+
+    /// Two prompts of two responses: prompt A depends on the image (mean
+    /// dependency 3 and 4), prompt B little (0 and 1). Each response's
+    /// advantage is its original index, to find it after the reordering.
+    fn two_prompts() -> Rollouts {
+        let mut r = batch(0, 2, 0.0, 0, 0.0);
+        for (i, (len, dep)) in [(7, 3.0), (17, 4.0), (8, 0.0), (18, 1.0)]
+            .into_iter()
+            .enumerate()
+        {
+            r.batch.push(TrainSequence {
+                input: SequenceInput {
+                    ids: vec![0; 3 + len],
+                    ..Default::default()
+                },
+                prompt_len: 3,
+            });
+            r.advantages.push(i as f32);
+            r.lens.push(len);
+            r.lp_old.extend(std::iter::repeat_n(i as f32, len));
+            r.dependency
+                .as_mut()
+                .unwrap()
+                .extend(std::iter::repeat_n(dep, len));
+        }
+        r
+    }
+
+    /// Each original response's TAS scale under `cfg`'s layout, as the
+    /// micro-batch loop computes them (one optimizer step: both groups).
+    fn scales(cfg: &StepConfig) -> Vec<f32> {
+        let mut r = two_prompts();
+        let plan = update_plan(&mut r, 2, cfg);
+        assert_eq!(plan.len(), 1, "one step over both prompts");
+        let mut out = vec![f32::NAN; 4];
+        let offset = |i: usize| r.lens[..i].iter().sum::<usize>();
+        for (m, range) in micro_batches(&r, &plan[0], cfg.micro_batch) {
+            let dep = &r.dependency.as_ref().unwrap()[offset(m.start)..offset(m.end)];
+            let shaping = Shaping::of(
+                Some(dep),
+                &r.lens[m.clone()],
+                &r.advantages[m.clone()],
+                &cfg.vppo,
+                range,
+            )
+            .unwrap();
+            for (i, s) in m.zip(shaping.scales) {
+                // The advantage tags the response; its tokens moved with it.
+                assert_eq!(r.lp_old[offset(i)], r.advantages[i]);
+                out[r.advantages[i] as usize] = s;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tas_over_balanced_parts_favours_the_image_dependent_prompt() {
+        let mut cfg = StepConfig::recipe(Algo::Vppo);
+        cfg.micro_batch = 2;
+        // The old layout: one part, micro-batches of one prompt's group, the
+        // range over all four (0..4). Scales average 1 inside each group.
+        cfg.tas_partitions = 1;
+        let old = scales(&cfg);
+        let want_old = [
+            0.9 + 0.75 * (0.1 / 0.875),
+            0.9 + 0.1 / 0.875,
+            0.9,
+            0.9 + 0.25 * (0.1 / 0.125),
+        ];
+        for (a, b) in old.iter().zip(want_old) {
+            assert!((a - b).abs() < 1e-5, "{old:?}");
+        }
+        // The reference's: sequence lengths 10, 20, 11, 21 balance into
+        // {20, 11} (responses 1, 2: dependency 4 and 0, range 0..4) and
+        // {10, 21} (responses 0, 3: 3 and 1, range 1..3); each part's
+        // micro-batch mixes the prompts, so A's responses get 1.1, B's 0.9.
+        cfg.tas_partitions = 2;
+        let reference = scales(&cfg);
+        for (a, b) in reference.iter().zip([1.1, 1.1, 0.9, 0.9]) {
+            assert!((a - b).abs() < 1e-5, "{reference:?}");
+        }
+    }
+
+    #[test]
+    fn the_plan_takes_the_ith_mini_batch_of_every_part() {
+        // 4 groups of 2 (8 responses), 2 parts of 4, mini-batches of 2
+        // groups: 2 responses per part per step, 2 steps.
+        let mut r = batch(4, 2, 1.0, 0, 0.5);
+        let mut cfg = StepConfig::recipe(Algo::Vppo);
+        cfg.tas_partitions = 2;
+        let plan = update_plan(&mut r, 2, &cfg);
+        assert_eq!(plan, vec![vec![0..2, 4..6], vec![2..4, 6..8]]);
+        // Token arrays follow their responses.
+        let tokens: usize = r.lens.iter().sum();
+        assert_eq!(r.dependency.as_ref().unwrap().len(), tokens);
+        // One part: consecutive groups, no reordering.
+        let mut r = batch(4, 2, 1.0, 0, 0.5);
+        let lens = r.lens.clone();
+        cfg.tas_partitions = 1;
+        assert_eq!(update_plan(&mut r, 2, &cfg), vec![vec![0..4], vec![4..8]]);
+        assert_eq!(r.lens, lens);
+        // 8 parts, but a step holds only 2 responses (one group of 2): 2
+        // parts, so the batch still makes 4 steps of 2.
+        cfg.tas_partitions = 8;
+        let plan = update_plan(&mut r, 1, &cfg);
+        assert_eq!(plan.len(), 4);
+        assert!(plan
+            .iter()
+            .all(|s| s.len() == 2 && s.iter().all(|r| r.len() == 1)));
     }
 }

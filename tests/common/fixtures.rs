@@ -93,6 +93,7 @@ pub fn fixture_input(case: &str) -> (SequenceInput, usize) {
             .collect(),
         // torch's processor output only: no resized bytes.
         resized: Vec::new(),
+        loaded: Vec::new(),
     };
     (input, r.i64("prompt_len").1[0] as usize)
 }
