@@ -205,8 +205,11 @@ pub fn matmul<R: Real>(
         gemm_view(alpha, a, av, b, bv, beta, c, cv);
         return;
     }
+    // Every task packs its own copy of the operand the tasks share (all of
+    // B under a row split, all of A under a column split): split the output
+    // along the side whose shared operand is the smaller.
     let tasks = threads * 2;
-    if m >= n || m >= 64 * tasks {
+    if m >= n {
         let rows_per = m.div_ceil(tasks).max(8);
         c.par_chunks_mut(rows_per * n)
             .enumerate()
