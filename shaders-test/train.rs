@@ -237,7 +237,7 @@ fn dual_case(case: &'static str) -> Case {
                 lut: normalize_lut(&pipe.images),
             };
             let (orig, twin, _) = dev
-                .dual_logprobs(&seqs[0], &images, seed, p, false)
+                .dual_logprobs(&seqs[..1], &images, &[seed], p, false)
                 .map_err(|e| e.to_string())?;
             let dual = [orig.logprobs, twin.logprobs].concat();
             let r = cpu.response_lens[0];

@@ -454,7 +454,7 @@ fn the_fused_dual_pass_equals_the_host_perturbed_forward() {
             lut: normalize_lut(&p.images),
         };
         let (a, b, kl) = engine
-            .dual_logprobs(&seq(input), &images, seed, prob, true)
+            .dual_logprobs(&[seq(input)], &images, &[seed], prob, true)
             .unwrap();
         let close = |x: &[f32], y: &[f32]| {
             x.len() == y.len() && x.iter().zip(y).all(|(u, v)| (u - v).abs() <= 1e-5)

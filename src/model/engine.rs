@@ -148,53 +148,61 @@ impl<B: Backend> Engine<B> {
         Ok((la, lb, kl))
     }
 
-    /// VPPO's fused dual pass: `seq` and its patch-blackened twin (each
-    /// patch with probability `p`, image `i` drawn from
-    /// `image_mask_seed(seed, i)`) through the vision tower and the decoder
-    /// as ONE packed batch, both pixel sets made by the patch-embed op from
-    /// the resized image bytes. Returns the original's and the twin's
-    /// log-probs, and with `exact` the per-token KL between them.
+    /// VPPO's fused dual pass over a micro-batch: the sequences of `seqs`
+    /// and their patch-blackened twins (each patch with probability `p`;
+    /// image `i` of sequence `s` drawn from `image_mask_seed(seeds[s], i)`)
+    /// through the vision tower and the decoder as ONE packed batch, both
+    /// pixel sets made by the patch-embed op from the resized image bytes.
+    /// Returns the originals' and the twins' log-probs (sequences
+    /// concatenated), and with `exact` the per-token KL between them.
     pub fn dual_logprobs(
         &self,
-        seq: &TrainSequence,
+        seqs: &[TrainSequence],
         images: &PatchProcessor,
-        seed: u64,
+        seeds: &[u64],
         p: f64,
         exact: bool,
     ) -> Result<(Logprobs, Logprobs, Option<Vec<f32>>), ModelError> {
-        let input = &seq.input;
-        if input.resized.len() != input.grids.len() {
+        assert_eq!(seqs.len(), seeds.len(), "one mask seed per sequence");
+        if seqs
+            .iter()
+            .any(|s| s.input.resized.len() != s.input.grids.len())
+        {
             return Err(ModelError::NoResizedImages);
         }
         let be = &self.be;
-        let mut originals = Vec::with_capacity(input.resized.len());
-        let mut twins = Vec::with_capacity(input.resized.len());
-        for (i, img) in input.resized.iter().enumerate() {
-            let (orig, twin) = be.patch_embed(
-                &images.geometry,
-                &images.lut,
-                &img.data,
-                img.width,
-                img.height,
-                Some((image_mask_seed(seed, i), p)),
-            )?;
-            originals.push(orig);
-            twins.push(twin.expect("a mask was asked for"));
+        let mut originals = Vec::new();
+        let mut twins = Vec::new();
+        for (seq, &seed) in seqs.iter().zip(seeds) {
+            for (i, img) in seq.input.resized.iter().enumerate() {
+                let (orig, twin) = be.patch_embed(
+                    &images.geometry,
+                    &images.lut,
+                    &img.data,
+                    img.width,
+                    img.height,
+                    Some((image_mask_seed(seed, i), p)),
+                )?;
+                originals.push(orig);
+                twins.push(twin.expect("a mask was asked for"));
+            }
         }
         let parts: Vec<&B::Buf> = originals.iter().chain(&twins).collect();
         let pixels = be.concat(&parts)?;
         drop((originals, twins));
-        let plan = HostPlan::packed(
-            &self.config,
-            &[input, input],
-            &[Some(seq.prompt_len), Some(seq.prompt_len)],
-        )?;
-        let ids = [input.ids.as_slice(), input.ids.as_slice()].concat();
+        let inputs: Vec<&SequenceInput> = seqs.iter().chain(seqs).map(|s| &s.input).collect();
+        let lens: Vec<Option<usize>> = seqs
+            .iter()
+            .chain(seqs)
+            .map(|s| Some(s.prompt_len))
+            .collect();
+        let plan = HostPlan::packed(&self.config, &inputs, &lens)?;
+        let (ids, _) = packed_inputs(&inputs);
         let pixels = plan.vision.as_ref().map(|_| pixels);
         let graph = self.graph();
         let fwd = graph.forward(&plan, &ids, pixels, Save::Nothing, None)?;
         let scored = graph.score(&fwd, &plan)?;
-        // The original's rows come first, then the twin's.
+        // The originals' rows come first, then the twins'.
         let half = scored.logprobs.len() / 2;
         let split = |v: &[f32]| (v[..half].to_vec(), v[half..].to_vec());
         let (lp_a, lp_b) = split(&scored.logprobs);

@@ -12,7 +12,7 @@ use crate::backend::cpu::paged_attn::paged_decode_attention;
 use crate::backend::cpu::patch_embed::patch_embed;
 use crate::backend::cpu::rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
-use crate::backend::cpu::rows::{add_inplace, gather_rows, scatter_rows};
+use crate::backend::cpu::rows::{add_inplace, gather_rows, scatter_rows, PARALLEL_MIN_ELEMS};
 use crate::backend::cpu::sampling::sample_token_with_uniform;
 use crate::backend::cpu::softmax_kl::softmax_kl_fwd;
 use crate::backend::desc::{
@@ -364,11 +364,17 @@ impl Backend for CpuBackend {
             uniforms.len() * vocab,
             "sample: one uniform per row"
         );
-        Ok(logits
-            .par_chunks(vocab.max(1))
-            .zip(uniforms.par_iter())
-            .map(|(row, &u)| sample_row(row, params, banned, u))
-            .unzip())
+        let pick = |(row, &u): (&[f32], &f32)| sample_row(row, params, banned, u);
+        // Top-p sorts each row: worth threads on real vocabularies only.
+        Ok(if logits.len() < PARALLEL_MIN_ELEMS {
+            logits.chunks(vocab.max(1)).zip(uniforms).map(pick).unzip()
+        } else {
+            logits
+                .par_chunks(vocab.max(1))
+                .zip(uniforms.par_iter())
+                .map(pick)
+                .unzip()
+        })
     }
 
     fn patch_embed(

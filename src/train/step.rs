@@ -447,9 +447,10 @@ fn old_logprobs<B: Backend>(
             geometry: pipeline.images.geometry(),
             lut: normalize_lut(&pipeline.images),
         };
-        for (i, s) in batch.iter().enumerate() {
+        for r in chunks(0..batch.len(), cfg.micro_batch) {
+            let seeds: Vec<u64> = r.clone().map(mask_seed).collect();
             let (a, b, kl) =
-                engine.dual_logprobs(s, &images, mask_seed(i), cfg.blacken_p, exact)?;
+                engine.dual_logprobs(&batch[r], &images, &seeds, cfg.blacken_p, exact)?;
             dependency.extend(dependency_of(&a, &b, kl));
             lp_old.extend(a.logprobs);
         }
