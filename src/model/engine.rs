@@ -291,8 +291,7 @@ impl<B: Backend> Engine<B> {
             for (d, v) in dst.iter_mut().zip(&host) {
                 *d += v;
             }
-            let zeros = vec![0.0; host.len()];
-            self.be.write(g, &zeros)?;
+            self.be.fill_zero(g)?;
         }
         Ok(())
     }
@@ -301,8 +300,7 @@ impl<B: Backend> Engine<B> {
     pub fn zero_grads(&mut self) -> Result<(), ModelError> {
         if let Some(grads) = self.grads.as_mut() {
             for g in grads.iter_mut() {
-                let zeros = vec![0.0; crate::ops::Buffer::len(g)];
-                self.be.write(g, &zeros)?;
+                self.be.fill_zero(g)?;
             }
         }
         Ok(())

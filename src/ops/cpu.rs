@@ -51,6 +51,11 @@ impl Backend for CpuBackend {
         Ok(parts.iter().flat_map(|p| p.iter().copied()).collect())
     }
 
+    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+        buf.fill(0.0);
+        Ok(())
+    }
+
     fn write(&self, dst: &mut Vec<f32>, host: &[f32]) -> Result<()> {
         dst.copy_from_slice(host);
         Ok(())

@@ -167,6 +167,11 @@ impl Backend for CudaBackend {
         Ok(buf(out, total))
     }
 
+    fn fill_zero(&self, buf: &mut DeviceBuf) -> Result<()> {
+        self.stream().memset_zeros(buf.f32_mut()?)?;
+        Ok(())
+    }
+
     fn write(&self, dst: &mut DeviceBuf, host: &[f32]) -> Result<()> {
         assert_eq!(dst.len(), host.len(), "write: lengths differ");
         if !host.is_empty() {
@@ -291,7 +296,7 @@ impl Backend for CudaBackend {
         )?;
         if let Some(b) = g.bias {
             // db += ones[1, rows] @ dy.
-            let ones = self.stream().clone_htod(&vec![1.0f32; rows])?;
+            let ones = self.ones(rows)?;
             let db_shape = GemmShape {
                 m: 1,
                 k: rows,
@@ -302,7 +307,7 @@ impl Backend for CudaBackend {
             self.gemm(
                 &db_shape,
                 1.0,
-                &ones,
+                &ones.slice(0..rows),
                 &dy_v,
                 1.0,
                 &mut b.f32_mut()?.slice_mut(r0..r1),

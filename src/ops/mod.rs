@@ -100,6 +100,8 @@ pub trait Backend {
     fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
     /// The buffers one after the other.
     fn concat(&self, parts: &[&Self::Buf]) -> Result<Self::Buf>;
+    /// Sets every element of `buf` to 0 (on the backend: no host copy).
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// Overwrites `dst` with the host values (same length).
     fn write(&self, dst: &mut Self::Buf, host: &[f32]) -> Result<()>;
     fn index(&self, host: &[i32]) -> Result<Self::Index>;

@@ -286,7 +286,7 @@ impl<'e, B: Backend> Generator<'e, B> {
                 .map(|s| (s.cache.blocks.as_slice(), s.cache.len))
                 .collect();
             let batch = DecodeBatch::new(be, &seqs, &slots)?;
-            let x = be.embedding_fwd(&be.ids(&ids)?, graph.w(cfg_embed(engine)), h)?;
+            let x = be.embedding_fwd(&be.ids(&ids)?, graph.w(engine.layout.text.embed), h)?;
             let rope = be.rope(&freqs, &[&positions])?;
             let hidden = graph.decode_step(x, &rope, &mut store, &batch)?;
             let logits = graph.lm_head(&hidden)?;
@@ -305,10 +305,6 @@ impl<'e, B: Backend> Generator<'e, B> {
         done.sort_by_key(|s| (s.prompt_index, s.sample_index));
         Ok(done)
     }
-}
-
-fn cfg_embed<B: Backend>(engine: &Engine<B>) -> crate::model::params::ParamId {
-    engine.layout.text.embed
 }
 
 #[cfg(test)]

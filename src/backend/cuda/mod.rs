@@ -35,7 +35,7 @@ pub use rope::RopeFreqsDevice;
 
 use crate::kernels;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
     DriverError,
 };
 use std::collections::HashMap;
@@ -111,6 +111,9 @@ pub struct CudaBackend {
     /// cuBLAS handles, workspace and GEMM plans of this device, created on
     /// first use (kernel-only users never load libcublas).
     blas: OnceLock<Result<Blas, String>>,
+    /// A buffer of ones (the bias-gradient GEMM's left operand), grown on
+    /// demand and reused instead of uploaded per call.
+    ones: std::sync::Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
 
 impl CudaBackend {
@@ -137,6 +140,7 @@ impl CudaBackend {
             stream,
             modules,
             blas: OnceLock::new(),
+            ones: std::sync::Mutex::new(None),
         })
     }
 
@@ -174,6 +178,19 @@ impl CudaBackend {
             self.add_bias_rows(c, bias, shape.m, shape.n)?;
         }
         Ok(())
+    }
+
+    /// At least `n` ones on the device.
+    pub fn ones(&self, n: usize) -> Result<Arc<CudaSlice<f32>>, CudaError> {
+        let mut cached = self.ones.lock().unwrap_or_else(|e| e.into_inner());
+        match cached.as_ref() {
+            Some(ones) if ones.len() >= n => Ok(ones.clone()),
+            _ => {
+                let ones = Arc::new(self.stream.clone_htod(&vec![1.0f32; n.max(1)])?);
+                *cached = Some(ones.clone());
+                Ok(ones)
+            }
+        }
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
