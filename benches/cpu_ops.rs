@@ -133,6 +133,34 @@ fn main() {
         Trans::No,
         Trans::Yes,
     );
+    for (label, m, k, n) in [
+        (
+            "bench model: text mlp up   (T=512, 896->4864)",
+            512,
+            896,
+            4864,
+        ),
+        (
+            "bench model: text mlp down (T=512, 4864->896)",
+            512,
+            4864,
+            896,
+        ),
+        (
+            "bench model: vision mlp up (N=1024, 1280->3420)",
+            1024,
+            1280,
+            3420,
+        ),
+        (
+            "bench model: vision mlp down (N=1024, 3420->1280)",
+            1024,
+            3420,
+            1280,
+        ),
+    ] {
+        bench_gemm(label, m, k, n, Trans::No, Trans::Yes);
+    }
     bench_attention(64, 16, 16, 16, 80, false);
     bench_attention(512, 2, 16, 2, 128, true);
 }
