@@ -9,6 +9,7 @@ pub mod backend;
 pub mod builtin;
 pub mod cli_values;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod info;
 pub mod kernels;

@@ -251,6 +251,33 @@ enum Command {
         #[arg(long, default_value_t = 4096, value_parser = cli_values::shard_mib)]
         max_shard_mib: usize,
     },
+    /// Start this node's ranks of a multi-process run, like torchrun: each
+    /// gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. When
+    /// one rank fails the others are stopped and the failing rank is named.
+    /// Example: `vppo-engine launch --nproc-per-node 8 -- train --config c.toml`.
+    /// Multi-node: once per node, with --nnodes, --node-rank and the first
+    /// node's --master-addr. (torchrun and Slurm's srun work as well.)
+    /// Data-parallel training itself is not wired yet: `train` under a
+    /// launcher refuses to run with more than one rank.
+    Launch {
+        /// Ranks (GPUs) on this node.
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Nodes in the run.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This node's index, 0..nnodes.
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// Address of node 0, where rank 0 listens for the rendezvous.
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        #[arg(long, default_value_t = vppo_engine::dist::world::DEFAULT_MASTER_PORT)]
+        master_port: u16,
+        /// The vppo-engine command each rank runs (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Grade a response with the VPPO accuracy reward: prints the answer in
     /// its last \boxed{...} (or that there is none), then `1` or `0`.
     Grade {
@@ -430,6 +457,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Grade { answer, response } => {
             print!("{}", vppo_engine::reward::grade_report(&response, &answer))
+        }
+        Command::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            command,
+        } => {
+            let plan = vppo_engine::dist::launch::LaunchPlan {
+                nproc_per_node,
+                nnodes,
+                node_rank,
+                master_addr,
+                master_port,
+            };
+            let exe = std::env::current_exe().context("cannot find this executable")?;
+            plan.run(&exe, &command)?;
         }
         Command::Score {
             model,

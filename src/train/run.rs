@@ -489,6 +489,14 @@ pub fn run(
     show_progress: bool,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
+    let world = crate::dist::World::from_env().map_err(|e| RunError::Usage(e.to_string()))?;
+    if world.is_distributed() {
+        // Every rank would otherwise train alone on the whole batch.
+        return Err(RunError::Usage(format!(
+            "this is rank {} of {} ({}), but data-parallel training is not wired into `train` yet; run one process (WORLD_SIZE=1)",
+            world.rank, world.world_size, world.launcher
+        )));
+    }
     let (cfg, out) = if resume {
         let out = out.ok_or_else(|| RunError::Usage("--resume needs the run directory".into()))?;
         let saved = out.join(CONFIG_FILE);

@@ -1,0 +1,135 @@
+//! GPU ranks through NCCL: gradients, weight shards and broadcasts move
+//! between devices only through these calls. Rank 0 creates the NCCL unique
+//! id and hands it to the others over the TCP rendezvous at
+//! MASTER_ADDR:MASTER_PORT; the same group then carries host-side metrics.
+
+use super::tcp::TcpGroup;
+use super::{Collective, DistError, World};
+use crate::backend::cuda::CudaBackend;
+use crate::ops::cuda::DeviceBuf;
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use std::time::Duration;
+
+pub struct NcclGroup {
+    comm: Comm,
+    /// The rendezvous group, kept for host-side values (metrics, counts).
+    host: TcpGroup,
+}
+
+fn nccl_error(what: &str, e: impl std::fmt::Debug) -> DistError {
+    DistError::Setup(format!("NCCL {what}: {e:?}"))
+}
+
+impl NcclGroup {
+    /// Joins the group of `world` on `gpu`'s stream.
+    pub fn join(
+        gpu: &CudaBackend,
+        world: &World,
+        timeout: Duration,
+    ) -> Result<NcclGroup, DistError> {
+        let mut host = TcpGroup::join(&world.master, world.rank, world.world_size, timeout)?;
+        let mine: Vec<u8> = if world.rank == 0 {
+            let id = Id::new().map_err(|e| nccl_error("unique id", e))?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let all = host.exchange(&mine)?;
+        let bytes = &all[0];
+        let mut internal = [0 as std::ffi::c_char; 128];
+        if bytes.len() != internal.len() {
+            return Err(DistError::SizeMismatch {
+                rank: 0,
+                got: bytes.len(),
+                want: internal.len(),
+            });
+        }
+        for (d, &b) in internal.iter_mut().zip(bytes) {
+            *d = b as std::ffi::c_char;
+        }
+        let comm = Comm::from_rank(
+            gpu.stream().clone(),
+            world.rank,
+            world.world_size,
+            Id::uninit(internal),
+        )
+        .map_err(|e| nccl_error("communicator init", e))?;
+        Ok(NcclGroup { comm, host })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// Element-wise sum over ranks, in place, on the device.
+    pub fn all_reduce_sum(&self, buf: &mut DeviceBuf) -> Result<(), DistError> {
+        let len = crate::ops::Buffer::len(buf);
+        let slice = buf.f32_mut().map_err(|e| DistError::Setup(e.to_string()))?;
+        let mut view = slice.slice_mut(0..len);
+        self.comm
+            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("all-reduce", e))?;
+        Ok(())
+    }
+
+    /// The sum over ranks of `input` (`world_size` shards), shard `rank()`
+    /// of it into `shard`.
+    pub fn reduce_scatter_sum(
+        &self,
+        input: &DeviceBuf,
+        shard: &mut DeviceBuf,
+    ) -> Result<(), DistError> {
+        let (n, total) = (
+            crate::ops::Buffer::len(shard),
+            crate::ops::Buffer::len(input),
+        );
+        if total != n * self.world_size() {
+            return Err(DistError::Setup(format!(
+                "reduce-scatter of {total} elements into shards of {n} over {} ranks",
+                self.world_size()
+            )));
+        }
+        let src = input
+            .f32()
+            .map_err(|e| DistError::Setup(e.to_string()))?
+            .slice(0..total);
+        let dst = shard
+            .f32_mut()
+            .map_err(|e| DistError::Setup(e.to_string()))?;
+        let mut dst = dst.slice_mut(0..n);
+        self.comm
+            .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("reduce-scatter", e))?;
+        Ok(())
+    }
+
+    /// Every rank's `shard`, in rank order, into `out`.
+    pub fn all_gather(&self, shard: &DeviceBuf, out: &mut DeviceBuf) -> Result<(), DistError> {
+        let (n, total) = (crate::ops::Buffer::len(shard), crate::ops::Buffer::len(out));
+        if total != n * self.world_size() {
+            return Err(DistError::Setup(format!(
+                "all-gather of shards of {n} into {total} elements over {} ranks",
+                self.world_size()
+            )));
+        }
+        let src = shard
+            .f32()
+            .map_err(|e| DistError::Setup(e.to_string()))?
+            .slice(0..n);
+        let dst = out.f32_mut().map_err(|e| DistError::Setup(e.to_string()))?;
+        let mut dst = dst.slice_mut(0..total);
+        self.comm
+            .all_gather(&src, &mut dst)
+            .map_err(|e| nccl_error("all-gather", e))?;
+        Ok(())
+    }
+
+    /// The host group (rendezvous) for host-side values.
+    pub fn host(&mut self) -> &mut TcpGroup {
+        &mut self.host
+    }
+}
