@@ -50,7 +50,35 @@ impl DeviceBuf {
         }
     }
 
-    /// The f32 storage; the graph's ops run on fp32 buffers for now.
+    /// `len` bf16 elements in `data` (which holds at least that many).
+    pub fn from_bf16(data: CudaSlice<bf16>, len: usize) -> Self {
+        debug_assert!(data.len() >= len);
+        Self {
+            len,
+            storage: Storage::Bf16(data),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The bf16 storage (an error for an f32 buffer).
+    pub fn bf16(&self) -> Result<&CudaSlice<bf16>> {
+        match &self.storage {
+            Storage::Bf16(s) => Ok(s),
+            Storage::F32(_) => Err(dtype_mismatch("a bf16 buffer", DType::F32)),
+        }
+    }
+
+    pub fn bf16_mut(&mut self) -> Result<&mut CudaSlice<bf16>> {
+        match &mut self.storage {
+            Storage::Bf16(s) => Ok(s),
+            Storage::F32(_) => Err(dtype_mismatch("a bf16 buffer", DType::F32)),
+        }
+    }
+
+    /// The f32 storage (an error for a bf16 buffer).
     pub fn f32(&self) -> Result<&CudaSlice<f32>> {
         match &self.storage {
             Storage::F32(s) => Ok(s),
@@ -67,9 +95,13 @@ impl DeviceBuf {
 }
 
 fn bf16_unsupported() -> Error {
+    dtype_mismatch("an f32 buffer", DType::Bf16)
+}
+
+fn dtype_mismatch(wanted: &str, found: DType) -> Error {
     Error::Device(CudaError::Unsupported {
         kernel: "op layer",
-        reason: "bf16 buffers are not wired into the graph's ops yet".into(),
+        reason: format!("{wanted} was expected, a {found:?} buffer was given"),
     })
 }
 
@@ -146,6 +178,26 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, len: usize) -> Result<DeviceBuf> {
         self.new_buf(len)
+    }
+
+    fn cast(&self, src: &DeviceBuf, dtype: DType) -> Result<DeviceBuf> {
+        let n = src.len();
+        Ok(match (&src.storage, dtype) {
+            (Storage::F32(s), DType::F32) => buf(self.stream().clone_dtod(s)?, n),
+            (Storage::Bf16(s), DType::Bf16) => {
+                DeviceBuf::from_bf16(self.stream().clone_dtod(s)?, n)
+            }
+            (Storage::F32(s), DType::Bf16) => {
+                let mut out = self.stream().alloc_zeros::<bf16>(n.max(1))?;
+                self.cast_f32_to_bf16(s, n, &mut out)?;
+                DeviceBuf::from_bf16(out, n)
+            }
+            (Storage::Bf16(s), DType::F32) => {
+                let mut out = zeros_f32(self, n)?;
+                self.cast_bf16_to_f32(s, n, &mut out)?;
+                buf(out, n)
+            }
+        })
     }
 
     fn copy(&self, src: &DeviceBuf) -> Result<DeviceBuf> {
@@ -757,15 +809,22 @@ impl Backend for CudaBackend {
         grads: &[DeviceBuf],
         exp_avg: &mut [DeviceBuf],
         exp_avg_sq: &mut [DeviceBuf],
+        copies: Option<&mut [DeviceBuf]>,
     ) -> Result<()> {
+        let mut copies = copies.map(|c| c.iter_mut());
         let mut tensors = Vec::with_capacity(params.len());
         for (((param, grad), m), v) in params.iter_mut().zip(grads).zip(exp_avg).zip(exp_avg_sq) {
+            let model = match copies.as_mut().and_then(|c| c.next()) {
+                // The kernel writes the master's bf16 copy in the same pass.
+                Some(copy) => Some(copy.bf16_mut()?),
+                None => None,
+            };
             tensors.push(AdamWTensor {
                 param: param.f32_mut()?,
                 grad: grad.f32()?,
                 exp_avg: m.f32_mut()?,
                 exp_avg_sq: v.f32_mut()?,
-                model: None,
+                model,
             });
         }
         CudaBackend::adamw_step(self, cfg, step, grad_scale, &mut tensors)?;
