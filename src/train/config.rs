@@ -230,6 +230,12 @@ pub struct TrainConfig {
     /// Responses per forward/backward chunk (gradient accumulation); TAS's
     /// mean is over one (EasyR1's `micro_batch_size_per_device_for_update`).
     pub micro_batch: usize,
+    /// The most tokens (prompt + response, over the responses) one packed
+    /// forward/backward holds (verl's `ppo_max_token_len_per_gpu`): the
+    /// old and perturbed log-probs and the update run each micro-batch as
+    /// packed batches under it (a longer response runs alone). It bounds
+    /// activation memory only: TAS and the loss stay the micro-batch's.
+    pub max_tokens_per_micro_batch: usize,
     /// Parts a rollout batch is balanced into by sequence length before the
     /// updates, as the reference's data-parallel ranks (its GPUs): TAS's
     /// range is over one part's mini-batch. 1 keeps the batch's order; a
@@ -308,6 +314,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 0,
             max_steps: 0,
             micro_batch: 16,
+            max_tokens_per_micro_batch: crate::train::step::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
             tas_partitions: 8,
             max_gen_batches: 0,
             warmup_steps: 0,
@@ -515,7 +522,11 @@ impl TrainConfig {
                 self.clip_dual
             ));
         }
-        let counts: [(&str, usize); 12] = [
+        let counts: [(&str, usize); 13] = [
+            (
+                "max_tokens_per_micro_batch",
+                self.max_tokens_per_micro_batch,
+            ),
             ("tas_partitions", self.tas_partitions),
             ("group_size", self.group_size),
             ("rollout_batch", self.rollout_batch),

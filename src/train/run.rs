@@ -214,6 +214,7 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
     step.perturb_space = cfg.perturb_space;
     step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
+    step.max_tokens_per_micro_batch = cfg.max_tokens_per_micro_batch;
     step.tas_partitions = cfg.tas_partitions;
     step.recompute = cfg.recompute;
     step.kl = cfg.use_kl_loss.then_some((cfg.kl_estimator, cfg.kl_coef));
