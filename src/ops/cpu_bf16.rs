@@ -52,7 +52,9 @@ impl CpuBuf {
         &self.data
     }
 
-    /// The values as `dtype` would store them.
+    /// The values as `dtype` would store them (an op reads its inputs in
+    /// the dtype it computes in, as the device converts them).
+    #[allow(clippy::owned_cow)] // the fp32 backend's ops take `&Vec<f32>`
     fn as_dtype(&self, dtype: DType) -> Cow<'_, Vec<f32>> {
         if dtype == DType::Bf16 && self.dtype == DType::F32 {
             let mut v = self.data.clone();
@@ -217,7 +219,8 @@ impl Backend for CpuBf16Backend {
         dim: usize,
         eps: f32,
     ) -> Result<(CpuBuf, CpuBuf)> {
-        let (y, rstd) = FP32.rmsnorm_fwd(&x.data, &w.data, dim, eps)?;
+        let w = w.as_dtype(x.dtype);
+        let (y, rstd) = FP32.rmsnorm_fwd(&x.data, &w, dim, eps)?;
         Ok((out(y, x.dtype), stat(rstd)))
     }
 
@@ -230,20 +233,23 @@ impl Backend for CpuBf16Backend {
         dim: usize,
         dw: &mut CpuBuf,
     ) -> Result<CpuBuf> {
+        let (x, w) = (x.as_dtype(dy.dtype), w.as_dtype(dy.dtype));
         let mut dx = None;
         update(dw, |dw| {
-            dx = Some(FP32.rmsnorm_bwd(&dy.data, &x.data, &w.data, &rstd.data, dim, dw)?);
+            dx = Some(FP32.rmsnorm_bwd(&dy.data, &x, &w, &rstd.data, dim, dw)?);
             Ok(())
         })?;
         Ok(out(dx.expect("set above"), dy.dtype))
     }
 
     fn swiglu_fwd(&self, gate: &CpuBuf, up: &CpuBuf) -> Result<CpuBuf> {
-        Ok(out(FP32.swiglu_fwd(&gate.data, &up.data)?, gate.dtype))
+        let up = up.as_dtype(gate.dtype);
+        Ok(out(FP32.swiglu_fwd(&gate.data, &up)?, gate.dtype))
     }
 
     fn swiglu_bwd(&self, d_act: &CpuBuf, gate: &CpuBuf, up: &CpuBuf) -> Result<(CpuBuf, CpuBuf)> {
-        let (dg, du) = FP32.swiglu_bwd(&d_act.data, &gate.data, &up.data)?;
+        let (gate, up) = (gate.as_dtype(d_act.dtype), up.as_dtype(d_act.dtype));
+        let (dg, du) = FP32.swiglu_bwd(&d_act.data, &gate, &up)?;
         Ok((out(dg, d_act.dtype), out(du, d_act.dtype)))
     }
 
@@ -252,11 +258,13 @@ impl Backend for CpuBf16Backend {
     }
 
     fn gelu_bwd(&self, dy: &CpuBuf, x: &CpuBuf) -> Result<CpuBuf> {
-        Ok(out(FP32.gelu_bwd(&dy.data, &x.data)?, dy.dtype))
+        let x = x.as_dtype(dy.dtype);
+        Ok(out(FP32.gelu_bwd(&dy.data, &x)?, dy.dtype))
     }
 
     fn add_into(&self, acc: &mut CpuBuf, x: &CpuBuf) -> Result<()> {
-        update(acc, |acc| FP32.add_into(acc, &x.data))
+        let x = x.as_dtype(acc.dtype);
+        update(acc, |acc| FP32.add_into(acc, &x))
     }
 
     fn rope_apply(
@@ -280,7 +288,8 @@ impl Backend for CpuBf16Backend {
         k: &CpuBuf,
         v: &CpuBuf,
     ) -> Result<(CpuBuf, CpuBuf)> {
-        let (o, lse) = FP32.attention_fwd(spec, cu, &q.data, &k.data, &v.data)?;
+        let (k, v) = (k.as_dtype(q.dtype), v.as_dtype(q.dtype));
+        let (o, lse) = FP32.attention_fwd(spec, cu, &q.data, &k, &v)?;
         Ok((out(o, q.dtype), stat(lse)))
     }
 
@@ -295,10 +304,9 @@ impl Backend for CpuBf16Backend {
         lse: &CpuBuf,
         d_o: &CpuBuf,
     ) -> Result<(CpuBuf, CpuBuf, CpuBuf)> {
-        let (dq, dk, dv) = FP32.attention_bwd(
-            spec, cu, &q.data, &k.data, &v.data, &o.data, &lse.data, &d_o.data,
-        )?;
         let dtype = d_o.dtype;
+        let [q, k, v, o] = [q, k, v, o].map(|b| b.as_dtype(dtype));
+        let (dq, dk, dv) = FP32.attention_bwd(spec, cu, &q, &k, &v, &o, &lse.data, &d_o.data)?;
         Ok((out(dq, dtype), out(dk, dtype), out(dv, dtype)))
     }
 
@@ -312,15 +320,10 @@ impl Backend for CpuBf16Backend {
         stride: usize,
         lens: &Vec<i32>,
     ) -> Result<CpuBuf> {
-        let o = FP32.paged_attention(
-            shape,
-            &q.data,
-            &k_cache.data,
-            &v_cache.data,
-            tables,
-            stride,
-            lens,
-        )?;
+        // In the caches' dtype; the output in the query's.
+        let cache = k_cache.dtype;
+        let (qc, vc) = (q.as_dtype(cache), v_cache.as_dtype(cache));
+        let o = FP32.paged_attention(shape, &qc, &k_cache.data, &vc, tables, stride, lens)?;
         Ok(out(o, q.dtype))
     }
 

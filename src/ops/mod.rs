@@ -13,6 +13,7 @@
 pub mod cpu;
 pub mod cpu_bf16;
 pub mod cuda;
+pub mod device_buf;
 
 use crate::backend::cpu::OpError;
 use crate::backend::cuda::CudaError;
