@@ -202,3 +202,45 @@ fn forward_backward_keep<B: Backend>(engine: &mut Engine<B>, batch: &[TrainSeque
     let d_ent = vec![0.0; lp.len()];
     engine.train_backward(&d_lp, &d_ent).unwrap();
 }
+
+/// Generation on the bf16 twin (bf16 KV cache, decode attention in bf16)
+/// against scoring the same tokens with one packed bf16 forward: the two
+/// paths round at different places (the cache holds bf16 keys either way,
+/// the prefill and decode attention sum in other orders), so they agree to
+/// bf16's tolerance rather than fp32's.
+#[test]
+fn bf16_generation_log_probs_match_scoring_the_same_tokens() {
+    use vppo_engine::rollout::generate::{eos_ids, Generator};
+    use vppo_engine::rollout::sampling::SamplingParams;
+    let case = "two_images";
+    let p = Pipeline::load(&case_dir(case)).unwrap();
+    let (mut prompt, prompt_len) = fixture_input(case);
+    prompt.ids.truncate(prompt_len);
+    let engine = Engine::with_precision(CpuBf16Backend, &p.model, Precision::Bf16).unwrap();
+    let mut generator = Generator::new(&engine, eos_ids(&case_dir(case)));
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 50,
+    };
+    let samples = generator
+        .generate(std::slice::from_ref(&prompt), 2, &params, 8, 3)
+        .unwrap();
+    let batch: Vec<TrainSequence> = samples
+        .iter()
+        .map(|s| {
+            let mut input = prompt.clone();
+            input.ids.extend(&s.token_ids);
+            TrainSequence { input, prompt_len }
+        })
+        .collect();
+    let scored = engine.logprobs(&batch).unwrap().logprobs;
+    let generated: Vec<f32> = samples.iter().flat_map(|s| s.logprobs.clone()).collect();
+    assert_eq!(generated.len(), scored.len());
+    let worst = generated
+        .iter()
+        .zip(&scored)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= LOGPROB_TOL, "generate vs score (bf16): {worst:e}");
+}
