@@ -159,6 +159,7 @@ fn cases() -> Vec<Case> {
         generate::cases(),
         train::cases(),
         rmsnorm::bf16_cases(),
+        logprob::bf16_cases(),
         train_bf16::cases(),
     ]
     .into_iter()

@@ -8,9 +8,9 @@
 //! picks the storage type it computes in, reads its inputs in that type
 //! ([`Held`]: their own storage, or a converted copy), and writes its
 //! outputs there. Ops with a bf16 kernel (GEMMs on bf16 tensor cores with
-//! fp32 accumulation, RMSNorm, activations, RoPE, attention, rows) run it;
-//! the loss head (log-probs, entropy, KL, sampling) reads bf16 logits
-//! widened to f32, as its statistics are f32.
+//! fp32 accumulation, RMSNorm, activations, RoPE, attention, rows, the
+//! token log-prob head) run it, their statistics in f32; the exact KL and
+//! sampling read bf16 logits widened to f32.
 
 use super::device_buf::{alloc, dtype_mismatch, held, ones, store, Held, Stored};
 pub use super::device_buf::{DeviceBuf, Storage};
@@ -722,10 +722,12 @@ impl Backend for CudaBackend {
             zeros_f32(self, rows)?,
         );
         if rows > 0 {
-            let logits = self.as_f32(logits)?;
             let mut state = zeros_f32(self, rows * LOGPROB_STATE_PER_ROW)?;
             let chunk = whole_vocab(rows, vocab);
-            self.logprob_chunk(&chunk, &logits, &targets.dev, true, &mut state)?;
+            in_dtype!(logits.dtype(), T => {
+                let l = T::own(logits).expect("logits are a T buffer");
+                self.logprob_chunk(&chunk, l, &targets.dev, true, &mut state)?
+            });
             self.logprob_finish(&state, rows, &mut logp, &mut ent, &mut lse)?;
         }
         Ok((buf(logp, rows), buf(ent, rows), buf(lse, rows)))
@@ -743,20 +745,22 @@ impl Backend for CudaBackend {
         d_entropy: &DeviceBuf,
     ) -> Result<DeviceBuf> {
         let rows = targets.host.len();
-        let mut d_logits = zeros_f32(self, rows * vocab)?;
-        if rows > 0 {
-            self.logprob_bwd_chunk(
-                &whole_vocab(rows, vocab),
-                &*self.as_f32(logits)?,
-                &targets.dev,
-                lse.f32()?,
-                entropy.f32()?,
-                &*self.as_f32(d_logp)?,
-                &*self.as_f32(d_entropy)?,
-                &mut d_logits,
-            )?;
-        }
-        store(self, d_logits, rows * vocab, logits.dtype())
+        in_dtype!(logits.dtype(), T => {
+            let mut d_logits = alloc::<T>(self, rows * vocab)?;
+            if rows > 0 {
+                self.logprob_bwd_chunk(
+                    &whole_vocab(rows, vocab),
+                    T::own(logits).expect("logits are a T buffer"),
+                    &targets.dev,
+                    lse.f32()?,
+                    entropy.f32()?,
+                    &*self.as_f32(d_logp)?,
+                    &*self.as_f32(d_entropy)?,
+                    &mut d_logits,
+                )?;
+            }
+            Ok(T::wrap(d_logits, rows * vocab))
+        })
     }
 
     fn softmax_kl_fwd(&self, a: &DeviceBuf, b: &DeviceBuf, vocab: usize) -> Result<DeviceBuf> {
