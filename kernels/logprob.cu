@@ -6,7 +6,11 @@
 // CPU twin: src/backend/cpu/logprob.rs (token_logprob_fwd, token_logprob_bwd):
 //   logp[t] = z[t, y_t] - lse_t, entropy[t] = lse_t - sum_v p_v z_v,
 //   dz = dlogp (onehot(y) - p) - dentropy p (log p + H).
+// The _bf16 kernels read bf16 logits (and write bf16 dlogits) with all
+// arithmetic and the state in f32: the twin widens the logits, runs the f32
+// op and rounds dlogits (ops::cpu_bf16).
 #include "common.cuh"
+#include "elem.cuh"
 
 // Per row: m = running max, s = sum exp(z - m), w = sum exp(z - m) z.
 struct LpState {
@@ -45,16 +49,17 @@ __device__ __forceinline__ LpState lp_merge(LpState a, LpState b) {
 // chunks merge into it. The chunk covers vocabulary ids
 // [vocab_offset, vocab_offset + chunk_len); row t of the chunk starts at
 // logits + t * ld.
-extern "C" __global__ void logprob_chunk_f32(const float* __restrict__ logits, int ld,
-                                             int rows, int chunk_len, int vocab_offset,
-                                             const unsigned int* __restrict__ targets,
-                                             float* __restrict__ state, int first) {
+template <typename T>
+__device__ __forceinline__ void logprob_chunk(const T* __restrict__ logits, int ld, int rows,
+                                              int chunk_len, int vocab_offset,
+                                              const unsigned int* __restrict__ targets,
+                                              float* __restrict__ state, int first) {
     __shared__ LpState warp_states[32];
     const int row = blockIdx.x;
     if (row >= rows) return;
-    const float* z = logits + (size_t)row * ld;
+    const T* z = logits + (size_t)row * ld;
     LpState st{-INFINITY, 0.0f, 0.0f};
-    for (int v = threadIdx.x; v < chunk_len; v += blockDim.x) lp_push(st, z[v]);
+    for (int v = threadIdx.x; v < chunk_len; v += blockDim.x) lp_push(st, elem_ld(z, v));
     for (int off = VPPO_WARP / 2; off > 0; off >>= 1) {
         LpState o;
         o.m = __shfl_xor_sync(0xffffffffu, st.m, off);
@@ -72,7 +77,7 @@ extern "C" __global__ void logprob_chunk_f32(const float* __restrict__ logits, i
         float zt = first ? __int_as_float(0x7fc00000) : out[3];
         if (!first) t = lp_merge(LpState{out[0], out[1], out[2]}, t);
         const long long local = (long long)targets[row] - vocab_offset;
-        if (local >= 0 && local < chunk_len) zt = z[local];
+        if (local >= 0 && local < chunk_len) zt = elem_ld(z, (size_t)local);
         out[0] = t.m;
         out[1] = t.s;
         out[2] = t.w;
@@ -96,23 +101,39 @@ extern "C" __global__ void logprob_finish_f32(const float* __restrict__ state,
 }
 
 // dlogits of one chunk (same layout and ld as the logits), grid-stride.
-extern "C" __global__ void logprob_bwd_chunk_f32(const float* __restrict__ logits, int ld,
-                                                 int rows, int chunk_len, int vocab_offset,
-                                                 const unsigned int* __restrict__ targets,
-                                                 const float* __restrict__ lse,
-                                                 const float* __restrict__ entropy,
-                                                 const float* __restrict__ dlogp,
-                                                 const float* __restrict__ dentropy,
-                                                 float* __restrict__ dlogits) {
+template <typename T>
+__device__ __forceinline__ void logprob_bwd_chunk(
+    const T* __restrict__ logits, int ld, int rows, int chunk_len, int vocab_offset,
+    const unsigned int* __restrict__ targets, const float* __restrict__ lse,
+    const float* __restrict__ entropy, const float* __restrict__ dlogp,
+    const float* __restrict__ dentropy, T* __restrict__ dlogits) {
     const size_t n = (size_t)rows * chunk_len;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (size_t)gridDim.x * blockDim.x) {
         const int t = (int)(idx / chunk_len), v = (int)(idx % chunk_len);
         const size_t at = (size_t)t * ld + v;
-        const float logp_v = logits[at] - lse[t];
+        const float logp_v = elem_ld(logits, at) - lse[t];
         const float p = expf(logp_v);
         const float onehot = (long long)targets[t] == (long long)vocab_offset + v ? 1.0f : 0.0f;
         const float d_ent = p > 0.0f ? -p * (logp_v + entropy[t]) : 0.0f;
-        dlogits[at] = dlogp[t] * (onehot - p) + dentropy[t] * d_ent;
+        elem_st(dlogits, at, dlogp[t] * (onehot - p) + dentropy[t] * d_ent);
     }
 }
+
+#define LOGPROB_INSTANTIATE(T, SUF)                                                          \
+    extern "C" __global__ void logprob_chunk_##SUF(const T* logits, int ld, int rows,        \
+                                                   int chunk_len, int vocab_offset,          \
+                                                   const unsigned int* targets, float* state, \
+                                                   int first) {                              \
+        logprob_chunk<T>(logits, ld, rows, chunk_len, vocab_offset, targets, state, first);  \
+    }                                                                                        \
+    extern "C" __global__ void logprob_bwd_chunk_##SUF(                                      \
+        const T* logits, int ld, int rows, int chunk_len, int vocab_offset,                  \
+        const unsigned int* targets, const float* lse, const float* entropy,                 \
+        const float* dlogp, const float* dentropy, T* dlogits) {                             \
+        logprob_bwd_chunk<T>(logits, ld, rows, chunk_len, vocab_offset, targets, lse,        \
+                             entropy, dlogp, dentropy, dlogits);                             \
+    }
+
+LOGPROB_INSTANTIATE(float, f32)
+LOGPROB_INSTANTIATE(bf16_t, bf16)

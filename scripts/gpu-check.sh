@@ -17,8 +17,8 @@
 #   its CPU twin), the kernel benches, the PyTorch equivalents, a bounded
 #   compute-sanitizer memcheck of the small cases, the generic model graph
 #   on the CUDA backend vs the CPU backend (forward, training step, dual
-#   pass, generation), `train --device cuda` vs cpu on the
-#   built-in task, a summary of the checks, then the merged table
+#   pass, generation, bf16 vs its CPU twin), `train --device cuda` vs cpu on
+#   the built-in task (fp32) and in bf16, a summary of the checks, then the merged table
 #   (ours vs torch, % of roofline) LAST. Every step has a timeout; the whole
 #   run stays under 8 minutes. JSON lines, the log and the table go to
 #   $OUT (the device tool brings it back) or gpu-bundle/results/.
@@ -160,13 +160,16 @@ PY
       rm -rf "$gen_dir"
       # ---- one VPPO training run on the built-in task, CPU vs CUDA: same
       # ---- warm-up (CPU), then a few RL steps each; wall time and metrics.
-      step "train --device cuda vs cpu (built-in task, 60 warm-up + 16 RL steps)"
+      step "train --device cuda vs cpu (built-in task, 60 warm-up + 16 RL steps; fp32 both, then bf16 on cuda)"
       train_dir=$(mktemp -d)
-      for dev in cpu cuda; do
+      for run in cpu:fp32 cuda:fp32 cuda:bf16; do
+        dev=${run%%:*} precision=${run##*:}
+        name=$dev; [ "$precision" = bf16 ] && name=cuda-bf16
         t0=$SECONDS
-        timeout 90 "$bundle/vppo-engine" train --out "$train_dir/$dev" --device "$dev" \
-          max_steps=16 2>&1 | grep -avE "^step " | tail -n 4 || echo "train --device $dev: exited with $?"
-        echo "train --device $dev: $((SECONDS - t0)) s wall (warm-up included)"
+        timeout 90 "$bundle/vppo-engine" train --out "$train_dir/$name" --device "$dev" \
+          max_steps=16 precision=$precision 2>&1 | grep -avE "^step " | tail -n 4 ||
+          echo "train --device $dev precision=$precision: exited with $?"
+        echo "train --device $dev precision=$precision: $((SECONDS - t0)) s wall (warm-up included)"
       done
       python3 - "$train_dir" <<'PY' || true
 import json, os, sys
@@ -186,6 +189,14 @@ try:
           % ("PASS" if len(gpu) == len(cpu) and (dl <= 1e-2 or not same_batch) else "FAIL", dl, same_batch))
 except Exception as e:
     print("train --device cuda vs cpu: FAIL (%s)" % e)
+try:
+    m = metrics("cuda-bf16")
+    finite = all(x["loss"] == x["loss"] and abs(x["loss"]) < 1e3 for x in m)
+    print("train --device cuda precision=bf16: %s %d steps, first reward %.3f, last %.3f, mean step %.3f s"
+          % ("PASS" if len(m) == 16 and finite else "FAIL", len(m), m[0]["reward_mean"],
+             m[-1]["reward_mean"], sum(x["step_time_s"] for x in m) / len(m)))
+except Exception as e:
+    print("train --device cuda precision=bf16: FAIL (%s)" % e)
 PY
       rm -rf "$train_dir"
       step "kernel benches"
@@ -214,7 +225,7 @@ PY
           echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
       fi
       step "summary of the correctness checks"
-      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl device|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
+      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl (device|graph bf16)|^FAIL|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
       step "table: ours vs torch (torch/ours > 1: ours faster; % roof: ours vs the card's peak)"
       python3 "$bundle/bench_table.py" "$ours" "$theirs" | tee "$results/table.txt"
       echo "gpu-check: done in $((SECONDS - start)) s; results in $results"

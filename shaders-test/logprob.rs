@@ -1,6 +1,9 @@
 //! Token log-prob + entropy over a chunked lm_head against `cpu::logprob`.
 
-use crate::{check, check_truth, cuda, drv, random, to_f64, Case, FP32_TOL};
+use crate::{
+    check, check_truth, cuda, drv, random, to_bf16, to_f64, widen, Case, BF16_TOL, FP32_TOL,
+};
+use half::bf16;
 use rand::Rng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cuda::{LogitChunk, LOGPROB_STATE_PER_ROW};
@@ -158,4 +161,108 @@ pub fn cases() -> Vec<Case> {
         logprob_case(17, 151_936, 32_768, false),
         logprob_case(2, 50_000, 7, false),
     ]
+}
+
+/// bf16 logits in one whole-vocabulary chunk (as the graph's loss head
+/// reads them): log-prob, entropy and lse in f32 against the f32 twin on
+/// the same (widened) values; dlogits written in bf16 against the twin's
+/// rounded to bf16 (`ops::cpu_bf16`).
+fn logprob_bf16_case(rows: usize, vocab: usize) -> Case {
+    Case {
+        name: format!("logprob bf16 fwd+bwd rows={rows} vocab={vocab}"),
+        run: Box::new(move |gpu, rng| {
+            let s = gpu.stream();
+            let logits = to_bf16(&random(rng, rows * vocab, 8.0));
+            let wide = widen(&logits);
+            let targets: Vec<u32> = (0..rows)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect();
+            let (dlogp, dent) = (random(rng, rows, 1.0), random(rng, rows, 1.0));
+            let (mut lp_ref, mut h_ref, mut lse_ref) =
+                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            cpu::logprob::token_logprob_fwd(
+                &wide,
+                vocab,
+                &targets,
+                &mut lp_ref,
+                &mut h_ref,
+                &mut lse_ref,
+            )
+            .map_err(|e| e.to_string())?;
+            let (mut lp64, mut h64, mut lse64) =
+                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+            cpu::logprob::token_logprob_fwd(
+                &to_f64(&wide),
+                vocab,
+                &targets,
+                &mut lp64,
+                &mut h64,
+                &mut lse64,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut dz_ref = vec![0.0; rows * vocab];
+            cpu::logprob::token_logprob_bwd(
+                &wide,
+                vocab,
+                &targets,
+                &lse_ref,
+                &h_ref,
+                &dlogp,
+                &dent,
+                &mut dz_ref,
+            );
+            let dz_ref = widen(&to_bf16(&dz_ref));
+
+            let c = LogitChunk {
+                rows,
+                chunk_len: vocab,
+                ld: vocab,
+                vocab_offset: 0,
+            };
+            let logits_d = s.clone_htod(&logits).map_err(drv)?;
+            let targets_d = s.clone_htod(&targets).map_err(drv)?;
+            let mut state = s
+                .clone_htod(&vec![f32::NAN; rows * LOGPROB_STATE_PER_ROW])
+                .map_err(drv)?;
+            gpu.logprob_chunk(&c, &logits_d, &targets_d, true, &mut state)
+                .map_err(cuda)?;
+            let poison = vec![f32::NAN; rows];
+            let mut lp_d = s.clone_htod(&poison).map_err(drv)?;
+            let mut h_d = s.clone_htod(&poison).map_err(drv)?;
+            let mut lse_d = s.clone_htod(&poison).map_err(drv)?;
+            gpu.logprob_finish(&state, rows, &mut lp_d, &mut h_d, &mut lse_d)
+                .map_err(cuda)?;
+            let (dlogp_d, dent_d) = (
+                s.clone_htod(&dlogp).map_err(drv)?,
+                s.clone_htod(&dent).map_err(drv)?,
+            );
+            let mut dz_d = s.clone_htod(&vec![bf16::NAN; rows * vocab]).map_err(drv)?;
+            gpu.logprob_bwd_chunk(
+                &c, &logits_d, &targets_d, &lse_d, &h_d, &dlogp_d, &dent_d, &mut dz_d,
+            )
+            .map_err(cuda)?;
+            let e_lp = check(
+                "logp",
+                &s.clone_dtoh(&lp_d).map_err(drv)?,
+                &lp_ref,
+                FP32_TOL,
+            )?;
+            let e_h = check_truth("entropy", &s.clone_dtoh(&h_d).map_err(drv)?, &h_ref, &h64)?;
+            let e_l = check(
+                "lse",
+                &s.clone_dtoh(&lse_d).map_err(drv)?,
+                &lse_ref,
+                FP32_TOL,
+            )?;
+            let dz = widen(&s.clone_dtoh(&dz_d).map_err(drv)?);
+            let e_dz = check("dlogits", &dz, &dz_ref, BF16_TOL)?;
+            Ok(format!(
+                "logp {e_lp:.1e} entropy {e_h:.1e} lse {e_l:.1e} dlogits {e_dz:.1e}"
+            ))
+        }),
+    }
+}
+
+pub fn bf16_cases() -> Vec<Case> {
+    vec![logprob_bf16_case(3, 1000), logprob_bf16_case(65, 151_936)]
 }

@@ -23,6 +23,7 @@ mod sampling;
 mod softmax_kl;
 mod topk_select;
 mod train;
+mod train_bf16;
 
 use half::bf16;
 use rand::rngs::StdRng;
@@ -157,6 +158,9 @@ fn cases() -> Vec<Case> {
         model::cases(),
         generate::cases(),
         train::cases(),
+        rmsnorm::bf16_cases(),
+        logprob::bf16_cases(),
+        train_bf16::cases(),
     ]
     .into_iter()
     .flatten()

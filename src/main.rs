@@ -63,7 +63,10 @@ enum Command {
     /// with data_weights (a mix of data sets); data as a folder or glob of
     /// shards; shuffle, epochs (the reference's training length);
     /// tas_partitions, micro_batch (the reference's TAS layout);
-    /// max_gen_batches (0: regenerate until the batch is full);
+    /// max_tokens_per_micro_batch (the tokens of one packed forward/backward,
+    /// verl's ppo_max_token_len_per_gpu); precision = auto | bf16 | fp32
+    /// (auto: bf16 on a GPU, fp32 on the CPU; the old bf16 = true|false
+    /// still reads); max_gen_batches (0: regenerate until the batch is full);
     /// perturb_space (patches, or pixels as the reference).
     Train {
         /// TOML config file; fields it leaves out keep their defaults.

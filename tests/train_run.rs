@@ -905,3 +905,53 @@ fn a_data_set_run_counts_rollout_batches_and_restarts_the_data_for_dynamic_sampl
     assert_eq!(without_timing(&resumed), without_timing(&reference));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `precision = "bf16"` on the CPU trains on the bf16 twin: checkpoints
+/// carry the fp32 masters beside the bf16 weights, and a resumed run
+/// continues exactly (same masters, moments and bf16 copies).
+#[test]
+fn a_bf16_run_saves_its_masters_and_resumes_exactly() {
+    let bf16 = ["precision=bf16", "device=cpu"];
+    let whole = run_dir("bf16-whole");
+    let mut o = bf16.to_vec();
+    o.push("max_steps=4");
+    run(None, &small(&o), Some(&whole), false, false).unwrap();
+    let reference = read_metrics(&whole.join(METRICS_FILE)).unwrap();
+    assert_eq!(reference.len(), 4);
+    let config = std::fs::read_to_string(whole.join("config.toml")).unwrap();
+    assert!(config.contains("precision = \"bf16\""), "{config}");
+    let optimizer = std::fs::read(whole.join("checkpoint-00000004/optimizer.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&optimizer).unwrap();
+    assert!(tensors.names().iter().any(|n| n.starts_with("master.")));
+    let model = std::fs::read(whole.join("checkpoint-00000004/model.safetensors")).unwrap();
+    let weights = safetensors::SafeTensors::deserialize(&model).unwrap();
+    let (name, view) = weights.tensors().into_iter().next().unwrap();
+    let values: Vec<f32> = view
+        .data()
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert!(
+        values
+            .iter()
+            .all(|&x| half::bf16::from_f32(x).to_f32() == x),
+        "{name}: the saved model weights are the bf16 ones"
+    );
+
+    let split = run_dir("bf16-split");
+    let mut o = bf16.to_vec();
+    o.push("max_steps=2");
+    run(None, &small(&o), Some(&split), false, false).unwrap();
+    run(
+        None,
+        &["max_steps=4".to_string()],
+        Some(&split),
+        true,
+        false,
+    )
+    .unwrap();
+    let resumed = read_metrics(&split.join(METRICS_FILE)).unwrap();
+    assert_eq!(without_timing(&resumed), without_timing(&reference));
+    std::fs::remove_dir_all(&whole).unwrap();
+    std::fs::remove_dir_all(&split).unwrap();
+}

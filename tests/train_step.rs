@@ -468,3 +468,108 @@ fn the_fused_dual_pass_equals_the_host_perturbed_forward() {
         assert!(close(&kl.unwrap(), &want_kl), "{case}: exact KL");
     }
 }
+
+/// Prompts of `case` prepared by the pipeline (so they carry the resized
+/// image bytes the fused dual pass needs).
+fn prepared_prompts(p: &Pipeline, case: &str) -> Vec<Prompt> {
+    let dir = case_dir(case);
+    let inp = common::fixtures::inputs(case);
+    let mut text = String::new();
+    for item in inp["messages"][0]["content"].as_array().unwrap() {
+        match item["type"].as_str() {
+            Some("image") => text.push_str("<image>"),
+            _ => text.push_str(item["text"].as_str().unwrap_or_default()),
+        }
+    }
+    let images: Vec<_> = inp["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| dir.join(v.as_str().unwrap()))
+        .collect();
+    let response = inp["response"].as_str().unwrap();
+    let (mut input, prompt_len) = p.prepare(&images, &text, response).unwrap();
+    input.ids.truncate(prompt_len);
+    ["None", "42"]
+        .iter()
+        .map(|answer| Prompt {
+            input: input.clone(),
+            answer: answer.to_string(),
+            problem: String::new(),
+        })
+        .collect()
+}
+
+/// `max_tokens_per_micro_batch` cuts a micro-batch's packed forwards (the
+/// fused dual pass, the host-perturbed pair, the update's forward and
+/// backward) into smaller packed batches: a budget that packs every
+/// response alone gives the old log-probs, the dependencies, the loss and
+/// the gradients of one whole packed micro-batch, and TAS's mean stays
+/// over the micro-batch.
+#[test]
+fn a_token_budget_repacks_micro_batches_without_changing_the_update() {
+    use vppo_engine::rl::PerturbSpace;
+    use vppo_engine::train::step::{collect_rollouts, mini_batch_gradients, token_packs};
+    let p = Pipeline::load(&case_dir("single_noresize")).unwrap();
+    let prompts = prepared_prompts(&p, "single_noresize");
+    assert!(!prompts[0].input.resized.is_empty(), "the fused pass runs");
+    for space in [PerturbSpace::Patches, PerturbSpace::Pixels] {
+        let whole = StepConfig {
+            dynamic_sampling: None,
+            micro_batch: 6,
+            perturb_space: space,
+            max_tokens_per_micro_batch: 1 << 20,
+            ..config(Algo::Vppo)
+        };
+        let alone = StepConfig {
+            max_tokens_per_micro_batch: 1,
+            ..whole.clone()
+        };
+        let a = collect_rollouts(&p, &prompts, &whole, 3).unwrap();
+        let b = collect_rollouts(&p, &prompts, &alone, 3).unwrap();
+        assert_eq!(a.batch.len(), 6);
+        assert_eq!(token_packs(&a.batch, 0..6, 1 << 20, 2), vec![0..6]);
+        assert_eq!(token_packs(&a.batch, 0..6, 1, 1).len(), 6);
+        let close = |x: &[f32], y: &[f32]| {
+            x.len() == y.len() && x.iter().zip(y).all(|(u, v)| (u - v).abs() <= 1e-5)
+        };
+        assert!(close(&a.lp_old, &b.lp_old), "{space:?}: old log-probs");
+        let (da, db) = (
+            a.dependency.as_ref().unwrap(),
+            b.dependency.as_ref().unwrap(),
+        );
+        assert!(close(da, db), "{space:?}: dependencies");
+        let mut rollouts = a;
+        for (i, adv) in rollouts.advantages.iter_mut().enumerate() {
+            *adv = [1.2, -0.7, 0.4][i % 3];
+        }
+        let groups = 0..rollouts.groups();
+        let (g_whole, s_whole) =
+            mini_batch_gradients(&p.model, &rollouts, groups.clone(), &whole).unwrap();
+        let (g_alone, s_alone) = mini_batch_gradients(&p.model, &rollouts, groups, &alone).unwrap();
+        assert!((s_whole.loss - s_alone.loss).abs() <= 1e-6 * s_whole.loss.abs().max(1.0));
+        assert_eq!(
+            (
+                s_whole.adv_scale_min,
+                s_whole.adv_scale_max,
+                s_whole.tgf_kept_frac
+            ),
+            (
+                s_alone.adv_scale_min,
+                s_alone.adv_scale_max,
+                s_alone.tgf_kept_frac
+            ),
+            "the shaping is the micro-batch's"
+        );
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (x, y) in g_whole.0.iter().flatten().zip(g_alone.0.iter().flatten()) {
+            num += ((x - y) as f64).powi(2);
+            den += (*x as f64).powi(2);
+        }
+        let rel = (num / den).sqrt();
+        assert!(
+            den > 0.0 && rel < 1e-5,
+            "{space:?}: gradient rel err {rel:e}"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use super::params::{ParamLayout, Tensors};
 use super::plan::HostPlan;
 use super::qwen::Qwen25Vl;
 use crate::backend::desc::{image_mask_seed, PatchGeometry};
-use crate::ops::Backend;
+use crate::ops::{Backend, Precision};
 
 /// Log-probs (and entropies) of the response tokens of one or more
 /// sequences, sequences concatenated.
@@ -43,9 +43,11 @@ pub struct Engine<B: Backend> {
     pub be: B,
     pub config: ModelConfig,
     pub layout: ParamLayout,
-    /// One buffer per parameter, in [`ParamLayout`] order.
+    /// One buffer per parameter, in [`ParamLayout`] order, in the
+    /// precision's dtype (the graph's activations follow it).
     pub weights: Vec<B::Buf>,
-    /// Accumulated gradients (allocated by the first training forward).
+    pub precision: Precision,
+    /// Accumulated gradients (fp32 in either precision) (allocated by the first training forward).
     pub grads: Option<Vec<B::Buf>>,
     pending: Option<Pending<B>>,
 }
@@ -53,17 +55,31 @@ pub struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     /// Uploads every weight of `model` (fp32) to `be`, once.
     pub fn new(be: B, model: &Qwen25Vl) -> Result<Self, ModelError> {
+        Self::with_precision(be, model, Precision::Fp32)
+    }
+
+    /// Uploads every weight of `model` to `be` in `precision` (bf16:
+    /// rounded to nearest-even), once.
+    pub fn with_precision(
+        be: B,
+        model: &Qwen25Vl,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let weights = model
             .weights
             .0
             .iter()
-            .map(|w| be.upload(w))
+            .map(|w| match precision {
+                Precision::Fp32 => be.upload(w),
+                Precision::Bf16 => be.cast(&be.upload(w)?, precision.dtype()),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             be,
             config: model.config.clone(),
             layout: model.layout.clone(),
             weights,
+            precision,
             grads: None,
             pending: None,
         })
@@ -306,7 +322,8 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Replaces the weights with `weights` (after a host optimizer step).
+    /// Replaces the weights with `weights` (after a host optimizer step),
+    /// rounded to the weights' dtype.
     pub fn upload_weights(&mut self, weights: &Tensors) -> Result<(), ModelError> {
         for (dst, src) in self.weights.iter_mut().zip(&weights.0) {
             self.be.write(dst, src)?;

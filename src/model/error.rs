@@ -35,10 +35,6 @@ pub enum ModelError {
     GradLength { expected: usize, found: usize },
     #[error("backward called without a training forward before it")]
     NoPendingForward,
-    #[error(
-        "the device optimizer keeps fp32 weights; with bf16 model weights AdamW runs on the host"
-    )]
-    DeviceOptimizer,
     #[error("the fused dual pass needs the image processor on the device (set_image_processor)")]
     NoImageProcessor,
     #[error(

@@ -6,7 +6,7 @@
 
 use super::config::ModelConfig;
 use crate::backend::desc::{flatten_block_tables, PagedSeq};
-use crate::ops::{Backend, Result};
+use crate::ops::{Backend, DType, Result};
 
 pub struct KvStore<B: Backend> {
     pub block_size: usize,
@@ -18,12 +18,23 @@ pub struct KvStore<B: Backend> {
 }
 
 impl<B: Backend> KvStore<B> {
-    /// A cache of `blocks` blocks for `cfg`'s decoder, zeroed.
-    pub fn new(be: &B, cfg: &ModelConfig, block_size: usize, blocks: usize) -> Result<Self> {
+    /// A cache of `blocks` blocks for `cfg`'s decoder, zeroed, stored as
+    /// `dtype` (the weights': bf16 halves the cache and keeps the decode
+    /// attention in bf16).
+    pub fn new(
+        be: &B,
+        cfg: &ModelConfig,
+        block_size: usize,
+        blocks: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let tc = &cfg.text;
         let slot = tc.num_kv_heads * tc.head_dim;
         let n = blocks * block_size * slot;
-        let layer = || be.zeros(n);
+        let layer = || match dtype {
+            DType::F32 => be.zeros(n),
+            DType::Bf16 => be.cast(&be.zeros(n)?, dtype),
+        };
         Ok(Self {
             block_size,
             blocks,
@@ -112,7 +123,7 @@ mod tests {
             .join("tests/fixtures/qwen2_5_vl/single_noresize");
         let cfg = ModelConfig::load(&dir).unwrap();
         let be = CpuBackend;
-        let mut store = KvStore::new(&be, &cfg, 4, 3).unwrap();
+        let mut store = KvStore::new(&be, &cfg, 4, 3, DType::F32).unwrap();
         let w = store.slot;
         let k: Vec<f32> = (0..2 * w).map(|i| i as f32).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();

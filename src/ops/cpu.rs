@@ -1,7 +1,7 @@
 //! [`Backend`] on the CPU: the reference ops of `backend::cpu` over
 //! `Vec<f32>` buffers (rayon inside each op).
 
-use super::{Backend, Result, WeightGrads, WeightRows};
+use super::{Backend, DType, Result, WeightGrads, WeightRows};
 use crate::backend::cpu::activations::{gelu_bwd, gelu_fwd, swiglu_bwd, swiglu_fwd};
 use crate::backend::cpu::adamw::{adamw_step, global_grad_norm};
 use crate::backend::cpu::embedding::{embedding_bwd, embedding_fwd};
@@ -15,6 +15,7 @@ use crate::backend::cpu::rope::{rope_bwd, rope_fwd, RopeTable};
 use crate::backend::cpu::rows::{add_inplace, gather_rows, scatter_rows, PARALLEL_MIN_ELEMS};
 use crate::backend::cpu::sampling::sample_token_with_uniform;
 use crate::backend::cpu::softmax_kl::softmax_kl_fwd;
+use crate::backend::cpu::OpError;
 use crate::backend::desc::{
     AdamWConfig, AttnSpec, PagedSeq, PagedShape, PatchGeometry, RopeFreqs, SamplingParams,
 };
@@ -41,6 +42,13 @@ impl Backend for CpuBackend {
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
+    }
+
+    fn cast(&self, buf: &Vec<f32>, dtype: DType) -> Result<Vec<f32>> {
+        match dtype {
+            DType::F32 => Ok(buf.clone()),
+            DType::Bf16 => Err(OpError::Bf16OnFp32Backend.into()),
+        }
     }
 
     fn copy(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
@@ -408,13 +416,19 @@ impl Backend for CpuBackend {
         grads: &[Vec<f32>],
         exp_avg: &mut [Vec<f32>],
         exp_avg_sq: &mut [Vec<f32>],
+        copies: Option<&mut [Vec<f32>]>,
     ) -> Result<()> {
+        // The copies are this backend's f32 buffers: they get the params.
+        let mut copies = copies.map(|c| c.iter_mut());
         for (((p, g), m), v) in params.iter_mut().zip(grads).zip(exp_avg).zip(exp_avg_sq) {
             if grad_scale == 1.0 {
                 adamw_step(cfg, step, p, g, m, v, None);
             } else {
                 let scaled: Vec<f32> = g.iter().map(|&x| x * grad_scale).collect();
                 adamw_step(cfg, step, p, &scaled, m, v, None);
+            }
+            if let Some(copy) = copies.as_mut().and_then(|c| c.next()) {
+                copy.copy_from_slice(p);
             }
         }
         Ok(())

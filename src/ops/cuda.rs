@@ -2,76 +2,28 @@
 //! `backend::cuda` (our kernels, cuBLASLt GEMMs), on the device's stream.
 //! Buffers come from the stream-ordered pool (cudarc's async allocation),
 //! so the graph's per-op outputs cost no device synchronisation.
+//!
+//! Buffers are f32 or bf16 ([`DeviceBuf`]); every op follows the storage
+//! rules of [`DType`] (the CPU twin `ops::cpu_bf16` follows the same): it
+//! picks the storage type it computes in, reads its inputs in that type
+//! ([`Held`]: their own storage, or a converted copy), and writes its
+//! outputs there. Ops with a bf16 kernel (GEMMs on bf16 tensor cores with
+//! fp32 accumulation, RMSNorm, activations, RoPE, attention, rows, the
+//! token log-prob head) run it, their statistics in f32; the exact KL and
+//! sampling read bf16 logits widened to f32.
 
-use super::{Backend, Buffer, DType, Error, Result, WeightGrads, WeightRows};
+use super::device_buf::{alloc, dtype_mismatch, held, ones, store, Held, Stored};
+pub use super::device_buf::{DeviceBuf, Storage};
+use super::{Backend, Buffer, DType, Result, WeightGrads, WeightRows};
 use crate::backend::cuda::{
-    AdamWTensor, CudaBackend, CudaError, FlashAttnShape, GemmShape, LogitChunk, PatchMask,
-    RopeFreqsDevice, Trans, LOGPROB_STATE_PER_ROW,
+    AdamWTensor, CudaBackend, FlashAttnShape, GemmShape, LogitChunk, PatchMask, RopeFreqsDevice,
+    Trans, LOGPROB_STATE_PER_ROW,
 };
 use crate::backend::desc::{
     AdamWConfig, AttnSpec, PagedShape, PatchGeometry, RopeFreqs, SamplingParams,
 };
 use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
-
-/// A device buffer: its elements (their count may be 0 while the
-/// allocation holds at least one, as CUDA allocations cannot be empty) and
-/// their type.
-pub struct DeviceBuf {
-    len: usize,
-    storage: Storage,
-}
-
-/// The allocation behind a [`DeviceBuf`].
-pub enum Storage {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<bf16>),
-}
-
-impl Buffer for DeviceBuf {
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn dtype(&self) -> DType {
-        match self.storage {
-            Storage::F32(_) => DType::F32,
-            Storage::Bf16(_) => DType::Bf16,
-        }
-    }
-}
-
-impl DeviceBuf {
-    /// `len` f32 elements in `data` (which holds at least that many).
-    pub fn from_f32(data: CudaSlice<f32>, len: usize) -> Self {
-        debug_assert!(data.len() >= len);
-        Self {
-            len,
-            storage: Storage::F32(data),
-        }
-    }
-
-    /// The f32 storage; the graph's ops run on fp32 buffers for now.
-    pub fn f32(&self) -> Result<&CudaSlice<f32>> {
-        match &self.storage {
-            Storage::F32(s) => Ok(s),
-            Storage::Bf16(_) => Err(bf16_unsupported()),
-        }
-    }
-
-    pub fn f32_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
-        match &mut self.storage {
-            Storage::F32(s) => Ok(s),
-            Storage::Bf16(_) => Err(bf16_unsupported()),
-        }
-    }
-}
-
-fn bf16_unsupported() -> Error {
-    Error::Device(CudaError::Unsupported {
-        kernel: "op layer",
-        reason: "bf16 buffers are not wired into the graph's ops yet".into(),
-    })
-}
 
 /// Host values with their device copy: the index arrays and ids the ops
 /// read on the device and check (or size launches) on the host.
@@ -97,6 +49,22 @@ fn buf(data: CudaSlice<f32>, n: usize) -> DeviceBuf {
     DeviceBuf::from_f32(data, n)
 }
 
+/// Runs `$body` with `$t` the storage type of `$dtype` (f32 or bf16).
+macro_rules! in_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::Bf16 => {
+                type $t = bf16;
+                $body
+            }
+        }
+    };
+}
+
 impl CudaBackend {
     fn mirrored<T>(&self, host: &[T]) -> Result<Mirrored<T>>
     where
@@ -116,10 +84,217 @@ impl CudaBackend {
     fn new_buf(&self, n: usize) -> Result<DeviceBuf> {
         Ok(buf(zeros_f32(self, n)?, n))
     }
+
+    /// `buf` widened to f32 (its own storage when f32).
+    fn as_f32<'a>(&self, buf: &'a DeviceBuf) -> Result<Held<'a, f32>> {
+        held::<f32>(self, buf)
+    }
+
+    fn linear_fwd_in<T: Stored>(
+        &self,
+        x: &DeviceBuf,
+        rows: usize,
+        inp: usize,
+        w: &WeightRows<'_, DeviceBuf>,
+    ) -> Result<DeviceBuf> {
+        let out = w.rows.len();
+        let mut y = alloc::<T>(self, rows * out)?;
+        if rows * out == 0 {
+            return Ok(T::wrap(y, 0));
+        }
+        let (x, weight) = (held::<T>(self, x)?, held::<T>(self, w.weight)?);
+        let bias = match w.bias {
+            Some(b) => Some(held::<T>(self, b)?),
+            None => None,
+        };
+        let bias_rows = bias.as_ref().map(|b| b.slice(w.rows.clone()));
+        self.gemm(
+            &GemmShape::linear(rows, inp, out),
+            1.0,
+            &x.slice(0..rows * inp),
+            &weight.slice(w.rows.start * inp..w.rows.end * inp),
+            0.0,
+            &mut y.slice_mut(0..rows * out),
+            bias_rows.as_ref(),
+        )?;
+        Ok(T::wrap(y, rows * out))
+    }
+
+    /// The linear backward in `T` (the weight's type): `dx` in `T`, the
+    /// parameter gradients accumulated in f32 (GEMMs reading `T`, writing f32).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_in<T: Stored>(
+        &self,
+        dy: &DeviceBuf,
+        x: &DeviceBuf,
+        rows: usize,
+        inp: usize,
+        w: &DeviceBuf,
+        g: WeightGrads<'_, DeviceBuf>,
+        want_dx: bool,
+    ) -> Result<Option<DeviceBuf>> {
+        let (r0, r1) = (g.rows.start, g.rows.end);
+        let out = r1 - r0;
+        let dy = held::<T>(self, dy)?;
+        let dy_v = dy.slice(0..rows * out);
+        let w_rows = r0 * inp..r1 * inp;
+        let dx = if want_dx {
+            let mut dx = alloc::<T>(self, rows * inp)?;
+            if rows * inp * out > 0 {
+                let shape = GemmShape {
+                    m: rows,
+                    k: out,
+                    n: inp,
+                    trans_a: Trans::No,
+                    trans_b: Trans::No,
+                };
+                let w = held::<T>(self, w)?;
+                self.gemm(
+                    &shape,
+                    1.0,
+                    &dy_v,
+                    &w.slice(w_rows.clone()),
+                    0.0,
+                    &mut dx.slice_mut(0..rows * inp),
+                    None,
+                )?;
+            }
+            Some(T::wrap(dx, rows * inp))
+        } else {
+            None
+        };
+        if rows == 0 {
+            return Ok(dx);
+        }
+        let dw_shape = GemmShape {
+            m: out,
+            k: rows,
+            n: inp,
+            trans_a: Trans::Yes,
+            trans_b: Trans::No,
+        };
+        let x = held::<T>(self, x)?;
+        self.gemm::<T, f32, _, _>(
+            &dw_shape,
+            1.0,
+            &dy_v,
+            &x.slice(0..rows * inp),
+            1.0,
+            &mut g.weight.f32_mut()?.slice_mut(w_rows),
+            None,
+        )?;
+        if let Some(b) = g.bias {
+            // db += ones[1, rows] @ dy.
+            let ones = ones::<T>(self, rows)?;
+            let db_shape = GemmShape {
+                m: 1,
+                k: rows,
+                n: out,
+                trans_a: Trans::No,
+                trans_b: Trans::No,
+            };
+            self.gemm::<T, f32, _, _>(
+                &db_shape,
+                1.0,
+                &ones.slice(0..rows),
+                &dy_v,
+                1.0,
+                &mut b.f32_mut()?.slice_mut(r0..r1),
+                None,
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn rmsnorm_fwd_in<T: Stored>(
+        &self,
+        x: &DeviceBuf,
+        w: &DeviceBuf,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(DeviceBuf, DeviceBuf)> {
+        let rows = x.len() / dim;
+        let (mut y, mut rstd) = (alloc::<T>(self, rows * dim)?, zeros_f32(self, rows)?);
+        let (xs, ws) = (held::<T>(self, x)?, held::<T>(self, w)?);
+        CudaBackend::rmsnorm_fwd(self, &xs, &ws, rows, dim, eps, &mut y, &mut rstd)?;
+        Ok((T::wrap(y, rows * dim), buf(rstd, rows)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd_in<T: Stored>(
+        &self,
+        dy: &DeviceBuf,
+        x: &DeviceBuf,
+        w: &DeviceBuf,
+        rstd: &DeviceBuf,
+        dim: usize,
+        dw: &mut DeviceBuf,
+    ) -> Result<DeviceBuf> {
+        let rows = x.len() / dim;
+        let mut dx = alloc::<T>(self, rows * dim)?;
+        let (dys, xs, ws) = (
+            held::<T>(self, dy)?,
+            held::<T>(self, x)?,
+            held::<T>(self, w)?,
+        );
+        CudaBackend::rmsnorm_bwd(
+            self,
+            &dys,
+            &xs,
+            &ws,
+            rstd.f32()?,
+            rows,
+            dim,
+            &mut dx,
+            dw.f32_mut()?,
+        )?;
+        Ok(T::wrap(dx, rows * dim))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_in<T: Stored>(
+        &self,
+        spec: &AttnSpec,
+        cu: &Mirrored<i32>,
+        q: &DeviceBuf,
+        k: &DeviceBuf,
+        v: &DeviceBuf,
+        o: &DeviceBuf,
+        lse: &DeviceBuf,
+        d_o: &DeviceBuf,
+    ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
+        let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
+        let mut delta = zeros_f32(self, q.len() / spec.head_dim)?;
+        let (mut dq, mut dk, mut dv) = (
+            alloc::<T>(self, q.len())?,
+            alloc::<T>(self, k.len())?,
+            alloc::<T>(self, v.len())?,
+        );
+        self.flash_attn_bwd(
+            &shape,
+            &*held::<T>(self, q)?,
+            &*held::<T>(self, k)?,
+            &*held::<T>(self, v)?,
+            &*held::<T>(self, o)?,
+            lse.f32()?,
+            &*held::<T>(self, d_o)?,
+            &cu.dev,
+            &cu.dev,
+            &mut delta,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )?;
+        Ok((
+            T::wrap(dq, q.len()),
+            T::wrap(dk, k.len()),
+            T::wrap(dv, v.len()),
+        ))
+    }
 }
 
 /// The first `n` elements of a buffer, as cudarc views.
-fn view(s: &CudaSlice<f32>, n: usize) -> CudaView<'_, f32> {
+fn view<T>(s: &CudaSlice<T>, n: usize) -> CudaView<'_, T> {
     s.slice(0..n)
 }
 
@@ -141,42 +316,79 @@ impl Backend for CudaBackend {
         if src.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.stream().clone_dtoh(&view(src.f32()?, src.len()))?)
+        Ok(match src.storage() {
+            Storage::F32(s) => self.stream().clone_dtoh(&view(s, src.len()))?,
+            Storage::Bf16(s) => self
+                .stream()
+                .clone_dtoh(&view(s, src.len()))?
+                .into_iter()
+                .map(bf16::to_f32)
+                .collect(),
+        })
     }
 
     fn zeros(&self, len: usize) -> Result<DeviceBuf> {
         self.new_buf(len)
     }
 
-    fn copy(&self, src: &DeviceBuf) -> Result<DeviceBuf> {
-        Ok(buf(self.stream().clone_dtod(src.f32()?)?, src.len()))
+    fn cast(&self, src: &DeviceBuf, dtype: DType) -> Result<DeviceBuf> {
+        let n = src.len();
+        Ok(match (src.storage(), dtype) {
+            (Storage::F32(s), DType::F32) => buf(self.stream().clone_dtod(s)?, n),
+            (Storage::Bf16(s), DType::Bf16) => {
+                DeviceBuf::from_bf16(self.stream().clone_dtod(s)?, n)
+            }
+            (Storage::F32(_), DType::Bf16) => DeviceBuf::from_bf16(bf16::convert(self, src)?, n),
+            (Storage::Bf16(_), DType::F32) => buf(f32::convert(self, src)?, n),
+        })
     }
 
+    fn copy(&self, src: &DeviceBuf) -> Result<DeviceBuf> {
+        self.cast(src, src.dtype())
+    }
+
+    /// In the first part's dtype.
     fn concat(&self, parts: &[&DeviceBuf]) -> Result<DeviceBuf> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut out = zeros_f32(self, total)?;
-        let mut at = 0;
-        for p in parts {
-            let n = p.len();
-            if n > 0 {
-                self.stream()
-                    .memcpy_dtod(&view(p.f32()?, n), &mut out.slice_mut(at..at + n))?;
+        let dtype = parts.first().map_or(DType::F32, |p| p.dtype());
+        in_dtype!(dtype, T => {
+            let mut out = alloc::<T>(self, total)?;
+            let mut at = 0;
+            for p in parts {
+                let n = p.len();
+                if n > 0 {
+                    let part = held::<T>(self, p)?;
+                    self.stream()
+                        .memcpy_dtod(&view(&part, n), &mut out.slice_mut(at..at + n))?;
+                }
+                at += n;
             }
-            at += n;
-        }
-        Ok(buf(out, total))
+            Ok(T::wrap(out, total))
+        })
     }
 
     fn fill_zero(&self, buf: &mut DeviceBuf) -> Result<()> {
-        self.stream().memset_zeros(buf.f32_mut()?)?;
+        match &mut buf.storage {
+            Storage::F32(s) => self.stream().memset_zeros(s)?,
+            Storage::Bf16(s) => self.stream().memset_zeros(s)?,
+        }
         Ok(())
     }
 
     fn write(&self, dst: &mut DeviceBuf, host: &[f32]) -> Result<()> {
         assert_eq!(dst.len(), host.len(), "write: lengths differ");
-        if !host.is_empty() {
-            self.stream()
-                .memcpy_htod(host, &mut dst.f32_mut()?.slice_mut(0..host.len()))?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        match &mut dst.storage {
+            Storage::F32(s) => self
+                .stream()
+                .memcpy_htod(host, &mut s.slice_mut(0..host.len()))?,
+            Storage::Bf16(s) => {
+                // Rounded on the device, as every bf16 write.
+                let staged = self.stream().clone_htod(host)?;
+                self.cast_f32_to_bf16(&staged, host.len(), s)?;
+            }
         }
         Ok(())
     }
@@ -208,6 +420,7 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    /// In the weight's dtype.
     fn linear_fwd(
         &self,
         x: &DeviceBuf,
@@ -215,26 +428,7 @@ impl Backend for CudaBackend {
         inp: usize,
         w: &WeightRows<'_, DeviceBuf>,
     ) -> Result<DeviceBuf> {
-        let out = w.rows.len();
-        let mut y = zeros_f32(self, rows * out)?;
-        if rows * out == 0 {
-            return Ok(buf(y, rows * out));
-        }
-        let wv = w.weight.f32()?.slice(w.rows.start * inp..w.rows.end * inp);
-        let bias = match w.bias {
-            Some(b) => Some(b.f32()?.slice(w.rows.clone())),
-            None => None,
-        };
-        self.gemm(
-            &GemmShape::linear(rows, inp, out),
-            1.0,
-            &view(x.f32()?, rows * inp),
-            &wv,
-            0.0,
-            &mut y.slice_mut(0..rows * out),
-            bias.as_ref(),
-        )?;
-        Ok(buf(y, rows * out))
+        in_dtype!(w.weight.dtype(), T => self.linear_fwd_in::<T>(x, rows, inp, w))
     }
 
     fn linear_bwd(
@@ -247,76 +441,10 @@ impl Backend for CudaBackend {
         g: WeightGrads<'_, DeviceBuf>,
         want_dx: bool,
     ) -> Result<Option<DeviceBuf>> {
-        let (r0, r1) = (g.rows.start, g.rows.end);
-        let out = r1 - r0;
-        let dy_v = view(dy.f32()?, rows * out);
-        let w_rows = r0 * inp..r1 * inp;
-        let dx = if want_dx {
-            let mut dx = zeros_f32(self, rows * inp)?;
-            if rows * inp * out > 0 {
-                let shape = GemmShape {
-                    m: rows,
-                    k: out,
-                    n: inp,
-                    trans_a: Trans::No,
-                    trans_b: Trans::No,
-                };
-                self.gemm(
-                    &shape,
-                    1.0,
-                    &dy_v,
-                    &w.f32()?.slice(w_rows.clone()),
-                    0.0,
-                    &mut dx.slice_mut(0..rows * inp),
-                    None,
-                )?;
-            }
-            Some(buf(dx, rows * inp))
-        } else {
-            None
-        };
-        if rows == 0 {
-            return Ok(dx);
-        }
-        let dw_shape = GemmShape {
-            m: out,
-            k: rows,
-            n: inp,
-            trans_a: Trans::Yes,
-            trans_b: Trans::No,
-        };
-        self.gemm(
-            &dw_shape,
-            1.0,
-            &dy_v,
-            &view(x.f32()?, rows * inp),
-            1.0,
-            &mut g.weight.f32_mut()?.slice_mut(w_rows),
-            None,
-        )?;
-        if let Some(b) = g.bias {
-            // db += ones[1, rows] @ dy.
-            let ones = self.ones(rows)?;
-            let db_shape = GemmShape {
-                m: 1,
-                k: rows,
-                n: out,
-                trans_a: Trans::No,
-                trans_b: Trans::No,
-            };
-            self.gemm(
-                &db_shape,
-                1.0,
-                &ones.slice(0..rows),
-                &dy_v,
-                1.0,
-                &mut b.f32_mut()?.slice_mut(r0..r1),
-                None,
-            )?;
-        }
-        Ok(dx)
+        in_dtype!(w.dtype(), T => self.linear_bwd_in::<T>(dy, x, rows, inp, w, g, want_dx))
     }
 
+    /// In `x`'s dtype.
     fn rmsnorm_fwd(
         &self,
         x: &DeviceBuf,
@@ -324,12 +452,10 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) -> Result<(DeviceBuf, DeviceBuf)> {
-        let rows = x.len() / dim;
-        let (mut y, mut rstd) = (zeros_f32(self, rows * dim)?, zeros_f32(self, rows)?);
-        CudaBackend::rmsnorm_fwd(self, x.f32()?, w.f32()?, rows, dim, eps, &mut y, &mut rstd)?;
-        Ok((buf(y, rows * dim), buf(rstd, rows)))
+        in_dtype!(x.dtype(), T => self.rmsnorm_fwd_in::<T>(x, w, dim, eps))
     }
 
+    /// In `dy`'s dtype.
     fn rmsnorm_bwd(
         &self,
         dy: &DeviceBuf,
@@ -339,27 +465,17 @@ impl Backend for CudaBackend {
         dim: usize,
         dw: &mut DeviceBuf,
     ) -> Result<DeviceBuf> {
-        let rows = x.len() / dim;
-        let mut dx = zeros_f32(self, rows * dim)?;
-        CudaBackend::rmsnorm_bwd(
-            self,
-            dy.f32()?,
-            x.f32()?,
-            w.f32()?,
-            rstd.f32()?,
-            rows,
-            dim,
-            &mut dx,
-            dw.f32_mut()?,
-        )?;
-        Ok(buf(dx, rows * dim))
+        in_dtype!(dy.dtype(), T => self.rmsnorm_bwd_in::<T>(dy, x, w, rstd, dim, dw))
     }
 
     fn swiglu_fwd(&self, gate: &DeviceBuf, up: &DeviceBuf) -> Result<DeviceBuf> {
         let n = gate.len();
-        let mut h = zeros_f32(self, n)?;
-        CudaBackend::swiglu_fwd(self, gate.f32()?, up.f32()?, n, &mut h)?;
-        Ok(buf(h, n))
+        in_dtype!(gate.dtype(), T => {
+            let mut h = alloc::<T>(self, n)?;
+            let (g, u) = (held::<T>(self, gate)?, held::<T>(self, up)?);
+            CudaBackend::swiglu_fwd(self, &g, &u, n, &mut h)?;
+            Ok(T::wrap(h, n))
+        })
     }
 
     fn swiglu_bwd(
@@ -369,42 +485,50 @@ impl Backend for CudaBackend {
         up: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf)> {
         let n = gate.len();
-        let (mut dg, mut du) = (zeros_f32(self, n)?, zeros_f32(self, n)?);
-        CudaBackend::swiglu_bwd(
-            self,
-            d_act.f32()?,
-            gate.f32()?,
-            up.f32()?,
-            n,
-            &mut dg,
-            &mut du,
-        )?;
-        Ok((buf(dg, n), buf(du, n)))
+        in_dtype!(d_act.dtype(), T => {
+            let (mut dg, mut du) = (alloc::<T>(self, n)?, alloc::<T>(self, n)?);
+            let (d, g, u) = (
+                held::<T>(self, d_act)?,
+                held::<T>(self, gate)?,
+                held::<T>(self, up)?,
+            );
+            CudaBackend::swiglu_bwd(self, &d, &g, &u, n, &mut dg, &mut du)?;
+            Ok((T::wrap(dg, n), T::wrap(du, n)))
+        })
     }
 
     fn gelu_fwd(&self, x: &DeviceBuf) -> Result<DeviceBuf> {
         let n = x.len();
-        let mut y = zeros_f32(self, n)?;
-        CudaBackend::gelu_fwd(self, x.f32()?, n, &mut y)?;
-        Ok(buf(y, n))
+        in_dtype!(x.dtype(), T => {
+            let mut y = alloc::<T>(self, n)?;
+            CudaBackend::gelu_fwd(self, &*held::<T>(self, x)?, n, &mut y)?;
+            Ok(T::wrap(y, n))
+        })
     }
 
     fn gelu_bwd(&self, dy: &DeviceBuf, x: &DeviceBuf) -> Result<DeviceBuf> {
         let n = x.len();
-        let mut dx = zeros_f32(self, n)?;
-        CudaBackend::gelu_bwd(self, dy.f32()?, x.f32()?, n, &mut dx)?;
-        Ok(buf(dx, n))
+        in_dtype!(dy.dtype(), T => {
+            let mut dx = alloc::<T>(self, n)?;
+            let (d, xs) = (held::<T>(self, dy)?, held::<T>(self, x)?);
+            CudaBackend::gelu_bwd(self, &d, &xs, n, &mut dx)?;
+            Ok(T::wrap(dx, n))
+        })
     }
 
+    /// In `acc`'s dtype (`x` converted to it first).
     fn add_into(&self, acc: &mut DeviceBuf, x: &DeviceBuf) -> Result<()> {
         let n = x.len();
         assert_eq!(acc.len(), n, "add_into: lengths differ");
         if n == 0 {
             return Ok(());
         }
-        let xv = view(x.f32()?, n);
-        self.add_inplace(&mut acc.f32_mut()?.slice_mut(0..n), &xv, n)?;
-        Ok(())
+        in_dtype!(acc.dtype(), T => {
+            let xs = held::<T>(self, x)?;
+            let dst = T::own_mut(acc).expect("acc is a T buffer");
+            self.add_inplace(&mut dst.slice_mut(0..n), &view(&xs, n), n)?;
+            Ok(())
+        })
     }
 
     fn rope_apply(
@@ -414,20 +538,23 @@ impl Backend for CudaBackend {
         heads: usize,
         backward: bool,
     ) -> Result<DeviceBuf> {
-        let mut y = zeros_f32(self, x.len())?;
-        CudaBackend::rope(
-            self,
-            &rope.freqs,
-            &rope.positions,
-            rope.tokens,
-            heads,
-            backward,
-            x.f32()?,
-            &mut y,
-        )?;
-        Ok(buf(y, x.len()))
+        in_dtype!(x.dtype(), T => {
+            let mut y = alloc::<T>(self, x.len())?;
+            CudaBackend::rope(
+                self,
+                &rope.freqs,
+                &rope.positions,
+                rope.tokens,
+                heads,
+                backward,
+                &*held::<T>(self, x)?,
+                &mut y,
+            )?;
+            Ok(T::wrap(y, x.len()))
+        })
     }
 
+    /// In `q`'s dtype; `lse` f32.
     fn attention_fwd(
         &self,
         spec: &AttnSpec,
@@ -437,23 +564,26 @@ impl Backend for CudaBackend {
         v: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf)> {
         let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
-        let (mut o, mut lse) = (
-            zeros_f32(self, q.len())?,
-            zeros_f32(self, q.len() / spec.head_dim)?,
-        );
-        self.flash_attn_fwd(
-            &shape,
-            q.f32()?,
-            k.f32()?,
-            v.f32()?,
-            &cu.dev,
-            &cu.dev,
-            &mut o,
-            &mut lse,
-        )?;
-        Ok((buf(o, q.len()), buf(lse, q.len() / spec.head_dim)))
+        in_dtype!(q.dtype(), T => {
+            let (mut o, mut lse) = (
+                alloc::<T>(self, q.len())?,
+                zeros_f32(self, q.len() / spec.head_dim)?,
+            );
+            self.flash_attn_fwd(
+                &shape,
+                &*held::<T>(self, q)?,
+                &*held::<T>(self, k)?,
+                &*held::<T>(self, v)?,
+                &cu.dev,
+                &cu.dev,
+                &mut o,
+                &mut lse,
+            )?;
+            Ok((T::wrap(o, q.len()), buf(lse, q.len() / spec.head_dim)))
+        })
     }
 
+    /// In `d_o`'s dtype.
     fn attention_bwd(
         &self,
         spec: &AttnSpec,
@@ -465,31 +595,10 @@ impl Backend for CudaBackend {
         lse: &DeviceBuf,
         d_o: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
-        let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
-        let mut delta = zeros_f32(self, q.len() / spec.head_dim)?;
-        let (mut dq, mut dk, mut dv) = (
-            zeros_f32(self, q.len())?,
-            zeros_f32(self, k.len())?,
-            zeros_f32(self, v.len())?,
-        );
-        self.flash_attn_bwd(
-            &shape,
-            q.f32()?,
-            k.f32()?,
-            v.f32()?,
-            o.f32()?,
-            lse.f32()?,
-            d_o.f32()?,
-            &cu.dev,
-            &cu.dev,
-            &mut delta,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        )?;
-        Ok((buf(dq, q.len()), buf(dk, k.len()), buf(dv, v.len())))
+        in_dtype!(d_o.dtype(), T => self.attention_bwd_in::<T>(spec, cu, q, k, v, o, lse, d_o))
     }
 
+    /// In the caches' dtype (`q` converted to it); `o` in `q`'s.
     fn paged_attention(
         &self,
         shape: &PagedShape,
@@ -500,21 +609,24 @@ impl Backend for CudaBackend {
         stride: usize,
         lens: &Mirrored<i32>,
     ) -> Result<DeviceBuf> {
-        let mut o = zeros_f32(self, q.len())?;
-        self.paged_decode_attention(
-            shape,
-            lens.host.len(),
-            q.f32()?,
-            k_cache.f32()?,
-            v_cache.f32()?,
-            &tables.dev,
-            stride,
-            &lens.dev,
-            &mut o,
-        )?;
-        Ok(buf(o, q.len()))
+        in_dtype!(k_cache.dtype(), T => {
+            let mut o = alloc::<T>(self, q.len())?;
+            self.paged_decode_attention(
+                shape,
+                lens.host.len(),
+                &*held::<T>(self, q)?,
+                &*held::<T>(self, k_cache)?,
+                &*held::<T>(self, v_cache)?,
+                &tables.dev,
+                stride,
+                &lens.dev,
+                &mut o,
+            )?;
+            store(self, o, q.len(), q.dtype())
+        })
     }
 
+    /// In the table's dtype.
     fn embedding_fwd(
         &self,
         ids: &Mirrored<u32>,
@@ -531,11 +643,15 @@ impl Backend for CudaBackend {
             }
             .into());
         }
-        let mut x = zeros_f32(self, tokens * dim)?;
-        CudaBackend::embedding_fwd(self, &ids.dev, tokens, table.f32()?, vocab, dim, &mut x)?;
-        Ok(buf(x, tokens * dim))
+        in_dtype!(table.dtype(), T => {
+            let mut x = alloc::<T>(self, tokens * dim)?;
+            let t = held::<T>(self, table)?;
+            CudaBackend::embedding_fwd(self, &ids.dev, tokens, &t, vocab, dim, &mut x)?;
+            Ok(T::wrap(x, tokens * dim))
+        })
     }
 
+    /// `d_out` widened to f32; the table's gradient is f32.
     fn embedding_bwd(
         &self,
         ids: &Mirrored<u32>,
@@ -543,26 +659,30 @@ impl Backend for CudaBackend {
         dim: usize,
         d_table: &mut DeviceBuf,
     ) -> Result<()> {
-        CudaBackend::embedding_bwd(self, &ids.host, d_out.f32()?, dim, d_table.f32_mut()?)?;
+        let d = self.as_f32(d_out)?;
+        CudaBackend::embedding_bwd(self, &ids.host, &d, dim, d_table.f32_mut()?)?;
         Ok(())
     }
 
     fn gather_rows(&self, src: &DeviceBuf, idx: &Mirrored<i32>, width: usize) -> Result<DeviceBuf> {
         let rows = idx.host.len();
-        let mut out = zeros_f32(self, rows * width)?;
-        if rows * width > 0 {
-            CudaBackend::gather_rows(
-                self,
-                &src.f32()?.slice(..),
-                &idx.dev.slice(..),
-                rows,
-                width,
-                &mut out.slice_mut(..),
-            )?;
-        }
-        Ok(buf(out, rows * width))
+        in_dtype!(src.dtype(), T => {
+            let mut out = alloc::<T>(self, rows * width)?;
+            if rows * width > 0 {
+                CudaBackend::gather_rows(
+                    self,
+                    &T::own(src).expect("src is a T buffer").slice(..),
+                    &idx.dev.slice(..),
+                    rows,
+                    width,
+                    &mut out.slice_mut(..),
+                )?;
+            }
+            Ok(T::wrap(out, rows * width))
+        })
     }
 
+    /// In `dst`'s dtype (`src` converted to it).
     fn scatter_rows(
         &self,
         src: &DeviceBuf,
@@ -574,17 +694,21 @@ impl Backend for CudaBackend {
         if rows * width == 0 {
             return Ok(());
         }
-        CudaBackend::scatter_rows(
-            self,
-            &src.f32()?.slice(..),
-            &idx.dev.slice(..),
-            rows,
-            width,
-            &mut dst.f32_mut()?.slice_mut(..),
-        )?;
-        Ok(())
+        in_dtype!(dst.dtype(), T => {
+            let s = held::<T>(self, src)?;
+            CudaBackend::scatter_rows(
+                self,
+                &s.slice(..),
+                &idx.dev.slice(..),
+                rows,
+                width,
+                &mut T::own_mut(dst).expect("dst is a T buffer").slice_mut(..),
+            )?;
+            Ok(())
+        })
     }
 
+    /// Statistics in f32 (bf16 logits widened).
     fn token_logprob_fwd(
         &self,
         logits: &DeviceBuf,
@@ -600,12 +724,16 @@ impl Backend for CudaBackend {
         if rows > 0 {
             let mut state = zeros_f32(self, rows * LOGPROB_STATE_PER_ROW)?;
             let chunk = whole_vocab(rows, vocab);
-            self.logprob_chunk(&chunk, logits.f32()?, &targets.dev, true, &mut state)?;
+            in_dtype!(logits.dtype(), T => {
+                let l = T::own(logits).expect("logits are a T buffer");
+                self.logprob_chunk(&chunk, l, &targets.dev, true, &mut state)?
+            });
             self.logprob_finish(&state, rows, &mut logp, &mut ent, &mut lse)?;
         }
         Ok((buf(logp, rows), buf(ent, rows), buf(lse, rows)))
     }
 
+    /// `d_logits` in the logits' dtype (computed in f32).
     fn token_logprob_bwd(
         &self,
         logits: &DeviceBuf,
@@ -617,20 +745,22 @@ impl Backend for CudaBackend {
         d_entropy: &DeviceBuf,
     ) -> Result<DeviceBuf> {
         let rows = targets.host.len();
-        let mut d_logits = zeros_f32(self, rows * vocab)?;
-        if rows > 0 {
-            self.logprob_bwd_chunk(
-                &whole_vocab(rows, vocab),
-                logits.f32()?,
-                &targets.dev,
-                lse.f32()?,
-                entropy.f32()?,
-                d_logp.f32()?,
-                d_entropy.f32()?,
-                &mut d_logits,
-            )?;
-        }
-        Ok(buf(d_logits, rows * vocab))
+        in_dtype!(logits.dtype(), T => {
+            let mut d_logits = alloc::<T>(self, rows * vocab)?;
+            if rows > 0 {
+                self.logprob_bwd_chunk(
+                    &whole_vocab(rows, vocab),
+                    T::own(logits).expect("logits are a T buffer"),
+                    &targets.dev,
+                    lse.f32()?,
+                    entropy.f32()?,
+                    &*self.as_f32(d_logp)?,
+                    &*self.as_f32(d_entropy)?,
+                    &mut d_logits,
+                )?;
+            }
+            Ok(T::wrap(d_logits, rows * vocab))
+        })
     }
 
     fn softmax_kl_fwd(&self, a: &DeviceBuf, b: &DeviceBuf, vocab: usize) -> Result<DeviceBuf> {
@@ -642,8 +772,8 @@ impl Backend for CudaBackend {
         );
         CudaBackend::softmax_kl_fwd(
             self,
-            a.f32()?,
-            b.f32()?,
+            &*self.as_f32(a)?,
+            &*self.as_f32(b)?,
             rows,
             vocab,
             &mut kl,
@@ -668,7 +798,11 @@ impl Backend for CudaBackend {
         let s = self.stream().clone();
         // The banned ids are set to -inf in a copy; the log-prob of the
         // picked token comes from the unmasked logits.
-        let mut masked = s.clone_dtod(logits.f32()?)?;
+        let mut masked = match self.as_f32(logits)? {
+            Held::Own(l) => s.clone_dtod(l)?,
+            Held::Converted(l) => l,
+            Held::Shared(l) => s.clone_dtod(&*l)?,
+        };
         let ban = ban_indices(rows, vocab, banned);
         if !ban.is_empty() {
             let idx = s.clone_htod(&ban)?;
@@ -757,15 +891,25 @@ impl Backend for CudaBackend {
         grads: &[DeviceBuf],
         exp_avg: &mut [DeviceBuf],
         exp_avg_sq: &mut [DeviceBuf],
+        copies: Option<&mut [DeviceBuf]>,
     ) -> Result<()> {
+        let mut copies = copies.map(|c| c.iter_mut());
         let mut tensors = Vec::with_capacity(params.len());
         for (((param, grad), m), v) in params.iter_mut().zip(grads).zip(exp_avg).zip(exp_avg_sq) {
+            let model = match copies.as_mut().and_then(|c| c.next()) {
+                // The kernel writes the master's bf16 copy in the same pass.
+                Some(copy) => Some(
+                    copy.bf16_mut()
+                        .map_err(|_| dtype_mismatch(DType::Bf16, DType::F32))?,
+                ),
+                None => None,
+            };
             tensors.push(AdamWTensor {
                 param: param.f32_mut()?,
                 grad: grad.f32()?,
                 exp_avg: m.f32_mut()?,
                 exp_avg_sq: v.f32_mut()?,
-                model: None,
+                model,
             });
         }
         CudaBackend::adamw_step(self, cfg, step, grad_scale, &mut tensors)?;

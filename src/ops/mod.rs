@@ -11,7 +11,9 @@
 //! of activations are returned new: the conventions of `backend::cpu`.
 
 pub mod cpu;
+pub mod cpu_bf16;
 pub mod cuda;
+pub mod device_buf;
 
 use crate::backend::cpu::OpError;
 use crate::backend::cuda::CudaError;
@@ -21,10 +23,45 @@ use crate::backend::desc::{
 use std::ops::Range;
 
 /// How a buffer stores its elements.
+///
+/// Storage rules every backend follows, so the graph, written once, runs
+/// in fp32 or in bf16 mixed precision by the weights' dtype alone:
+/// - an op computes in f32 on its inputs as they are stored;
+/// - a linear layer computes in its weight's dtype: its input (and, in the
+///   backward, the output gradient) is rounded to that dtype first;
+/// - activations and activation gradients take the dtype of the op's input
+///   (the weight's for a linear layer, the table's for an embedding);
+/// - statistics stay f32: RMSNorm's `rstd`, attention's `lse`, log-probs,
+///   entropies, KL;
+/// - parameter gradients accumulate in their own buffers' dtype (f32), and
+///   `add_into`, `scatter_rows`, `write` keep the destination's dtype;
+/// - bf16 is written round-to-nearest-even (`half::bf16::from_f32`), as
+///   the CUDA kernels round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     Bf16,
+}
+
+/// What a model's weights (and so its activations) are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 everywhere (exact parity with the CPU reference).
+    Fp32,
+    /// bf16 weights and activations over fp32 master weights, fp32
+    /// statistics, loss and gradient accumulation.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype of the weights.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::Fp32 => DType::F32,
+            Self::Bf16 => DType::Bf16,
+        }
+    }
 }
 
 /// What the graph may ask of any buffer.
@@ -97,6 +134,9 @@ pub trait Backend {
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// The values of `buf` stored as `dtype` (rounded to nearest-even
+    /// into bf16; widening is exact).
+    fn cast(&self, buf: &Self::Buf, dtype: DType) -> Result<Self::Buf>;
     fn copy(&self, buf: &Self::Buf) -> Result<Self::Buf>;
     /// The buffers one after the other.
     fn concat(&self, parts: &[&Self::Buf]) -> Result<Self::Buf>;
@@ -287,7 +327,10 @@ pub trait Backend {
     /// L2 norm of all gradients together (accumulated in f64).
     fn grad_norm(&self, grads: &[Self::Buf]) -> Result<f64>;
     /// One AdamW step (`step` counts from 1) on every tensor, the gradients
-    /// multiplied by `grad_scale` first (global-norm clipping).
+    /// multiplied by `grad_scale` first (global-norm clipping). `params`
+    /// are the fp32 (master) weights; with `copies` each also receives its
+    /// updated values in its own dtype (the bf16 model weights), in the
+    /// same pass.
     #[allow(clippy::too_many_arguments)]
     fn adamw_step(
         &self,
@@ -298,5 +341,6 @@ pub trait Backend {
         grads: &[Self::Buf],
         exp_avg: &mut [Self::Buf],
         exp_avg_sq: &mut [Self::Buf],
+        copies: Option<&mut [Self::Buf]>,
     ) -> Result<()>;
 }

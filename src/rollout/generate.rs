@@ -197,7 +197,7 @@ impl<'e, B: Backend> Generator<'e, B> {
         let (h, vocab) = (cfg.text.hidden_size, cfg.text.vocab_size);
         let lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
         let bound = kv_block_bound(&lens, n, max_new_tokens, KV_BLOCK_SIZE);
-        let mut store = KvStore::new(be, cfg, KV_BLOCK_SIZE, bound)?;
+        let mut store = KvStore::new(be, cfg, KV_BLOCK_SIZE, bound, engine.precision.dtype())?;
         let graph = engine.graph();
         let mut done: Vec<Sample> = Vec::new();
         let mut live: Vec<Live> = Vec::new();

@@ -2,6 +2,7 @@
 //! VPPO 7B recipe (shared/docs/vppo.md), every field overridable on the
 //! command line as `key=value`, and the resolved config saved with the run.
 
+use crate::ops::Precision;
 use crate::rl::{DependencyEstimator, KlEstimator, PerturbSpace, Perturbation};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -43,6 +44,52 @@ pub enum AlgoName {
     Vppo,
     Dapo,
     Grpo,
+}
+
+/// `precision` in a config: a [`Precision`], or `auto` (by device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSetting {
+    /// bf16 on a GPU, fp32 on the CPU.
+    Auto,
+    Bf16,
+    Fp32,
+}
+
+impl PrecisionSetting {
+    /// The precision on `device` (`Cuda` or `Cpu`, resolved).
+    pub fn on(self, device: crate::backend::Device) -> Precision {
+        match (self, device) {
+            (Self::Bf16, _) => Precision::Bf16,
+            (Self::Fp32, _) => Precision::Fp32,
+            (Self::Auto, crate::backend::Device::Cuda) => Precision::Bf16,
+            (Self::Auto, _) => Precision::Fp32,
+        }
+    }
+}
+
+/// The old key `bf16 = true | false` as `precision`; `Err` names the
+/// problem (not a boolean, or a `precision` it contradicts).
+fn fold_bf16(table: &mut toml::Table) -> Result<(), String> {
+    let Some(old) = table.remove("bf16") else {
+        return Ok(());
+    };
+    let Some(on) = old.as_bool() else {
+        return Err(format!(
+            "bf16 = {old}: the old key takes true or false; write precision = \"bf16\" or \"fp32\""
+        ));
+    };
+    let folded = if on { "bf16" } else { "fp32" };
+    if let Some(given) = table.get("precision") {
+        if given.as_str() != Some(folded) {
+            return Err(format!(
+                "bf16 = {on} contradicts precision = {given}: bf16 is the old name of \
+                 precision (bf16 = {on} means precision = \"{folded}\"); keep precision only"
+            ));
+        }
+    }
+    table.insert("precision".into(), toml::Value::String(folded.into()));
+    Ok(())
 }
 
 /// The training data: one parquet/JSONL file, or several mixed by
@@ -166,8 +213,12 @@ pub struct TrainConfig {
     pub prompt_suffix: String,
     /// Recompute activations in the backward (activation checkpointing).
     pub recompute: bool,
-    /// Keep fp32 master weights and bf16 model weights.
-    pub bf16: bool,
+    /// What the weights and activations are stored in: `bf16` (bf16
+    /// weights and activations over fp32 master weights and moments; fp32
+    /// statistics, loss and gradient accumulation), `fp32`, or `auto`
+    /// (bf16 on a GPU, fp32 on the CPU). The old `bf16 = true | false` is
+    /// read as `precision = "bf16" | "fp32"`.
+    pub precision: PrecisionSetting,
     /// Save a checkpoint every this many optimizer steps.
     pub save_every: usize,
     /// Keep only the newest this many checkpoints, plus the best by
@@ -179,6 +230,12 @@ pub struct TrainConfig {
     /// Responses per forward/backward chunk (gradient accumulation); TAS's
     /// mean is over one (EasyR1's `micro_batch_size_per_device_for_update`).
     pub micro_batch: usize,
+    /// The most tokens (prompt + response, over the responses) one packed
+    /// forward/backward holds (verl's `ppo_max_token_len_per_gpu`): the
+    /// old and perturbed log-probs and the update run each micro-batch as
+    /// packed batches under it (a longer response runs alone). It bounds
+    /// activation memory only: TAS and the loss stay the micro-batch's.
+    pub max_tokens_per_micro_batch: usize,
     /// Parts a rollout batch is balanced into by sequence length before the
     /// updates, as the reference's data-parallel ranks (its GPUs): TAS's
     /// range is over one part's mini-batch. 1 keeps the batch's order; a
@@ -198,8 +255,8 @@ pub struct TrainConfig {
     /// Grid side of the built-in counting task (cells x cells shapes).
     pub builtin_grid: usize,
     /// Where rollouts, log-probs, the backward and AdamW run: auto (the GPU
-    /// when one is usable), cpu, cuda. The built-in warm-up runs on the CPU,
-    /// and so does AdamW with `bf16` model weights.
+    /// when one is usable), cpu, cuda. The built-in warm-up runs on the CPU
+    /// (in fp32). See `precision` for what the device computes in.
     pub device: crate::backend::Device,
 }
 
@@ -252,11 +309,12 @@ impl Default for TrainConfig {
             max_pixels: 1_003_520,
             prompt_suffix: crate::data::VPPO_PROMPT_SUFFIX.to_string(),
             recompute: false,
-            bf16: true,
+            precision: PrecisionSetting::Auto,
             save_every: 10,
             keep_checkpoints: 0,
             max_steps: 0,
             micro_batch: 16,
+            max_tokens_per_micro_batch: crate::train::step::DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
             tas_partitions: 8,
             max_gen_batches: 0,
             warmup_steps: 0,
@@ -287,7 +345,6 @@ max_prompt_tokens = 256
 min_pixels = 3136
 max_pixels = 3136
 prompt_suffix = ""
-bf16 = false
 save_every = 10
 warmup_steps = 60
 warmup_lr = 2e-3
@@ -304,10 +361,25 @@ impl TrainConfig {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse_file_text(&text).map_err(|reason| ConfigError::Parse {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })
+    }
+
+    /// A config file's text alone (EasyR1's names and the old `bf16` key
+    /// resolved); `Err` is the reason, for the caller to name the file.
+    fn parse_file_text(text: &str) -> Result<Self, String> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        let renamed = |k: &String| k == "bf16" || ALIASES.iter().any(|(alias, _)| alias == k);
+        if !table.keys().any(renamed) {
+            // The text itself: its errors point at the user's lines.
+            return toml::from_str(text).map_err(|e: toml::de::Error| e.to_string());
+        }
+        let mut table = resolve_aliases(table);
+        fold_bf16(&mut table)?;
+        let text = toml::to_string(&table).expect("a table serializes");
+        toml::from_str(&text).map_err(|e: toml::de::Error| e.to_string())
     }
 
     /// The run's config: recipe defaults, then the built-in preset when the
@@ -334,7 +406,13 @@ impl TrainConfig {
             }
             _ => toml::Table::new(),
         };
-        let file_table = resolve_aliases(file_table);
+        let mut file_table = resolve_aliases(file_table);
+        if let Some(path) = file {
+            fold_bf16(&mut file_table).map_err(|reason| ConfigError::Parse {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+        }
         let pairs = parse_overrides(overrides)?;
         let names_input =
             |key: &str| file_table.contains_key(key) || pairs.iter().any(|(k, _)| k == key);
@@ -349,10 +427,10 @@ impl TrainConfig {
             // Report the error against what the user wrote (the file's own
             // lines, or the one override), not the merged document.
             if let (Some(text), Some(path)) = (&file_text, file) {
-                if let Err(e) = toml::from_str::<Self>(text) {
+                if let Err(reason) = Self::parse_file_text(text) {
                     return ConfigError::Parse {
                         path: path.to_path_buf(),
-                        reason: e.to_string(),
+                        reason,
                     };
                 }
             }
@@ -444,7 +522,11 @@ impl TrainConfig {
                 self.clip_dual
             ));
         }
-        let counts: [(&str, usize); 12] = [
+        let counts: [(&str, usize); 13] = [
+            (
+                "max_tokens_per_micro_batch",
+                self.max_tokens_per_micro_batch,
+            ),
             ("tas_partitions", self.tas_partitions),
             ("group_size", self.group_size),
             ("rollout_batch", self.rollout_batch),
@@ -575,7 +657,30 @@ fn parse_overrides(overrides: &[String]) -> Result<Vec<(String, toml::Value)>, C
                 .map_or(key.clone(), |(_, ours)| ours.to_string());
             Ok((key, parse_value(raw.trim())))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|pairs| {
+            // The old `bf16` key, as `precision` (a later override wins).
+            let mut folded = Vec::with_capacity(pairs.len());
+            for (key, value) in pairs {
+                if key != "bf16" {
+                    folded.push((key, value));
+                    continue;
+                }
+                let mut one = toml::Table::new();
+                one.insert(key.clone(), value.clone());
+                let given = overrides
+                    .iter()
+                    .find(|o| o.trim_start().replace('-', "_").starts_with("bf16"))
+                    .cloned()
+                    .unwrap_or_else(|| format!("bf16={value}"));
+                fold_bf16(&mut one).map_err(|reason| ConfigError::Override {
+                    given: given.clone(),
+                    reason,
+                })?;
+                folded.extend(one);
+            }
+            Ok(folded)
+        })
 }
 
 /// A file's table with EasyR1's names replaced by ours.
@@ -604,6 +709,71 @@ fn parse_value(raw: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precision_is_auto_by_default_bf16_on_a_gpu_and_fp32_on_the_cpu() {
+        use crate::backend::Device;
+        let c = TrainConfig::resolve(None, &[]).unwrap();
+        assert_eq!(c.precision, PrecisionSetting::Auto);
+        assert_eq!(c.precision.on(Device::Cuda), Precision::Bf16);
+        assert_eq!(c.precision.on(Device::Cpu), Precision::Fp32);
+        let c = TrainConfig::resolve(None, &["precision=bf16".into()]).unwrap();
+        assert_eq!(c.precision.on(Device::Cpu), Precision::Bf16);
+        assert!(c.to_toml().contains("precision = \"bf16\""));
+        let c = TrainConfig::resolve(None, &["precision=fp32".into()]).unwrap();
+        assert_eq!(c.precision.on(Device::Cuda), Precision::Fp32);
+        let e = TrainConfig::resolve(None, &["precision=fp16".into()]).unwrap_err();
+        assert!(e.to_string().contains("precision=fp16"), "{e}");
+    }
+
+    #[test]
+    fn the_old_bf16_key_reads_as_precision_or_fails_clearly() {
+        let over = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            TrainConfig::resolve(None, &o)
+        };
+        assert_eq!(
+            over(&["bf16=true"]).unwrap().precision,
+            PrecisionSetting::Bf16
+        );
+        assert_eq!(
+            over(&["bf16=false"]).unwrap().precision,
+            PrecisionSetting::Fp32
+        );
+        let e = over(&["bf16=maybe"]).unwrap_err().to_string();
+        assert!(
+            e.contains("bf16=maybe") && e.contains("true or false"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("vppo-cfg-bf16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.toml");
+        std::fs::write(&path, "bf16 = true\n").unwrap();
+        let c = TrainConfig::resolve(Some(&path), &[]).unwrap();
+        assert_eq!(c.precision, PrecisionSetting::Bf16);
+        assert_eq!(
+            TrainConfig::load(&path).unwrap().precision,
+            PrecisionSetting::Bf16
+        );
+        // The resolved config saved with a run names precision only.
+        assert!(!c.to_toml().contains("bf16 ="), "{}", c.to_toml());
+        std::fs::write(&path, "bf16 = true\nprecision = \"fp32\"\n").unwrap();
+        let e = TrainConfig::resolve(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("old.toml")
+                && e.contains("contradicts")
+                && e.contains("keep precision only"),
+            "{e}"
+        );
+        std::fs::write(&path, "bf16 = false\nprecision = \"fp32\"\n").unwrap();
+        assert_eq!(
+            TrainConfig::resolve(Some(&path), &[]).unwrap().precision,
+            PrecisionSetting::Fp32
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn defaults_are_the_published_recipe() {

@@ -7,7 +7,7 @@ use crate::backend::desc::clip_coefficient;
 use crate::model::engine::Engine;
 use crate::model::params::Tensors;
 use crate::model::ModelError;
-use crate::ops::Backend;
+use crate::ops::{Backend, Precision};
 use half::bf16;
 
 /// What the model's weights are kept in between steps.
@@ -119,13 +119,17 @@ impl AdamW {
 }
 
 /// The policy being trained on one backend: the model there, and AdamW's
-/// moments there once the optimizer has stepped (fp32 weights), so a step
-/// moves no weights or gradients off the backend. With bf16 model weights
-/// AdamW runs on the host over its fp32 masters and the weights are
-/// uploaded after each step.
+/// moments there once the optimizer has stepped, so a step moves no
+/// weights or gradients off the backend. With bf16 weights (the engine's
+/// precision) the fp32 master weights live on the backend too, and AdamW
+/// writes each master and its bf16 copy in one pass. An fp32 engine under
+/// an optimizer with masters (`WeightPrecision::Bf16Model`) keeps the host
+/// path: AdamW on the host, the rounded weights uploaded after each step.
 pub struct Policy<B: Backend> {
     pub engine: Engine<B>,
     moments: Option<Moments<B>>,
+    /// fp32 master weights on the backend (bf16 engines).
+    masters: Option<Vec<B::Buf>>,
 }
 
 /// AdamW's first and second moments of every parameter, on a backend.
@@ -136,21 +140,24 @@ impl<B: Backend> Policy<B> {
         Self {
             engine,
             moments: None,
+            masters: None,
         }
     }
 
     /// One AdamW step from the engine's accumulated gradients (then zeroed):
     /// global grad-norm clipping and the multi-tensor update on the backend,
-    /// the twin of [`AdamW::step`] with fp32 weights. The moments move to
-    /// the backend on the first call (from `opt`, so a resumed run continues
-    /// its state); `opt.step` counts here, its host moments and `host`
-    /// weights go stale until [`Self::sync_to_host`].
+    /// the twin of [`AdamW::step`]. The moments (and, for bf16 weights, the
+    /// fp32 masters: `opt.master`, else `host`) move to the backend on the
+    /// first call, so a resumed run continues its state; `opt.step` counts
+    /// here, its host state and `host` weights go stale until
+    /// [`Self::sync_to_host`].
     pub fn optimizer_step(
         &mut self,
         opt: &mut AdamW,
         host: &mut Tensors,
     ) -> Result<StepReport, ModelError> {
-        if opt.precision() != WeightPrecision::Fp32 {
+        let bf16 = self.engine.precision == Precision::Bf16;
+        if !bf16 && opt.precision() != WeightPrecision::Fp32 {
             let mut grads = Tensors(host.0.iter().map(|w| vec![0.0; w.len()]).collect());
             self.engine.take_grads(&mut grads)?;
             let report = opt.step(host, &mut grads);
@@ -158,13 +165,16 @@ impl<B: Backend> Policy<B> {
             return Ok(report);
         }
         let be = &self.engine.be;
+        let up = |t: &Tensors| {
+            t.0.iter()
+                .map(|v| be.upload(v))
+                .collect::<Result<Vec<_>, _>>()
+        };
         if self.moments.is_none() {
-            let up = |t: &Tensors| {
-                t.0.iter()
-                    .map(|v| be.upload(v))
-                    .collect::<Result<Vec<_>, _>>()
-            };
             self.moments = Some((up(&opt.exp_avg)?, up(&opt.exp_avg_sq)?));
+        }
+        if bf16 && self.masters.is_none() {
+            self.masters = Some(up(opt.master.as_ref().unwrap_or(host))?);
         }
         let Some(grads) = self.engine.grads.as_ref() else {
             return Ok(StepReport::default());
@@ -174,15 +184,12 @@ impl<B: Backend> Policy<B> {
             opt.step += 1;
             let scale = clip_coefficient(grad_norm, opt.max_grad_norm.unwrap_or(f64::INFINITY));
             let (m, v) = self.moments.as_mut().expect("uploaded above");
-            be.adamw_step(
-                &opt.cfg,
-                opt.step,
-                scale,
-                &mut self.engine.weights,
-                grads,
-                m,
-                v,
-            )?;
+            let weights = &mut self.engine.weights;
+            let (params, copies) = match self.masters.as_mut() {
+                Some(masters) => (masters.as_mut_slice(), Some(weights.as_mut_slice())),
+                None => (weights.as_mut_slice(), None),
+            };
+            be.adamw_step(&opt.cfg, opt.step, scale, params, grads, m, v, copies)?;
             StepReport {
                 grad_norm,
                 skipped: false,
@@ -201,6 +208,13 @@ impl<B: Backend> Policy<B> {
     /// backend, its moments into `opt` (before a checkpoint, and at the end).
     pub fn sync_to_host(&mut self, host: &mut Tensors, opt: &mut AdamW) -> Result<(), ModelError> {
         self.engine.download_weights(host)?;
+        if let Some(masters) = &self.masters {
+            let mut dst = Tensors(Vec::with_capacity(masters.len()));
+            for src in masters {
+                dst.0.push(self.engine.be.download(src)?);
+            }
+            opt.master = Some(dst);
+        }
         if let Some((m, v)) = &self.moments {
             for (dst, src) in opt.exp_avg.0.iter_mut().zip(m) {
                 *dst = self.engine.be.download(src)?;

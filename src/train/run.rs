@@ -31,7 +31,9 @@ use crate::data::Columns;
 use crate::model::engine::Engine;
 use crate::model::Qwen25Vl;
 use crate::ops::cpu::CpuBackend;
+use crate::ops::cpu_bf16::CpuBf16Backend;
 use crate::ops::Backend;
+use crate::ops::Precision;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::processor::image::ImageProcessorConfig;
 use crate::processor::text::TextProcessor;
@@ -212,17 +214,18 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
     step.perturb_space = cfg.perturb_space;
     step.dependency = cfg.dependency;
     step.micro_batch = cfg.micro_batch;
+    step.max_tokens_per_micro_batch = cfg.max_tokens_per_micro_batch;
     step.tas_partitions = cfg.tas_partitions;
     step.recompute = cfg.recompute;
     step.kl = cfg.use_kl_loss.then_some((cfg.kl_estimator, cfg.kl_coef));
     step
 }
 
-fn new_optimizer(model: &Qwen25Vl, cfg: &TrainConfig, lr: f64) -> AdamW {
-    let precision = if cfg.bf16 {
-        WeightPrecision::Bf16Model
-    } else {
-        WeightPrecision::Fp32
+/// AdamW for `model`: with bf16 weights it keeps their fp32 masters.
+fn new_optimizer(model: &Qwen25Vl, cfg: &TrainConfig, lr: f64, precision: Precision) -> AdamW {
+    let precision = match precision {
+        Precision::Bf16 => WeightPrecision::Bf16Model,
+        Precision::Fp32 => WeightPrecision::Fp32,
     };
     AdamW::new(
         &model.weights,
@@ -602,6 +605,9 @@ pub fn run(
         ));
     }
 
+    // The one place training picks its device, and so its precision.
+    let device = cfg.device.resolve(false);
+    let precision = cfg.precision.on(device);
     // The model: the latest checkpoint of a resumed run, else the given
     // checkpoint, else a freshly written built-in one.
     let (mut pipeline, mut optimizer, mut state) = match &checkpoint {
@@ -627,7 +633,7 @@ pub fn run(
                 }
             };
             let model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
-            let optimizer = new_optimizer(&model, &cfg, cfg.lr);
+            let optimizer = new_optimizer(&model, &cfg, cfg.lr, precision);
             let state = TrainingState {
                 step: 0,
                 seed: cfg.seed,
@@ -656,7 +662,7 @@ pub fn run(
 
     if cfg.warmup_steps > 0 && state.extra["warmup_done"] != true {
         warmup(&mut pipeline, &cfg, &out, &progress)?;
-        optimizer = new_optimizer(&pipeline.model, &cfg, cfg.lr);
+        optimizer = new_optimizer(&pipeline.model, &cfg, cfg.lr, precision);
         state.extra["warmup_done"] = true.into();
         save(
             &out,
@@ -682,26 +688,21 @@ pub fn run(
         val_data,
         tensorboard,
     };
-    // The one place training picks its device.
-    match cfg.device.resolve(false) {
+    match device {
         Device::Cuda => {
             let gpu = open_local_gpu().map_err(RunError::Device)?;
             let name = gpu.context().name().unwrap_or_default();
-            let engine = Engine::new(gpu, &parts.pipeline.model)
+            let engine = Engine::with_precision(gpu, &parts.pipeline.model, precision)
                 .map_err(|e| RunError::Device(format!("uploading the model: {e}")))?;
             progress.line(&format!(
-                "training on CUDA device {} {name} (rollouts, log-probs, backward{})",
+                "training on CUDA device {} {name} in {} (rollouts, log-probs, backward, AdamW)",
                 local_ordinal(),
-                if cfg.bf16 {
-                    "; AdamW on the host: bf16 model weights"
-                } else {
-                    ", AdamW"
-                }
+                precision_words(precision),
             ));
             let reference = match &reference {
                 Some(model) => {
                     let gpu = open_local_gpu().map_err(RunError::Device)?;
-                    Some(Engine::new(gpu, model).map_err(|e| {
+                    Some(Engine::with_precision(gpu, model, precision).map_err(|e| {
                         RunError::Device(format!("uploading the reference model: {e}"))
                     })?)
                 }
@@ -718,30 +719,64 @@ pub fn run(
             )
         }
         _ => {
-            progress.line("training on the CPU");
-            let engine =
-                Engine::new(CpuBackend, &parts.pipeline.model).map_err(PipelineError::from)?;
-            let reference = match &reference {
-                Some(model) => Some(Engine::new(CpuBackend, model).map_err(PipelineError::from)?),
-                None => None,
-            };
-            train_loop(
-                Policy::new(engine),
-                reference,
-                parts,
-                &cfg,
-                &out,
-                &progress,
-                started,
-            )
+            progress.line(&format!(
+                "training on the CPU in {}",
+                precision_words(precision)
+            ));
+            match precision {
+                Precision::Fp32 => {
+                    let be = (CpuBackend, precision);
+                    cpu_train_loop(be, reference, parts, &cfg, &out, &progress, started)
+                }
+                Precision::Bf16 => {
+                    let be = (CpuBf16Backend, precision);
+                    cpu_train_loop(be, reference, parts, &cfg, &out, &progress, started)
+                }
+            }
         }
     }
+}
+
+fn precision_words(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16 (fp32 masters, moments, statistics and gradients)",
+    }
+}
+
+/// [`train_loop`] on a CPU backend (`CpuBackend` for fp32, its bf16 twin).
+fn cpu_train_loop<B: Backend + Copy>(
+    (be, precision): (B, Precision),
+    reference: Option<Qwen25Vl>,
+    parts: RunParts,
+    cfg: &TrainConfig,
+    out: &Path,
+    progress: &Progress,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
+    let engine = Engine::with_precision(be, &parts.pipeline.model, precision)
+        .map_err(PipelineError::from)?;
+    let reference = match &reference {
+        Some(model) => {
+            Some(Engine::with_precision(be, model, precision).map_err(PipelineError::from)?)
+        }
+        None => None,
+    };
+    train_loop(
+        Policy::new(engine),
+        reference,
+        parts,
+        cfg,
+        out,
+        progress,
+        started,
+    )
 }
 
 /// The frozen reference of the KL loss: the given `model`, or (built-in)
 /// the warmed-up weights RL starts from, saved once under
 /// `reference-model/` so a resumed run compares with the same weights.
-/// With `bf16` the weights are rounded to bf16, as the policy's are.
+/// Its engine stores the weights in the run's precision, as the policy's.
 fn reference_model(
     cfg: &TrainConfig,
     out: &Path,
@@ -770,15 +805,7 @@ fn reference_model(
             dir
         }
     };
-    let mut model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
-    if cfg.bf16 {
-        for w in &mut model.weights.0 {
-            for x in w.iter_mut() {
-                *x = half::bf16::from_f32(*x).to_f32();
-            }
-        }
-    }
-    Ok(model)
+    Ok(Qwen25Vl::load(&dir).map_err(PipelineError::from)?)
 }
 
 /// What a run carries from its setup into the training loop.
@@ -1164,7 +1191,9 @@ fn warmup(
         .text
         .token_id("<|im_end|>")
         .ok_or_else(|| RunError::Usage("the tokenizer has no <|im_end|>".into()))?;
-    let mut optimizer = new_optimizer(&pipeline.model, cfg, cfg.warmup_lr);
+    // The warm-up trains the host model in fp32; RL then stores its result
+    // in the run's precision.
+    let mut optimizer = new_optimizer(&pipeline.model, cfg, cfg.warmup_lr, Precision::Fp32);
     let mut source = PromptSource::builtin(
         CountingTask::new(cfg.builtin_grid, cfg.seed ^ WARMUP_SEED_SALT),
         prompt_format(cfg),

@@ -74,6 +74,13 @@ pub struct StepConfig {
     /// Parts a rollout batch is balanced into before the updates (the
     /// reference's data-parallel ranks): each part has its own TAS range.
     pub tas_partitions: usize,
+    /// The most tokens (prompt + response, summed over the responses) one
+    /// packed forward/backward may hold (verl's `ppo_max_token_len_per_gpu`):
+    /// a micro-batch's responses run as few packed batches under it, in
+    /// order (a longer response runs alone). The update's shaping (TAS, the
+    /// loss's token count) is the micro-batch's whatever the packing; the
+    /// dual pass counts both the original and its perturbed twin.
+    pub max_tokens_per_micro_batch: usize,
     /// Recompute activations in the backward (less memory).
     pub recompute: bool,
     /// The KL-to-reference loss term: its estimator and coefficient
@@ -105,6 +112,7 @@ impl StepConfig {
             dependency: DependencyEstimator::K3,
             micro_batch: 16,
             tas_partitions: 8,
+            max_tokens_per_micro_batch: DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
             recompute: false,
             kl: None,
         }
@@ -246,6 +254,34 @@ fn gather_tokens(v: &[f32], order: &[usize], starts: &[usize], lens: &[usize]) -
 
 fn mean_len(lens: &[usize]) -> f32 {
     lens.iter().sum::<usize>() as f32 / lens.len().max(1) as f32
+}
+
+/// verl's default `ppo_max_token_len_per_gpu`.
+pub const DEFAULT_MAX_TOKENS_PER_MICRO_BATCH: usize = 16_384;
+
+/// `range` (indices into `batch`) cut into consecutive packs of at most
+/// `budget` tokens (`copies` forwards of each sequence counted), each at
+/// least one sequence: the packed batches of one micro-batch.
+pub fn token_packs(
+    batch: &[TrainSequence],
+    range: std::ops::Range<usize>,
+    budget: usize,
+    copies: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut packs = Vec::new();
+    let (mut start, mut tokens) = (range.start, 0usize);
+    for i in range.clone() {
+        let t = batch[i].input.ids.len() * copies;
+        if i > start && tokens + t > budget {
+            packs.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += t;
+    }
+    if start < range.end {
+        packs.push(start..range.end);
+    }
+    packs
 }
 
 /// Chunks of at most `size` consecutive items of `range`.
@@ -391,7 +427,9 @@ pub fn collect_rollouts_with<B: Backend>(
             let _nvtx = crate::nvtx::range("reference_logprobs");
             let mut lp = Vec::with_capacity(lp_old.len());
             for r in chunks(0..batch.len(), cfg.micro_batch) {
-                lp.extend(reference.logprobs(&batch[r])?.logprobs);
+                for pack in token_packs(&batch, r, cfg.max_tokens_per_micro_batch, 1) {
+                    lp.extend(reference.logprobs(&batch[pack])?.logprobs);
+                }
             }
             Some(lp)
         }
@@ -448,11 +486,13 @@ fn old_logprobs<B: Backend>(
             lut: normalize_lut(&pipeline.images),
         };
         for r in chunks(0..batch.len(), cfg.micro_batch) {
-            let seeds: Vec<u64> = r.clone().map(mask_seed).collect();
-            let (a, b, kl) =
-                engine.dual_logprobs(&batch[r], &images, &seeds, cfg.blacken_p, exact)?;
-            dependency.extend(dependency_of(&a, &b, kl));
-            lp_old.extend(a.logprobs);
+            for pack in token_packs(batch, r, cfg.max_tokens_per_micro_batch, 2) {
+                let seeds: Vec<u64> = pack.clone().map(mask_seed).collect();
+                let (a, b, kl) =
+                    engine.dual_logprobs(&batch[pack], &images, &seeds, cfg.blacken_p, exact)?;
+                dependency.extend(dependency_of(&a, &b, kl));
+                lp_old.extend(a.logprobs);
+            }
         }
         return Ok((lp_old, Some(std::mem::take(dependency))));
     }
@@ -480,7 +520,10 @@ fn old_logprobs<B: Backend>(
         );
         s
     };
-    for r in chunks(0..batch.len(), cfg.micro_batch) {
+    let packs = chunks(0..batch.len(), cfg.micro_batch)
+        .into_iter()
+        .flat_map(|r| token_packs(batch, r, cfg.max_tokens_per_micro_batch, 1));
+    for r in packs {
         let original = &batch[r.clone()];
         match &mut dependency {
             Some(dependency) => {
@@ -740,30 +783,39 @@ fn accumulate_parts<B: Backend>(
             scale_min = scale_min.min(s);
             scale_max = scale_max.max(s);
         }
-        let lp_new = engine
-            .train_forward(&rollouts.batch[r.clone()], save)?
-            .logprobs;
-        let mut policy = cfg.loss.evaluate(
-            &lp_new,
-            &rollouts.lp_old[tok.clone()],
-            &shaping.token_advantages,
-            &shaping.mask,
-            total_tokens,
-        );
-        if let Some((estimator, coef, lp_ref)) = kl {
-            // On every response token (TGF masks only the policy term).
-            let k = estimator.loss(&lp_new, &lp_ref[tok.clone()], coef, total_tokens);
-            policy.loss += k.loss;
-            kl_sum += k.kl_sum;
-            for (g, kg) in policy.token_grads.iter_mut().zip(&k.token_grads) {
-                *g += kg;
+        // The micro-batch's responses as packed batches under the token
+        // budget; the shaping above stays the micro-batch's.
+        for pack in token_packs(
+            &rollouts.batch,
+            r.clone(),
+            cfg.max_tokens_per_micro_batch,
+            1,
+        ) {
+            let tok = offset(pack.start)..offset(pack.end);
+            let at = tok.start - offset(r.start)..tok.end - offset(r.start);
+            let lp_new = engine.train_forward(&rollouts.batch[pack], save)?.logprobs;
+            let mut policy = cfg.loss.evaluate(
+                &lp_new,
+                &rollouts.lp_old[tok.clone()],
+                &shaping.token_advantages[at.clone()],
+                &shaping.mask[at],
+                total_tokens,
+            );
+            if let Some((estimator, coef, lp_ref)) = kl {
+                // On every response token (TGF masks only the policy term).
+                let k = estimator.loss(&lp_new, &lp_ref[tok.clone()], coef, total_tokens);
+                policy.loss += k.loss;
+                kl_sum += k.kl_sum;
+                for (g, kg) in policy.token_grads.iter_mut().zip(&k.token_grads) {
+                    *g += kg;
+                }
             }
+            loss += policy.loss;
+            clipped += policy.clip_fraction * tok.len() as f32;
+            neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
+            let zeros = vec![0.0; policy.token_grads.len()];
+            engine.train_backward(&policy.token_grads, &zeros)?;
         }
-        loss += policy.loss;
-        clipped += policy.clip_fraction * tok.len() as f32;
-        neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
-        let zeros = vec![0.0; policy.token_grads.len()];
-        engine.train_backward(&policy.token_grads, &zeros)?;
     }
     let denom = total_tokens.max(1) as f64;
     let stats = UpdateStats {
@@ -809,6 +861,28 @@ pub fn train_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_packs_fill_the_budget_in_order_and_never_leave_a_sequence_out() {
+        let seq = |n: usize| TrainSequence {
+            input: SequenceInput {
+                ids: vec![0; n],
+                ..SequenceInput::default()
+            },
+            prompt_len: 1,
+        };
+        let batch: Vec<TrainSequence> = [5, 5, 5, 12, 3, 4].into_iter().map(seq).collect();
+        assert_eq!(
+            token_packs(&batch, 0..6, 10, 1),
+            vec![0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(token_packs(&batch, 1..5, 20, 2), vec![1..3, 3..4, 4..5]);
+        assert_eq!(token_packs(&batch, 0..6, 1 << 20, 2), vec![0..6]);
+        assert_eq!(
+            token_packs(&batch, 2..2, 10, 1),
+            Vec::<std::ops::Range<usize>>::new()
+        );
+    }
 
     /// A fake generation batch: `groups` kept groups of `n` responses, the
     /// response of group g, sample i having g + i + 1 tokens whose old

@@ -45,6 +45,11 @@ pub enum OpError {
         expected_total: usize,
         found: Vec<i32>,
     },
+    #[error(
+        "the fp32 CPU backend stores f32 only; bf16 buffers live on its bf16 twin \
+         (ops::cpu_bf16::CpuBf16Backend, precision = \"bf16\")"
+    )]
+    Bf16OnFp32Backend,
 }
 
 /// A raw pointer handed to parallel tasks that each write a disjoint part of

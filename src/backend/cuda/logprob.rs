@@ -2,7 +2,7 @@
 //! chunked lm_head (`kernels/logprob.cu`). Each keeps the C signature it
 //! launches in a comment: kernel arguments are untyped.
 
-use super::launch_util::{elementwise_grid, need, row_grid, to_i32};
+use super::launch_util::{elementwise_grid, need, row_grid, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -55,12 +55,13 @@ impl CudaBackend {
     /// Folds one chunk of logits into `state[rows, 4]`; `first` starts a new
     /// pass. After the last chunk, [`Self::logprob_finish`] gives the twin of
     /// `cpu::logprob::token_logprob_fwd` over the whole vocabulary.
-    // logprob_chunk_f32(const float* logits, int ld, int rows, int chunk_len,
+    /// With `T = bf16` the logits are bf16 (the state and arithmetic f32).
+    // logprob_chunk_{f32,bf16}(const T* logits, int ld, int rows, int chunk_len,
     //     int vocab_offset, const unsigned int* targets, float* state, int first)
-    pub fn logprob_chunk(
+    pub fn logprob_chunk<T: Elem>(
         &self,
         chunk: &LogitChunk,
-        logits: &CudaSlice<f32>,
+        logits: &CudaSlice<T>,
         targets: &CudaSlice<u32>,
         first: bool,
         state: &mut CudaSlice<f32>,
@@ -72,7 +73,7 @@ impl CudaBackend {
         if chunk.rows == 0 {
             return Ok(());
         }
-        let f = self.function("logprob", "logprob_chunk_f32")?;
+        let f = self.function("logprob", &format!("logprob_chunk_{}", T::SUFFIX))?;
         let first_i = i32::from(first);
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -129,22 +130,23 @@ impl CudaBackend {
     }
 
     /// Twin of `cpu::logprob::token_logprob_bwd` restricted to one chunk:
-    /// writes `dlogits` for the chunk's columns (same layout as `logits`).
-    // logprob_bwd_chunk_f32(const float* logits, int ld, int rows, int chunk_len,
+    /// writes `dlogits` for the chunk's columns (same layout as `logits`;
+    /// with `T = bf16` both bf16, the arithmetic f32).
+    // logprob_bwd_chunk_{f32,bf16}(const T* logits, int ld, int rows, int chunk_len,
     //     int vocab_offset, const unsigned int* targets, const float* lse,
     //     const float* entropy, const float* dlogp, const float* dentropy,
-    //     float* dlogits)
+    //     T* dlogits)
     #[allow(clippy::too_many_arguments)]
-    pub fn logprob_bwd_chunk(
+    pub fn logprob_bwd_chunk<T: Elem>(
         &self,
         chunk: &LogitChunk,
-        logits: &CudaSlice<f32>,
+        logits: &CudaSlice<T>,
         targets: &CudaSlice<u32>,
         lse: &CudaSlice<f32>,
         entropy: &CudaSlice<f32>,
         dlogp: &CudaSlice<f32>,
         dentropy: &CudaSlice<f32>,
-        dlogits: &mut CudaSlice<f32>,
+        dlogits: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "logprob_bwd_chunk";
         let (ld, rows, len, off) = chunk.check(K, logits.len())?;
@@ -161,7 +163,7 @@ impl CudaBackend {
         if chunk.rows * chunk.chunk_len == 0 {
             return Ok(());
         }
-        let f = self.function("logprob", "logprob_bwd_chunk_f32")?;
+        let f = self.function("logprob", &format!("logprob_bwd_chunk_{}", T::SUFFIX))?;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(logits)

@@ -3,7 +3,7 @@
 //! `i32` must meet an `int` and a `f32` a `float`, or the launch silently
 //! reads garbage.
 
-use super::launch_util::{elementwise_grid, need, row_grid, to_i32, BLOCK};
+use super::launch_util::{elementwise_grid, need, row_grid, to_i32, Elem, BLOCK};
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -18,24 +18,25 @@ pub fn rmsnorm_bwd_scratch_len(rows: usize, dim: usize) -> usize {
 const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
 impl CudaBackend {
-    /// Twin of `cpu::rmsnorm::rmsnorm_fwd`.
-    // rmsnorm_fwd_f32(const float* x, const float* weight, float* y,
+    /// Twin of `cpu::rmsnorm::rmsnorm_fwd` (with `T = bf16`: x, weight and
+    /// y bf16, rstd and the arithmetic f32).
+    // rmsnorm_fwd_{f32,bf16}(const T* x, const T* weight, T* y,
     //                 float* rstd, int rows, int dim, float eps)
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_fwd(
+    pub fn rmsnorm_fwd<T: Elem>(
         &self,
-        x: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
         rows: usize,
         dim: usize,
         eps: f32,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         rstd: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         if rows == 0 {
             return Ok(());
         }
-        let f = self.function("rmsnorm", "rmsnorm_fwd_f32")?;
+        let f = self.function("rmsnorm", &format!("rmsnorm_fwd_{}", T::SUFFIX))?;
         let (rows_i, dim_i) = (
             to_i32("rmsnorm_fwd", "rows", rows)?,
             to_i32("rmsnorm_fwd", "dim", dim)?,
@@ -63,15 +64,15 @@ impl CudaBackend {
     // rmsnorm_dw_reduce_f32(const float* dw_partial, float* dw,
     //                       int partial_rows, int dim)
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_bwd(
+    pub fn rmsnorm_bwd<T: Elem>(
         &self,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        dy: &CudaSlice<T>,
+        x: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
         rstd: &CudaSlice<f32>,
         rows: usize,
         dim: usize,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
         dw: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         if rows == 0 {
@@ -87,15 +88,15 @@ impl CudaBackend {
     /// weight-gradient partials (at least [`rmsnorm_bwd_scratch_len`]
     /// floats): no allocation, for per-layer loops.
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_bwd_with(
+    pub fn rmsnorm_bwd_with<T: Elem>(
         &self,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        dy: &CudaSlice<T>,
+        x: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
         rstd: &CudaSlice<f32>,
         rows: usize,
         dim: usize,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
         dw: &mut CudaSlice<f32>,
         partial: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
@@ -118,7 +119,7 @@ impl CudaBackend {
             rmsnorm_bwd_scratch_len(rows, dim),
         )?;
         let partial_rows = rows.div_ceil(RMSNORM_BWD_ROWS_PER_BLOCK);
-        let bwd = self.function("rmsnorm", "rmsnorm_bwd_f32")?;
+        let bwd = self.function("rmsnorm", &format!("rmsnorm_bwd_{}", T::SUFFIX))?;
         let reduce = self.function("rmsnorm", "rmsnorm_dw_reduce_f32")?;
         let rows_i = to_i32("rmsnorm_bwd", "rows", rows)?;
         let dim_i = to_i32("rmsnorm_bwd", "dim", dim)?;
