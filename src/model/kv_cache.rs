@@ -33,6 +33,12 @@ impl<B: Backend> KvStore<B> {
         })
     }
 
+    /// Bytes of one block over all layers, keys and values (f32 numbers).
+    pub fn block_bytes(cfg: &ModelConfig, block_size: usize) -> usize {
+        let tc = &cfg.text;
+        2 * tc.num_layers * block_size * tc.num_kv_heads * tc.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// Writes rows of keys and values `[rows, slot]` of layer `layer` at
     /// the cache slots `slots`.
     pub fn write_rows(

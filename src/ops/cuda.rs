@@ -208,6 +208,13 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn free_memory(&self) -> Option<usize> {
+        self.context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free)
+    }
+
     fn linear_fwd(
         &self,
         x: &DeviceBuf,

@@ -112,6 +112,11 @@ pub trait Backend {
     fn rope(&self, freqs: &RopeFreqs, streams: &[&[i32]]) -> Result<Self::Rope>;
     /// Waits for queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// Free device memory in bytes, where the backend has a device to ask
+    /// (the KV cache is sized from it); `None` on the host.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
 
     // Dense layers.
     /// `y[rows, out] = x[rows, inp] @ W[w.rows]^T (+ b[w.rows])`.
