@@ -177,6 +177,23 @@ enum Command {
         /// Where to run the model.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Sequences decoding or prefilling at once (continuous batching:
+        /// a finished sample's seat goes to the next at the next step).
+        #[arg(long, default_value_t = 256, value_parser = cli_values::at_least_one)]
+        max_num_seqs: usize,
+        /// Rows of one model step: a token per decoding sample plus prompt
+        /// chunks (chunked prefill); at least --max-num-seqs.
+        #[arg(long, default_value_t = 8192, value_parser = cli_values::at_least_one)]
+        max_num_batched_tokens: usize,
+        /// KV cache as this fraction of the device's free memory (0: sized
+        /// for the whole batch); short of blocks, the youngest sequences
+        /// are preempted and recomputed.
+        #[arg(long, default_value_t = 0.0, value_parser = cli_values::fraction)]
+        kv_cache_memory_fraction: f64,
+        /// KV cache of exactly this many 16-token blocks (the CPU's budget;
+        /// wins over --kv-cache-memory-fraction).
+        #[arg(long, default_value_t = 0)]
+        kv_cache_blocks: usize,
     },
     /// Benchmark a checkpoint: average accuracy@n (mean reward over n
     /// samples per problem, then over problems), the metric of the VPPO
@@ -308,6 +325,7 @@ struct GenerateWork<'a> {
     params: vppo_engine::rollout::sampling::SamplingParams,
     max_new_tokens: usize,
     seed: u64,
+    limits: vppo_engine::rollout::generate::RolloutLimits,
 }
 
 impl WithEngine for GenerateWork<'_> {
@@ -316,7 +334,8 @@ impl WithEngine for GenerateWork<'_> {
         vppo_engine::rollout::generate::GenerationStats,
     );
     fn run<B: Backend>(self, engine: &Engine<B>) -> anyhow::Result<Self::Out> {
-        let mut generator = vppo_engine::rollout::generate::Generator::new(engine, self.eos);
+        let mut generator = vppo_engine::rollout::generate::Generator::new(engine, self.eos)
+            .with_limits(self.limits);
         let samples = generator.generate(
             self.inputs,
             self.n,
@@ -510,7 +529,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_new_tokens,
             seed,
             device,
+            max_num_seqs,
+            max_num_batched_tokens,
+            kv_cache_memory_fraction,
+            kv_cache_blocks,
         } => {
+            if max_num_batched_tokens < max_num_seqs {
+                bail!(
+                    "--max-num-batched-tokens ({max_num_batched_tokens}) must be at least \
+                     --max-num-seqs ({max_num_seqs})"
+                );
+            }
+            let limits = vppo_engine::rollout::generate::RolloutLimits::new(
+                max_num_seqs,
+                max_num_batched_tokens,
+                kv_cache_blocks,
+                kv_cache_memory_fraction,
+            );
             let device = device.resolve(false);
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
@@ -539,6 +574,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     params,
                     max_new_tokens,
                     seed,
+                    limits,
                 },
             )?;
             if let Some(s) = samples
@@ -566,7 +602,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
             eprintln!(
-                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens in {:.2?}",
+                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens, {} preemption(s) ({} tokens recomputed) in {:.2?}",
                 samples.len(),
                 inputs.len(),
                 st.prefills,
@@ -574,6 +610,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 st.images_encoded,
                 st.decode_steps,
                 st.decoded_tokens + samples.len(),
+                st.preemptions,
+                st.recomputed_tokens,
                 start.elapsed()
             );
         }

@@ -245,3 +245,59 @@ fn a_small_kv_budget_preempts_and_recomputes_with_the_same_samples() {
         .unwrap_err();
     assert!(matches!(err, ModelError::ScheduleLimits { .. }), "{err}");
 }
+
+/// `generate --max-num-seqs 1 --max-num-batched-tokens 8 --kv-cache-blocks`:
+/// one sequence at a time, 8-token chunks, a cache for one sequence: the
+/// same JSON lines as the defaults (everything at once).
+#[test]
+fn cli_limits_change_the_schedule_not_the_samples() {
+    let dir = case_dir("single_noresize");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+            .args(["generate", "--model", dir.to_str().unwrap()])
+            .args(["--image", dir.join("img0.png").to_str().unwrap()])
+            .args(["--prompt", "<image>What is shown?", "--n", "3"])
+            .args(["--max-new-tokens", "6", "--seed", "4", "--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (all_at_once, _) = run(&[]);
+    let tight = [
+        "--max-num-seqs",
+        "1",
+        "--max-num-batched-tokens",
+        "8",
+        "--kv-cache-blocks",
+        "8",
+    ];
+    let (one_by_one, stderr) = run(&tight);
+    assert_eq!(all_at_once.lines().count(), 3);
+    assert_eq!(one_by_one, all_at_once);
+    assert!(stderr.contains("1 prefill(s)"), "{stderr}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ])
+        .args(["--max-num-seqs", "8", "--max-num-batched-tokens", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("--max-num-seqs"),
+        "{stderr}"
+    );
+}

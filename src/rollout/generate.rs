@@ -102,6 +102,50 @@ pub enum KvBudget {
     MemoryFraction(f64),
 }
 
+/// The batch and cache limits of a generator (the `max_num_seqs`,
+/// `max_num_batched_tokens` and KV-cache settings of the train config and
+/// of `generate`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RolloutLimits {
+    pub schedule: ScheduleConfig,
+    pub kv_budget: KvBudget,
+}
+
+impl Default for RolloutLimits {
+    fn default() -> Self {
+        Self {
+            schedule: ScheduleConfig::default(),
+            kv_budget: KvBudget::Unbounded,
+        }
+    }
+}
+
+impl RolloutLimits {
+    /// From the settings' values: a block count when non-zero, else a
+    /// memory fraction when non-zero, else a cache for the whole batch.
+    pub fn new(
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+        kv_cache_blocks: usize,
+        kv_cache_memory_fraction: f64,
+    ) -> Self {
+        let kv_budget = if kv_cache_blocks > 0 {
+            KvBudget::Blocks(kv_cache_blocks)
+        } else if kv_cache_memory_fraction > 0.0 {
+            KvBudget::MemoryFraction(kv_cache_memory_fraction)
+        } else {
+            KvBudget::Unbounded
+        };
+        Self {
+            schedule: ScheduleConfig {
+                max_num_seqs,
+                max_num_batched_tokens,
+            },
+            kv_budget,
+        }
+    }
+}
+
 /// One model step of the last generate call, for tests and benches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepTrace {
@@ -217,6 +261,13 @@ impl<'e, B: Backend> Generator<'e, B> {
             kv_blocks: 0,
             blocks_left: 0,
         }
+    }
+
+    /// The same generator with these batch and cache limits.
+    pub fn with_limits(mut self, limits: RolloutLimits) -> Self {
+        self.schedule = limits.schedule;
+        self.kv_budget = limits.kv_budget;
+        self
     }
 
     /// KV-cache blocks still held (0 once every sample finished).
