@@ -251,6 +251,54 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
+    /// Rollout throughput on random weights at a checkpoint's shapes: N
+    /// prompts of --prompt-tokens tokens with one --image-side image, each
+    /// generating --new-tokens tokens (end-of-sequence ignored), for each
+    /// --batch, plus the recipe's mix (--mix-prompts x --mix-n samples of
+    /// long-tailed lengths up to --new-tokens). Prints output tokens/s and
+    /// the HBM roofline (decoder weights + KV bytes read per step over
+    /// --bandwidth-gbs) with the % reached; JSON lines to --out.
+    BenchRollout {
+        /// config.json giving the shapes (a checkpoint directory or the
+        /// file, e.g. configs/qwen2_5_vl_7b.json); default: a tiny model.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 1024, value_parser = cli_values::at_least_one)]
+        prompt_tokens: usize,
+        /// Side of the prompt's one square image in pixels (a multiple of
+        /// 28; 0: no image).
+        #[arg(long, default_value_t = 448)]
+        image_side: usize,
+        #[arg(long, default_value_t = 512, value_parser = cli_values::at_least_one)]
+        new_tokens: usize,
+        /// Prompts of a fixed-length case (repeat for several).
+        #[arg(long = "batch", default_values_t = [64usize, 256], value_parser = cli_values::at_least_one)]
+        batches: Vec<usize>,
+        /// Prompts of the mix case (0: no mix case).
+        #[arg(long, default_value_t = 48)]
+        mix_prompts: usize,
+        /// Samples per prompt in the mix case.
+        #[arg(long, default_value_t = 8, value_parser = cli_values::at_least_one)]
+        mix_n: usize,
+        /// HBM bandwidth of the roofline in GB/s (H200: 4800, H100 SXM: 3350).
+        #[arg(long, default_value_t = 4800.0)]
+        bandwidth_gbs: f64,
+        #[arg(long, default_value_t = 256, value_parser = cli_values::at_least_one)]
+        max_num_seqs: usize,
+        #[arg(long, default_value_t = 8192, value_parser = cli_values::at_least_one)]
+        max_num_batched_tokens: usize,
+        /// KV cache as this fraction of free device memory (0: the whole batch).
+        #[arg(long, default_value_t = 0.9, value_parser = cli_values::fraction)]
+        kv_cache_memory_fraction: f64,
+        /// KV cache of this many 16-token blocks (the CPU's budget).
+        #[arg(long, default_value_t = 0)]
+        kv_cache_blocks: usize,
+        /// JSON lines, one per case.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+    },
     /// Re-save a checkpoint in the Hub layout (`visual.*` / `model.*`
     /// names, sharded safetensors + index, other files copied), e.g. to
     /// convert dtypes or the newer `model.language_model.*` names.
@@ -344,6 +392,52 @@ impl WithEngine for GenerateWork<'_> {
             self.seed,
         )?;
         Ok((samples, generator.stats))
+    }
+}
+
+struct BenchRolloutWork<'a> {
+    prompts: &'a [vppo_engine::model::SequenceInput],
+    cases: &'a [vppo_engine::bench_rollout::Case],
+    limits: vppo_engine::rollout::generate::RolloutLimits,
+    bandwidth: f64,
+    out: Option<std::fs::File>,
+}
+
+impl WithEngine for BenchRolloutWork<'_> {
+    type Out = ();
+    fn run<B: Backend>(mut self, engine: &Engine<B>) -> anyhow::Result<()> {
+        use std::io::Write;
+        for case in self.cases {
+            let r = vppo_engine::bench_rollout::run_case(
+                engine,
+                self.prompts,
+                case,
+                self.limits,
+                self.bandwidth,
+            )?;
+            println!(
+                "{}: {} sequences, {} output tokens in {:.2} s: {:.1} tokens/s | roofline {:.4} s \
+                 ({:.0} tokens/s; {} steps x {:.3} GB of weights + {:.3} GB of KV): {:.2}% of it | \
+                 {} preemption(s), {} KV blocks",
+                r.id,
+                r.sequences,
+                r.output_tokens,
+                r.seconds,
+                r.tokens_per_s,
+                r.roofline_s,
+                r.roofline_tokens_per_s,
+                r.steps,
+                r.weight_bytes as f64 / 1e9,
+                r.kv_bytes as f64 / 1e9,
+                r.pct_of_roofline,
+                r.preemptions,
+                r.kv_blocks
+            );
+            if let Some(f) = self.out.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&r)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -711,6 +805,86 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 w.commit()?;
             }
             println!("{}", summary.table(n));
+        }
+        Command::BenchRollout {
+            config,
+            prompt_tokens,
+            image_side,
+            new_tokens,
+            batches,
+            mix_prompts,
+            mix_n,
+            bandwidth_gbs,
+            max_num_seqs,
+            max_num_batched_tokens,
+            kv_cache_memory_fraction,
+            kv_cache_blocks,
+            out,
+            device,
+        } => {
+            use vppo_engine::bench_rollout as bench;
+            if max_num_batched_tokens < max_num_seqs {
+                bail!(
+                    "--max-num-batched-tokens ({max_num_batched_tokens}) must be at least \
+                     --max-num-seqs ({max_num_seqs})"
+                );
+            }
+            if !(bandwidth_gbs.is_finite() && bandwidth_gbs > 0.0) {
+                bail!("--bandwidth-gbs {bandwidth_gbs} must be a positive number");
+            }
+            let model_config = match &config {
+                Some(path) => vppo_engine::model::config::ModelConfig::load(path)
+                    .with_context(|| format!("--config {}", path.display()))?,
+                None => bench::tiny_config(),
+            };
+            let cases = bench::cases(&batches, new_tokens, mix_prompts, mix_n);
+            let most = cases.iter().map(|c| c.prompts).max().unwrap_or(0);
+            let prompts = (0..most)
+                .map(|i| bench::bench_prompt(&model_config, prompt_tokens, image_side, i))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(anyhow::Error::msg)?;
+            let layout = vppo_engine::model::params::ParamLayout::new(&model_config);
+            let t0 = Instant::now();
+            let weights = bench::random_weights(&layout, 0);
+            let model = Qwen25Vl {
+                dir: config.clone().unwrap_or_else(|| "tiny".into()),
+                config: model_config,
+                layout,
+                weights,
+                names: vppo_engine::model::checkpoint::NameLayout::Hub,
+            };
+            eprintln!(
+                "bench-rollout: {} ({:.2}B parameters, random in {:.1?}), {prompt_tokens}-token prompts \
+                 with a {image_side}px image, up to {new_tokens} new tokens, roofline at {bandwidth_gbs} GB/s",
+                config
+                    .as_ref()
+                    .map_or("tiny model".to_string(), |p| p.display().to_string()),
+                model.layout.numel() as f64 / 1e9,
+                t0.elapsed()
+            );
+            let out = match &out {
+                Some(path) => Some(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--out {}", path.display()))?,
+                ),
+                None => None,
+            };
+            with_engine(
+                device.resolve(false),
+                &model,
+                BenchRolloutWork {
+                    prompts: &prompts,
+                    cases: &cases,
+                    limits: vppo_engine::rollout::generate::RolloutLimits::new(
+                        max_num_seqs,
+                        max_num_batched_tokens,
+                        kv_cache_blocks,
+                        kv_cache_memory_fraction,
+                    ),
+                    bandwidth: bandwidth_gbs * 1e9,
+                    out,
+                },
+            )?;
         }
         Command::Convert {
             model,

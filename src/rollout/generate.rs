@@ -154,6 +154,9 @@ pub struct StepTrace {
     pub chunks: Vec<(usize, usize, usize)>,
     pub spawns: usize,
     pub preempted: usize,
+    /// Cached tokens the step's sequences attend to (each decode row's
+    /// length, each chunk's end): the KV traffic of an ideal kernel.
+    pub context_tokens: usize,
 }
 
 /// A sample being generated.
@@ -301,6 +304,23 @@ impl<'e, B: Backend> Generator<'e, B> {
         max_new_tokens: usize,
         seed: u64,
     ) -> Result<Vec<Sample>, ModelError> {
+        let caps = vec![max_new_tokens; prompts.len() * n];
+        self.generate_capped(prompts, n, params, &caps, seed)
+    }
+
+    /// [`Self::generate`] with a token budget per sample: sample `s` of
+    /// prompt `p` stops after `caps[p * n + s]` tokens (the rollout bench
+    /// fixes lengths this way, end-of-sequence ids aside).
+    pub fn generate_capped(
+        &mut self,
+        prompts: &[SequenceInput],
+        n: usize,
+        params: &SamplingParams,
+        caps: &[usize],
+        seed: u64,
+    ) -> Result<Vec<Sample>, ModelError> {
+        assert_eq!(caps.len(), prompts.len() * n, "one cap per sample");
+        let max_new_tokens = caps.iter().copied().max().unwrap_or(1).max(1);
         let engine = self.engine;
         let cfg = engine.config();
         if let Some(pi) = prompts.iter().position(|p| p.ids.is_empty()) {
@@ -353,7 +373,7 @@ impl<'e, B: Backend> Generator<'e, B> {
             prompts,
             n,
             params,
-            max_new_tokens,
+            caps,
             seed,
             eos: &self.eos,
             banned: &self.banned,
@@ -393,6 +413,8 @@ impl<'e, B: Backend> Generator<'e, B> {
                     .collect(),
                 spawns: step.spawns.len(),
                 preempted: step.preempted.len(),
+                context_tokens: step.decodes.iter().map(|d| d.len).sum::<usize>()
+                    + step.chunks.iter().map(|c| c.end).sum::<usize>(),
             });
         }
         self.blocks_left = sched.blocks.blocks_in_use();
@@ -407,19 +429,19 @@ struct StepRun<'a, B: Backend> {
     prompts: &'a [SequenceInput],
     n: usize,
     params: &'a SamplingParams,
-    max_new_tokens: usize,
+    caps: &'a [usize],
     seed: u64,
     eos: &'a [u32],
     banned: &'a [u32],
 }
 
 impl<B: Backend> StepRun<'_, B> {
-    /// Why `s` ends after its last token, if it does.
-    fn finish_reason(&self, s: &Live) -> Option<FinishReason> {
+    /// Why sample `key` ends after its last token, if it does.
+    fn finish_reason(&self, key: SeqKey, s: &Live) -> Option<FinishReason> {
         let last = *s.tokens.last().expect("every live sample has a token");
         if self.eos.contains(&last) {
             Some(FinishReason::Stop)
-        } else if s.tokens.len() >= self.max_new_tokens {
+        } else if s.tokens.len() >= self.caps[key.prompt * self.n + key.sample] {
             Some(FinishReason::Length)
         } else {
             None
@@ -605,7 +627,7 @@ impl<B: Backend> StepRun<'_, B> {
             let s = live[at].as_mut().expect("decoding samples are live");
             s.tokens.push(t);
             s.logprobs.push(lp);
-            if let Some(reason) = self.finish_reason(s) {
+            if let Some(reason) = self.finish_reason(d.key, s) {
                 sched.finish(d.key);
                 done.push(retire(live[at].take().expect("live"), d.key, reason));
             }
@@ -624,7 +646,7 @@ impl<B: Backend> StepRun<'_, B> {
                     prompt: p,
                     sample: si,
                 };
-                match self.finish_reason(&s) {
+                match self.finish_reason(key, &s) {
                     Some(reason) => done.push(retire(s, key, reason)),
                     None => {
                         live[slot_of(key)] = Some(s);
