@@ -18,7 +18,9 @@
 #   compute-sanitizer memcheck of the small cases, the generic model graph
 #   on the CUDA backend vs the CPU backend (forward, training step, dual
 #   pass, generation, bf16 vs its CPU twin), `train --device cuda` vs cpu on
-#   the built-in task (fp32) and in bf16, a summary of the checks, then the merged table
+#   the built-in task (fp32) and in bf16, the rollout bench (`vppo-engine
+#   bench-rollout` at 7B, else 3B, from configs/, vs transformers `generate`
+#   on the same shapes), a summary of the checks, then the merged table
 #   (ours vs torch, % of roofline) LAST. Every step has a timeout; the whole
 #   run stays under 8 minutes. JSON lines, the log and the table go to
 #   $OUT (the device tool brings it back) or gpu-bundle/results/.
@@ -52,7 +54,7 @@ case "${1:-}" in
     bench_bin=$(cargo bench --bench kernels --no-run --message-format=json 2>/dev/null | artifact kernels)
     cp "$bench_bin" "$bundle/bench-kernels"
     strip "$bundle/vppo-engine" "$bundle/shaders" "$bundle/bench-kernels"
-    cp scripts/bench_torch.py scripts/bench_table.py "$bundle/"
+    cp scripts/bench_torch.py scripts/bench_table.py scripts/bench_rollout_torch.py "$bundle/"
     du -sh "$bundle"
     size_kib=$(du -sk "$bundle" | cut -f1)
     if [ "$size_kib" -gt $((max_bundle_mib * 1024)) ]; then
@@ -208,6 +210,44 @@ PY
       step "torch benches"
       timeout $((bench_s + 20)) python3 "$bundle/bench_torch.py" --out "$theirs" --max-seconds "$bench_s" ||
         echo "bench_torch: FAILED or timed out (rc $?)"
+      # ---- rollout throughput (issue 15): ours vs transformers generate on
+      # ---- random weights at the 7B shapes (else 3B), batches 64 and 256
+      # ---- of 1024-token prompts with a 448px image, 512 new tokens, and
+      # ---- the recipe's mix; each case prints as it ends, so a timeout
+      # ---- keeps what finished.
+      rollout_cfg=$(ls configs/*7[bB]*.json 2>/dev/null | head -n 1 || true)
+      [ -z "$rollout_cfg" ] && rollout_cfg=$(ls configs/*3[bB]*.json 2>/dev/null | head -n 1 || true)
+      rollout_s=$(($(left) / 3))
+      [ "$rollout_s" -gt 150 ] && rollout_s=150
+      if [ -z "$rollout_cfg" ]; then
+        step "rollout bench: no 7B/3B config.json under configs/, skipped"
+      elif [ "$rollout_s" -lt 30 ]; then
+        step "rollout bench: skipped (only $(left) s left)"
+      else
+        step "rollout bench: vppo-engine bench-rollout vs transformers generate ($rollout_cfg, ${rollout_s} s each at most)"
+        timeout "$rollout_s" "$bundle/vppo-engine" bench-rollout --config "$rollout_cfg" --device cuda \
+          --out "$results/bench-rollout.jsonl" || echo "bench-rollout: exited with $? (timeout: 124)"
+        timeout "$rollout_s" python3 "$bundle/bench_rollout_torch.py" --config "$rollout_cfg" \
+          --out "$results/bench-rollout-torch.jsonl" || echo "bench_rollout_torch: exited with $? (timeout: 124)"
+        python3 - "$results/bench-rollout.jsonl" "$results/bench-rollout-torch.jsonl" <<'PY' || true
+import json, sys
+def rows(path):
+    try:
+        return {r["id"]: r for r in map(json.loads, filter(str.strip, open(path)))}
+    except OSError:
+        return {}
+ours, torch = rows(sys.argv[1]), rows(sys.argv[2])
+print("%-22s %12s %12s %10s %12s" % ("rollout case", "ours tok/s", "torch tok/s", "ours/torch", "% roofline"))
+for k in sorted(set(ours) | set(torch), key=lambda k: (k.startswith("rollout mix"), len(k), k)):
+    o, t = ours.get(k), torch.get(k)
+    print("%-22s %12s %12s %10s %12s" % (
+        k,
+        "%.0f" % o["tokens_per_s"] if o else "-",
+        "%.0f" % t["tokens_per_s"] if t else "-",
+        "%.2f" % (o["tokens_per_s"] / t["tokens_per_s"]) if o and t else "-",
+        "%.1f" % o["pct_of_roofline"] if o else "-"))
+PY
+      fi
       # Out-of-bounds / race check of the kernels on their small cases (the
       # large ones would take minutes under the sanitizer), in what time is left.
       memcheck_s=$(($(left) - 20))
@@ -225,7 +265,7 @@ PY
           echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
       fi
       step "summary of the correctness checks"
-      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl (device|graph bf16)|^FAIL|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
+      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl (device|graph bf16)|^FAIL|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|^rollout (batch|mix)|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
       step "table: ours vs torch (torch/ours > 1: ours faster; % roof: ours vs the card's peak)"
       python3 "$bundle/bench_table.py" "$ours" "$theirs" | tee "$results/table.txt"
       echo "gpu-check: done in $((SECONDS - start)) s; results in $results"

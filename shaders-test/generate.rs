@@ -11,8 +11,9 @@ use vppo_engine::model::engine::Engine;
 use vppo_engine::model::{SequenceInput, TrainSequence};
 use vppo_engine::ops::cpu::CpuBackend;
 use vppo_engine::pipeline::Pipeline;
-use vppo_engine::rollout::generate::{eos_ids, Generator, Sample};
+use vppo_engine::rollout::generate::{eos_ids, Generator, KvBudget, RolloutLimits, Sample};
 use vppo_engine::rollout::sampling::SamplingParams;
+use vppo_engine::rollout::scheduler::ScheduleConfig;
 
 /// Generated log-probs: the device decode against the CPU decode.
 const GEN_LOGPROB_TOL: f32 = 1e-3;
@@ -56,8 +57,19 @@ fn describe(s: &Sample) -> String {
 
 /// Greedy: the device samples must be the CPU's, token for token.
 fn greedy_case(case: &'static str) -> Case {
+    greedy_case_with(case, None)
+}
+
+/// Greedy with the device generator under `limits` (chunked prefill, few
+/// seats, a KV budget that preempts) against the CPU one with the defaults.
+fn greedy_case_with(case: &'static str, limits: Option<RolloutLimits>) -> Case {
+    let label = if limits.is_some() {
+        " (device: 2 seats, 24-row steps, 12 KV blocks)"
+    } else {
+        ""
+    };
     Case {
-        name: format!("generate greedy device vs cpu fixture {case}"),
+        name: format!("generate greedy device vs cpu fixture {case}{label}"),
         run: Box::new(move |_gpu, _rng| {
             if !blas_present() {
                 return Ok(NO_CUBLAS.into());
@@ -72,6 +84,9 @@ fn greedy_case(case: &'static str) -> Case {
                 .map_err(|e| e.to_string())?;
             let dev = device_model(&pipe)?;
             let mut gen = Generator::new(&dev, eos);
+            if let Some(limits) = limits {
+                gen = gen.with_limits(limits);
+            }
             let got = gen
                 .generate(&prompts, n, &GREEDY, max_new, seed)
                 .map_err(|e| e.to_string())?;
@@ -81,7 +96,7 @@ fn greedy_case(case: &'static str) -> Case {
                     gen.cache_blocks_in_use()
                 ));
             }
-            if gen.stats != cpu.stats {
+            if limits.is_none() && gen.stats != cpu.stats {
                 return Err(format!("stats {:?} vs cpu {:?}", gen.stats, cpu.stats));
             }
             if got.len() != want.len() {
@@ -99,8 +114,10 @@ fn greedy_case(case: &'static str) -> Case {
             }
             let tokens: usize = got.iter().map(|s| s.token_ids.len()).sum();
             Ok(format!(
-                "{} samples, {tokens} tokens identical; log-prob max abs {worst:.1e}",
-                got.len()
+                "{} samples, {tokens} tokens identical; log-prob max abs {worst:.1e}; {} steps, {} preemption(s)",
+                got.len(),
+                gen.trace.len(),
+                gen.stats.preemptions
             ))
         }),
     }
@@ -180,5 +197,15 @@ pub fn cases() -> Vec<Case> {
         .map(greedy_case)
         .collect();
     v.push(sampled_case("two_images"));
+    v.push(greedy_case_with(
+        "resize",
+        Some(RolloutLimits {
+            schedule: ScheduleConfig {
+                max_num_seqs: 2,
+                max_num_batched_tokens: 24,
+            },
+            kv_budget: KvBudget::Blocks(12),
+        }),
+    ));
     v
 }

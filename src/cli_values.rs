@@ -43,6 +43,15 @@ pub fn top_p(s: &str) -> Result<f32, String> {
     Ok(v)
 }
 
+/// A fraction of memory, in [0, 1] (0: unset).
+pub fn fraction(s: &str) -> Result<f64, String> {
+    let v = finite(s).map_err(|e| format!("{e}; the fraction must be in [0, 1]"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} is out of range: it must be in [0, 1]"));
+    }
+    Ok(v as f64)
+}
+
 /// Largest safetensors shard in MiB: 1 MiB to 1 TiB.
 pub fn shard_mib(s: &str) -> Result<usize, String> {
     let v = at_least_one(s)?;

@@ -6,6 +6,7 @@
 
 pub mod alloc_stats;
 pub mod backend;
+pub mod bench_rollout;
 pub mod builtin;
 pub mod cli_values;
 pub mod data;

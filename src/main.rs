@@ -180,6 +180,23 @@ enum Command {
         /// Where to run the model.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Sequences decoding or prefilling at once (continuous batching:
+        /// a finished sample's seat goes to the next at the next step).
+        #[arg(long, default_value_t = 256, value_parser = cli_values::at_least_one)]
+        max_num_seqs: usize,
+        /// Rows of one model step: a token per decoding sample plus prompt
+        /// chunks (chunked prefill); at least --max-num-seqs.
+        #[arg(long, default_value_t = 8192, value_parser = cli_values::at_least_one)]
+        max_num_batched_tokens: usize,
+        /// KV cache as this fraction of the device's free memory (0: sized
+        /// for the whole batch); short of blocks, the youngest sequences
+        /// are preempted and recomputed.
+        #[arg(long, default_value_t = 0.0, value_parser = cli_values::fraction)]
+        kv_cache_memory_fraction: f64,
+        /// KV cache of exactly this many 16-token blocks (the CPU's budget;
+        /// wins over --kv-cache-memory-fraction).
+        #[arg(long, default_value_t = 0)]
+        kv_cache_blocks: usize,
     },
     /// Benchmark a checkpoint: average accuracy@n (mean reward over n
     /// samples per problem, then over problems), the metric of the VPPO
@@ -234,6 +251,54 @@ enum Command {
         #[arg(long, allow_hyphen_values = true)]
         prompt_suffix: Option<String>,
         /// Where to sample: auto (the GPU when one is usable), cpu, cuda.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+    },
+    /// Rollout throughput on random weights at a checkpoint's shapes: N
+    /// prompts of --prompt-tokens tokens with one --image-side image, each
+    /// generating --new-tokens tokens (end-of-sequence ignored), for each
+    /// --batch, plus the recipe's mix (--mix-prompts x --mix-n samples of
+    /// long-tailed lengths up to --new-tokens). Prints output tokens/s and
+    /// the HBM roofline (decoder weights + KV bytes read per step over
+    /// --bandwidth-gbs) with the % reached; JSON lines to --out.
+    BenchRollout {
+        /// config.json giving the shapes (a checkpoint directory or the
+        /// file, e.g. configs/qwen2_5_vl_7b.json); default: a tiny model.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 1024, value_parser = cli_values::at_least_one)]
+        prompt_tokens: usize,
+        /// Side of the prompt's one square image in pixels (a multiple of
+        /// 28; 0: no image).
+        #[arg(long, default_value_t = 448)]
+        image_side: usize,
+        #[arg(long, default_value_t = 512, value_parser = cli_values::at_least_one)]
+        new_tokens: usize,
+        /// Prompts of a fixed-length case (repeat for several).
+        #[arg(long = "batch", default_values_t = [64usize, 256], value_parser = cli_values::at_least_one)]
+        batches: Vec<usize>,
+        /// Prompts of the mix case (0: no mix case).
+        #[arg(long, default_value_t = 48)]
+        mix_prompts: usize,
+        /// Samples per prompt in the mix case.
+        #[arg(long, default_value_t = 8, value_parser = cli_values::at_least_one)]
+        mix_n: usize,
+        /// HBM bandwidth of the roofline in GB/s (H200: 4800, H100 SXM: 3350).
+        #[arg(long, default_value_t = 4800.0)]
+        bandwidth_gbs: f64,
+        #[arg(long, default_value_t = 256, value_parser = cli_values::at_least_one)]
+        max_num_seqs: usize,
+        #[arg(long, default_value_t = 8192, value_parser = cli_values::at_least_one)]
+        max_num_batched_tokens: usize,
+        /// KV cache as this fraction of free device memory (0: the whole batch).
+        #[arg(long, default_value_t = 0.9, value_parser = cli_values::fraction)]
+        kv_cache_memory_fraction: f64,
+        /// KV cache of this many 16-token blocks (the CPU's budget).
+        #[arg(long, default_value_t = 0)]
+        kv_cache_blocks: usize,
+        /// JSON lines, one per case.
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
     },
@@ -338,6 +403,7 @@ struct GenerateWork<'a> {
     params: vppo_engine::rollout::sampling::SamplingParams,
     max_new_tokens: usize,
     seed: u64,
+    limits: vppo_engine::rollout::generate::RolloutLimits,
 }
 
 impl WithEngine for GenerateWork<'_> {
@@ -346,7 +412,8 @@ impl WithEngine for GenerateWork<'_> {
         vppo_engine::rollout::generate::GenerationStats,
     );
     fn run<B: Backend>(self, engine: &Engine<B>) -> anyhow::Result<Self::Out> {
-        let mut generator = vppo_engine::rollout::generate::Generator::new(engine, self.eos);
+        let mut generator = vppo_engine::rollout::generate::Generator::new(engine, self.eos)
+            .with_limits(self.limits);
         let samples = generator.generate(
             self.inputs,
             self.n,
@@ -355,6 +422,52 @@ impl WithEngine for GenerateWork<'_> {
             self.seed,
         )?;
         Ok((samples, generator.stats))
+    }
+}
+
+struct BenchRolloutWork<'a> {
+    prompts: &'a [vppo_engine::model::SequenceInput],
+    cases: &'a [vppo_engine::bench_rollout::Case],
+    limits: vppo_engine::rollout::generate::RolloutLimits,
+    bandwidth: f64,
+    out: Option<std::fs::File>,
+}
+
+impl WithEngine for BenchRolloutWork<'_> {
+    type Out = ();
+    fn run<B: Backend>(mut self, engine: &Engine<B>) -> anyhow::Result<()> {
+        use std::io::Write;
+        for case in self.cases {
+            let r = vppo_engine::bench_rollout::run_case(
+                engine,
+                self.prompts,
+                case,
+                self.limits,
+                self.bandwidth,
+            )?;
+            println!(
+                "{}: {} sequences, {} output tokens in {:.2} s: {:.1} tokens/s | roofline {:.4} s \
+                 ({:.0} tokens/s; {} steps x {:.3} GB of weights + {:.3} GB of KV): {:.2}% of it | \
+                 {} preemption(s), {} KV blocks",
+                r.id,
+                r.sequences,
+                r.output_tokens,
+                r.seconds,
+                r.tokens_per_s,
+                r.roofline_s,
+                r.roofline_tokens_per_s,
+                r.steps,
+                r.weight_bytes as f64 / 1e9,
+                r.kv_bytes as f64 / 1e9,
+                r.pct_of_roofline,
+                r.preemptions,
+                r.kv_blocks
+            );
+            if let Some(f) = self.out.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&r)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -558,7 +671,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_new_tokens,
             seed,
             device,
+            max_num_seqs,
+            max_num_batched_tokens,
+            kv_cache_memory_fraction,
+            kv_cache_blocks,
         } => {
+            if max_num_batched_tokens < max_num_seqs {
+                bail!(
+                    "--max-num-batched-tokens ({max_num_batched_tokens}) must be at least \
+                     --max-num-seqs ({max_num_seqs})"
+                );
+            }
+            let limits = vppo_engine::rollout::generate::RolloutLimits::new(
+                max_num_seqs,
+                max_num_batched_tokens,
+                kv_cache_blocks,
+                kv_cache_memory_fraction,
+            );
             let device = device.resolve(false);
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
@@ -587,6 +716,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     params,
                     max_new_tokens,
                     seed,
+                    limits,
                 },
             )?;
             if let Some(s) = samples
@@ -614,7 +744,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
             eprintln!(
-                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens in {:.2?}",
+                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens, {} preemption(s) ({} tokens recomputed) in {:.2?}",
                 samples.len(),
                 inputs.len(),
                 st.prefills,
@@ -622,6 +752,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 st.images_encoded,
                 st.decode_steps,
                 st.decoded_tokens + samples.len(),
+                st.preemptions,
+                st.recomputed_tokens,
                 start.elapsed()
             );
         }
@@ -721,6 +853,86 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 w.commit()?;
             }
             println!("{}", summary.table(n));
+        }
+        Command::BenchRollout {
+            config,
+            prompt_tokens,
+            image_side,
+            new_tokens,
+            batches,
+            mix_prompts,
+            mix_n,
+            bandwidth_gbs,
+            max_num_seqs,
+            max_num_batched_tokens,
+            kv_cache_memory_fraction,
+            kv_cache_blocks,
+            out,
+            device,
+        } => {
+            use vppo_engine::bench_rollout as bench;
+            if max_num_batched_tokens < max_num_seqs {
+                bail!(
+                    "--max-num-batched-tokens ({max_num_batched_tokens}) must be at least \
+                     --max-num-seqs ({max_num_seqs})"
+                );
+            }
+            if !(bandwidth_gbs.is_finite() && bandwidth_gbs > 0.0) {
+                bail!("--bandwidth-gbs {bandwidth_gbs} must be a positive number");
+            }
+            let model_config = match &config {
+                Some(path) => vppo_engine::model::config::ModelConfig::load(path)
+                    .with_context(|| format!("--config {}", path.display()))?,
+                None => bench::tiny_config(),
+            };
+            let cases = bench::cases(&batches, new_tokens, mix_prompts, mix_n);
+            let most = cases.iter().map(|c| c.prompts).max().unwrap_or(0);
+            let prompts = (0..most)
+                .map(|i| bench::bench_prompt(&model_config, prompt_tokens, image_side, i))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(anyhow::Error::msg)?;
+            let layout = vppo_engine::model::params::ParamLayout::new(&model_config);
+            let t0 = Instant::now();
+            let weights = bench::random_weights(&layout, 0);
+            let model = Qwen25Vl {
+                dir: config.clone().unwrap_or_else(|| "tiny".into()),
+                config: model_config,
+                layout,
+                weights,
+                names: vppo_engine::model::checkpoint::NameLayout::Hub,
+            };
+            eprintln!(
+                "bench-rollout: {} ({:.2}B parameters, random in {:.1?}), {prompt_tokens}-token prompts \
+                 with a {image_side}px image, up to {new_tokens} new tokens, roofline at {bandwidth_gbs} GB/s",
+                config
+                    .as_ref()
+                    .map_or("tiny model".to_string(), |p| p.display().to_string()),
+                model.layout.numel() as f64 / 1e9,
+                t0.elapsed()
+            );
+            let out = match &out {
+                Some(path) => Some(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--out {}", path.display()))?,
+                ),
+                None => None,
+            };
+            with_engine(
+                device.resolve(false),
+                &model,
+                BenchRolloutWork {
+                    prompts: &prompts,
+                    cases: &cases,
+                    limits: vppo_engine::rollout::generate::RolloutLimits::new(
+                        max_num_seqs,
+                        max_num_batched_tokens,
+                        kv_cache_blocks,
+                        kv_cache_memory_fraction,
+                    ),
+                    bandwidth: bandwidth_gbs * 1e9,
+                    out,
+                },
+            )?;
         }
         Command::Convert {
             model,

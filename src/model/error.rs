@@ -41,6 +41,19 @@ pub enum ModelError {
         "the fused dual pass needs the resized image bytes of the input (build it from images)"
     )]
     NoResizedImages,
+    #[error(
+        "the KV cache has {have} blocks of {block_size} tokens but one sequence needs up to {need}: \
+         raise kv_cache_blocks or kv_cache_memory_fraction, or lower max_new_tokens"
+    )]
+    KvCacheTooSmall {
+        need: usize,
+        have: usize,
+        block_size: usize,
+    },
+    #[error(
+        "max_num_seqs ({seqs}) must be at least 1 and max_num_batched_tokens ({tokens}) at least max_num_seqs"
+    )]
+    ScheduleLimits { seqs: usize, tokens: usize },
     #[error("CUDA device: {0}")]
     Device(#[from] crate::backend::cuda::CudaError),
 }

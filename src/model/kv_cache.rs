@@ -44,6 +44,12 @@ impl<B: Backend> KvStore<B> {
         })
     }
 
+    /// Bytes of one block over all layers, keys and values, stored as `dtype`.
+    pub fn block_bytes(cfg: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+        let tc = &cfg.text;
+        2 * tc.num_layers * block_size * tc.num_kv_heads * tc.head_dim * dtype.size_bytes()
+    }
+
     /// Writes rows of keys and values `[rows, slot]` of layer `layer` at
     /// the cache slots `slots`.
     pub fn write_rows(

@@ -420,6 +420,13 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn free_memory(&self) -> Option<usize> {
+        self.context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free)
+    }
+
     /// In the weight's dtype.
     fn linear_fwd(
         &self,

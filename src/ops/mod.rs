@@ -43,6 +43,16 @@ pub enum DType {
     Bf16,
 }
 
+impl DType {
+    /// Bytes per element in storage.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
 /// What a model's weights (and so its activations) are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -152,6 +162,11 @@ pub trait Backend {
     fn rope(&self, freqs: &RopeFreqs, streams: &[&[i32]]) -> Result<Self::Rope>;
     /// Waits for queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// Free device memory in bytes, where the backend has a device to ask
+    /// (the KV cache is sized from it); `None` on the host.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
 
     // Dense layers.
     /// `y[rows, out] = x[rows, inp] @ W[w.rows]^T (+ b[w.rows])`.

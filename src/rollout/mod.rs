@@ -4,3 +4,4 @@
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;
+pub mod scheduler;

@@ -207,6 +207,19 @@ pub struct TrainConfig {
     pub top_p: f32,
     pub max_response_tokens: usize,
     pub max_prompt_tokens: usize,
+    /// Rollout sequences decoding or prefilling at once (vLLM's name).
+    pub max_num_seqs: usize,
+    /// Rows of one rollout step: a token per decoding sequence plus
+    /// prompt chunks (vLLM's name); at least max_num_seqs.
+    pub max_num_batched_tokens: usize,
+    /// KV cache: this fraction of the device's free memory (vLLM's
+    /// gpu_memory_utilization, of what is free after the weights); 0 sizes
+    /// it for the whole rollout batch. Short of blocks, the youngest
+    /// sequences are preempted and recomputed.
+    pub kv_cache_memory_fraction: f64,
+    /// KV cache of exactly this many 16-token blocks (0: unset); the
+    /// budget on the CPU, and it wins over the fraction.
+    pub kv_cache_blocks: usize,
     pub min_pixels: usize,
     pub max_pixels: usize,
     /// Appended to every problem after a blank line.
@@ -305,6 +318,10 @@ impl Default for TrainConfig {
             top_p: 0.99,
             max_response_tokens: 2048,
             max_prompt_tokens: 4096,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            kv_cache_memory_fraction: 0.0,
+            kv_cache_blocks: 0,
             min_pixels: 200_704,
             max_pixels: 1_003_520,
             prompt_suffix: crate::data::VPPO_PROMPT_SUFFIX.to_string(),
@@ -522,11 +539,24 @@ impl TrainConfig {
                 self.clip_dual
             ));
         }
-        let counts: [(&str, usize); 13] = [
+        if !(0.0..=1.0).contains(&self.kv_cache_memory_fraction) {
+            return bad(format!(
+                "kv_cache_memory_fraction = {} is out of range: it must be in [0, 1] (0: the whole batch)",
+                self.kv_cache_memory_fraction
+            ));
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return bad(format!(
+                "max_num_batched_tokens = {} must be at least max_num_seqs = {}",
+                self.max_num_batched_tokens, self.max_num_seqs
+            ));
+        }
+        let counts: [(&str, usize); 14] = [
             (
                 "max_tokens_per_micro_batch",
                 self.max_tokens_per_micro_batch,
             ),
+            ("max_num_seqs", self.max_num_seqs),
             ("tas_partitions", self.tas_partitions),
             ("group_size", self.group_size),
             ("rollout_batch", self.rollout_batch),

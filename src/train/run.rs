@@ -193,6 +193,12 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
         top_k: 0,
     };
     step.max_new_tokens = cfg.max_response_tokens;
+    step.rollout = crate::rollout::generate::RolloutLimits::new(
+        cfg.max_num_seqs,
+        cfg.max_num_batched_tokens,
+        cfg.kv_cache_blocks,
+        cfg.kv_cache_memory_fraction,
+    );
     step.dynamic_sampling = (cfg.dynamic_sampling && algo != Algo::Grpo).then_some((0.01, 0.99));
     step.vppo = VppoConfig {
         beta_min: cfg.tas_beta_min,

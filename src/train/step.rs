@@ -21,7 +21,7 @@ use crate::rl::{
     group_advantages, keep_group, perturb_images, perturb_loaded_images, visual_dependency,
     DependencyEstimator, KlEstimator, PerturbSpace, Perturbation, PolicyLossConfig,
 };
-use crate::rollout::generate::{eos_ids, Generator};
+use crate::rollout::generate::{eos_ids, Generator, RolloutLimits};
 use crate::rollout::sampling::SamplingParams;
 
 /// What a step reports instead of panicking.
@@ -83,6 +83,8 @@ pub struct StepConfig {
     pub max_tokens_per_micro_batch: usize,
     /// Recompute activations in the backward (less memory).
     pub recompute: bool,
+    /// Continuous batching and KV-cache limits of the rollouts.
+    pub rollout: RolloutLimits,
     /// The KL-to-reference loss term: its estimator and coefficient
     /// (`None`: off, as in the VPPO recipe). Needs reference log-probs in
     /// the rollouts.
@@ -114,6 +116,7 @@ impl StepConfig {
             tas_partitions: 8,
             max_tokens_per_micro_batch: DEFAULT_MAX_TOKENS_PER_MICRO_BATCH,
             recompute: false,
+            rollout: RolloutLimits::default(),
             kl: None,
         }
     }
@@ -372,13 +375,9 @@ pub fn collect_rollouts_with<B: Backend>(
     let samples = {
         let _nvtx = crate::nvtx::range("rollout");
         let eos = eos_ids(&pipeline.model.dir);
-        Generator::new(engine, eos).generate(
-            &inputs,
-            cfg.n,
-            &cfg.sampling,
-            cfg.max_new_tokens,
-            seed,
-        )?
+        Generator::new(engine, eos)
+            .with_limits(cfg.rollout)
+            .generate(&inputs, cfg.n, &cfg.sampling, cfg.max_new_tokens, seed)?
     };
     let mut texts = Vec::with_capacity(samples.len());
     for s in &samples {
