@@ -11,6 +11,7 @@ mod adamw;
 mod cast;
 mod embedding;
 mod flash_attn;
+mod flash_attn_tc;
 mod gemm;
 mod generate;
 mod logprob;
@@ -157,6 +158,8 @@ fn cases() -> Vec<Case> {
         model::cases(),
         generate::cases(),
         train::cases(),
+        // New cases go last: the order fixes each case's draws.
+        flash_attn_tc::cases(),
     ]
     .into_iter()
     .flatten()

@@ -12,6 +12,7 @@ mod adamw;
 mod cast;
 mod embedding;
 mod flash_attn;
+mod flash_attn_tc;
 mod gemm;
 mod launch_util;
 mod logprob;
@@ -26,6 +27,7 @@ mod topk_select;
 
 pub use adamw::AdamWTensor;
 pub use flash_attn::FlashAttnShape;
+pub use flash_attn_tc::{tc_fwd_tile, TcFwdTile};
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
 pub use logprob::{LogitChunk, LOGPROB_STATE_PER_ROW};
