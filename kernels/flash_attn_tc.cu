@@ -256,3 +256,293 @@ FA_TC_FWD(64, 8, 128, 64)
 FA_TC_FWD(64, 4, 64, 64)
 FA_TC_FWD(16, 8, 128, 64)
 FA_TC_FWD(16, 4, 64, 64)
+
+// ---------------------------------------------------------------------------
+// Backward (FlashAttention-2): one block of W warps per key tile of BN = 16 W
+// keys of one kv head; warp w owns keys 16 w .. 16 w + 15 and accumulates
+// their dK and dV rows in registers over every query tile (QT rows) of every
+// query head of the group, so dK/dV need no atomics. Per query tile:
+//   S^T = K Q^T, dP^T = V dO^T                       (tensor cores)
+//   P^T = exp2(S^T scale log2 e - lse log2 e),  dS^T = P^T (dP^T - delta)
+//   dV += P^T dO, dK += dS^T Q                        (P^T, dS^T straight from registers)
+//   dQ += dS K: dS^T goes through shared memory, the block's warps split the
+//   QT x D product, and add it (times scale) into an f32 dq accumulator with
+//   atomics (key tiles of other blocks add into the same rows).
+// Q/dO tiles are double buffered with cp.async, K/V stay resident.
+// delta = rowsum(dO * O) comes from flash_attn_bwd_delta_bf16 (flash_attn.cu).
+
+template <int D, int W, int QT>
+constexpr int fa_tc_bwd_smem_bytes() {
+    // K, V; two Q and two dO tiles; dS^T [BN][QT + 8]; two lse and two delta rows (f32).
+    return (2 * 16 * W + 4 * QT) * (D + 8) * 2 + 16 * W * (QT + 8) * 2 + 4 * QT * 4;
+}
+
+// lse of query row `i` (local) for the exp2 of P, +inf where P must be 0:
+// rows past the sequence and rows that saw no key (lse = -inf or NaN).
+__device__ __forceinline__ float fa_tc_lse_log2(const float* __restrict__ lse, size_t at,
+                                                bool valid) {
+    if (!valid) return INFINITY;
+    const float l = lse[at];
+    return (l > -INFINITY && l < INFINITY) ? l * FA_TC_LOG2E : INFINITY;
+}
+
+// grid (ceil(max_seqlen_k / (16 W)), kv_heads, seqs), block 32 W.
+template <int D, int W, int QT>
+__device__ __forceinline__ void fa_tc_bwd(const bf16_t* __restrict__ q,
+                                          const bf16_t* __restrict__ k,
+                                          const bf16_t* __restrict__ v,
+                                          const bf16_t* __restrict__ dout,
+                                          const float* __restrict__ lse,
+                                          const float* __restrict__ delta,
+                                          const int* __restrict__ cu_q,
+                                          const int* __restrict__ cu_k,
+                                          float* __restrict__ dq_acc, bf16_t* __restrict__ dk,
+                                          bf16_t* __restrict__ dv, int hq, int hkv, float scale,
+                                          int causal) {
+    constexpr int BN = 16 * W, THREADS = 32 * W, LDS = D + 8, LDP = QT + 8;
+    constexpr int KD = D / 16;  // k-steps over the head dim
+    constexpr int NQ = QT / 8;  // 8-query column tiles of S^T
+    constexpr int NO = D / 8;   // 8-dim column tiles of dK, dV
+    // dQ split: QT / 16 row tiles, WPR warps per row tile, NDQ dim tiles per warp.
+    constexpr int RT = QT / 16, WPR = W / RT, NDQ = NO / WPR;
+    static_assert(D % 16 == 0 && QT % 16 == 0, "head_dim and the query tile are multiples of 16");
+    static_assert(W % RT == 0 && NO % WPR == 0, "the dQ product splits evenly over the warps");
+    extern __shared__ __align__(16) unsigned char fa_tc_smem[];
+    bf16_t* k_s = reinterpret_cast<bf16_t*>(fa_tc_smem);
+    bf16_t* v_s = k_s + BN * LDS;
+    bf16_t* q_s = v_s + BN * LDS;    // [2][QT][LDS]
+    bf16_t* do_s = q_s + 2 * QT * LDS;  // [2][QT][LDS]
+    bf16_t* ds_s = do_s + 2 * QT * LDS;  // [BN][LDP], dS^T
+    float* lse_s = reinterpret_cast<float*>(ds_s + BN * LDP);  // [2][QT], log2 units
+    float* delta_s = lse_s + 2 * QT;                          // [2][QT]
+
+    const int seq = blockIdx.z, g = blockIdx.y, j0 = blockIdx.x * BN;
+    const int qs = cu_q[seq], lq = cu_q[seq + 1] - qs;
+    const int ks = cu_k[seq], lk = cu_k[seq + 1] - ks;
+    if (j0 >= lk) return;
+    const int group_size = hq / hkv;
+    const int kn = min(BN, lk - j0);
+    const int shift = lk - lq;  // causal: query i sees key j iff j <= i + shift
+    // The first query tile with a query that sees key j0, and the number of tiles.
+    const int qt_first = causal ? max(0, j0 - shift) / QT : 0;
+    const int n_qt = max(0, (lq + QT - 1) / QT - qt_first);
+    const int total = group_size * n_qt;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int group = lane / 4, quad = lane % 4;
+    const int key_a = j0 + 16 * warp + group, key_b = key_a + 8;  // this thread's two keys
+
+    // Query tile `t` of the flattened (head, tile) walk into buffer `buf`.
+    auto load_q_tile = [&](int t, int buf) {
+        const int h = g * group_size + t / n_qt;
+        const int i0 = (qt_first + t % n_qt) * QT;
+        const int rows = min(QT, lq - i0);
+        fa_tc_load_rows<QT, D, THREADS>(q_s + buf * QT * LDS, q, qs + i0, rows, hq, h);
+        fa_tc_load_rows<QT, D, THREADS>(do_s + buf * QT * LDS, dout, qs + i0, rows, hq, h);
+        for (int r = threadIdx.x; r < QT; r += THREADS) {
+            const size_t at = (size_t)(qs + i0 + r) * hq + h;
+            lse_s[buf * QT + r] = fa_tc_lse_log2(lse, at, r < rows);
+            delta_s[buf * QT + r] = r < rows ? delta[at] : 0.0f;
+        }
+    };
+
+    fa_tc_load_rows<BN, D, THREADS>(k_s, k, ks + j0, kn, hkv, g);
+    fa_tc_load_rows<BN, D, THREADS>(v_s, v, ks + j0, kn, hkv, g);
+    if (total > 0) load_q_tile(0, 0);
+    cp_async_commit();
+
+    float dk_acc[NO][4], dv_acc[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.0f;
+    }
+    const float sl2 = scale * FA_TC_LOG2E;
+
+    for (int t = 0; t < total; ++t) {
+        const int h = g * group_size + t / n_qt;
+        const int i0 = (qt_first + t % n_qt) * QT;
+        if (t + 1 < total) {
+            load_q_tile(t + 1, (t + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // tile t (and K, V) visible to every warp
+        const bf16_t* qb = q_s + (t & 1) * QT * LDS;
+        const bf16_t* dob = do_s + (t & 1) * QT * LDS;
+        const float* lse_b = lse_s + (t & 1) * QT;
+        const float* delta_b = delta_s + (t & 1) * QT;
+
+        // S^T and dP^T for this warp's 16 keys x QT queries.
+        float s[NQ][4], dp[NQ][4];
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            uint32_t ka[4], va[4];
+            const int a_at = (16 * warp + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8;
+            ldsm_x4(ka, k_s + a_at);
+            ldsm_x4(va, v_s + a_at);
+#pragma unroll
+            for (int np = 0; np < NQ / 2; ++np) {
+                // Queries 16np + {0..7, 0..7, 8..15, 8..15} x dims 16kk + {0, 8, 0, 8}.
+                const int b_at = (16 * np + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 +
+                                 ((lane >> 3) & 1) * 8;
+                uint32_t b[4];
+                ldsm_x4(b, qb + b_at);
+                mma_bf16_16816(s[2 * np], ka, b[0], b[1]);
+                mma_bf16_16816(s[2 * np + 1], ka, b[2], b[3]);
+                ldsm_x4(b, dob + b_at);
+                mma_bf16_16816(dp[2 * np], va, b[0], b[1]);
+                mma_bf16_16816(dp[2 * np + 1], va, b[2], b[3]);
+            }
+        }
+        // P^T into s, dS^T into dp. Masks only on the causal diagonal and
+        // the last key tile; rows past the query end have lse = +inf.
+        const bool masked = j0 + BN > lk || (causal && j0 + BN - 1 > i0 + shift);
+#pragma unroll
+        for (int n = 0; n < NQ; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int il = 8 * n + 2 * quad + (e & 1);  // query, local to the tile
+                const int key = e < 2 ? key_a : key_b;
+                float p = exp2f(fmaf(s[n][e], sl2, -lse_b[il]));
+                if (masked && (key >= lk || (causal && key > i0 + il + shift))) p = 0.0f;
+                s[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - delta_b[il]);
+            }
+        }
+        // dV += P^T dO and dK += dS^T Q, k-steps of 16 queries.
+#pragma unroll
+        for (int kq = 0; kq < QT / 16; ++kq) {
+            const uint32_t pa[4] = {pack_bf16(s[2 * kq][0], s[2 * kq][1]),
+                                    pack_bf16(s[2 * kq][2], s[2 * kq][3]),
+                                    pack_bf16(s[2 * kq + 1][0], s[2 * kq + 1][1]),
+                                    pack_bf16(s[2 * kq + 1][2], s[2 * kq + 1][3])};
+            const uint32_t dsa[4] = {pack_bf16(dp[2 * kq][0], dp[2 * kq][1]),
+                                     pack_bf16(dp[2 * kq][2], dp[2 * kq][3]),
+                                     pack_bf16(dp[2 * kq + 1][0], dp[2 * kq + 1][1]),
+                                     pack_bf16(dp[2 * kq + 1][2], dp[2 * kq + 1][3])};
+#pragma unroll
+            for (int dpair = 0; dpair < NO / 2; ++dpair) {
+                // Transposed: queries 16kq + {0..7, 8..15, 0..7, 8..15} x dims 16dpair + {0, 0, 8, 8}.
+                const int b_at = (16 * kq + (lane & 15)) * LDS + 16 * dpair + (lane >> 4) * 8;
+                uint32_t b[4];
+                ldsm_x4_trans(b, dob + b_at);
+                mma_bf16_16816(dv_acc[2 * dpair], pa, b[0], b[1]);
+                mma_bf16_16816(dv_acc[2 * dpair + 1], pa, b[2], b[3]);
+                ldsm_x4_trans(b, qb + b_at);
+                mma_bf16_16816(dk_acc[2 * dpair], dsa, b[0], b[1]);
+                mma_bf16_16816(dk_acc[2 * dpair + 1], dsa, b[2], b[3]);
+            }
+            // dS^T rows of this warp's keys, for the dQ product.
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int n = 2 * kq + half;
+                *reinterpret_cast<uint32_t*>(ds_s + (16 * warp + group) * LDP + 8 * n + 2 * quad) =
+                    dsa[2 * half];
+                *reinterpret_cast<uint32_t*>(ds_s + (16 * warp + group + 8) * LDP + 8 * n +
+                                             2 * quad) = dsa[2 * half + 1];
+            }
+        }
+        __syncthreads();  // dS^T complete
+
+        // dQ[QT x D] += dS K: warp -> query rows 16 rt, dims [8 NDQ part, 8 NDQ (part + 1)).
+        {
+            const int rt = warp / WPR, part = warp % WPR;
+            float dq[NDQ][4];
+#pragma unroll
+            for (int n = 0; n < NDQ; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                // A = dS (queries x keys) from dS^T, transposed: stored keys
+                // 16kk + {0..7, 0..7, 8..15, 8..15} x queries 16rt + {0, 8, 0, 8}.
+                uint32_t a[4];
+                ldsm_x4_trans(a, ds_s + (16 * kk + (lane & 7) + ((lane >> 4) << 3)) * LDP +
+                                     16 * rt + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int n = 0; n < NDQ; ++n) {
+                    // B = K (keys x dims), transposed: keys 16kk + {0..7, 8..15} x dims 8 (part NDQ + n).
+                    uint32_t b[2];
+                    ldsm_x2_trans(b, k_s + (16 * kk + (lane & 15)) * LDS + 8 * (part * NDQ + n));
+                    mma_bf16_16816(dq[n], a, b[0], b[1]);
+                }
+            }
+            const int iq_a = i0 + 16 * rt + group, iq_b = iq_a + 8;
+#pragma unroll
+            for (int n = 0; n < NDQ; ++n) {
+                const int col = 8 * (part * NDQ + n) + 2 * quad;
+                if (iq_a < lq) {
+                    float* at = dq_acc + ((size_t)(qs + iq_a) * hq + h) * D + col;
+                    atomicAdd(at, scale * dq[n][0]);
+                    atomicAdd(at + 1, scale * dq[n][1]);
+                }
+                if (iq_b < lq) {
+                    float* at = dq_acc + ((size_t)(qs + iq_b) * hq + h) * D + col;
+                    atomicAdd(at, scale * dq[n][2]);
+                    atomicAdd(at + 1, scale * dq[n][3]);
+                }
+            }
+        }
+        __syncthreads();  // buffers t & 1 and dS^T are free again
+    }
+    if (total == 0) cp_async_wait<0>();  // K/V copies must land before k_s is reused
+
+    // Stage this warp's dK (times scale) and dV rows in its own rows of k_s
+    // and v_s (no warp reads K or V any more), then 16-byte stores.
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        const int r = 16 * warp + group, c = 8 * n + 2 * quad;
+        *reinterpret_cast<uint32_t*>(k_s + r * LDS + c) =
+            pack_bf16(scale * dk_acc[n][0], scale * dk_acc[n][1]);
+        *reinterpret_cast<uint32_t*>(k_s + (r + 8) * LDS + c) =
+            pack_bf16(scale * dk_acc[n][2], scale * dk_acc[n][3]);
+        *reinterpret_cast<uint32_t*>(v_s + r * LDS + c) = pack_bf16(dv_acc[n][0], dv_acc[n][1]);
+        *reinterpret_cast<uint32_t*>(v_s + (r + 8) * LDS + c) =
+            pack_bf16(dv_acc[n][2], dv_acc[n][3]);
+    }
+    __syncwarp();
+    constexpr int CHUNKS = D / 8;
+    for (int idx = lane; idx < 16 * CHUNKS; idx += 32) {
+        const int r = idx / CHUNKS, c = idx - r * CHUNKS;
+        const int j = j0 + 16 * warp + r;
+        if (j < lk) {
+            const size_t at = ((size_t)(ks + j) * hkv + g) * D + c * 8;
+            *reinterpret_cast<uint4*>(dk + at) =
+                *reinterpret_cast<const uint4*>(k_s + (16 * warp + r) * LDS + c * 8);
+            *reinterpret_cast<uint4*>(dv + at) =
+                *reinterpret_cast<const uint4*>(v_s + (16 * warp + r) * LDS + c * 8);
+        }
+    }
+}
+
+// Backward instances: flash_attn_tc_bwd_d{D}: 4 warps (64 keys per block),
+// query tiles of 32 rows at d = 128 (the dK/dV accumulators take 128
+// registers; 64-row tiles would spill) and of 64 rows below.
+#define FA_TC_BWD(D, W, QT)                                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * W, 1) flash_attn_tc_bwd_d##D(             \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse, \
+        const float* delta, const int* cu_q, const int* cu_k, float* dq_acc, bf16_t* dk,        \
+        bf16_t* dv, int hq, int hkv, float scale, int causal) {                                 \
+        fa_tc_bwd<D, W, QT>(q, k, v, dout, lse, delta, cu_q, cu_k, dq_acc, dk, dv, hq, hkv,     \
+                            scale, causal);                                                     \
+    }
+
+FA_TC_BWD(128, 4, 32)
+FA_TC_BWD(80, 4, 64)
+FA_TC_BWD(64, 4, 64)
+FA_TC_BWD(16, 4, 64)
+
+// dq = bf16(dq_acc) (the accumulator already carries the scale).
+extern "C" __global__ void flash_attn_tc_dq_convert(const float* __restrict__ dq_acc,
+                                                    bf16_t* __restrict__ dq, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dq[i] = __float2bfloat16_rn(dq_acc[i]);
+}

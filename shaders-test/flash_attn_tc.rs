@@ -1,6 +1,7 @@
 //! Tensor-core flash attention (`kernels/flash_attn_tc.cu`, bf16) against
 //! the CPU twin (the f32 op on the bf16-rounded inputs, bf16 tolerance) and
-//! against the fp32 CUDA-core kernel on the same widened inputs.
+//! against the fp32 CUDA-core kernel on the same widened inputs, forward and
+//! backward.
 
 use crate::{check, cuda, drv, random, to_bf16, widen, Case, BF16_TOL};
 use cudarc::driver::CudaSlice;
@@ -34,6 +35,29 @@ fn check_lse(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String> 
     check(what, &finite(gpu), &finite(reference), LSE_TOL)
 }
 
+/// Gradients: relative error below `BF16_TOL`, measured against
+/// `max(||reference||, GRAD_FLOOR_RMS sqrt(n))`. With one visible key a
+/// query's dq (and its key's dk) is exactly 0 and both sides hold only
+/// rounding noise (~1e-7) that a pure relative error would call a miss; any
+/// wrong row or mask moves typical gradients (RMS ~0.1) by far more.
+const GRAD_FLOOR_RMS: f64 = 1e-3;
+
+fn check_grad(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String> {
+    if gpu.len() != reference.len() || gpu.iter().any(|v| !v.is_finite()) {
+        return Err(format!("{what}: length differs or not finite"));
+    }
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    let num = norm(&mut gpu.iter().zip(reference).map(|(a, b)| (a - b) as f64));
+    let den = norm(&mut reference.iter().map(|&b| b as f64))
+        .max(GRAD_FLOOR_RMS * (reference.len() as f64).sqrt());
+    let e = if den == 0.0 { num } else { num / den };
+    if e <= BF16_TOL {
+        Ok(e)
+    } else {
+        Err(format!("{what}: rel err {e:e} > {BF16_TOL:e}"))
+    }
+}
+
 fn offsets(lens: &[usize]) -> Vec<i32> {
     let mut cu = vec![0i32];
     for &l in lens {
@@ -63,7 +87,7 @@ pub fn tc_case(
 ) -> Case {
     Case {
         name: format!(
-            "flash_attn_tc q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
+            "flash_attn_tc fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
             if causal { " causal" } else { "" }
         ),
         run: Box::new(move |gpu, rng| {
@@ -132,8 +156,84 @@ pub fn tc_case(
             let e_l = check_lse("lse vs cpu", &lse_tc, &lse_ref)?;
             let e_o32 = check("o vs fp32 kernel", &o_tc, &o32, BF16_TOL)?;
             let e_l32 = check_lse("lse vs fp32 kernel", &lse_tc, &lse32)?;
+
+            // Backward from the tensor-core forward's o and lse.
+            let dout = to_bf16(&random(rng, nq, 1.0));
+            let df = widen(&dout);
+            let (mut dq_ref, mut dk_ref, mut dv_ref) =
+                (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            cpu::flash_attn::attention_bwd(
+                &cfg,
+                &qf,
+                &kf,
+                &vf,
+                &o_ref,
+                &lse_ref,
+                &df,
+                &mut dq_ref,
+                &mut dk_ref,
+                &mut dv_ref,
+            )
+            .map_err(|e| e.to_string())?;
+            let do_d = up(&dout)?;
+            let (mut dq_d, mut dk_d, mut dv_d) =
+                (poison_bf16(nq)?, poison_bf16(nk)?, poison_bf16(nk)?);
+            let (mut delta_d, mut dq_acc_d) = (poison_f32(rows)?, poison_f32(nq)?);
+            gpu.flash_attn_tc_bwd(
+                &shape,
+                &q_d,
+                &k_d,
+                &v_d,
+                &o_d,
+                &lse_d,
+                &do_d,
+                &cu_q_d,
+                &cu_k_d,
+                &mut delta_d,
+                &mut dq_acc_d,
+                &mut dq_d,
+                &mut dk_d,
+                &mut dv_d,
+            )
+            .map_err(cuda)?;
+            let dq_tc = down_bf16(gpu, &dq_d, nq)?;
+            let dk_tc = down_bf16(gpu, &dk_d, nk)?;
+            let dv_tc = down_bf16(gpu, &dv_d, nk)?;
+
+            // The fp32 kernel's backward from its own forward.
+            let do32_d = upf(&df)?;
+            let (mut dq32_d, mut dk32_d, mut dv32_d) =
+                (poison_f32(nq)?, poison_f32(nk)?, poison_f32(nk)?);
+            let mut delta32_d = poison_f32(rows)?;
+            gpu.flash_attn_bwd(
+                &shape,
+                &qf_d,
+                &kf_d,
+                &vf_d,
+                &o32_d,
+                &lse32_d,
+                &do32_d,
+                &cu_q_d,
+                &cu_k_d,
+                &mut delta32_d,
+                &mut dq32_d,
+                &mut dk32_d,
+                &mut dv32_d,
+            )
+            .map_err(cuda)?;
+            let dq32 = down_f32(gpu, &dq32_d, nq)?;
+            let dk32 = down_f32(gpu, &dk32_d, nk)?;
+            let dv32 = down_f32(gpu, &dv32_d, nk)?;
+
+            let e_dq = check_grad("dq vs cpu", &dq_tc, &dq_ref)?;
+            let e_dk = check_grad("dk vs cpu", &dk_tc, &dk_ref)?;
+            let e_dv = check_grad("dv vs cpu", &dv_tc, &dv_ref)?;
+            let e_dq32 = check_grad("dq vs fp32 kernel", &dq_tc, &dq32)?;
+            let e_dk32 = check_grad("dk vs fp32 kernel", &dk_tc, &dk32)?;
+            let e_dv32 = check_grad("dv vs fp32 kernel", &dv_tc, &dv32)?;
             Ok(format!(
-                "o {e_o:.1e} lse {e_l:.1e} (fp32 kernel: o {e_o32:.1e} lse {e_l32:.1e})"
+                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e} \
+                 (fp32 kernel: o {e_o32:.1e} lse {e_l32:.1e} dq {e_dq32:.1e} dk {e_dk32:.1e} dv {e_dv32:.1e})"
             ))
         }),
     }

@@ -5,7 +5,7 @@
 //! launcher keeps the C signature it launches in a comment.
 
 use super::flash_attn::FlashAttnShape;
-use super::launch_util::{need, opt_in_smem, to_i32};
+use super::launch_util::{elementwise_grid, need, opt_in_smem, to_i32};
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -46,6 +46,28 @@ pub fn tc_fwd_tile(shape: &FlashAttnShape) -> TcFwdTile {
             key_tile: 64,
         }
     }
+}
+
+/// The backward's query tile (mirrors `FA_TC_BWD` in the .cu): 32 rows at
+/// head dim 128, where the dK/dV accumulators leave no registers for 64,
+/// else 64. Blocks are 4 warps over 64 keys.
+pub fn tc_bwd_query_tile(head_dim: usize) -> usize {
+    if head_dim > 80 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Keys per backward block.
+pub const TC_BWD_KEYS: usize = 64;
+
+/// Dynamic shared memory of the backward: K and V, two Q and two dO tiles
+/// (rows of `head_dim + 8` bf16), dS^T (`TC_BWD_KEYS` rows of `qt + 8`
+/// bf16), two lse and two delta rows (f32).
+pub fn tc_bwd_smem_bytes(head_dim: usize) -> usize {
+    let qt = tc_bwd_query_tile(head_dim);
+    (2 * TC_BWD_KEYS + 4 * qt) * (head_dim + 8) * 2 + TC_BWD_KEYS * (qt + 8) * 2 + 4 * qt * 4
 }
 
 impl CudaBackend {
@@ -117,6 +139,133 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Tensor-core twin of `cpu::flash_attn::attention_bwd` on bf16 storage:
+    /// writes `dq`, `dk`, `dv` (overwritten). Scratch: `delta` (`Tq * q_heads`
+    /// f32) and `dq_acc` (`Tq * q_heads * D` f32, zeroed here: the kernel adds
+    /// into it atomically, so dq may differ in the last bits between runs).
+    // flash_attn_bwd_delta_bf16 (flash_attn.cu), then
+    // flash_attn_tc_bwd_d{16,64,80,128}(const bf16* q, const bf16* k,
+    //     const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    //     const int* cu_q, const int* cu_k, float* dq_acc, bf16* dk, bf16* dv,
+    //     int hq, int hkv, float scale, int causal)
+    // flash_attn_tc_dq_convert(const float* dq_acc, bf16* dq, size_t n)
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attn_tc_bwd(
+        &self,
+        shape: &FlashAttnShape,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        o: &CudaSlice<bf16>,
+        lse: &CudaSlice<f32>,
+        dout: &CudaSlice<bf16>,
+        cu_seqlens_q: &CudaSlice<i32>,
+        cu_seqlens_k: &CudaSlice<i32>,
+        delta: &mut CudaSlice<f32>,
+        dq_acc: &mut CudaSlice<f32>,
+        dq: &mut CudaSlice<bf16>,
+        dk: &mut CudaSlice<bf16>,
+        dv: &mut CudaSlice<bf16>,
+    ) -> Result<(), CudaError> {
+        const K: &str = "flash_attn_tc_bwd";
+        shape.check(K)?;
+        for (what, len) in [("q", q.len()), ("o", o.len()), ("dout", dout.len())] {
+            need(K, what, len, shape.q_elems())?;
+        }
+        need(K, "dq", dq.len(), shape.q_elems())?;
+        need(K, "dq_acc", dq_acc.len(), shape.q_elems())?;
+        for (what, len) in [
+            ("k", k.len()),
+            ("v", v.len()),
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+        ] {
+            need(K, what, len, shape.k_elems())?;
+        }
+        let rows = shape.total_q * shape.q_heads;
+        need(K, "lse", lse.len(), rows)?;
+        need(K, "delta", delta.len(), rows)?;
+        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
+        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
+        if shape.seqs == 0 {
+            return Ok(());
+        }
+        let d = shape.head_dim;
+        let hq = to_i32(K, "q_heads", shape.q_heads)?;
+        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
+        let causal = i32::from(shape.causal);
+        let n_q = shape.q_elems();
+
+        if rows > 0 {
+            let f = self.function("flash_attn", "flash_attn_bwd_delta_bf16")?;
+            let rows_i = to_i32(K, "rows", rows)?;
+            let d_i = to_i32(K, "head_dim", d)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(o)
+                .arg(dout)
+                .arg(&mut *delta)
+                .arg(&rows_i)
+                .arg(&d_i);
+            let warps_per_block = 8;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+                block_dim: (32 * warps_per_block as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: flash_attn_bwd_delta_bf16(const bf16* o, const bf16* dout,
+            // float* delta, int rows, int head_dim); o, dout hold rows*d
+            // elements and delta rows floats (checked above).
+            unsafe { launch.launch(cfg) }?;
+        }
+        self.stream.memset_zeros(&mut dq_acc.slice_mut(0..n_q))?;
+        if shape.max_seqlen_k > 0 {
+            let f = self.function("flash_attn_tc", &format!("flash_attn_tc_bwd_d{d}"))?;
+            let smem = tc_bwd_smem_bytes(d);
+            opt_in_smem(&f, smem)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(dout)
+                .arg(lse)
+                .arg(&*delta)
+                .arg(cu_seqlens_q)
+                .arg(cu_seqlens_k)
+                .arg(&mut *dq_acc)
+                .arg(dk)
+                .arg(dv)
+                .arg(&hq)
+                .arg(&hkv)
+                .arg(&shape.scale)
+                .arg(&causal);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    shape.max_seqlen_k.div_ceil(TC_BWD_KEYS) as u32,
+                    shape.kv_heads as u32,
+                    shape.seqs as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            // SAFETY: matches the C signature above; sizes checked against the
+            // shape; dq_acc holds Tq*q_heads*D zeroed floats.
+            unsafe { launch.launch(cfg) }?;
+        }
+        if n_q > 0 {
+            let f = self.function("flash_attn_tc", "flash_attn_tc_dq_convert")?;
+            let n = n_q as u64;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(&*dq_acc).arg(dq).arg(&n);
+            // SAFETY: matches the C signature above; dq_acc and dq hold n elements.
+            unsafe { launch.launch(elementwise_grid(n_q)) }?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +303,14 @@ mod tests {
         }
         // d = 128, 128-row block: (128 + 4 * 64) rows of 136 bf16.
         assert_eq!(tc_fwd_tile(&shape(4096)).smem_bytes(128), 104_448);
+    }
+
+    #[test]
+    fn backward_shared_memory_fits_every_target() {
+        for d in [16, 64, 80, 128] {
+            assert!(tc_bwd_smem_bytes(d) <= 163 * 1024, "d={d}");
+        }
+        // d = 128: (128 + 4 * 32) rows of 136 bf16, 64 x 40 bf16 of dS^T, 4 x 32 floats.
+        assert_eq!(tc_bwd_smem_bytes(128), 69_632 + 5_120 + 512);
     }
 }
