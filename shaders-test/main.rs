@@ -17,6 +17,7 @@ mod generate;
 mod logprob;
 mod model;
 mod paged_attn;
+mod paged_attn_tc;
 mod patch_embed;
 mod rmsnorm;
 mod rope;
@@ -160,6 +161,7 @@ fn cases() -> Vec<Case> {
         train::cases(),
         // New cases go last: the order fixes each case's draws.
         flash_attn_tc::cases(),
+        paged_attn_tc::cases(),
     ]
     .into_iter()
     .flatten()
