@@ -38,8 +38,7 @@ pub fn mma_counts(sass: &str) -> Vec<MmaCount> {
             // predicate such as @P0).
             let opcode = line
                 .split_whitespace()
-                .skip_while(|w| w.starts_with("/*") || w.starts_with('@'))
-                .next()
+                .find(|w| !(w.starts_with("/*") || w.starts_with('@')))
                 .unwrap_or("");
             if opcode.starts_with("HMMA") {
                 current.hmma += 1;
