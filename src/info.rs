@@ -32,8 +32,9 @@ pub fn report() -> String {
     if kernels::kernels_embedded() {
         let _ = writeln!(
             s,
-            "smem(B): static shared memory (dynamic shared memory is set at launch); \
-             HMMA / HGMMA: tensor-core instructions in the SASS (cuobjdump), ? = not read at build time"
+            "smem(B): static shared memory; dyn(B): dynamic shared memory of a tensor-core \
+             attention launch; HMMA / HGMMA: tensor-core instructions in the SASS (cuobjdump), \
+             ? = not read at build time"
         );
     }
     for m in kernels::KERNEL_MODULES {
@@ -46,8 +47,8 @@ pub fn report() -> String {
         );
         let _ = writeln!(
             s,
-            "  {:<34} {:<6} {:>5} {:>10} {:>7} {:>12} {:>6} {:>6}",
-            "kernel", "arch", "regs", "smem(B)", "stack", "spill st/ld", "HMMA", "HGMMA"
+            "  {:<34} {:<6} {:>5} {:>10} {:>7} {:>12} {:>6} {:>6} {:>9}",
+            "kernel", "arch", "regs", "smem(B)", "stack", "spill st/ld", "HMMA", "HGMMA", "dyn(B)"
         );
         for r in parse_ptxas_report(m.ptxas_report) {
             // "?" when the build had no cuobjdump to read the SASS.
@@ -56,9 +57,11 @@ pub fn report() -> String {
                 (Some(_), None) => ("-".to_string(), "-".to_string()),
                 (Some(_), Some(c)) => (c.hmma.to_string(), c.hgmma.to_string()),
             };
+            let dynamic =
+                cuda::tc_dynamic_smem(&r.function).map_or("-".to_string(), |b| b.to_string());
             let _ = writeln!(
                 s,
-                "  {:<34} {:<6} {:>5} {:>10} {:>7} {:>12} {:>6} {:>6}",
+                "  {:<34} {:<6} {:>5} {:>10} {:>7} {:>12} {:>6} {:>6} {:>9}",
                 r.function,
                 r.arch,
                 r.registers,
@@ -66,7 +69,8 @@ pub fn report() -> String {
                 r.stack_bytes,
                 format!("{}/{}", r.spill_store_bytes, r.spill_load_bytes),
                 hmma,
-                hgmma
+                hgmma,
+                dynamic
             );
         }
     }

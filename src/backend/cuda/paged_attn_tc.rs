@@ -54,7 +54,9 @@ pub fn paged_tc_supports(shape: &PagedShape) -> bool {
         && shape.block_size > 0
 }
 
-fn smem_bytes(head_dim: usize) -> usize {
+/// Dynamic shared memory of the split kernel: 16 Q rows and two K and two V
+/// chunks, rows of `head_dim + 8` bf16.
+pub(super) fn split_smem_bytes(head_dim: usize) -> usize {
     (16 + 4 * CHUNK) * (head_dim + 8) * 2
 }
 
@@ -135,7 +137,7 @@ impl CudaBackend {
         let d_i = to_i32(K, "head_dim", d)?;
 
         let f = self.function("paged_attn_tc", &format!("paged_attn_tc_split_d{d}"))?;
-        let smem = smem_bytes(d);
+        let smem = split_smem_bytes(d);
         opt_in_smem(&f, smem)?;
         {
             let (mut o_part, mut rest) = scratch.split_at_mut(rows * d);
