@@ -14,6 +14,8 @@ use std::process::Command;
 
 #[path = "build/nvcc.rs"]
 mod nvcc;
+#[path = "build/sass.rs"]
+mod sass;
 
 /// Architectures every kernel is compiled for: (virtual arch, real arch).
 const BASE_TARGETS: &[(&str, &str)] = &[("compute_80", "sm_80"), ("compute_90", "sm_90")];
@@ -31,6 +33,8 @@ struct Compiled {
     archs: Vec<String>,
     fatbin: PathBuf,
     ptxas_report: String,
+    /// HMMA/HGMMA per kernel and arch; `None` without cuobjdump.
+    mma: Option<Vec<sass::MmaCount>>,
 }
 
 fn main() {
@@ -43,6 +47,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=VPPO_REQUIRE_KERNELS");
+    println!("cargo:rerun-if-env-changed=CUOBJDUMP");
     println!("cargo:rerun-if-changed={}", kernel_dir.display());
     // Installing the toolchain after a kernel-less build must trigger a rebuild.
     println!(
@@ -94,11 +99,20 @@ fn main() {
         );
     }
 
+    // The SASS proof of tensor cores (`vppo-engine info`): cuobjdump is
+    // optional here; CI's scripts/check-tensor-cores.sh requires it.
+    let cuobjdump = sass::find_cuobjdump(&nvcc, env::var_os("CUOBJDUMP").map(PathBuf::from));
     let mut compiled = Vec::new();
     let mut failures = Vec::new();
     for result in results {
         match result {
-            Ok(c) => {
+            Ok(mut c) => {
+                if let Some(tool) = &cuobjdump {
+                    match sass::dump_sass(tool, &c.fatbin) {
+                        Ok(text) => c.mma = Some(sass::mma_counts(&text)),
+                        Err(e) => println!("cargo:warning=no SASS counts for {}: {e}", c.name),
+                    }
+                }
                 for line in spill_lines(&c.ptxas_report) {
                     println!("cargo:warning=kernel {} spills registers: {line}", c.name);
                 }
@@ -212,6 +226,7 @@ fn compile_one(
         archs,
         fatbin,
         ptxas_report: stderr,
+        mma: None,
     })
 }
 
@@ -250,14 +265,32 @@ fn write_generated(
     for c in compiled {
         writeln!(
             s,
-            "    KernelModule {{ name: {:?}, archs: &{:?}, fatbin: include_bytes!({:?}), ptxas_report: {:?} }},",
+            "    KernelModule {{ name: {:?}, archs: &{:?}, fatbin: include_bytes!({:?}), ptxas_report: {:?}, mma: {} }},",
             c.name,
             c.archs,
             c.fatbin.display().to_string(),
-            c.ptxas_report
+            c.ptxas_report,
+            mma_literal(c.mma.as_deref())
         )
         .unwrap();
     }
     writeln!(s, "];").unwrap();
     fs::write(out_dir.join("kernels_gen.rs"), s).expect("write kernels_gen.rs");
+}
+
+/// `Some(&[KernelMma { .. }, ..])` or `None`, as Rust source.
+fn mma_literal(mma: Option<&[sass::MmaCount]>) -> String {
+    let Some(rows) = mma else {
+        return "None".to_string();
+    };
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "KernelMma {{ function: {:?}, arch: {:?}, hmma: {}, hgmma: {} }}",
+                r.function, r.arch, r.hmma, r.hgmma
+            )
+        })
+        .collect();
+    format!("Some(&[{}])", items.join(", "))
 }

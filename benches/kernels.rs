@@ -12,10 +12,13 @@
 //! halved when causal, backward 2.5x the forward), so a kernel that reads
 //! twice or recomputes shows up as a lower fraction of the roofline.
 //!
-//! Our attention kernels do f32 arithmetic on CUDA cores (bf16 storage), so
-//! their roofline is the fp32 non-tensor peak (H100 SXM: 67 TFLOP/s); the
-//! tensor-core bf16 peak (989) is printed as well, and is what torch's flash
-//! attention is measured against.
+//! The fp32 attention kernels (`flash_fwd_*`, `flash_bwd_*`) do f32
+//! arithmetic on CUDA cores (bf16 storage), so their roofline is the fp32
+//! non-tensor peak (H100 SXM: 67 TFLOP/s); the tensor-core kernels
+//! (`flash_tc_fwd_*`, `flash_tc_bwd_*`: issue 14's six cases plus text
+//! causal at 8k and 16k) are measured against the dense bf16 tensor peak
+//! (989), as is torch's SDPA, which `scripts/bench_torch.py` times under the
+//! same ids. `paged_decode_tc` is the tensor-core flash-decoding kernel.
 //!
 //! Usage:
 //!
@@ -100,6 +103,8 @@ enum Work {
     Bytes(f64),
     /// Useful FLOPs on CUDA cores (fp32 arithmetic), plus the bytes.
     Flops(f64),
+    /// Useful FLOPs on tensor cores (bf16 MMA): against the dense bf16 peak.
+    TensorFlops(f64),
 }
 
 struct Spec<'a> {
@@ -206,13 +211,18 @@ impl Bench {
         let secs = median * 1e-3;
         let (bytes, flops) = match spec.work {
             Work::Bytes(b) => (Some(b), None),
-            Work::Flops(f) => (None, Some(f)),
+            Work::Flops(f) | Work::TensorFlops(f) => (None, Some(f)),
         };
         let tbps = bytes.map(|b| b / secs / 1e12);
         let tflops = flops.map(|f| f / secs / 1e12);
         let (rate, unit, roof) = match spec.work {
             Work::Bytes(_) => (tbps.unwrap(), "TB/s", self.roof.map(|r| r.hbm_tbps)),
             Work::Flops(_) => (tflops.unwrap(), "TFLOP/s", self.roof.map(|r| r.fp32_tflops)),
+            Work::TensorFlops(_) => (
+                tflops.unwrap(),
+                "TFLOP/s",
+                self.roof.map(|r| r.bf16_tc_tflops),
+            ),
         };
         let pct = roof.map(|r| 100.0 * rate / r);
         let roof_txt = match (roof, spec.work) {
@@ -220,6 +230,7 @@ impl Bench {
                 "{r:.0} fp32 ({:.0} bf16 TC)",
                 self.roof.map_or(0.0, |r| r.bf16_tc_tflops)
             ),
+            (Some(r), Work::TensorFlops(_)) => format!("{r:.0} bf16 TC"),
             (Some(r), _) => format!("{r:.2}"),
             (None, _) => "?".into(),
         };
@@ -819,6 +830,8 @@ fn bench_patch_embed(b: &mut Bench) -> Result<()> {
 
 struct AttnCase {
     name: &'static str,
+    /// Also time the fp32 CUDA-core kernels (the tensor-core ones always run).
+    simt: bool,
     seqs: usize,
     len: usize,
     q_heads: usize,
@@ -830,7 +843,7 @@ struct AttnCase {
 fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
     let fwd_id = format!("flash_fwd_{}", c.name);
     let bwd_id = format!("flash_bwd_{}", c.name);
-    if !b.wants(&fwd_id) && !b.wants(&bwd_id) {
+    if !c.simt || (!b.wants(&fwd_id) && !b.wants(&bwd_id)) {
         return Ok(());
     }
     let total = c.seqs * c.len;
@@ -909,12 +922,116 @@ fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
     )
 }
 
+/// The tensor-core kernels (`flash_attn_tc`) on the case: ids
+/// `flash_tc_fwd_*`, `flash_tc_bwd_*` (the torch bench times SDPA under
+/// the same ids, so the table pairs them).
+fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
+    let fwd_id = format!("flash_tc_fwd_{}", c.name);
+    let bwd_id = format!("flash_tc_bwd_{}", c.name);
+    if !b.wants(&fwd_id) && !b.wants(&bwd_id) {
+        return Ok(());
+    }
+    let total = c.seqs * c.len;
+    let shape = FlashAttnShape {
+        seqs: c.seqs,
+        total_q: total,
+        total_k: total,
+        max_seqlen_q: c.len,
+        max_seqlen_k: c.len,
+        q_heads: c.q_heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        causal: c.causal,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+    };
+    let shape_txt = format!(
+        "seqs={} len={} hq={} hkv={} d={}{}",
+        c.seqs,
+        c.len,
+        c.q_heads,
+        c.kv_heads,
+        c.head_dim,
+        if c.causal { " causal" } else { "" }
+    );
+    // Causal counts the visible pairs, about half.
+    let pairs = if c.causal {
+        c.len * (c.len + 1) / 2
+    } else {
+        c.len * c.len
+    };
+    let fwd_flops = 4.0 * (c.seqs * pairs) as f64 * (c.q_heads * c.head_dim) as f64;
+    let nq = total * c.q_heads * c.head_dim;
+    let nk = total * c.kv_heads * c.head_dim;
+    let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
+    let cu = b.htod(&cu)?;
+    let q = b.rand_bf16(nq)?;
+    let k = b.rand_bf16(nk)?;
+    let v = b.rand_bf16(nk)?;
+    let mut o = b.zeros::<bf16>(nq)?;
+    let mut lse = b.zeros::<f32>(total * c.q_heads)?;
+    let tile = vppo_engine::backend::cuda::tc_fwd_tile(&shape);
+    let fwd_note = format!(
+        "tensor cores (mma.sync bf16, f32 accumulate), {}-row x {}-key tiles",
+        tile.rows(),
+        tile.key_tile
+    );
+    b.time(
+        Spec {
+            id: &fwd_id,
+            dtype: "bf16",
+            shape: shape_txt.clone(),
+            work: Work::TensorFlops(fwd_flops),
+            note: &fwd_note,
+        },
+        &mut |g| Ok(g.flash_attn_tc_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?),
+    )?;
+    if !b.wants(&bwd_id) {
+        return Ok(());
+    }
+    b.gpu
+        .flash_attn_tc_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?;
+    let dout = b.rand_bf16(nq)?;
+    let mut delta = b.zeros::<f32>(total * c.q_heads)?;
+    let mut dq_acc = b.zeros::<f32>(nq)?;
+    let mut dq = b.zeros::<bf16>(nq)?;
+    let mut dk = b.zeros::<bf16>(nk)?;
+    let mut dv = b.zeros::<bf16>(nk)?;
+    b.time(
+        Spec {
+            id: &bwd_id,
+            dtype: "bf16",
+            shape: shape_txt,
+            work: Work::TensorFlops(2.5 * fwd_flops),
+            note: "delta + one tensor-core kernel per key tile (dq by f32 atomics) + dq convert; 2.5x fwd FLOPs counted",
+        },
+        &mut |g| {
+            Ok(g.flash_attn_tc_bwd(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &o,
+                &lse,
+                &dout,
+                &cu,
+                &cu,
+                &mut delta,
+                &mut dq_acc,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )?)
+        },
+    )
+}
+
 fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
     for c in [
         // Qwen2.5-VL vision tower, full-attention blocks: 4 images of 896x896
         // (4096 patches each), 16 heads of 80.
         AttnCase {
             name: "vision_full",
+            simt: true,
             seqs: 4,
             len: 4_096,
             q_heads: 16,
@@ -925,6 +1042,7 @@ fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
         // Windowed blocks: 112x112-pixel windows of 64 patches.
         AttnCase {
             name: "vision_window",
+            simt: true,
             seqs: 256,
             len: 64,
             q_heads: 16,
@@ -935,8 +1053,31 @@ fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
         // Qwen2.5-VL-7B decoder: 28 query heads, 4 kv heads of 128.
         AttnCase {
             name: "text_causal",
+            simt: true,
             seqs: 2,
             len: 4_096,
+            q_heads: 28,
+            kv_heads: 4,
+            head_dim: 128,
+            causal: true,
+        },
+        // Long responses (issue 14): one sequence of 8k and of 16k tokens,
+        // tensor cores only (the fp32 kernels would spend the budget).
+        AttnCase {
+            name: "text_causal_8k",
+            simt: false,
+            seqs: 1,
+            len: 8_192,
+            q_heads: 28,
+            kv_heads: 4,
+            head_dim: 128,
+            causal: true,
+        },
+        AttnCase {
+            name: "text_causal_16k",
+            simt: false,
+            seqs: 1,
+            len: 16_384,
             q_heads: 28,
             kv_heads: 4,
             head_dim: 128,
@@ -947,12 +1088,16 @@ fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
             println!("FAIL  flash {:<24} {e:#}", c.name);
             b.failed.push(format!("flash_{}", c.name));
         }
+        if let Err(e) = bench_flash_attn_tc(b, &c) {
+            println!("FAIL  flash_tc {:<21} {e:#}", c.name);
+            b.failed.push(format!("flash_tc_{}", c.name));
+        }
     }
     Ok(())
 }
 
 fn bench_paged_attn(b: &mut Bench) -> Result<()> {
-    if !b.wants("paged_decode") {
+    if !b.wants("paged_decode") && !b.wants("paged_decode_tc") {
         return Ok(());
     }
     let (batch, ctx_len, hq, hkv, d, bs) = (64usize, 4_096usize, 28usize, 4usize, 128usize, 16);
@@ -997,6 +1142,39 @@ fn bench_paged_attn(b: &mut Bench) -> Result<()> {
         &mut |g| {
             Ok(g.paged_decode_attention(
                 &shape, batch, &q, &kc, &vc, &tables, stride, &lens, &mut o,
+            )?)
+        },
+    )?;
+    // Tensor cores, flash-decoding (`paged_attn_tc`): same inputs.
+    let plan = vppo_engine::backend::cuda::paged_tc_plan(batch, hkv, ctx_len);
+    let mut scratch = b.zeros::<f32>(vppo_engine::backend::cuda::paged_tc_scratch_len(
+        &shape, batch, &plan,
+    ))?;
+    let note = format!(
+        "tensor cores, {} splits of {} tokens + combine, shuffled block tables",
+        plan.splits, plan.split_tokens
+    );
+    b.time(
+        Spec {
+            id: "paged_decode_tc",
+            dtype: "bf16",
+            shape: format!("batch={batch} ctx={ctx_len} hq={hq} hkv={hkv} d={d} block={bs}"),
+            work: Work::Bytes(2.0 * cache as f64 * 2.0 + 2.0 * (batch * hq * d) as f64 * 2.0),
+            note: &note,
+        },
+        &mut |g| {
+            Ok(g.paged_decode_attention_tc(
+                &shape,
+                batch,
+                ctx_len,
+                &q,
+                &kc,
+                &vc,
+                &tables,
+                stride,
+                &lens,
+                &mut scratch,
+                &mut o,
             )?)
         },
     )

@@ -87,8 +87,11 @@ class Bench:
         x.uniform_(POOL_MIN, POOL_MAX, generator=self.gen)
         return x if dtype is None else x.to(dtype)
 
-    def time(self, kid, dtype, shape, fn, *, nbytes=None, flops=None, tensor_core=False, note=""):
-        if not self.wants(kid):
+    def time(self, kid, dtype, shape, fn, *, nbytes=None, flops=None, tensor_core=False, note="",
+             also=()):
+        """`also`: more ids reported with the same timing (the table pairs
+        torch with each of our kernels that does the same op)."""
+        if not any(self.wants(i) for i in (kid, *also)):
             return
         if time.time() > self.deadline:
             print(f"SKIP  {kid:<30} --max-seconds reached")
@@ -104,7 +107,9 @@ class Bench:
             iters = 1
         else:
             ms, iters = self.cuda_times(fn)
-        self.report(kid, dtype, shape, ms, iters, nbytes, flops, tensor_core, note)
+        for i in (kid, *also):
+            if self.wants(i):
+                self.report(i, dtype, shape, ms, iters, nbytes, flops, tensor_core, note)
 
     def cuda_times(self, fn):
         t = self.torch
@@ -506,7 +511,9 @@ def with_backend(t, fn):
 def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     t, F = b.torch, b.torch.nn.functional
     fwd_id, bwd_id = f"flash_fwd_{name}", f"flash_bwd_{name}"
-    if not (b.wants(fwd_id) or b.wants(bwd_id)):
+    # Our tensor-core kernels' ids (benches/kernels.rs), paired with the same timing.
+    tc_fwd, tc_bwd = f"flash_tc_fwd_{name}", f"flash_tc_bwd_{name}"
+    if not any(b.wants(i) for i in (fwd_id, bwd_id, tc_fwd, tc_bwd)):
         return
     shape = f"seqs={seqs} len={length} hq={hq} hkv={hkv} d={d}" + (" causal" if causal else "")
     pairs = length * (length + 1) // 2 if causal else length * length
@@ -524,8 +531,8 @@ def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     with t.no_grad():
         run, backend = with_backend(t, attn)
         b.time(fwd_id, "bf16", shape, run, flops=fwd_flops, tensor_core=True,
-               note=f"F.scaled_dot_product_attention [{backend}], tensor cores")
-    if not b.wants(bwd_id):
+               note=f"F.scaled_dot_product_attention [{backend}], tensor cores", also=(tc_fwd,))
+    if not (b.wants(bwd_id) or b.wants(tc_bwd)):
         return
     dout = b.rand(seqs, hq, length, d, dtype=bf)
     holder = {}
@@ -539,7 +546,7 @@ def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     b.time(bwd_id, "bf16", shape,
            lambda: t.autograd.grad(o, (q, k, v), dout, retain_graph=True),
            flops=2.5 * fwd_flops, tensor_core=True,
-           note=f"autograd of SDPA [{backend}], tensor cores")
+           note=f"autograd of SDPA [{backend}], tensor cores", also=(tc_bwd,))
 
 
 def bench_attention(b):
@@ -547,6 +554,8 @@ def bench_attention(b):
         ("vision_full", 4, big(4_096, 32), 16, 16, 80, False),
         ("vision_window", big(256, 2), 64, 16, 16, 80, False),
         ("text_causal", 2, big(4_096, 32), 28, 4, 128, True),
+        ("text_causal_8k", 1, big(8_192, 32), 28, 4, 128, True),
+        ("text_causal_16k", 1, big(16_384, 32), 28, 4, 128, True),
     ):
         try:
             bench_flash(b, *case)
@@ -557,7 +566,7 @@ def bench_attention(b):
 
 def bench_paged(b):
     t, F = b.torch, b.torch.nn.functional
-    if not b.wants("paged_decode"):
+    if not (b.wants("paged_decode") or b.wants("paged_decode_tc")):
         return
     batch, ctx, hq, hkv, d, bs = big(64, 2), big(4_096, 64), 28, 4, 128, 16
     bf = t.bfloat16
@@ -571,7 +580,8 @@ def bench_paged(b):
         b.time("paged_decode", "bf16",
                f"batch={batch} ctx={ctx} hq={hq} hkv={hkv} d={d} block={bs}", run,
                nbytes=2.0 * cache * 2 + 2.0 * batch * hq * d * 2,
-               note=f"SDPA [{backend}] on a contiguous (not paged) KV cache")
+               note=f"SDPA [{backend}] on a contiguous (not paged) KV cache",
+               also=("paged_decode_tc",))
 
 
 FAMILIES = [

@@ -14,7 +14,9 @@
 #   when set (else installs the pinned toolchain); CARGO_BUILD_JOBS=1 for a
 #   shared machine.
 # run: device/driver/clocks, `vppo-engine info`, shaders-test (every kernel vs
-#   its CPU twin), the kernel benches, the PyTorch equivalents, a bounded
+#   its CPU twin), the tensor-core attention benches beside torch SDPA (own
+#   table) with compute-sanitizer racecheck + synccheck of those kernels'
+#   small cases, the kernel benches, the PyTorch equivalents, a bounded
 #   compute-sanitizer memcheck of the small cases, the generic model graph
 #   on the CUDA backend vs the CPU backend (forward, training step, dual
 #   pass, generation, bf16 vs its CPU twin), `train --device cuda` vs cpu on
@@ -81,6 +83,31 @@ case "${1:-}" in
       timeout 30 "$bundle/vppo-engine" info || echo "info: rc $?"
       step "shaders-test (kernels vs CPU twins)"
       timeout 120 "$bundle/shaders" || echo "shaders: FAILED or timed out (rc $?)"
+      # ---- tensor-core attention (issue 14): flash_attn_tc fwd/bwd and
+      # ---- paged_attn_tc against torch SDPA in the same run (same ids), then
+      # ---- racecheck + synccheck of their small cases (cp.async into
+      # ---- double-buffered shared memory is where races hide).
+      step "tensor-core attention benches: ours (flash_tc_*, paged_decode_tc) vs torch SDPA"
+      attn_ours="$results/bench-attn-kernels.jsonl"
+      attn_theirs="$results/bench-attn-torch.jsonl"
+      timeout 75 "$bundle/bench-kernels" --out "$attn_ours" --max-seconds 50 flash_tc paged_decode ||
+        echo "bench-kernels (attention): FAILED or timed out (rc $?)"
+      timeout 100 python3 "$bundle/bench_torch.py" --out "$attn_theirs" --max-seconds 70 flash_ paged_decode ||
+        echo "bench_torch (attention): FAILED or timed out (rc $?)"
+      python3 "$bundle/bench_table.py" "$attn_ours" "$attn_theirs" | tee "$results/table-attention.txt" || true
+      tc_cases=("flash_attn_tc fwd+bwd q=[1] " "flash_attn_tc fwd+bwd q=[200, 9]" "flash_attn_tc fwd+bwd q=[7, 40]"
+        "flash_attn_tc fwd+bwd q=[64, 48]" "paged_attn_tc lens=[1] " "paged_attn_tc lens=[17, 300, 64]"
+        "paged_attn_tc lens=[93, 2]")
+      if command -v compute-sanitizer >/dev/null; then
+        step "compute-sanitizer racecheck of the tensor-core attention kernels (small cases)"
+        timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
+          "$bundle/shaders" "${tc_cases[@]}" || echo "compute-sanitizer: racecheck FAILED or timed out (rc $?)"
+        step "compute-sanitizer synccheck of the tensor-core attention kernels (small cases)"
+        timeout 60 compute-sanitizer --tool synccheck --error-exitcode 3 --print-limit 20 \
+          "$bundle/shaders" "${tc_cases[@]}" || echo "compute-sanitizer: synccheck FAILED or timed out (rc $?)"
+      else
+        step "racecheck/synccheck: compute-sanitizer not on PATH, skipped"
+      fi
       # ---- the graph on CUDA: GEMMs, the generic graph's forward, training
       # ---- step, dual pass and generator vs the CPU backend, and
       # ---- `score --device cuda` vs the CPU on a fixture. Self-contained.
@@ -259,14 +286,17 @@ PY
       else
         step "compute-sanitizer memcheck of the small cases (${memcheck_s} s at most)"
         timeout "$memcheck_s" compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
-          "$bundle/shaders" "flash_attn" "paged_decode lens=[1]" "rope Text1d fwd+bwd tokens=1 " \
+          "$bundle/shaders" "flash_attn" "paged_decode lens=[1]" "paged_attn_tc lens=[1] " "rope Text1d fwd+bwd tokens=1 " \
           "n=1" "tokens=1000" "logprob chunked fwd+bwd rows=5" "adamw multi-tensor lens=[1]" \
           "sample rows=32 vocab=777" "sample rows=64 vocab=1000" "patch_embed 28x28" ||
           echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
       fi
       step "summary of the correctness checks"
-      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl (device|graph bf16)|^FAIL|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|^rollout (batch|mix)|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
+      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl (device|graph bf16)|^FAIL|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|^rollout (batch|mix)|(memcheck|racecheck|synccheck) FAILED|ERROR SUMMARY|RACECHECK SUMMARY" "$log" | awk '!seen[$0]++' || true
       step "table: ours vs torch (torch/ours > 1: ours faster; % roof: ours vs the card's peak)"
+      # The attention step's timings (taken early, before any deadline) win.
+      cat "$attn_ours" >>"$ours" 2>/dev/null || true
+      cat "$attn_theirs" >>"$theirs" 2>/dev/null || true
       python3 "$bundle/bench_table.py" "$ours" "$theirs" | tee "$results/table.txt"
       echo "gpu-check: done in $((SECONDS - start)) s; results in $results"
     } 2>&1 | tee "$log"

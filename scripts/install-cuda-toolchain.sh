@@ -7,6 +7,7 @@
 # Why these pins: the GPU machines run driver 580 (CUDA 13.0). Unpinned
 # nvvm/crt resolve to a newer release whose PTX ptxas 13.0 rejects
 # ("Unsupported .version"). cccl supplies <nv/target>, needed by cuda_bf16.h.
+# cuobjdump/nvdisasm read the compiled SASS (HMMA = tensor cores).
 #
 # Usage: scripts/install-cuda-toolchain.sh [--if-missing] [DIR]   (default: <repo>/.cuda-toolchain)
 # --if-missing: do nothing when build.rs would already find an nvcc ($NVCC,
@@ -40,6 +41,11 @@ pins=(
   "nvidia-cuda-crt==13.0.*"
   "nvidia-cuda-cccl==13.0.*"
   "nvidia-cuda-runtime==13.0.*"
+  # SASS readers for the tensor-core proof (scripts/check-tensor-cores.sh,
+  # `vppo-engine info`): no 13.0 release exists; 13.2.51 reads nvcc 13.0
+  # fatbins and installs beside nvcc (nvidia/cu13/bin).
+  "nvidia-cuda-cuobjdump==13.2.51"
+  "nvidia-cuda-nvdisasm==13.2.51"
 )
 stamp="$venv/.vppo-pins"
 wanted="$(printf '%s\n' "${pins[@]}")"

@@ -11,11 +11,13 @@ mod adamw;
 mod cast;
 mod embedding;
 mod flash_attn;
+mod flash_attn_tc;
 mod gemm;
 mod generate;
 mod logprob;
 mod model;
 mod paged_attn;
+mod paged_attn_tc;
 mod patch_embed;
 mod rmsnorm;
 mod rope;
@@ -161,6 +163,9 @@ fn cases() -> Vec<Case> {
         rmsnorm::bf16_cases(),
         logprob::bf16_cases(),
         train_bf16::cases(),
+        // New cases go last: the order fixes each case's draws.
+        flash_attn_tc::cases(),
+        paged_attn_tc::cases(),
     ]
     .into_iter()
     .flatten()

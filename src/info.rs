@@ -29,6 +29,14 @@ pub fn report() -> String {
     if !kernels::BUILD_NOTE.is_empty() {
         let _ = writeln!(s, "build note: {}", kernels::BUILD_NOTE);
     }
+    if kernels::kernels_embedded() {
+        let _ = writeln!(
+            s,
+            "smem(B): static shared memory; dyn(B): dynamic shared memory of a tensor-core \
+             attention launch; HMMA / HGMMA: tensor-core instructions in the SASS (cuobjdump), \
+             ? = not read at build time"
+        );
+    }
     for m in kernels::KERNEL_MODULES {
         let _ = writeln!(
             s,
@@ -39,19 +47,30 @@ pub fn report() -> String {
         );
         let _ = writeln!(
             s,
-            "  {:<28} {:<6} {:>5} {:>10} {:>7} {:>12}",
-            "kernel", "arch", "regs", "smem(B)", "stack", "spill st/ld"
+            "  {:<34} {:<6} {:>5} {:>10} {:>7} {:>12} {:>6} {:>6} {:>9}",
+            "kernel", "arch", "regs", "smem(B)", "stack", "spill st/ld", "HMMA", "HGMMA", "dyn(B)"
         );
         for r in parse_ptxas_report(m.ptxas_report) {
+            // "?" when the build had no cuobjdump to read the SASS.
+            let (hmma, hgmma) = match (m.mma, m.mma_of(&r.function, &r.arch)) {
+                (None, _) => ("?".to_string(), "?".to_string()),
+                (Some(_), None) => ("-".to_string(), "-".to_string()),
+                (Some(_), Some(c)) => (c.hmma.to_string(), c.hgmma.to_string()),
+            };
+            let dynamic =
+                cuda::tc_dynamic_smem(&r.function).map_or("-".to_string(), |b| b.to_string());
             let _ = writeln!(
                 s,
-                "  {:<28} {:<6} {:>5} {:>10} {:>7} {:>12}",
+                "  {:<34} {:<6} {:>5} {:>10} {:>7} {:>12} {:>6} {:>6} {:>9}",
                 r.function,
                 r.arch,
                 r.registers,
                 r.shared_bytes,
                 r.stack_bytes,
-                format!("{}/{}", r.spill_store_bytes, r.spill_load_bytes)
+                format!("{}/{}", r.spill_store_bytes, r.spill_load_bytes),
+                hmma,
+                hgmma,
+                dynamic
             );
         }
     }

@@ -12,6 +12,28 @@ pub struct KernelModule {
     pub fatbin: &'static [u8],
     /// nvcc's `-Xptxas -v` output for this file, verbatim.
     pub ptxas_report: &'static str,
+    /// Tensor-core instructions per kernel and arch, counted in the SASS
+    /// (`cuobjdump -sass`) at build time; `None` when the build had no cuobjdump.
+    pub mma: Option<&'static [KernelMma]>,
+}
+
+/// MMA instructions of one kernel in one architecture's SASS: `hmma`
+/// (mma.sync, sm_80/sm_90) and `hgmma` (warpgroup MMA, sm_90a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelMma {
+    pub function: &'static str,
+    pub arch: &'static str,
+    pub hmma: u32,
+    pub hgmma: u32,
+}
+
+impl KernelModule {
+    /// The SASS counts of `function` for `arch`, when the build read them.
+    pub fn mma_of(&self, function: &str, arch: &str) -> Option<&'static KernelMma> {
+        self.mma?
+            .iter()
+            .find(|m| m.function == function && m.arch == arch)
+    }
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));

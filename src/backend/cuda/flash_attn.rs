@@ -2,12 +2,11 @@
 //! Each keeps the C signature it launches in a comment: kernel arguments are
 //! untyped.
 
-use super::launch_util::{need, to_i32, Elem};
+use super::launch_util::{need, opt_in_smem, to_i32, Elem};
 use super::{CudaBackend, CudaError};
 use crate::backend::cpu::check_cu_seqlens;
 use crate::backend::desc::VarlenAttention;
-use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Rows of a flash-attention tile and threads of its block (see the .cu file).
 const FA_TILE: usize = 32;
@@ -58,7 +57,7 @@ impl FlashAttnShape {
         })
     }
 
-    fn check(&self, kernel: &'static str) -> Result<(), CudaError> {
+    pub(super) fn check(&self, kernel: &'static str) -> Result<(), CudaError> {
         let bad = |reason: String| Err(CudaError::Unsupported { kernel, reason });
         if !matches!(self.head_dim, 16 | 64 | 80 | 128) {
             return bad(format!(
@@ -81,11 +80,11 @@ impl FlashAttnShape {
         Ok(())
     }
 
-    fn q_elems(&self) -> usize {
+    pub(super) fn q_elems(&self) -> usize {
         self.total_q * self.q_heads * self.head_dim
     }
 
-    fn k_elems(&self) -> usize {
+    pub(super) fn k_elems(&self) -> usize {
         self.total_k * self.kv_heads * self.head_dim
     }
 }
@@ -100,14 +99,6 @@ fn fa_smem_bytes(kind: &str, d: usize) -> usize {
         _ => 4 * tile + 2 * p + 2 * FA_TILE,
     };
     floats * std::mem::size_of::<f32>()
-}
-
-fn opt_in_smem(f: &CudaFunction, bytes: usize) -> Result<(), CudaError> {
-    f.set_attribute(
-        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        bytes as i32,
-    )?;
-    Ok(())
 }
 
 fn fa_config(tiles: usize, heads: usize, seqs: usize, smem: usize) -> LaunchConfig {

@@ -1,7 +1,8 @@
 //! Small helpers shared by the kernel launchers.
 
 use super::CudaError;
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{CudaFunction, LaunchConfig};
 
 pub(super) const BLOCK: u32 = 256;
 
@@ -63,4 +64,13 @@ impl Elem for f32 {
 
 impl Elem for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+}
+
+/// Lets `f` use `bytes` of dynamic shared memory (above 48 KiB needs this).
+pub(super) fn opt_in_smem(f: &CudaFunction, bytes: usize) -> Result<(), CudaError> {
+    f.set_attribute(
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )?;
+    Ok(())
 }

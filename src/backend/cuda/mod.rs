@@ -12,10 +12,12 @@ mod adamw;
 mod cast;
 mod embedding;
 mod flash_attn;
+mod flash_attn_tc;
 mod gemm;
 mod launch_util;
 mod logprob;
 mod paged_attn;
+mod paged_attn_tc;
 mod patch_embed;
 mod rmsnorm;
 mod rope;
@@ -26,9 +28,13 @@ mod topk_select;
 
 pub use adamw::AdamWTensor;
 pub use flash_attn::FlashAttnShape;
+pub use flash_attn_tc::{
+    tc_bwd_query_tile, tc_bwd_smem_bytes, tc_dynamic_smem, tc_fwd_tile, TcFwdTile, TC_BWD_KEYS,
+};
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
 pub use logprob::{LogitChunk, LOGPROB_STATE_PER_ROW};
+pub use paged_attn_tc::{paged_tc_plan, paged_tc_scratch_len, paged_tc_supports, PagedTcPlan};
 pub use patch_embed::PatchMask;
 pub use rmsnorm::rmsnorm_bwd_scratch_len;
 pub use rope::RopeFreqsDevice;
