@@ -101,6 +101,38 @@ enum Command {
         #[arg(value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Print the memory plan of a training run on one GPU, and whether it
+    /// fits: bf16 (or fp32) weights, fp32 master weights, AdamW moments and
+    /// fp32 gradients held for the whole run; a training micro-batch's
+    /// activations at the token budget with and without recompute, the
+    /// rollout batch's KV cache and the scoring passes, each with its
+    /// workspace. Only the model's config.json is read (shapes, no
+    /// weights): the published 3B, 7B and 32B ship under configs/models/.
+    ///
+    /// The workload comes from the training config (--config and KEY=VALUE
+    /// overrides, as for `train`): micro_batch responses of
+    /// max_prompt_tokens + max_response_tokens, bounded by
+    /// max_tokens_per_micro_batch; one image per prompt of at most
+    /// max_pixels; rollout_batch x group_size sequences generated at once;
+    /// precision from bf16; recompute; use_kl_loss (a frozen reference).
+    /// `train` on a GPU runs the same plan against the GPU's free memory
+    /// before it allocates anything there, and stops with this table when
+    /// it does not fit. Exits with status 1 when it does not fit.
+    Plan {
+        /// A Qwen2.5-VL checkpoint directory or its config.json (default:
+        /// the config's `model`), e.g. configs/models/qwen2.5-vl-7b.
+        #[arg(long, value_name = "DIR|CONFIG")]
+        model: Option<PathBuf>,
+        /// Memory of the GPU, in GiB.
+        #[arg(long, value_name = "GiB", default_value_t = 80.0, value_parser = cli_values::gib)]
+        gpu_mem: f64,
+        /// TOML training config; fields it leaves out keep their defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Training config overrides, KEY=VALUE (values in TOML syntax).
+        #[arg(value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Show the build (version, embedded CUDA kernels with their registers,
     /// shared memory and spills per architecture) and the CUDA devices found.
     Info,
@@ -361,6 +393,35 @@ fn main() -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => print!("{}", vppo_engine::info::report()),
+        Command::Plan {
+            model,
+            gpu_mem,
+            config,
+            mut overrides,
+        } => {
+            use vppo_engine::train::memory_plan::{MemoryPlan, Workload};
+            if let Some(model) = &model {
+                overrides.push(format!("model={:?}", model.display().to_string()));
+            }
+            // The plan does not depend on the run's length, which a config
+            // without data must otherwise name; the user's own value wins.
+            overrides.insert(0, "max_steps=1".into());
+            let cfg =
+                vppo_engine::train::config::TrainConfig::resolve(config.as_deref(), &overrides)?;
+            let Some(dir) = &cfg.model else {
+                bail!("no model: give --model DIR|CONFIG (e.g. configs/models/qwen2.5-vl-7b) or model= in the config");
+            };
+            let shapes = vppo_engine::model::config::ModelConfig::load(dir)?;
+            let plan = MemoryPlan::new(
+                &shapes,
+                &Workload::of(&cfg, &shapes),
+                (gpu_mem * (1u64 << 30) as f64) as u64,
+            );
+            print!("{}", plan.render());
+            if !plan.fits() {
+                std::process::exit(1);
+            }
+        }
         Command::Train {
             config,
             out,

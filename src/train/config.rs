@@ -179,6 +179,10 @@ pub struct TrainConfig {
     /// Responses per forward/backward chunk (gradient accumulation); TAS's
     /// mean is over one (EasyR1's `micro_batch_size_per_device_for_update`).
     pub micro_batch: usize,
+    /// Token budget of one packed micro-batch (verl's
+    /// `ppo_max_token_len_per_gpu`): the memory plan sizes activations at
+    /// it (0: no budget, `micro_batch` responses of the longest length).
+    pub max_tokens_per_micro_batch: usize,
     /// Parts a rollout batch is balanced into by sequence length before the
     /// updates, as the reference's data-parallel ranks (its GPUs): TAS's
     /// range is over one part's mini-batch. 1 keeps the batch's order; a
@@ -257,6 +261,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 0,
             max_steps: 0,
             micro_batch: 16,
+            max_tokens_per_micro_batch: 0,
             tas_partitions: 8,
             max_gen_batches: 0,
             warmup_steps: 0,
