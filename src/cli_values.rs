@@ -61,6 +61,15 @@ pub fn gib(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// A device's peak in TFLOP/s: more than 0, at most 1e6.
+pub fn tflops(s: &str) -> Result<f64, String> {
+    let v = f64::from(finite(s).map_err(|e| format!("{e}; TFLOP/s must be in (0, 1e6]"))?);
+    if !(v > 0.0 && v <= 1e6) {
+        return Err(format!("{v} is out of range: it must be in (0, 1e6]"));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
