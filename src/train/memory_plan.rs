@@ -426,11 +426,13 @@ impl MemoryPlan {
         s
     }
 
-    /// What to change when the peak does not fit, biggest lever first.
+    /// What to change when the peak does not fit: the lever of every part
+    /// that does not fit on its own.
     fn advice(&self) -> String {
         let w = &self.workload;
-        let mut tips = Vec::new();
         let state = self.persistent_bytes();
+        let over = |phase: usize| state + self.phases[phase].bytes() > self.gpu_bytes;
+        let mut tips = Vec::new();
         if state > self.gpu_bytes {
             tips.push(
                 "the weights, optimizer state and gradients alone exceed the GPU: a smaller \
@@ -438,18 +440,27 @@ impl MemoryPlan {
                     .to_string(),
             );
         }
-        let (train, rollout) = (self.phases[0].bytes(), self.phases[1].bytes());
-        if rollout >= train {
-            tips.push(
-                "the rollout's KV cache is the largest phase: lower rollout_batch, group_size, \
-                 max_prompt_tokens or max_response_tokens"
-                    .to_string(),
-            );
-        } else {
+        if over(0) {
             if !w.recompute {
                 tips.push("set recompute=true (keeps each block's input only)".to_string());
             }
-            tips.push("lower max_tokens_per_micro_batch (or micro_batch)".to_string());
+            tips.push(
+                "lower max_tokens_per_micro_batch (or micro_batch) for the training micro-batch"
+                    .to_string(),
+            );
+        }
+        if over(1) {
+            tips.push(
+                "lower rollout_batch, group_size, max_prompt_tokens or max_response_tokens for \
+                 the rollout's KV cache"
+                    .to_string(),
+            );
+        }
+        if over(2) && !over(0) {
+            tips.push(
+                "lower max_tokens_per_micro_batch for the scoring passes (VPPO's runs twice it)"
+                    .to_string(),
+            );
         }
         format!("to fit: {}", tips.join("; "))
     }
