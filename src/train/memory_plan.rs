@@ -97,16 +97,18 @@ pub struct Workload {
 impl Workload {
     /// The workload of a training config: `micro_batch` responses of
     /// `max_prompt_tokens + max_response_tokens` tokens, bounded by
-    /// `max_tokens_per_micro_batch` when set; each prompt with one image of
+    /// `max_tokens_per_micro_batch` when set (never below one sequence,
+    /// which then runs alone); each prompt with one image of
     /// at most `max_pixels`; a rollout batch of `rollout_batch` prompts x
     /// `group_size` samples at the longest prompt and response.
     pub fn of(cfg: &TrainConfig, model: &ModelConfig) -> Self {
         let vc = &model.vision;
         let seq_len = cfg.max_prompt_tokens + cfg.max_response_tokens;
         let unpacked = cfg.micro_batch * seq_len;
+        // A response longer than the budget runs alone.
         let tokens = match cfg.max_tokens_per_micro_batch {
             0 => unpacked,
-            budget => budget.min(unpacked),
+            budget => budget.max(seq_len).min(unpacked),
         };
         let seqs = cfg.micro_batch.min(tokens.div_ceil(seq_len.max(1)).max(1));
         let pixels_per_token = (vc.patch_size * vc.spatial_merge_size).pow(2);
@@ -883,12 +885,24 @@ mod tests {
         let unbounded = Workload::of(
             &TrainConfig {
                 max_tokens_per_micro_batch: 0,
-                ..cfg
+                ..cfg.clone()
             },
             &shapes,
         );
         assert_eq!(unbounded.micro_batch.tokens, 16 * 1024);
         assert_eq!(unbounded.micro_batch.image_tokens, 16 * 256);
+        // A budget below one sequence: the sequence runs alone.
+        let alone = Workload::of(
+            &TrainConfig {
+                max_tokens_per_micro_batch: 600,
+                ..cfg
+            },
+            &shapes,
+        );
+        assert_eq!(
+            (alone.micro_batch.seqs, alone.micro_batch.tokens),
+            (1, 1024)
+        );
     }
 
     /// What `train` runs before it allocates on a GPU: a run that does not
