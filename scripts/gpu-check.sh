@@ -18,11 +18,7 @@
 #   compute-sanitizer memcheck of the small cases, the generic model graph
 #   on the CUDA backend vs the CPU backend (forward, training step, dual
 #   pass, generation), `train --device cuda` vs cpu on the
-#   built-in task, the model-level bench (one training step of the
-#   published Qwen2.5-VL-3B, then -7B forward + backward, random weights:
-#   `vppo-engine bench` vs scripts/bench_model_torch.py side by side;
-#   GPU_CHECK_MODELS="3b 7b" picks which, each skipped visibly when the
-#   budget is short), a summary of the checks, then the merged table
+#   built-in task, a summary of the checks, then the merged table
 #   (ours vs torch, % of roofline) LAST. Every step has a timeout; the whole
 #   run stays under 8 minutes. JSON lines, the log and the table go to
 #   $OUT (the device tool brings it back) or gpu-bundle/results/.
@@ -192,10 +188,14 @@ except Exception as e:
     print("train --device cuda vs cpu: FAIL (%s)" % e)
 PY
       rm -rf "$train_dir"
-      # ---- the model-level bench: one training step at published shapes,
-      # ---- ours vs PyTorch (AMP bf16, SDPA, checkpointing, fused AdamW) in
-      # ---- the same window. 3B: the whole step; 7B: forward + backward
-      # ---- (fp32 AdamW state of 8.3B parameters does not fit beside it).
+      # ---- the model-level bench: one training step at published shapes
+      # ---- (configs/models/, random weights), `vppo-engine bench` vs
+      # ---- scripts/bench_model_torch.py (AMP bf16, SDPA, checkpointing,
+      # ---- fused AdamW) in the same window, side by side with the ratio of
+      # ---- tokens/s. 3B: the whole step; 7B: forward + backward (fp32 AdamW
+      # ---- state of 8.3B parameters does not fit beside it).
+      # ---- GPU_CHECK_MODELS="3b 7b" picks; each is skipped visibly when the
+      # ---- budget is short.
       models_jsonl="$results/bench-model.jsonl"
       : >"$models_jsonl"
       for size in ${GPU_CHECK_MODELS:-3b 7b}; do
@@ -263,7 +263,7 @@ PY
           echo "compute-sanitizer: memcheck FAILED or timed out (rc $?)"
       fi
       step "summary of the correctness checks"
-      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl device|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|memory plan: peak|ours/torch tokens/s|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
+      grep -aE "^shaders: [0-9]+ passed|^(ok|FAIL) +qwen2.5-vl device|score --device cuda vs cpu|generate --device cuda vs cpu|train --device cuda vs cpu|memcheck FAILED|ERROR SUMMARY" "$log" | awk '!seen[$0]++' || true
       step "table: ours vs torch (torch/ours > 1: ours faster; % roof: ours vs the card's peak)"
       python3 "$bundle/bench_table.py" "$ours" "$theirs" | tee "$results/table.txt"
       echo "gpu-check: done in $((SECONDS - start)) s; results in $results"
