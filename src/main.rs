@@ -114,7 +114,8 @@ enum Command {
     /// max_prompt_tokens + max_response_tokens, bounded by
     /// max_tokens_per_micro_batch; one image per prompt of at most
     /// max_pixels; rollout_batch x group_size sequences generated at once;
-    /// precision from bf16; recompute; use_kl_loss (a frozen reference).
+    /// the precision (bf16 weights over fp32 masters, or fp32); recompute;
+    /// use_kl_loss (a frozen reference).
     /// `train` on a GPU runs the same plan against the GPU's free memory
     /// before it allocates anything there, and stops with this table when
     /// it does not fit. Exits with status 1 when it does not fit.
