@@ -56,7 +56,7 @@ case "${1:-}" in
     bench_bin=$(cargo bench --bench kernels --no-run --message-format=json 2>/dev/null | artifact kernels)
     cp "$bench_bin" "$bundle/bench-kernels"
     strip "$bundle/vppo-engine" "$bundle/shaders" "$bundle/bench-kernels"
-    cp scripts/bench_torch.py scripts/bench_table.py scripts/bench_rollout_torch.py "$bundle/"
+    cp scripts/bench_torch.py scripts/bench_table.py scripts/bench_rollout_torch.py scripts/bench_model_torch.py "$bundle/"
     du -sh "$bundle"
     size_kib=$(du -sk "$bundle" | cut -f1)
     if [ "$size_kib" -gt $((max_bundle_mib * 1024)) ]; then
@@ -228,6 +228,55 @@ except Exception as e:
     print("train --device cuda precision=bf16: FAIL (%s)" % e)
 PY
       rm -rf "$train_dir"
+      # ---- the model-level bench: one training step at published shapes
+      # ---- (configs/models/, random weights), `vppo-engine bench` vs
+      # ---- scripts/bench_model_torch.py (AMP bf16, SDPA, checkpointing,
+      # ---- fused AdamW) in the same window, side by side with the ratio of
+      # ---- tokens/s. 3B: the whole step; 7B: forward + backward (fp32 AdamW
+      # ---- state of 8.3B parameters does not fit beside it).
+      # ---- GPU_CHECK_MODELS="3b 7b" picks; each is skipped visibly when the
+      # ---- budget is short.
+      models_jsonl="$results/bench-model.jsonl"
+      : >"$models_jsonl"
+      for size in ${GPU_CHECK_MODELS:-3b 7b}; do
+        case "$size" in
+          3b) extra=(); need=200 ;;
+          7b) extra=(--no-optimizer); need=260 ;;
+          *) echo "model bench: unknown size $size (3b or 7b)"; continue ;;
+        esac
+        if [ "$(left)" -lt "$need" ]; then
+          step "model bench qwen2.5-vl-$size: skipped (only $(left) s left, needs $need)"
+          continue
+        fi
+        cfg=configs/models/qwen2.5-vl-$size
+        step "model bench qwen2.5-vl-$size: 16 x 1024 tokens, one 448x448 image each, recompute ${extra[*]:-+ AdamW}"
+        per=$(($(left) / 3))
+        [ "$per" -gt 150 ] && per=150
+        timeout "$per" "$bundle/vppo-engine" bench --model "$cfg" --device cuda --steps 2 --warmup 1 \
+          --json "${extra[@]}" | tee -a "$models_jsonl.tmp" || echo "vppo-engine bench $size: FAILED or timed out (rc $?)"
+        timeout "$per" python3 "$bundle/bench_model_torch.py" --config "$cfg" --device cuda --steps 3 --warmup 1 \
+          --json "${extra[@]}" | tee -a "$models_jsonl.tmp" || echo "bench_model_torch $size: FAILED or timed out (rc $?)"
+        grep -a '^{' "$models_jsonl.tmp" >>"$models_jsonl" || true
+        rm -f "$models_jsonl.tmp"
+      done
+      python3 - "$models_jsonl" <<'PY' || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault(r["model"].rstrip("/").split("/")[-1], {})[r["impl"]] = r
+print("model step (16 x 1024 tokens): ours vs torch")
+print("%-16s %-12s %10s %8s %8s %9s" % ("model", "impl", "tokens/s", "MFU", "step s", "peak GiB"))
+for m, d in sorted(by.items()):
+    for impl in ("vppo-engine", "torch"):
+        r = d.get(impl)
+        if r:
+            mfu = "%.1f%%" % (100 * r["mfu"]) if r.get("mfu") is not None else "n/a"
+            mem = "%.1f" % r["peak_memory_gib"] if r.get("peak_memory_gib") is not None else "n/a"
+            print("%-16s %-12s %10.0f %8s %8.3f %9s" % (m, impl, r["tokens_per_s"], mfu, r["step_s"], mem))
+    if "vppo-engine" in d and "torch" in d:
+        print("%-16s ours/torch tokens/s: %.2f" % (m, d["vppo-engine"]["tokens_per_s"] / d["torch"]["tokens_per_s"]))
+PY
       step "kernel benches"
       bench_s=$(($(left) / 4))
       [ "$bench_s" -gt 100 ] && bench_s=100

@@ -61,6 +61,24 @@ pub fn shard_mib(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
+/// GPU memory in GiB: more than 0, at most 64 TiB.
+pub fn gib(s: &str) -> Result<f64, String> {
+    let v = f64::from(finite(s).map_err(|e| format!("{e}; GiB must be in (0, 65536]"))?);
+    if !(v > 0.0 && v <= 65536.0) {
+        return Err(format!("{v} is out of range: it must be in (0, 65536]"));
+    }
+    Ok(v)
+}
+
+/// A device's peak in TFLOP/s: more than 0, at most 1e6.
+pub fn tflops(s: &str) -> Result<f64, String> {
+    let v = f64::from(finite(s).map_err(|e| format!("{e}; TFLOP/s must be in (0, 1e6]"))?);
+    if !(v > 0.0 && v <= 1e6) {
+        return Err(format!("{v} is out of range: it must be in (0, 1e6]"));
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

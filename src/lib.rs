@@ -15,6 +15,7 @@ pub mod eval;
 pub mod info;
 pub mod kernels;
 pub mod model;
+pub mod model_bench;
 pub mod nvtx;
 pub mod ops;
 pub mod outputs;

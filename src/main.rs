@@ -104,6 +104,95 @@ enum Command {
         #[arg(value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Print the memory plan of a training run on one GPU, and whether it
+    /// fits: bf16 (or fp32) weights, fp32 master weights, AdamW moments and
+    /// fp32 gradients held for the whole run; a training micro-batch's
+    /// activations at the token budget with and without recompute, the
+    /// rollout batch's KV cache and the scoring passes, each with its
+    /// workspace. Only the model's config.json is read (shapes, no
+    /// weights): the published 3B, 7B and 32B ship under configs/models/.
+    ///
+    /// The workload comes from the training config (--config and KEY=VALUE
+    /// overrides, as for `train`): micro_batch responses of
+    /// max_prompt_tokens + max_response_tokens, bounded by
+    /// max_tokens_per_micro_batch; one image per prompt of at most
+    /// max_pixels; rollout_batch x group_size sequences generated at once;
+    /// the precision (bf16 weights over fp32 masters, or fp32); recompute;
+    /// use_kl_loss (a frozen reference).
+    /// `train` on a GPU runs the same plan against the GPU's free memory
+    /// before it allocates anything there, and stops with this table when
+    /// it does not fit. Exits with status 1 when it does not fit.
+    Plan {
+        /// A Qwen2.5-VL checkpoint directory or its config.json (default:
+        /// the config's `model`), e.g. configs/models/qwen2.5-vl-7b.
+        #[arg(long, value_name = "DIR|CONFIG")]
+        model: Option<PathBuf>,
+        /// Memory of the GPU, in GiB.
+        #[arg(long, value_name = "GiB", default_value_t = 80.0, value_parser = cli_values::gib)]
+        gpu_mem: f64,
+        /// TOML training config; fields it leaves out keep their defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Training config overrides, KEY=VALUE (values in TOML syntax).
+        #[arg(value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Benchmark one training step at a model's published shapes with
+    /// random weights: a packed micro-batch of --seqs sequences of
+    /// --seq-len tokens (the last --response-len the response), each prompt
+    /// with one --image-side square image; forward + backward of the mean
+    /// response log-prob (recompute on unless --no-recompute), then AdamW
+    /// (unless --no-optimizer); timed with the device synchronised, the
+    /// median of --steps after --warmup.
+    ///
+    /// Prints tokens/s (every packed token), model FLOP utilisation (3 x
+    /// the forward's matmul FLOPs over the rows each weight multiplies, plus
+    /// 3 x the attention FLOPs over the visible pairs, recompute not
+    /// counted: shared/docs/perf.md) against the card's dense bf16 peak,
+    /// and peak device memory; with --json, one JSON line too (the keys
+    /// scripts/bench_model_torch.py writes for PyTorch on the same shapes).
+    /// Defaults: the issue's micro-batch, 16 x 1,024 tokens with one
+    /// 448 x 448 image (256 image tokens) each.
+    Bench {
+        /// A Qwen2.5-VL config.json or checkpoint directory (only the
+        /// shapes are read), e.g. configs/models/qwen2.5-vl-3b.
+        #[arg(long, value_name = "DIR|CONFIG")]
+        model: PathBuf,
+        /// Sequences in the micro-batch.
+        #[arg(long, default_value_t = 16, value_parser = cli_values::at_least_one)]
+        seqs: usize,
+        /// Tokens per sequence (prompt + response).
+        #[arg(long, default_value_t = 1024, value_parser = cli_values::at_least_one)]
+        seq_len: usize,
+        /// Response tokens per sequence (the rows the loss scores).
+        #[arg(long, default_value_t = 512, value_parser = cli_values::at_least_one)]
+        response_len: usize,
+        /// Side of each prompt's square image in pixels (a multiple of 28).
+        #[arg(long, default_value_t = 448, value_parser = cli_values::at_least_one)]
+        image_side: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 3, value_parser = cli_values::at_least_one)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Keep every activation instead of recomputing each block.
+        #[arg(long)]
+        no_recompute: bool,
+        /// Forward + backward only (a model whose AdamW state does not fit).
+        #[arg(long)]
+        no_optimizer: bool,
+        /// The device's dense bf16 peak in TFLOP/s (default: from the
+        /// card's name for H100, H200, A100; none on the CPU).
+        #[arg(long, value_parser = cli_values::tflops)]
+        peak_tflops: Option<f64>,
+        /// Where to run: auto (the GPU when one is usable), cpu, cuda.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// Also print the result as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the build (version, embedded CUDA kernels with their registers,
     /// shared memory and spills per architecture) and the CUDA devices found.
     Info,
@@ -504,6 +593,105 @@ fn main() -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => print!("{}", vppo_engine::info::report()),
+        Command::Bench {
+            model,
+            seqs,
+            seq_len,
+            response_len,
+            image_side,
+            steps,
+            warmup,
+            no_recompute,
+            no_optimizer,
+            peak_tflops,
+            device,
+            json,
+        } => {
+            use vppo_engine::model_bench::{self as mb, BenchOptions, BenchShape};
+            let shapes = vppo_engine::model::config::ModelConfig::load(&model)?;
+            let opts = BenchOptions {
+                shape: BenchShape {
+                    seqs,
+                    seq_len,
+                    response_len,
+                    image_side,
+                },
+                steps,
+                warmup,
+                recompute: !no_recompute,
+                optimizer: !no_optimizer,
+                peak_tflops,
+            };
+            // Fail on a bad shape before minutes of weight filling.
+            mb::synthetic_batch(&shapes, &opts.shape)?;
+            let name = model.display().to_string();
+            let t = Instant::now();
+            let weights = mb::random_model(&shapes);
+            eprintln!(
+                "model-step bench: {name}: {:.2}B parameters, random weights ({:.1} s); {seqs} x {seq_len} tokens \
+                 ({response_len} response), one {image_side}x{image_side} image each; recompute {}, AdamW {}",
+                weights.layout.numel() as f64 / 1e9,
+                t.elapsed().as_secs_f64(),
+                if no_recompute { "off" } else { "on" },
+                if no_optimizer { "off" } else { "on" },
+            );
+            let on_step = |step: usize, fb: f64, opt: Option<f64>| {
+                eprintln!(
+                    "step {}{}: forward + backward {fb:.3} s{}",
+                    step + 1,
+                    if step < warmup { " (warm-up)" } else { "" },
+                    opt.map(|s| format!(", AdamW {s:.3} s")).unwrap_or_default()
+                )
+            };
+            let report = match device.resolve(false) {
+                Device::Cuda => {
+                    let gpu = vppo_engine::backend::open_local_gpu()
+                        .map_err(anyhow::Error::msg)
+                        .context("--device cuda")?;
+                    let opts = BenchOptions {
+                        peak_tflops: peak_tflops.or_else(|| {
+                            mb::known_peak_tflops(&gpu.context().name().unwrap_or_default())
+                        }),
+                        ..opts
+                    };
+                    mb::run(gpu, weights, &opts, on_step)?
+                }
+                _ => mb::run(CpuBackend, weights, &opts, on_step)?,
+            };
+            println!("{}", report.summary());
+            if json {
+                println!("{}", report.json(&name));
+            }
+        }
+        Command::Plan {
+            model,
+            gpu_mem,
+            config,
+            mut overrides,
+        } => {
+            use vppo_engine::train::memory_plan::{MemoryPlan, Workload};
+            if let Some(model) = &model {
+                overrides.push(format!("model={:?}", model.display().to_string()));
+            }
+            // The plan does not depend on the run's length, which a config
+            // without data must otherwise name; the user's own value wins.
+            overrides.insert(0, "max_steps=1".into());
+            let cfg =
+                vppo_engine::train::config::TrainConfig::resolve(config.as_deref(), &overrides)?;
+            let Some(dir) = &cfg.model else {
+                bail!("no model: give --model DIR|CONFIG (e.g. configs/models/qwen2.5-vl-7b) or model= in the config");
+            };
+            let shapes = vppo_engine::model::config::ModelConfig::load(dir)?;
+            let plan = MemoryPlan::new(
+                &shapes,
+                &Workload::of(&cfg, &shapes),
+                (gpu_mem * (1u64 << 30) as f64) as u64,
+            );
+            print!("{}", plan.render());
+            if !plan.fits() {
+                std::process::exit(1);
+            }
+        }
         Command::Train {
             config,
             out,

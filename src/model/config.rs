@@ -269,11 +269,14 @@ impl ModelConfig {
                 )));
             }
         }
+        // Missing vision fields take transformers' `Qwen2_5_VLVisionConfig`
+        // defaults: the published 32B and 72B configs leave out depth,
+        // heads, windows and the full-attention blocks.
         let vision = VisionConfig {
-            depth: v.usize("depth")?,
-            hidden_size: v.usize("hidden_size")?,
-            intermediate_size: v.usize("intermediate_size")?,
-            num_heads: v.usize("num_heads")?,
+            depth: v.usize_or("depth", 32)?,
+            hidden_size: v.usize_or("hidden_size", 3584)?,
+            intermediate_size: v.usize_or("intermediate_size", 3420)?,
+            num_heads: v.usize_or("num_heads", 16)?,
             in_channels,
             patch_size: v.usize_or("patch_size", 14)?,
             spatial_merge_size: v.usize_or("spatial_merge_size", 2)?,
@@ -288,7 +291,7 @@ impl ModelConfig {
                         .map(|x| x as usize)
                         .collect()
                 })
-                .unwrap_or_default(),
+                .unwrap_or_else(|| vec![7, 15, 23, 31]),
             out_hidden_size: v.usize_or("out_hidden_size", hidden_size)?,
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod memory_plan;
 pub mod metrics;
 pub mod optimizer;
 pub mod plot;

@@ -96,6 +96,8 @@ pub enum RunError {
     Retention(#[from] RetentionError),
     #[error(transparent)]
     TensorBoard(#[from] TensorBoardError),
+    #[error(transparent)]
+    GpuPlan(#[from] super::memory_plan::GpuPlanError),
 }
 
 /// Writes `path` through a temporary sibling and a rename (never torn).
@@ -559,6 +561,17 @@ pub fn run(
             }),
         ));
     }
+    // The memory plan on the GPU, before anything is written or allocated
+    // there (the built-in model's shapes are known once it is written).
+    let on_gpu = cfg.device.resolve(false) == Device::Cuda;
+    let mut gpu_plan = match (&cfg.model, on_gpu) {
+        (Some(dir), true) => {
+            let shapes = crate::model::config::ModelConfig::load(dir)
+                .map_err(|e| RunError::Usage(e.to_string()))?;
+            Some(super::memory_plan::check_local_gpu(&cfg, &shapes)?)
+        }
+        _ => None,
+    };
     std::fs::create_dir_all(&out).map_err(io(&out))?;
     // Two runs in one directory would overwrite each other's checkpoints.
     let _lock = super::run_dir::lock(&out)?;
@@ -696,6 +709,15 @@ pub fn run(
     };
     match device {
         Device::Cuda => {
+            let plan = match gpu_plan.take() {
+                Some(plan) => plan,
+                None => super::memory_plan::check_local_gpu(&cfg, &parts.pipeline.model.config)?,
+            };
+            progress.line(&format!(
+                "memory plan: peak {:.2} GiB of the {:.2} GiB free on the GPU (`vppo-engine plan` prints the table)",
+                plan.peak_bytes() as f64 / (1u64 << 30) as f64,
+                plan.gpu_bytes as f64 / (1u64 << 30) as f64
+            ));
             let gpu = open_local_gpu().map_err(RunError::Device)?;
             let name = gpu.context().name().unwrap_or_default();
             let engine = Engine::with_precision(gpu, &parts.pipeline.model, precision)

@@ -1,0 +1,63 @@
+//! `vppo-engine plan` end to end on the shipped configs: the table, the
+//! verdict and the exit status; bad input named clearly.
+
+use std::process::{Command, Output};
+
+fn plan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .expect("run vppo-engine plan")
+}
+
+const SMALL_RUN: [&str; 6] = [
+    "recompute=true",
+    "max_tokens_per_micro_batch=16384",
+    "rollout_batch=16",
+    "mini_batch=16",
+    "max_prompt_tokens=1024",
+    "max_response_tokens=1024",
+];
+
+#[test]
+fn a_3b_run_fits_80_gib_and_the_recipe_7b_does_not() {
+    let out = plan(&[&["--model", "configs/models/qwen2.5-vl-3b"], &SMALL_RUN[..]].concat());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    for row in [
+        "3.75B parameters",
+        "bf16 weights",
+        "fp32 master weights",
+        "AdamW moments",
+        "gradients (fp32)",
+        "activations, recompute on",
+        "activations, recompute off",
+        "KV cache",
+        "workspace",
+        "fits: yes",
+    ] {
+        assert!(table.contains(row), "missing `{row}`:\n{table}");
+    }
+    // The recipe's defaults at 7B: 139 GiB of weights and optimizer state.
+    let out = plan(&["--model", "configs/models/qwen2.5-vl-7b/config.json"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    assert!(
+        table.contains("8.29B parameters") && table.contains("fits: NO"),
+        "{table}"
+    );
+    assert!(table.contains("to fit:"), "{table}");
+}
+
+#[test]
+fn a_missing_model_is_named() {
+    let out = plan(&["--model", "no/such/dir"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no/such/dir"), "{err}");
+    let out = plan(&["--gpu-mem", "0", "--model", "configs/models/qwen2.5-vl-3b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--gpu-mem"), "{err}");
+}
