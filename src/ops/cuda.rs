@@ -16,8 +16,9 @@ use super::device_buf::{alloc, dtype_mismatch, held, ones, store, Held, Stored};
 pub use super::device_buf::{DeviceBuf, Storage};
 use super::{Backend, Buffer, DType, Result, WeightGrads, WeightRows};
 use crate::backend::cuda::{
-    AdamWTensor, CudaBackend, FlashAttnShape, GemmShape, LogitChunk, PatchMask, RopeFreqsDevice,
-    Trans, LOGPROB_STATE_PER_ROW,
+    flash_tc_supports, paged_tc_plan, paged_tc_scratch_len, paged_tc_supports, AdamWTensor,
+    CudaBackend, FlashAttnShape, GemmShape, LogitChunk, PatchMask, RopeFreqsDevice, Trans,
+    LOGPROB_STATE_PER_ROW,
 };
 use crate::backend::desc::{
     AdamWConfig, AttnSpec, PagedShape, PatchGeometry, RopeFreqs, SamplingParams,
@@ -289,6 +290,51 @@ impl CudaBackend {
             T::wrap(dq, q.len()),
             T::wrap(dk, k.len()),
             T::wrap(dv, v.len()),
+        ))
+    }
+
+    /// The tensor-core backward (bf16): dQ is accumulated atomically in
+    /// f32, so it may differ in the last bits between runs.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_tc(
+        &self,
+        spec: &AttnSpec,
+        cu: &Mirrored<i32>,
+        q: &DeviceBuf,
+        k: &DeviceBuf,
+        v: &DeviceBuf,
+        o: &DeviceBuf,
+        lse: &DeviceBuf,
+        d_o: &DeviceBuf,
+    ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
+        let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
+        let mut delta = zeros_f32(self, q.len() / spec.head_dim)?;
+        let mut dq_acc = zeros_f32(self, q.len())?;
+        let (mut dq, mut dk, mut dv) = (
+            alloc::<bf16>(self, q.len())?,
+            alloc::<bf16>(self, k.len())?,
+            alloc::<bf16>(self, v.len())?,
+        );
+        self.flash_attn_tc_bwd(
+            &shape,
+            &*held::<bf16>(self, q)?,
+            &*held::<bf16>(self, k)?,
+            &*held::<bf16>(self, v)?,
+            &*held::<bf16>(self, o)?,
+            lse.f32()?,
+            &*held::<bf16>(self, d_o)?,
+            &cu.dev,
+            &cu.dev,
+            &mut delta,
+            &mut dq_acc,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )?;
+        Ok((
+            bf16::wrap(dq, q.len()),
+            bf16::wrap(dk, k.len()),
+            bf16::wrap(dv, v.len()),
         ))
     }
 }
@@ -571,6 +617,25 @@ impl Backend for CudaBackend {
         v: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf)> {
         let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
+        if q.dtype() == DType::Bf16 && flash_tc_supports(spec.head_dim) {
+            // bf16 precision: tensor cores (the CUDA-core kernel below stays
+            // the exact path of fp32 precision).
+            let (mut o, mut lse) = (
+                alloc::<bf16>(self, q.len())?,
+                zeros_f32(self, q.len() / spec.head_dim)?,
+            );
+            self.flash_attn_tc_fwd(
+                &shape,
+                &*held::<bf16>(self, q)?,
+                &*held::<bf16>(self, k)?,
+                &*held::<bf16>(self, v)?,
+                &cu.dev,
+                &cu.dev,
+                &mut o,
+                &mut lse,
+            )?;
+            return Ok((bf16::wrap(o, q.len()), buf(lse, q.len() / spec.head_dim)));
+        }
         in_dtype!(q.dtype(), T => {
             let (mut o, mut lse) = (
                 alloc::<T>(self, q.len())?,
@@ -602,6 +667,9 @@ impl Backend for CudaBackend {
         lse: &DeviceBuf,
         d_o: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
+        if d_o.dtype() == DType::Bf16 && flash_tc_supports(spec.head_dim) {
+            return self.attention_bwd_tc(spec, cu, q, k, v, o, lse, d_o);
+        }
         in_dtype!(d_o.dtype(), T => self.attention_bwd_in::<T>(spec, cu, q, k, v, o, lse, d_o))
     }
 
@@ -616,6 +684,33 @@ impl Backend for CudaBackend {
         stride: usize,
         lens: &Mirrored<i32>,
     ) -> Result<DeviceBuf> {
+        if k_cache.dtype() == DType::Bf16 && paged_tc_supports(shape) {
+            // bf16 caches: flash-decoding on tensor cores.
+            let batch = lens.host.len();
+            let max_len = lens
+                .host
+                .iter()
+                .map(|&l| l.max(0) as usize)
+                .max()
+                .unwrap_or(0);
+            let plan = paged_tc_plan(batch, shape.kv_heads, max_len);
+            let mut scratch = zeros_f32(self, paged_tc_scratch_len(shape, batch, &plan))?;
+            let mut o = alloc::<bf16>(self, q.len())?;
+            self.paged_decode_attention_tc(
+                shape,
+                batch,
+                max_len,
+                &*held::<bf16>(self, q)?,
+                &*held::<bf16>(self, k_cache)?,
+                &*held::<bf16>(self, v_cache)?,
+                &tables.dev,
+                stride,
+                &lens.dev,
+                &mut scratch,
+                &mut o,
+            )?;
+            return store(self, o, q.len(), q.dtype());
+        }
         in_dtype!(k_cache.dtype(), T => {
             let mut o = alloc::<T>(self, q.len())?;
             self.paged_decode_attention(

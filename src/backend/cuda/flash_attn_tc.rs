@@ -31,6 +31,13 @@ impl TcFwdTile {
     }
 }
 
+/// Head dims the tensor-core kernels are built for (the text model's 128,
+/// the vision tower's 80, and small test dims); others take the CUDA-core
+/// kernels.
+pub fn flash_tc_supports(head_dim: usize) -> bool {
+    matches!(head_dim, 16 | 64 | 80 | 128)
+}
+
 /// The forward tile for a call: 64-row blocks when no sequence has more than
 /// 64 queries (vision windows: a 128-row block would be half empty), else
 /// 128-row blocks (twice the reuse of every K/V tile loaded).

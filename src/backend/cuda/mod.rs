@@ -29,7 +29,8 @@ mod topk_select;
 pub use adamw::AdamWTensor;
 pub use flash_attn::FlashAttnShape;
 pub use flash_attn_tc::{
-    tc_bwd_query_tile, tc_bwd_smem_bytes, tc_dynamic_smem, tc_fwd_tile, TcFwdTile, TC_BWD_KEYS,
+    flash_tc_supports, tc_bwd_query_tile, tc_bwd_smem_bytes, tc_dynamic_smem, tc_fwd_tile,
+    TcFwdTile, TC_BWD_KEYS,
 };
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
