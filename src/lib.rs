@@ -10,7 +10,7 @@ pub mod bench_rollout;
 pub mod builtin;
 pub mod cli_values;
 pub mod data;
-pub mod dist;
+pub mod distributed;
 pub mod eval;
 pub mod info;
 pub mod kernels;

@@ -429,7 +429,7 @@ enum Command {
         /// Address of node 0, where rank 0 listens for the rendezvous.
         #[arg(long, default_value = "127.0.0.1")]
         master_addr: String,
-        #[arg(long, default_value_t = vppo_engine::dist::world::DEFAULT_MASTER_PORT)]
+        #[arg(long, default_value_t = vppo_engine::distributed::world::DEFAULT_MASTER_PORT)]
         master_port: u16,
         /// The vppo-engine command each rank runs (after `--`).
         #[arg(last = true, required = true)]
@@ -770,7 +770,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             master_port,
             command,
         } => {
-            let plan = vppo_engine::dist::launch::LaunchPlan {
+            let plan = vppo_engine::distributed::launch::LaunchPlan {
                 nproc_per_node,
                 nnodes,
                 node_rank,

@@ -500,7 +500,8 @@ pub fn run(
     show_progress: bool,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let world = crate::dist::World::from_env().map_err(|e| RunError::Usage(e.to_string()))?;
+    let world =
+        crate::distributed::World::from_env().map_err(|e| RunError::Usage(e.to_string()))?;
     if world.is_distributed() {
         // Every rank would otherwise train alone on the whole batch.
         return Err(RunError::Usage(format!(
