@@ -27,6 +27,26 @@ enum SaveDtypeArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    Auto,
+    Bf16,
+    Fp32,
+}
+
+impl PrecisionArg {
+    /// The precision on `device` (resolved: cpu or cuda).
+    fn on(self, device: Device) -> vppo_engine::ops::Precision {
+        use vppo_engine::train::config::PrecisionSetting as S;
+        match self {
+            Self::Auto => S::Auto,
+            Self::Bf16 => S::Bf16,
+            Self::Fp32 => S::Fp32,
+        }
+        .on(device)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum AlgoArg {
     /// DAPO plus the visual-dependency pass: trajectory advantage shaping
     /// and top-k token gradient filtering.
@@ -189,6 +209,10 @@ enum Command {
         /// Where to run: auto (the GPU when one is usable), cpu, cuda.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Storage precision: auto (bf16 on a GPU, fp32 on the CPU), bf16
+        /// (bf16 weights and activations over fp32 masters, as `train`), fp32.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+        precision: PrecisionArg,
         /// Also print the result as one JSON line.
         #[arg(long)]
         json: bool,
@@ -605,9 +629,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_optimizer,
             peak_tflops,
             device,
+            precision,
             json,
         } => {
             use vppo_engine::model_bench::{self as mb, BenchOptions, BenchShape};
+            let device = device.resolve(false);
             let shapes = vppo_engine::model::config::ModelConfig::load(&model)?;
             let opts = BenchOptions {
                 shape: BenchShape {
@@ -621,6 +647,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 recompute: !no_recompute,
                 optimizer: !no_optimizer,
                 peak_tflops,
+                precision: precision.on(device),
             };
             // Fail on a bad shape before minutes of weight filling.
             mb::synthetic_batch(&shapes, &opts.shape)?;
@@ -629,11 +656,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let weights = mb::random_model(&shapes);
             eprintln!(
                 "model-step bench: {name}: {:.2}B parameters, random weights ({:.1} s); {seqs} x {seq_len} tokens \
-                 ({response_len} response), one {image_side}x{image_side} image each; recompute {}, AdamW {}",
+                 ({response_len} response), one {image_side}x{image_side} image each; recompute {}, AdamW {}, {:?}",
                 weights.layout.numel() as f64 / 1e9,
                 t.elapsed().as_secs_f64(),
                 if no_recompute { "off" } else { "on" },
                 if no_optimizer { "off" } else { "on" },
+                opts.precision,
             );
             let on_step = |step: usize, fb: f64, opt: Option<f64>| {
                 eprintln!(
@@ -643,7 +671,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     opt.map(|s| format!(", AdamW {s:.3} s")).unwrap_or_default()
                 )
             };
-            let report = match device.resolve(false) {
+            let report = match device {
                 Device::Cuda => {
                     let gpu = vppo_engine::backend::open_local_gpu()
                         .map_err(anyhow::Error::msg)
@@ -656,6 +684,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     mb::run(gpu, weights, &opts, on_step)?
                 }
+                _ if opts.precision == vppo_engine::ops::Precision::Bf16 => mb::run(
+                    vppo_engine::ops::cpu_bf16::CpuBf16Backend,
+                    weights,
+                    &opts,
+                    on_step,
+                )?,
                 _ => mb::run(CpuBackend, weights, &opts, on_step)?,
             };
             println!("{}", report.summary());

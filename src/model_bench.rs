@@ -71,6 +71,9 @@ pub struct BenchOptions {
     pub optimizer: bool,
     /// Dense bf16 peak of the device in TFLOP/s (MFU's denominator).
     pub peak_tflops: Option<f64>,
+    /// Storage of weights and activations (bf16: over fp32 masters, as
+    /// `train` runs with `precision = "bf16"`).
+    pub precision: crate::ops::Precision,
 }
 
 /// What a step cost.
@@ -172,6 +175,16 @@ pub trait BenchDevice: Backend {
 impl BenchDevice for crate::ops::cpu::CpuBackend {
     fn device_name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+    fn reset_peak_memory(&self) {}
+    fn peak_memory(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl BenchDevice for crate::ops::cpu_bf16::CpuBf16Backend {
+    fn device_name(&self) -> String {
+        format!("cpu, bf16 twin ({} threads)", rayon::current_num_threads())
     }
     fn reset_peak_memory(&self) {}
     fn peak_memory(&self) -> Option<u64> {
@@ -420,13 +433,16 @@ pub fn run<B: BenchDevice>(
     let flops = model_flops(&model.config, &batch);
     let params = model.layout.numel() as u64;
     let device = be.device_name();
-    let engine = Engine::new(be, &model)?;
+    let engine = Engine::with_precision(be, &model, opts.precision)?;
     let mut opt = opts.optimizer.then(|| {
         AdamW::new(
             &model.weights,
             AdamWConfig::default(),
             Some(1.0),
-            WeightPrecision::Fp32,
+            match opts.precision {
+                crate::ops::Precision::Bf16 => WeightPrecision::Bf16Model,
+                crate::ops::Precision::Fp32 => WeightPrecision::Fp32,
+            },
         )
     });
     // The host copy is not needed once the weights are on the backend.
@@ -585,6 +601,15 @@ mod tests {
     /// backward, AdamW (which moves the weights), the report.
     #[test]
     fn a_tiny_step_runs_on_the_cpu() {
+        tiny_step(CpuBackend, crate::ops::Precision::Fp32);
+        // bf16 precision on the CPU twin, as `train` runs it.
+        tiny_step(
+            crate::ops::cpu_bf16::CpuBf16Backend,
+            crate::ops::Precision::Bf16,
+        );
+    }
+
+    fn tiny_step<B: BenchDevice>(be: B, precision: crate::ops::Precision) {
         let cfg = tiny();
         let model = random_model(&cfg);
         let first = model.weights.0[model.layout.text.layers[0].q_w.0][0];
@@ -596,9 +621,10 @@ mod tests {
             recompute: true,
             optimizer: true,
             peak_tflops: Some(1.0),
+            precision,
         };
         let mut seen = Vec::new();
-        let report = run(CpuBackend, model, &opts, |step, _, opt| {
+        let report = run(be, model, &opts, |step, _, opt| {
             seen.push((step, opt.is_some()))
         })
         .unwrap();
