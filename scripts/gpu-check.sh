@@ -14,7 +14,7 @@
 #   when set (else installs the pinned toolchain); CARGO_BUILD_JOBS=1 for a
 #   shared machine.
 # run: device/driver/clocks, `vppo-engine info`, shaders-test (every kernel vs
-#   its CPU twin), the tensor-core attention benches beside torch SDPA (own
+#   its CPU twin; NCCL collectives at world size 1), the tensor-core attention benches beside torch SDPA (own
 #   table) with compute-sanitizer racecheck + synccheck of those kernels'
 #   small cases, the kernel benches, the PyTorch equivalents, a bounded
 #   compute-sanitizer memcheck of the small cases, the generic model graph
@@ -81,7 +81,20 @@ case "${1:-}" in
       nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total,power.limit --format=csv || true
       step "vppo-engine info"
       timeout 30 "$bundle/vppo-engine" info || echo "info: rc $?"
-      step "shaders-test (kernels vs CPU twins)"
+      # NCCL (the nccl case of shaders-test) comes with torch's wheels; put
+      # its library where cudarc's loader looks.
+      nccl_dir=$(python3 -c 'import glob, site, os
+for d in site.getsitepackages():
+    for f in glob.glob(os.path.join(d, "nvidia", "nccl", "lib", "libnccl.so*")):
+        print(os.path.dirname(f)); raise SystemExit' 2>/dev/null || true)
+      if [ -n "$nccl_dir" ]; then
+        # cudarc asks for libnccl.so (or .so.<cuda major>); wheels ship .so.2.
+        mkdir -p "$bundle/nccl-lib"
+        ln -sf "$nccl_dir/libnccl.so.2" "$bundle/nccl-lib/libnccl.so"
+        export LD_LIBRARY_PATH="$bundle/nccl-lib:$nccl_dir:${LD_LIBRARY_PATH:-}"
+      fi
+      echo "NCCL library: ${nccl_dir:-system default}"
+      step "shaders-test (kernels vs CPU twins, NCCL at world size 1)"
       timeout 120 "$bundle/shaders" || echo "shaders: FAILED or timed out (rc $?)"
       # ---- tensor-core attention (issue 14): flash_attn_tc fwd/bwd and
       # ---- paged_attn_tc against torch SDPA in the same run (same ids), then

@@ -16,6 +16,7 @@ mod gemm;
 mod generate;
 mod logprob;
 mod model;
+mod nccl;
 mod paged_attn;
 mod paged_attn_tc;
 mod patch_embed;
@@ -166,6 +167,7 @@ fn cases() -> Vec<Case> {
         // New cases go last: the order fixes each case's draws.
         flash_attn_tc::cases(),
         paged_attn_tc::cases(),
+        nccl::cases(),
     ]
     .into_iter()
     .flatten()
