@@ -245,6 +245,10 @@ enum Command {
         /// Where to run the model.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Storage precision: fp32 (exact, the default), bf16 (bf16 weights
+        /// and activations; on the CPU the bf16 twin), auto (bf16 on a GPU).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+        precision: PrecisionArg,
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
@@ -293,6 +297,10 @@ enum Command {
         /// Where to run the model.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Storage precision: fp32 (exact, the default), bf16 (bf16 weights
+        /// and activations; on the CPU the bf16 twin), auto (bf16 on a GPU).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+        precision: PrecisionArg,
         /// Sequences decoding or prefilling at once (continuous batching:
         /// a finished sample's seat goes to the next at the next step).
         #[arg(long, default_value_t = 256, value_parser = cli_values::at_least_one)]
@@ -366,6 +374,10 @@ enum Command {
         /// Where to sample: auto (the GPU when one is usable), cpu, cuda.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Storage precision: fp32 (exact, the default), bf16 (bf16 weights
+        /// and activations; on the CPU the bf16 twin), auto (bf16 on a GPU).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+        precision: PrecisionArg,
     },
     /// Rollout throughput on random weights at a checkpoint's shapes: N
     /// prompts of --prompt-tokens tokens with one --image-side image, each
@@ -414,6 +426,10 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
+        /// Storage precision: auto (bf16 on a GPU, as `train`, fp32 on the
+        /// CPU), bf16 (on the CPU the bf16 twin), fp32.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+        precision: PrecisionArg,
     },
     /// Re-save a checkpoint in the Hub layout (`visual.*` / `model.*`
     /// names, sharded safetensors + index, other files copied), e.g. to
@@ -480,16 +496,30 @@ trait WithEngine {
 
 /// Runs `work` with `model` on `device` (resolved): this process's GPU
 /// (`LOCAL_RANK`, else 0) or the CPU.
-fn with_engine<W: WithEngine>(device: Device, model: &Qwen25Vl, work: W) -> anyhow::Result<W::Out> {
+fn with_engine<W: WithEngine>(
+    device: Device,
+    precision: PrecisionArg,
+    model: &Qwen25Vl,
+    work: W,
+) -> anyhow::Result<W::Out> {
+    use vppo_engine::ops::Precision;
     match device {
         Device::Cuda => {
             let gpu = vppo_engine::backend::open_local_gpu()
                 .map_err(anyhow::Error::msg)
                 .context("--device cuda")?;
-            let engine = Engine::new(gpu, model).context("--device cuda: uploading the model")?;
+            let engine = Engine::with_precision(gpu, model, precision.on(Device::Cuda))
+                .context("--device cuda: uploading the model")?;
             work.run(&engine)
         }
-        _ => work.run(&Engine::new(CpuBackend, model)?),
+        _ => match precision.on(Device::Cpu) {
+            Precision::Bf16 => work.run(&Engine::with_precision(
+                vppo_engine::ops::cpu_bf16::CpuBf16Backend,
+                model,
+                Precision::Bf16,
+            )?),
+            Precision::Fp32 => work.run(&Engine::new(CpuBackend, model)?),
+        },
     }
 }
 
@@ -820,6 +850,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompt,
             response,
             device,
+            precision,
             out,
             grad_out,
         } => {
@@ -839,6 +870,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let loaded = start.elapsed();
             let scored = with_engine(
                 device,
+                precision,
                 &scorer.model,
                 ScoreWork {
                     pipeline: &scorer,
@@ -893,6 +925,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_new_tokens,
             seed,
             device,
+            precision,
             max_num_seqs,
             max_num_batched_tokens,
             kv_cache_memory_fraction,
@@ -930,6 +963,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let start = Instant::now();
             let (samples, st) = with_engine(
                 device,
+                precision,
                 &pipeline.model,
                 GenerateWork {
                     inputs: &inputs,
@@ -996,6 +1030,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             images_column,
             prompt_suffix,
             device,
+            precision,
         } => {
             use std::io::Write as _;
             if let Some(out) = &out {
@@ -1045,6 +1080,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut write_error = None;
             let summary = with_engine(
                 device.resolve(false),
+                precision,
                 &pipeline.model,
                 EvalWork {
                     pipeline: &pipeline,
@@ -1091,6 +1127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kv_cache_blocks,
             out,
             device,
+            precision,
         } => {
             use vppo_engine::bench_rollout as bench;
             if max_num_batched_tokens < max_num_seqs {
@@ -1141,6 +1178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             with_engine(
                 device.resolve(false),
+                precision,
                 &model,
                 BenchRolloutWork {
                     prompts: &prompts,

@@ -256,3 +256,63 @@ fn cli_generate_on_cuda_matches_cpu_or_says_why() {
         assert!(stderr.contains("--device cuda"), "{stderr}");
     }
 }
+
+#[test]
+fn cli_generates_in_bf16_on_the_cpu_twin_close_to_fp32() {
+    let dir = case_dir("single_noresize");
+    let file = std::env::temp_dir().join(format!("vppo-gen-bf16-{}.jsonl", std::process::id()));
+    std::fs::write(
+        &file,
+        format!("{}\n", serde_json::json!({"prompt": "Count to three."})),
+    )
+    .unwrap();
+    let first_logprob = |precision: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo-engine"))
+            .args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompts",
+                file.to_str().unwrap(),
+            ])
+            .args([
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0",
+                "--device",
+                "cpu",
+                "--precision",
+                precision,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_str(
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        (
+            line["token_ids"][0].as_u64().unwrap(),
+            line["logprobs"][0].as_f64().unwrap(),
+        )
+    };
+    let (fp32_token, fp32_lp) = first_logprob("fp32");
+    let (bf16_token, bf16_lp) = first_logprob("bf16");
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(fp32_token, bf16_token, "greedy's first token");
+    // bf16 storage rounds (the values differ) but stays within bf16's reach.
+    assert!(fp32_lp != bf16_lp, "bf16 ran as fp32: {fp32_lp}");
+    assert!(
+        (fp32_lp - bf16_lp).abs() < 0.1,
+        "fp32 {fp32_lp} vs bf16 {bf16_lp}"
+    );
+}
