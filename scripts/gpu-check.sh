@@ -304,12 +304,15 @@ PY
       # ---- of 1024-token prompts with a 448px image, 512 new tokens, and
       # ---- the recipe's mix; each case prints as it ends, so a timeout
       # ---- keeps what finished.
-      rollout_cfg=$(ls configs/*7[bB]*.json 2>/dev/null | head -n 1 || true)
-      [ -z "$rollout_cfg" ] && rollout_cfg=$(ls configs/*3[bB]*.json 2>/dev/null | head -n 1 || true)
+      rollout_cfg=""
+      for size in 7b 3b; do
+        f=configs/models/qwen2.5-vl-$size/config.json
+        if [ -z "$rollout_cfg" ] && [ -f "$f" ]; then rollout_cfg=$f; fi
+      done
       rollout_s=$(($(left) / 3))
       [ "$rollout_s" -gt 150 ] && rollout_s=150
       if [ -z "$rollout_cfg" ]; then
-        step "rollout bench: no 7B/3B config.json under configs/, skipped"
+        step "rollout bench: no 7B/3B config.json under configs/models/, skipped"
       elif [ "$rollout_s" -lt 30 ]; then
         step "rollout bench: skipped (only $(left) s left)"
       else
