@@ -1,7 +1,10 @@
 //! Who this process is in a multi-process run, read from the launcher's
 //! environment: torchrun and `vppo-engine launch` (RANK, LOCAL_RANK,
 //! WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or Slurm's srun (SLURM_PROCID,
-//! SLURM_LOCALID, SLURM_NTASKS, the first node of SLURM_JOB_NODELIST).
+//! SLURM_LOCALID, SLURM_STEP_NUM_TASKS, the first node of
+//! SLURM_JOB_NODELIST). A batch script's own process sees SLURM_PROCID and
+//! SLURM_NTASKS too, but is one process: only srun sets the step's task
+//! count, so only it makes a Slurm world.
 
 /// The default rendezvous port, torchrun's.
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
@@ -52,7 +55,7 @@ impl World {
         if var("WORLD_SIZE").is_some() || var("RANK").is_some() {
             return torchrun(&var);
         }
-        if var("SLURM_PROCID").is_some() {
+        if var("SLURM_PROCID").is_some() && var("SLURM_STEP_NUM_TASKS").is_some() {
             return slurm(&var);
         }
         Ok(World::single())
@@ -141,7 +144,7 @@ fn torchrun(var: &impl Fn(&str) -> Option<String>) -> Result<World, WorldError> 
 fn slurm(var: &impl Fn(&str) -> Option<String>) -> Result<World, WorldError> {
     const L: &str = "slurm";
     let rank = required(var, L, "SLURM_PROCID")?;
-    let world_size = required(var, L, "SLURM_NTASKS")?;
+    let world_size = required(var, L, "SLURM_STEP_NUM_TASKS")?;
     let local_rank = number(var, L, "SLURM_LOCALID")?.unwrap_or(0);
     let host = var("MASTER_ADDR").or_else(|| {
         var("SLURM_JOB_NODELIST")
@@ -224,6 +227,7 @@ mod tests {
             ("SLURM_PROCID", "3"),
             ("SLURM_LOCALID", "3"),
             ("SLURM_NTASKS", "16"),
+            ("SLURM_STEP_NUM_TASKS", "16"),
             ("SLURM_JOB_NODELIST", "gpu[07-08,11],login1"),
         ])
         .unwrap();
@@ -231,6 +235,18 @@ mod tests {
         assert_eq!(w.master, "gpu07:29500");
         assert_eq!(first_host("a01"), Some("a01".into()));
         assert_eq!(first_host("n[1,3],m2"), Some("n1".into()));
+    }
+
+    #[test]
+    fn a_batch_scripts_own_process_is_one_process() {
+        // sbatch sets the allocation's task count; no srun step ran it.
+        let w = world(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_JOB_NODELIST", "gpu01"),
+        ])
+        .unwrap();
+        assert_eq!(w, World::single());
     }
 
     #[test]
