@@ -47,13 +47,7 @@ pub trait Collective: Send {
     /// [`Collective::all_reduce_sum`] for f64 (metrics and counts).
     fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<(), DistError> {
         let all = self.exchange(bytemuck::cast_slice(buf))?;
-        buf.iter_mut().for_each(|v| *v = 0.0);
-        for (rank, bytes) in all.iter().enumerate() {
-            check_len(rank, bytes.len(), std::mem::size_of_val(buf))?;
-            let theirs: Vec<f64> = bytemuck::pod_collect_to_vec(bytes);
-            buf.iter_mut().zip(theirs).for_each(|(a, b)| *a += b);
-        }
-        Ok(())
+        sum_in_rank_order(&all, buf, 0)
     }
 
     /// The sum over ranks of `input` (`world_size` equal shards), of which
@@ -121,18 +115,22 @@ fn check_len(rank: usize, got: usize, want: usize) -> Result<(), DistError> {
 }
 
 /// `out[i] = sum over ranks r (in order) of all[r][offset + i]`.
-fn sum_in_rank_order(all: &[Vec<u8>], out: &mut [f32], offset: usize) -> Result<(), DistError> {
+fn sum_in_rank_order<T>(all: &[Vec<u8>], out: &mut [T], offset: usize) -> Result<(), DistError>
+where
+    T: bytemuck::Pod + Default + std::ops::AddAssign,
+{
     let want = all.first().map_or(0, Vec::len);
-    out.iter_mut().for_each(|v| *v = 0.0);
+    let size = std::mem::size_of::<T>();
+    out.iter_mut().for_each(|v| *v = T::default());
     for (rank, bytes) in all.iter().enumerate() {
         check_len(rank, bytes.len(), want)?;
-        let theirs: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+        let theirs: Vec<T> = bytemuck::pod_collect_to_vec(bytes);
         let part = theirs
             .get(offset..offset + out.len())
             .ok_or(DistError::SizeMismatch {
                 rank,
                 got: bytes.len(),
-                want: (offset + out.len()) * 4,
+                want: (offset + out.len()) * size,
             })?;
         out.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
     }

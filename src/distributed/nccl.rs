@@ -20,6 +20,19 @@ fn nccl_error(what: &str, e: impl std::fmt::Debug) -> DistError {
     DistError::Setup(format!("NCCL {what}: {e:?}"))
 }
 
+/// The first `len` f32 elements of `buf` (NCCL moves f32 buffers for now).
+fn view(buf: &DeviceBuf) -> Result<cudarc::driver::CudaView<'_, f32>, DistError> {
+    let len = crate::ops::Buffer::len(buf);
+    let s = buf.f32().map_err(|e| DistError::Setup(e.to_string()))?;
+    Ok(s.slice(0..len))
+}
+
+fn view_mut(buf: &mut DeviceBuf) -> Result<cudarc::driver::CudaViewMut<'_, f32>, DistError> {
+    let len = crate::ops::Buffer::len(buf);
+    let s = buf.f32_mut().map_err(|e| DistError::Setup(e.to_string()))?;
+    Ok(s.slice_mut(0..len))
+}
+
 impl NcclGroup {
     /// Joins the group of `world` on `gpu`'s stream.
     pub fn join(
@@ -67,11 +80,8 @@ impl NcclGroup {
 
     /// Element-wise sum over ranks, in place, on the device.
     pub fn all_reduce_sum(&self, buf: &mut DeviceBuf) -> Result<(), DistError> {
-        let len = crate::ops::Buffer::len(buf);
-        let slice = buf.f32_mut().map_err(|e| DistError::Setup(e.to_string()))?;
-        let mut view = slice.slice_mut(0..len);
         self.comm
-            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+            .all_reduce_in_place(&mut view_mut(buf)?, &ReduceOp::Sum)
             .map_err(|e| nccl_error("all-reduce", e))?;
         Ok(())
     }
@@ -93,16 +103,8 @@ impl NcclGroup {
                 self.world_size()
             )));
         }
-        let src = input
-            .f32()
-            .map_err(|e| DistError::Setup(e.to_string()))?
-            .slice(0..total);
-        let dst = shard
-            .f32_mut()
-            .map_err(|e| DistError::Setup(e.to_string()))?;
-        let mut dst = dst.slice_mut(0..n);
         self.comm
-            .reduce_scatter(&src, &mut dst, &ReduceOp::Sum)
+            .reduce_scatter(&view(input)?, &mut view_mut(shard)?, &ReduceOp::Sum)
             .map_err(|e| nccl_error("reduce-scatter", e))?;
         Ok(())
     }
@@ -116,14 +118,8 @@ impl NcclGroup {
                 self.world_size()
             )));
         }
-        let src = shard
-            .f32()
-            .map_err(|e| DistError::Setup(e.to_string()))?
-            .slice(0..n);
-        let dst = out.f32_mut().map_err(|e| DistError::Setup(e.to_string()))?;
-        let mut dst = dst.slice_mut(0..total);
         self.comm
-            .all_gather(&src, &mut dst)
+            .all_gather(&view(shard)?, &mut view_mut(out)?)
             .map_err(|e| nccl_error("all-gather", e))?;
         Ok(())
     }

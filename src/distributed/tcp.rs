@@ -78,22 +78,23 @@ impl TcpGroup {
             peers,
         })
     }
+}
 
-    fn io_error(&self, rank: usize, e: std::io::Error) -> DistError {
-        match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => DistError::Timeout {
-                ranks: vec![rank],
-                timeout: self.timeout,
-            },
-            ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe => DistError::PeerLost { rank },
-            _ => DistError::Io {
-                rank,
-                message: e.to_string(),
-            },
-        }
+/// A failed read or write with `rank`, as the error callers branch on.
+fn io_error(timeout: Duration, rank: usize, e: std::io::Error) -> DistError {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => DistError::Timeout {
+            ranks: vec![rank],
+            timeout,
+        },
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => DistError::PeerLost { rank },
+        _ => DistError::Io {
+            rank,
+            message: e.to_string(),
+        },
     }
 }
 
@@ -218,28 +219,22 @@ impl Collective for TcpGroup {
     }
 
     fn exchange(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
+        let timeout = self.timeout;
         if self.rank != 0 {
-            let mut s = self.peers[0].try_clone().map_err(|e| self.io_error(0, e))?;
-            write_frame(&mut s, mine).map_err(|e| self.io_error(0, e))?;
-            let mut all = Vec::with_capacity(self.world_size);
-            for _ in 0..self.world_size {
-                all.push(read_frame(&mut s).map_err(|e| self.io_error(0, e))?);
-            }
-            return Ok(all);
+            let s = &mut self.peers[0];
+            let err = |e| io_error(timeout, 0, e);
+            write_frame(s, mine).map_err(err)?;
+            return (0..self.world_size)
+                .map(|_| read_frame(s).map_err(err))
+                .collect();
         }
         let mut all = vec![mine.to_vec()];
-        for r in 1..self.world_size {
-            let mut s = self.peers[r - 1]
-                .try_clone()
-                .map_err(|e| self.io_error(r, e))?;
-            all.push(read_frame(&mut s).map_err(|e| self.io_error(r, e))?);
+        for (i, s) in self.peers.iter_mut().enumerate() {
+            all.push(read_frame(s).map_err(|e| io_error(timeout, i + 1, e))?);
         }
-        for r in 1..self.world_size {
-            let mut s = self.peers[r - 1]
-                .try_clone()
-                .map_err(|e| self.io_error(r, e))?;
+        for (i, s) in self.peers.iter_mut().enumerate() {
             for m in &all {
-                write_frame(&mut s, m).map_err(|e| self.io_error(r, e))?;
+                write_frame(s, m).map_err(|e| io_error(timeout, i + 1, e))?;
             }
         }
         Ok(all)

@@ -252,17 +252,46 @@ impl CudaBackend {
         Ok(T::wrap(dx, rows * dim))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// What both attention forwards share: the shape, the inputs held in
+    /// `T`, the outputs (`o` in `T`, `lse` f32); `kernel` runs one of them.
+    fn attention_fwd_in<T: Stored>(
+        &self,
+        spec: &AttnSpec,
+        cu: &Mirrored<i32>,
+        [q, k, v]: [&DeviceBuf; 3],
+        kernel: impl FnOnce(
+            &FlashAttnShape,
+            [&CudaSlice<T>; 3],
+            &mut CudaSlice<T>,
+            &mut CudaSlice<f32>,
+        ) -> Result<()>,
+    ) -> Result<(DeviceBuf, DeviceBuf)> {
+        let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
+        let rows = q.len() / spec.head_dim;
+        let (mut o, mut lse) = (alloc::<T>(self, q.len())?, zeros_f32(self, rows)?);
+        let (hq, hk, hv) = (
+            held::<T>(self, q)?,
+            held::<T>(self, k)?,
+            held::<T>(self, v)?,
+        );
+        kernel(&shape, [&*hq, &*hk, &*hv], &mut o, &mut lse)?;
+        Ok((T::wrap(o, q.len()), buf(lse, rows)))
+    }
+
+    /// What both attention backwards share: the shape, the inputs held in
+    /// `T`, the `delta` scratch and the gradients in `T`; `kernel` runs one
+    /// of them.
     fn attention_bwd_in<T: Stored>(
         &self,
         spec: &AttnSpec,
         cu: &Mirrored<i32>,
-        q: &DeviceBuf,
-        k: &DeviceBuf,
-        v: &DeviceBuf,
-        o: &DeviceBuf,
-        lse: &DeviceBuf,
-        d_o: &DeviceBuf,
+        [q, k, v, o, d_o]: [&DeviceBuf; 5],
+        kernel: impl FnOnce(
+            &FlashAttnShape,
+            [&CudaSlice<T>; 5],
+            &mut CudaSlice<f32>,
+            [&mut CudaSlice<T>; 3],
+        ) -> Result<()>,
     ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
         let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
         let mut delta = zeros_f32(self, q.len() / spec.head_dim)?;
@@ -271,70 +300,22 @@ impl CudaBackend {
             alloc::<T>(self, k.len())?,
             alloc::<T>(self, v.len())?,
         );
-        self.flash_attn_bwd(
+        let (hq, hk, hv) = (
+            held::<T>(self, q)?,
+            held::<T>(self, k)?,
+            held::<T>(self, v)?,
+        );
+        let (ho, hd) = (held::<T>(self, o)?, held::<T>(self, d_o)?);
+        kernel(
             &shape,
-            &*held::<T>(self, q)?,
-            &*held::<T>(self, k)?,
-            &*held::<T>(self, v)?,
-            &*held::<T>(self, o)?,
-            lse.f32()?,
-            &*held::<T>(self, d_o)?,
-            &cu.dev,
-            &cu.dev,
+            [&*hq, &*hk, &*hv, &*ho, &*hd],
             &mut delta,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            [&mut dq, &mut dk, &mut dv],
         )?;
         Ok((
             T::wrap(dq, q.len()),
             T::wrap(dk, k.len()),
             T::wrap(dv, v.len()),
-        ))
-    }
-
-    /// The tensor-core backward (bf16): dQ is accumulated atomically in
-    /// f32, so it may differ in the last bits between runs.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd_tc(
-        &self,
-        spec: &AttnSpec,
-        cu: &Mirrored<i32>,
-        q: &DeviceBuf,
-        k: &DeviceBuf,
-        v: &DeviceBuf,
-        o: &DeviceBuf,
-        lse: &DeviceBuf,
-        d_o: &DeviceBuf,
-    ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
-        let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
-        let mut delta = zeros_f32(self, q.len() / spec.head_dim)?;
-        let mut dq_acc = zeros_f32(self, q.len())?;
-        let (mut dq, mut dk, mut dv) = (
-            alloc::<bf16>(self, q.len())?,
-            alloc::<bf16>(self, k.len())?,
-            alloc::<bf16>(self, v.len())?,
-        );
-        self.flash_attn_tc_bwd(
-            &shape,
-            &*held::<bf16>(self, q)?,
-            &*held::<bf16>(self, k)?,
-            &*held::<bf16>(self, v)?,
-            &*held::<bf16>(self, o)?,
-            lse.f32()?,
-            &*held::<bf16>(self, d_o)?,
-            &cu.dev,
-            &cu.dev,
-            &mut delta,
-            &mut dq_acc,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-        )?;
-        Ok((
-            bf16::wrap(dq, q.len()),
-            bf16::wrap(dk, k.len()),
-            bf16::wrap(dv, v.len()),
         ))
     }
 }
@@ -616,43 +597,21 @@ impl Backend for CudaBackend {
         k: &DeviceBuf,
         v: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf)> {
-        let shape = FlashAttnShape::of(&spec.over(&cu.host))?;
         if q.dtype() == DType::Bf16 && flash_tc_supports(spec.head_dim) {
             // bf16 precision: tensor cores (the CUDA-core kernel below stays
             // the exact path of fp32 precision).
-            let (mut o, mut lse) = (
-                alloc::<bf16>(self, q.len())?,
-                zeros_f32(self, q.len() / spec.head_dim)?,
+            return self.attention_fwd_in::<bf16>(
+                spec,
+                cu,
+                [q, k, v],
+                |shape, [q, k, v], o, lse| {
+                    Ok(self.flash_attn_tc_fwd(shape, q, k, v, &cu.dev, &cu.dev, o, lse)?)
+                },
             );
-            self.flash_attn_tc_fwd(
-                &shape,
-                &*held::<bf16>(self, q)?,
-                &*held::<bf16>(self, k)?,
-                &*held::<bf16>(self, v)?,
-                &cu.dev,
-                &cu.dev,
-                &mut o,
-                &mut lse,
-            )?;
-            return Ok((bf16::wrap(o, q.len()), buf(lse, q.len() / spec.head_dim)));
         }
-        in_dtype!(q.dtype(), T => {
-            let (mut o, mut lse) = (
-                alloc::<T>(self, q.len())?,
-                zeros_f32(self, q.len() / spec.head_dim)?,
-            );
-            self.flash_attn_fwd(
-                &shape,
-                &*held::<T>(self, q)?,
-                &*held::<T>(self, k)?,
-                &*held::<T>(self, v)?,
-                &cu.dev,
-                &cu.dev,
-                &mut o,
-                &mut lse,
-            )?;
-            Ok((T::wrap(o, q.len()), buf(lse, q.len() / spec.head_dim)))
-        })
+        in_dtype!(q.dtype(), T => self.attention_fwd_in::<T>(spec, cu, [q, k, v], |shape, [q, k, v], o, lse| {
+            Ok(self.flash_attn_fwd(shape, q, k, v, &cu.dev, &cu.dev, o, lse)?)
+        }))
     }
 
     /// In `d_o`'s dtype.
@@ -667,10 +626,39 @@ impl Backend for CudaBackend {
         lse: &DeviceBuf,
         d_o: &DeviceBuf,
     ) -> Result<(DeviceBuf, DeviceBuf, DeviceBuf)> {
+        let lse = lse.f32()?;
+        let inputs = [q, k, v, o, d_o];
         if d_o.dtype() == DType::Bf16 && flash_tc_supports(spec.head_dim) {
-            return self.attention_bwd_tc(spec, cu, q, k, v, o, lse, d_o);
+            // dQ is accumulated atomically in f32 here, so it may differ in
+            // the last bits between runs.
+            return self.attention_bwd_in::<bf16>(
+                spec,
+                cu,
+                inputs,
+                |shape, [q, k, v, o, d_o], delta, [dq, dk, dv]| {
+                    let mut dq_acc = zeros_f32(self, q.len())?;
+                    Ok(self.flash_attn_tc_bwd(
+                        shape,
+                        q,
+                        k,
+                        v,
+                        o,
+                        lse,
+                        d_o,
+                        &cu.dev,
+                        &cu.dev,
+                        delta,
+                        &mut dq_acc,
+                        dq,
+                        dk,
+                        dv,
+                    )?)
+                },
+            );
         }
-        in_dtype!(d_o.dtype(), T => self.attention_bwd_in::<T>(spec, cu, q, k, v, o, lse, d_o))
+        in_dtype!(d_o.dtype(), T => self.attention_bwd_in::<T>(spec, cu, inputs, |shape, [q, k, v, o, d_o], delta, [dq, dk, dv]| {
+            Ok(self.flash_attn_bwd(shape, q, k, v, o, lse, d_o, &cu.dev, &cu.dev, delta, dq, dk, dv)?)
+        }))
     }
 
     /// In the caches' dtype (`q` converted to it); `o` in `q`'s.
