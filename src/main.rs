@@ -797,6 +797,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 resume.is_some(),
                 !quiet,
             )?;
+            if summary.rank != 0 {
+                // Rank 0 reports for the whole run.
+                return Ok(());
+            }
             println!(
                 "trained {} steps in {:.1} s; mean reward {:.3} over the first fifth of steps, {:.3} over the last",
                 summary.steps,

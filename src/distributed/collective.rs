@@ -31,7 +31,7 @@ pub enum DistError {
 }
 
 /// A group of `world_size` ranks; this handle is rank `rank()`.
-pub trait Collective: Send {
+pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
 
@@ -48,6 +48,20 @@ pub trait Collective: Send {
     fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<(), DistError> {
         let all = self.exchange(bytemuck::cast_slice(buf))?;
         sum_in_rank_order(&all, buf, 0)
+    }
+
+    /// Element-wise maximum over ranks, on every rank (a minimum is the
+    /// maximum of the negated values).
+    fn all_reduce_max_f64(&mut self, buf: &mut [f64]) -> Result<(), DistError> {
+        let all = self.exchange(bytemuck::cast_slice(buf))?;
+        let want = buf.len() * 8;
+        buf.iter_mut().for_each(|v| *v = f64::NEG_INFINITY);
+        for (rank, bytes) in all.iter().enumerate() {
+            check_len(rank, bytes.len(), want)?;
+            let theirs: Vec<f64> = bytemuck::pod_collect_to_vec(bytes);
+            buf.iter_mut().zip(theirs).for_each(|(a, b)| *a = a.max(b));
+        }
+        Ok(())
     }
 
     /// The sum over ranks of `input` (`world_size` equal shards), of which

@@ -129,3 +129,115 @@ impl NcclGroup {
         &mut self.host
     }
 }
+
+/// The host-side interface the trainer speaks: float collectives go
+/// through NCCL (host values staged through this GPU, so the bytes travel
+/// between devices only over NCCL), messages (rollouts, statuses) over the
+/// rendezvous group.
+impl Collective for NcclGroup {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn exchange(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
+        self.host.exchange(mine)
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
+        if buf.is_empty() {
+            return self.barrier();
+        }
+        let stream = self.comm.stream();
+        let mut dev = stream
+            .clone_htod(buf)
+            .map_err(|e| nccl_error("upload", e))?;
+        self.comm
+            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("all-reduce", e))?;
+        let back = stream
+            .clone_dtoh(&dev)
+            .map_err(|e| nccl_error("download", e))?;
+        buf.copy_from_slice(&back);
+        Ok(())
+    }
+
+    fn reduce_scatter_sum(&mut self, input: &[f32], shard: &mut [f32]) -> Result<(), DistError> {
+        let n = shard.len();
+        if input.len() != n * Collective::world_size(self) {
+            return Err(DistError::Setup(format!(
+                "reduce-scatter of {} elements into shards of {n} over {} ranks",
+                input.len(),
+                Collective::world_size(self)
+            )));
+        }
+        if n == 0 {
+            return self.barrier();
+        }
+        let stream = self.comm.stream();
+        let dev_in = stream
+            .clone_htod(input)
+            .map_err(|e| nccl_error("upload", e))?;
+        let mut dev_out = stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| nccl_error("alloc", e))?;
+        self.comm
+            .reduce_scatter(&dev_in, &mut dev_out, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("reduce-scatter", e))?;
+        let back = stream
+            .clone_dtoh(&dev_out)
+            .map_err(|e| nccl_error("download", e))?;
+        shard.copy_from_slice(&back);
+        Ok(())
+    }
+
+    fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<(), DistError> {
+        let n = shard.len();
+        if out.len() != n * Collective::world_size(self) {
+            return Err(DistError::Setup(format!(
+                "all-gather of shards of {n} into {} elements over {} ranks",
+                out.len(),
+                Collective::world_size(self)
+            )));
+        }
+        if n == 0 {
+            return self.barrier();
+        }
+        let stream = self.comm.stream();
+        let dev_in = stream
+            .clone_htod(shard)
+            .map_err(|e| nccl_error("upload", e))?;
+        let mut dev_out = stream
+            .alloc_zeros::<f32>(out.len())
+            .map_err(|e| nccl_error("alloc", e))?;
+        self.comm
+            .all_gather(&dev_in, &mut dev_out)
+            .map_err(|e| nccl_error("all-gather", e))?;
+        let back = stream
+            .clone_dtoh(&dev_out)
+            .map_err(|e| nccl_error("download", e))?;
+        out.copy_from_slice(&back);
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
+        if buf.is_empty() {
+            return self.barrier();
+        }
+        let stream = self.comm.stream();
+        let mut dev = stream
+            .clone_htod(buf)
+            .map_err(|e| nccl_error("upload", e))?;
+        self.comm
+            .broadcast_in_place(&mut dev, root as i32)
+            .map_err(|e| nccl_error("broadcast", e))?;
+        let back = stream
+            .clone_dtoh(&dev)
+            .map_err(|e| nccl_error("download", e))?;
+        buf.copy_from_slice(&back);
+        Ok(())
+    }
+}

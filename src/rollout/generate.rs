@@ -248,6 +248,10 @@ pub struct Generator<'e, B: Backend> {
     /// KV-cache blocks of the last call, and those still held at its end.
     pub kv_blocks: usize,
     blocks_left: usize,
+    /// The global index of the first prompt passed to `generate`: a rank
+    /// generating its share of a batch draws the same samples as one
+    /// process generating the whole batch.
+    pub first_prompt: usize,
 }
 
 impl<'e, B: Backend> Generator<'e, B> {
@@ -263,6 +267,7 @@ impl<'e, B: Backend> Generator<'e, B> {
             trace: Vec::new(),
             kv_blocks: 0,
             blocks_left: 0,
+            first_prompt: 0,
         }
     }
 
@@ -385,6 +390,7 @@ impl<'e, B: Backend> Generator<'e, B> {
             params,
             caps,
             seed,
+            first_prompt: self.first_prompt,
             eos: &self.eos,
             banned: &self.banned,
         };
@@ -441,6 +447,7 @@ struct StepRun<'a, B: Backend> {
     params: &'a SamplingParams,
     caps: &'a [usize],
     seed: u64,
+    first_prompt: usize,
     eos: &'a [u32],
     banned: &'a [u32],
 }
@@ -625,7 +632,9 @@ impl<B: Backend> StepRun<'_, B> {
             .collect();
         let mut fresh: Vec<Vec<StdRng>> = Vec::new();
         for &p in &completed {
-            let mut rngs: Vec<StdRng> = (0..n).map(|s| sample_rng(self.seed, p, s)).collect();
+            let mut rngs: Vec<StdRng> = (0..n)
+                .map(|s| sample_rng(self.seed, self.first_prompt + p, s))
+                .collect();
             uniforms.extend(rngs.iter_mut().map(|r| draw_uniform(self.params, r)));
             fresh.push(rngs);
         }

@@ -303,7 +303,18 @@ pub fn save_training_checkpoint(
         let path = tmp.join(OPTIMIZER_FILE);
         write_atomic(&path, &tensors)?;
         on_file(&path);
-        let meta = OptimizerMeta {
+        let meta = OptimizerMeta::of(optimizer, optimizer.master.is_some());
+        let path = write_state(tmp, state, &meta, None)?;
+        on_file(&path);
+        Ok(())
+    })?;
+    point_latest(run_dir, &name)?;
+    Ok(dest)
+}
+
+impl OptimizerMeta {
+    fn of(optimizer: &AdamW, bf16_model: bool) -> Self {
+        Self {
             lr: optimizer.cfg.lr,
             beta1: optimizer.cfg.beta1,
             beta2: optimizer.cfg.beta2,
@@ -311,19 +322,143 @@ pub fn save_training_checkpoint(
             weight_decay: optimizer.cfg.weight_decay,
             max_grad_norm: optimizer.max_grad_norm,
             optimizer_step: optimizer.step,
-            bf16_model: optimizer.master.is_some(),
-        };
-        let json = serde_json::json!({"state": state, "optimizer": meta});
-        let path = tmp.join(STATE_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).map_err(io(&path))?;
-        on_file(&path);
-        Ok(())
-    })?;
-    // Point `latest` at the new checkpoint (write + rename: never torn).
+            bf16_model,
+        }
+    }
+}
+
+/// Writes `trainer_state.json` into `dir`: the training state, the
+/// optimizer's settings and, for a sharded optimizer state, its manifest.
+fn write_state(
+    dir: &Path,
+    state: &TrainingState,
+    meta: &OptimizerMeta,
+    shards: Option<&ShardManifest>,
+) -> Result<PathBuf, CheckpointError> {
+    let mut json = serde_json::json!({"state": state, "optimizer": meta});
+    if let Some(shards) = shards {
+        json["optimizer_shards"] = serde_json::to_value(shards).expect("manifest serializes");
+    }
+    let path = dir.join(STATE_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).map_err(io(&path))?;
+    Ok(path)
+}
+
+/// Points `run_dir/latest` at checkpoint `name` (write + rename: never torn).
+fn point_latest(run_dir: &Path, name: &str) -> Result<(), CheckpointError> {
     let latest = run_dir.join(LATEST_FILE);
     let tmp = run_dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, &name).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &latest).map_err(io(&latest))?;
+    std::fs::write(&tmp, name).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &latest).map_err(io(&latest))
+}
+
+/// How a data-parallel run's optimizer state is cut into per-rank files:
+/// the flat parameter vector (the layout's tensors one after another) in
+/// `files.len()` contiguous ranges, file r holding `exp_avg`, `exp_avg_sq`
+/// and (bf16 models) `master` of its range. Any world size can read it
+/// back ([`load_training_checkpoint`] reassembles the whole state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardManifest {
+    pub world_size: usize,
+    pub numel: usize,
+    pub files: Vec<String>,
+    /// `[start, end)` of each file's range.
+    pub ranges: Vec<(usize, usize)>,
+}
+
+impl ShardManifest {
+    pub fn new(numel: usize, world_size: usize) -> Self {
+        let ranges: Vec<(usize, usize)> = (0..world_size)
+            .map(|r| {
+                let range = super::zero::ShardedAdamW::range_of(numel, r, world_size);
+                (range.start, range.end)
+            })
+            .collect();
+        Self {
+            world_size,
+            numel,
+            files: (0..world_size)
+                .map(|r| shard_file_name(r, world_size))
+                .collect(),
+            ranges,
+        }
+    }
+}
+
+/// The optimizer shard file of rank `rank` of `world_size`.
+pub fn shard_file_name(rank: usize, world_size: usize) -> String {
+    format!("optimizer-rank{rank:05}-of-{world_size:05}.safetensors")
+}
+
+/// The temporary folder a data-parallel save fills before it is renamed
+/// into place (one name every rank derives; removed as a leftover if a
+/// save is interrupted).
+pub fn sharded_tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(format!(".{}.tmp-0", checkpoint_dir_name(step)))
+}
+
+/// One rank's part of a data-parallel save: its optimizer shard, written
+/// atomically into the save's temporary folder.
+pub fn write_optimizer_shard(
+    tmp: &Path,
+    zero: &super::zero::ShardedAdamW,
+    rank: usize,
+) -> Result<(), CheckpointError> {
+    let tables = [
+        ("exp_avg", Some(&zero.exp_avg)),
+        ("exp_avg_sq", Some(&zero.exp_avg_sq)),
+        ("master", zero.bf16_model.then_some(&zero.master)),
+    ];
+    let mut tensors = Vec::new();
+    for (name, values) in tables {
+        let Some(values) = values else { continue };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(CheckpointError::NonFinite {
+                name: format!("{name}[{}] (rank {rank})", zero.range.start + i),
+            });
+        }
+        tensors.push(OwnedTensor::f32(name, &[values.len()], values));
+    }
+    let path = tmp.join(shard_file_name(rank, zero.world_size));
+    write_atomic(&path, &tensors)?;
+    Ok(())
+}
+
+/// Rank 0's part of a data-parallel save, once every rank's shard is in
+/// `tmp`: the weights (Hub layout), the state with the shard manifest,
+/// then the rename into place and `latest`.
+pub fn finish_sharded_checkpoint(
+    run_dir: &Path,
+    tmp: &Path,
+    model: &Qwen25Vl,
+    optimizer: &AdamW,
+    zero: &super::zero::ShardedAdamW,
+    state: &TrainingState,
+) -> Result<PathBuf, CheckpointError> {
+    let name = checkpoint_dir_name(state.step);
+    let dest = run_dir.join(&name);
+    let manifest = ShardManifest::new(zero.numel, zero.world_size);
+    for file in &manifest.files {
+        if !tmp.join(file).is_file() {
+            return Err(CheckpointError::State {
+                path: tmp.join(file),
+                reason: "a rank's optimizer shard is missing".into(),
+            });
+        }
+    }
+    write_hub_weights(model, tmp, SaveDtype::F32, 2 << 30, &mut |_| {})?;
+    let mut meta = OptimizerMeta::of(optimizer, zero.bf16_model);
+    meta.optimizer_step = zero.step;
+    write_state(tmp, state, &meta, Some(&manifest))?;
+    if dest.exists() {
+        let old = run_dir.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(&dest, &old).map_err(io(&dest))?;
+        std::fs::rename(tmp, &dest).map_err(io(&dest))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(tmp, &dest).map_err(io(&dest))?;
+    }
+    point_latest(run_dir, &name)?;
     Ok(dest)
 }
 
@@ -406,6 +541,12 @@ pub fn load_training_checkpoint(
     };
     let mut optimizer = AdamW::new(&model.weights, cfg, meta.max_grad_norm, precision);
     optimizer.step = meta.optimizer_step;
+    if !json["optimizer_shards"].is_null() {
+        let manifest: ShardManifest = serde_json::from_value(json["optimizer_shards"].clone())
+            .map_err(|e| bad(format!("optimizer_shards: {e}")))?;
+        read_shards(dir, &manifest, &mut optimizer, &model.weights)?;
+        return Ok((model, optimizer, state));
+    }
     let opt = Checkpoint::open_file(&dir.join(OPTIMIZER_FILE))?;
     let read_all = |prefix: &str, layout: &ParamLayout| -> Result<Tensors, LoadError> {
         let data: Result<Vec<Vec<f32>>, LoadError> = layout
@@ -421,4 +562,61 @@ pub fn load_training_checkpoint(
         optimizer.master = Some(read_all("master", &model.layout)?);
     }
     Ok((model, optimizer, state))
+}
+
+/// The whole optimizer state from the shards of a data-parallel save, in
+/// `optimizer` (whose tables give the tensors' sizes).
+fn read_shards(
+    dir: &Path,
+    manifest: &ShardManifest,
+    optimizer: &mut AdamW,
+    weights: &Tensors,
+) -> Result<(), CheckpointError> {
+    let numel: usize = weights.0.iter().map(Vec::len).sum();
+    let state_path = dir.join(STATE_FILE);
+    let bad = |reason: String| CheckpointError::State {
+        path: state_path.clone(),
+        reason,
+    };
+    if manifest.numel != numel
+        || manifest.files.len() != manifest.ranges.len()
+        || manifest.ranges.first().map_or(numel != 0, |r| r.0 != 0)
+        || manifest.ranges.last().map_or(numel != 0, |r| r.1 != numel)
+        || manifest.ranges.windows(2).any(|w| w[0].1 != w[1].0)
+    {
+        return Err(bad(format!(
+            "optimizer_shards do not cover the model's {numel} parameters in order \
+             (manifest: {} parameters in {} ranges)",
+            manifest.numel,
+            manifest.ranges.len()
+        )));
+    }
+    let bf16_model = optimizer.master.is_some();
+    let mut names = vec!["exp_avg", "exp_avg_sq"];
+    if bf16_model {
+        names.push("master");
+    }
+    let mut flat: Vec<Vec<f32>> = names.iter().map(|_| Vec::with_capacity(numel)).collect();
+    for (file, &(start, end)) in manifest.files.iter().zip(&manifest.ranges) {
+        if file.contains('/') || file.contains('\\') {
+            return Err(bad(format!(
+                "shard file name `{file}` leaves the checkpoint"
+            )));
+        }
+        let shard = Checkpoint::open_file(&dir.join(file))?;
+        for (name, out) in names.iter().zip(flat.iter_mut()) {
+            out.extend(shard.read_f32(name, &[end - start])?);
+        }
+    }
+    let mut tables = flat.into_iter().map(|v| {
+        let mut t = Tensors(weights.0.iter().map(|w| vec![0.0; w.len()]).collect());
+        super::zero::unflatten(&v, &mut t);
+        t
+    });
+    optimizer.exp_avg = tables.next().expect("exp_avg");
+    optimizer.exp_avg_sq = tables.next().expect("exp_avg_sq");
+    if bf16_model {
+        optimizer.master = tables.next();
+    }
+    Ok(())
 }

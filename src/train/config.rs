@@ -162,6 +162,14 @@ pub struct TrainConfig {
     pub reward_command: Option<String>,
     /// Longest a reward_command batch may take, in seconds.
     pub reward_timeout_s: f64,
+    /// Multi-process runs: how the optimizer state is sharded over the
+    /// ranks. 2 (ZeRO-2): each rank owns 1/N of the fp32 gradients, master
+    /// weights and AdamW moments, and holds the whole bf16/fp32 model.
+    pub zero_stage: usize,
+    /// Multi-process runs: how long a rank waits for the others at a
+    /// collective before stopping with an error naming the missing ranks
+    /// (NCCL's default watchdog is 30 minutes).
+    pub collective_timeout_s: f64,
     pub output_dir: PathBuf,
     pub algo: AlgoName,
     pub seed: u64,
@@ -290,6 +298,8 @@ impl Default for TrainConfig {
             kl_estimator: KlEstimator::K3,
             reward_command: None,
             reward_timeout_s: 300.0,
+            zero_stage: 2,
+            collective_timeout_s: 1800.0,
             output_dir: PathBuf::from("runs/vppo"),
             algo: AlgoName::Vppo,
             seed: 1,
@@ -601,6 +611,27 @@ impl TrainConfig {
                 "reward_timeout_s = {} is out of range: it must be {range}",
                 self.reward_timeout_s
             ));
+        }
+        if let Err(range) = check_range(self.collective_timeout_s, 0.0, 1e6, false, true) {
+            return bad(format!(
+                "collective_timeout_s = {} is out of range: it must be {range}",
+                self.collective_timeout_s
+            ));
+        }
+        match self.zero_stage {
+            2 => {}
+            3 => {
+                return bad(
+                    "zero_stage = 3 (bf16 weights sharded and gathered per layer, FSDP) is not \
+                     built yet: use zero_stage = 2 (optimizer state and gradients sharded)"
+                        .into(),
+                )
+            }
+            other => {
+                return bad(format!(
+                    "zero_stage = {other} is out of range: it must be 2 (3 is not built yet)"
+                ))
+            }
         }
         if self
             .reward_command

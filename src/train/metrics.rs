@@ -118,7 +118,9 @@ pub enum MetricsError {
 
 pub struct MetricsLog {
     path: PathBuf,
-    file: std::fs::File,
+    /// None: a data-parallel rank other than 0, which keeps its records in
+    /// memory and writes nothing (rank 0 writes the log).
+    file: Option<std::fs::File>,
     pub records: Vec<StepMetrics>,
     pub val: Vec<ValMetrics>,
 }
@@ -205,15 +207,39 @@ impl MetricsLog {
             .map_err(io(path))?;
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
+            records,
+            val,
+        })
+    }
+
+    /// The records of `path` up to `keep_up_to` (none if it is absent),
+    /// kept in memory; nothing is ever written.
+    pub fn follow(path: &Path, keep_up_to: Option<u64>) -> Result<Self, MetricsError> {
+        let (mut records, mut val) = (Vec::new(), Vec::new());
+        if let (Some(step), true) = (keep_up_to, path.exists()) {
+            for r in read_records(path)? {
+                match r {
+                    Record::Step(m) if m.step <= step => records.push(m),
+                    Record::Val(v) if v.step <= step => val.push(v),
+                    _ => {}
+                }
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: None,
             records,
             val,
         })
     }
 
     fn append(&mut self, r: &Record) -> Result<(), MetricsError> {
-        writeln!(self.file, "{}", r.to_json()).map_err(io(&self.path))?;
-        self.file.flush().map_err(io(&self.path))
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        writeln!(file, "{}", r.to_json()).map_err(io(&self.path))?;
+        file.flush().map_err(io(&self.path))
     }
 
     pub fn push(&mut self, m: StepMetrics) -> Result<(), MetricsError> {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data_parallel;
 pub mod memory_plan;
 pub mod metrics;
 pub mod optimizer;
@@ -17,3 +18,4 @@ pub mod step;
 pub mod tensorboard;
 pub mod validation;
 pub mod warmup;
+pub mod zero;

@@ -71,6 +71,7 @@ mod tests {
             ],
             advantages: vec![0.0; kept],
             lens: vec![0; kept],
+            sample_ids: (0..kept).collect(),
             lp_old: Vec::new(),
             dependency: None,
             lp_ref: None,

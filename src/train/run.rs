@@ -10,6 +10,7 @@ use super::checkpoint::{
     CheckpointError, TrainingState,
 };
 use super::config::{AlgoName, ConfigError, TrainConfig};
+use super::data_parallel::{gather_rollouts, prompt_share, update_step};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics, ValMetrics};
 use super::optimizer::{AdamW, Policy, WeightPrecision};
 use super::refill::fill;
@@ -23,11 +24,13 @@ use super::step::{
 use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
 use super::validation::{self, ValError};
 use super::warmup::warmup_step;
+use super::zero::ShardedAdamW;
 use crate::backend::cpu::adamw::AdamWConfig;
 use crate::backend::{local_ordinal, open_local_gpu, Device};
 use crate::builtin::{write_model_dir, BuiltinError, CountingTask, TinySizes};
 use crate::data::prompt::PromptFormat;
 use crate::data::Columns;
+use crate::distributed::Collective;
 use crate::model::engine::Engine;
 use crate::model::Qwen25Vl;
 use crate::ops::cpu::CpuBackend;
@@ -170,6 +173,8 @@ pub struct RunSummary {
     pub last_validation: Option<(u64, f64)>,
     /// The checkpoint with the best validation accuracy (`best`).
     pub best: Option<PathBuf>,
+    /// This process's rank (0 in a single-process run); rank 0 reports.
+    pub rank: usize,
 }
 
 /// Mean reward over the first and last fifth of the steps.
@@ -368,20 +373,217 @@ fn next_prompts(
 }
 
 /// [`save`] after bringing the host's weights and optimizer state up to
-/// date with the device's (where the optimizer steps).
+/// date with the device's (where the optimizer steps); data-parallel ranks
+/// save together ([`save_sharded`]).
+#[allow(clippy::too_many_arguments)]
 fn save_from<B: Backend>(
     policy: &mut Policy<B>,
+    ranks: Option<&mut Ranks<'_>>,
     out: &Path,
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,
     state: &TrainingState,
     keep: usize,
     mark_best: bool,
-) -> Result<PathBuf, RunError> {
+) -> Result<Option<PathBuf>, RunError> {
     policy
         .sync_to_host(&mut pipeline.model.weights, optimizer)
         .map_err(|e| RunError::Device(format!("copying the weights back: {e}")))?;
-    save(out, &mut pipeline.model, optimizer, state, keep, mark_best)
+    match ranks {
+        None => save(out, &mut pipeline.model, optimizer, state, keep, mark_best).map(Some),
+        Some(ranks) => save_sharded(
+            ranks,
+            out,
+            &mut pipeline.model,
+            optimizer,
+            state,
+            keep,
+            mark_best,
+        ),
+    }
+}
+
+/// A data-parallel save: rank 0 makes the temporary folder, every rank
+/// writes its optimizer shard into it, rank 0 adds the weights and the
+/// state with the shard manifest and renames it into place. Each stage
+/// waits for every rank's outcome, so a rank that fails or dies leaves
+/// only a temporary folder (removed on resume) and the last checkpoint.
+fn save_sharded(
+    ranks: &mut Ranks<'_>,
+    out: &Path,
+    model: &mut Qwen25Vl,
+    optimizer: &AdamW,
+    state: &TrainingState,
+    keep: usize,
+    mark_best: bool,
+) -> Result<Option<PathBuf>, RunError> {
+    let rank = ranks.group.rank();
+    let tmp = super::checkpoint::sharded_tmp_dir(out, state.step);
+    let made = if rank == 0 {
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(io(&tmp))
+    } else {
+        Ok(())
+    };
+    all_ok(&mut *ranks.group, made)?;
+    let written =
+        super::checkpoint::write_optimizer_shard(&tmp, &ranks.zero, rank).map_err(RunError::from);
+    all_ok(&mut *ranks.group, written)?;
+    let finished = if rank == 0 {
+        super::checkpoint::finish_sharded_checkpoint(
+            out,
+            &tmp,
+            model,
+            optimizer,
+            &ranks.zero,
+            state,
+        )
+        .map_err(RunError::from)
+        .and_then(|dir| {
+            if mark_best {
+                retention::set_best(out, &dir)?;
+            }
+            retention::prune(out, &checkpoint_dirs(out)?, keep, &dir)?;
+            Ok(Some(dir))
+        })
+    } else {
+        Ok(None)
+    };
+    if finished.is_err() && rank == 0 {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let dir = all_ok(&mut *ranks.group, finished)?;
+    if let Some(dir) = &dir {
+        model.dir = dir.clone();
+    }
+    Ok(dir)
+}
+
+/// Every rank's outcome of a stage: this rank's value if all succeeded,
+/// else an error naming the first rank that failed and why.
+fn all_ok<T>(group: &mut dyn Collective, mine: Result<T, RunError>) -> Result<T, RunError> {
+    let message = match &mine {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    let all = group
+        .exchange(message.as_bytes())
+        .map_err(StepError::from)?;
+    let failed = all.iter().enumerate().find(|(_, m)| !m.is_empty());
+    match (mine, failed) {
+        (Ok(_), Some((rank, why))) => Err(RunError::Usage(format!(
+            "rank {rank} failed: {}",
+            String::from_utf8_lossy(why)
+        ))),
+        (mine, _) => mine,
+    }
+}
+
+/// Rank 0's `value` on every rank (a decision only rank 0 can take, such
+/// as a new best validation).
+fn agree(ranks: Option<&mut Ranks<'_>>, value: bool) -> Result<bool, RunError> {
+    let Some(ranks) = ranks else {
+        return Ok(value);
+    };
+    let mut v = [f32::from(u8::from(value))];
+    ranks.group.broadcast(&mut v, 0).map_err(StepError::from)?;
+    Ok(v[0] != 0.0)
+}
+
+/// A data-parallel rank's group and its shard of the optimizer state.
+struct Ranks<'g> {
+    group: &'g mut dyn Collective,
+    zero: ShardedAdamW,
+}
+
+impl<'g> Ranks<'g> {
+    fn new(group: &'g mut dyn Collective, parts: &RunParts) -> Result<Self, RunError> {
+        let zero = ShardedAdamW::from_full(
+            &parts.optimizer,
+            &parts.pipeline.model.weights,
+            group.rank(),
+            group.world_size(),
+        );
+        Ok(Self { group, zero })
+    }
+}
+
+/// Joins the run's group: none for a single process; NCCL (with its TCP
+/// rendezvous) for launched GPU ranks, TCP for launched CPU ranks.
+fn join_group(
+    membership: Membership,
+    cfg: &TrainConfig,
+) -> Result<Option<Box<dyn Collective>>, RunError> {
+    let timeout = std::time::Duration::from_secs_f64(cfg.collective_timeout_s);
+    match membership {
+        Membership::Single => Ok(None),
+        Membership::Given(group) if group.world_size() == 1 => Ok(None),
+        Membership::Given(group) => Ok(Some(group)),
+        Membership::Launched(world) => {
+            if cfg.device.resolve(false) == Device::Cuda {
+                let gpu = open_local_gpu().map_err(RunError::Device)?;
+                let group = crate::distributed::nccl::NcclGroup::join(&gpu, &world, timeout)
+                    .map_err(StepError::from)?;
+                return Ok(Some(Box::new(group)));
+            }
+            let group = crate::distributed::tcp::TcpGroup::join(
+                &world.master,
+                world.rank,
+                world.world_size,
+                timeout,
+            )
+            .map_err(StepError::from)?;
+            Ok(Some(Box::new(group)))
+        }
+    }
+}
+
+/// What a rank other than 0 starts from, once rank 0 has set the run up:
+/// the latest checkpoint if there is one (a resumed run, or the warm-up's),
+/// else the model rank 0 started from with a fresh optimizer.
+fn follow_setup(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+) -> Result<(RunParts, Option<Qwen25Vl>), RunError> {
+    let precision = cfg.precision.on(cfg.device.resolve(false));
+    let (pipeline, optimizer, state) = match latest_checkpoint(out)? {
+        Some(dir) => {
+            let (model, optimizer, state) = load_training_checkpoint(&dir)?;
+            (load_pipeline(&dir, model, cfg)?, optimizer, state)
+        }
+        None => {
+            let dir = cfg
+                .model
+                .clone()
+                .unwrap_or_else(|| out.join(BASE_MODEL_DIR));
+            let model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
+            let optimizer = new_optimizer(&model, cfg, cfg.lr, precision);
+            let state = TrainingState {
+                step: 0,
+                seed: cfg.seed,
+                data_position: 0,
+                extra: serde_json::json!({"rollout_batches": 0, "warmup_done": false}),
+            };
+            (load_pipeline(&dir, model, cfg)?, optimizer, state)
+        }
+    };
+    let metrics = MetricsLog::follow(&out.join(METRICS_FILE), resume.then_some(state.step))?;
+    let reference = if cfg.use_kl_loss {
+        // Rank 0 has written the built-in reference by now.
+        Some(reference_model(cfg, out, &pipeline.model, true)?)
+    } else {
+        None
+    };
+    let parts = RunParts {
+        pipeline,
+        optimizer,
+        state,
+        metrics,
+        val_data: None,
+        tensorboard: None,
+    };
+    Ok((parts, reference))
 }
 
 /// Validation during a run: the held-out data, the eval settings, and the
@@ -450,6 +652,8 @@ struct Progress {
     bar: ProgressBar,
     /// Plain lines instead of a bar when stderr is not a terminal (CI, logs).
     plain: bool,
+    /// A data-parallel rank other than 0: rank 0 speaks for the run.
+    silent: bool,
 }
 
 impl Progress {
@@ -467,10 +671,25 @@ impl Progress {
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        Self { bar, plain }
+        Self {
+            bar,
+            plain,
+            silent: false,
+        }
+    }
+
+    fn silent() -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            plain: false,
+            silent: true,
+        }
     }
 
     fn line(&self, text: &str) {
+        if self.silent {
+            return;
+        }
         if self.plain {
             eprintln!("{text}");
         } else {
@@ -481,6 +700,9 @@ impl Progress {
     /// A line that `--quiet` does not hide: something the user must know
     /// (skipped rows, skipped updates, removed leftovers).
     fn warn(&self, text: &str) {
+        if self.silent {
+            return;
+        }
         if self.bar.is_hidden() {
             eprintln!("{text}");
         } else {
@@ -499,16 +721,55 @@ pub fn run(
     resume: bool,
     show_progress: bool,
 ) -> Result<RunSummary, RunError> {
-    let started = Instant::now();
     let world =
         crate::distributed::World::from_env().map_err(|e| RunError::Usage(e.to_string()))?;
-    if world.is_distributed() {
-        // Every rank would otherwise train alone on the whole batch.
-        return Err(RunError::Usage(format!(
-            "this is rank {} of {} ({}), but data-parallel training is not wired into `train` yet; run one process (WORLD_SIZE=1)",
-            world.rank, world.world_size, world.launcher
-        )));
-    }
+    let membership = if world.is_distributed() {
+        Membership::Launched(world)
+    } else {
+        Membership::Single
+    };
+    run_as(
+        membership,
+        config_file,
+        overrides,
+        out,
+        resume,
+        show_progress,
+    )
+}
+
+/// How this process takes part in a run.
+pub enum Membership {
+    /// The whole run in this process.
+    Single,
+    /// A rank started by a launcher (torchrun, srun, `vppo-engine launch`):
+    /// it joins its group at the rendezvous (NCCL on GPUs, TCP on the CPU).
+    Launched(crate::distributed::World),
+    /// A rank handed its group (in-process ranks: tests, CPU runs).
+    Given(Box<dyn Collective>),
+}
+
+/// [`run`] as a member of a data-parallel group. Rank 0 checks and sets up
+/// the run directory, writes the metrics, the progress and the
+/// checkpoints' shared files; every rank rolls out its share of each batch,
+/// trains on its share of each step's micro-batches and writes its shard
+/// of the optimizer state. The run directory must be one every rank sees
+/// (one node, or a shared file system).
+pub fn run_as(
+    membership: Membership,
+    config_file: Option<&Path>,
+    overrides: &[String],
+    out: Option<&Path>,
+    resume: bool,
+    show_progress: bool,
+) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let rank = match &membership {
+        Membership::Single => 0,
+        Membership::Launched(world) => world.rank,
+        Membership::Given(group) => group.rank(),
+    };
+    let lead = rank == 0;
     let (cfg, out) = if resume {
         let out = out.ok_or_else(|| RunError::Usage("--resume needs the run directory".into()))?;
         let saved = out.join(CONFIG_FILE);
@@ -527,7 +788,7 @@ pub fn run(
         let out = out
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cfg.output_dir.clone());
-        if out.join(METRICS_FILE).exists() || out.join("latest").exists() {
+        if lead && (out.join(METRICS_FILE).exists() || out.join("latest").exists()) {
             return Err(RunError::Usage(format!(
                 "{} already holds a run: continue it with --resume {0}, or choose another --out",
                 out.display()
@@ -541,7 +802,9 @@ pub fn run(
             .map(PathBuf::as_path)
             .collect();
         // The lock file of a run starting there is answered by the lock below.
-        crate::outputs::check_new_dir("--out", &out, &inputs, &[super::run_dir::LOCK_FILE])?;
+        if lead {
+            crate::outputs::check_new_dir("--out", &out, &inputs, &[super::run_dir::LOCK_FILE])?;
+        }
         (cfg, out)
     };
     // Before anything is written or the warm-up runs, which can take long.
@@ -573,6 +836,24 @@ pub fn run(
         }
         _ => None,
     };
+    let mut group = join_group(membership, &cfg)?;
+    if let Some(group) = group.as_mut() {
+        if !lead {
+            // Rank 0 sets the run up; this rank starts from what it wrote.
+            group.barrier().map_err(StepError::from)?;
+            let (parts, reference) = follow_setup(&cfg, &out, resume)?;
+            let progress = Progress::silent();
+            return train_on_device(
+                parts,
+                reference,
+                Some(&mut **group),
+                &cfg,
+                &out,
+                &progress,
+                started,
+            );
+        }
+    }
     std::fs::create_dir_all(&out).map_err(io(&out))?;
     // Two runs in one directory would overwrite each other's checkpoints.
     let _lock = super::run_dir::lock(&out)?;
@@ -708,17 +989,56 @@ pub fn run(
         val_data,
         tensorboard,
     };
+    if let Some(group) = group.as_mut() {
+        // Everything the other ranks load is written.
+        group.barrier().map_err(StepError::from)?;
+        progress.line(&format!(
+            "data parallel over {} ranks, ZeRO-{} (each rank owns 1/{0} of the gradients, master weights and moments)",
+            group.world_size(),
+            cfg.zero_stage
+        ));
+    }
+    if let (Some(plan), true) = (gpu_plan.as_ref(), on_gpu) {
+        progress.line(&format!(
+            "memory plan: peak {:.2} GiB of the {:.2} GiB free on the GPU (`vppo-engine plan` prints the table)",
+            plan.peak_bytes() as f64 / (1u64 << 30) as f64,
+            plan.gpu_bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+    let _ = gpu_plan.take();
+    train_on_device(
+        parts,
+        reference,
+        group.as_mut().map(|g| &mut **g as &mut dyn Collective),
+        &cfg,
+        &out,
+        &progress,
+        started,
+    )
+}
+
+/// The training loop on the run's device and precision.
+fn train_on_device(
+    parts: RunParts,
+    reference: Option<Qwen25Vl>,
+    group: Option<&mut dyn Collective>,
+    cfg: &TrainConfig,
+    out: &Path,
+    progress: &Progress,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
+    let device = cfg.device.resolve(false);
+    let precision = cfg.precision.on(device);
+    let ranks = match group {
+        Some(group) => Some(Ranks::new(group, &parts)?),
+        None => None,
+    };
     match device {
         Device::Cuda => {
-            let plan = match gpu_plan.take() {
-                Some(plan) => plan,
-                None => super::memory_plan::check_local_gpu(&cfg, &parts.pipeline.model.config)?,
-            };
-            progress.line(&format!(
-                "memory plan: peak {:.2} GiB of the {:.2} GiB free on the GPU (`vppo-engine plan` prints the table)",
-                plan.peak_bytes() as f64 / (1u64 << 30) as f64,
-                plan.gpu_bytes as f64 / (1u64 << 30) as f64
-            ));
+            if cfg.model.is_none() {
+                // The built-in model's shapes are known once it is written.
+                super::memory_plan::check_local_gpu(cfg, &parts.pipeline.model.config)?;
+            }
             let gpu = open_local_gpu().map_err(RunError::Device)?;
             let name = gpu.context().name().unwrap_or_default();
             let engine = Engine::with_precision(gpu, &parts.pipeline.model, precision)
@@ -741,9 +1061,10 @@ pub fn run(
                 Policy::new(engine),
                 reference,
                 parts,
-                &cfg,
-                &out,
-                &progress,
+                ranks,
+                cfg,
+                out,
+                progress,
                 started,
             )
         }
@@ -755,11 +1076,11 @@ pub fn run(
             match precision {
                 Precision::Fp32 => {
                     let be = (CpuBackend, precision);
-                    cpu_train_loop(be, reference, parts, &cfg, &out, &progress, started)
+                    cpu_train_loop(be, reference, parts, ranks, cfg, out, progress, started)
                 }
                 Precision::Bf16 => {
                     let be = (CpuBf16Backend, precision);
-                    cpu_train_loop(be, reference, parts, &cfg, &out, &progress, started)
+                    cpu_train_loop(be, reference, parts, ranks, cfg, out, progress, started)
                 }
             }
         }
@@ -774,10 +1095,12 @@ fn precision_words(precision: Precision) -> &'static str {
 }
 
 /// [`train_loop`] on a CPU backend (`CpuBackend` for fp32, its bf16 twin).
+#[allow(clippy::too_many_arguments)]
 fn cpu_train_loop<B: Backend + Copy>(
     (be, precision): (B, Precision),
     reference: Option<Qwen25Vl>,
     parts: RunParts,
+    ranks: Option<Ranks<'_>>,
     cfg: &TrainConfig,
     out: &Path,
     progress: &Progress,
@@ -795,6 +1118,7 @@ fn cpu_train_loop<B: Backend + Copy>(
         Policy::new(engine),
         reference,
         parts,
+        ranks,
         cfg,
         out,
         progress,
@@ -863,10 +1187,12 @@ fn log_scalars<T: serde::Serialize>(
 
 /// The RL loop on the policy's backend: rollout batches, mini-batch
 /// updates, metrics and checkpoints until `max_steps` or the data ends.
+#[allow(clippy::too_many_arguments)]
 fn train_loop<B: Backend>(
     mut policy: Policy<B>,
     reference: Option<Engine<B>>,
     parts: RunParts,
+    mut ranks: Option<Ranks<'_>>,
     cfg: &TrainConfig,
     out: &Path,
     progress: &Progress,
@@ -949,15 +1275,30 @@ fn train_loop<B: Backend>(
                     return Ok(None);
                 }
                 let seed = rollout_seed(cfg.seed, rollout_index, attempt);
-                Ok(Some(collect_rollouts_with(
+                let Some(ranks) = ranks.as_mut() else {
+                    return Ok(Some(collect_rollouts_with(
+                        &pipeline,
+                        &policy.engine,
+                        reference.as_ref(),
+                        &prompts,
+                        0,
+                        &step_cfg,
+                        seed,
+                        reward.as_ref(),
+                    )?));
+                };
+                let share = prompt_share(prompts.len(), &*ranks.group);
+                let mine = collect_rollouts_with(
                     &pipeline,
                     &policy.engine,
                     reference.as_ref(),
-                    &prompts,
+                    &prompts[share.clone()],
+                    share.start,
                     &step_cfg,
                     seed,
                     reward.as_ref(),
-                )?))
+                )?;
+                Ok(Some(gather_rollouts(&mut *ranks.group, mine, &prompts)?))
             },
         )?;
         let gen_batches = filled.tries;
@@ -978,14 +1319,29 @@ fn train_loop<B: Backend>(
         let updates = update_plan(&mut rollouts, mini_groups, &step_cfg);
         for range in &updates {
             let t1 = Instant::now();
-            let u = update_parts_on(
-                &mut policy,
-                &mut pipeline.model.weights,
-                &mut optimizer,
-                &rollouts,
-                range,
-                &step_cfg,
-            )?;
+            let u = match ranks.as_mut() {
+                None => update_parts_on(
+                    &mut policy,
+                    &mut pipeline.model.weights,
+                    &mut optimizer,
+                    &rollouts,
+                    range,
+                    &step_cfg,
+                )?,
+                Some(ranks) => {
+                    let u = update_step(
+                        &mut policy,
+                        &mut pipeline.model.weights,
+                        &mut ranks.zero,
+                        &mut *ranks.group,
+                        &rollouts,
+                        range,
+                        &step_cfg,
+                    )?;
+                    optimizer.step = ranks.zero.step;
+                    u
+                }
+            };
             state.step += 1;
             // The optimizer already left the weights alone on a non-finite
             // gradient norm; a non-finite loss counts as skipped too.
@@ -1102,6 +1458,7 @@ fn train_loop<B: Backend>(
                 )?;
             }
         }
+        let new_best = agree(ranks.as_mut(), new_best)?;
         // A new best is saved now, whatever save_every says, so `best`
         // names the weights that were validated.
         if state.step / cfg.save_every as u64 > last_saved / cfg.save_every as u64
@@ -1110,6 +1467,7 @@ fn train_loop<B: Backend>(
         {
             save_from(
                 &mut policy,
+                ranks.as_mut(),
                 out,
                 &mut pipeline,
                 &mut optimizer,
@@ -1134,9 +1492,11 @@ fn train_loop<B: Backend>(
             )?;
         }
     }
+    let new_best = agree(ranks.as_mut(), new_best)?;
     if state.step != last_saved || new_best {
         save_from(
             &mut policy,
+            ranks.as_mut(),
             out,
             &mut pipeline,
             &mut optimizer,
@@ -1154,9 +1514,13 @@ fn train_loop<B: Backend>(
             .map_or("the built-in counting task".to_string(), |d| d.to_string()),
         state.step
     );
-    let plot = match super::plot::write_plot(&metrics.records, &metrics.val, &title, &plot) {
-        Ok(()) => Some(plot),
-        Err(e) => {
+    let lead = ranks.as_ref().is_none_or(|r| r.group.rank() == 0);
+    let written =
+        lead.then(|| super::plot::write_plot(&metrics.records, &metrics.val, &title, &plot));
+    let plot = match written {
+        None => None,
+        Some(Ok(())) => Some(plot),
+        Some(Err(e)) => {
             progress.warn(&format!("warning: no plot: {e}"));
             None
         }
@@ -1183,6 +1547,7 @@ fn train_loop<B: Backend>(
         skipped_steps: skips.total,
         last_validation: metrics.val.last().map(|v| (v.step, v.accuracy)),
         best: retention::best_checkpoint(out),
+        rank: ranks.as_ref().map_or(0, |r| r.group.rank()),
     })
 }
 

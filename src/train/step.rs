@@ -36,6 +36,9 @@ pub enum StepError {
     Reward(String),
     #[error("the KL loss is on, but the rollouts carry no reference log-probs")]
     NoReference,
+    /// A data-parallel rank failed, hung or disagreed.
+    #[error(transparent)]
+    Dist(#[from] crate::distributed::DistError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +161,9 @@ pub struct Rollouts {
     pub advantages: Vec<f32>,
     /// Response tokens per response.
     pub lens: Vec<usize>,
+    /// Each response's index in its generation batch (`prompt * n +
+    /// sample`): which prompt it answers.
+    pub sample_ids: Vec<usize>,
     pub lp_old: Vec<f32>,
     /// Token visual dependency (VPPO only), from the original and the
     /// perturbed-image pass with the rollout weights.
@@ -186,6 +192,7 @@ impl Rollouts {
         self.batch.extend(other.batch);
         self.advantages.extend(other.advantages);
         self.lens.extend(other.lens);
+        self.sample_ids.extend(other.sample_ids);
         self.lp_old.extend(other.lp_old);
         if let (Some(mine), Some(theirs)) = (&mut self.dependency, other.dependency) {
             mine.extend(theirs);
@@ -224,6 +231,7 @@ impl Rollouts {
         self.batch = order.iter().map(|&i| self.batch[i].clone()).collect();
         self.advantages = order.iter().map(|&i| self.advantages[i]).collect();
         self.lens = order.iter().map(|&i| self.lens[i]).collect();
+        self.sample_ids = order.iter().map(|&i| self.sample_ids[i]).collect();
     }
 
     /// Keeps the first `groups` groups (a full batch after refilling).
@@ -236,6 +244,7 @@ impl Rollouts {
         self.batch.truncate(keep);
         self.advantages.truncate(keep);
         self.lens.truncate(keep);
+        self.sample_ids.truncate(keep);
         self.lp_old.truncate(tokens);
         if let Some(dep) = &mut self.dependency {
             dep.truncate(tokens);
@@ -318,7 +327,16 @@ pub fn collect_rollouts_on<B: Backend>(
     cfg: &StepConfig,
     seed: u64,
 ) -> Result<Rollouts, StepError> {
-    collect_rollouts_with(pipeline, engine, None, prompts, cfg, seed, &AccuracyReward)
+    collect_rollouts_with(
+        pipeline,
+        engine,
+        None,
+        prompts,
+        0,
+        cfg,
+        seed,
+        &AccuracyReward,
+    )
 }
 
 /// The rewards of a batch of responses, in order, and a custom reward's
@@ -360,12 +378,16 @@ impl RewardFn for AccuracyReward {
 
 /// [`collect_rollouts_on`] with a reward function and, for the KL loss,
 /// the frozen `reference` model whose log-probs of every kept response are
-/// taken here (rollout phase).
+/// taken here (rollout phase). `prompts` start at index `first_prompt` of
+/// the generation batch (a data-parallel rank's share): a sample's tokens
+/// and its perturbation mask depend on its global (prompt, sample) only.
+#[allow(clippy::too_many_arguments)]
 pub fn collect_rollouts_with<B: Backend>(
     pipeline: &Pipeline,
     engine: &Engine<B>,
     reference: Option<&Engine<B>>,
     prompts: &[Prompt],
+    first_prompt: usize,
     cfg: &StepConfig,
     seed: u64,
     reward: &dyn RewardFn,
@@ -375,9 +397,9 @@ pub fn collect_rollouts_with<B: Backend>(
     let samples = {
         let _nvtx = crate::nvtx::range("rollout");
         let eos = eos_ids(&pipeline.model.dir);
-        Generator::new(engine, eos)
-            .with_limits(cfg.rollout)
-            .generate(&inputs, cfg.n, &cfg.sampling, cfg.max_new_tokens, seed)?
+        let mut generator = Generator::new(engine, eos).with_limits(cfg.rollout);
+        generator.first_prompt = first_prompt;
+        generator.generate(&inputs, cfg.n, &cfg.sampling, cfg.max_new_tokens, seed)?
     };
     let mut texts = Vec::with_capacity(samples.len());
     for s in &samples {
@@ -395,6 +417,8 @@ pub fn collect_rollouts_with<B: Backend>(
         rewards.iter().filter(|&&r| r >= 1.0).count() as f32 / rewards.len().max(1) as f32;
     let mut batch = Vec::new();
     let mut advantages = Vec::new();
+    // Each kept response's index in the whole generation batch.
+    let mut sample_ids = Vec::new();
     for (g, group) in rewards.chunks(cfg.n).enumerate() {
         if cfg
             .dynamic_sampling
@@ -405,6 +429,7 @@ pub fn collect_rollouts_with<B: Backend>(
         }
         stats.kept_groups += 1;
         advantages.extend(group_advantages(group, cfg.n));
+        sample_ids.extend((0..cfg.n).map(|i| (first_prompt + g) * cfg.n + i));
         for s in &samples[g * cfg.n..(g + 1) * cfg.n] {
             let mut input = prompts[g].input.clone();
             input.ids.extend(&s.token_ids);
@@ -420,7 +445,7 @@ pub fn collect_rollouts_with<B: Backend>(
         .collect();
     let generated: Vec<usize> = samples.iter().map(|s| s.token_ids.len()).collect();
     stats.mean_response_tokens = mean_len(&generated);
-    let (lp_old, dependency) = old_logprobs(pipeline, engine, &batch, cfg, seed)?;
+    let (lp_old, dependency) = old_logprobs(pipeline, engine, &batch, &sample_ids, cfg, seed)?;
     let lp_ref = match (reference, cfg.kl) {
         (Some(reference), Some(_)) => {
             let _nvtx = crate::nvtx::range("reference_logprobs");
@@ -438,6 +463,7 @@ pub fn collect_rollouts_with<B: Backend>(
         batch,
         advantages,
         lens,
+        sample_ids,
         lp_old,
         dependency,
         lp_ref,
@@ -448,11 +474,13 @@ pub fn collect_rollouts_with<B: Backend>(
 
 /// The old log-probs of every response of `batch`, and (VPPO) each token's
 /// visual dependency from a pass with perturbed images, with the weights
-/// that generated the responses.
+/// that generated the responses. `sample_ids[i]` names response i in its
+/// generation batch: its perturbation mask's seed.
 fn old_logprobs<B: Backend>(
     pipeline: &Pipeline,
     engine: &Engine<B>,
     batch: &[TrainSequence],
+    sample_ids: &[usize],
     cfg: &StepConfig,
     seed: u64,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>), StepError> {
@@ -464,7 +492,7 @@ fn old_logprobs<B: Backend>(
     });
     let exact = cfg.dependency == DependencyEstimator::ExactKl;
     // A fresh mask per response.
-    let mask_seed = |i: usize| seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mask_seed = |i: usize| seed ^ (sample_ids[i] as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let dependency_of = |a: &Logprobs, b: &Logprobs, kl: Option<Vec<f32>>| {
         kl.unwrap_or_else(|| visual_dependency(&a.logprobs, &b.logprobs))
     };
@@ -750,23 +778,123 @@ fn accumulate_parts<B: Backend>(
     parts: &[std::ops::Range<usize>],
     cfg: &StepConfig,
 ) -> Result<UpdateStats, StepError> {
+    let micro = micro_batches(rollouts, parts, cfg.micro_batch);
+    let sums =
+        accumulate_micro_batches(engine, rollouts, &micro, step_tokens(rollouts, parts), cfg)?;
+    Ok(sums.stats(rollouts, parts))
+}
+
+/// Response tokens of an optimizer step's parts (the loss's denominator).
+pub fn step_tokens(rollouts: &Rollouts, parts: &[std::ops::Range<usize>]) -> usize {
+    parts.iter().flat_map(|r| &rollouts.lens[r.clone()]).sum()
+}
+
+/// What the micro-batches of an optimizer step add up (over a
+/// data-parallel rank's share of them, before the ranks' sums are added).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateSums {
+    pub loss: f64,
+    /// Clipped response tokens.
+    pub clipped: f64,
+    pub neg_logprob: f64,
+    pub dependency: f64,
+    /// Response tokens TGF kept.
+    pub kept: f64,
+    pub kl: f64,
+    pub scale_min: f32,
+    pub scale_max: f32,
+}
+
+impl UpdateSums {
+    /// The sums as numbers ranks add, and the extremes ranks take the max
+    /// of (the minimum negated).
+    pub fn to_sums(&self) -> ([f64; 6], [f64; 2]) {
+        (
+            [
+                self.loss,
+                self.clipped,
+                self.neg_logprob,
+                self.dependency,
+                self.kept,
+                self.kl,
+            ],
+            [-(self.scale_min as f64), self.scale_max as f64],
+        )
+    }
+
+    pub fn from_sums(sums: [f64; 6], extremes: [f64; 2]) -> Self {
+        let [loss, clipped, neg_logprob, dependency, kept, kl] = sums;
+        Self {
+            loss,
+            clipped,
+            neg_logprob,
+            dependency,
+            kept,
+            kl,
+            scale_min: -extremes[0] as f32,
+            scale_max: extremes[1] as f32,
+        }
+    }
+
+    /// The step's statistics over `parts` (the optimizer's report empty).
+    pub fn stats(&self, rollouts: &Rollouts, parts: &[std::ops::Range<usize>]) -> UpdateStats {
+        let total_tokens = step_tokens(rollouts, parts);
+        let denom = total_tokens.max(1) as f64;
+        UpdateStats {
+            loss: self.loss,
+            clip_fraction: (self.clipped / denom) as f32,
+            entropy: self.neg_logprob / denom,
+            visual_dependency_mean: rollouts
+                .dependency
+                .as_ref()
+                .map(|_| self.dependency / denom),
+            kl_mean: rollouts.lp_ref.as_ref().map(|_| self.kl / denom),
+            tgf_kept_frac: (self.kept / denom) as f32,
+            adv_scale_min: self.scale_min,
+            adv_scale_max: self.scale_max,
+            response_tokens: total_tokens,
+            tokens: parts
+                .iter()
+                .flat_map(|r| &rollouts.batch[r.clone()])
+                .map(|s| s.input.ids.len())
+                .sum(),
+            optimizer: StepReport::default(),
+        }
+    }
+}
+
+/// The micro-batch loop over `micro` (an optimizer step's micro-batches,
+/// or a rank's share of them), the loss normalised by the whole step's
+/// `total_tokens`: gradients accumulate into the engine's.
+pub fn accumulate_micro_batches<B: Backend>(
+    engine: &mut Engine<B>,
+    rollouts: &Rollouts,
+    micro: &[MicroBatch],
+    total_tokens: usize,
+    cfg: &StepConfig,
+) -> Result<UpdateSums, StepError> {
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
-    let total_tokens: usize = parts.iter().map(|r| offset(r.end) - offset(r.start)).sum();
     let save = if cfg.recompute {
         Save::Inputs
     } else {
         Save::All
     };
-    let (mut loss, mut clipped, mut neg_logprob, mut dependency, mut kept) =
-        (0.0, 0.0, 0.0f64, 0.0f64, 0usize);
     let kl = match (cfg.kl, &rollouts.lp_ref) {
         (Some((estimator, coef)), Some(lp_ref)) => Some((estimator, coef, lp_ref)),
         (Some(_), None) => return Err(StepError::NoReference),
         _ => None,
     };
-    let mut kl_sum = 0.0f64;
-    let (mut scale_min, mut scale_max) = (f32::INFINITY, f32::NEG_INFINITY);
-    for (r, range) in micro_batches(rollouts, parts, cfg.micro_batch) {
+    let mut sums = UpdateSums {
+        loss: 0.0,
+        clipped: 0.0,
+        neg_logprob: 0.0,
+        dependency: 0.0,
+        kept: 0.0,
+        kl: 0.0,
+        scale_min: f32::INFINITY,
+        scale_max: f32::NEG_INFINITY,
+    };
+    for (r, range) in micro.iter().cloned() {
         let tok = offset(r.start)..offset(r.end);
         let shaping = Shaping::of(
             rollouts.dependency.as_ref().map(|d| &d[tok.clone()]),
@@ -776,11 +904,11 @@ fn accumulate_parts<B: Backend>(
             range,
         )
         .map_err(ModelError::from)?;
-        dependency += shaping.dependency_sum;
-        kept += shaping.kept_tokens();
+        sums.dependency += shaping.dependency_sum;
+        sums.kept += shaping.kept_tokens() as f64;
         for &s in &shaping.scales {
-            scale_min = scale_min.min(s);
-            scale_max = scale_max.max(s);
+            sums.scale_min = sums.scale_min.min(s);
+            sums.scale_max = sums.scale_max.max(s);
         }
         // The micro-batch's responses as packed batches under the token
         // budget; the shaping above stays the micro-batch's.
@@ -804,37 +932,19 @@ fn accumulate_parts<B: Backend>(
                 // On every response token (TGF masks only the policy term).
                 let k = estimator.loss(&lp_new, &lp_ref[tok.clone()], coef, total_tokens);
                 policy.loss += k.loss;
-                kl_sum += k.kl_sum;
+                sums.kl += k.kl_sum;
                 for (g, kg) in policy.token_grads.iter_mut().zip(&k.token_grads) {
                     *g += kg;
                 }
             }
-            loss += policy.loss;
-            clipped += policy.clip_fraction * tok.len() as f32;
-            neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
+            sums.loss += policy.loss;
+            sums.clipped += (policy.clip_fraction * tok.len() as f32) as f64;
+            sums.neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
             let zeros = vec![0.0; policy.token_grads.len()];
             engine.train_backward(&policy.token_grads, &zeros)?;
         }
     }
-    let denom = total_tokens.max(1) as f64;
-    let stats = UpdateStats {
-        loss,
-        clip_fraction: clipped / total_tokens.max(1) as f32,
-        entropy: neg_logprob / denom,
-        visual_dependency_mean: rollouts.dependency.as_ref().map(|_| dependency / denom),
-        kl_mean: kl.map(|_| kl_sum / denom),
-        tgf_kept_frac: (kept as f64 / denom) as f32,
-        adv_scale_min: scale_min,
-        adv_scale_max: scale_max,
-        response_tokens: total_tokens,
-        tokens: parts
-            .iter()
-            .flat_map(|r| &rollouts.batch[r.clone()])
-            .map(|s| s.input.ids.len())
-            .sum(),
-        optimizer: StepReport::default(),
-    };
-    Ok(stats)
+    Ok(sums)
 }
 
 /// Rollouts and one update over every kept group: the whole rollout batch
@@ -891,6 +1001,7 @@ mod tests {
             batch: Vec::new(),
             advantages: Vec::new(),
             lens: Vec::new(),
+            sample_ids: Vec::new(),
             lp_old: Vec::new(),
             dependency: Some(Vec::new()),
             lp_ref: None,
@@ -917,6 +1028,7 @@ mod tests {
                 });
                 r.advantages.push(tag);
                 r.lens.push(len);
+                r.sample_ids.push(g * n + i);
                 r.lp_old.extend(std::iter::repeat_n(tag, len));
                 r.dependency
                     .as_mut()
@@ -975,6 +1087,7 @@ mod tests {
             });
             r.advantages.push(i as f32);
             r.lens.push(len);
+            r.sample_ids.push(i);
             r.lp_old.extend(std::iter::repeat_n(i as f32, len));
             r.dependency
                 .as_mut()
