@@ -1,12 +1,12 @@
 //! Data-parallel training on the CPU with in-process ranks: 2 and 4 ranks
 //! land on the weights 1 rank reaches on the same global batch, a sharded
-//! checkpoint resumes at another world size, and a rank that leaves stops
+//! checkpoint resumes at another world size, and a rank that dies stops
 //! the others with an error that names it, the last checkpoint intact.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vppo_engine::distributed::threads::ThreadGroup;
-use vppo_engine::distributed::Collective;
+use vppo_engine::distributed::{Collective, DistError};
 use vppo_engine::model::Qwen25Vl;
 use vppo_engine::train::checkpoint::latest_checkpoint;
 use vppo_engine::train::metrics::read_metrics;
@@ -171,31 +171,189 @@ fn a_checkpoint_saved_at_four_ranks_resumes_at_two_and_continues_identically() {
     std::fs::remove_dir_all(&split).unwrap();
 }
 
-#[test]
-fn a_rank_that_leaves_stops_the_others_naming_it_and_the_checkpoint_survives() {
-    let dir = run_dir("leaver");
-    for r in run_ranks(2, &dir, &settings(&["max_steps=2"]), false) {
-        r.unwrap();
+/// A rank that dies (drops its handle, as a killed process closes its
+/// connections) after `calls` collectives.
+struct DiesAfter {
+    inner: Option<ThreadGroup>,
+    calls: usize,
+    rank: usize,
+    world: usize,
+}
+
+impl Collective for DiesAfter {
+    fn rank(&self) -> usize {
+        self.rank
     }
-    let before = latest_checkpoint(&dir).unwrap().unwrap();
-    let weights_before = weights(&dir);
-    // Resume on 2 ranks, but rank 1 leaves at once (its process died).
-    let mut groups = ThreadGroup::new(2, Duration::from_secs(60));
-    drop(groups.pop());
-    let rank0 = groups.pop().unwrap();
-    assert_eq!(rank0.rank(), 0);
-    let err = run_as(
-        Membership::Given(Box::new(rank0)),
-        None,
-        &["max_steps=6".to_string()],
-        Some(&dir),
-        true,
-        false,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("rank 1"), "{err}");
-    assert_eq!(latest_checkpoint(&dir).unwrap().unwrap(), before);
-    assert_eq!(weights(&dir), weights_before);
-    std::fs::remove_dir_all(&dir).unwrap();
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn exchange(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
+        if self.calls == 0 {
+            self.inner = None;
+            return Err(DistError::PeerLost { rank: self.rank });
+        }
+        self.calls -= 1;
+        self.inner.as_mut().expect("alive").exchange(mine)
+    }
+}
+
+#[test]
+fn a_rank_that_dies_mid_run_stops_the_others_and_the_run_resumes_from_its_last_checkpoint() {
+    // Deaths at different points: in the rollouts, the updates, a save.
+    for calls in [9, 150, 400] {
+        let dir = run_dir(&format!("dies{calls}"));
+        let o = settings(&["max_steps=6", "save_every=1"]);
+        let mut groups = ThreadGroup::new(2, Duration::from_secs(120));
+        let dying = DiesAfter {
+            inner: groups.pop(),
+            calls,
+            rank: 1,
+            world: 2,
+        };
+        let rank0 = groups.pop().unwrap();
+        let (lead, _) = std::thread::scope(|s| {
+            let o = &o;
+            let dir = &dir;
+            let a = s.spawn(move || {
+                run_as(
+                    Membership::Given(Box::new(rank0)),
+                    None,
+                    o,
+                    Some(dir),
+                    false,
+                    false,
+                )
+            });
+            let b = s.spawn(move || {
+                run_as(
+                    Membership::Given(Box::new(dying)),
+                    None,
+                    o,
+                    Some(dir),
+                    false,
+                    false,
+                )
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let err = lead.expect_err("rank 0 must stop").to_string();
+        assert!(err.contains("rank 1"), "after {calls} calls: {err}");
+        // The newest complete checkpoint loads, and the run resumes from
+        // it to the end on 2 healthy ranks.
+        let latest = latest_checkpoint(&dir)
+            .unwrap()
+            .expect("the warm-up's at least");
+        let (_, _, state) =
+            vppo_engine::train::checkpoint::load_training_checkpoint(&latest).unwrap();
+        eprintln!(
+            "died after {calls} collectives: last checkpoint at step {}",
+            state.step
+        );
+        for r in run_ranks(2, &dir, &["max_steps=6".to_string()], true) {
+            assert_eq!(r.unwrap().steps, 6);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// One ZeRO-2 step over 3 ranks, each holding a third of the gradient sum,
+/// lands on the weights one whole AdamW step gives on the summed gradient
+/// (clipping on), in fp32 and in bf16 (fp32 masters, bf16 weights).
+#[test]
+fn three_shards_step_like_one_whole_optimizer() {
+    use vppo_engine::backend::cpu::adamw::AdamWConfig;
+    use vppo_engine::model::engine::Engine;
+    use vppo_engine::model::params::Tensors;
+    use vppo_engine::ops::cpu::CpuBackend;
+    use vppo_engine::ops::cpu_bf16::CpuBf16Backend;
+    use vppo_engine::ops::{Backend, Precision};
+    use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
+    use vppo_engine::train::zero::ShardedAdamW;
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl/two_images");
+    let model = Qwen25Vl::load(&dir).unwrap();
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        ..AdamWConfig::default()
+    };
+    // Rank r's gradient: a fixed pattern, different per rank.
+    let grads: Vec<Tensors> = (0..3)
+        .map(|r| {
+            Tensors(
+                model
+                    .weights
+                    .0
+                    .iter()
+                    .enumerate()
+                    .map(|(t, w)| {
+                        (0..w.len())
+                            .map(|i| (((i * 7 + t * 3 + r * 5) % 11) as f32 - 5.0) * 1e-2)
+                            .collect()
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+
+    fn sharded<B: Backend + Copy + Send>(
+        be: B,
+        precision: Precision,
+        model: &Qwen25Vl,
+        grads: &[Tensors],
+        opt: &AdamW,
+    ) -> Vec<Vec<f32>> {
+        let groups = ThreadGroup::new(3, Duration::from_secs(60));
+        std::thread::scope(|s| {
+            let joins: Vec<_> = groups
+                .into_iter()
+                .zip(grads)
+                .map(|(mut g, mine)| {
+                    s.spawn(move || {
+                        let mut engine = Engine::with_precision(be, model, precision).unwrap();
+                        engine.grads = Some(mine.0.iter().map(|v| be.upload(v).unwrap()).collect());
+                        let (rank, world) = (g.rank(), g.world_size());
+                        let mut zero =
+                            ShardedAdamW::from_full(opt, &model.weights, &engine, rank, world)
+                                .unwrap();
+                        let report = zero.step(&mut engine, &mut g).unwrap();
+                        assert!(!report.skipped);
+                        let mut out = model.weights.clone();
+                        engine.download_weights(&mut out).unwrap();
+                        out.0.concat()
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        })
+    }
+
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let weight_precision = match precision {
+            Precision::Fp32 => WeightPrecision::Fp32,
+            Precision::Bf16 => WeightPrecision::Bf16Model,
+        };
+        let opt = AdamW::new(&model.weights, cfg, Some(0.5), weight_precision);
+        let mut whole = AdamW::new(&model.weights, cfg, Some(0.5), weight_precision);
+        let mut want = model.weights.clone();
+        let mut total = grads[0].clone();
+        for g in &grads[1..] {
+            for (a, b) in total.0.iter_mut().zip(&g.0) {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            }
+        }
+        let report = whole.step(&mut want, &mut total);
+        assert!(!report.skipped);
+        let want = want.0.concat();
+        let got = match precision {
+            Precision::Fp32 => sharded(CpuBackend, precision, &model, &grads, &opt),
+            Precision::Bf16 => sharded(CpuBf16Backend, precision, &model, &grads, &opt),
+        };
+        for rank in got {
+            let (gap, max_gap) = relative_gap(&rank, &want);
+            assert!(
+                gap < 1e-6 && max_gap < 1e-5,
+                "{precision:?}: {gap} {max_gap}"
+            );
+        }
+    }
 }

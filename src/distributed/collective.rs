@@ -118,6 +118,12 @@ pub trait Collective {
     fn barrier(&mut self) -> Result<(), DistError> {
         self.exchange(&[]).map(|_| ())
     }
+
+    /// The NCCL communicator, when the ranks are GPUs: device buffers move
+    /// between them there, never through the host.
+    fn nccl(&mut self) -> Option<&mut super::nccl::NcclGroup> {
+        None
+    }
 }
 
 fn check_len(rank: usize, got: usize, want: usize) -> Result<(), DistError> {

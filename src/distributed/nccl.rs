@@ -7,6 +7,8 @@ use super::tcp::TcpGroup;
 use super::{Collective, DistError, World};
 use crate::backend::cuda::CudaBackend;
 use crate::ops::cuda::DeviceBuf;
+use crate::ops::device_buf::Storage;
+use cudarc::driver::{CudaView, CudaViewMut};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use std::time::Duration;
 
@@ -128,6 +130,109 @@ impl NcclGroup {
     pub fn host(&mut self) -> &mut TcpGroup {
         &mut self.host
     }
+
+    /// The sum over ranks of `full` (an f32 tensor of any length L), of
+    /// which this rank keeps elements `[r*s, (r+1)*s)` in `shard` (f32, `s
+    /// = ceil(L / world_size)`; zeros past L), all on the device.
+    pub fn reduce_scatter_padded(
+        &self,
+        full: &DeviceBuf,
+        shard: &mut DeviceBuf,
+    ) -> Result<(), DistError> {
+        let (l, s, w) = (
+            crate::ops::Buffer::len(full),
+            crate::ops::Buffer::len(shard),
+            self.world_size(),
+        );
+        check_shard(l, s, w)?;
+        let stream = self.comm.stream();
+        let mut padded = stream
+            .alloc_zeros::<f32>(s * w)
+            .map_err(|e| nccl_error("alloc", e))?;
+        if l > 0 {
+            stream
+                .memcpy_dtod(&view(full)?, &mut padded.slice_mut(0..l))
+                .map_err(|e| nccl_error("copy", e))?;
+        }
+        self.comm
+            .reduce_scatter(&padded, &mut view_mut(shard)?, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("reduce-scatter", e))?;
+        Ok(())
+    }
+
+    /// Every rank's `shard` (f32 or bf16, `s = ceil(L / world_size)`
+    /// elements) into `full` (the same dtype, L elements), in rank order,
+    /// on the device.
+    pub fn all_gather_padded(
+        &self,
+        shard: &DeviceBuf,
+        full: &mut DeviceBuf,
+    ) -> Result<(), DistError> {
+        let (l, s, w) = (
+            crate::ops::Buffer::len(full),
+            crate::ops::Buffer::len(shard),
+            self.world_size(),
+        );
+        check_shard(l, s, w)?;
+        let mismatch = |e: crate::ops::Error| DistError::Setup(e.to_string());
+        match shard.storage() {
+            Storage::F32(src) => {
+                let dst = full.f32_mut().map_err(mismatch)?;
+                gather_padded(
+                    &self.comm,
+                    &src.slice(0..s),
+                    &mut dst.slice_mut(0..l),
+                    s * w,
+                )
+            }
+            Storage::Bf16(src) => {
+                let dst = full.bf16_mut().map_err(mismatch)?;
+                gather_padded(
+                    &self.comm,
+                    &src.slice(0..s),
+                    &mut dst.slice_mut(0..l),
+                    s * w,
+                )
+            }
+        }
+    }
+}
+
+fn check_shard(l: usize, s: usize, w: usize) -> Result<(), DistError> {
+    if s == l.div_ceil(w.max(1)) {
+        Ok(())
+    } else {
+        Err(DistError::Setup(format!(
+            "a tensor of {l} elements over {w} ranks has shards of {}, not {s}",
+            l.div_ceil(w.max(1))
+        )))
+    }
+}
+
+/// All-gathers `src` (one rank's shard) into a padded buffer of `padded`
+/// elements, then copies its first `dst.len()` into `dst`.
+fn gather_padded<T>(
+    comm: &Comm,
+    src: &CudaView<'_, T>,
+    dst: &mut CudaViewMut<'_, T>,
+    padded: usize,
+) -> Result<(), DistError>
+where
+    T: cudarc::nccl::safe::NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+{
+    let stream = comm.stream();
+    let mut all = stream
+        .alloc_zeros::<T>(padded)
+        .map_err(|e| nccl_error("alloc", e))?;
+    comm.all_gather(src, &mut all)
+        .map_err(|e| nccl_error("all-gather", e))?;
+    let n = dst.len();
+    if n > 0 {
+        stream
+            .memcpy_dtod(&all.slice(0..n), dst)
+            .map_err(|e| nccl_error("copy", e))?;
+    }
+    Ok(())
 }
 
 /// The host-side interface the trainer speaks: float collectives go
@@ -145,6 +250,10 @@ impl Collective for NcclGroup {
 
     fn exchange(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
         self.host.exchange(mine)
+    }
+
+    fn nccl(&mut self) -> Option<&mut NcclGroup> {
+        Some(self)
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), DistError> {

@@ -130,7 +130,7 @@ pub struct WeightGrads<'g, B: Buffer> {
 /// tokens, row-major, heads interleaved as `[T, heads, head_dim]`.
 pub trait Backend {
     /// An activation, weight or gradient.
-    type Buf: Buffer;
+    type Buf: Buffer + 'static;
     /// Row indices (`i32`), readable by the ops that gather and scatter.
     type Index;
     /// Token ids (`u32`) with their host copy (ids are validated there).

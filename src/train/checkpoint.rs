@@ -353,34 +353,24 @@ fn point_latest(run_dir: &Path, name: &str) -> Result<(), CheckpointError> {
 }
 
 /// How a data-parallel run's optimizer state is cut into per-rank files:
-/// the flat parameter vector (the layout's tensors one after another) in
-/// `files.len()` contiguous ranges, file r holding `exp_avg`, `exp_avg_sq`
-/// and (bf16 models) `master` of its range. Any world size can read it
-/// back ([`load_training_checkpoint`] reassembles the whole state).
+/// file r holds, for every parameter tensor of L elements, elements
+/// `[r * ceil(L / N), (r + 1) * ceil(L / N))` (those below L) of its
+/// `exp_avg`, `exp_avg_sq` and (bf16 models) `master`, named as in the
+/// single-process file. Any world size reads it back
+/// ([`load_training_checkpoint`] reassembles the whole state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardManifest {
     pub world_size: usize,
-    pub numel: usize,
     pub files: Vec<String>,
-    /// `[start, end)` of each file's range.
-    pub ranges: Vec<(usize, usize)>,
 }
 
 impl ShardManifest {
-    pub fn new(numel: usize, world_size: usize) -> Self {
-        let ranges: Vec<(usize, usize)> = (0..world_size)
-            .map(|r| {
-                let range = super::zero::ShardedAdamW::range_of(numel, r, world_size);
-                (range.start, range.end)
-            })
-            .collect();
+    pub fn new(world_size: usize) -> Self {
         Self {
             world_size,
-            numel,
             files: (0..world_size)
                 .map(|r| shard_file_name(r, world_size))
                 .collect(),
-            ranges,
         }
     }
 }
@@ -397,29 +387,48 @@ pub fn sharded_tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(format!(".{}.tmp-0", checkpoint_dir_name(step)))
 }
 
+/// This rank's shards of the optimizer state, one vector per parameter
+/// tensor (its owned elements only).
+pub struct OptimizerShard<'a> {
+    pub rank: usize,
+    pub world_size: usize,
+    /// None for an fp32 model (its weights are the masters).
+    pub master: Option<&'a [Vec<f32>]>,
+    pub exp_avg: &'a [Vec<f32>],
+    pub exp_avg_sq: &'a [Vec<f32>],
+}
+
 /// One rank's part of a data-parallel save: its optimizer shard, written
 /// atomically into the save's temporary folder.
 pub fn write_optimizer_shard(
     tmp: &Path,
-    zero: &super::zero::ShardedAdamW,
-    rank: usize,
+    layout: &ParamLayout,
+    shard: &OptimizerShard<'_>,
 ) -> Result<(), CheckpointError> {
     let tables = [
-        ("exp_avg", Some(&zero.exp_avg)),
-        ("exp_avg_sq", Some(&zero.exp_avg_sq)),
-        ("master", zero.bf16_model.then_some(&zero.master)),
+        ("exp_avg", Some(shard.exp_avg)),
+        ("exp_avg_sq", Some(shard.exp_avg_sq)),
+        ("master", shard.master),
     ];
     let mut tensors = Vec::new();
-    for (name, values) in tables {
-        let Some(values) = values else { continue };
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(CheckpointError::NonFinite {
-                name: format!("{name}[{}] (rank {rank})", zero.range.start + i),
-            });
+    for (prefix, table) in tables {
+        let Some(table) = table else { continue };
+        for (spec, values) in layout.specs.iter().zip(table) {
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(CheckpointError::NonFinite {
+                    name: format!("{prefix}.{} (rank {}'s shard)", spec.name, shard.rank),
+                });
+            }
+            if !values.is_empty() {
+                tensors.push(OwnedTensor::f32(
+                    &format!("{prefix}.{}", spec.name),
+                    &[values.len()],
+                    values,
+                ));
+            }
         }
-        tensors.push(OwnedTensor::f32(name, &[values.len()], values));
     }
-    let path = tmp.join(shard_file_name(rank, zero.world_size));
+    let path = tmp.join(shard_file_name(shard.rank, shard.world_size));
     write_atomic(&path, &tensors)?;
     Ok(())
 }
@@ -432,12 +441,13 @@ pub fn finish_sharded_checkpoint(
     tmp: &Path,
     model: &Qwen25Vl,
     optimizer: &AdamW,
-    zero: &super::zero::ShardedAdamW,
+    world_size: usize,
+    bf16_model: bool,
     state: &TrainingState,
 ) -> Result<PathBuf, CheckpointError> {
     let name = checkpoint_dir_name(state.step);
     let dest = run_dir.join(&name);
-    let manifest = ShardManifest::new(zero.numel, zero.world_size);
+    let manifest = ShardManifest::new(world_size);
     for file in &manifest.files {
         if !tmp.join(file).is_file() {
             return Err(CheckpointError::State {
@@ -447,8 +457,7 @@ pub fn finish_sharded_checkpoint(
         }
     }
     write_hub_weights(model, tmp, SaveDtype::F32, 2 << 30, &mut |_| {})?;
-    let mut meta = OptimizerMeta::of(optimizer, zero.bf16_model);
-    meta.optimizer_step = zero.step;
+    let meta = OptimizerMeta::of(optimizer, bf16_model);
     write_state(tmp, state, &meta, Some(&manifest))?;
     if dest.exists() {
         let old = run_dir.join(format!(".{name}.old-{}", std::process::id()));
@@ -544,7 +553,7 @@ pub fn load_training_checkpoint(
     if !json["optimizer_shards"].is_null() {
         let manifest: ShardManifest = serde_json::from_value(json["optimizer_shards"].clone())
             .map_err(|e| bad(format!("optimizer_shards: {e}")))?;
-        read_shards(dir, &manifest, &mut optimizer, &model.weights)?;
+        read_shards(dir, &manifest, &mut optimizer, &model.layout)?;
         return Ok((model, optimizer, state));
     }
     let opt = Checkpoint::open_file(&dir.join(OPTIMIZER_FILE))?;
@@ -570,53 +579,47 @@ fn read_shards(
     dir: &Path,
     manifest: &ShardManifest,
     optimizer: &mut AdamW,
-    weights: &Tensors,
+    layout: &ParamLayout,
 ) -> Result<(), CheckpointError> {
-    let numel: usize = weights.0.iter().map(Vec::len).sum();
-    let state_path = dir.join(STATE_FILE);
-    let bad = |reason: String| CheckpointError::State {
-        path: state_path.clone(),
-        reason,
-    };
-    if manifest.numel != numel
-        || manifest.files.len() != manifest.ranges.len()
-        || manifest.ranges.first().map_or(numel != 0, |r| r.0 != 0)
-        || manifest.ranges.last().map_or(numel != 0, |r| r.1 != numel)
-        || manifest.ranges.windows(2).any(|w| w[0].1 != w[1].0)
-    {
-        return Err(bad(format!(
-            "optimizer_shards do not cover the model's {numel} parameters in order \
-             (manifest: {} parameters in {} ranges)",
-            manifest.numel,
-            manifest.ranges.len()
-        )));
+    let world = manifest.world_size;
+    if world == 0 || manifest.files.len() != world {
+        return Err(CheckpointError::State {
+            path: dir.join(STATE_FILE),
+            reason: format!(
+                "optimizer_shards names {} files for a world of {world}",
+                manifest.files.len()
+            ),
+        });
+    }
+    let mut files = Vec::with_capacity(world);
+    for file in &manifest.files {
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(CheckpointError::State {
+                path: dir.join(STATE_FILE),
+                reason: format!("shard file name `{file}` leaves the checkpoint"),
+            });
+        }
+        files.push(Checkpoint::open_file(&dir.join(file))?);
     }
     let bf16_model = optimizer.master.is_some();
-    let mut names = vec!["exp_avg", "exp_avg_sq"];
+    let mut tables: Vec<(&str, &mut Tensors)> = vec![
+        ("exp_avg", &mut optimizer.exp_avg),
+        ("exp_avg_sq", &mut optimizer.exp_avg_sq),
+    ];
     if bf16_model {
-        names.push("master");
+        tables.push(("master", optimizer.master.as_mut().expect("bf16 model")));
     }
-    let mut flat: Vec<Vec<f32>> = names.iter().map(|_| Vec::with_capacity(numel)).collect();
-    for (file, &(start, end)) in manifest.files.iter().zip(&manifest.ranges) {
-        if file.contains('/') || file.contains('\\') {
-            return Err(bad(format!(
-                "shard file name `{file}` leaves the checkpoint"
-            )));
+    for (prefix, table) in tables {
+        for (spec, full) in layout.specs.iter().zip(table.0.iter_mut()) {
+            for (rank, file) in files.iter().enumerate() {
+                let range = super::zero::shard_range(full.len(), rank, world);
+                if range.is_empty() {
+                    continue;
+                }
+                let part = file.read_f32(&format!("{prefix}.{}", spec.name), &[range.len()])?;
+                full[range].copy_from_slice(&part);
+            }
         }
-        let shard = Checkpoint::open_file(&dir.join(file))?;
-        for (name, out) in names.iter().zip(flat.iter_mut()) {
-            out.extend(shard.read_f32(name, &[end - start])?);
-        }
-    }
-    let mut tables = flat.into_iter().map(|v| {
-        let mut t = Tensors(weights.0.iter().map(|w| vec![0.0; w.len()]).collect());
-        super::zero::unflatten(&v, &mut t);
-        t
-    });
-    optimizer.exp_avg = tables.next().expect("exp_avg");
-    optimizer.exp_avg_sq = tables.next().expect("exp_avg_sq");
-    if bf16_model {
-        optimizer.master = tables.next();
     }
     Ok(())
 }

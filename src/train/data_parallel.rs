@@ -13,9 +13,8 @@ use super::step::{
     accumulate_micro_batches, micro_batches, step_tokens, Prompt, Rollouts, StepConfig, StepError,
     StepStats, UpdateStats, UpdateSums,
 };
-use super::zero::{flatten, share, unflatten, ShardedAdamW};
+use super::zero::{share, ShardedAdamW, ZeroError};
 use crate::distributed::{Collective, DistError};
-use crate::model::params::Tensors;
 use crate::model::TrainSequence;
 use crate::ops::Backend;
 use std::ops::Range;
@@ -81,12 +80,11 @@ fn weighted_extra(extra: &[(String, f64, usize)]) -> Vec<(String, f64)> {
 
 /// One optimizer step of an [`super::step::update_plan`] over the ranks:
 /// this rank's share of the step's micro-batches forward and backward,
-/// the statistics summed over ranks, then the ZeRO-2 AdamW step; the
-/// updated weights land in `host` and the policy's engine on every rank.
+/// the statistics summed over ranks, then the ZeRO-2 AdamW step, which
+/// leaves the updated weights in the policy's engine on every rank.
 pub fn update_step<B: Backend>(
     policy: &mut Policy<B>,
-    host: &mut Tensors,
-    zero: &mut ShardedAdamW,
+    zero: &mut ShardedAdamW<B>,
     group: &mut dyn Collective,
     rollouts: &Rollouts,
     parts: &[Range<usize>],
@@ -110,15 +108,10 @@ pub fn update_step<B: Backend>(
         };
         return Ok(stats);
     }
-    let mut grads = Tensors::zeros(&policy.engine.layout);
-    policy.engine.take_grads(&mut grads)?;
-    let grads = flatten(&grads);
-    let mut weights = flatten(host);
-    stats.optimizer = zero.step(group, &grads, &mut weights)?;
-    if !stats.optimizer.skipped {
-        unflatten(&weights, host);
-        policy.engine.upload_weights(host)?;
-    }
+    stats.optimizer = zero.step(&mut policy.engine, group).map_err(|e| match e {
+        ZeroError::Dist(e) => StepError::Dist(e),
+        ZeroError::Model(e) => StepError::Model(e),
+    })?;
     Ok(stats)
 }
 

@@ -378,7 +378,7 @@ fn next_prompts(
 #[allow(clippy::too_many_arguments)]
 fn save_from<B: Backend>(
     policy: &mut Policy<B>,
-    ranks: Option<&mut Ranks<'_>>,
+    ranks: Option<&mut Ranks<'_, B>>,
     out: &Path,
     pipeline: &mut Pipeline,
     optimizer: &mut AdamW,
@@ -393,6 +393,7 @@ fn save_from<B: Backend>(
         None => save(out, &mut pipeline.model, optimizer, state, keep, mark_best).map(Some),
         Some(ranks) => save_sharded(
             ranks,
+            &policy.engine.be,
             out,
             &mut pipeline.model,
             optimizer,
@@ -408,8 +409,10 @@ fn save_from<B: Backend>(
 /// state with the shard manifest and renames it into place. Each stage
 /// waits for every rank's outcome, so a rank that fails or dies leaves
 /// only a temporary folder (removed on resume) and the last checkpoint.
-fn save_sharded(
-    ranks: &mut Ranks<'_>,
+#[allow(clippy::too_many_arguments)]
+fn save_sharded<B: Backend>(
+    ranks: &mut Ranks<'_, B>,
+    be: &B,
     out: &Path,
     model: &mut Qwen25Vl,
     optimizer: &AdamW,
@@ -426,8 +429,21 @@ fn save_sharded(
         Ok(())
     };
     all_ok(&mut *ranks.group, made)?;
-    let written =
-        super::checkpoint::write_optimizer_shard(&tmp, &ranks.zero, rank).map_err(RunError::from);
+    let written = ranks
+        .zero
+        .download(be)
+        .map_err(|e| RunError::Device(format!("copying the optimizer shard back: {e}")))
+        .and_then(|[master, exp_avg, exp_avg_sq]| {
+            let shard = super::checkpoint::OptimizerShard {
+                rank,
+                world_size: ranks.zero.world_size,
+                master: ranks.zero.bf16_model.then_some(master.as_slice()),
+                exp_avg: &exp_avg,
+                exp_avg_sq: &exp_avg_sq,
+            };
+            super::checkpoint::write_optimizer_shard(&tmp, &model.layout, &shard)
+                .map_err(RunError::from)
+        });
     all_ok(&mut *ranks.group, written)?;
     let finished = if rank == 0 {
         super::checkpoint::finish_sharded_checkpoint(
@@ -435,7 +451,8 @@ fn save_sharded(
             &tmp,
             model,
             optimizer,
-            &ranks.zero,
+            ranks.zero.world_size,
+            ranks.zero.bf16_model,
             state,
         )
         .map_err(RunError::from)
@@ -481,7 +498,7 @@ fn all_ok<T>(group: &mut dyn Collective, mine: Result<T, RunError>) -> Result<T,
 
 /// Rank 0's `value` on every rank (a decision only rank 0 can take, such
 /// as a new best validation).
-fn agree(ranks: Option<&mut Ranks<'_>>, value: bool) -> Result<bool, RunError> {
+fn agree<B: Backend>(ranks: Option<&mut Ranks<'_, B>>, value: bool) -> Result<bool, RunError> {
     let Some(ranks) = ranks else {
         return Ok(value);
     };
@@ -491,19 +508,27 @@ fn agree(ranks: Option<&mut Ranks<'_>>, value: bool) -> Result<bool, RunError> {
 }
 
 /// A data-parallel rank's group and its shard of the optimizer state.
-struct Ranks<'g> {
+struct Ranks<'g, B: Backend> {
     group: &'g mut dyn Collective,
-    zero: ShardedAdamW,
+    zero: ShardedAdamW<B>,
 }
 
-impl<'g> Ranks<'g> {
-    fn new(group: &'g mut dyn Collective, parts: &RunParts) -> Result<Self, RunError> {
-        let zero = ShardedAdamW::from_full(
-            &parts.optimizer,
-            &parts.pipeline.model.weights,
-            group.rank(),
-            group.world_size(),
-        );
+impl<'g, B: Backend> Ranks<'g, B> {
+    /// This rank's shard of `optimizer` (whose whole state is then
+    /// dropped: each rank keeps only its shard) on `engine`'s backend.
+    fn new(
+        group: &'g mut dyn Collective,
+        optimizer: &mut AdamW,
+        weights: &crate::model::params::Tensors,
+        engine: &Engine<B>,
+    ) -> Result<Self, RunError> {
+        let zero =
+            ShardedAdamW::from_full(optimizer, weights, engine, group.rank(), group.world_size())
+                .map_err(|e| RunError::Device(format!("sharding the optimizer state: {e}")))?;
+        let empty = crate::model::params::Tensors(Vec::new());
+        optimizer.exp_avg = empty.clone();
+        optimizer.exp_avg_sq = empty;
+        optimizer.master = None;
         Ok(Self { group, zero })
     }
 }
@@ -1029,10 +1054,6 @@ fn train_on_device(
 ) -> Result<RunSummary, RunError> {
     let device = cfg.device.resolve(false);
     let precision = cfg.precision.on(device);
-    let ranks = match group {
-        Some(group) => Some(Ranks::new(group, &parts)?),
-        None => None,
-    };
     match device {
         Device::Cuda => {
             if cfg.model.is_none() {
@@ -1061,7 +1082,7 @@ fn train_on_device(
                 Policy::new(engine),
                 reference,
                 parts,
-                ranks,
+                group,
                 cfg,
                 out,
                 progress,
@@ -1076,11 +1097,11 @@ fn train_on_device(
             match precision {
                 Precision::Fp32 => {
                     let be = (CpuBackend, precision);
-                    cpu_train_loop(be, reference, parts, ranks, cfg, out, progress, started)
+                    cpu_train_loop(be, reference, parts, group, cfg, out, progress, started)
                 }
                 Precision::Bf16 => {
                     let be = (CpuBf16Backend, precision);
-                    cpu_train_loop(be, reference, parts, ranks, cfg, out, progress, started)
+                    cpu_train_loop(be, reference, parts, group, cfg, out, progress, started)
                 }
             }
         }
@@ -1100,7 +1121,7 @@ fn cpu_train_loop<B: Backend + Copy>(
     (be, precision): (B, Precision),
     reference: Option<Qwen25Vl>,
     parts: RunParts,
-    ranks: Option<Ranks<'_>>,
+    group: Option<&mut dyn Collective>,
     cfg: &TrainConfig,
     out: &Path,
     progress: &Progress,
@@ -1118,7 +1139,7 @@ fn cpu_train_loop<B: Backend + Copy>(
         Policy::new(engine),
         reference,
         parts,
-        ranks,
+        group,
         cfg,
         out,
         progress,
@@ -1192,7 +1213,7 @@ fn train_loop<B: Backend>(
     mut policy: Policy<B>,
     reference: Option<Engine<B>>,
     parts: RunParts,
-    mut ranks: Option<Ranks<'_>>,
+    group: Option<&mut dyn Collective>,
     cfg: &TrainConfig,
     out: &Path,
     progress: &Progress,
@@ -1206,6 +1227,15 @@ fn train_loop<B: Backend>(
         val_data,
         mut tensorboard,
     } = parts;
+    let mut ranks = match group {
+        Some(group) => Some(Ranks::new(
+            group,
+            &mut optimizer,
+            &pipeline.model.weights,
+            &policy.engine,
+        )?),
+        None => None,
+    };
     let step_cfg = step_config(cfg);
     let mix_positions: Option<Vec<u64>> =
         serde_json::from_value(state.extra["data_positions"].clone()).ok();
@@ -1331,7 +1361,6 @@ fn train_loop<B: Backend>(
                 Some(ranks) => {
                     let u = update_step(
                         &mut policy,
-                        &mut pipeline.model.weights,
                         &mut ranks.zero,
                         &mut *ranks.group,
                         &rollouts,
