@@ -150,6 +150,17 @@ enum Command {
         /// Memory of the GPU, in GiB.
         #[arg(long, value_name = "GiB", default_value_t = 80.0, value_parser = cli_values::gib)]
         gpu_mem: f64,
+        /// Data-parallel GPUs the run is spread over: each rolls out its
+        /// share of the prompts and owns 1/N of the fp32 master weights and
+        /// AdamW moments (ZeRO-2). The plan is per GPU, and names the
+        /// fewest GPUs that fit.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        gpus: usize,
+        /// How the state is sharded over the GPUs (same as zero_stage=...):
+        /// 2 (optimizer state and gradients). Stage 3 (weights sharded too)
+        /// is not built yet.
+        #[arg(long, value_name = "S")]
+        zero_stage: Option<usize>,
         /// TOML training config; fields it leaves out keep their defaults.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -730,10 +741,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan {
             model,
             gpu_mem,
+            gpus,
+            zero_stage,
             config,
             mut overrides,
         } => {
-            use vppo_engine::train::memory_plan::{MemoryPlan, Workload};
+            use vppo_engine::train::memory_plan::{smallest_world, MemoryPlan, Workload};
+            if let Some(stage) = zero_stage {
+                overrides.push(format!("zero_stage={stage}"));
+            }
+            if gpus == 0 {
+                bail!("--gpus 0: a run needs at least one GPU");
+            }
             if let Some(model) = &model {
                 overrides.push(format!("model={:?}", model.display().to_string()));
             }
@@ -746,12 +765,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("no model: give --model DIR|CONFIG (e.g. configs/models/qwen2.5-vl-7b) or model= in the config");
             };
             let shapes = vppo_engine::model::config::ModelConfig::load(dir)?;
+            let gpu_bytes = (gpu_mem * (1u64 << 30) as f64) as u64;
+            let workload = Workload::of(&cfg, &shapes);
             let plan = MemoryPlan::new(
                 &shapes,
-                &Workload::of(&cfg, &shapes),
-                (gpu_mem * (1u64 << 30) as f64) as u64,
+                &workload.clone().on_gpus(gpus, cfg.rollout_batch),
+                gpu_bytes,
             );
             print!("{}", plan.render());
+            match smallest_world(&shapes, &workload, cfg.rollout_batch, gpu_bytes, 1024) {
+                Some(n) => println!(
+                    "fewest GPUs of {gpu_mem:.1} GiB that fit (ZeRO-{}): {n}",
+                    cfg.zero_stage
+                ),
+                None => println!(
+                    "no number of GPUs of {gpu_mem:.1} GiB fits with ZeRO-{}: the weights, \
+                     gradients and the largest phase that every GPU holds whole exceed it",
+                    cfg.zero_stage
+                ),
+            }
             if !plan.fits() {
                 std::process::exit(1);
             }

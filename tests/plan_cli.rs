@@ -61,3 +61,54 @@ fn a_missing_model_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--gpu-mem"), "{err}");
 }
+
+#[test]
+fn a_7b_run_fits_80_gib_gpus_from_four_with_zero2_and_the_plan_names_the_fewest() {
+    let run = [
+        "micro_batch=16",
+        "max_tokens_per_micro_batch=16384",
+        "max_prompt_tokens=512",
+        "max_response_tokens=512",
+        "max_pixels=200704",
+        "recompute=true",
+        "rollout_batch=32",
+        "mini_batch=32",
+    ];
+    let model = ["--model", "configs/models/qwen2.5-vl-7b"];
+    let one = plan(&[&model[..], &run[..]].concat());
+    let one_table = String::from_utf8_lossy(&one.stdout);
+    assert!(!one.status.success(), "{one_table}");
+    assert!(
+        one_table.contains("fewest GPUs of 80.0 GiB that fit (ZeRO-2): 4"),
+        "{one_table}"
+    );
+    let four = plan(&[&model[..], &["--gpus", "4"], &run[..]].concat());
+    let table = String::from_utf8_lossy(&four.stdout);
+    assert!(four.status.success(), "{table}");
+    for row in [
+        "per GPU of 4 data-parallel GPUs (ZeRO-2)",
+        "fp32 master weights (1/4 shard, ZeRO-2)",
+        "AdamW moments (fp32 m, v) (1/4 shard, ZeRO-2)",
+        "gradients (fp32, whole until the step's reduce-scatter)",
+        "optimizer step (ZeRO-2)",
+        "fits: yes",
+    ] {
+        assert!(table.contains(row), "missing `{row}`:\n{table}");
+    }
+    // The per-GPU state shrinks with the GPUs: 8 need less than 4.
+    let peak = |t: &str| -> f64 {
+        t.lines()
+            .find(|l| l.contains("peak:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .expect("a peak row")
+    };
+    let eight = plan(&[&model[..], &["--gpus", "8"], &run[..]].concat());
+    assert!(peak(&String::from_utf8_lossy(&eight.stdout)) < peak(&table));
+    let z3 = plan(&[&model[..], &["--gpus", "8", "--zero-stage", "3"], &run[..]].concat());
+    let err = String::from_utf8_lossy(&z3.stderr);
+    assert!(
+        !z3.status.success() && err.contains("zero_stage = 3"),
+        "{err}"
+    );
+}

@@ -91,7 +91,12 @@ pub struct Workload {
     /// Micro-batches of a scoring pass: 2 for VPPO's dual pass (originals
     /// and perturbed twins in one forward), else 1.
     pub scoring_copies: usize,
+    /// This rank's share of the rollout batch.
     pub rollout: RolloutBatch,
+    /// Data-parallel ranks (GPUs) the run is spread over: each rolls out
+    /// its share of the prompts and owns 1/N of the optimizer state
+    /// (ZeRO-2).
+    pub gpus: usize,
 }
 
 impl Workload {
@@ -132,7 +137,17 @@ impl Workload {
                 prompt_tokens: cfg.max_prompt_tokens,
                 response_tokens: cfg.max_response_tokens,
             },
+            gpus: 1,
         }
+    }
+
+    /// The same run spread over `gpus` data-parallel ranks: each rolls out
+    /// at most `ceil(rollout_batch / gpus)` prompts.
+    pub fn on_gpus(mut self, gpus: usize, rollout_batch: usize) -> Self {
+        let gpus = gpus.max(1);
+        self.gpus = gpus;
+        self.rollout.prompts = rollout_batch.div_ceil(gpus);
+        self
     }
 }
 
@@ -311,20 +326,60 @@ impl MemoryPlan {
             .map(|s| s.numel() as u64)
             .sum();
         let p = w.precision;
+        let n = w.gpus.max(1) as u64;
         let mut persistent = vec![row(format!("{} weights", p.name()), params * p.bytes())];
+        let share = if n > 1 {
+            format!(" (1/{n} shard, ZeRO-2)")
+        } else {
+            String::new()
+        };
         if p == Precision::Bf16 {
-            persistent.push(row("fp32 master weights", params * 4));
+            persistent.push(row(
+                format!("fp32 master weights{share}"),
+                (params * 4).div_ceil(n),
+            ));
         }
-        persistent.push(row("AdamW moments (fp32 m, v)", params * 8));
-        persistent.push(row("gradients (fp32)", params * 4));
+        persistent.push(row(
+            format!("AdamW moments (fp32 m, v){share}"),
+            (params * 8).div_ceil(n),
+        ));
+        persistent.push(row(
+            if n > 1 {
+                "gradients (fp32, whole until the step's reduce-scatter)"
+            } else {
+                "gradients (fp32)"
+            },
+            params * 4,
+        ));
         if w.reference {
             persistent.push(row("frozen reference model (KL loss)", params * p.bytes()));
         }
-        let phases = vec![
+        let mut phases = vec![
             training_phase(cfg, w),
             rollout_phase(cfg, w),
             scoring_phase(cfg, w),
         ];
+        if n > 1 {
+            let largest = layout
+                .specs
+                .iter()
+                .map(|s| s.numel() as u64)
+                .max()
+                .unwrap_or(0);
+            phases.push(Phase {
+                title: "optimizer step (ZeRO-2)".into(),
+                rows: vec![
+                    row(
+                        "this rank's gradient shards (fp32)",
+                        (params * 4).div_ceil(n),
+                    ),
+                    row(
+                        "padded reduce-scatter / all-gather buffer (largest tensor)",
+                        largest * 4 + (largest * 4).div_ceil(n),
+                    ),
+                ],
+            });
+        }
         Self {
             params,
             vision_params,
@@ -359,11 +414,16 @@ impl MemoryPlan {
         let _ = writeln!(
             s,
             "memory plan: {:.2}B parameters ({:.2}B vision tower, {:.2}B decoder and head), \
-             precision {}, one GPU of {:.1} GiB",
+             precision {}, {} of {:.1} GiB",
             self.params as f64 / 1e9,
             self.vision_params as f64 / 1e9,
             (self.params - self.vision_params) as f64 / 1e9,
             w.precision.name(),
+            if w.gpus > 1 {
+                format!("per GPU of {} data-parallel GPUs (ZeRO-2)", w.gpus)
+            } else {
+                "one GPU".to_string()
+            },
             gib(self.gpu_bytes)
         );
         let _ = writeln!(
@@ -375,10 +435,15 @@ impl MemoryPlan {
             mb.patches,
             if w.recompute { "on" } else { "off" }
         );
-        let _ = writeln!(
+        let _ =
+            writeln!(
             s,
-            "rollout batch: {} prompts x {} samples, up to {} prompt + {} response tokens each",
-            ro.prompts, ro.samples, ro.prompt_tokens, ro.response_tokens
+            "rollout batch{}: {} prompts x {} samples, up to {} prompt + {} response tokens each",
+            if w.gpus > 1 { " (this GPU's share)" } else { "" },
+            ro.prompts,
+            ro.samples,
+            ro.prompt_tokens,
+            ro.response_tokens
         );
         let line = |s: &mut String, label: &str, bytes: u64, note: &str| {
             let _ = writeln!(s, "  {label:<56} {:>10.2}{note}", gib(bytes));
@@ -437,8 +502,10 @@ impl MemoryPlan {
         let mut tips = Vec::new();
         if state > self.gpu_bytes {
             tips.push(
-                "the weights, optimizer state and gradients alone exceed the GPU: a smaller \
-                 model, or a GPU with more memory (optimizer-state sharding is not implemented)"
+                "the weights, optimizer state and gradients alone exceed the GPU: more GPUs \
+                 (`--gpus N` / a launch of N ranks shards the fp32 masters and moments, ZeRO-2; \
+                 the weights and gradients stay whole on every GPU), a smaller model, or a GPU \
+                 with more memory"
                     .to_string(),
             );
         }
@@ -466,6 +533,20 @@ impl MemoryPlan {
         }
         format!("to fit: {}", tips.join("; "))
     }
+}
+
+/// The fewest data-parallel GPUs of `gpu_bytes` each that fit the run
+/// (ZeRO-2), up to `limit`; `None` when the parts every GPU holds whole
+/// (weights, gradients, the largest phase) do not fit whatever the count.
+pub fn smallest_world(
+    cfg: &ModelConfig,
+    w: &Workload,
+    rollout_batch: usize,
+    gpu_bytes: u64,
+    limit: usize,
+) -> Option<usize> {
+    (1..=limit.max(1))
+        .find(|&n| MemoryPlan::new(cfg, &w.clone().on_gpus(n, rollout_batch), gpu_bytes).fits())
 }
 
 /// Forward + backward of one training micro-batch.
@@ -607,24 +688,36 @@ pub enum GpuPlanError {
 /// memory free there before the run allocates anything. (On the CPU
 /// backend no plan is enforced: host memory is the operating system's to
 /// give, and the host holds fp32 copies the device plan does not count.)
-pub fn check_local_gpu(cfg: &TrainConfig, model: &ModelConfig) -> Result<MemoryPlan, GpuPlanError> {
+pub fn check_local_gpu(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    world_size: usize,
+) -> Result<MemoryPlan, GpuPlanError> {
     let gpu = crate::backend::open_local_gpu().map_err(GpuPlanError::Device)?;
     let (free, _total) = gpu
         .context()
         .mem_get_info()
         .map_err(|e| GpuPlanError::Device(format!("reading the free memory: {e}")))?;
     drop(gpu);
-    check(cfg, model, free as u64, crate::backend::local_ordinal())
+    check(
+        cfg,
+        model,
+        world_size,
+        free as u64,
+        crate::backend::local_ordinal(),
+    )
 }
 
 /// The plan when it fits in `free_bytes`, else the table as the error.
 pub fn check(
     cfg: &TrainConfig,
     model: &ModelConfig,
+    world_size: usize,
     free_bytes: u64,
     ordinal: usize,
 ) -> Result<MemoryPlan, GpuPlanError> {
-    let plan = MemoryPlan::new(model, &Workload::of(cfg, model), free_bytes);
+    let workload = Workload::of(cfg, model).on_gpus(world_size, cfg.rollout_batch);
+    let plan = MemoryPlan::new(model, &workload, free_bytes);
     if plan.fits() {
         Ok(plan)
     } else {
@@ -915,8 +1008,8 @@ mod tests {
             mini_batch: 16,
             ..TrainConfig::default()
         };
-        let plan = check(&cfg, &shapes, 1 << 40, 0).expect("1 TiB holds the tiny model");
-        let err = check(&cfg, &shapes, plan.peak_bytes() - 1, 3).unwrap_err();
+        let plan = check(&cfg, &shapes, 1, 1 << 40, 0).expect("1 TiB holds the tiny model");
+        let err = check(&cfg, &shapes, 1, plan.peak_bytes() - 1, 3).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.starts_with("the run does not fit on CUDA device 3"),

@@ -789,10 +789,10 @@ pub fn run_as(
     show_progress: bool,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let rank = match &membership {
-        Membership::Single => 0,
-        Membership::Launched(world) => world.rank,
-        Membership::Given(group) => group.rank(),
+    let (rank, world_size) = match &membership {
+        Membership::Single => (0, 1),
+        Membership::Launched(world) => (world.rank, world.world_size),
+        Membership::Given(group) => (group.rank(), group.world_size()),
     };
     let lead = rank == 0;
     let (cfg, out) = if resume {
@@ -857,7 +857,9 @@ pub fn run_as(
         (Some(dir), true) => {
             let shapes = crate::model::config::ModelConfig::load(dir)
                 .map_err(|e| RunError::Usage(e.to_string()))?;
-            Some(super::memory_plan::check_local_gpu(&cfg, &shapes)?)
+            Some(super::memory_plan::check_local_gpu(
+                &cfg, &shapes, world_size,
+            )?)
         }
         _ => None,
     };
@@ -1058,7 +1060,8 @@ fn train_on_device(
         Device::Cuda => {
             if cfg.model.is_none() {
                 // The built-in model's shapes are known once it is written.
-                super::memory_plan::check_local_gpu(cfg, &parts.pipeline.model.config)?;
+                let world_size = group.as_ref().map_or(1, |g| g.world_size());
+                super::memory_plan::check_local_gpu(cfg, &parts.pipeline.model.config, world_size)?;
             }
             let gpu = open_local_gpu().map_err(RunError::Device)?;
             let name = gpu.context().name().unwrap_or_default();
