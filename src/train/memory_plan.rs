@@ -886,6 +886,7 @@ mod tests {
                 prompt_tokens: 20,
                 response_tokens: 13,
             },
+            gpus: 1,
         }
     }
 
@@ -924,6 +925,16 @@ mod tests {
         );
         let bytes: Vec<u64> = fp32.persistent.iter().map(|r| r.bytes).collect();
         assert_eq!(bytes, vec![887_936, 1_775_872, 887_936]);
+        // Over 4 GPUs (ZeRO-2): a quarter of the masters and moments, the
+        // weights and gradients whole, one of the 3 prompts' KV cache, and
+        // the optimizer step's shards and padded buffers as a phase.
+        let four = MemoryPlan::new(&cfg, &tiny_workload().on_gpus(4, 3), 1 << 30);
+        let bytes: Vec<u64> = four.persistent.iter().map(|r| r.bytes).collect();
+        assert_eq!(bytes, vec![443_968, 221_984, 443_968, 887_936, 443_968]);
+        assert!(four.phases[1].rows[0].label.contains("8 blocks"));
+        let step = four.phases.last().unwrap();
+        assert_eq!(step.title, "optimizer step (ZeRO-2)");
+        assert_eq!(step.rows[0].bytes, 221_984);
     }
 
     #[test]
