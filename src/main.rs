@@ -88,6 +88,14 @@ enum Command {
     /// (auto: bf16 on a GPU, fp32 on the CPU; the old bf16 = true|false
     /// still reads); max_gen_batches (0: regenerate until the batch is full);
     /// perturb_space (patches, or pixels as the reference).
+    ///
+    /// Started by a launcher (`vppo-engine launch --nproc-per-node N --
+    /// train ...`, torchrun, or srun), each process is one rank of a
+    /// data-parallel run: it rolls out its share of the prompts, trains on
+    /// its share of each step's micro-batches and owns 1/N of the optimizer
+    /// state (zero_stage = 2); GPUs talk through NCCL. collective_timeout_s
+    /// bounds how long a rank waits for a dead or hung one. Rank 0 writes
+    /// the metrics and the weights; every rank its optimizer shard.
     Train {
         /// TOML config file; fields it leaves out keep their defaults.
         #[arg(long)]
@@ -465,8 +473,9 @@ enum Command {
     /// Example: `vppo-engine launch --nproc-per-node 8 -- train --config c.toml`.
     /// Multi-node: once per node, with --nnodes, --node-rank and the first
     /// node's --master-addr. (torchrun and Slurm's srun work as well.)
-    /// Data-parallel training itself is not wired yet: `train` under a
-    /// launcher refuses to run with more than one rank.
+    /// `train` under it trains data-parallel (see `train --help`); on the
+    /// CPU, `launch --nproc-per-node 2 -- train` runs the built-in task on
+    /// 2 ranks.
     Launch {
         /// Ranks (GPUs) on this node.
         #[arg(long, default_value_t = 1)]
