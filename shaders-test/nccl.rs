@@ -15,7 +15,7 @@ use vppo_engine::ops::{Backend, DType, Precision};
 use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
 use vppo_engine::train::zero::ShardedAdamW;
 
-/// Rank 0 of a group of one, its rendezvous on a free port.
+/// Rank 0 of a group of one, its rendezvous on a port nobody holds now.
 fn solo_group(gpu: &CudaBackend) -> Result<NcclGroup, String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -33,17 +33,7 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "nccl world=1: rendezvous, all-reduce, reduce-scatter, all-gather".into(),
             run: Box::new(|gpu, rng| {
-                // A port nobody holds now, for rank 0's rendezvous listener.
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map_err(|e| e.to_string())?
-                    .port();
-                let world = World {
-                    master: format!("127.0.0.1:{port}"),
-                    ..World::single()
-                };
-                let group = NcclGroup::join(gpu, &world, Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                let group = solo_group(gpu)?;
                 let x = random(rng, 1000, 1.0);
                 let mut buf = gpu.upload(&x).map_err(|e| e.to_string())?;
                 group.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;

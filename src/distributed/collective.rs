@@ -68,13 +68,7 @@ pub trait Collective {
     /// this rank keeps shard `rank()` in `shard`.
     fn reduce_scatter_sum(&mut self, input: &[f32], shard: &mut [f32]) -> Result<(), DistError> {
         let n = shard.len();
-        if input.len() != n * self.world_size() {
-            return Err(DistError::Setup(format!(
-                "reduce-scatter of {} elements into shards of {n} over {} ranks",
-                input.len(),
-                self.world_size()
-            )));
-        }
+        check_sharded("reduce-scatter", input.len(), n, self.world_size())?;
         let all = self.exchange(bytemuck::cast_slice(input))?;
         sum_in_rank_order(&all, shard, self.rank() * n)
     }
@@ -82,13 +76,7 @@ pub trait Collective {
     /// Every rank's `shard`, in rank order, in `out` on every rank.
     fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<(), DistError> {
         let n = shard.len();
-        if out.len() != n * self.world_size() {
-            return Err(DistError::Setup(format!(
-                "all-gather of shards of {n} into {} elements over {} ranks",
-                out.len(),
-                self.world_size()
-            )));
-        }
+        check_sharded("all-gather", out.len(), n, self.world_size())?;
         let all = self.exchange(bytemuck::cast_slice(shard))?;
         for (rank, bytes) in all.iter().enumerate() {
             check_len(rank, bytes.len(), n * 4)?;
@@ -123,6 +111,22 @@ pub trait Collective {
     /// between them there, never through the host.
     fn nccl(&mut self) -> Option<&mut super::nccl::NcclGroup> {
         None
+    }
+}
+
+/// A whole of `total` elements must be `world` shards of `shard`.
+pub(crate) fn check_sharded(
+    what: &str,
+    total: usize,
+    shard: usize,
+    world: usize,
+) -> Result<(), DistError> {
+    if total == shard * world {
+        Ok(())
+    } else {
+        Err(DistError::Setup(format!(
+            "{what} of {total} elements in shards of {shard} over {world} ranks"
+        )))
     }
 }
 

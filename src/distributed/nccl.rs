@@ -3,12 +3,13 @@
 //! id and hands it to the others over the TCP rendezvous at
 //! MASTER_ADDR:MASTER_PORT; the same group then carries host-side metrics.
 
+use super::collective::check_sharded;
 use super::tcp::TcpGroup;
 use super::{Collective, DistError, World};
 use crate::backend::cuda::CudaBackend;
 use crate::ops::cuda::DeviceBuf;
 use crate::ops::device_buf::Storage;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use std::time::Duration;
 
@@ -99,12 +100,7 @@ impl NcclGroup {
             crate::ops::Buffer::len(shard),
             crate::ops::Buffer::len(input),
         );
-        if total != n * self.world_size() {
-            return Err(DistError::Setup(format!(
-                "reduce-scatter of {total} elements into shards of {n} over {} ranks",
-                self.world_size()
-            )));
-        }
+        check_sharded("reduce-scatter", total, n, self.world_size())?;
         self.comm
             .reduce_scatter(&view(input)?, &mut view_mut(shard)?, &ReduceOp::Sum)
             .map_err(|e| nccl_error("reduce-scatter", e))?;
@@ -114,12 +110,7 @@ impl NcclGroup {
     /// Every rank's `shard`, in rank order, into `out`.
     pub fn all_gather(&self, shard: &DeviceBuf, out: &mut DeviceBuf) -> Result<(), DistError> {
         let (n, total) = (crate::ops::Buffer::len(shard), crate::ops::Buffer::len(out));
-        if total != n * self.world_size() {
-            return Err(DistError::Setup(format!(
-                "all-gather of shards of {n} into {total} elements over {} ranks",
-                self.world_size()
-            )));
-        }
+        check_sharded("all-gather", total, n, self.world_size())?;
         self.comm
             .all_gather(&view(shard)?, &mut view_mut(out)?)
             .map_err(|e| nccl_error("all-gather", e))?;
@@ -260,75 +251,36 @@ impl Collective for NcclGroup {
         if buf.is_empty() {
             return self.barrier();
         }
-        let stream = self.comm.stream();
-        let mut dev = stream
-            .clone_htod(buf)
-            .map_err(|e| nccl_error("upload", e))?;
-        self.comm
-            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
-            .map_err(|e| nccl_error("all-reduce", e))?;
-        let back = stream
-            .clone_dtoh(&dev)
-            .map_err(|e| nccl_error("download", e))?;
-        buf.copy_from_slice(&back);
+        let sum = self.staged(buf, buf.len(), "all-reduce", |comm, src, dst| {
+            comm.all_reduce(src, dst, &ReduceOp::Sum)
+        })?;
+        buf.copy_from_slice(&sum);
         Ok(())
     }
 
     fn reduce_scatter_sum(&mut self, input: &[f32], shard: &mut [f32]) -> Result<(), DistError> {
-        let n = shard.len();
-        if input.len() != n * Collective::world_size(self) {
-            return Err(DistError::Setup(format!(
-                "reduce-scatter of {} elements into shards of {n} over {} ranks",
-                input.len(),
-                Collective::world_size(self)
-            )));
-        }
-        if n == 0 {
+        let world = Collective::world_size(self);
+        check_sharded("reduce-scatter", input.len(), shard.len(), world)?;
+        if shard.is_empty() {
             return self.barrier();
         }
-        let stream = self.comm.stream();
-        let dev_in = stream
-            .clone_htod(input)
-            .map_err(|e| nccl_error("upload", e))?;
-        let mut dev_out = stream
-            .alloc_zeros::<f32>(n)
-            .map_err(|e| nccl_error("alloc", e))?;
-        self.comm
-            .reduce_scatter(&dev_in, &mut dev_out, &ReduceOp::Sum)
-            .map_err(|e| nccl_error("reduce-scatter", e))?;
-        let back = stream
-            .clone_dtoh(&dev_out)
-            .map_err(|e| nccl_error("download", e))?;
-        shard.copy_from_slice(&back);
+        let mine = self.staged(input, shard.len(), "reduce-scatter", |comm, src, dst| {
+            comm.reduce_scatter(src, dst, &ReduceOp::Sum)
+        })?;
+        shard.copy_from_slice(&mine);
         Ok(())
     }
 
     fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<(), DistError> {
-        let n = shard.len();
-        if out.len() != n * Collective::world_size(self) {
-            return Err(DistError::Setup(format!(
-                "all-gather of shards of {n} into {} elements over {} ranks",
-                out.len(),
-                Collective::world_size(self)
-            )));
-        }
-        if n == 0 {
+        let world = Collective::world_size(self);
+        check_sharded("all-gather", out.len(), shard.len(), world)?;
+        if shard.is_empty() {
             return self.barrier();
         }
-        let stream = self.comm.stream();
-        let dev_in = stream
-            .clone_htod(shard)
-            .map_err(|e| nccl_error("upload", e))?;
-        let mut dev_out = stream
-            .alloc_zeros::<f32>(out.len())
-            .map_err(|e| nccl_error("alloc", e))?;
-        self.comm
-            .all_gather(&dev_in, &mut dev_out)
-            .map_err(|e| nccl_error("all-gather", e))?;
-        let back = stream
-            .clone_dtoh(&dev_out)
-            .map_err(|e| nccl_error("download", e))?;
-        out.copy_from_slice(&back);
+        let all = self.staged(shard, out.len(), "all-gather", |comm, src, dst| {
+            comm.all_gather(src, dst)
+        })?;
+        out.copy_from_slice(&all);
         Ok(())
     }
 
@@ -336,17 +288,40 @@ impl Collective for NcclGroup {
         if buf.is_empty() {
             return self.barrier();
         }
-        let stream = self.comm.stream();
-        let mut dev = stream
-            .clone_htod(buf)
-            .map_err(|e| nccl_error("upload", e))?;
-        self.comm
-            .broadcast_in_place(&mut dev, root as i32)
-            .map_err(|e| nccl_error("broadcast", e))?;
-        let back = stream
-            .clone_dtoh(&dev)
-            .map_err(|e| nccl_error("download", e))?;
-        buf.copy_from_slice(&back);
+        let theirs = self.staged(buf, buf.len(), "broadcast", |comm, src, dst| {
+            comm.broadcast(Some(src), dst, root as i32)
+        })?;
+        buf.copy_from_slice(&theirs);
         Ok(())
+    }
+}
+
+impl NcclGroup {
+    /// `input` staged on this GPU, `op` run by NCCL from it into a buffer
+    /// of `out_len`, and that buffer brought back: host values between
+    /// GPUs through NCCL only.
+    fn staged(
+        &self,
+        input: &[f32],
+        out_len: usize,
+        what: &str,
+        op: impl FnOnce(
+            &Comm,
+            &CudaSlice<f32>,
+            &mut CudaSlice<f32>,
+        )
+            -> Result<cudarc::nccl::result::NcclStatus, cudarc::nccl::result::NcclError>,
+    ) -> Result<Vec<f32>, DistError> {
+        let stream = self.comm.stream();
+        let src = stream
+            .clone_htod(input)
+            .map_err(|e| nccl_error("upload", e))?;
+        let mut dst = stream
+            .alloc_zeros::<f32>(out_len)
+            .map_err(|e| nccl_error("alloc", e))?;
+        op(&self.comm, &src, &mut dst).map_err(|e| nccl_error(what, e))?;
+        stream
+            .clone_dtoh(&dst)
+            .map_err(|e| nccl_error("download", e))
     }
 }

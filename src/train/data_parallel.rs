@@ -8,10 +8,10 @@
 //! shards ([`super::zero`]). Rank-order sums make every rank hold the same
 //! bits, and make the result match one process to rounding.
 
-use super::optimizer::{Policy, StepReport};
+use super::optimizer::Policy;
 use super::step::{
-    accumulate_micro_batches, micro_batches, step_tokens, Prompt, Rollouts, StepConfig, StepError,
-    StepStats, UpdateStats, UpdateSums,
+    accumulate_micro_batches, micro_batches, skip_non_finite_loss, step_tokens, Prompt, Rollouts,
+    StepConfig, StepError, StepStats, UpdateStats, UpdateSums,
 };
 use super::zero::{share, ShardedAdamW, ZeroError};
 use crate::distributed::{Collective, DistError};
@@ -99,13 +99,8 @@ pub fn update_step<B: Backend>(
     group.all_reduce_sum_f64(&mut sums)?;
     group.all_reduce_max_f64(&mut extremes)?;
     let mut stats = UpdateSums::from_sums(sums, extremes).stats(rollouts, parts);
-    if !stats.loss.is_finite() {
-        // Every rank sees the same summed loss, so all skip together.
-        policy.engine.zero_grads()?;
-        stats.optimizer = StepReport {
-            grad_norm: f64::NAN,
-            skipped: true,
-        };
+    // Every rank sees the same summed loss, so all skip together.
+    if skip_non_finite_loss(&mut policy.engine, &mut stats)? {
         return Ok(stats);
     }
     stats.optimizer = zero.step(&mut policy.engine, group).map_err(|e| match e {

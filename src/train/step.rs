@@ -639,18 +639,29 @@ pub fn update_parts_on<B: Backend>(
 ) -> Result<UpdateStats, StepError> {
     let _nvtx = crate::nvtx::range("update");
     let mut stats = accumulate_parts(&mut policy.engine, rollouts, parts, cfg)?;
-    if !stats.loss.is_finite() {
-        // A non-finite loss poisons the gradients: skip the step, as a
-        // non-finite gradient norm does.
-        policy.engine.zero_grads()?;
-        stats.optimizer = StepReport {
-            grad_norm: f64::NAN,
-            skipped: true,
-        };
+    if skip_non_finite_loss(&mut policy.engine, &mut stats)? {
         return Ok(stats);
     }
     stats.optimizer = policy.optimizer_step(optimizer, host)?;
     Ok(stats)
+}
+
+/// A non-finite loss poisons the gradients: the step is skipped (the
+/// gradients zeroed, the report marked), as a non-finite gradient norm
+/// skips it. True when it was.
+pub fn skip_non_finite_loss<B: Backend>(
+    engine: &mut Engine<B>,
+    stats: &mut UpdateStats,
+) -> Result<bool, StepError> {
+    if stats.loss.is_finite() {
+        return Ok(false);
+    }
+    engine.zero_grads()?;
+    stats.optimizer = StepReport {
+        grad_norm: f64::NAN,
+        skipped: true,
+    };
+    Ok(true)
 }
 
 /// The reference's update layout over a full rollout batch: the responses
