@@ -89,6 +89,9 @@ pub fn cases() -> Vec<Case> {
                         }
                     }
                 }
+                group
+                    .wait("the padded collectives")
+                    .map_err(|e| e.to_string())?;
                 let mut host = random(rng, 33, 1.0);
                 let want = host.clone();
                 Collective::all_reduce_sum(&mut group, &mut host).map_err(|e| e.to_string())?;

@@ -110,3 +110,49 @@ fn one_rank_runs_the_command_as_is() {
         .trim_end()
         .ends_with('1'));
 }
+
+/// Ranks started as torchrun starts them: its agent holds MASTER_PORT
+/// (for its own store) and tells the workers so.
+#[test]
+fn torchrun_ranks_rendezvous_beside_the_agents_store() {
+    let agent_store = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = agent_store.local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("vppo-torchrun-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            engine()
+                .args(["train", "--quiet", "--out"])
+                .arg(dir.join("run"))
+                .args([
+                    "warmup_steps=20",
+                    "rollout_batch=2",
+                    "mini_batch=2",
+                    "group_size=2",
+                    "max_steps=1",
+                    "collective_timeout_s=120",
+                ])
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in ranks {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(agent_store);
+    assert!(dir.join("run/metrics.jsonl").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

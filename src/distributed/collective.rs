@@ -24,6 +24,9 @@ pub enum DistError {
         got: usize,
         want: usize,
     },
+    /// Every rank answers, but a device collective did not complete.
+    #[error("{what} did not complete within {timeout:?} (collective_timeout_s), though every rank answers on the rendezvous: a GPU or the network between them hangs")]
+    Stalled { what: String, timeout: Duration },
     #[error("collective setup: {0}")]
     Setup(String),
     #[error("collective i/o with rank {rank}: {message}")]

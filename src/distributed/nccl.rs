@@ -11,12 +11,14 @@ use crate::ops::cuda::DeviceBuf;
 use crate::ops::device_buf::Storage;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct NcclGroup {
     comm: Comm,
     /// The rendezvous group, kept for host-side values (metrics, counts).
     host: TcpGroup,
+    /// How long [`NcclGroup::wait`] lets queued collectives run.
+    timeout: Duration,
 }
 
 fn nccl_error(what: &str, e: impl std::fmt::Debug) -> DistError {
@@ -70,7 +72,11 @@ impl NcclGroup {
             Id::uninit(internal),
         )
         .map_err(|e| nccl_error("communicator init", e))?;
-        Ok(NcclGroup { comm, host })
+        Ok(NcclGroup {
+            comm,
+            host,
+            timeout,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -120,6 +126,48 @@ impl NcclGroup {
     /// The host group (rendezvous) for host-side values.
     pub fn host(&mut self) -> &mut TcpGroup {
         &mut self.host
+    }
+
+    /// Waits until the collectives queued so far have completed, for at
+    /// most the collective timeout. A collective whose peer died or hangs
+    /// never completes; past the timeout this returns the error naming the
+    /// ranks the rendezvous group cannot reach (a dead process's connection
+    /// is closed), and dropping the group then aborts the communicator
+    /// (`ncclCommAbort`), which frees this GPU. Without this a rank would
+    /// block forever in the next synchronisation.
+    pub fn wait(&mut self, what: &str) -> Result<(), DistError> {
+        let stream = self.comm.stream();
+        let done = stream
+            .record_event(None)
+            .map_err(|e| nccl_error("event", e))?;
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        while !done.is_complete() {
+            if started.elapsed() >= self.timeout {
+                return Err(self.blame(what));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Why a collective did not complete: the ranks that do not answer on
+    /// the rendezvous group (its barrier, given a short while), else a
+    /// stall every rank is alive for.
+    fn blame(&mut self, what: &str) -> DistError {
+        let short = Duration::from_secs(10).min(self.timeout);
+        let answered = self
+            .host
+            .set_timeout(short)
+            .and_then(|_| self.host.barrier());
+        match answered {
+            Err(e) => e,
+            Ok(()) => DistError::Stalled {
+                what: format!("NCCL {what}"),
+                timeout: self.timeout,
+            },
+        }
     }
 
     /// The sum over ranks of `full` (an f32 tensor of any length L), of
@@ -301,7 +349,7 @@ impl NcclGroup {
     /// of `out_len`, and that buffer brought back: host values between
     /// GPUs through NCCL only.
     fn staged(
-        &self,
+        &mut self,
         input: &[f32],
         out_len: usize,
         what: &str,
@@ -320,6 +368,7 @@ impl NcclGroup {
             .alloc_zeros::<f32>(out_len)
             .map_err(|e| nccl_error("alloc", e))?;
         op(&self.comm, &src, &mut dst).map_err(|e| nccl_error(what, e))?;
+        self.wait(what)?;
         stream
             .clone_dtoh(&dst)
             .map_err(|e| nccl_error("download", e))

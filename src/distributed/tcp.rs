@@ -59,6 +59,17 @@ impl TcpGroup {
         TcpGroup::finish(0, world_size, timeout, peers)
     }
 
+    /// How long a rank waits for the others from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), DistError> {
+        for p in &self.peers {
+            p.set_read_timeout(Some(timeout))
+                .and_then(|_| p.set_write_timeout(Some(timeout)))
+                .map_err(|e| DistError::Setup(format!("socket options: {e}")))?;
+        }
+        self.timeout = timeout;
+        Ok(())
+    }
+
     fn finish(
         rank: usize,
         world_size: usize,

@@ -131,7 +131,15 @@ fn torchrun(var: &impl Fn(&str) -> Option<String>) -> Result<World, WorldError> 
     let world_size = required(var, L, "WORLD_SIZE")?;
     let rank = required(var, L, "RANK")?;
     let local_rank = number(var, L, "LOCAL_RANK")?.unwrap_or(0);
-    let master = master(var, L, var("MASTER_ADDR"), world_size)?;
+    let mut master = master(var, L, var("MASTER_ADDR"), world_size)?;
+    if var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        // torchrun's agent holds MASTER_PORT for its own store: rank 0
+        // listens on the next port.
+        master = next_port(&master).ok_or_else(|| WorldError {
+            launcher: L,
+            message: format!("MASTER_PORT of {master} leaves no next port for the rendezvous"),
+        })?;
+    }
     check(World {
         rank,
         local_rank,
@@ -139,6 +147,13 @@ fn torchrun(var: &impl Fn(&str) -> Option<String>) -> Result<World, WorldError> 
         master,
         launcher: L,
     })
+}
+
+/// `host:port` with the port after it.
+fn next_port(master: &str) -> Option<String> {
+    let (host, port) = master.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{host}:{}", port.checked_add(1)?))
 }
 
 fn slurm(var: &impl Fn(&str) -> Option<String>) -> Result<World, WorldError> {
@@ -219,6 +234,16 @@ mod tests {
         assert_eq!((w.rank, w.local_rank, w.world_size), (5, 1, 8));
         assert_eq!(w.master, "node0:1234");
         assert!(w.is_distributed());
+        // Under torchrun's agent, which holds MASTER_PORT for its store.
+        let w = world(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "1234"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ])
+        .unwrap();
+        assert_eq!(w.master, "node0:1235");
     }
 
     #[test]

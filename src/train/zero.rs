@@ -145,6 +145,11 @@ impl<B: Backend> ShardedAdamW<B> {
             }
             shards.push(shard);
         }
+        // Before anything waits on them: a dead peer stops this rank with
+        // an error instead of a hang.
+        if let Some(nccl) = group.nccl() {
+            nccl.wait("gradient reduce-scatter")?;
+        }
         let local = be.grad_norm(&shards)?;
         let mut sq = [local * local];
         group.all_reduce_sum_f64(&mut sq)?;
@@ -173,6 +178,9 @@ impl<B: Backend> ShardedAdamW<B> {
         let updated = self.copies.as_ref().unwrap_or(&self.master);
         for (shard, full) in updated.iter().zip(weights.iter_mut()) {
             all_gather(group, be, shard, full)?;
+        }
+        if let Some(nccl) = group.nccl() {
+            nccl.wait("weight all-gather")?;
         }
         Ok(StepReport {
             grad_norm,
