@@ -9,7 +9,7 @@ use super::acts::Save;
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::forward::{Forward, Scored};
-use super::graph::Graph;
+use super::graph::{GatherWeights, Graph};
 use super::input::{packed_inputs, SequenceInput, TrainSequence};
 use super::params::{ParamLayout, Tensors};
 use super::plan::HostPlan;
@@ -250,10 +250,29 @@ impl<B: Backend> Engine<B> {
         batch: &[TrainSequence],
         save: Save,
     ) -> Result<Logprobs, ModelError> {
+        self.train_forward_from(batch, save, None)
+    }
+
+    /// [`Self::train_forward`] with every unit's weights gathered from
+    /// `source` as it runs (ZeRO-3: this engine holds none of them whole).
+    pub fn train_forward_from(
+        &mut self,
+        batch: &[TrainSequence],
+        save: Save,
+        source: Option<&dyn GatherWeights<B>>,
+    ) -> Result<Logprobs, ModelError> {
         let plan = train_plan(&self.config, batch)?;
         let inputs: Vec<&SequenceInput> = batch.iter().map(|s| &s.input).collect();
-        let fwd = self.run(&plan, &inputs, save)?;
-        let scored = self.graph().score(&fwd, &plan)?;
+        let (ids, pixels) = packed_inputs(&inputs);
+        let pixels = match plan.vision {
+            Some(_) => Some(self.be.upload(&pixels)?),
+            None => None,
+        };
+        let (fwd, scored) = self.graph().gathering(source).with_root(|g| {
+            let fwd = g.forward(&plan, &ids, pixels, save, None)?;
+            let scored = g.score(&fwd, &plan)?;
+            Ok((fwd, scored))
+        })?;
         let lp = Logprobs {
             logprobs: scored.logprobs.clone(),
             entropy: scored.entropy.clone(),
@@ -270,6 +289,17 @@ impl<B: Backend> Engine<B> {
         d_logprob: &[f32],
         d_entropy: &[f32],
     ) -> Result<(), ModelError> {
+        self.train_backward_from(d_logprob, d_entropy, None)
+    }
+
+    /// [`Self::train_backward`] with the units' weights from `source`, as
+    /// the forward took them.
+    pub fn train_backward_from(
+        &mut self,
+        d_logprob: &[f32],
+        d_entropy: &[f32],
+        source: Option<&dyn GatherWeights<B>>,
+    ) -> Result<(), ModelError> {
         let pending = self.pending.take().ok_or(ModelError::NoPendingForward)?;
         let n = pending.scored.logprobs.len();
         for found in [d_logprob.len(), d_entropy.len()] {
@@ -278,21 +308,25 @@ impl<B: Backend> Engine<B> {
             }
         }
         if self.grads.is_none() {
+            // From the layout: under ZeRO-3 the weights here are empty.
             let grads = self
-                .weights
+                .layout
+                .specs
                 .iter()
-                .map(|w| self.be.zeros(crate::ops::Buffer::len(w)))
+                .map(|s| self.be.zeros(s.numel()))
                 .collect::<Result<Vec<_>, _>>()?;
             self.grads = Some(grads);
         }
         let mut grads = self.grads.take().expect("allocated above");
-        let out = self.graph().backward(
-            &pending.fwd,
-            &pending.scored,
-            d_logprob,
-            d_entropy,
-            &mut grads,
-        );
+        let out = self.graph().gathering(source).with_root(|g| {
+            g.backward(
+                &pending.fwd,
+                &pending.scored,
+                d_logprob,
+                d_entropy,
+                &mut grads,
+            )
+        });
         self.grads = Some(grads);
         Ok(out?)
     }

@@ -186,6 +186,47 @@ impl ParamLayout {
     pub fn numel(&self) -> usize {
         self.specs.iter().map(ParamSpec::numel).sum()
     }
+
+    /// The parameters of vision block `i` (one unit of ZeRO-3 gathering).
+    pub fn vision_block_ids(&self, i: usize) -> Vec<ParamId> {
+        let b = &self.vision.blocks[i];
+        vec![
+            b.norm1, b.norm2, b.qkv_w, b.qkv_b, b.proj_w, b.proj_b, b.gate_w, b.gate_b, b.up_w,
+            b.up_b, b.down_w, b.down_b,
+        ]
+    }
+
+    /// The parameters of decoder layer `i`.
+    pub fn text_layer_ids(&self, i: usize) -> Vec<ParamId> {
+        let l = &self.text.layers[i];
+        vec![
+            l.input_norm,
+            l.q_w,
+            l.q_b,
+            l.k_w,
+            l.k_b,
+            l.v_w,
+            l.v_b,
+            l.o_w,
+            l.post_norm,
+            l.gate_w,
+            l.up_w,
+            l.down_w,
+        ]
+    }
+
+    /// Every parameter outside the vision blocks and decoder layers.
+    pub fn root_ids(&self) -> Vec<ParamId> {
+        let in_units: std::collections::HashSet<usize> = (0..self.vision.blocks.len())
+            .flat_map(|i| self.vision_block_ids(i))
+            .chain((0..self.text.layers.len()).flat_map(|i| self.text_layer_ids(i)))
+            .map(|id| id.0)
+            .collect();
+        (0..self.specs.len())
+            .filter(|i| !in_units.contains(i))
+            .map(ParamId)
+            .collect()
+    }
 }
 
 /// Values for every entry of a [`ParamLayout`] (weights, or gradients).

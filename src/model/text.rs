@@ -38,7 +38,10 @@ impl<B: Backend> Graph<'_, B> {
         let (cfg, p, be) = (&self.cfg.text, &self.layout.text, self.be);
         let mut layers = Vec::new();
         for (l, lp) in p.layers.iter().enumerate() {
-            let acts = self.block_fwd(&BlockWiring::text(cfg, lp), &mut x, rope, cu)?;
+            let ids = self.layout.text_layer_ids(l);
+            let acts = self.with_unit(&ids, |unit| {
+                unit.block_fwd(&BlockWiring::text(cfg, lp), &mut x, rope, cu)
+            })?;
             if let Some(sink) = kv.as_mut() {
                 sink.store.write_rows(be, l, &acts.k, &acts.v, sink.slots)?;
             }
@@ -74,11 +77,14 @@ impl<B: Backend> Graph<'_, B> {
             cfg.hidden_size,
             &mut g[p.norm.0],
         )?;
-        for (lp, saved) in p.layers.iter().zip(&acts.layers).rev() {
+        for (l, (lp, saved)) in p.layers.iter().zip(&acts.layers).enumerate().rev() {
             let wiring = BlockWiring::text(cfg, lp);
-            let mut recomputed = None;
-            let layer = self.block_acts(&wiring, saved, rope, cu, &mut recomputed)?;
-            self.block_bwd(&wiring, layer, rope, cu, &mut dx, g)?;
+            let ids = self.layout.text_layer_ids(l);
+            self.with_unit(&ids, |unit| {
+                let mut recomputed = None;
+                let layer = unit.block_acts(&wiring, saved, rope, cu, &mut recomputed)?;
+                unit.block_bwd(&wiring, layer, rope, cu, &mut dx, g)
+            })?;
         }
         Ok(dx)
     }
@@ -120,19 +126,22 @@ impl<B: Backend> Graph<'_, B> {
         };
         for (l, lp) in p.layers.iter().enumerate() {
             let wiring = BlockWiring::text(cfg, lp);
-            let Qkv { q, k, v, .. } = self.qkv_fwd(&wiring, &x, rope)?;
-            store.write_rows(be, l, &k, &v, &batch.slots)?;
-            let attn = be.paged_attention(
-                &shape,
-                &q,
-                &store.k[l],
-                &store.v[l],
-                &batch.tables,
-                batch.stride,
-                &batch.lens,
-            )?;
-            self.o_residual(&wiring, &attn, &mut x)?;
-            self.mlp_fwd(&wiring, &mut x)?;
+            let ids = self.layout.text_layer_ids(l);
+            self.with_unit(&ids, |unit| {
+                let Qkv { q, k, v, .. } = unit.qkv_fwd(&wiring, &x, rope)?;
+                store.write_rows(be, l, &k, &v, &batch.slots)?;
+                let attn = be.paged_attention(
+                    &shape,
+                    &q,
+                    &store.k[l],
+                    &store.v[l],
+                    &batch.tables,
+                    batch.stride,
+                    &batch.lens,
+                )?;
+                unit.o_residual(&wiring, &attn, &mut x)?;
+                unit.mlp_fwd(&wiring, &mut x)
+            })?;
         }
         let (out, _) =
             be.rmsnorm_fwd(&x, self.w(p.norm), cfg.hidden_size, cfg.rms_norm_eps as f32)?;

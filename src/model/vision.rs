@@ -163,7 +163,10 @@ impl<B: Backend> Graph<'_, B> {
         let mut blocks = Vec::new();
         for (i, bp) in p.blocks.iter().enumerate() {
             let cu = vi.spans(cfg.fullatt_block_indexes.contains(&i));
-            let acts = self.block_fwd(&BlockWiring::vision(cfg, bp), &mut x, &vi.rope, cu)?;
+            let ids = self.layout.vision_block_ids(i);
+            let acts = self.with_unit(&ids, |unit| {
+                unit.block_fwd(&BlockWiring::vision(cfg, bp), &mut x, &vi.rope, cu)
+            })?;
             blocks.extend(SavedBlock::keep(acts, save));
         }
         let (merged, merger) = self.merger_fwd(x)?;
@@ -192,9 +195,12 @@ impl<B: Backend> Graph<'_, B> {
         for (i, (bp, saved)) in p.blocks.iter().zip(&acts.blocks).enumerate().rev() {
             let cu = vi.spans(cfg.fullatt_block_indexes.contains(&i));
             let wiring = BlockWiring::vision(cfg, bp);
-            let mut recomputed = None;
-            let block = self.block_acts(&wiring, saved, &vi.rope, cu, &mut recomputed)?;
-            self.block_bwd(&wiring, block, &vi.rope, cu, &mut dx, g)?;
+            let ids = self.layout.vision_block_ids(i);
+            self.with_unit(&ids, |unit| {
+                let mut recomputed = None;
+                let block = unit.block_acts(&wiring, saved, &vi.rope, cu, &mut recomputed)?;
+                unit.block_bwd(&wiring, block, &vi.rope, cu, &mut dx, g)
+            })?;
         }
         // Undo the window permutation of patches, then the patch embedding.
         let n = dx.len() / hid;
