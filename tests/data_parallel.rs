@@ -3,6 +3,8 @@
 //! checkpoint resumes at another world size, and a rank that dies stops
 //! the others with an error that names it, the last checkpoint intact.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vppo_engine::distributed::threads::ThreadGroup;
@@ -88,7 +90,7 @@ fn relative_gap(a: &[f32], b: &[f32]) -> (f64, f64) {
 }
 
 #[test]
-fn two_and_four_ranks_reach_the_weights_of_one() {
+fn two_and_four_ranks_reach_the_weights_of_one_with_zero2_and_zero3() {
     let o = settings(&["max_steps=4"]);
     let one = run_dir("one");
     for r in run_ranks(1, &one, &o, false) {
@@ -96,8 +98,9 @@ fn two_and_four_ranks_reach_the_weights_of_one() {
     }
     let base = weights(&one);
     let reference = read_metrics(&one.join(METRICS_FILE)).unwrap();
-    for world in [2, 4] {
-        let dir = run_dir(&format!("world{world}"));
+    for (world, stage) in [(2, 2), (4, 2), (2, 3), (4, 3)] {
+        let dir = run_dir(&format!("world{world}-zero{stage}"));
+        let o = settings(&["max_steps=4", &format!("zero_stage={stage}")]);
         for r in run_ranks(world, &dir, &o, false) {
             assert_eq!(r.unwrap().steps, 4);
         }
@@ -112,8 +115,8 @@ fn two_and_four_ranks_reach_the_weights_of_one() {
             );
         }
         let (gap, max_gap) = relative_gap(&weights(&dir), &base);
-        eprintln!("{world} ranks vs 1: weights differ by {gap:.3e} (L2, relative), {max_gap:.3e} (largest difference over largest weight)");
-        assert!(gap < 1e-6, "{world} ranks: {gap}");
+        eprintln!("{world} ranks, ZeRO-{stage}, vs 1: weights differ by {gap:.3e} (L2, relative), {max_gap:.3e} (largest difference over largest weight)");
+        assert!(gap < 1e-6, "{world} ranks, ZeRO-{stage}: {gap}");
         let metrics = read_metrics(&dir.join(METRICS_FILE)).unwrap();
         assert_eq!(metrics.len(), reference.len());
         for (a, b) in metrics.iter().zip(&reference) {
@@ -355,5 +358,75 @@ fn three_shards_step_like_one_whole_optimizer() {
                 "{precision:?}: {gap} {max_gap}"
             );
         }
+    }
+}
+
+/// ZeRO-3 on 2 in-process ranks: with the engines' weights released (every
+/// buffer empty, so a unit the model forgot to gather would fail), the
+/// forward gathers each unit and gives the whole model's log-probs, and the
+/// backward its gradients.
+#[test]
+fn zero3_gathers_every_unit_and_matches_the_whole_model() {
+    use vppo_engine::backend::cpu::adamw::AdamWConfig;
+    use vppo_engine::model::acts::Save;
+    use vppo_engine::model::engine::Engine;
+    use vppo_engine::model::graph::GatherWeights;
+    use vppo_engine::model::params::Tensors;
+    use vppo_engine::model::TrainSequence;
+    use vppo_engine::ops::cpu::CpuBackend;
+    use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
+    use vppo_engine::train::zero::ShardedAdamW;
+
+    let case = "two_images";
+    let model = Qwen25Vl::load(&common::fixtures::case_dir(case)).unwrap();
+    let (input, prompt_len) = common::fixtures::fixture_input(case);
+    let batch = vec![TrainSequence { input, prompt_len }];
+    let mut whole = Engine::new(CpuBackend, &model).unwrap();
+    let want = whole.train_forward(&batch, Save::All).unwrap().logprobs;
+    let d: Vec<f32> = (0..want.len()).map(|i| 1.0 + i as f32 * 0.01).collect();
+    whole.train_backward(&d, &vec![0.0; d.len()]).unwrap();
+    let mut want_grads = Tensors::zeros(&whole.layout);
+    whole.take_grads(&mut want_grads).unwrap();
+
+    let opt = AdamW::new(
+        &model.weights,
+        AdamWConfig::default(),
+        None,
+        WeightPrecision::Fp32,
+    );
+    let groups = ThreadGroup::new(2, Duration::from_secs(60));
+    let results: Vec<(Vec<f32>, Tensors)> = std::thread::scope(|s| {
+        let joins: Vec<_> = groups
+            .into_iter()
+            .map(|mut g| {
+                let (model, batch, opt, d) = (&model, &batch, &opt, &d);
+                s.spawn(move || {
+                    let mut engine = Engine::new(CpuBackend, model).unwrap();
+                    let (rank, world) = (g.rank(), g.world_size());
+                    let mut zero =
+                        ShardedAdamW::from_full(opt, &model.weights, &engine, rank, world).unwrap();
+                    zero.zero3 = true;
+                    zero.release(&mut engine).unwrap();
+                    assert!(engine.weights.iter().all(|w| w.is_empty()));
+                    let source = zero.unit_source(&mut g).expect("released weights");
+                    let source = Some(&source as &dyn GatherWeights<CpuBackend>);
+                    let lp = engine
+                        .train_forward_from(batch, Save::All, source)
+                        .unwrap()
+                        .logprobs;
+                    engine
+                        .train_backward_from(d, &vec![0.0; d.len()], source)
+                        .unwrap();
+                    let mut grads = Tensors::zeros(&engine.layout);
+                    engine.take_grads(&mut grads).unwrap();
+                    (lp, grads)
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (lp, grads) in results {
+        assert_eq!(lp, want, "the gathered weights are the whole weights");
+        assert_eq!(grads.0, want_grads.0);
     }
 }

@@ -56,6 +56,9 @@ pub enum ModelError {
     ScheduleLimits { seqs: usize, tokens: usize },
     #[error("CUDA device: {0}")]
     Device(#[from] crate::backend::cuda::CudaError),
+    /// A unit's weights could not be gathered (a peer rank failed).
+    #[error("gathering weights: {0}")]
+    Gather(String),
 }
 
 impl From<crate::ops::Error> for ModelError {
@@ -63,6 +66,7 @@ impl From<crate::ops::Error> for ModelError {
         match e {
             crate::ops::Error::Op(e) => Self::Op(e),
             crate::ops::Error::Device(e) => Self::Device(e),
+            crate::ops::Error::Gather(e) => Self::Gather(e),
         }
     }
 }

@@ -15,8 +15,8 @@ use crate::ops::{Backend, Result};
 /// Where the whole weights of a unit come from when this rank holds only
 /// shards of them.
 pub trait GatherWeights<B: Backend> {
-    /// The whole weights of parameters `ids`, in order.
-    fn gather(&self, ids: &[ParamId]) -> Result<Vec<B::Buf>>;
+    /// The whole weights of parameters `ids`, in order, made on `be`.
+    fn gather(&self, be: &B, ids: &[ParamId]) -> Result<Vec<B::Buf>>;
 }
 
 pub struct Graph<'m, B: Backend> {
@@ -74,7 +74,7 @@ impl<'m, B: Backend> Graph<'m, B> {
         let Some(source) = self.source else {
             return f(self);
         };
-        let bufs = source.gather(ids)?;
+        let bufs = source.gather(self.be, ids)?;
         let mut gathered: Vec<(&[ParamId], &[B::Buf])> = self.gathered.clone();
         gathered.push((ids, &bufs));
         let unit = Graph {

@@ -100,6 +100,9 @@ pub enum Error {
     Op(#[from] OpError),
     #[error(transparent)]
     Device(#[from] CudaError),
+    /// A unit's weights could not be gathered from the other ranks.
+    #[error("gathering weights: {0}")]
+    Gather(String),
 }
 
 impl From<cudarc::driver::DriverError> for Error {

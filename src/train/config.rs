@@ -162,9 +162,12 @@ pub struct TrainConfig {
     pub reward_command: Option<String>,
     /// Longest a reward_command batch may take, in seconds.
     pub reward_timeout_s: f64,
-    /// Multi-process runs: how the optimizer state is sharded over the
-    /// ranks. 2 (ZeRO-2): each rank owns 1/N of the fp32 gradients, master
-    /// weights and AdamW moments, and holds the whole bf16/fp32 model.
+    /// Multi-process runs: how the state is sharded over the ranks. 2
+    /// (ZeRO-2): each rank owns 1/N of the fp32 gradients, master weights
+    /// and AdamW moments, and holds the whole bf16/fp32 model. 3 (ZeRO-3,
+    /// FSDP): the model's weights are sharded too; the update gathers each
+    /// block's just before it runs and frees them after, and the whole
+    /// model is gathered only for rollouts, validation and saving.
     pub zero_stage: usize,
     /// Multi-process runs: how long a rank waits for the others at a
     /// collective before stopping with an error naming the missing ranks
@@ -618,20 +621,12 @@ impl TrainConfig {
                 self.collective_timeout_s
             ));
         }
-        match self.zero_stage {
-            2 => {}
-            3 => {
-                return bad(
-                    "zero_stage = 3 (bf16 weights sharded and gathered per layer, FSDP) is not \
-                     built yet: use zero_stage = 2 (optimizer state and gradients sharded)"
-                        .into(),
-                )
-            }
-            other => {
-                return bad(format!(
-                    "zero_stage = {other} is out of range: it must be 2 (3 is not built yet)"
-                ))
-            }
+        if !(2..=3).contains(&self.zero_stage) {
+            return bad(format!(
+                "zero_stage = {} is out of range: it must be 2 (optimizer state and gradients \
+                 sharded) or 3 (the weights too)",
+                self.zero_stage
+            ));
         }
         if self
             .reward_command

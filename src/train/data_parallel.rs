@@ -15,6 +15,7 @@ use super::step::{
 };
 use super::zero::{share, ShardedAdamW, ZeroError};
 use crate::distributed::{Collective, DistError};
+use crate::model::graph::GatherWeights;
 use crate::model::TrainSequence;
 use crate::ops::Backend;
 use std::ops::Range;
@@ -94,7 +95,18 @@ pub fn update_step<B: Backend>(
     let micro = micro_batches(rollouts, parts, cfg.micro_batch);
     let mine = share(micro.len(), group.rank(), group.world_size());
     let total = step_tokens(rollouts, parts);
-    let local = accumulate_micro_batches(&mut policy.engine, rollouts, &micro[mine], total, cfg)?;
+    let local = {
+        let source = zero.unit_source(&mut *group);
+        let source = source.as_ref().map(|s| s as &dyn GatherWeights<B>);
+        accumulate_micro_batches(
+            &mut policy.engine,
+            rollouts,
+            &micro[mine],
+            total,
+            cfg,
+            source,
+        )?
+    };
     let (mut sums, mut extremes) = local.to_sums();
     group.all_reduce_sum_f64(&mut sums)?;
     group.all_reduce_max_f64(&mut extremes)?;

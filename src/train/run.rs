@@ -507,6 +507,13 @@ fn agree<B: Backend>(ranks: Option<&mut Ranks<'_, B>>, value: bool) -> Result<bo
     Ok(v[0] != 0.0)
 }
 
+fn zero_error(e: super::zero::ZeroError) -> RunError {
+    match e {
+        super::zero::ZeroError::Dist(e) => StepError::Dist(e).into(),
+        super::zero::ZeroError::Model(e) => StepError::Model(e).into(),
+    }
+}
+
 /// A data-parallel rank's group and its shard of the optimizer state.
 struct Ranks<'g, B: Backend> {
     group: &'g mut dyn Collective,
@@ -521,10 +528,12 @@ impl<'g, B: Backend> Ranks<'g, B> {
         optimizer: &mut AdamW,
         weights: &crate::model::params::Tensors,
         engine: &Engine<B>,
+        zero_stage: usize,
     ) -> Result<Self, RunError> {
-        let zero =
+        let mut zero =
             ShardedAdamW::from_full(optimizer, weights, engine, group.rank(), group.world_size())
                 .map_err(|e| RunError::Device(format!("sharding the optimizer state: {e}")))?;
+        zero.zero3 = zero_stage == 3;
         let empty = crate::model::params::Tensors(Vec::new());
         optimizer.exp_avg = empty.clone();
         optimizer.exp_avg_sq = empty;
@@ -1236,6 +1245,7 @@ fn train_loop<B: Backend>(
             &mut optimizer,
             &pipeline.model.weights,
             &policy.engine,
+            cfg.zero_stage,
         )?),
         None => None,
     };
@@ -1350,6 +1360,10 @@ fn train_loop<B: Backend>(
             ));
         }
         let updates = update_plan(&mut rollouts, mini_groups, &step_cfg);
+        if let Some(ranks) = ranks.as_mut() {
+            // ZeRO-3: the update gathers each unit's weights as it runs.
+            ranks.zero.release(&mut policy.engine).map_err(zero_error)?;
+        }
         for range in &updates {
             let t1 = Instant::now();
             let u = match ranks.as_mut() {
@@ -1444,6 +1458,14 @@ fn train_loop<B: Backend>(
                     out.display()
                 )));
             }
+        }
+        if let Some(ranks) = ranks.as_mut() {
+            // Validation, saving and the next rollouts sample from the
+            // whole weights.
+            ranks
+                .zero
+                .materialize(&mut policy.engine, &mut *ranks.group)
+                .map_err(zero_error)?;
         }
         if updates.is_empty() {
             // Uncapped, the refill already gave up after that many

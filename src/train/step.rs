@@ -7,6 +7,7 @@
 use super::optimizer::{AdamW, Policy, StepReport};
 use crate::model::acts::Save;
 use crate::model::engine::{Engine, Logprobs, PatchProcessor};
+use crate::model::graph::GatherWeights;
 use crate::model::params::Tensors;
 use crate::model::{ModelError, Qwen25Vl, SequenceInput, TrainSequence};
 use crate::ops::cpu::CpuBackend;
@@ -790,8 +791,8 @@ fn accumulate_parts<B: Backend>(
     cfg: &StepConfig,
 ) -> Result<UpdateStats, StepError> {
     let micro = micro_batches(rollouts, parts, cfg.micro_batch);
-    let sums =
-        accumulate_micro_batches(engine, rollouts, &micro, step_tokens(rollouts, parts), cfg)?;
+    let total = step_tokens(rollouts, parts);
+    let sums = accumulate_micro_batches(engine, rollouts, &micro, total, cfg, None)?;
     Ok(sums.stats(rollouts, parts))
 }
 
@@ -876,13 +877,15 @@ impl UpdateSums {
 
 /// The micro-batch loop over `micro` (an optimizer step's micro-batches,
 /// or a rank's share of them), the loss normalised by the whole step's
-/// `total_tokens`: gradients accumulate into the engine's.
+/// `total_tokens`: gradients accumulate into the engine's. With `source`
+/// (ZeRO-3) the model gathers each unit's weights from it as it runs.
 pub fn accumulate_micro_batches<B: Backend>(
     engine: &mut Engine<B>,
     rollouts: &Rollouts,
     micro: &[MicroBatch],
     total_tokens: usize,
     cfg: &StepConfig,
+    source: Option<&dyn GatherWeights<B>>,
 ) -> Result<UpdateSums, StepError> {
     let offset = |i: usize| rollouts.lens[..i].iter().sum::<usize>();
     let save = if cfg.recompute {
@@ -931,7 +934,9 @@ pub fn accumulate_micro_batches<B: Backend>(
         ) {
             let tok = offset(pack.start)..offset(pack.end);
             let at = tok.start - offset(r.start)..tok.end - offset(r.start);
-            let lp_new = engine.train_forward(&rollouts.batch[pack], save)?.logprobs;
+            let lp_new = engine
+                .train_forward_from(&rollouts.batch[pack], save, source)?
+                .logprobs;
             let mut policy = cfg.loss.evaluate(
                 &lp_new,
                 &rollouts.lp_old[tok.clone()],
@@ -952,7 +957,7 @@ pub fn accumulate_micro_batches<B: Backend>(
             sums.clipped += (policy.clip_fraction * tok.len() as f32) as f64;
             sums.neg_logprob -= lp_new.iter().map(|&l| l as f64).sum::<f64>();
             let zeros = vec![0.0; policy.token_grads.len()];
-            engine.train_backward(&policy.token_grads, &zeros)?;
+            engine.train_backward_from(&policy.token_grads, &zeros, source)?;
         }
     }
     Ok(sums)

@@ -1,17 +1,23 @@
-//! ZeRO-2 for data-parallel ranks, on each rank's backend: every parameter
+//! ZeRO-2 and ZeRO-3 for data-parallel ranks, on each rank's backend: every parameter
 //! tensor of L elements is cut into `world_size` shards of `ceil(L / N)`
 //! (the last one padded with zeros). Rank r owns shard r of every tensor:
 //! the fp32 sum of the ranks' gradients there (reduce-scattered), the fp32
 //! master weights and AdamW's moments. It steps its shards and the updated
-//! weights are all-gathered into every rank's whole model. On GPUs the
-//! gradients and weights move between devices through NCCL only; other
-//! backends go through the group's host collectives.
+//! weights are all-gathered into every rank's whole model. With ZeRO-3 the
+//! weights stay sharded too: the model gathers each unit's (a block's, or
+//! the root's) just before it runs in the update ([`UnitGather`]), and the
+//! whole model is gathered only for the phases that sample from it
+//! (rollouts, validation, saving). On GPUs the gradients and weights move
+//! between devices through NCCL only; other backends go through the
+//! group's host collectives.
 
 use super::optimizer::{AdamW, StepReport};
 use crate::backend::cpu::adamw::AdamWConfig;
 use crate::backend::desc::clip_coefficient;
 use crate::distributed::{Collective, DistError};
 use crate::model::engine::Engine;
+use crate::model::graph::GatherWeights;
+use crate::model::params::ParamId;
 use crate::model::params::Tensors;
 use crate::model::ModelError;
 use crate::ops::cuda::DeviceBuf;
@@ -74,6 +80,11 @@ pub struct ShardedAdamW<B: Backend> {
     exp_avg_sq: Vec<B::Buf>,
     /// The shards' weights in the model's dtype (bf16 models).
     copies: Option<Vec<B::Buf>>,
+    /// ZeRO-3: the engine's weights are released outside the phases that
+    /// need them whole, and gathered unit by unit in the update.
+    pub zero3: bool,
+    /// Whether the engine holds the whole weights now.
+    resident: bool,
 }
 
 impl<B: Backend> ShardedAdamW<B> {
@@ -98,13 +109,12 @@ impl<B: Backend> ShardedAdamW<B> {
                 .collect()
         };
         let bf16_model = engine.precision == Precision::Bf16;
+        let master = slices(opt.master.as_ref().unwrap_or(weights))?;
+        // The model's weights are the masters rounded (what the engine
+        // holds): ZeRO-3 gathers them from here before the first step.
         let copies = if bf16_model {
-            let mut c = Vec::with_capacity(lens.len());
-            for &l in &lens {
-                let zeros = be.zeros(shard_len(l, world_size))?;
-                c.push(be.cast(&zeros, DType::Bf16)?);
-            }
-            Some(c)
+            let c: Result<Vec<_>, _> = master.iter().map(|m| be.cast(m, DType::Bf16)).collect();
+            Some(c?)
         } else {
             None
         };
@@ -115,11 +125,66 @@ impl<B: Backend> ShardedAdamW<B> {
             rank,
             world_size,
             bf16_model,
-            master: slices(opt.master.as_ref().unwrap_or(weights))?,
+            master,
             exp_avg: slices(&opt.exp_avg)?,
             exp_avg_sq: slices(&opt.exp_avg_sq)?,
             lens,
             copies,
+            zero3: false,
+            resident: true,
+        })
+    }
+
+    /// This rank's shards of the model's weights (bf16 copies, or the fp32
+    /// masters), which the whole weights are gathered from.
+    pub fn weight_shards(&self) -> &[B::Buf] {
+        self.copies.as_deref().unwrap_or(&self.master)
+    }
+
+    /// ZeRO-3: gathers the whole weights into `engine` (every rank at the
+    /// same point) unless it holds them already.
+    pub fn materialize(
+        &mut self,
+        engine: &mut Engine<B>,
+        group: &mut dyn Collective,
+    ) -> Result<(), ZeroError> {
+        if self.resident {
+            return Ok(());
+        }
+        let be = &engine.be;
+        let shards = self.copies.as_ref().unwrap_or(&self.master);
+        for ((shard, full), &l) in shards.iter().zip(engine.weights.iter_mut()).zip(&self.lens) {
+            *full = be.cast(&be.zeros(l)?, shard.dtype())?;
+            all_gather(group, be, shard, full)?;
+        }
+        if let Some(nccl) = group.nccl() {
+            nccl.wait("weight all-gather")?;
+        }
+        self.resident = true;
+        Ok(())
+    }
+
+    /// ZeRO-3: frees the engine's whole weights (each rank keeps its
+    /// shards); a no-op under ZeRO-2.
+    pub fn release(&mut self, engine: &mut Engine<B>) -> Result<(), ZeroError> {
+        if !self.zero3 || !self.resident {
+            return Ok(());
+        }
+        let be = &engine.be;
+        for w in engine.weights.iter_mut() {
+            *w = be.cast(&be.zeros(0)?, w.dtype())?;
+        }
+        self.resident = false;
+        Ok(())
+    }
+
+    /// The source the update's forward and backward gather each unit's
+    /// weights from (ZeRO-3 with the weights released), else none.
+    pub fn unit_source<'a>(&'a self, group: &'a mut dyn Collective) -> Option<UnitGather<'a, B>> {
+        (self.zero3 && !self.resident).then(|| UnitGather {
+            group: std::cell::RefCell::new(group),
+            shards: self.weight_shards(),
+            lens: &self.lens,
         })
     }
 
@@ -175,12 +240,14 @@ impl<B: Backend> ShardedAdamW<B> {
             &mut self.exp_avg_sq,
             self.copies.as_deref_mut(),
         )?;
-        let updated = self.copies.as_ref().unwrap_or(&self.master);
-        for (shard, full) in updated.iter().zip(weights.iter_mut()) {
-            all_gather(group, be, shard, full)?;
-        }
-        if let Some(nccl) = group.nccl() {
-            nccl.wait("weight all-gather")?;
+        if self.resident {
+            let updated = self.copies.as_ref().unwrap_or(&self.master);
+            for (shard, full) in updated.iter().zip(weights.iter_mut()) {
+                all_gather(group, be, shard, full)?;
+            }
+            if let Some(nccl) = group.nccl() {
+                nccl.wait("weight all-gather")?;
+            }
         }
         Ok(StepReport {
             grad_norm,
@@ -206,6 +273,33 @@ impl<B: Backend> ShardedAdamW<B> {
             get(&self.exp_avg)?,
             get(&self.exp_avg_sq)?,
         ])
+    }
+}
+
+/// Each unit's whole weights gathered from every rank's shards, as the
+/// model asks for them (ZeRO-3's forward and backward).
+pub struct UnitGather<'a, B: Backend> {
+    group: std::cell::RefCell<&'a mut dyn Collective>,
+    shards: &'a [B::Buf],
+    lens: &'a [usize],
+}
+
+impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
+    fn gather(&self, be: &B, ids: &[ParamId]) -> crate::ops::Result<Vec<B::Buf>> {
+        let mut group = self.group.borrow_mut();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let shard = &self.shards[id.0];
+            let mut full = be.cast(&be.zeros(self.lens[id.0])?, shard.dtype())?;
+            all_gather(&mut **group, be, shard, &mut full)
+                .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
+            out.push(full);
+        }
+        if let Some(nccl) = group.nccl() {
+            nccl.wait("unit all-gather")
+                .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
+        }
+        Ok(out)
     }
 }
 
