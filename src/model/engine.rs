@@ -307,26 +307,40 @@ impl<B: Backend> Engine<B> {
                 return Err(ModelError::GradLength { expected: n, found });
             }
         }
+        self.allocate_grads(source.is_some())?;
+        let mut grads = self.grads.take().expect("allocated above");
+        let out = self
+            .graph()
+            .gathering(source)
+            .with_root_grads(&mut grads, |g, grads| {
+                g.backward(&pending.fwd, &pending.scored, d_logprob, d_entropy, grads)
+            });
+        self.grads = Some(grads);
+        Ok(out?)
+    }
+
+    /// The gradient buffers, on first use: whole ones from the layout (the
+    /// weights may be empty under ZeRO-3), or empty ones when a gather
+    /// source hands each unit's out after its backward.
+    fn allocate_grads(&mut self, by_unit: bool) -> Result<(), ModelError> {
         if self.grads.is_none() {
-            // From the layout: under ZeRO-3 the weights here are empty.
             let grads = self
                 .layout
                 .specs
                 .iter()
-                .map(|s| self.be.zeros(s.numel()))
+                .map(|s| self.be.zeros(if by_unit { 0 } else { s.numel() }))
                 .collect::<Result<Vec<_>, _>>()?;
             self.grads = Some(grads);
         }
+        Ok(())
+    }
+
+    /// The gathers and gradient hand-overs of one training forward and
+    /// backward without data (see [`Graph::idle_pass`]).
+    pub fn idle_pass(&mut self, source: &dyn GatherWeights<B>) -> Result<(), ModelError> {
+        self.allocate_grads(true)?;
         let mut grads = self.grads.take().expect("allocated above");
-        let out = self.graph().gathering(source).with_root(|g| {
-            g.backward(
-                &pending.fwd,
-                &pending.scored,
-                d_logprob,
-                d_entropy,
-                &mut grads,
-            )
-        });
+        let out = self.graph().gathering(Some(source)).idle_pass(&mut grads);
         self.grads = Some(grads);
         Ok(out?)
     }

@@ -107,6 +107,8 @@ impl<B: Backend> Graph<'_, B> {
             be.scatter_rows(&embeds, &inputs.image_rows, h, &mut x)?;
             vision_embeds = Some(embeds);
             vision_acts = acts;
+        } else {
+            self.visit_vision_fwd()?;
         }
         let (hidden, text_acts) = self.decoder_fwd(x, &inputs.rope, &inputs.cu, save, kv)?;
         Ok(Forward {
@@ -247,6 +249,8 @@ impl<B: Backend> Graph<'_, B> {
         if let (Some(vacts), Some(vi), Some(px)) = (&fwd.vision_acts, &inputs.vision, &fwd.pixels) {
             let d_vision = be.gather_rows(&d_embeds, &inputs.image_rows, h)?;
             self.vision_bwd(vacts, vi, px, &d_vision, g)?;
+        } else {
+            self.visit_vision_bwd(g)?;
         }
         Ok(())
     }

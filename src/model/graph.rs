@@ -10,13 +10,17 @@
 
 use super::config::ModelConfig;
 use super::params::{ParamId, ParamLayout};
-use crate::ops::{Backend, Result};
+use crate::ops::{Backend, Buffer, Result};
 
 /// Where the whole weights of a unit come from when this rank holds only
 /// shards of them.
 pub trait GatherWeights<B: Backend> {
     /// The whole weights of parameters `ids`, in order, made on `be`.
     fn gather(&self, be: &B, ids: &[ParamId]) -> Result<Vec<B::Buf>>;
+
+    /// Takes this rank's whole gradients of `ids` out of `grads` (leaving
+    /// them empty): the source keeps the ranks' sum of its own shard.
+    fn scatter_grads(&self, be: &B, ids: &[ParamId], grads: &mut [B::Buf]) -> Result<()>;
 }
 
 pub struct Graph<'m, B: Backend> {
@@ -94,5 +98,81 @@ impl<'m, B: Backend> Graph<'m, B> {
     pub fn with_root<R>(&self, f: impl FnOnce(&Graph<'_, B>) -> Result<R>) -> Result<R> {
         let root = self.layout.root_ids();
         self.with_unit(&root, f)
+    }
+
+    /// [`Self::with_unit`] for a backward: the unit's gradients in `g` are
+    /// allocated whole for the call, then handed to the source (which
+    /// keeps its shard of their sum over ranks) and freed.
+    pub fn with_unit_grads<R>(
+        &self,
+        ids: &[ParamId],
+        g: &mut [B::Buf],
+        f: impl FnOnce(&Graph<'_, B>, &mut [B::Buf]) -> Result<R>,
+    ) -> Result<R> {
+        let Some(source) = self.source else {
+            return f(self, g);
+        };
+        for id in ids {
+            if g[id.0].is_empty() {
+                g[id.0] = self.be.zeros(self.layout.specs[id.0].numel())?;
+            }
+        }
+        let out = self.with_unit(ids, |unit| f(unit, &mut *g))?;
+        source.scatter_grads(self.be, ids, g)?;
+        Ok(out)
+    }
+
+    /// [`Self::with_unit_grads`] over the root unit.
+    pub fn with_root_grads<R>(
+        &self,
+        g: &mut [B::Buf],
+        f: impl FnOnce(&Graph<'_, B>, &mut [B::Buf]) -> Result<R>,
+    ) -> Result<R> {
+        let root = self.layout.root_ids();
+        self.with_unit_grads(&root, g, f)
+    }
+
+    /// The vision units' gathers of a forward without images: with a
+    /// source, every rank must gather the same units in the same order.
+    pub fn visit_vision_fwd(&self) -> Result<()> {
+        if self.source.is_none() {
+            return Ok(());
+        }
+        for i in 0..self.layout.vision.blocks.len() {
+            self.with_unit(&self.layout.vision_block_ids(i), |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// The vision units' gathers and (zero) gradient hand-overs of a
+    /// backward without images.
+    pub fn visit_vision_bwd(&self, g: &mut [B::Buf]) -> Result<()> {
+        if self.source.is_none() {
+            return Ok(());
+        }
+        for i in (0..self.layout.vision.blocks.len()).rev() {
+            self.with_unit_grads(&self.layout.vision_block_ids(i), g, |_, _| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Every collective of one training forward and backward, without the
+    /// compute: a rank with fewer packed passes in an optimizer step than
+    /// another runs these, so the ranks' gathers stay in step.
+    pub fn idle_pass(&self, g: &mut [B::Buf]) -> Result<()> {
+        let layers = self.layout.text.layers.len();
+        self.with_root(|root| {
+            root.visit_vision_fwd()?;
+            for l in 0..layers {
+                root.with_unit(&root.layout.text_layer_ids(l), |_| Ok(()))?;
+            }
+            Ok(())
+        })?;
+        self.with_root_grads(g, |root, g| {
+            for l in (0..layers).rev() {
+                root.with_unit_grads(&root.layout.text_layer_ids(l), g, |_, _| Ok(()))?;
+            }
+            root.visit_vision_bwd(g)
+        })
     }
 }

@@ -80,7 +80,7 @@ impl<B: Backend> Graph<'_, B> {
         for (l, (lp, saved)) in p.layers.iter().zip(&acts.layers).enumerate().rev() {
             let wiring = BlockWiring::text(cfg, lp);
             let ids = self.layout.text_layer_ids(l);
-            self.with_unit(&ids, |unit| {
+            self.with_unit_grads(&ids, g, |unit, g| {
                 let mut recomputed = None;
                 let layer = unit.block_acts(&wiring, saved, rope, cu, &mut recomputed)?;
                 unit.block_bwd(&wiring, layer, rope, cu, &mut dx, g)

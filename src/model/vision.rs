@@ -196,7 +196,7 @@ impl<B: Backend> Graph<'_, B> {
             let cu = vi.spans(cfg.fullatt_block_indexes.contains(&i));
             let wiring = BlockWiring::vision(cfg, bp);
             let ids = self.layout.vision_block_ids(i);
-            self.with_unit(&ids, |unit| {
+            self.with_unit_grads(&ids, g, |unit, g| {
                 let mut recomputed = None;
                 let block = unit.block_acts(&wiring, saved, &vi.rope, cu, &mut recomputed)?;
                 unit.block_bwd(&wiring, block, &vi.rope, cu, &mut dx, g)

@@ -10,8 +10,8 @@
 
 use super::optimizer::Policy;
 use super::step::{
-    accumulate_micro_batches, micro_batches, skip_non_finite_loss, step_tokens, Prompt, Rollouts,
-    StepConfig, StepError, StepStats, UpdateStats, UpdateSums,
+    accumulate_micro_batches, micro_batches, skip_non_finite_loss, step_tokens, token_packs,
+    Prompt, Rollouts, StepConfig, StepError, StepStats, UpdateStats, UpdateSums,
 };
 use super::zero::{share, ShardedAdamW, ZeroError};
 use crate::distributed::{Collective, DistError};
@@ -95,17 +95,47 @@ pub fn update_step<B: Backend>(
     let micro = micro_batches(rollouts, parts, cfg.micro_batch);
     let mine = share(micro.len(), group.rank(), group.world_size());
     let total = step_tokens(rollouts, parts);
+    let zero_error = |e: ZeroError| match e {
+        ZeroError::Dist(e) => StepError::Dist(e),
+        ZeroError::Model(e) => StepError::Model(e),
+    };
+    // ZeRO-3 gathers inside every packed pass: a rank with fewer passes
+    // than another runs idle ones, so the ranks' gathers stay in step.
+    let passes: usize = micro[mine.clone()]
+        .iter()
+        .map(|(r, _)| {
+            token_packs(
+                &rollouts.batch,
+                r.clone(),
+                cfg.max_tokens_per_micro_batch,
+                1,
+            )
+            .len()
+        })
+        .sum();
+    let mut most = [passes as f64];
+    if zero.gathers_by_unit() {
+        group.all_reduce_max_f64(&mut most)?;
+    }
     let local = {
-        let source = zero.unit_source(&mut *group);
+        let source = zero
+            .unit_source(&policy.engine.be, &mut *group)
+            .map_err(zero_error)?;
         let source = source.as_ref().map(|s| s as &dyn GatherWeights<B>);
-        accumulate_micro_batches(
+        let sums = accumulate_micro_batches(
             &mut policy.engine,
             rollouts,
             &micro[mine],
             total,
             cfg,
             source,
-        )?
+        )?;
+        if let Some(source) = source {
+            for _ in passes..most[0] as usize {
+                policy.engine.idle_pass(source)?;
+            }
+        }
+        sums
     };
     let (mut sums, mut extremes) = local.to_sums();
     group.all_reduce_sum_f64(&mut sums)?;

@@ -85,6 +85,9 @@ pub struct ShardedAdamW<B: Backend> {
     pub zero3: bool,
     /// Whether the engine holds the whole weights now.
     resident: bool,
+    /// ZeRO-3: this rank's shard of the gradients summed over ranks, as
+    /// the backward hands each unit's over (zeroed after each step).
+    grad_acc: Vec<B::Buf>,
 }
 
 impl<B: Backend> ShardedAdamW<B> {
@@ -132,7 +135,13 @@ impl<B: Backend> ShardedAdamW<B> {
             copies,
             zero3: false,
             resident: true,
+            grad_acc: Vec::new(),
         })
+    }
+
+    /// ZeRO-3 with the weights released: the model gathers each unit.
+    pub fn gathers_by_unit(&self) -> bool {
+        self.zero3 && !self.resident
     }
 
     /// This rank's shards of the model's weights (bf16 copies, or the fp32
@@ -180,12 +189,25 @@ impl<B: Backend> ShardedAdamW<B> {
 
     /// The source the update's forward and backward gather each unit's
     /// weights from (ZeRO-3 with the weights released), else none.
-    pub fn unit_source<'a>(&'a self, group: &'a mut dyn Collective) -> Option<UnitGather<'a, B>> {
-        (self.zero3 && !self.resident).then(|| UnitGather {
+    pub fn unit_source<'a>(
+        &'a mut self,
+        be: &B,
+        group: &'a mut dyn Collective,
+    ) -> Result<Option<UnitGather<'a, B>>, ZeroError> {
+        if !self.gathers_by_unit() {
+            return Ok(None);
+        }
+        if self.grad_acc.is_empty() {
+            for &l in &self.lens {
+                self.grad_acc.push(be.zeros(shard_len(l, self.world_size))?);
+            }
+        }
+        Ok(Some(UnitGather {
             group: std::cell::RefCell::new(group),
-            shards: self.weight_shards(),
+            shards: self.copies.as_deref().unwrap_or(&self.master),
             lens: &self.lens,
-        })
+            acc: std::cell::RefCell::new(&mut self.grad_acc),
+        }))
     }
 
     /// One AdamW step from the engine's accumulated gradients (this rank's
@@ -200,15 +222,21 @@ impl<B: Backend> ShardedAdamW<B> {
     ) -> Result<StepReport, ZeroError> {
         let (be, weights, grads) = (&engine.be, &mut engine.weights, &mut engine.grads);
         let world = self.world_size;
+        // ZeRO-3's backward handed every unit's gradients over as it went.
+        let by_unit = self.gathers_by_unit();
         let mut shards = Vec::with_capacity(self.lens.len());
-        for (i, &l) in self.lens.iter().enumerate() {
-            let mut shard = be.zeros(shard_len(l, world))?;
-            match grads.as_ref() {
-                Some(grads) => reduce_scatter(group, be, &grads[i], &mut shard)?,
-                // This rank had no micro-batch in this step.
-                None => reduce_scatter(group, be, &be.zeros(l)?, &mut shard)?,
+        if by_unit {
+            shards = std::mem::take(&mut self.grad_acc);
+        } else {
+            for (i, &l) in self.lens.iter().enumerate() {
+                let mut shard = be.zeros(shard_len(l, world))?;
+                match grads.as_ref() {
+                    Some(grads) => reduce_scatter(group, be, &grads[i], &mut shard)?,
+                    // This rank had no micro-batch in this step.
+                    None => reduce_scatter(group, be, &be.zeros(l)?, &mut shard)?,
+                }
+                shards.push(shard);
             }
-            shards.push(shard);
         }
         // Before anything waits on them: a dead peer stops this rank with
         // an error instead of a hang.
@@ -223,6 +251,9 @@ impl<B: Backend> ShardedAdamW<B> {
             be.fill_zero(g)?;
         }
         if !grad_norm.is_finite() {
+            if by_unit {
+                self.keep_accumulators(be, shards)?;
+            }
             return Ok(StepReport {
                 grad_norm,
                 skipped: true,
@@ -240,6 +271,9 @@ impl<B: Backend> ShardedAdamW<B> {
             &mut self.exp_avg_sq,
             self.copies.as_deref_mut(),
         )?;
+        if by_unit {
+            self.keep_accumulators(be, shards)?;
+        }
         if self.resident {
             let updated = self.copies.as_ref().unwrap_or(&self.master);
             for (shard, full) in updated.iter().zip(weights.iter_mut()) {
@@ -253,6 +287,15 @@ impl<B: Backend> ShardedAdamW<B> {
             grad_norm,
             skipped: false,
         })
+    }
+
+    /// The used gradient shards, zeroed, as the next step's accumulators.
+    fn keep_accumulators(&mut self, be: &B, mut shards: Vec<B::Buf>) -> Result<(), ZeroError> {
+        for s in shards.iter_mut() {
+            be.fill_zero(s)?;
+        }
+        self.grad_acc = shards;
+        Ok(())
     }
 
     /// This rank's shards on the host, the padding cut: (master, exp_avg,
@@ -282,6 +325,8 @@ pub struct UnitGather<'a, B: Backend> {
     group: std::cell::RefCell<&'a mut dyn Collective>,
     shards: &'a [B::Buf],
     lens: &'a [usize],
+    /// This rank's shards of the gradients summed over ranks.
+    acc: std::cell::RefCell<&'a mut Vec<B::Buf>>,
 }
 
 impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
@@ -300,6 +345,28 @@ impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
                 .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
         }
         Ok(out)
+    }
+
+    fn scatter_grads(
+        &self,
+        be: &B,
+        ids: &[ParamId],
+        grads: &mut [B::Buf],
+    ) -> crate::ops::Result<()> {
+        let mut group = self.group.borrow_mut();
+        let mut acc = self.acc.borrow_mut();
+        for id in ids {
+            let mut shard = be.zeros(acc[id.0].len())?;
+            reduce_scatter(&mut **group, be, &grads[id.0], &mut shard)
+                .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
+            be.add_into(&mut acc[id.0], &shard)?;
+            grads[id.0] = be.zeros(0)?;
+        }
+        if let Some(nccl) = group.nccl() {
+            nccl.wait("gradient reduce-scatter")
+                .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 
