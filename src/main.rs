@@ -165,8 +165,7 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 1)]
         gpus: usize,
         /// How the state is sharded over the GPUs (same as zero_stage=...):
-        /// 2 (optimizer state and gradients). Stage 3 (weights sharded too)
-        /// is not built yet.
+        /// 2 (optimizer state and gradients) or 3 (the weights too).
         #[arg(long, value_name = "S")]
         zero_stage: Option<usize>,
         /// TOML training config; fields it leaves out keep their defaults.
@@ -788,9 +787,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     cfg.zero_stage
                 ),
                 None => println!(
-                    "no number of GPUs of {gpu_mem:.1} GiB fits with ZeRO-{}: the weights, \
-                     gradients and the largest phase that every GPU holds whole exceed it",
-                    cfg.zero_stage
+                    "no number of GPUs of {gpu_mem:.1} GiB fits with ZeRO-{}: what every GPU \
+                     holds whole (the largest phase{}) exceeds it",
+                    cfg.zero_stage,
+                    if cfg.zero_stage == 2 {
+                        ", the weights and gradients"
+                    } else {
+                        ""
+                    }
                 ),
             }
             if !plan.fits() {

@@ -63,7 +63,7 @@ fn a_missing_model_is_named() {
 }
 
 #[test]
-fn a_7b_run_fits_80_gib_gpus_from_four_with_zero2_and_the_plan_names_the_fewest() {
+fn a_7b_run_fits_80_gib_gpus_from_four_with_zero2_three_with_zero3() {
     let run = [
         "micro_batch=16",
         "max_tokens_per_micro_batch=16384",
@@ -105,10 +105,25 @@ fn a_7b_run_fits_80_gib_gpus_from_four_with_zero2_and_the_plan_names_the_fewest(
     };
     let eight = plan(&[&model[..], &["--gpus", "8"], &run[..]].concat());
     assert!(peak(&String::from_utf8_lossy(&eight.stdout)) < peak(&table));
-    let z3 = plan(&[&model[..], &["--gpus", "8", "--zero-stage", "3"], &run[..]].concat());
-    let err = String::from_utf8_lossy(&z3.stderr);
+    // ZeRO-3 shards the weights and gradients too: less per GPU than
+    // ZeRO-2 on as many GPUs, and 3 GPUs are enough.
+    let z3 = plan(&[&model[..], &["--gpus", "4", "--zero-stage", "3"], &run[..]].concat());
+    let z3_table = String::from_utf8_lossy(&z3.stdout);
+    assert!(z3.status.success(), "{z3_table}");
+    for row in [
+        "bf16 weights (1/4 shard, ZeRO-3)",
+        "gradients (fp32) (1/4 shard, ZeRO-3)",
+        "gathered root + largest unit (weights and gradients)",
+        "whole weights, gathered for this phase (ZeRO-3)",
+        "fewest GPUs of 80.0 GiB that fit (ZeRO-3): 3",
+    ] {
+        assert!(z3_table.contains(row), "missing `{row}`:\n{z3_table}");
+    }
+    assert!(peak(&z3_table) < peak(&table));
+    let bad = plan(&[&model[..], &["--gpus", "8", "--zero-stage", "4"], &run[..]].concat());
+    let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        !z3.status.success() && err.contains("zero_stage = 3"),
+        !bad.status.success() && err.contains("zero_stage = 4"),
         "{err}"
     );
 }

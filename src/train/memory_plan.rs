@@ -97,6 +97,10 @@ pub struct Workload {
     /// its share of the prompts and owns 1/N of the optimizer state
     /// (ZeRO-2).
     pub gpus: usize,
+    /// 2: optimizer state and gradients sharded over the GPUs; 3: the
+    /// weights too (a unit gathered at a time in the update, the whole
+    /// model for rollouts and scoring).
+    pub zero_stage: usize,
 }
 
 impl Workload {
@@ -138,6 +142,7 @@ impl Workload {
                 response_tokens: cfg.max_response_tokens,
             },
             gpus: 1,
+            zero_stage: cfg.zero_stage,
         }
     }
 
@@ -327,12 +332,20 @@ impl MemoryPlan {
             .sum();
         let p = w.precision;
         let n = w.gpus.max(1) as u64;
-        let mut persistent = vec![row(format!("{} weights", p.name()), params * p.bytes())];
+        let zero3 = n > 1 && w.zero_stage == 3;
         let share = if n > 1 {
-            format!(" (1/{n} shard, ZeRO-2)")
+            format!(" (1/{n} shard, ZeRO-{})", w.zero_stage)
         } else {
             String::new()
         };
+        let mut persistent = vec![if zero3 {
+            row(
+                format!("{} weights{share}", p.name()),
+                (params * p.bytes()).div_ceil(n),
+            )
+        } else {
+            row(format!("{} weights", p.name()), params * p.bytes())
+        }];
         if p == Precision::Bf16 {
             persistent.push(row(
                 format!("fp32 master weights{share}"),
@@ -343,14 +356,16 @@ impl MemoryPlan {
             format!("AdamW moments (fp32 m, v){share}"),
             (params * 8).div_ceil(n),
         ));
-        persistent.push(row(
-            if n > 1 {
-                "gradients (fp32, whole until the step's reduce-scatter)"
-            } else {
-                "gradients (fp32)"
-            },
-            params * 4,
-        ));
+        persistent.push(if zero3 {
+            row(format!("gradients (fp32){share}"), (params * 4).div_ceil(n))
+        } else if n > 1 {
+            row(
+                "gradients (fp32, whole until the step's reduce-scatter)",
+                params * 4,
+            )
+        } else {
+            row("gradients (fp32)", params * 4)
+        });
         if w.reference {
             persistent.push(row("frozen reference model (KL loss)", params * p.bytes()));
         }
@@ -359,7 +374,29 @@ impl MemoryPlan {
             rollout_phase(cfg, w),
             scoring_phase(cfg, w),
         ];
-        if n > 1 {
+        if zero3 {
+            // The update holds the root and one unit whole (weights and
+            // gradients); rollouts and scoring gather the whole model.
+            let numel = |ids: &[crate::model::params::ParamId]| -> u64 {
+                ids.iter().map(|id| layout.specs[id.0].numel() as u64).sum()
+            };
+            let unit = (0..layout.text.layers.len())
+                .map(|l| numel(&layout.text_layer_ids(l)))
+                .chain((0..layout.vision.blocks.len()).map(|b| numel(&layout.vision_block_ids(b))))
+                .max()
+                .unwrap_or(0);
+            let whole = unit + numel(&layout.root_ids());
+            phases[0].rows.push(row(
+                "gathered root + largest unit (weights and gradients)",
+                whole * (p.bytes() + 4),
+            ));
+            for phase in &mut phases[1..] {
+                phase.rows.push(row(
+                    "whole weights, gathered for this phase (ZeRO-3)",
+                    params * p.bytes(),
+                ));
+            }
+        } else if n > 1 {
             let largest = layout
                 .specs
                 .iter()
@@ -420,7 +457,10 @@ impl MemoryPlan {
             (self.params - self.vision_params) as f64 / 1e9,
             w.precision.name(),
             if w.gpus > 1 {
-                format!("per GPU of {} data-parallel GPUs (ZeRO-2)", w.gpus)
+                format!(
+                    "per GPU of {} data-parallel GPUs (ZeRO-{})",
+                    w.gpus, w.zero_stage
+                )
             } else {
                 "one GPU".to_string()
             },
@@ -503,8 +543,8 @@ impl MemoryPlan {
         if state > self.gpu_bytes {
             tips.push(
                 "the weights, optimizer state and gradients alone exceed the GPU: more GPUs \
-                 (`--gpus N` / a launch of N ranks shards the fp32 masters and moments, ZeRO-2; \
-                 the weights and gradients stay whole on every GPU), a smaller model, or a GPU \
+                 (`--gpus N` / a launch of N ranks: ZeRO-2 shards the fp32 masters and moments, \
+                 `--zero-stage 3` the weights and gradients too), a smaller model, or a GPU \
                  with more memory"
                     .to_string(),
             );
@@ -887,6 +927,7 @@ mod tests {
                 response_tokens: 13,
             },
             gpus: 1,
+            zero_stage: 2,
         }
     }
 
@@ -935,6 +976,27 @@ mod tests {
         let step = four.phases.last().unwrap();
         assert_eq!(step.title, "optimizer step (ZeRO-2)");
         assert_eq!(step.rows[0].bytes, 221_984);
+        // ZeRO-3: the weights and gradients a quarter too; the update holds
+        // the root and the largest unit whole, rollouts the whole weights.
+        let z3 = MemoryPlan::new(
+            &cfg,
+            &Workload {
+                zero_stage: 3,
+                ..tiny_workload().on_gpus(4, 3)
+            },
+            1 << 30,
+        );
+        let bytes: Vec<u64> = z3.persistent.iter().map(|r| r.bytes).collect();
+        assert_eq!(bytes, vec![110_992, 221_984, 443_968, 221_984, 443_968]);
+        let layout = ParamLayout::new(&cfg);
+        let numel = |ids: Vec<crate::model::params::ParamId>| -> u64 {
+            ids.iter().map(|id| layout.specs[id.0].numel() as u64).sum()
+        };
+        let unit = numel(layout.vision_block_ids(0)).max(numel(layout.text_layer_ids(0)));
+        let gathered = z3.phases[0].rows.last().unwrap();
+        assert_eq!(gathered.bytes, (unit + numel(layout.root_ids())) * (2 + 4));
+        assert_eq!(z3.phases[1].rows.last().unwrap().bytes, 221_984 * 2);
+        assert!(z3.phases.iter().all(|p| !p.title.contains("ZeRO-2")));
     }
 
     #[test]
