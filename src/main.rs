@@ -93,7 +93,8 @@ enum Command {
     /// train ...`, torchrun, or srun), each process is one rank of a
     /// data-parallel run: it rolls out its share of the prompts, trains on
     /// its share of each step's micro-batches and owns 1/N of the optimizer
-    /// state (zero_stage = 2); GPUs talk through NCCL. collective_timeout_s
+    /// state (zero_stage = 2), or of the weights and gradients too
+    /// (zero_stage = 3); GPUs talk through NCCL. collective_timeout_s
     /// bounds how long a rank waits for a dead or hung one. Rank 0 writes
     /// the metrics and the weights; every rank its optimizer shard.
     Train {
