@@ -3,6 +3,7 @@
 //! Reductions then add in rank order on every rank, so a result does not
 //! depend on which rank finished first and all ranks hold the same bits.
 
+use crate::ops::cuda::DeviceBuf;
 use std::time::Duration;
 
 /// Why a collective did not complete. Each names the rank(s) at fault, so a
@@ -110,11 +111,34 @@ pub trait Collective {
         self.exchange(&[]).map(|_| ())
     }
 
-    /// The NCCL communicator, when the ranks are GPUs: device buffers move
-    /// between them there, never through the host.
-    fn nccl(&mut self) -> Option<&mut super::nccl::NcclGroup> {
+    /// The device collectives, when the ranks are GPUs: device buffers
+    /// move between them there (NCCL), never through the host.
+    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
         None
     }
+}
+
+/// Collectives on device buffers of any length, for ZeRO's per-tensor
+/// shards: the tensor of L elements is `world_size` shards of
+/// `ceil(L / world_size)`, the last padded with zeros.
+pub trait DeviceCollective {
+    /// The sum over ranks of `full` (f32), this rank's shard into `shard`.
+    fn reduce_scatter_padded(
+        &mut self,
+        full: &DeviceBuf,
+        shard: &mut DeviceBuf,
+    ) -> Result<(), DistError>;
+
+    /// Every rank's `shard` (f32 or bf16) into `full`, in rank order.
+    fn all_gather_padded(
+        &mut self,
+        shard: &DeviceBuf,
+        full: &mut DeviceBuf,
+    ) -> Result<(), DistError>;
+
+    /// Waits for the collectives queued so far, at most the collective
+    /// timeout, naming the ranks that do not answer past it.
+    fn wait(&mut self, what: &str) -> Result<(), DistError>;
 }
 
 /// A whole of `total` elements must be `world` shards of `shard`.

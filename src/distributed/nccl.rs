@@ -3,7 +3,7 @@
 //! id and hands it to the others over the TCP rendezvous at
 //! MASTER_ADDR:MASTER_PORT; the same group then carries host-side metrics.
 
-use super::collective::check_sharded;
+use super::collective::{check_sharded, DeviceCollective};
 use super::tcp::TcpGroup;
 use super::{Collective, DistError, World};
 use crate::backend::cuda::CudaBackend;
@@ -291,7 +291,7 @@ impl Collective for NcclGroup {
         self.host.exchange(mine)
     }
 
-    fn nccl(&mut self) -> Option<&mut NcclGroup> {
+    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
         Some(self)
     }
 
@@ -372,5 +372,27 @@ impl NcclGroup {
         stream
             .clone_dtoh(&dst)
             .map_err(|e| nccl_error("download", e))
+    }
+}
+
+impl DeviceCollective for NcclGroup {
+    fn reduce_scatter_padded(
+        &mut self,
+        full: &DeviceBuf,
+        shard: &mut DeviceBuf,
+    ) -> Result<(), DistError> {
+        NcclGroup::reduce_scatter_padded(self, full, shard)
+    }
+
+    fn all_gather_padded(
+        &mut self,
+        shard: &DeviceBuf,
+        full: &mut DeviceBuf,
+    ) -> Result<(), DistError> {
+        NcclGroup::all_gather_padded(self, shard, full)
+    }
+
+    fn wait(&mut self, what: &str) -> Result<(), DistError> {
+        NcclGroup::wait(self, what)
     }
 }

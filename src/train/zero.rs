@@ -166,8 +166,8 @@ impl<B: Backend> ShardedAdamW<B> {
             *full = be.cast(&be.zeros(l)?, shard.dtype())?;
             all_gather(group, be, shard, full)?;
         }
-        if let Some(nccl) = group.nccl() {
-            nccl.wait("weight all-gather")?;
+        if let Some(device) = group.device() {
+            device.wait("weight all-gather")?;
         }
         self.resident = true;
         Ok(())
@@ -240,8 +240,8 @@ impl<B: Backend> ShardedAdamW<B> {
         }
         // Before anything waits on them: a dead peer stops this rank with
         // an error instead of a hang.
-        if let Some(nccl) = group.nccl() {
-            nccl.wait("gradient reduce-scatter")?;
+        if let Some(device) = group.device() {
+            device.wait("gradient reduce-scatter")?;
         }
         let local = be.grad_norm(&shards)?;
         let mut sq = [local * local];
@@ -279,8 +279,8 @@ impl<B: Backend> ShardedAdamW<B> {
             for (shard, full) in updated.iter().zip(weights.iter_mut()) {
                 all_gather(group, be, shard, full)?;
             }
-            if let Some(nccl) = group.nccl() {
-                nccl.wait("weight all-gather")?;
+            if let Some(device) = group.device() {
+                device.wait("weight all-gather")?;
             }
         }
         Ok(StepReport {
@@ -340,8 +340,9 @@ impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
                 .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
             out.push(full);
         }
-        if let Some(nccl) = group.nccl() {
-            nccl.wait("unit all-gather")
+        if let Some(device) = group.device() {
+            device
+                .wait("unit all-gather")
                 .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
         }
         Ok(out)
@@ -362,8 +363,9 @@ impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
             be.add_into(&mut acc[id.0], &shard)?;
             grads[id.0] = be.zeros(0)?;
         }
-        if let Some(nccl) = group.nccl() {
-            nccl.wait("gradient reduce-scatter")
+        if let Some(device) = group.device() {
+            device
+                .wait("gradient reduce-scatter")
                 .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
         }
         Ok(())
@@ -378,11 +380,11 @@ fn reduce_scatter<B: Backend>(
     full: &B::Buf,
     shard: &mut B::Buf,
 ) -> Result<(), ZeroError> {
-    if let Some(nccl) = group.nccl() {
+    if let Some(device) = group.device() {
         let full = (full as &dyn Any).downcast_ref::<DeviceBuf>();
         let shard = (shard as &mut dyn Any).downcast_mut::<DeviceBuf>();
         if let (Some(full), Some(shard)) = (full, shard) {
-            return Ok(nccl.reduce_scatter_padded(full, shard)?);
+            return Ok(device.reduce_scatter_padded(full, shard)?);
         }
     }
     let world = group.world_size();
@@ -403,11 +405,11 @@ fn all_gather<B: Backend>(
     shard: &B::Buf,
     full: &mut B::Buf,
 ) -> Result<(), ZeroError> {
-    if let Some(nccl) = group.nccl() {
+    if let Some(device) = group.device() {
         let shard = (shard as &dyn Any).downcast_ref::<DeviceBuf>();
         let full = (full as &mut dyn Any).downcast_mut::<DeviceBuf>();
         if let (Some(shard), Some(full)) = (shard, full) {
-            return Ok(nccl.all_gather_padded(shard, full)?);
+            return Ok(device.all_gather_padded(shard, full)?);
         }
     }
     let world = group.world_size();
