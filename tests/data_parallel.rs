@@ -455,3 +455,35 @@ fn zero3_gathers_every_unit_and_matches_the_whole_model() {
         assert!(gap < 1e-6 && max_gap < 1e-5, "{gap} {max_gap}");
     }
 }
+
+/// bf16 weights over fp32 masters: 2 ranks with ZeRO-3 take the steps 1
+/// rank takes (the bf16 weights gathered from the ranks' rounded shards).
+#[test]
+fn bf16_zero3_on_two_ranks_follows_one_rank() {
+    let one = run_dir("bf16-one");
+    let two = run_dir("bf16-two");
+    let o = |extra: &str| settings(&["max_steps=2", "precision=bf16", extra]);
+    for r in run_ranks(1, &one, &o("zero_stage=2"), false) {
+        r.unwrap();
+    }
+    for r in run_ranks(2, &two, &o("zero_stage=3"), false) {
+        r.unwrap();
+    }
+    let (a, b) = (
+        read_metrics(&two.join(METRICS_FILE)).unwrap(),
+        read_metrics(&one.join(METRICS_FILE)).unwrap(),
+    );
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.reward_mean, y.reward_mean);
+        assert!(
+            (x.loss - y.loss).abs() <= 1e-4 * y.loss.abs().max(1e-3),
+            "{x:?} {y:?}"
+        );
+    }
+    let (gap, _) = relative_gap(&weights(&two), &weights(&one));
+    eprintln!("bf16, 2 ranks ZeRO-3 vs 1: weights differ by {gap:.3e} (L2, relative)");
+    assert!(gap < 1e-6, "{gap}");
+    std::fs::remove_dir_all(&one).unwrap();
+    std::fs::remove_dir_all(&two).unwrap();
+}
