@@ -8,9 +8,12 @@ use vppo_engine::backend::cpu::adamw::AdamWConfig;
 use vppo_engine::backend::cuda::CudaBackend;
 use vppo_engine::distributed::nccl::NcclGroup;
 use vppo_engine::distributed::{Collective, World};
+use vppo_engine::model::acts::Save;
 use vppo_engine::model::engine::Engine;
+use vppo_engine::model::graph::GatherWeights;
 use vppo_engine::model::params::Tensors;
 use vppo_engine::model::Qwen25Vl;
+use vppo_engine::model::{ModelError, TrainSequence};
 use vppo_engine::ops::{Backend, DType, Precision};
 use vppo_engine::train::optimizer::{AdamW, WeightPrecision};
 use vppo_engine::train::zero::ShardedAdamW;
@@ -157,6 +160,61 @@ pub fn cases() -> Vec<Case> {
                     report.push(format!("{precision:?} {rel:.1e}"));
                 }
                 Ok(report.join(", "))
+            }),
+        },
+        Case {
+            name:
+                "zero-3 on the GPU through NCCL (world=1): released weights gathered unit by unit"
+                    .into(),
+            run: Box::new(|gpu, _rng| {
+                if !vppo_engine::backend::cuda::blas_present() {
+                    return Ok(crate::model::NO_CUBLAS.into());
+                }
+                let mut group = solo_group(gpu)?;
+                let case = "two_images";
+                let model =
+                    Qwen25Vl::load(&crate::model::fixture_dir(case)).map_err(|e| e.to_string())?;
+                let prepared = crate::model::prepared(case)?;
+                let batch = vec![TrainSequence {
+                    input: prepared.input.clone(),
+                    prompt_len: prepared.prompt_len,
+                }];
+                let err = |e: ModelError| e.to_string();
+                let device = || CudaBackend::new(0).map_err(|e| e.to_string());
+                let mut whole = Engine::new(device()?, &model).map_err(err)?;
+                let want = whole
+                    .train_forward(&batch, Save::All)
+                    .map_err(err)?
+                    .logprobs;
+                let mut engine = Engine::new(device()?, &model).map_err(err)?;
+                let opt = AdamW::new(
+                    &model.weights,
+                    AdamWConfig::default(),
+                    None,
+                    WeightPrecision::Fp32,
+                );
+                let mut zero = ShardedAdamW::from_full(&opt, &model.weights, &engine, 0, 1)
+                    .map_err(|e| e.to_string())?;
+                zero.zero3 = true;
+                zero.release(&mut engine).map_err(|e| e.to_string())?;
+                let source = zero
+                    .unit_source(&engine.be, &mut group)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no unit source after release")?;
+                let source = &source as &dyn GatherWeights<CudaBackend>;
+                let got = engine
+                    .train_forward_from(&batch, Save::All, Some(source))
+                    .map_err(err)?
+                    .logprobs;
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                if got.len() != want.len() || worst > 1e-5 {
+                    return Err(format!("gathered forward differs by {worst:.2e}"));
+                }
+                Ok(format!("{} log-probs within {worst:.1e}", got.len()))
             }),
         },
     ]
