@@ -1029,9 +1029,14 @@ pub fn run_as(
         // Everything the other ranks load is written.
         group.barrier().map_err(StepError::from)?;
         progress.line(&format!(
-            "data parallel over {} ranks, ZeRO-{} (each rank owns 1/{0} of the gradients, master weights and moments)",
+            "data parallel over {} ranks, ZeRO-{} (each rank owns 1/{0} of the gradients, master weights and moments{})",
             group.world_size(),
-            cfg.zero_stage
+            cfg.zero_stage,
+            if cfg.zero_stage == 3 {
+                ", and of the weights outside rollouts"
+            } else {
+                ""
+            }
         ));
     }
     if let (Some(plan), true) = (gpu_plan.as_ref(), on_gpu) {
