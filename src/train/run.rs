@@ -572,6 +572,32 @@ fn join_group(
     }
 }
 
+/// The model, optimizer and state of a training checkpoint.
+fn resume_from(
+    dir: &Path,
+    cfg: &TrainConfig,
+) -> Result<(Pipeline, AdamW, TrainingState), RunError> {
+    let (model, optimizer, state) = load_training_checkpoint(dir)?;
+    Ok((load_pipeline(dir, model, cfg)?, optimizer, state))
+}
+
+/// A fresh run from the model in `dir`: a new optimizer, step 0.
+fn start_from(
+    dir: &Path,
+    cfg: &TrainConfig,
+    precision: Precision,
+) -> Result<(Pipeline, AdamW, TrainingState), RunError> {
+    let model = Qwen25Vl::load(dir).map_err(PipelineError::from)?;
+    let optimizer = new_optimizer(&model, cfg, cfg.lr, precision);
+    let state = TrainingState {
+        step: 0,
+        seed: cfg.seed,
+        data_position: 0,
+        extra: serde_json::json!({"rollout_batches": 0, "warmup_done": false}),
+    };
+    Ok((load_pipeline(dir, model, cfg)?, optimizer, state))
+}
+
 /// What a rank other than 0 starts from, once rank 0 has set the run up:
 /// the latest checkpoint if there is one (a resumed run, or the warm-up's),
 /// else the model rank 0 started from with a fresh optimizer.
@@ -582,24 +608,13 @@ fn follow_setup(
 ) -> Result<(RunParts, Option<Qwen25Vl>), RunError> {
     let precision = cfg.precision.on(cfg.device.resolve(false));
     let (pipeline, optimizer, state) = match latest_checkpoint(out)? {
-        Some(dir) => {
-            let (model, optimizer, state) = load_training_checkpoint(&dir)?;
-            (load_pipeline(&dir, model, cfg)?, optimizer, state)
-        }
+        Some(dir) => resume_from(&dir, cfg)?,
         None => {
             let dir = cfg
                 .model
                 .clone()
                 .unwrap_or_else(|| out.join(BASE_MODEL_DIR));
-            let model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
-            let optimizer = new_optimizer(&model, cfg, cfg.lr, precision);
-            let state = TrainingState {
-                step: 0,
-                seed: cfg.seed,
-                data_position: 0,
-                extra: serde_json::json!({"rollout_batches": 0, "warmup_done": false}),
-            };
-            (load_pipeline(&dir, model, cfg)?, optimizer, state)
+            start_from(&dir, cfg, precision)?
         }
     };
     let metrics = MetricsLog::follow(&out.join(METRICS_FILE), resume.then_some(state.step))?;
@@ -950,8 +965,7 @@ pub fn run_as(
     let (mut pipeline, mut optimizer, mut state) = match &checkpoint {
         Some(dir) => {
             progress.line(&format!("resuming from {}", dir.display()));
-            let (model, optimizer, state) = load_training_checkpoint(dir)?;
-            (load_pipeline(dir, model, &cfg)?, optimizer, state)
+            resume_from(dir, &cfg)?
         }
         None => {
             let dir = match &cfg.model {
@@ -969,15 +983,7 @@ pub fn run_as(
                     dir
                 }
             };
-            let model = Qwen25Vl::load(&dir).map_err(PipelineError::from)?;
-            let optimizer = new_optimizer(&model, &cfg, cfg.lr, precision);
-            let state = TrainingState {
-                step: 0,
-                seed: cfg.seed,
-                data_position: 0,
-                extra: serde_json::json!({"rollout_batches": 0, "warmup_done": false}),
-            };
-            (load_pipeline(&dir, model, &cfg)?, optimizer, state)
+            start_from(&dir, &cfg, precision)?
         }
     };
     let metrics = MetricsLog::open(&out.join(METRICS_FILE), resume.then_some(state.step))?;
