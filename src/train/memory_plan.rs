@@ -101,6 +101,24 @@ pub struct Workload {
     /// weights too (a unit gathered at a time in the update, the whole
     /// model for rollouts and scoring).
     pub zero_stage: usize,
+    /// How the rollouts' KV cache is sized.
+    pub kv_cache: KvSizing,
+    /// Sequences decoding at once: the decode step's logits rows.
+    pub max_num_seqs: usize,
+}
+
+/// How the rollouts' KV cache is sized (the train config's settings, as
+/// `rollout::generate::RolloutLimits` reads them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvSizing {
+    /// For the whole rollout batch at once (no setting).
+    WholeBatch,
+    /// `kv_cache_blocks` blocks.
+    Blocks(usize),
+    /// `kv_cache_memory_fraction` of the memory free when rollouts start
+    /// (what the whole-run rows leave); sequences beyond it wait or are
+    /// preempted.
+    Fraction(f64),
 }
 
 impl Workload {
@@ -143,6 +161,14 @@ impl Workload {
             },
             gpus: 1,
             zero_stage: cfg.zero_stage,
+            kv_cache: if cfg.kv_cache_blocks > 0 {
+                KvSizing::Blocks(cfg.kv_cache_blocks)
+            } else if cfg.kv_cache_memory_fraction > 0.0 {
+                KvSizing::Fraction(cfg.kv_cache_memory_fraction)
+            } else {
+                KvSizing::WholeBatch
+            },
+            max_num_seqs: cfg.max_num_seqs,
         }
     }
 
@@ -369,9 +395,10 @@ impl MemoryPlan {
         if w.reference {
             persistent.push(row("frozen reference model (KL loss)", params * p.bytes()));
         }
+        let held: u64 = persistent.iter().map(|r| r.bytes).sum();
         let mut phases = vec![
             training_phase(cfg, w),
-            rollout_phase(cfg, w),
+            rollout_phase(cfg, w, gpu_bytes.saturating_sub(held)),
             scoring_phase(cfg, w),
         ];
         if zero3 {
@@ -559,11 +586,16 @@ impl MemoryPlan {
             );
         }
         if over(1) {
-            tips.push(
-                "lower rollout_batch, group_size, max_prompt_tokens or max_response_tokens for \
-                 the rollout's KV cache"
+            tips.push(match w.kv_cache {
+                KvSizing::WholeBatch => "size the rollout's KV cache from memory: \
+                     kv_cache_memory_fraction = 0.5 (sequences beyond it wait or are \
+                     preempted), or lower rollout_batch, group_size, max_prompt_tokens or \
+                     max_response_tokens"
                     .to_string(),
-            );
+                _ => "lower kv_cache_memory_fraction / kv_cache_blocks, or rollout_batch, \
+                     group_size, max_prompt_tokens or max_response_tokens for the rollout"
+                    .to_string(),
+            });
         }
         if over(2) && !over(0) {
             tips.push(
@@ -650,27 +682,41 @@ fn training_workspace(cfg: &ModelConfig, mb: &MicroBatch, p: Precision) -> u64 {
 }
 
 /// Generation of one rollout batch: the paged KV cache `generate` allocates
-/// up front, the decode step's logits, one prefill block.
-fn rollout_phase(cfg: &ModelConfig, w: &Workload) -> Phase {
+/// up front (for the whole batch, or as the settings size it from `free`,
+/// the memory the whole-run rows leave), the decode step's logits, one
+/// prefill block.
+fn rollout_phase(cfg: &ModelConfig, w: &Workload, free: u64) -> Phase {
     let p = w.precision;
     let ro = &w.rollout;
     let t = &cfg.text;
-    let blocks = kv_block_bound(
+    let whole = kv_block_bound(
         &vec![ro.prompt_tokens; ro.prompts],
         ro.samples,
         ro.response_tokens,
         KV_BLOCK_SIZE,
     ) as u64;
     let slot = (t.num_kv_heads * t.head_dim) as u64;
-    let kv = blocks * KV_BLOCK_SIZE as u64 * slot * t.num_layers as u64 * 2 * p.bytes();
-    let rows = (ro.prompts * ro.samples) as u64;
+    let block_bytes = KV_BLOCK_SIZE as u64 * slot * t.num_layers as u64 * 2 * p.bytes();
+    // Generation needs room for one whole sequence, whatever the setting.
+    let one = (ro.prompt_tokens + ro.response_tokens).div_ceil(KV_BLOCK_SIZE) as u64;
+    let (blocks, how) = match w.kv_cache {
+        KvSizing::WholeBatch => (whole, String::new()),
+        KvSizing::Blocks(b) => (whole.min(b as u64), ", kv_cache_blocks".to_string()),
+        KvSizing::Fraction(f) => (
+            whole.min((free as f64 * f) as u64 / block_bytes.max(1)),
+            format!(", {f} of the free memory"),
+        ),
+    };
+    let blocks = blocks.max(one.min(whole));
+    let kv = blocks * block_bytes;
+    let rows = (ro.prompts * ro.samples).min(w.max_num_seqs.max(1)) as u64;
     let logits = rows * t.vocab_size as u64 * 4;
     let prefill = ro.prompt_tokens as u64 * BlockWidths::text(cfg).acts_per_row() * p.bytes();
     Phase {
         title: "rollout batch: generation".into(),
         rows: vec![
             row(
-                format!("KV cache ({blocks} blocks of {KV_BLOCK_SIZE} tokens)"),
+                format!("KV cache ({blocks} blocks of {KV_BLOCK_SIZE} tokens{how})"),
                 kv,
             ),
             row(
@@ -928,6 +974,8 @@ mod tests {
             },
             gpus: 1,
             zero_stage: 2,
+            kv_cache: KvSizing::WholeBatch,
+            max_num_seqs: 256,
         }
     }
 
@@ -973,6 +1021,30 @@ mod tests {
         let bytes: Vec<u64> = four.persistent.iter().map(|r| r.bytes).collect();
         assert_eq!(bytes, vec![443_968, 221_984, 443_968, 887_936, 443_968]);
         assert!(four.phases[1].rows[0].label.contains("8 blocks"));
+        // A KV cache sized from memory: the fraction of what the whole-run
+        // rows leave, at least one whole sequence (3 blocks), at most the
+        // whole batch (24 blocks).
+        let block_bytes = 16 * 32 * 2 * 2 * 2;
+        let sized = |kv_cache: KvSizing, gpu: u64| {
+            let plan = MemoryPlan::new(
+                &cfg,
+                &Workload {
+                    kv_cache,
+                    ..tiny_workload()
+                },
+                gpu,
+            );
+            let held = plan.persistent_bytes();
+            (plan.phases[1].rows[0].bytes / block_bytes, held)
+        };
+        let (_, held) = sized(KvSizing::WholeBatch, 1 << 30);
+        assert_eq!(
+            sized(KvSizing::Fraction(0.5), held + 20 * block_bytes).0,
+            10
+        );
+        assert_eq!(sized(KvSizing::Fraction(0.5), held).0, 3);
+        assert_eq!(sized(KvSizing::Fraction(1.0), 1 << 30).0, 24);
+        assert_eq!(sized(KvSizing::Blocks(5), 1 << 30).0, 5);
         let step = four.phases.last().unwrap();
         assert_eq!(step.title, "optimizer step (ZeRO-2)");
         assert_eq!(step.rows[0].bytes, 221_984);
