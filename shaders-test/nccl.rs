@@ -198,7 +198,7 @@ pub fn cases() -> Vec<Case> {
                 zero.zero3 = true;
                 zero.release(&mut engine).map_err(|e| e.to_string())?;
                 let source = zero
-                    .unit_source(&engine.be, &mut group)
+                    .unit_source(&engine.be, &engine.layout, &mut group)
                     .map_err(|e| e.to_string())?
                     .ok_or("no unit source after release")?;
                 let source = &source as &dyn GatherWeights<CudaBackend>;

@@ -421,8 +421,11 @@ fn zero3_gathers_every_unit_and_matches_the_whole_model() {
                     assert!(engine.weights.iter().all(|w| w.is_empty()));
                     let mut lps = Vec::new();
                     {
-                        let source = zero.unit_source(&engine.be, &mut g).unwrap().unwrap();
-                        let source = &source as &dyn GatherWeights<CpuBackend>;
+                        let gather = zero
+                            .unit_source(&engine.be, &engine.layout, &mut g)
+                            .unwrap()
+                            .unwrap();
+                        let source = &gather as &dyn GatherWeights<CpuBackend>;
                         for _ in 0..=rank {
                             let lp = engine
                                 .train_forward_from(batch, Save::All, Some(source))
@@ -435,6 +438,11 @@ fn zero3_gathers_every_unit_and_matches_the_whole_model() {
                         if rank == 0 {
                             engine.idle_pass(source).unwrap();
                         }
+                        // Every unit but the first of each forward and
+                        // backward came from the one gathered ahead.
+                        let units =
+                            engine.layout.vision.blocks.len() + engine.layout.text.layers.len();
+                        assert_eq!(gather.gathered_ahead(), 2 * 2 * (units - 1));
                     }
                     let report = zero.step(&mut engine, &mut g).unwrap();
                     assert!(!report.skipped);

@@ -113,7 +113,7 @@ fn a_7b_run_fits_80_gib_gpus_from_four_with_zero2_three_with_zero3() {
     for row in [
         "bf16 weights (1/4 shard, ZeRO-3)",
         "gradients (fp32) (1/4 shard, ZeRO-3)",
-        "gathered root + largest unit (weights and gradients)",
+        "gathered root + 2 largest units (weights and gradients)",
         "whole weights, gathered for this phase (ZeRO-3)",
         "fewest GPUs of 80.0 GiB that fit (ZeRO-3): 3",
     ] {

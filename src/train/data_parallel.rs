@@ -119,7 +119,7 @@ pub fn update_step<B: Backend>(
     }
     let local = {
         let source = zero
-            .unit_source(&policy.engine.be, &mut *group)
+            .unit_source(&policy.engine.be, &policy.engine.layout, &mut *group)
             .map_err(zero_error)?;
         let source = source.as_ref().map(|s| s as &dyn GatherWeights<B>);
         let sums = accumulate_micro_batches(

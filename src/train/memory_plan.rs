@@ -412,10 +412,12 @@ impl MemoryPlan {
                 .chain((0..layout.vision.blocks.len()).map(|b| numel(&layout.vision_block_ids(b))))
                 .max()
                 .unwrap_or(0);
-            let whole = unit + numel(&layout.root_ids());
+            // The root and the running unit whole (weights, gradients),
+            // the next unit's weights gathered ahead.
+            let root = numel(&layout.root_ids());
             phases[0].rows.push(row(
-                "gathered root + largest unit (weights and gradients)",
-                whole * (p.bytes() + 4),
+                "gathered root + 2 largest units (weights and gradients)",
+                (root + 2 * unit) * p.bytes() + (root + unit) * 4,
             ));
             for phase in &mut phases[1..] {
                 phase.rows.push(row(
@@ -1066,7 +1068,8 @@ mod tests {
         };
         let unit = numel(layout.vision_block_ids(0)).max(numel(layout.text_layer_ids(0)));
         let gathered = z3.phases[0].rows.last().unwrap();
-        assert_eq!(gathered.bytes, (unit + numel(layout.root_ids())) * (2 + 4));
+        let root = numel(layout.root_ids());
+        assert_eq!(gathered.bytes, (root + 2 * unit) * 2 + (root + unit) * 4);
         assert_eq!(z3.phases[1].rows.last().unwrap().bytes, 221_984 * 2);
         assert!(z3.phases.iter().all(|p| !p.title.contains("ZeRO-2")));
     }

@@ -17,8 +17,8 @@ use crate::backend::desc::clip_coefficient;
 use crate::distributed::{Collective, DistError};
 use crate::model::engine::Engine;
 use crate::model::graph::GatherWeights;
-use crate::model::params::ParamId;
 use crate::model::params::Tensors;
+use crate::model::params::{ParamId, ParamLayout};
 use crate::model::ModelError;
 use crate::ops::cuda::DeviceBuf;
 use crate::ops::{Backend, Buffer, DType, Precision};
@@ -192,6 +192,7 @@ impl<B: Backend> ShardedAdamW<B> {
     pub fn unit_source<'a>(
         &'a mut self,
         be: &B,
+        layout: &ParamLayout,
         group: &'a mut dyn Collective,
     ) -> Result<Option<UnitGather<'a, B>>, ZeroError> {
         if !self.gathers_by_unit() {
@@ -207,6 +208,10 @@ impl<B: Backend> ShardedAdamW<B> {
             shards: self.copies.as_deref().unwrap_or(&self.master),
             lens: &self.lens,
             acc: std::cell::RefCell::new(&mut self.grad_acc),
+            schedule: unit_schedule(layout),
+            cursor: std::cell::Cell::new(None),
+            ahead: std::cell::RefCell::new(None),
+            hits: std::cell::Cell::new(0),
         }))
     }
 
@@ -327,10 +332,42 @@ pub struct UnitGather<'a, B: Backend> {
     lens: &'a [usize],
     /// This rank's shards of the gradients summed over ranks.
     acc: std::cell::RefCell<&'a mut Vec<B::Buf>>,
+    /// The order a pass asks for the units in: its forward (vision blocks,
+    /// then decoder layers) and its backward (the reverse). Every pass
+    /// follows it (the ranks' gathers must match), so the unit after the
+    /// current one is gathered while the current one runs.
+    schedule: [Vec<Vec<ParamId>>; 2],
+    /// (segment, position) of the last unit handed out.
+    cursor: std::cell::Cell<Option<(usize, usize)>>,
+    /// The next unit, gathered ahead.
+    ahead: std::cell::RefCell<Option<Gathered<B>>>,
+    /// Units handed out from the gathered-ahead one.
+    hits: std::cell::Cell<usize>,
 }
 
-impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
-    fn gather(&self, be: &B, ids: &[ParamId]) -> crate::ops::Result<Vec<B::Buf>> {
+/// A unit's ids and whole weights.
+type Gathered<B> = (Vec<ParamId>, Vec<<B as Backend>::Buf>);
+
+/// The forward and backward order of the units (the root aside).
+fn unit_schedule(layout: &ParamLayout) -> [Vec<Vec<ParamId>>; 2] {
+    let forward: Vec<Vec<ParamId>> = (0..layout.vision.blocks.len())
+        .map(|i| layout.vision_block_ids(i))
+        .chain((0..layout.text.layers.len()).map(|l| layout.text_layer_ids(l)))
+        .collect();
+    let backward = forward.iter().rev().cloned().collect();
+    [forward, backward]
+}
+
+impl<B: Backend> UnitGather<'_, B> {
+    /// How many units came from the one gathered ahead (all but the first
+    /// of each forward and backward, when the passes keep the schedule).
+    pub fn gathered_ahead(&self) -> usize {
+        self.hits.get()
+    }
+
+    /// Issues the all-gathers of `ids` (on GPUs they run on NCCL's stream
+    /// while the caller goes on).
+    fn start(&self, be: &B, ids: &[ParamId]) -> crate::ops::Result<Vec<B::Buf>> {
         let mut group = self.group.borrow_mut();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -340,10 +377,45 @@ impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
                 .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
             out.push(full);
         }
-        if let Some(device) = group.device() {
+        Ok(out)
+    }
+
+    /// Where `ids` stands in the schedule: right after the cursor, else
+    /// the start of a segment.
+    fn place(&self, ids: &[ParamId]) -> Option<(usize, usize)> {
+        if let Some((s, p)) = self.cursor.get() {
+            if self.schedule[s].get(p + 1).is_some_and(|u| u == ids) {
+                return Some((s, p + 1));
+            }
+        }
+        (0..2).find_map(|s| (self.schedule[s].first()? == ids).then_some((s, 0)))
+    }
+}
+
+impl<B: Backend> GatherWeights<B> for UnitGather<'_, B> {
+    fn gather(&self, be: &B, ids: &[ParamId]) -> crate::ops::Result<Vec<B::Buf>> {
+        let ahead = self.ahead.borrow_mut().take();
+        let out = match ahead {
+            Some((next, bufs)) if next == ids => {
+                self.hits.set(self.hits.get() + 1);
+                bufs
+            }
+            // Not the unit gathered ahead (dropped; every rank drops it
+            // alike): gather this one now.
+            _ => self.start(be, ids)?,
+        };
+        if let Some(device) = self.group.borrow_mut().device() {
             device
                 .wait("unit all-gather")
                 .map_err(|e| crate::ops::Error::Gather(e.to_string()))?;
+        }
+        let at = self.place(ids);
+        self.cursor.set(at);
+        if let Some((s, p)) = at {
+            if let Some(next) = self.schedule[s].get(p + 1) {
+                let bufs = self.start(be, next)?;
+                *self.ahead.borrow_mut() = Some((next.clone(), bufs));
+            }
         }
         Ok(out)
     }
