@@ -7,27 +7,30 @@
 
 use super::checkpoint::{
     checkpoint_dirs, latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
-    CheckpointError, TrainingState,
+    TrainingState,
 };
-use super::config::{AlgoName, ConfigError, TrainConfig};
+use super::config::{AlgoName, TrainConfig};
 use super::data_parallel::{gather_rollouts, prompt_share, update_step};
-use super::metrics::{MetricsError, MetricsLog, StepMetrics, ValMetrics};
+use super::metrics::{MetricsLog, StepMetrics, ValMetrics};
 use super::optimizer::{AdamW, Policy, WeightPrecision};
+pub use super::ranks::Membership;
+use super::ranks::{agree, join_group, save_sharded, zero_error, Ranks};
 use super::refill::fill;
-use super::retention::{self, RetentionError};
+use super::retention;
 use super::reward_command::RewardCommand;
-use super::source::{DataOrder, Mix, PromptSource, SourceError};
+use super::run_error::io;
+pub use super::run_error::RunError;
+use super::source::{DataOrder, Mix, PromptSource};
 use super::step::{
     collect_rollouts_with, update_parts_on, update_plan, AccuracyReward, Algo, Prompt, RewardFn,
     Rollouts, StepConfig, StepError,
 };
-use super::tensorboard::{numeric_fields, EventWriter, TensorBoardError};
-use super::validation::{self, ValError};
+use super::tensorboard::{numeric_fields, EventWriter};
+use super::validation;
 use super::warmup::warmup_step;
-use super::zero::ShardedAdamW;
 use crate::backend::cpu::adamw::AdamWConfig;
 use crate::backend::{local_ordinal, open_local_gpu, Device};
-use crate::builtin::{write_model_dir, BuiltinError, CountingTask, TinySizes};
+use crate::builtin::{write_model_dir, CountingTask, TinySizes};
 use crate::data::prompt::PromptFormat;
 use crate::data::Columns;
 use crate::distributed::Collective;
@@ -65,44 +68,6 @@ pub const MAX_SKIPPED_IN_A_ROW: u64 = 3;
 /// Keeps the warm-up's problems apart from the RL prompts.
 const WARMUP_SEED_SALT: u64 = 0x5EED_0F5F;
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Builtin(#[from] BuiltinError),
-    #[error(transparent)]
-    Pipeline(#[from] PipelineError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Metrics(#[from] MetricsError),
-    #[error("{path}: {reason}")]
-    Io { path: PathBuf, reason: String },
-    #[error("{0}")]
-    Usage(String),
-    #[error("device=cuda: {0}")]
-    Device(String),
-    #[error(transparent)]
-    RunDir(#[from] super::run_dir::RunDirError),
-    #[error(transparent)]
-    Output(#[from] crate::outputs::OutputError),
-    #[error("{0}")]
-    Diverged(String),
-    #[error(transparent)]
-    Step(#[from] StepError),
-    #[error(transparent)]
-    Validation(#[from] ValError),
-    #[error(transparent)]
-    Retention(#[from] RetentionError),
-    #[error(transparent)]
-    TensorBoard(#[from] TensorBoardError),
-    #[error(transparent)]
-    GpuPlan(#[from] super::memory_plan::GpuPlanError),
-}
-
 /// Writes `path` through a temporary sibling and a rename (never torn).
 fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     let name = path
@@ -112,13 +77,6 @@ fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> RunError + '_ {
-    move |e| RunError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
 }
 
 /// Updates skipped because the loss or the gradient norm was not finite.
@@ -404,174 +362,6 @@ fn save_from<B: Backend>(
     }
 }
 
-/// A data-parallel save: rank 0 makes the temporary folder, every rank
-/// writes its optimizer shard into it, rank 0 adds the weights and the
-/// state with the shard manifest and renames it into place. Each stage
-/// waits for every rank's outcome, so a rank that fails or dies leaves
-/// only a temporary folder (removed on resume) and the last checkpoint.
-#[allow(clippy::too_many_arguments)]
-fn save_sharded<B: Backend>(
-    ranks: &mut Ranks<'_, B>,
-    be: &B,
-    out: &Path,
-    model: &mut Qwen25Vl,
-    optimizer: &AdamW,
-    state: &TrainingState,
-    keep: usize,
-    mark_best: bool,
-) -> Result<Option<PathBuf>, RunError> {
-    let rank = ranks.group.rank();
-    let tmp = super::checkpoint::sharded_tmp_dir(out, state.step);
-    let made = if rank == 0 {
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(io(&tmp))
-    } else {
-        Ok(())
-    };
-    all_ok(&mut *ranks.group, made)?;
-    let written = ranks
-        .zero
-        .download(be)
-        .map_err(|e| RunError::Device(format!("copying the optimizer shard back: {e}")))
-        .and_then(|[master, exp_avg, exp_avg_sq]| {
-            let shard = super::checkpoint::OptimizerShard {
-                rank,
-                world_size: ranks.zero.world_size,
-                master: ranks.zero.bf16_model.then_some(master.as_slice()),
-                exp_avg: &exp_avg,
-                exp_avg_sq: &exp_avg_sq,
-            };
-            super::checkpoint::write_optimizer_shard(&tmp, &model.layout, &shard)
-                .map_err(RunError::from)
-        });
-    all_ok(&mut *ranks.group, written)?;
-    let finished = if rank == 0 {
-        super::checkpoint::finish_sharded_checkpoint(
-            out,
-            &tmp,
-            model,
-            optimizer,
-            ranks.zero.world_size,
-            ranks.zero.bf16_model,
-            state,
-        )
-        .map_err(RunError::from)
-        .and_then(|dir| {
-            if mark_best {
-                retention::set_best(out, &dir)?;
-            }
-            retention::prune(out, &checkpoint_dirs(out)?, keep, &dir)?;
-            Ok(Some(dir))
-        })
-    } else {
-        Ok(None)
-    };
-    if finished.is_err() && rank == 0 {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    let dir = all_ok(&mut *ranks.group, finished)?;
-    if let Some(dir) = &dir {
-        model.dir = dir.clone();
-    }
-    Ok(dir)
-}
-
-/// Every rank's outcome of a stage: this rank's value if all succeeded,
-/// else an error naming the first rank that failed and why.
-fn all_ok<T>(group: &mut dyn Collective, mine: Result<T, RunError>) -> Result<T, RunError> {
-    let message = match &mine {
-        Ok(_) => String::new(),
-        Err(e) => e.to_string(),
-    };
-    let all = group
-        .exchange(message.as_bytes())
-        .map_err(StepError::from)?;
-    let failed = all.iter().enumerate().find(|(_, m)| !m.is_empty());
-    match (mine, failed) {
-        (Ok(_), Some((rank, why))) => Err(RunError::Usage(format!(
-            "rank {rank} failed: {}",
-            String::from_utf8_lossy(why)
-        ))),
-        (mine, _) => mine,
-    }
-}
-
-/// Rank 0's `value` on every rank (a decision only rank 0 can take, such
-/// as a new best validation).
-fn agree<B: Backend>(ranks: Option<&mut Ranks<'_, B>>, value: bool) -> Result<bool, RunError> {
-    let Some(ranks) = ranks else {
-        return Ok(value);
-    };
-    let mut v = [f32::from(u8::from(value))];
-    ranks.group.broadcast(&mut v, 0).map_err(StepError::from)?;
-    Ok(v[0] != 0.0)
-}
-
-fn zero_error(e: super::zero::ZeroError) -> RunError {
-    match e {
-        super::zero::ZeroError::Dist(e) => StepError::Dist(e).into(),
-        super::zero::ZeroError::Model(e) => StepError::Model(e).into(),
-    }
-}
-
-/// A data-parallel rank's group and its shard of the optimizer state.
-struct Ranks<'g, B: Backend> {
-    group: &'g mut dyn Collective,
-    zero: ShardedAdamW<B>,
-}
-
-impl<'g, B: Backend> Ranks<'g, B> {
-    /// This rank's shard of `optimizer` (whose whole state is then
-    /// dropped: each rank keeps only its shard) on `engine`'s backend.
-    fn new(
-        group: &'g mut dyn Collective,
-        optimizer: &mut AdamW,
-        weights: &crate::model::params::Tensors,
-        engine: &Engine<B>,
-        zero_stage: usize,
-    ) -> Result<Self, RunError> {
-        let mut zero =
-            ShardedAdamW::from_full(optimizer, weights, engine, group.rank(), group.world_size())
-                .map_err(|e| RunError::Device(format!("sharding the optimizer state: {e}")))?;
-        zero.zero3 = zero_stage == 3;
-        let empty = crate::model::params::Tensors(Vec::new());
-        optimizer.exp_avg = empty.clone();
-        optimizer.exp_avg_sq = empty;
-        optimizer.master = None;
-        Ok(Self { group, zero })
-    }
-}
-
-/// Joins the run's group: none for a single process; NCCL (with its TCP
-/// rendezvous) for launched GPU ranks, TCP for launched CPU ranks.
-fn join_group(
-    membership: Membership,
-    cfg: &TrainConfig,
-) -> Result<Option<Box<dyn Collective>>, RunError> {
-    let timeout = std::time::Duration::from_secs_f64(cfg.collective_timeout_s);
-    match membership {
-        Membership::Single => Ok(None),
-        Membership::Given(group) if group.world_size() == 1 => Ok(None),
-        Membership::Given(group) => Ok(Some(group)),
-        Membership::Launched(world) => {
-            if cfg.device.resolve(false) == Device::Cuda {
-                let gpu = open_local_gpu().map_err(RunError::Device)?;
-                let group = crate::distributed::nccl::NcclGroup::join(&gpu, &world, timeout)
-                    .map_err(StepError::from)?;
-                return Ok(Some(Box::new(group)));
-            }
-            let group = crate::distributed::tcp::TcpGroup::join(
-                &world.master,
-                world.rank,
-                world.world_size,
-                timeout,
-            )
-            .map_err(StepError::from)?;
-            Ok(Some(Box::new(group)))
-        }
-    }
-}
-
 /// The model, optimizer and state of a training checkpoint.
 fn resume_from(
     dir: &Path,
@@ -785,17 +575,6 @@ pub fn run(
         resume,
         show_progress,
     )
-}
-
-/// How this process takes part in a run.
-pub enum Membership {
-    /// The whole run in this process.
-    Single,
-    /// A rank started by a launcher (torchrun, srun, `vppo-engine launch`):
-    /// it joins its group at the rendezvous (NCCL on GPUs, TCP on the CPU).
-    Launched(crate::distributed::World),
-    /// A rank handed its group (in-process ranks: tests, CPU runs).
-    Given(Box<dyn Collective>),
 }
 
 /// [`run`] as a member of a data-parallel group. Rank 0 checks and sets up
