@@ -80,6 +80,33 @@ impl FlashAttnShape {
         Ok(())
     }
 
+    /// [`Self::check`], then that each buffer holds what the call needs:
+    /// `q_like` `[Tq, q_heads, D]`, `k_like` `[Tk, kv_heads, D]`, `rows`
+    /// `[Tq, q_heads]`, and both `cu_seqlens` (their lengths).
+    pub(super) fn check_buffers(
+        &self,
+        kernel: &'static str,
+        q_like: &[(&str, usize)],
+        k_like: &[(&str, usize)],
+        rows: &[(&str, usize)],
+        cu_seqlens: [usize; 2],
+    ) -> Result<(), CudaError> {
+        self.check(kernel)?;
+        let wants = [
+            (q_like, self.q_elems()),
+            (k_like, self.k_elems()),
+            (rows, self.total_q * self.q_heads),
+        ];
+        for (buffers, want) in wants {
+            for &(what, len) in buffers {
+                need(kernel, what, len, want)?;
+            }
+        }
+        let [q, k] = cu_seqlens;
+        need(kernel, "cu_seqlens_q", q, self.seqs + 1)?;
+        need(kernel, "cu_seqlens_k", k, self.seqs + 1)
+    }
+
     pub(super) fn q_elems(&self) -> usize {
         self.total_q * self.q_heads * self.head_dim
     }
@@ -128,14 +155,13 @@ impl CudaBackend {
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_fwd";
-        shape.check(K)?;
-        need(K, "q", q.len(), shape.q_elems())?;
-        need(K, "o", o.len(), shape.q_elems())?;
-        need(K, "k", k.len(), shape.k_elems())?;
-        need(K, "v", v.len(), shape.k_elems())?;
-        need(K, "lse", lse.len(), shape.total_q * shape.q_heads)?;
-        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
-        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
+        shape.check_buffers(
+            K,
+            &[("q", q.len()), ("o", o.len())],
+            &[("k", k.len()), ("v", v.len())],
+            &[("lse", lse.len())],
+            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+        )?;
         if shape.seqs == 0 || shape.max_seqlen_q == 0 {
             return Ok(());
         }
@@ -202,20 +228,24 @@ impl CudaBackend {
         dv: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_bwd";
-        shape.check(K)?;
-        for (what, len) in [("q", q.len()), ("o", o.len()), ("dout", dout.len())] {
-            need(K, what, len, shape.q_elems())?;
-        }
-        need(K, "dq", dq.len(), shape.q_elems())?;
-        need(K, "k", k.len(), shape.k_elems())?;
-        need(K, "v", v.len(), shape.k_elems())?;
-        need(K, "dk", dk.len(), shape.k_elems())?;
-        need(K, "dv", dv.len(), shape.k_elems())?;
+        shape.check_buffers(
+            K,
+            &[
+                ("q", q.len()),
+                ("o", o.len()),
+                ("dout", dout.len()),
+                ("dq", dq.len()),
+            ],
+            &[
+                ("k", k.len()),
+                ("v", v.len()),
+                ("dk", dk.len()),
+                ("dv", dv.len()),
+            ],
+            &[("lse", lse.len()), ("delta", delta.len())],
+            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+        )?;
         let rows = shape.total_q * shape.q_heads;
-        need(K, "lse", lse.len(), rows)?;
-        need(K, "delta", delta.len(), rows)?;
-        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
-        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
         if shape.seqs == 0 {
             return Ok(());
         }

@@ -5,7 +5,7 @@
 //! launcher keeps the C signature it launches in a comment.
 
 use super::flash_attn::FlashAttnShape;
-use super::launch_util::{elementwise_grid, need, opt_in_smem, to_i32};
+use super::launch_util::{elementwise_grid, opt_in_smem, to_i32};
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -118,14 +118,13 @@ impl CudaBackend {
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_tc_fwd";
-        shape.check(K)?;
-        need(K, "q", q.len(), shape.q_elems())?;
-        need(K, "o", o.len(), shape.q_elems())?;
-        need(K, "k", k.len(), shape.k_elems())?;
-        need(K, "v", v.len(), shape.k_elems())?;
-        need(K, "lse", lse.len(), shape.total_q * shape.q_heads)?;
-        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
-        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
+        shape.check_buffers(
+            K,
+            &[("q", q.len()), ("o", o.len())],
+            &[("k", k.len()), ("v", v.len())],
+            &[("lse", lse.len())],
+            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+        )?;
         if shape.seqs == 0 || shape.max_seqlen_q == 0 {
             return Ok(());
         }
@@ -198,25 +197,25 @@ impl CudaBackend {
         dv: &mut CudaSlice<bf16>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_tc_bwd";
-        shape.check(K)?;
-        for (what, len) in [("q", q.len()), ("o", o.len()), ("dout", dout.len())] {
-            need(K, what, len, shape.q_elems())?;
-        }
-        need(K, "dq", dq.len(), shape.q_elems())?;
-        need(K, "dq_acc", dq_acc.len(), shape.q_elems())?;
-        for (what, len) in [
-            ("k", k.len()),
-            ("v", v.len()),
-            ("dk", dk.len()),
-            ("dv", dv.len()),
-        ] {
-            need(K, what, len, shape.k_elems())?;
-        }
+        shape.check_buffers(
+            K,
+            &[
+                ("q", q.len()),
+                ("o", o.len()),
+                ("dout", dout.len()),
+                ("dq", dq.len()),
+                ("dq_acc", dq_acc.len()),
+            ],
+            &[
+                ("k", k.len()),
+                ("v", v.len()),
+                ("dk", dk.len()),
+                ("dv", dv.len()),
+            ],
+            &[("lse", lse.len()), ("delta", delta.len())],
+            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+        )?;
         let rows = shape.total_q * shape.q_heads;
-        need(K, "lse", lse.len(), rows)?;
-        need(K, "delta", delta.len(), rows)?;
-        need(K, "cu_seqlens_q", cu_seqlens_q.len(), shape.seqs + 1)?;
-        need(K, "cu_seqlens_k", cu_seqlens_k.len(), shape.seqs + 1)?;
         if shape.seqs == 0 {
             return Ok(());
         }
