@@ -38,40 +38,14 @@ pub fn logprob_case(rows: usize, vocab: usize, chunk: usize, masked: bool) -> Ca
                 })
                 .collect();
             let (dlogp, dent) = (random(rng, rows, 1.0), random(rng, rows, 1.0));
-            let (mut lp_ref, mut h_ref, mut lse_ref) =
-                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            cpu::logprob::token_logprob_fwd(
-                &logits,
-                vocab,
-                &targets,
-                &mut lp_ref,
-                &mut h_ref,
-                &mut lse_ref,
-            )
-            .map_err(|e| e.to_string())?;
-            // Entropy is a sum over the vocabulary: judged against the f64 twin.
-            let (mut lp64, mut h64, mut lse64) =
-                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            cpu::logprob::token_logprob_fwd(
-                &to_f64(&logits),
-                vocab,
-                &targets,
-                &mut lp64,
-                &mut h64,
-                &mut lse64,
-            )
-            .map_err(|e| e.to_string())?;
-            let mut dz_ref = vec![0.0; rows * vocab];
-            cpu::logprob::token_logprob_bwd(
-                &logits,
-                vocab,
-                &targets,
-                &lse_ref,
-                &h_ref,
-                &dlogp,
-                &dent,
-                &mut dz_ref,
-            );
+            let CpuRefs {
+                lp: lp_ref,
+                h: h_ref,
+                lse: lse_ref,
+                h64,
+                lse64,
+                dz: dz_ref,
+            } = cpu_refs(&logits, vocab, &targets, &dlogp, &dent)?;
 
             let targets_d = s.clone_htod(&targets).map_err(drv)?;
             let mut state = s
@@ -178,39 +152,14 @@ fn logprob_bf16_case(rows: usize, vocab: usize) -> Case {
                 .map(|_| rng.random_range(0..vocab as u32))
                 .collect();
             let (dlogp, dent) = (random(rng, rows, 1.0), random(rng, rows, 1.0));
-            let (mut lp_ref, mut h_ref, mut lse_ref) =
-                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            cpu::logprob::token_logprob_fwd(
-                &wide,
-                vocab,
-                &targets,
-                &mut lp_ref,
-                &mut h_ref,
-                &mut lse_ref,
-            )
-            .map_err(|e| e.to_string())?;
-            let (mut lp64, mut h64, mut lse64) =
-                (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
-            cpu::logprob::token_logprob_fwd(
-                &to_f64(&wide),
-                vocab,
-                &targets,
-                &mut lp64,
-                &mut h64,
-                &mut lse64,
-            )
-            .map_err(|e| e.to_string())?;
-            let mut dz_ref = vec![0.0; rows * vocab];
-            cpu::logprob::token_logprob_bwd(
-                &wide,
-                vocab,
-                &targets,
-                &lse_ref,
-                &h_ref,
-                &dlogp,
-                &dent,
-                &mut dz_ref,
-            );
+            let CpuRefs {
+                lp: lp_ref,
+                h: h_ref,
+                lse: lse_ref,
+                h64,
+                dz: dz_ref,
+                ..
+            } = cpu_refs(&wide, vocab, &targets, &dlogp, &dent)?;
             let dz_ref = widen(&to_bf16(&dz_ref));
 
             let c = LogitChunk {
@@ -265,4 +214,48 @@ fn logprob_bf16_case(rows: usize, vocab: usize) -> Case {
 
 pub fn bf16_cases() -> Vec<Case> {
     vec![logprob_bf16_case(3, 1000), logprob_bf16_case(65, 151_936)]
+}
+
+/// The CPU twin's forward (f32, and f64 for the entropy: a sum over the
+/// vocabulary) and backward of `logits`: what the kernels are judged against.
+struct CpuRefs {
+    lp: Vec<f32>,
+    h: Vec<f32>,
+    lse: Vec<f32>,
+    h64: Vec<f64>,
+    lse64: Vec<f64>,
+    dz: Vec<f32>,
+}
+
+fn cpu_refs(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[u32],
+    dlogp: &[f32],
+    dent: &[f32],
+) -> Result<CpuRefs, String> {
+    let rows = targets.len();
+    let (mut lp, mut h, mut lse) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+    cpu::logprob::token_logprob_fwd(logits, vocab, targets, &mut lp, &mut h, &mut lse)
+        .map_err(|e| e.to_string())?;
+    let (mut lp64, mut h64, mut lse64) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+    cpu::logprob::token_logprob_fwd(
+        &to_f64(logits),
+        vocab,
+        targets,
+        &mut lp64,
+        &mut h64,
+        &mut lse64,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut dz = vec![0.0; rows * vocab];
+    cpu::logprob::token_logprob_bwd(logits, vocab, targets, &lse, &h, dlogp, dent, &mut dz);
+    Ok(CpuRefs {
+        lp,
+        h,
+        lse,
+        h64,
+        lse64,
+        dz,
+    })
 }
