@@ -29,7 +29,8 @@ fn check_lse(gpu: &[f32], cpu: &[f32], tol: f64) -> Result<f64, String> {
     check("lse", &keep(gpu), &keep(cpu), tol)
 }
 
-fn offsets(lens: &[usize]) -> Vec<i32> {
+/// `cu_seqlens` of sequences of `lens`.
+pub(crate) fn offsets(lens: &[usize]) -> Vec<i32> {
     let mut cu = vec![0i32];
     for &l in lens {
         cu.push(cu.last().unwrap() + l as i32);

@@ -3,6 +3,7 @@
 //! against the fp32 CUDA-core kernel on the same widened inputs, forward and
 //! backward.
 
+use crate::flash_attn::offsets;
 use crate::{check, cuda, drv, random, to_bf16, widen, Case, BF16_TOL};
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -56,14 +57,6 @@ fn check_grad(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String>
     } else {
         Err(format!("{what}: rel err {e:e} > {BF16_TOL:e}"))
     }
-}
-
-fn offsets(lens: &[usize]) -> Vec<i32> {
-    let mut cu = vec![0i32];
-    for &l in lens {
-        cu.push(cu.last().unwrap() + l as i32);
-    }
-    cu
 }
 
 fn down_bf16(gpu: &CudaBackend, x: &CudaSlice<bf16>, n: usize) -> Result<Vec<f32>, String> {
