@@ -137,6 +137,44 @@ fn fa_config(tiles: usize, heads: usize, seqs: usize, smem: usize) -> LaunchConf
 }
 
 impl CudaBackend {
+    /// The backward's first pass: `delta[r] = dot(o[r], dout[r])` over the
+    /// `rows` rows of `d` elements (both attention backwards start with it).
+    // flash_attn_bwd_delta_{f32,bf16}(const T* o, const T* dout, float* delta,
+    //     int rows, int head_dim)
+    pub(super) fn flash_attn_bwd_delta<T: Elem>(
+        &self,
+        kernel: &'static str,
+        o: &CudaSlice<T>,
+        dout: &CudaSlice<T>,
+        delta: &mut CudaSlice<f32>,
+        rows: usize,
+        d: usize,
+    ) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        need(kernel, "o", o.len(), rows * d)?;
+        need(kernel, "dout", dout.len(), rows * d)?;
+        need(kernel, "delta", delta.len(), rows)?;
+        let f = self.function("flash_attn", &format!("flash_attn_bwd_delta_{}", T::SUFFIX))?;
+        let rows_i = to_i32(kernel, "rows", rows)?;
+        let d_i = to_i32(kernel, "head_dim", d)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(o).arg(dout).arg(delta).arg(&rows_i).arg(&d_i);
+        let warps_per_block = 8;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+            block_dim: (32 * warps_per_block as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches the C signature above; o and dout hold rows*d
+        // elements and delta rows floats (checked above).
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl CudaBackend {
     /// Twin of `cpu::flash_attn::attention_fwd`: writes `o[Tq, q_heads, D]`
     /// and `lse[Tq, q_heads]` (f32 whatever the storage type `T`).
     // flash_attn_fwd_d{80,128}_{f32,bf16}(const T* q, const T* k, const T* v,
@@ -254,27 +292,7 @@ impl CudaBackend {
         let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
         let causal = i32::from(shape.causal);
 
-        if rows > 0 {
-            let f = self.function("flash_attn", &format!("flash_attn_bwd_delta_{}", T::SUFFIX))?;
-            let rows_i = to_i32(K, "rows", rows)?;
-            let d_i = d as i32;
-            let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(o)
-                .arg(dout)
-                .arg(&mut *delta)
-                .arg(&rows_i)
-                .arg(&d_i);
-            let warps_per_block = 8;
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
-                block_dim: (32 * warps_per_block as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: matches the C signature above; o, dout hold rows*d floats
-            // and delta rows floats.
-            unsafe { launch.launch(cfg) }?;
-        }
+        self.flash_attn_bwd_delta(K, o, dout, delta, rows, d)?;
         if shape.max_seqlen_q > 0 {
             let f = self.function(
                 "flash_attn",

@@ -225,28 +225,7 @@ impl CudaBackend {
         let causal = i32::from(shape.causal);
         let n_q = shape.q_elems();
 
-        if rows > 0 {
-            let f = self.function("flash_attn", "flash_attn_bwd_delta_bf16")?;
-            let rows_i = to_i32(K, "rows", rows)?;
-            let d_i = to_i32(K, "head_dim", d)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(o)
-                .arg(dout)
-                .arg(&mut *delta)
-                .arg(&rows_i)
-                .arg(&d_i);
-            let warps_per_block = 8;
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
-                block_dim: (32 * warps_per_block as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: flash_attn_bwd_delta_bf16(const bf16* o, const bf16* dout,
-            // float* delta, int rows, int head_dim); o, dout hold rows*d
-            // elements and delta rows floats (checked above).
-            unsafe { launch.launch(cfg) }?;
-        }
+        self.flash_attn_bwd_delta(K, o, dout, delta, rows, d)?;
         self.stream.memset_zeros(&mut dq_acc.slice_mut(0..n_q))?;
         if shape.max_seqlen_k > 0 {
             let f = self.function("flash_attn_tc", &format!("flash_attn_tc_bwd_d{d}"))?;
