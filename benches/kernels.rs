@@ -840,6 +840,47 @@ struct AttnCase {
     causal: bool,
 }
 
+impl AttnCase {
+    fn shape(&self) -> FlashAttnShape {
+        let total = self.seqs * self.len;
+        FlashAttnShape {
+            seqs: self.seqs,
+            total_q: total,
+            total_k: total,
+            max_seqlen_q: self.len,
+            max_seqlen_k: self.len,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            causal: self.causal,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+
+    fn shape_txt(&self) -> String {
+        format!(
+            "seqs={} len={} hq={} hkv={} d={}{}",
+            self.seqs,
+            self.len,
+            self.q_heads,
+            self.kv_heads,
+            self.head_dim,
+            if self.causal { " causal" } else { "" }
+        )
+    }
+
+    /// Forward FLOPs: 4 per visible (query, key) pair and head dimension;
+    /// causal counts the visible pairs, about half.
+    fn fwd_flops(&self) -> f64 {
+        let pairs = if self.causal {
+            self.len * (self.len + 1) / 2
+        } else {
+            self.len * self.len
+        };
+        4.0 * (self.seqs * pairs) as f64 * (self.q_heads * self.head_dim) as f64
+    }
+}
+
 fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
     let fwd_id = format!("flash_fwd_{}", c.name);
     let bwd_id = format!("flash_bwd_{}", c.name);
@@ -847,33 +888,8 @@ fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
         return Ok(());
     }
     let total = c.seqs * c.len;
-    let shape = FlashAttnShape {
-        seqs: c.seqs,
-        total_q: total,
-        total_k: total,
-        max_seqlen_q: c.len,
-        max_seqlen_k: c.len,
-        q_heads: c.q_heads,
-        kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-        causal: c.causal,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-    };
-    let shape_txt = format!(
-        "seqs={} len={} hq={} hkv={} d={}{}",
-        c.seqs,
-        c.len,
-        c.q_heads,
-        c.kv_heads,
-        c.head_dim,
-        if c.causal { " causal" } else { "" }
-    );
-    let pairs = if c.causal {
-        c.len * (c.len + 1) / 2
-    } else {
-        c.len * c.len
-    };
-    let fwd_flops = 4.0 * (c.seqs * pairs) as f64 * (c.q_heads * c.head_dim) as f64;
+    let (shape, shape_txt) = (c.shape(), c.shape_txt());
+    let fwd_flops = c.fwd_flops();
     let nq = total * c.q_heads * c.head_dim;
     let nk = total * c.kv_heads * c.head_dim;
     let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
@@ -932,34 +948,8 @@ fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
         return Ok(());
     }
     let total = c.seqs * c.len;
-    let shape = FlashAttnShape {
-        seqs: c.seqs,
-        total_q: total,
-        total_k: total,
-        max_seqlen_q: c.len,
-        max_seqlen_k: c.len,
-        q_heads: c.q_heads,
-        kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-        causal: c.causal,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-    };
-    let shape_txt = format!(
-        "seqs={} len={} hq={} hkv={} d={}{}",
-        c.seqs,
-        c.len,
-        c.q_heads,
-        c.kv_heads,
-        c.head_dim,
-        if c.causal { " causal" } else { "" }
-    );
-    // Causal counts the visible pairs, about half.
-    let pairs = if c.causal {
-        c.len * (c.len + 1) / 2
-    } else {
-        c.len * c.len
-    };
-    let fwd_flops = 4.0 * (c.seqs * pairs) as f64 * (c.q_heads * c.head_dim) as f64;
+    let (shape, shape_txt) = (c.shape(), c.shape_txt());
+    let fwd_flops = c.fwd_flops();
     let nq = total * c.q_heads * c.head_dim;
     let nk = total * c.kv_heads * c.head_dim;
     let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
