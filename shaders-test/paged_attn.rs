@@ -2,6 +2,7 @@
 
 use crate::{check, cuda, drv, random, Case, BF16_TOL, FP32_TOL};
 use half::bf16;
+use rand::rngs::StdRng;
 use rand::Rng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::paged_attn::{PagedSeq, PagedShape};
@@ -34,21 +35,7 @@ pub fn paged_case_typed(
         ),
         run: Box::new(move |gpu, rng| {
             let s = gpu.stream();
-            // Blocks handed out in a shuffled order, plus unused ones.
-            let needed: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum();
-            let n_blocks = needed + 3;
-            let mut free: Vec<usize> = (0..n_blocks).collect();
-            for i in (1..free.len()).rev() {
-                free.swap(i, rng.random_range(0..=i));
-            }
-            let tables: Vec<Vec<usize>> = lens
-                .iter()
-                .map(|l| {
-                    (0..l.div_ceil(block_size))
-                        .map(|_| free.pop().unwrap())
-                        .collect()
-                })
-                .collect();
+            let (tables, n_blocks) = shuffled_tables(rng, &lens, block_size);
             let seqs: Vec<PagedSeq> = tables
                 .iter()
                 .zip(&lens)
@@ -141,4 +128,28 @@ pub fn cases() -> Vec<Case> {
 
 pub fn bf16_cases() -> Vec<Case> {
     vec![paged_case_typed(vec![17, 0, 300], 16, 8, 2, 128, true)]
+}
+
+/// Block tables for sequences of `lens`: blocks handed out in a shuffled
+/// order, with 3 unused ones; and the cache's block count.
+pub(crate) fn shuffled_tables(
+    rng: &mut StdRng,
+    lens: &[usize],
+    block_size: usize,
+) -> (Vec<Vec<usize>>, usize) {
+    let needed: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum();
+    let n_blocks = needed + 3;
+    let mut free: Vec<usize> = (0..n_blocks).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.random_range(0..=i));
+    }
+    let tables = lens
+        .iter()
+        .map(|l| {
+            (0..l.div_ceil(block_size))
+                .map(|_| free.pop().unwrap())
+                .collect()
+        })
+        .collect();
+    (tables, n_blocks)
 }

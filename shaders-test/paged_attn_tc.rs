@@ -3,9 +3,9 @@
 //! (bf16 tolerance) and against the fp32 CUDA-core kernel on the same
 //! widened inputs.
 
+use crate::paged_attn::shuffled_tables;
 use crate::{check, cuda, drv, random, to_bf16, widen, Case, BF16_TOL};
 use half::bf16;
-use rand::Rng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::paged_attn::{PagedSeq, PagedShape};
 use vppo_engine::backend::cuda::{paged_tc_plan, paged_tc_scratch_len};
@@ -24,21 +24,7 @@ pub fn tc_case(
         ),
         run: Box::new(move |gpu, rng| {
             let s = gpu.stream();
-            // Blocks handed out in a shuffled order, plus unused ones.
-            let needed: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum();
-            let n_blocks = needed + 3;
-            let mut free: Vec<usize> = (0..n_blocks).collect();
-            for i in (1..free.len()).rev() {
-                free.swap(i, rng.random_range(0..=i));
-            }
-            let tables: Vec<Vec<usize>> = lens
-                .iter()
-                .map(|l| {
-                    (0..l.div_ceil(block_size))
-                        .map(|_| free.pop().unwrap())
-                        .collect()
-                })
-                .collect();
+            let (tables, n_blocks) = shuffled_tables(rng, &lens, block_size);
             let seqs: Vec<PagedSeq> = tables
                 .iter()
                 .zip(&lens)
