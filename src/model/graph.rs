@@ -97,7 +97,7 @@ impl<'m, B: Backend> Graph<'m, B> {
     /// embedding, final norm, head).
     pub fn with_root<R>(&self, f: impl FnOnce(&Graph<'_, B>) -> Result<R>) -> Result<R> {
         let root = self.layout.root_ids();
-        self.with_unit(&root, f)
+        self.with_unit(root, f)
     }
 
     /// [`Self::with_unit`] for a backward: the unit's gradients in `g` are
@@ -129,7 +129,7 @@ impl<'m, B: Backend> Graph<'m, B> {
         f: impl FnOnce(&Graph<'_, B>, &mut [B::Buf]) -> Result<R>,
     ) -> Result<R> {
         let root = self.layout.root_ids();
-        self.with_unit_grads(&root, g, f)
+        self.with_unit_grads(root, g, f)
     }
 
     /// The vision units' gathers of a forward without images: with a
@@ -139,7 +139,7 @@ impl<'m, B: Backend> Graph<'m, B> {
             return Ok(());
         }
         for i in 0..self.layout.vision.blocks.len() {
-            self.with_unit(&self.layout.vision_block_ids(i), |_| Ok(()))?;
+            self.with_unit(self.layout.vision_block_ids(i), |_| Ok(()))?;
         }
         Ok(())
     }
@@ -151,7 +151,7 @@ impl<'m, B: Backend> Graph<'m, B> {
             return Ok(());
         }
         for i in (0..self.layout.vision.blocks.len()).rev() {
-            self.with_unit_grads(&self.layout.vision_block_ids(i), g, |_, _| Ok(()))?;
+            self.with_unit_grads(self.layout.vision_block_ids(i), g, |_, _| Ok(()))?;
         }
         Ok(())
     }
@@ -164,13 +164,13 @@ impl<'m, B: Backend> Graph<'m, B> {
         self.with_root(|root| {
             root.visit_vision_fwd()?;
             for l in 0..layers {
-                root.with_unit(&root.layout.text_layer_ids(l), |_| Ok(()))?;
+                root.with_unit(root.layout.text_layer_ids(l), |_| Ok(()))?;
             }
             Ok(())
         })?;
         self.with_root_grads(g, |root, g| {
             for l in (0..layers).rev() {
-                root.with_unit_grads(&root.layout.text_layer_ids(l), g, |_, _| Ok(()))?;
+                root.with_unit_grads(root.layout.text_layer_ids(l), g, |_, _| Ok(()))?;
             }
             root.visit_vision_bwd(g)
         })

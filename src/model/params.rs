@@ -86,6 +86,54 @@ pub struct ParamLayout {
     pub specs: Vec<ParamSpec>,
     pub vision: VisionParams,
     pub text: TextParams,
+    /// The parameters of each unit ZeRO-3 gathers at once, listed once.
+    units: Units,
+}
+
+#[derive(Debug, Clone)]
+struct Units {
+    vision: Vec<Vec<ParamId>>,
+    text: Vec<Vec<ParamId>>,
+    root: Vec<ParamId>,
+}
+
+impl Units {
+    fn of(blocks: &[VisionBlockParams], layers: &[TextLayerParams], params: usize) -> Self {
+        let vision: Vec<Vec<ParamId>> = blocks
+            .iter()
+            .map(|b| {
+                vec![
+                    b.norm1, b.norm2, b.qkv_w, b.qkv_b, b.proj_w, b.proj_b, b.gate_w, b.gate_b,
+                    b.up_w, b.up_b, b.down_w, b.down_b,
+                ]
+            })
+            .collect();
+        let text: Vec<Vec<ParamId>> = layers
+            .iter()
+            .map(|l| {
+                vec![
+                    l.input_norm,
+                    l.q_w,
+                    l.q_b,
+                    l.k_w,
+                    l.k_b,
+                    l.v_w,
+                    l.v_b,
+                    l.o_w,
+                    l.post_norm,
+                    l.gate_w,
+                    l.up_w,
+                    l.down_w,
+                ]
+            })
+            .collect();
+        let mut in_unit = vec![false; params];
+        for id in vision.iter().chain(&text).flatten() {
+            in_unit[id.0] = true;
+        }
+        let root = (0..params).filter(|&i| !in_unit[i]).map(ParamId).collect();
+        Self { vision, text, root }
+    }
 }
 
 struct Builder(Vec<ParamSpec>);
@@ -116,7 +164,7 @@ impl ParamLayout {
                 v.patch_size,
             ],
         );
-        let blocks = (0..v.depth)
+        let blocks: Vec<VisionBlockParams> = (0..v.depth)
             .map(|i| {
                 let p = format!("visual.blocks.{i}");
                 VisionBlockParams {
@@ -146,7 +194,7 @@ impl ParamLayout {
         let (h, inter) = (t.hidden_size, t.intermediate_size);
         let (q_out, kv_out) = (t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim);
         let embed = b.add("model.embed_tokens.weight", &[t.vocab_size, h]);
-        let layers = (0..t.num_layers)
+        let layers: Vec<TextLayerParams> = (0..t.num_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 TextLayerParams {
@@ -167,6 +215,7 @@ impl ParamLayout {
             .collect();
         let norm = b.add("model.norm.weight", &[h]);
         let lm_head = (!t.tie_word_embeddings).then(|| b.add("lm_head.weight", &[t.vocab_size, h]));
+        let units = Units::of(blocks.as_slice(), layers.as_slice(), b.0.len());
         Self {
             specs: b.0,
             vision: VisionParams {
@@ -180,6 +229,7 @@ impl ParamLayout {
                 norm,
                 lm_head,
             },
+            units,
         }
     }
 
@@ -188,44 +238,18 @@ impl ParamLayout {
     }
 
     /// The parameters of vision block `i` (one unit of ZeRO-3 gathering).
-    pub fn vision_block_ids(&self, i: usize) -> Vec<ParamId> {
-        let b = &self.vision.blocks[i];
-        vec![
-            b.norm1, b.norm2, b.qkv_w, b.qkv_b, b.proj_w, b.proj_b, b.gate_w, b.gate_b, b.up_w,
-            b.up_b, b.down_w, b.down_b,
-        ]
+    pub fn vision_block_ids(&self, i: usize) -> &[ParamId] {
+        &self.units.vision[i]
     }
 
     /// The parameters of decoder layer `i`.
-    pub fn text_layer_ids(&self, i: usize) -> Vec<ParamId> {
-        let l = &self.text.layers[i];
-        vec![
-            l.input_norm,
-            l.q_w,
-            l.q_b,
-            l.k_w,
-            l.k_b,
-            l.v_w,
-            l.v_b,
-            l.o_w,
-            l.post_norm,
-            l.gate_w,
-            l.up_w,
-            l.down_w,
-        ]
+    pub fn text_layer_ids(&self, i: usize) -> &[ParamId] {
+        &self.units.text[i]
     }
 
     /// Every parameter outside the vision blocks and decoder layers.
-    pub fn root_ids(&self) -> Vec<ParamId> {
-        let in_units: std::collections::HashSet<usize> = (0..self.vision.blocks.len())
-            .flat_map(|i| self.vision_block_ids(i))
-            .chain((0..self.text.layers.len()).flat_map(|i| self.text_layer_ids(i)))
-            .map(|id| id.0)
-            .collect();
-        (0..self.specs.len())
-            .filter(|i| !in_units.contains(i))
-            .map(ParamId)
-            .collect()
+    pub fn root_ids(&self) -> &[ParamId] {
+        &self.units.root
     }
 }
 

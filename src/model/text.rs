@@ -39,7 +39,7 @@ impl<B: Backend> Graph<'_, B> {
         let mut layers = Vec::new();
         for (l, lp) in p.layers.iter().enumerate() {
             let ids = self.layout.text_layer_ids(l);
-            let acts = self.with_unit(&ids, |unit| {
+            let acts = self.with_unit(ids, |unit| {
                 unit.block_fwd(&BlockWiring::text(cfg, lp), &mut x, rope, cu)
             })?;
             if let Some(sink) = kv.as_mut() {
@@ -80,7 +80,7 @@ impl<B: Backend> Graph<'_, B> {
         for (l, (lp, saved)) in p.layers.iter().zip(&acts.layers).enumerate().rev() {
             let wiring = BlockWiring::text(cfg, lp);
             let ids = self.layout.text_layer_ids(l);
-            self.with_unit_grads(&ids, g, |unit, g| {
+            self.with_unit_grads(ids, g, |unit, g| {
                 let mut recomputed = None;
                 let layer = unit.block_acts(&wiring, saved, rope, cu, &mut recomputed)?;
                 unit.block_bwd(&wiring, layer, rope, cu, &mut dx, g)
@@ -127,7 +127,7 @@ impl<B: Backend> Graph<'_, B> {
         for (l, lp) in p.layers.iter().enumerate() {
             let wiring = BlockWiring::text(cfg, lp);
             let ids = self.layout.text_layer_ids(l);
-            self.with_unit(&ids, |unit| {
+            self.with_unit(ids, |unit| {
                 let Qkv { q, k, v, .. } = unit.qkv_fwd(&wiring, &x, rope)?;
                 store.write_rows(be, l, &k, &v, &batch.slots)?;
                 let attn = be.paged_attention(

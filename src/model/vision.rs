@@ -164,7 +164,7 @@ impl<B: Backend> Graph<'_, B> {
         for (i, bp) in p.blocks.iter().enumerate() {
             let cu = vi.spans(cfg.fullatt_block_indexes.contains(&i));
             let ids = self.layout.vision_block_ids(i);
-            let acts = self.with_unit(&ids, |unit| {
+            let acts = self.with_unit(ids, |unit| {
                 unit.block_fwd(&BlockWiring::vision(cfg, bp), &mut x, &vi.rope, cu)
             })?;
             blocks.extend(SavedBlock::keep(acts, save));
@@ -196,7 +196,7 @@ impl<B: Backend> Graph<'_, B> {
             let cu = vi.spans(cfg.fullatt_block_indexes.contains(&i));
             let wiring = BlockWiring::vision(cfg, bp);
             let ids = self.layout.vision_block_ids(i);
-            self.with_unit_grads(&ids, g, |unit, g| {
+            self.with_unit_grads(ids, g, |unit, g| {
                 let mut recomputed = None;
                 let block = unit.block_acts(&wiring, saved, &vi.rope, cu, &mut recomputed)?;
                 unit.block_bwd(&wiring, block, &vi.rope, cu, &mut dx, g)

@@ -408,13 +408,13 @@ impl MemoryPlan {
                 ids.iter().map(|id| layout.specs[id.0].numel() as u64).sum()
             };
             let unit = (0..layout.text.layers.len())
-                .map(|l| numel(&layout.text_layer_ids(l)))
-                .chain((0..layout.vision.blocks.len()).map(|b| numel(&layout.vision_block_ids(b))))
+                .map(|l| numel(layout.text_layer_ids(l)))
+                .chain((0..layout.vision.blocks.len()).map(|b| numel(layout.vision_block_ids(b))))
                 .max()
                 .unwrap_or(0);
             // The root and the running unit whole (weights, gradients),
             // the next unit's weights gathered ahead.
-            let root = numel(&layout.root_ids());
+            let root = numel(layout.root_ids());
             phases[0].rows.push(row(
                 "gathered root + 2 largest units (weights and gradients)",
                 (root + 2 * unit) * p.bytes() + (root + unit) * 4,
@@ -1063,7 +1063,7 @@ mod tests {
         let bytes: Vec<u64> = z3.persistent.iter().map(|r| r.bytes).collect();
         assert_eq!(bytes, vec![110_992, 221_984, 443_968, 221_984, 443_968]);
         let layout = ParamLayout::new(&cfg);
-        let numel = |ids: Vec<crate::model::params::ParamId>| -> u64 {
+        let numel = |ids: &[crate::model::params::ParamId]| -> u64 {
             ids.iter().map(|id| layout.specs[id.0].numel() as u64).sum()
         };
         let unit = numel(layout.vision_block_ids(0)).max(numel(layout.text_layer_ids(0)));

@@ -351,8 +351,8 @@ type Gathered<B> = (Vec<ParamId>, Vec<<B as Backend>::Buf>);
 /// The forward and backward order of the units (the root aside).
 fn unit_schedule(layout: &ParamLayout) -> [Vec<Vec<ParamId>>; 2] {
     let forward: Vec<Vec<ParamId>> = (0..layout.vision.blocks.len())
-        .map(|i| layout.vision_block_ids(i))
-        .chain((0..layout.text.layers.len()).map(|l| layout.text_layer_ids(l)))
+        .map(|i| layout.vision_block_ids(i).to_vec())
+        .chain((0..layout.text.layers.len()).map(|l| layout.text_layer_ids(l).to_vec()))
         .collect();
     let backward = forward.iter().rev().cloned().collect();
     [forward, backward]
