@@ -10,8 +10,11 @@ use vppo_engine::backend::cuda::{blas_present, CudaBackend};
 use vppo_engine::model::engine::Engine;
 use vppo_engine::model::{SequenceInput, TrainSequence};
 use vppo_engine::ops::cpu::CpuBackend;
+use vppo_engine::ops::Precision;
 use vppo_engine::pipeline::Pipeline;
-use vppo_engine::rollout::generate::{eos_ids, Generator, KvBudget, RolloutLimits, Sample};
+use vppo_engine::rollout::generate::{
+    eos_ids, GenerationStats, Generator, KvBudget, RolloutLimits, Sample,
+};
 use vppo_engine::rollout::sampling::SamplingParams;
 use vppo_engine::rollout::scheduler::ScheduleConfig;
 
@@ -96,8 +99,22 @@ fn greedy_case_with(case: &'static str, limits: Option<RolloutLimits>) -> Case {
                     gen.cache_blocks_in_use()
                 ));
             }
-            if limits.is_none() && gen.stats != cpu.stats {
+            // The CPU pads and captures nothing; the device's other work
+            // counts must be the CPU's.
+            let work = GenerationStats {
+                bucketed_steps: 0,
+                graphs_captured: 0,
+                graph_replays: 0,
+                ..gen.stats
+            };
+            if limits.is_none() && work != cpu.stats {
                 return Err(format!("stats {:?} vs cpu {:?}", gen.stats, cpu.stats));
+            }
+            if gen.stats.graph_replays != gen.stats.bucketed_steps || gen.stats.graph_replays == 0 {
+                return Err(format!(
+                    "decode steps not replayed from CUDA graphs: {:?}",
+                    gen.stats
+                ));
             }
             if got.len() != want.len() {
                 return Err(format!("{} samples vs cpu {}", got.len(), want.len()));
@@ -114,9 +131,11 @@ fn greedy_case_with(case: &'static str, limits: Option<RolloutLimits>) -> Case {
             }
             let tokens: usize = got.iter().map(|s| s.token_ids.len()).sum();
             Ok(format!(
-                "{} samples, {tokens} tokens identical; log-prob max abs {worst:.1e}; {} steps, {} preemption(s)",
+                "{} samples, {tokens} tokens identical; log-prob max abs {worst:.1e}; {} steps ({} replayed from {} graphs), {} preemption(s)",
                 got.len(),
                 gen.trace.len(),
+                gen.stats.graph_replays,
+                gen.stats.graphs_captured,
                 gen.stats.preemptions
             ))
         }),
@@ -191,6 +210,73 @@ fn sampled_case(case: &'static str) -> Case {
     }
 }
 
+/// Decode steps replayed from CUDA graphs against the same device
+/// generator with `enforce_eager`, in `precision` (bf16 runs the
+/// tensor-core split decode, whose grid the capture sizes for the longest
+/// sequence): the same tokens, log-probs within the device tolerance,
+/// every decode-only step replayed. Sampled, 9 samples over 4 seats, so
+/// steps pad 3 rows to 4 and graphs of 1, 2 and 4 rows are replayed.
+fn graphs_vs_eager_case(case: &'static str, precision: Precision) -> Case {
+    Case {
+        name: format!("generate CUDA graphs vs enforce_eager {precision:?} fixture {case}"),
+        run: Box::new(move |_gpu, _rng| {
+            if !blas_present() {
+                return Ok(NO_CUBLAS.into());
+            }
+            let (pipe, prompts) = prompts(case)?;
+            let eos = eos_ids(&fixture_dir(case));
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_p: 0.9,
+                top_k: 0,
+            };
+            let (n, max_new, seed) = (3, 20, 11);
+            let gpu = CudaBackend::new(0).map_err(cuda)?;
+            let dev =
+                Engine::with_precision(gpu, &pipe.model, precision).map_err(|e| e.to_string())?;
+            let limits = RolloutLimits {
+                schedule: ScheduleConfig {
+                    max_num_seqs: 4,
+                    max_num_batched_tokens: 64,
+                },
+                kv_budget: KvBudget::Unbounded,
+                enforce_eager: false,
+            };
+            let mut graphs = Generator::new(&dev, eos.clone()).with_limits(limits);
+            let got = graphs
+                .generate(&prompts, n, &params, max_new, seed)
+                .map_err(|e| e.to_string())?;
+            let mut eager = Generator::new(&dev, eos).with_limits(limits.eager(true));
+            let want = eager
+                .generate(&prompts, n, &params, max_new, seed)
+                .map_err(|e| e.to_string())?;
+            let st = graphs.stats;
+            if st.graph_replays == 0 || st.graph_replays != st.bucketed_steps {
+                return Err(format!("not every decode-only step replayed: {st:?}"));
+            }
+            if eager.stats.bucketed_steps != 0 {
+                return Err(format!("enforce_eager padded steps: {:?}", eager.stats));
+            }
+            let mut worst = 0.0f32;
+            for (g, w) in got.iter().zip(&want) {
+                if g.token_ids != w.token_ids {
+                    return Err(format!("graphs {} vs eager {}", describe(g), describe(w)));
+                }
+                worst = worst.max(max_abs(&g.logprobs, &w.logprobs));
+            }
+            if got.len() != want.len() || worst.is_nan() || worst > GEN_LOGPROB_TOL {
+                return Err(format!("log-probs differ by {worst:e}"));
+            }
+            Ok(format!(
+                "{} samples identical; log-prob max abs {worst:.1e}; {} decode steps replayed from {} graphs",
+                got.len(),
+                st.graph_replays,
+                st.graphs_captured
+            ))
+        }),
+    }
+}
+
 pub fn cases() -> Vec<Case> {
     let mut v: Vec<Case> = ["single_noresize", "two_images", "resize"]
         .into_iter()
@@ -205,7 +291,10 @@ pub fn cases() -> Vec<Case> {
                 max_num_batched_tokens: 24,
             },
             kv_budget: KvBudget::Blocks(12),
+            enforce_eager: false,
         }),
     ));
+    v.push(graphs_vs_eager_case("two_images", Precision::Fp32));
+    v.push(graphs_vs_eager_case("two_images", Precision::Bf16));
     v
 }

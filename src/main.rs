@@ -337,6 +337,10 @@ enum Command {
         /// wins over --kv-cache-memory-fraction).
         #[arg(long, default_value_t = 0)]
         kv_cache_blocks: usize,
+        /// Launch decode steps op by op instead of replaying captured CUDA
+        /// graphs (vLLM's name; for debugging and profiling).
+        #[arg(long)]
+        enforce_eager: bool,
     },
     /// Benchmark a checkpoint: average accuracy@n (mean reward over n
     /// samples per problem, then over problems), the metric of the VPPO
@@ -440,6 +444,10 @@ enum Command {
         /// KV cache of this many 16-token blocks (the CPU's budget).
         #[arg(long, default_value_t = 0)]
         kv_cache_blocks: usize,
+        /// Launch decode steps op by op instead of replaying captured CUDA
+        /// graphs (vLLM's name; for debugging and profiling).
+        #[arg(long)]
+        enforce_eager: bool,
         /// JSON lines, one per case.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -980,6 +988,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_num_batched_tokens,
             kv_cache_memory_fraction,
             kv_cache_blocks,
+            enforce_eager,
         } => {
             if max_num_batched_tokens < max_num_seqs {
                 bail!(
@@ -992,7 +1001,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_num_batched_tokens,
                 kv_cache_blocks,
                 kv_cache_memory_fraction,
-            );
+            )
+            .eager(enforce_eager);
             let device = device.resolve(false);
             let pipeline = vppo_engine::pipeline::Pipeline::load(&model)
                 .with_context(|| format!("loading checkpoint {}", model.display()))?;
@@ -1175,6 +1185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_num_batched_tokens,
             kv_cache_memory_fraction,
             kv_cache_blocks,
+            enforce_eager,
             out,
             device,
             precision,
@@ -1238,7 +1249,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         max_num_batched_tokens,
                         kv_cache_blocks,
                         kv_cache_memory_fraction,
-                    ),
+                    )
+                    .eager(enforce_eager),
                     bandwidth: bandwidth_gbs * 1e9,
                     out,
                 },

@@ -10,6 +10,7 @@ use common::fixtures::{case_dir, fixture_input};
 use vppo_engine::model::engine::Engine;
 use vppo_engine::model::{ModelError, Qwen25Vl, SequenceInput};
 use vppo_engine::ops::cpu::{sample_row, CpuBackend};
+use vppo_engine::rollout::decode_graph::{row_bucket, DecodeMode};
 use vppo_engine::rollout::generate::{draw_uniform, FinishReason, Generator, KvBudget, Sample};
 use vppo_engine::rollout::sampling::{sample_rng, SamplingParams};
 use vppo_engine::rollout::scheduler::ScheduleConfig;
@@ -244,6 +245,72 @@ fn a_small_kv_budget_preempts_and_recomputes_with_the_same_samples() {
         .generate(&prompts, N, &params, max_new, seed)
         .unwrap_err();
     assert!(matches!(err, ModelError::ScheduleLimits { .. }), "{err}");
+}
+
+/// Decode-only steps padded to row buckets (the path CUDA graphs replay;
+/// the CPU runs it op by op) give every sample what eager steps give, and
+/// what the sample decoded alone gives: padding rows write and read only
+/// their own cache block. Under preemption (4 seats, 3 samples decoding
+/// -> 4 rows) and with every sample at once (9 rows -> 16).
+#[test]
+fn padded_decode_steps_give_the_samples_of_eager_steps() {
+    let model = Qwen25Vl::load(&case_dir(CASE)).unwrap();
+    let engine = Engine::new(CpuBackend, &model).unwrap();
+    let prompts = prompts();
+    let (seed, max_new) = (9, 14);
+    let params = sampled();
+    let cases = [
+        (small_schedule(), KvBudget::Blocks(11)),
+        (
+            ScheduleConfig {
+                max_num_seqs: 9,
+                max_num_batched_tokens: 200,
+            },
+            KvBudget::Unbounded,
+        ),
+    ];
+    for (schedule, budget) in cases {
+        let run = |mode: DecodeMode| {
+            let mut generator = Generator::new(&engine, vec![]);
+            assert_eq!(
+                generator.decode_mode,
+                DecodeMode::Eager,
+                "the CPU captures nothing, so it defaults to eager steps"
+            );
+            generator.decode_mode = mode;
+            generator.schedule = schedule;
+            generator.kv_budget = budget;
+            let out = generator
+                .generate(&prompts, N, &params, max_new, seed)
+                .unwrap();
+            (out, generator.stats, generator.trace.clone())
+        };
+        let (eager, eager_stats, _) = run(DecodeMode::Eager);
+        let (padded, stats, trace) = run(DecodeMode::Graphs);
+        assert_eq!(eager_stats.bucketed_steps, 0);
+        let decode_only = trace
+            .iter()
+            .filter(|t| t.chunks.is_empty() && t.decode_rows > 0)
+            .count();
+        assert!(decode_only > 0);
+        assert_eq!(stats.bucketed_steps, decode_only, "{stats:?}");
+        assert_eq!((stats.graphs_captured, stats.graph_replays), (0, 0));
+        assert!(
+            trace
+                .iter()
+                .any(|t| t.chunks.is_empty() && row_bucket(t.decode_rows) > t.decode_rows),
+            "some step pads rows"
+        );
+        if budget != KvBudget::Unbounded {
+            assert!(stats.preemptions > 0, "{stats:?}");
+        }
+        for (a, b) in eager.iter().zip(&padded) {
+            assert_eq!(a.token_ids, b.token_ids);
+            assert_eq!(a.logprobs, b.logprobs);
+            assert_eq!(a.finish_reason, b.finish_reason);
+        }
+        check_against_reference(&model, &prompts, &padded, &params, seed, &[], max_new);
+    }
 }
 
 /// `generate --max-num-seqs 1 --max-num-batched-tokens 8 --kv-cache-blocks`:

@@ -62,6 +62,11 @@ impl<'m, B: Backend> Graph<'m, B> {
         &self.w[id.0]
     }
 
+    /// Whether units are gathered from other ranks as they run (ZeRO-3).
+    pub fn gathers_units(&self) -> bool {
+        self.source.is_some()
+    }
+
     /// The vocabulary head: `lm_head`, or the embedding when tied.
     pub fn head_id(&self) -> ParamId {
         let t = &self.layout.text;

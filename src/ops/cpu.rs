@@ -31,6 +31,7 @@ impl Backend for CpuBackend {
     type Ids = Vec<u32>;
     type Rope = RopeTable<f32>;
     type Seqlens = Vec<i32>;
+    type Graph = std::convert::Infallible;
 
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(host.to_vec())
@@ -86,6 +87,41 @@ impl Backend for CpuBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn capture(&self, _body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {
+        Ok(None)
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        match *graph {}
+    }
+
+    fn write_index(&self, dst: &mut Vec<i32>, host: &[i32]) -> Result<()> {
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn write_ids(&self, dst: &mut Vec<u32>, host: &[u32]) -> Result<()> {
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn write_rope(
+        &self,
+        rope: &mut RopeTable<f32>,
+        freqs: &RopeFreqs,
+        streams: &[&[i32]],
+    ) -> Result<()> {
+        let table = freqs.table(streams);
+        assert_eq!(table.tokens, rope.tokens, "write_rope: token counts differ");
+        *rope = table;
+        Ok(())
+    }
+
+    fn copy_into(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
+        dst.copy_from_slice(src);
         Ok(())
     }
 

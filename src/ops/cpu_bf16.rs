@@ -107,6 +107,7 @@ impl Backend for CpuBf16Backend {
     type Ids = Vec<u32>;
     type Rope = RopeTable<f32>;
     type Seqlens = Vec<i32>;
+    type Graph = std::convert::Infallible;
 
     fn upload(&self, host: &[f32]) -> Result<CpuBuf> {
         Ok(CpuBuf::f32(host.to_vec()))
@@ -164,6 +165,38 @@ impl Backend for CpuBf16Backend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn capture(&self, _body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {
+        Ok(None)
+    }
+
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        match *graph {}
+    }
+
+    fn write_index(&self, dst: &mut Vec<i32>, host: &[i32]) -> Result<()> {
+        FP32.write_index(dst, host)
+    }
+
+    fn write_ids(&self, dst: &mut Vec<u32>, host: &[u32]) -> Result<()> {
+        FP32.write_ids(dst, host)
+    }
+
+    fn write_rope(
+        &self,
+        rope: &mut RopeTable<f32>,
+        freqs: &RopeFreqs,
+        streams: &[&[i32]],
+    ) -> Result<()> {
+        FP32.write_rope(rope, freqs, streams)
+    }
+
+    fn copy_into(&self, dst: &mut CpuBuf, src: &CpuBuf) -> Result<()> {
+        assert_eq!(dst.dtype, src.dtype, "copy_into: storage differs");
+        assert_eq!(dst.data.len(), src.data.len(), "copy_into: lengths differ");
+        dst.clone_from(src);
         Ok(())
     }
 

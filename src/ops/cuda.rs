@@ -82,6 +82,21 @@ impl CudaBackend {
         })
     }
 
+    /// Overwrites a mirrored array in place (host copy and device copy):
+    /// a captured graph keeps reading the same device allocation.
+    fn write_mirrored<T>(&self, dst: &mut Mirrored<T>, host: &[T]) -> Result<()>
+    where
+        T: cudarc::driver::DeviceRepr + Clone,
+    {
+        assert_eq!(dst.host.len(), host.len(), "write: lengths differ");
+        dst.host.clone_from_slice(host);
+        if !host.is_empty() {
+            self.stream()
+                .memcpy_htod(host, &mut dst.dev.slice_mut(0..host.len()))?;
+        }
+        Ok(())
+    }
+
     fn new_buf(&self, n: usize) -> Result<DeviceBuf> {
         Ok(buf(zeros_f32(self, n)?, n))
     }
@@ -331,6 +346,7 @@ impl Backend for CudaBackend {
     type Ids = Mirrored<u32>;
     type Rope = DeviceRope;
     type Seqlens = Mirrored<i32>;
+    type Graph = cudarc::driver::CudaGraph;
 
     fn upload(&self, host: &[f32]) -> Result<DeviceBuf> {
         if host.is_empty() {
@@ -444,6 +460,87 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream().synchronize()?;
+        Ok(())
+    }
+
+    fn captures(&self) -> bool {
+        true
+    }
+
+    /// A CUDA graph of the stream's work. Not where the context tracks
+    /// buffers across several streams (NCCL's): every use then waits on an
+    /// event recorded outside the capture, which a capture cannot do.
+    fn capture(
+        &self,
+        body: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<cudarc::driver::CudaGraph>> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        if self.context().is_managing_stream_synchronization() {
+            return Ok(None);
+        }
+        let stream = self.stream();
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let recorded = body();
+        // The capture ends whatever the body did, so the stream stays usable.
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph?.ok_or_else(|| crate::backend::cuda::CudaError::Unsupported {
+            kernel: "stream capture",
+            reason: "the capture recorded no graph".into(),
+        })?;
+        // Loads the graph's resources now, not at its first replay.
+        graph.upload()?;
+        Ok(Some(graph))
+    }
+
+    fn replay(&self, graph: &cudarc::driver::CudaGraph) -> Result<()> {
+        graph.launch()?;
+        Ok(())
+    }
+
+    fn write_index(&self, dst: &mut Mirrored<i32>, host: &[i32]) -> Result<()> {
+        self.write_mirrored(dst, host)
+    }
+
+    fn write_ids(&self, dst: &mut Mirrored<u32>, host: &[u32]) -> Result<()> {
+        self.write_mirrored(dst, host)
+    }
+
+    fn write_rope(
+        &self,
+        rope: &mut DeviceRope,
+        _freqs: &RopeFreqs,
+        streams: &[&[i32]],
+    ) -> Result<()> {
+        let flat: Vec<i32> = streams.concat();
+        assert_eq!(
+            flat.len(),
+            rope.tokens * streams.len(),
+            "write_rope: token counts differ"
+        );
+        if !flat.is_empty() {
+            self.stream()
+                .memcpy_htod(&flat, &mut rope.positions.slice_mut(0..flat.len()))?;
+        }
+        Ok(())
+    }
+
+    fn copy_into(&self, dst: &mut DeviceBuf, src: &DeviceBuf) -> Result<()> {
+        assert_eq!(dst.len, src.len, "copy_into: lengths differ");
+        let n = src.len;
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        match (&mut dst.storage, &src.storage) {
+            (Storage::F32(d), Storage::F32(x)) => {
+                s.memcpy_dtod(&x.slice(0..n), &mut d.slice_mut(0..n))?
+            }
+            (Storage::Bf16(d), Storage::Bf16(x)) => {
+                s.memcpy_dtod(&x.slice(0..n), &mut d.slice_mut(0..n))?
+            }
+            _ => panic!("copy_into: storage differs"),
+        }
         Ok(())
     }
 

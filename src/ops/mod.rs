@@ -142,6 +142,8 @@ pub trait Backend {
     type Rope;
     /// Packed-sequence offsets (`cu_seqlens`) with their host copy.
     type Seqlens;
+    /// Recorded work, replayed as one launch ([`Backend::capture`]).
+    type Graph;
 
     // Memory.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
@@ -165,6 +167,34 @@ pub trait Backend {
     fn rope(&self, freqs: &RopeFreqs, streams: &[&[i32]]) -> Result<Self::Rope>;
     /// Waits for queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+
+    // Captured work (CUDA graphs). A captured body reads and writes only
+    // buffers made before the capture, which the `write_*` ops and
+    // [`Backend::copy_into`] refill in place between replays.
+    /// Whether [`Backend::capture`] records graphs here.
+    fn captures(&self) -> bool {
+        false
+    }
+    /// Records `body`'s work without running it, for [`Backend::replay`];
+    /// `Ok(None)` where the backend has nothing to record with (the CPU),
+    /// and the caller runs `body` itself each time.
+    fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>>;
+    /// Runs the captured work once more, on the buffers' current values.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
+    /// Overwrites `dst` with `host` (same length), host copy included.
+    fn write_index(&self, dst: &mut Self::Index, host: &[i32]) -> Result<()>;
+    /// Overwrites `dst` with `host` (same length), host copy included.
+    fn write_ids(&self, dst: &mut Self::Ids, host: &[u32]) -> Result<()>;
+    /// Overwrites `rope`'s positions with `streams` (as many tokens as it
+    /// was made for, the same `freqs`).
+    fn write_rope(
+        &self,
+        rope: &mut Self::Rope,
+        freqs: &RopeFreqs,
+        streams: &[&[i32]],
+    ) -> Result<()>;
+    /// Overwrites `dst` with `src` (same length and storage).
+    fn copy_into(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// Free device memory in bytes, where the backend has a device to ask
     /// (the KV cache is sized from it); `None` on the host.
     fn free_memory(&self) -> Option<usize> {

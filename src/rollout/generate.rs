@@ -7,6 +7,7 @@
 //! from its own stream, so `(seed, prompt, sample)` fixes its tokens
 //! whatever shares the batch, the schedule, or preemptions.
 
+use super::decode_graph::{row_bucket, DecodeGraphs, DecodeMode, DecodeRow};
 use super::kv_cache::PagedKvCache;
 use super::sampling::{sample_rng, SamplingParams};
 use super::scheduler::{Chunk, Fill, ScheduleConfig, Scheduler, SeqKey, Step};
@@ -62,6 +63,11 @@ pub struct GenerationStats {
     /// prefilled again to restore them.
     pub preemptions: usize,
     pub recomputed_tokens: usize,
+    /// Decode steps padded to a row bucket ([`DecodeMode::Graphs`]), the
+    /// graphs captured for them, and the steps replayed from one.
+    pub bucketed_steps: usize,
+    pub graphs_captured: usize,
+    pub graph_replays: usize,
 }
 
 /// The end-of-sequence ids of a checkpoint: `eos_token_id` of
@@ -109,6 +115,9 @@ pub enum KvBudget {
 pub struct RolloutLimits {
     pub schedule: ScheduleConfig,
     pub kv_budget: KvBudget,
+    /// Never capture decode steps (vLLM's `enforce_eager`): every step's
+    /// ops launch one by one, for debugging and profiling.
+    pub enforce_eager: bool,
 }
 
 impl Default for RolloutLimits {
@@ -116,6 +125,7 @@ impl Default for RolloutLimits {
         Self {
             schedule: ScheduleConfig::default(),
             kv_budget: KvBudget::Unbounded,
+            enforce_eager: false,
         }
     }
 }
@@ -142,7 +152,14 @@ impl RolloutLimits {
                 max_num_batched_tokens,
             },
             kv_budget,
+            enforce_eager: false,
         }
+    }
+
+    /// The same limits, with decode steps never captured when `eager`.
+    pub fn eager(mut self, eager: bool) -> Self {
+        self.enforce_eager = eager;
+        self
     }
 }
 
@@ -252,6 +269,9 @@ pub struct Generator<'e, B: Backend> {
     /// generating its share of a batch draws the same samples as one
     /// process generating the whole batch.
     pub first_prompt: usize,
+    /// How decode-only steps run: [`DecodeMode::Graphs`] where the backend
+    /// captures graphs, unless the limits enforce eager steps.
+    pub decode_mode: DecodeMode,
 }
 
 impl<'e, B: Backend> Generator<'e, B> {
@@ -268,6 +288,11 @@ impl<'e, B: Backend> Generator<'e, B> {
             kv_blocks: 0,
             blocks_left: 0,
             first_prompt: 0,
+            decode_mode: if engine.be.captures() {
+                DecodeMode::Graphs
+            } else {
+                DecodeMode::Eager
+            },
         }
     }
 
@@ -275,6 +300,9 @@ impl<'e, B: Backend> Generator<'e, B> {
     pub fn with_limits(mut self, limits: RolloutLimits) -> Self {
         self.schedule = limits.schedule;
         self.kv_budget = limits.kv_budget;
+        if limits.enforce_eager {
+            self.decode_mode = DecodeMode::Eager;
+        }
         self
     }
 
@@ -359,13 +387,18 @@ impl<'e, B: Backend> Generator<'e, B> {
             });
         }
         self.kv_blocks = capacity;
+        let graph = engine.graph();
+        // Captured decode steps pad their rows into one more block, which
+        // the scheduler never hands out.
+        let bucketed = self.decode_mode == DecodeMode::Graphs && !graph.gathers_units();
         let mut store = KvStore::new(
             &engine.be,
             cfg,
             KV_BLOCK_SIZE,
-            capacity,
+            capacity + usize::from(bucketed),
             engine.precision.dtype(),
         )?;
+        let mut graphs = bucketed.then(|| DecodeGraphs::new(&graph, need, KV_BLOCK_SIZE, capacity));
         let mut sched = Scheduler::new(
             self.schedule,
             PagedKvCache::new(KV_BLOCK_SIZE, capacity),
@@ -384,7 +417,7 @@ impl<'e, B: Backend> Generator<'e, B> {
         let mut live: Vec<Option<Live>> = (0..prompts.len() * n).map(|_| None).collect();
         let mut done: Vec<Sample> = Vec::new();
         let run = StepRun {
-            graph: engine.graph(),
+            graph,
             prompts,
             n,
             params,
@@ -409,6 +442,7 @@ impl<'e, B: Backend> Generator<'e, B> {
             run.step(
                 &step,
                 &mut store,
+                graphs.as_mut(),
                 &mut rows,
                 &mut live,
                 &mut sched,
@@ -432,6 +466,11 @@ impl<'e, B: Backend> Generator<'e, B> {
                 context_tokens: step.decodes.iter().map(|d| d.len).sum::<usize>()
                     + step.chunks.iter().map(|c| c.end).sum::<usize>(),
             });
+        }
+        if let Some(g) = &graphs {
+            self.stats.bucketed_steps += g.steps;
+            self.stats.graphs_captured += g.captured;
+            self.stats.graph_replays += g.replays;
         }
         self.blocks_left = sched.blocks.blocks_in_use();
         done.sort_by_key(|s| (s.prompt_index, s.sample_index));
@@ -507,27 +546,124 @@ impl<B: Backend> StepRun<'_, B> {
 
     /// Runs one scheduled step: block copies, the forward of every row,
     /// sampling for decode rows and completed prompts, and the bookkeeping
-    /// of finished samples.
+    /// of finished samples. A step of decode rows only goes through
+    /// `graphs` when there are any.
     #[allow(clippy::too_many_arguments)]
     fn step(
         &self,
         step: &Step,
         store: &mut KvStore<B>,
+        graphs: Option<&mut DecodeGraphs<B>>,
         rows: &mut [PromptRows<B>],
         live: &mut [Option<Live>],
         sched: &mut Scheduler,
         done: &mut Vec<Sample>,
         stats: &mut GenerationStats,
     ) -> Result<(), ModelError> {
-        let (graph, be, n) = (&self.graph, self.graph.be, self.n);
-        let tc = &graph.cfg.text;
-        let (h, vocab) = (tc.hidden_size, tc.vocab_size);
+        let be = self.graph.be;
         for sp in &step.spawns {
             if let Some((src, dst)) = sp.copy {
                 store.copy_block(be, src, dst)?;
             }
         }
-        let slot_of = |k: SeqKey| k.prompt * n + k.sample;
+        stats.decode_steps += usize::from(!step.decodes.is_empty());
+        stats.decoded_tokens += step.decodes.len();
+        stats.preemptions += step.preempted.len();
+        let sampled = match graphs {
+            Some(graphs) if step.chunks.is_empty() && !step.decodes.is_empty() => {
+                self.decode_bucketed(step, store, graphs, rows, live)?
+            }
+            _ => match self.forward_and_sample(step, store, rows, live, stats)? {
+                Some(sampled) => sampled,
+                None => return Ok(()),
+            },
+        };
+        self.record(step, sampled, live, sched, done, stats);
+        Ok(())
+    }
+
+    /// The sampling uniform of every decode row, from its sample's stream.
+    fn decode_uniforms(&self, step: &Step, live: &mut [Option<Live>]) -> Vec<f32> {
+        step.decodes
+            .iter()
+            .map(|d| {
+                let s = live[d.key.prompt * self.n + d.key.sample]
+                    .as_mut()
+                    .expect("decoding samples are live");
+                draw_uniform(self.params, &mut s.rng)
+            })
+            .collect()
+    }
+
+    /// The last token of decode row `d`'s sample.
+    fn last_token(&self, key: SeqKey, live: &[Option<Live>]) -> u32 {
+        let s = live[key.prompt * self.n + key.sample]
+            .as_ref()
+            .expect("decoding samples are live");
+        *s.tokens.last().expect("a sample has its first token")
+    }
+
+    /// A step of decode rows only, padded to its row bucket and replayed
+    /// from the bucket's graph (or run on its buffers where nothing is
+    /// captured); the padding rows' samples are dropped.
+    fn decode_bucketed(
+        &self,
+        step: &Step,
+        store: &mut KvStore<B>,
+        graphs: &mut DecodeGraphs<B>,
+        rows: &[PromptRows<B>],
+        live: &mut [Option<Live>],
+    ) -> Result<Sampled, ModelError> {
+        let decode_rows: Vec<DecodeRow<'_>> = step
+            .decodes
+            .iter()
+            .map(|d| DecodeRow {
+                token: self.last_token(d.key, live),
+                position: self.decode_position(rows, d.key, d.len),
+                table: &d.table,
+                len: d.len,
+                slot: d.slot,
+            })
+            .collect();
+        let logits = graphs.run(&self.graph, store, &decode_rows)?;
+        let mut uniforms = self.decode_uniforms(step, live);
+        uniforms.resize(row_bucket(decode_rows.len()), 0.0);
+        let vocab = self.graph.cfg.text.vocab_size;
+        let (mut tokens, mut logprobs) =
+            self.graph
+                .be
+                .sample(logits, vocab, self.params, self.banned, &uniforms)?;
+        tokens.truncate(decode_rows.len());
+        logprobs.truncate(decode_rows.len());
+        Ok(Sampled {
+            tokens,
+            logprobs,
+            completed: Vec::new(),
+            fresh: Vec::new(),
+        })
+    }
+
+    /// Where a decode row's token sits: index + rope_delta on all three
+    /// streams, as every text token after the prompt.
+    fn decode_position(&self, rows: &[PromptRows<B>], key: SeqKey, len: usize) -> i32 {
+        let delta = rows[key.prompt].plan.positions[0].rope_delta;
+        (len as i64 - 1 + delta) as i32
+    }
+
+    /// Any step at its own row count, op by op: the forward of every decode
+    /// row and prefill chunk, then sampling for the decode rows and for
+    /// each completed prompt's samples; `None` when no row samples.
+    fn forward_and_sample(
+        &self,
+        step: &Step,
+        store: &mut KvStore<B>,
+        rows: &mut [PromptRows<B>],
+        live: &mut [Option<Live>],
+        stats: &mut GenerationStats,
+    ) -> Result<Option<Sampled>, ModelError> {
+        let (graph, be, n) = (&self.graph, self.graph.be, self.n);
+        let tc = &graph.cfg.text;
+        let (h, vocab) = (tc.hidden_size, tc.vocab_size);
         // Inputs, positions and attention spans of every row: decode rows,
         // then each chunk's rows.
         let mut parts: Vec<B::Buf> = Vec::new();
@@ -538,18 +674,11 @@ impl<B: Backend> StepRun<'_, B> {
             let ids: Vec<u32> = step
                 .decodes
                 .iter()
-                .map(|d| {
-                    let s = live[slot_of(d.key)]
-                        .as_ref()
-                        .expect("decoding samples are live");
-                    *s.tokens.last().expect("a sample has its first token")
-                })
+                .map(|d| self.last_token(d.key, live))
                 .collect();
             parts.push(be.embedding_fwd(&be.ids(&ids)?, graph.w(graph.layout.text.embed), h)?);
             for d in &step.decodes {
-                // Text tokens sit at index + rope_delta on all three streams.
-                let delta = rows[d.key.prompt].plan.positions[0].rope_delta;
-                let pos = (d.len as i64 - 1 + delta) as i32;
+                let pos = self.decode_position(rows, d.key, d.len);
                 streams.iter_mut().for_each(|s| s.push(pos));
                 spans.push((&d.table, d.len));
                 slots.push(d.slot);
@@ -607,11 +736,8 @@ impl<B: Backend> StepRun<'_, B> {
                 completed.push(c.prompt);
             }
         }
-        stats.decode_steps += usize::from(!step.decodes.is_empty());
-        stats.decoded_tokens += step.decodes.len();
-        stats.preemptions += step.preempted.len();
         if picked.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let hidden =
             if picked.len() == row && picked.iter().enumerate().all(|(i, &r)| r == i as i32) {
@@ -620,16 +746,7 @@ impl<B: Backend> StepRun<'_, B> {
                 be.gather_rows(&hidden, &be.index(&picked)?, h)?
             };
         let logits = graph.lm_head(&hidden)?;
-        let mut uniforms: Vec<f32> = step
-            .decodes
-            .iter()
-            .map(|d| {
-                let s = live[slot_of(d.key)]
-                    .as_mut()
-                    .expect("decoding samples are live");
-                draw_uniform(self.params, &mut s.rng)
-            })
-            .collect();
+        let mut uniforms = self.decode_uniforms(step, live);
         let mut fresh: Vec<Vec<StdRng>> = Vec::new();
         for &p in &completed {
             let mut rngs: Vec<StdRng> = (0..n)
@@ -639,7 +756,28 @@ impl<B: Backend> StepRun<'_, B> {
             fresh.push(rngs);
         }
         let (tokens, logprobs) = be.sample(&logits, vocab, self.params, self.banned, &uniforms)?;
-        let mut out = tokens.into_iter().zip(logprobs);
+        Ok(Some(Sampled {
+            tokens,
+            logprobs,
+            completed,
+            fresh,
+        }))
+    }
+
+    /// Appends each decode row's token to its sample and starts each
+    /// completed prompt's samples; finished samples leave the batch.
+    fn record(
+        &self,
+        step: &Step,
+        sampled: Sampled,
+        live: &mut [Option<Live>],
+        sched: &mut Scheduler,
+        done: &mut Vec<Sample>,
+        stats: &mut GenerationStats,
+    ) {
+        let n = self.n;
+        let slot_of = |k: SeqKey| k.prompt * n + k.sample;
+        let mut out = sampled.tokens.into_iter().zip(sampled.logprobs);
         for d in &step.decodes {
             let (t, lp) = out.next().expect("one token per row");
             let at = slot_of(d.key);
@@ -651,7 +789,7 @@ impl<B: Backend> StepRun<'_, B> {
                 done.push(retire(live[at].take().expect("live"), d.key, reason));
             }
         }
-        for (&p, rngs) in completed.iter().zip(fresh) {
+        for (&p, rngs) in sampled.completed.iter().zip(sampled.fresh) {
             stats.prefills += 1;
             let mut go_on = Vec::new();
             for (si, rng) in rngs.into_iter().enumerate() {
@@ -675,8 +813,16 @@ impl<B: Backend> StepRun<'_, B> {
             }
             sched.prefilled(p, go_on);
         }
-        Ok(())
     }
+}
+
+/// What a step sampled: a token and log-prob per decode row, then `n` per
+/// completed prompt (`completed`), whose samples' streams are `fresh`.
+struct Sampled {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    completed: Vec<usize>,
+    fresh: Vec<Vec<StdRng>>,
 }
 
 fn retire(s: Live, key: SeqKey, finish_reason: FinishReason) -> Sample {

@@ -231,6 +231,9 @@ pub struct TrainConfig {
     /// KV cache of exactly this many 16-token blocks (0: unset); the
     /// budget on the CPU, and it wins over the fraction.
     pub kv_cache_blocks: usize,
+    /// Decode steps launch op by op instead of replaying captured CUDA
+    /// graphs (vLLM's name): for debugging and profiling.
+    pub enforce_eager: bool,
     pub min_pixels: usize,
     pub max_pixels: usize,
     /// Appended to every problem after a blank line.
@@ -335,6 +338,7 @@ impl Default for TrainConfig {
             max_num_batched_tokens: 8192,
             kv_cache_memory_fraction: 0.0,
             kv_cache_blocks: 0,
+            enforce_eager: false,
             min_pixels: 200_704,
             max_pixels: 1_003_520,
             prompt_suffix: crate::data::VPPO_PROMPT_SUFFIX.to_string(),

@@ -163,7 +163,8 @@ pub fn step_config(cfg: &TrainConfig) -> StepConfig {
         cfg.max_num_batched_tokens,
         cfg.kv_cache_blocks,
         cfg.kv_cache_memory_fraction,
-    );
+    )
+    .eager(cfg.enforce_eager);
     step.dynamic_sampling = (cfg.dynamic_sampling && algo != Algo::Grpo).then_some((0.01, 0.99));
     step.vppo = VppoConfig {
         beta_min: cfg.tas_beta_min,
