@@ -321,23 +321,33 @@ PY
           --out "$results/bench-rollout.jsonl" || echo "bench-rollout: exited with $? (timeout: 124)"
         timeout "$rollout_s" python3 "$bundle/bench_rollout_torch.py" --config "$rollout_cfg" \
           --out "$results/bench-rollout-torch.jsonl" || echo "bench_rollout_torch: exited with $? (timeout: 124)"
-        python3 - "$results/bench-rollout.jsonl" "$results/bench-rollout-torch.jsonl" <<'PY' || true
+        # What the CUDA graphs of decode steps are worth: batch 64 again,
+        # every op launched eagerly.
+        eager_s=$(($(left) / 4))
+        [ "$eager_s" -gt 60 ] && eager_s=60
+        [ "$eager_s" -ge 20 ] && timeout "$eager_s" "$bundle/vppo-engine" bench-rollout --config "$rollout_cfg" \
+          --device cuda --batch 64 --mix-prompts 0 --enforce-eager \
+          --out "$results/bench-rollout-eager.jsonl" || echo "bench-rollout --enforce-eager: exited with $? (timeout: 124)"
+        python3 - "$results/bench-rollout.jsonl" "$results/bench-rollout-torch.jsonl" "$results/bench-rollout-eager.jsonl" <<'PY' || true
 import json, sys
 def rows(path):
     try:
         return {r["id"]: r for r in map(json.loads, filter(str.strip, open(path)))}
     except OSError:
         return {}
-ours, torch = rows(sys.argv[1]), rows(sys.argv[2])
-print("%-22s %12s %12s %10s %12s" % ("rollout case", "ours tok/s", "torch tok/s", "ours/torch", "% roofline"))
+ours, torch, eager = rows(sys.argv[1]), rows(sys.argv[2]), rows(sys.argv[3])
+print("%-22s %12s %12s %10s %12s %14s %14s" % ("rollout case", "ours tok/s", "torch tok/s", "ours/torch",
+      "% roofline", "graph replays", "eager tok/s"))
 for k in sorted(set(ours) | set(torch), key=lambda k: (k.startswith("rollout mix"), len(k), k)):
-    o, t = ours.get(k), torch.get(k)
-    print("%-22s %12s %12s %10s %12s" % (
+    o, t, e = ours.get(k), torch.get(k), eager.get(k)
+    print("%-22s %12s %12s %10s %12s %14s %14s" % (
         k,
         "%.0f" % o["tokens_per_s"] if o else "-",
         "%.0f" % t["tokens_per_s"] if t else "-",
         "%.2f" % (o["tokens_per_s"] / t["tokens_per_s"]) if o and t else "-",
-        "%.1f" % o["pct_of_roofline"] if o else "-"))
+        "%.1f" % o["pct_of_roofline"] if o else "-",
+        "%d/%d" % (o["graph_replays"], o["steps"]) if o else "-",
+        "%.0f" % e["tokens_per_s"] if e else "-"))
 PY
       fi
       # Out-of-bounds / race check of the kernels on their small cases (the

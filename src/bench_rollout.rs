@@ -191,6 +191,10 @@ pub struct CaseResult {
     pub pct_of_roofline: f64,
     pub preemptions: usize,
     pub kv_blocks: usize,
+    /// Decode-only steps padded to a row bucket, and those replayed from a
+    /// captured CUDA graph (0 with `--enforce-eager` or on the CPU).
+    pub bucketed_steps: usize,
+    pub graph_replays: usize,
 }
 
 /// Bytes of the decoder's weights as the engine holds them (the vision
@@ -276,6 +280,8 @@ pub fn run_case<B: Backend>(
         pct_of_roofline: 100.0 * roofline_s / seconds,
         preemptions: generator.stats.preemptions,
         kv_blocks: generator.kv_blocks,
+        bucketed_steps: generator.stats.bucketed_steps,
+        graph_replays: generator.stats.graph_replays,
     })
 }
 

@@ -619,7 +619,7 @@ impl WithEngine for BenchRolloutWork<'_> {
             println!(
                 "{}: {} sequences, {} output tokens in {:.2} s: {:.1} tokens/s | roofline {:.4} s \
                  ({:.0} tokens/s; {} steps x {:.3} GB of weights + {:.3} GB of KV): {:.2}% of it | \
-                 {} preemption(s), {} KV blocks",
+                 {} preemption(s), {} KV blocks | {} steps replayed from CUDA graphs",
                 r.id,
                 r.sequences,
                 r.output_tokens,
@@ -632,7 +632,8 @@ impl WithEngine for BenchRolloutWork<'_> {
                 r.kv_bytes as f64 / 1e9,
                 r.pct_of_roofline,
                 r.preemptions,
-                r.kv_blocks
+                r.kv_blocks,
+                r.graph_replays
             );
             if let Some(f) = self.out.as_mut() {
                 writeln!(f, "{}", serde_json::to_string(&r)?)?;

@@ -83,6 +83,12 @@ fn bench_rollout_runs_every_case_with_its_roofline() {
         let seconds = l["seconds"].as_f64().unwrap();
         let pct = l["pct_of_roofline"].as_f64().unwrap();
         assert!((pct - 100.0 * roofline / seconds).abs() < 1e-6 * pct.max(1.0));
+        // The CPU captures no graph: its decode steps run eagerly.
+        assert_eq!(
+            (l["bucketed_steps"].as_u64(), l["graph_replays"].as_u64()),
+            (Some(0), Some(0)),
+            "{l}"
+        );
     }
     // End-of-sequence ignored: every sample makes its whole length.
     assert_eq!(lines[0]["output_tokens"], 2 * 12);
