@@ -498,6 +498,16 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn release_graph_memory(&self) -> Result<()> {
+        // The graphs' last replays must be done before their pool shrinks.
+        self.stream().synchronize()?;
+        // SAFETY: trims the device's graph memory pool; the device handle
+        // comes from the live context, and no graph of it is running.
+        unsafe { cudarc::driver::sys::cuDeviceGraphMemTrim(self.context().cu_device()) }
+            .result()?;
+        Ok(())
+    }
+
     fn write_index(&self, dst: &mut Mirrored<i32>, host: &[i32]) -> Result<()> {
         self.write_mirrored(dst, host)
     }
@@ -702,6 +712,13 @@ impl Backend for CudaBackend {
                 cu,
                 [q, k, v],
                 |shape, [q, k, v], o, lse| {
+                    // Hopper, long sequences: the wgmma (FlashAttention-3
+                    // structure) kernel; VPPO_ATTN_WGMMA=0 keeps FA2.
+                    if self.wgmma_fwd_chosen(shape) {
+                        return Ok(
+                            self.flash_attn_wgmma_fwd(shape, q, k, v, &cu.dev, &cu.dev, o, lse)?
+                        );
+                    }
                     Ok(self.flash_attn_tc_fwd(shape, q, k, v, &cu.dev, &cu.dev, o, lse)?)
                 },
             );

@@ -181,6 +181,11 @@ pub trait Backend {
     fn capture(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>>;
     /// Runs the captured work once more, on the buffers' current values.
     fn replay(&self, graph: &Self::Graph) -> Result<()>;
+    /// Gives the memory that dropped graphs reserved for their temporaries
+    /// back to the device, for the work that follows (training).
+    fn release_graph_memory(&self) -> Result<()> {
+        Ok(())
+    }
     /// Overwrites `dst` with `host` (same length), host copy included.
     fn write_index(&self, dst: &mut Self::Index, host: &[i32]) -> Result<()>;
     /// Overwrites `dst` with `host` (same length), host copy included.

@@ -467,10 +467,15 @@ impl<'e, B: Backend> Generator<'e, B> {
                     + step.chunks.iter().map(|c| c.end).sum::<usize>(),
             });
         }
-        if let Some(g) = &graphs {
+        if let Some(g) = graphs.take() {
             self.stats.bucketed_steps += g.steps;
             self.stats.graphs_captured += g.captured;
             self.stats.graph_replays += g.replays;
+            let captured = g.captured > 0;
+            drop(g);
+            if captured {
+                engine.be.release_graph_memory()?;
+            }
         }
         self.blocks_left = sched.blocks.blocks_in_use();
         done.sort_by_key(|s| (s.prompt_index, s.sample_index));
