@@ -4,7 +4,8 @@
 #  - reads the SASS of every embedded fatbin with `cuobjdump -sass` and FAILS
 #    when a tensor-core kernel (flash_attn_tc_fwd_*, flash_attn_tc_bwd_*,
 #    paged_attn_tc_split_*) has no HMMA instruction for sm_80 or sm_90, or a
-#    kernel of an sm_90a file (wgmma) has no HGMMA for sm_90a;
+#    kernel of an sm_90a file (wgmma) has no HGMMA for sm_90a, or when fewer
+#    than the 3 flash_attn_wgmma_fwd_* kernels are there for sm_90a;
 #  - FAILS when ptxas reports spill stores or loads for any of them.
 # Needs nvcc with cuobjdump + nvdisasm beside it (scripts/install-cuda-toolchain.sh
 # installs the pinned 13.2.51 wheels) or $CUOBJDUMP.
@@ -37,8 +38,11 @@ kernels="$out_dir/kernels"
 [ -d "$kernels" ] || { echo "check-tensor-cores: FAIL: no kernels in $kernels" >&2; exit 1; }
 
 tc_pattern='^(flash_attn_tc_fwd_|flash_attn_tc_bwd_|paged_attn_tc_split_)'
+# The spill check also covers the sm_90a kernels (HGMMA, no HMMA).
+spill_pattern='^(flash_attn_tc_fwd_|flash_attn_tc_bwd_|paged_attn_tc_split_|flash_attn_wgmma_fwd_)'
 fail=0
 checked=0
+hgmma_checked=0
 for fatbin in "$kernels"/*.fatbin; do
   # arch function hmma hgmma, one line per kernel and arch.
   counts="$("$cuobjdump" -sass "$fatbin" | awk '
@@ -58,9 +62,14 @@ for fatbin in "$kernels"/*.fatbin; do
         echo "ok    $fn ($arch): $hmma HMMA"
       fi
     fi
-    if [ "$arch" = sm_90a ] && [ "$hgmma" -eq 0 ] && [[ "$fn" =~ (wgmma|_sm90a) ]]; then
-      echo "FAIL  $fn ($arch): no HGMMA in the SASS" >&2
-      fail=1
+    if [ "$arch" = sm_90a ] && [[ "$fn" =~ (wgmma|_sm90a) ]]; then
+      if [ "$hgmma" -eq 0 ]; then
+        echo "FAIL  $fn ($arch): no HGMMA in the SASS" >&2
+        fail=1
+      else
+        echo "ok    $fn ($arch): $hgmma HGMMA"
+        [[ "$fn" =~ ^flash_attn_wgmma_fwd_ ]] && hgmma_checked=$((hgmma_checked + 1))
+      fi
     fi
   done <<<"$counts"
 done
@@ -68,17 +77,21 @@ if [ "$checked" -lt 8 ]; then
   echo "check-tensor-cores: FAIL: only $checked tensor-core kernels found in $kernels" >&2
   fail=1
 fi
+if [ "$hgmma_checked" -lt 3 ]; then
+  echo "check-tensor-cores: FAIL: only $hgmma_checked flash_attn_wgmma_fwd_* kernels with HGMMA for sm_90a" >&2
+  fail=1
+fi
 
 # Spills, from the ptxas report the binary embeds.
 info="$(NVCC="$nvcc" VPPO_REQUIRE_KERNELS=1 cargo run --quiet -- info)"
-spills="$(echo "$info" | awk -v pat="$tc_pattern" '$1 ~ pat && $6 != "0/0" { print }')"
+spills="$(echo "$info" | awk -v pat="$spill_pattern" '$1 ~ pat && $6 != "0/0" { print }')"
 if [ -n "$spills" ]; then
   echo "FAIL  tensor-core kernels spill registers (spill st/ld):" >&2
   echo "$spills" >&2
   fail=1
 fi
-spill_checked="$(echo "$info" | awk -v pat="$tc_pattern" '$1 ~ pat' | wc -l)"
-echo "check-tensor-cores: $checked kernel/arch pairs with HMMA checked, $spill_checked ptxas entries checked for spills"
+spill_checked="$(echo "$info" | awk -v pat="$spill_pattern" '$1 ~ pat' | wc -l)"
+echo "check-tensor-cores: $checked kernel/arch pairs with HMMA and $hgmma_checked with HGMMA checked, $spill_checked ptxas entries checked for spills"
 if [ "$fail" -ne 0 ]; then
   exit 1
 fi

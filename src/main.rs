@@ -1061,13 +1061,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{line}");
             }
             eprintln!(
-                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps, {} tokens, {} preemption(s) ({} tokens recomputed) in {:.2?}",
+                "{} samples from {} prompt(s): {} prefill(s) of {} tokens, {} images encoded, {} decode steps ({} replayed from {} CUDA graphs), {} tokens, {} preemption(s) ({} tokens recomputed) in {:.2?}",
                 samples.len(),
                 inputs.len(),
                 st.prefills,
                 st.prefill_tokens,
                 st.images_encoded,
                 st.decode_steps,
+                st.graph_replays,
+                st.graphs_captured,
                 st.decoded_tokens + samples.len(),
                 st.preemptions,
                 st.recomputed_tokens,

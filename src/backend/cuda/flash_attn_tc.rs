@@ -93,6 +93,9 @@ pub fn tc_dynamic_smem(function: &str) -> Option<usize> {
     if let Some(d) = function.strip_prefix("flash_attn_tc_bwd_d") {
         return Some(tc_bwd_smem_bytes(dim(d)?));
     }
+    if let Some(d) = function.strip_prefix("flash_attn_wgmma_fwd_d") {
+        return Some(super::flash_attn_wgmma::wgmma_fwd_smem_bytes(dim(d)?));
+    }
     if let Some(d) = function.strip_prefix("paged_attn_tc_split_d") {
         return Some(super::paged_attn_tc::split_smem_bytes(dim(d)?));
     }
@@ -329,6 +332,10 @@ mod tests {
         assert_eq!(
             tc_dynamic_smem("paged_attn_tc_split_d128"),
             Some((16 + 256) * 136 * 2)
+        );
+        assert_eq!(
+            tc_dynamic_smem("flash_attn_wgmma_fwd_d128"),
+            Some(5 * 32_768 + 64 + 1024)
         );
         assert_eq!(tc_dynamic_smem("flash_attn_tc_dq_convert"), None);
         assert_eq!(tc_dynamic_smem("rmsnorm_fwd_f32"), None);

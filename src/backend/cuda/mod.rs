@@ -13,6 +13,7 @@ mod cast;
 mod embedding;
 mod flash_attn;
 mod flash_attn_tc;
+mod flash_attn_wgmma;
 mod gemm;
 mod launch_util;
 mod logprob;
@@ -31,6 +32,10 @@ pub use flash_attn::FlashAttnShape;
 pub use flash_attn_tc::{
     flash_tc_supports, tc_bwd_query_tile, tc_bwd_smem_bytes, tc_dynamic_smem, tc_fwd_tile,
     TcFwdTile, TC_BWD_KEYS,
+};
+pub use flash_attn_wgmma::{
+    flash_wgmma_supports, wgmma_disabled_by_env, wgmma_fwd_smem_bytes, WGMMA_MIN_SEQLEN_Q,
+    WGMMA_QUERY_ROWS,
 };
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
