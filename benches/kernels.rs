@@ -18,7 +18,11 @@
 //! (`flash_tc_fwd_*`, `flash_tc_bwd_*`: issue 14's six cases plus text
 //! causal at 8k and 16k) are measured against the dense bf16 tensor peak
 //! (989), as is torch's SDPA, which `scripts/bench_torch.py` times under the
-//! same ids. `paged_decode_tc` is the tensor-core flash-decoding kernel.
+//! same ids. `flash_wgmma_fwd_*` is the Hopper forward (TMA + wgmma, the
+//! FlashAttention-3 structure; compute capability 9.0 only, the cases with
+//! more than 64 queries per sequence, where `attention_fwd` takes it), paired
+//! with the same SDPA timing. `paged_decode_tc` is the tensor-core
+//! flash-decoding kernel.
 //!
 //! Usage:
 //!
@@ -1015,6 +1019,46 @@ fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
     )
 }
 
+/// The Hopper forward (`flash_attn_wgmma`) on the case: id
+/// `flash_wgmma_fwd_*` (the torch bench times SDPA under it too). Only
+/// where `attention_fwd` would take it: compute capability 9.0 and more than
+/// `WGMMA_MIN_SEQLEN_Q` queries per sequence.
+fn bench_flash_attn_wgmma(b: &mut Bench, c: &AttnCase) -> Result<()> {
+    let fwd_id = format!("flash_wgmma_fwd_{}", c.name);
+    if !b.wants(&fwd_id) || c.len <= vppo_engine::backend::cuda::WGMMA_MIN_SEQLEN_Q {
+        return Ok(());
+    }
+    let cc = b.gpu.context().compute_capability()?;
+    if cc != (9, 0) {
+        println!(
+            "SKIP  {fwd_id}: device is sm_{}{}, the wgmma kernel runs on 9.0 only",
+            cc.0, cc.1
+        );
+        return Ok(());
+    }
+    let total = c.seqs * c.len;
+    let (shape, shape_txt) = (c.shape(), c.shape_txt());
+    let nq = total * c.q_heads * c.head_dim;
+    let nk = total * c.kv_heads * c.head_dim;
+    let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
+    let cu = b.htod(&cu)?;
+    let q = b.rand_bf16(nq)?;
+    let k = b.rand_bf16(nk)?;
+    let v = b.rand_bf16(nk)?;
+    let mut o = b.zeros::<bf16>(nq)?;
+    let mut lse = b.zeros::<f32>(total * c.q_heads)?;
+    b.time(
+        Spec {
+            id: &fwd_id,
+            dtype: "bf16",
+            shape: shape_txt,
+            work: Work::TensorFlops(c.fwd_flops()),
+            note: "TMA + wgmma (FA3 structure: producer warpgroup, 2 consumer warpgroups), 128-row x 128-key tiles, 2-stage K/V ring",
+        },
+        &mut |g| Ok(g.flash_attn_wgmma_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?),
+    )
+}
+
 fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
     for c in [
         // Qwen2.5-VL vision tower, full-attention blocks: 4 images of 896x896
@@ -1081,6 +1125,10 @@ fn bench_flash_attn_cases(b: &mut Bench) -> Result<()> {
         if let Err(e) = bench_flash_attn_tc(b, &c) {
             println!("FAIL  flash_tc {:<21} {e:#}", c.name);
             b.failed.push(format!("flash_tc_{}", c.name));
+        }
+        if let Err(e) = bench_flash_attn_wgmma(b, &c) {
+            println!("FAIL  flash_wgmma {:<18} {e:#}", c.name);
+            b.failed.push(format!("flash_wgmma_{}", c.name));
         }
     }
     Ok(())

@@ -511,9 +511,12 @@ def with_backend(t, fn):
 def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     t, F = b.torch, b.torch.nn.functional
     fwd_id, bwd_id = f"flash_fwd_{name}", f"flash_bwd_{name}"
-    # Our tensor-core kernels' ids (benches/kernels.rs), paired with the same timing.
+    # Our tensor-core kernels' ids (benches/kernels.rs), paired with the same
+    # timing: FA2 (flash_tc_*) and the Hopper forward (flash_wgmma_fwd_*).
     tc_fwd, tc_bwd = f"flash_tc_fwd_{name}", f"flash_tc_bwd_{name}"
-    if not any(b.wants(i) for i in (fwd_id, bwd_id, tc_fwd, tc_bwd)):
+    # (Only where attention_fwd takes the wgmma kernel: over 64 queries.)
+    wg_fwd = (f"flash_wgmma_fwd_{name}",) if length > 64 else ()
+    if not any(b.wants(i) for i in (fwd_id, bwd_id, tc_fwd, tc_bwd, *wg_fwd)):
         return
     shape = f"seqs={seqs} len={length} hq={hq} hkv={hkv} d={d}" + (" causal" if causal else "")
     pairs = length * (length + 1) // 2 if causal else length * length
@@ -531,7 +534,7 @@ def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     with t.no_grad():
         run, backend = with_backend(t, attn)
         b.time(fwd_id, "bf16", shape, run, flops=fwd_flops, tensor_core=True,
-               note=f"F.scaled_dot_product_attention [{backend}], tensor cores", also=(tc_fwd,))
+               note=f"F.scaled_dot_product_attention [{backend}], tensor cores", also=(tc_fwd, *wg_fwd))
     if not (b.wants(bwd_id) or b.wants(tc_bwd)):
         return
     dout = b.rand(seqs, hq, length, d, dtype=bf)

@@ -96,21 +96,23 @@ for d in site.getsitepackages():
       echo "NCCL library: ${nccl_dir:-system default}"
       step "shaders-test (kernels vs CPU twins, NCCL at world size 1)"
       timeout 120 "$bundle/shaders" || echo "shaders: FAILED or timed out (rc $?)"
-      # ---- tensor-core attention (issue 14): flash_attn_tc fwd/bwd and
-      # ---- paged_attn_tc against torch SDPA in the same run (same ids), then
-      # ---- racecheck + synccheck of their small cases (cp.async into
-      # ---- double-buffered shared memory is where races hide).
-      step "tensor-core attention benches: ours (flash_tc_*, paged_decode_tc) vs torch SDPA"
+      # ---- tensor-core attention (issue 14): flash_attn_tc fwd/bwd, the
+      # ---- Hopper forward flash_attn_wgmma (TMA + wgmma) and paged_attn_tc
+      # ---- against torch SDPA in the same run (same ids), then racecheck +
+      # ---- synccheck of their small cases (cp.async into double-buffered
+      # ---- shared memory, TMA into the mbarrier-guarded ring: where races hide).
+      step "tensor-core attention benches: ours (flash_tc_*, flash_wgmma_fwd_*, paged_decode_tc) vs torch SDPA"
       attn_ours="$results/bench-attn-kernels.jsonl"
       attn_theirs="$results/bench-attn-torch.jsonl"
-      timeout 75 "$bundle/bench-kernels" --out "$attn_ours" --max-seconds 50 flash_tc paged_decode ||
+      timeout 75 "$bundle/bench-kernels" --out "$attn_ours" --max-seconds 50 flash_tc flash_wgmma paged_decode ||
         echo "bench-kernels (attention): FAILED or timed out (rc $?)"
       timeout 100 python3 "$bundle/bench_torch.py" --out "$attn_theirs" --max-seconds 70 flash_ paged_decode ||
         echo "bench_torch (attention): FAILED or timed out (rc $?)"
       python3 "$bundle/bench_table.py" "$attn_ours" "$attn_theirs" | tee "$results/table-attention.txt" || true
       tc_cases=("flash_attn_tc fwd+bwd q=[1] " "flash_attn_tc fwd+bwd q=[200, 9]" "flash_attn_tc fwd+bwd q=[7, 40]"
         "flash_attn_tc fwd+bwd q=[64, 48]" "paged_attn_tc lens=[1] " "paged_attn_tc lens=[17, 300, 64]"
-        "paged_attn_tc lens=[93, 2]")
+        "paged_attn_tc lens=[93, 2]" "flash_attn_wgmma fwd q=[200, 9]" "flash_attn_wgmma fwd q=[3, 140]"
+        "flash_attn_wgmma fwd q=[70, 0, 145]" "flash_attn_wgmma fwd q=[257]")
       if command -v compute-sanitizer >/dev/null; then
         step "compute-sanitizer racecheck of the tensor-core attention kernels (small cases)"
         timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
@@ -352,6 +354,7 @@ PY
       fi
       # Out-of-bounds / race check of the kernels on their small cases (the
       # large ones would take minutes under the sanitizer), in what time is left.
+      # ("flash_attn" also selects the flash_attn_tc and flash_attn_wgmma cases.)
       memcheck_s=$(($(left) - 20))
       [ "$memcheck_s" -gt 120 ] && memcheck_s=120
       if ! command -v compute-sanitizer >/dev/null; then

@@ -16,7 +16,7 @@ use vppo_engine::backend::cuda::{CudaBackend, FlashAttnShape};
 /// mask moves it by far more). Infinities must agree exactly.
 const LSE_TOL: f64 = 1e-4;
 
-fn check_lse(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String> {
+pub(crate) fn check_lse(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String> {
     if let Some(i) = (0..reference.len()).find(|&i| {
         reference[i].is_finite() != gpu[i].is_finite()
             || (!reference[i].is_finite() && gpu[i] != reference[i])
@@ -59,11 +59,19 @@ fn check_grad(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String>
     }
 }
 
-fn down_bf16(gpu: &CudaBackend, x: &CudaSlice<bf16>, n: usize) -> Result<Vec<f32>, String> {
+pub(crate) fn down_bf16(
+    gpu: &CudaBackend,
+    x: &CudaSlice<bf16>,
+    n: usize,
+) -> Result<Vec<f32>, String> {
     Ok(widen(&gpu.stream().clone_dtoh(x).map_err(drv)?[..n]))
 }
 
-fn down_f32(gpu: &CudaBackend, x: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, String> {
+pub(crate) fn down_f32(
+    gpu: &CudaBackend,
+    x: &CudaSlice<f32>,
+    n: usize,
+) -> Result<Vec<f32>, String> {
     let mut v = gpu.stream().clone_dtoh(x).map_err(drv)?;
     v.truncate(n);
     Ok(v)

@@ -12,6 +12,7 @@ mod cast;
 mod embedding;
 mod flash_attn;
 mod flash_attn_tc;
+mod flash_attn_wgmma;
 mod gemm;
 mod generate;
 mod logprob;
@@ -168,6 +169,7 @@ fn cases() -> Vec<Case> {
         flash_attn_tc::cases(),
         paged_attn_tc::cases(),
         nccl::cases(),
+        flash_attn_wgmma::cases(),
     ]
     .into_iter()
     .flatten()
