@@ -39,7 +39,13 @@ descriptor and fragment models and are compared with numpy; the O staging
 round-trips and is bank-conflict free; the shared-memory map is disjoint,
 aligned and fits; the descriptors' fields fit; a randomised simulation of the
 TMA ring (producer + 2 consumers, mbarrier parity rules) never lets a tile be
-overwritten while in use and never deadlocks.
+overwritten while in use and never deadlocks; the kernel's block/warpgroup/
+tile control flow (which blocks run, tiles loaded and computed, masks, the
+-inf rules of the online softmax, rows stored, lse) at matrix level against
+a float64 attention on varlen, causal/bidirectional, GQA shapes with rows and
+whole blocks that see no key. Negative controls (a planted mistake each:
+wrong swizzle, LBO, operand major-ness, P packing, consumer rows, unaligned
+window, barrier parity/count, a skipped mask) must each be caught.
 """
 import sys
 
@@ -507,6 +513,165 @@ def check_pipeline(n_tiles, seed, producer_parity_flip=1, empty_count=256):
     return True, ""
 
 
+
+# ====================== the kernel's control flow ========================
+# fa_wg_fwd's block/warpgroup/tile logic at matrix level (the fragment maps
+# are checked above): which blocks run, how many K/V tiles the producer
+# loads, which tiles a warpgroup computes (`active`), where it masks
+# (`wg_keys_all`), the base-2 online softmax with its -inf rules, the bf16 P,
+# the rows stored and the lse. TMA semantics: rows past the tensor are 0,
+# rows past a sequence are the next sequence's (they must be masked).
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+def visible(i, lq, lk, causal):  # fa_wg_visible
+    if not causal:
+        return lk
+    return max(0, min(i + 1 + lk - lq, lk))
+
+
+def tma_rows(x, start, n, h):
+    """n rows of head h from token `start` of x[T][H][D]: zero past T."""
+    T = x.shape[0]
+    out = np.zeros((n, x.shape[2]))
+    for r in range(n):
+        if start + r < T:
+            out[r] = x[start + r, h]
+    return out
+
+
+def kernel_forward(q, k, v, cu_q, cu_k, hq, hkv, scale, causal, mutation=None):
+    Tq, _, D = q.shape
+    o = np.full((Tq, hq, D), np.nan)
+    lse = np.full((Tq, hq), np.nan)
+    writes = np.zeros((Tq, hq), dtype=int)
+    seqs = len(cu_q) - 1
+    max_q = max(cu_q[s + 1] - cu_q[s] for s in range(seqs))
+    grid_x = -(-max_q // BM)
+    sl2 = scale * LOG2E
+    for seq in range(seqs):
+        for h in range(hq):
+            for bx in range(grid_x):
+                tile = grid_x - 1 - bx
+                i0 = tile * BM
+                qs, lq = cu_q[seq], cu_q[seq + 1] - cu_q[seq]
+                ks, lk = cu_k[seq], cu_k[seq + 1] - cu_k[seq]
+                if i0 >= lq:
+                    continue
+                g = h // (hq // hkv)
+                rows = min(BM, lq - i0)
+                keys = visible(i0 + rows - 1, lq, lk, causal)
+                n_tiles = -(-keys // BN)
+                Qt = tma_rows(q, qs + i0, BM, h) if n_tiles > 0 else np.zeros((BM, D))
+                for c in range(2):
+                    wrow0 = i0 + 64 * c
+                    rr = wrow0 + np.arange(64)
+                    vis = np.array([visible(int(i), lq, lk, causal) for i in rr])
+                    wg_keys = visible(min(wrow0 + 63, lq - 1), lq, lk, causal) if wrow0 < lq else 0
+                    wg_keys_all = visible(wrow0, lq, lk, causal) if wrow0 < lq else 0
+                    if mutation == "mask_every_row_sees_widest":
+                        wg_keys_all = wg_keys
+                    m = np.full(64, -np.inf)
+                    l = np.zeros(64)
+                    acc = np.zeros((64, D))
+                    for t in range(n_tiles):
+                        j0 = t * BN
+                        if not j0 < wg_keys:
+                            continue
+                        Kt = tma_rows(k, ks + j0, BN, g)
+                        Vt = tma_rows(v, ks + j0, BN, g)
+                        S = Qt[64 * c:64 * c + 64] @ Kt.T
+                        if j0 + BN > wg_keys_all:
+                            cols = j0 + np.arange(BN)
+                            S = np.where(cols[None, :] >= vis[:, None], -np.inf, S)
+                        mx = S.max(axis=1)
+                        mn = np.maximum(m, mx * sl2)
+                        base = np.where(mn == -np.inf, 0.0, mn)
+                        with np.errstate(invalid="ignore"):
+                            alpha = np.exp2(m - base)
+                        m = mn
+                        P = np.exp2(S * sl2 - base[:, None])
+                        l = l * alpha + P.sum(axis=1)
+                        acc = acc * alpha[:, None] + bf16(P) @ Vt
+                    inv = np.where(l > 0, 1.0 / np.where(l > 0, l, 1.0), 0.0)
+                    out = bf16(acc * inv[:, None])
+                    for r in range(64):
+                        i = wrow0 + r
+                        if i < lq:
+                            o[qs + i, h] = out[r]
+                            lse[qs + i, h] = (m[r] + np.log2(l[r])) * LN2 if l[r] > 0 else -np.inf
+                            writes[qs + i, h] += 1
+    return o, lse, writes
+
+
+def reference_forward(q, k, v, cu_q, cu_k, hq, hkv, scale, causal):
+    Tq, _, D = q.shape
+    o = np.zeros((Tq, hq, D))
+    lse = np.full((Tq, hq), -np.inf)
+    for seq in range(len(cu_q) - 1):
+        qs, lq = cu_q[seq], cu_q[seq + 1] - cu_q[seq]
+        ks, lk = cu_k[seq], cu_k[seq + 1] - cu_k[seq]
+        for h in range(hq):
+            g = h // (hq // hkv)
+            for i in range(lq):
+                n = visible(i, lq, lk, causal)
+                if n == 0:
+                    continue
+                s = q[qs + i, h] @ k[ks:ks + n, g].T * scale
+                mx = s.max()
+                p = np.exp(s - mx)
+                o[qs + i, h] = p @ v[ks:ks + n, g] / p.sum()
+                lse[qs + i, h] = mx + np.log(p.sum())
+    return o, lse
+
+
+def forward_errors(q_lens, k_lens, hq, hkv, D, causal, mutation=None):
+    cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(int).tolist()
+    cu_k = np.concatenate([[0], np.cumsum(k_lens)]).astype(int).tolist()
+    q = bf16(rng.uniform(-2, 2, (cu_q[-1], hq, D)))
+    k = bf16(rng.uniform(-2, 2, (max(cu_k[-1], 1), hkv, D)))[:cu_k[-1]]
+    v = bf16(rng.uniform(-1, 1, (max(cu_k[-1], 1), hkv, D)))[:cu_k[-1]]
+    scale = 1.0 / np.sqrt(D)
+    o, lse, writes = kernel_forward(q, k, v, cu_q, cu_k, hq, hkv, scale, causal, mutation)
+    o_ref, lse_ref = reference_forward(q, k, v, cu_q, cu_k, hq, hkv, scale, causal)
+    problems = []
+    if (writes != 1).any():
+        problems.append(f"{int((writes != 1).sum())} (row, head) written {sorted(set(writes.ravel()))} times")
+    if np.isnan(o).any() or np.isnan(lse).any():
+        problems.append("rows left unwritten")
+    none = lse_ref == -np.inf
+    if not np.array_equal(lse == -np.inf, none):
+        problems.append("lse = -inf on other rows than those that see no key")
+    if (o[none] != 0).any():
+        problems.append("o != 0 on a row that sees no key")
+    den = np.linalg.norm(o_ref)
+    e_o = np.linalg.norm(np.nan_to_num(o) - o_ref) / den if den > 0 else 0.0
+    fin = ~none
+    e_l = np.abs(np.nan_to_num(lse[fin]) - lse_ref[fin]).max() if fin.any() else 0.0
+    return e_o, e_l, problems
+
+
+def check_control_flow():
+    cases = [
+        ([1, 33, 130, 257, 300], [1, 33, 130, 257, 300], 4, 2, True),
+        ([300, 129], [300, 129], 2, 2, False),
+        ([200, 9], [20, 3], 2, 1, True),   # whole blocks and rows with no key
+        ([3, 140], [8, 300], 2, 1, True),  # fewer queries than keys
+        ([70, 0, 145], [70, 0, 145], 3, 1, True),
+        ([128, 64, 65, 256], [128, 64, 65, 256], 1, 1, True),  # tile edges
+        ([100], [0], 2, 1, False),
+        ([40, 130], [260, 7], 2, 2, False),
+    ]
+    for q_lens, k_lens, hq, hkv, causal in cases:
+        e_o, e_l, problems = forward_errors(q_lens, k_lens, hq, hkv, 64, causal)
+        check(f"control flow q={q_lens} k={k_lens} h={hq}/{hkv}{' causal' if causal else ''}",
+              not problems and e_o < 1e-2 and e_l < 1e-9,
+              f"o rel err {e_o:.1e}, lse max err {e_l:.1e}" + ("; " + "; ".join(problems) if problems else ""))
+    e_o, e_l, problems = forward_errors([300], [300], 1, 1, 64, True, mutation="mask_every_row_sees_widest")
+    check("negative control: masking skipped below the widest row is caught", problems or e_o > 1e-2,
+          f"o rel err {e_o:.1e}")
+
+
 def main():
     check_fragment_maps()
     for D in (64, 80, 128):
@@ -521,6 +686,7 @@ def main():
     check("negative control: empty barrier of one consumer's count is caught", any(w for w in wrong),
           next((w for w in wrong if w), ""))
     check_negative_controls()
+    check_control_flow()
     print("ALL OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
