@@ -82,6 +82,23 @@ impl CudaBackend {
         })
     }
 
+    /// Records `body` on the stream into an instantiated graph; the capture
+    /// ends whatever the body did, so the stream stays usable.
+    fn record(&self, body: &mut dyn FnMut() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = self.stream();
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let recorded = body();
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        Ok(
+            graph?.ok_or_else(|| crate::backend::cuda::CudaError::Unsupported {
+                kernel: "stream capture",
+                reason: "the capture recorded no graph".into(),
+            })?,
+        )
+    }
+
     /// Overwrites a mirrored array in place (host copy and device copy):
     /// a captured graph keeps reading the same device allocation.
     fn write_mirrored<T>(&self, dst: &mut Mirrored<T>, host: &[T]) -> Result<()>
@@ -467,32 +484,37 @@ impl Backend for CudaBackend {
         true
     }
 
-    /// A CUDA graph of the stream's work. Not where the context tracks
-    /// buffers across several streams (NCCL's): every use then waits on an
-    /// event recorded outside the capture, which a capture cannot do.
+    /// A CUDA graph of the stream's work. Where the context tracks buffers
+    /// across several streams (NCCL's), every buffer use would wait on an
+    /// event recorded outside the capture, which a capture refuses; so the
+    /// tracking pauses while the body is recorded, with nothing in flight
+    /// on any stream. Buffers made before the capture are the only ones the
+    /// graph keeps, and the generator synchronizes before handing them to
+    /// another stream (each step downloads its samples).
     fn capture(
         &self,
         body: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<cudarc::driver::CudaGraph>> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        if self.context().is_managing_stream_synchronization() {
-            return Ok(None);
+        let ctx = self.context();
+        let tracking = ctx.is_managing_stream_synchronization();
+        if tracking {
+            ctx.synchronize()?;
+            // SAFETY: every stream of the context is idle (just
+            // synchronized) and only this thread's capture uses the context
+            // until tracking resumes below; slices made meanwhile are the
+            // body's temporaries, freed inside the graph.
+            unsafe { ctx.disable_event_tracking() };
         }
-        let stream = self.stream();
-        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let recorded = body();
-        // The capture ends whatever the body did, so the stream stays usable.
-        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-        recorded?;
-        let graph = graph?.ok_or_else(|| crate::backend::cuda::CudaError::Unsupported {
-            kernel: "stream capture",
-            reason: "the capture recorded no graph".into(),
-        })?;
+        let recorded = self.record(body);
+        if tracking {
+            // SAFETY: resumes the tracking paused above.
+            unsafe { ctx.enable_event_tracking() };
+        }
+        let graph = recorded?;
         // Loads the graph's resources now, not at its first replay.
         graph.upload()?;
         Ok(Some(graph))
     }
-
     fn replay(&self, graph: &cudarc::driver::CudaGraph) -> Result<()> {
         graph.launch()?;
         Ok(())
