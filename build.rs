@@ -1,5 +1,5 @@
 //! Compiles every `kernels/*.cu` into a fatbin (sm_80 + sm_90 SASS, compute_90
-//! PTX; sm_90a only for files that ask for it) and embeds the result in the
+//! PTX; files that ask for sm_90a get its SASS alone) and embeds the result in the
 //! library through a generated `kernels_gen.rs`.
 //!
 //! Without nvcc the build succeeds with a warning and the binary reports that
@@ -193,17 +193,21 @@ fn compile_one(
         .arg("-I")
         .arg(kernel_dir);
     let mut archs = Vec::new();
-    for (virt, real) in BASE_TARGETS {
-        cmd.arg(format!("-gencode=arch={virt},code={real}"));
-        archs.push(real.to_string());
-    }
     if src.needs_sm90a {
+        // Only the sm_90a image: a fatbin that also held sm_90 SASS would
+        // leave the driver's choice between the two to chance on Hopper.
+        // The backend loads such a module on compute capability 9.0 only.
         cmd.arg("-gencode=arch=compute_90a,code=sm_90a");
         archs.push("sm_90a".to_string());
+    } else {
+        for (virt, real) in BASE_TARGETS {
+            cmd.arg(format!("-gencode=arch={virt},code={real}"));
+            archs.push(real.to_string());
+        }
+        // PTX of the newest portable arch, so a newer GPU can JIT it.
+        cmd.arg("-gencode=arch=compute_90,code=compute_90");
+        archs.push("compute_90 (PTX)".to_string());
     }
-    // PTX of the newest portable arch, so a newer GPU can JIT it.
-    cmd.arg("-gencode=arch=compute_90,code=compute_90");
-    archs.push("compute_90 (PTX)".to_string());
     cmd.arg("-o").arg(&fatbin).arg(&src.path);
 
     let out = cmd.output().map_err(|e| {

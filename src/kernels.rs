@@ -28,6 +28,12 @@ pub struct KernelMma {
 }
 
 impl KernelModule {
+    /// Built for sm_90a alone (wgmma, TMA): loadable on compute capability
+    /// 9.0 only.
+    pub fn hopper_only(&self) -> bool {
+        self.archs == ["sm_90a"]
+    }
+
     /// The SASS counts of `function` for `arch`, when the build read them.
     pub fn mma_of(&self, function: &str, arch: &str) -> Option<&'static KernelMma> {
         self.mma?
@@ -144,11 +150,17 @@ ptxas info    : Used 14 registers, used 0 barriers
     #[test]
     fn embedded_modules_match_the_build() {
         // With kernels embedded, every module has a non-empty fatbin and a
-        // report naming at least one kernel for sm_80 and sm_90.
+        // report naming at least one kernel for each of its archs: sm_80
+        // and sm_90, or sm_90a alone for the Hopper-only files.
         for m in KERNEL_MODULES {
             assert!(!m.fatbin.is_empty(), "{} has an empty fatbin", m.name);
             let res = parse_ptxas_report(m.ptxas_report);
-            for arch in ["sm_80", "sm_90"] {
+            let archs: &[&str] = if m.hopper_only() {
+                &["sm_90a"]
+            } else {
+                &["sm_80", "sm_90"]
+            };
+            for &arch in archs {
                 assert!(
                     res.iter().any(|r| r.arch == arch),
                     "{} has no kernel built for {arch}",

@@ -129,7 +129,7 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal` and loads all embedded modules.
+    /// Opens device `ordinal` and loads the embedded modules it can run.
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         if !kernels::kernels_embedded() {
             return Err(CudaError::NoKernels(kernels::BUILD_NOTE));
@@ -142,8 +142,13 @@ impl CudaBackend {
         }
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.default_stream();
+        let hopper = ctx.compute_capability()? == (9, 0);
         let mut modules = HashMap::new();
         for m in kernels::KERNEL_MODULES {
+            // sm_90a SASS loads on no other device; its launchers fall back.
+            if m.hopper_only() && !hopper {
+                continue;
+            }
             let image = cudarc::nvrtc::Ptx::from_binary(m.fatbin.to_vec());
             modules.insert(m.name, ctx.load_module(image)?);
         }
