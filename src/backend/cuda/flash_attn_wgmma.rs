@@ -130,9 +130,9 @@ pub fn wgmma_disabled_by_env() -> bool {
 }
 
 impl CudaBackend {
-    /// Whether this device runs the sm_90a image: compute capability 9.0
-    /// exactly (sm_90a code runs on no other), and the module's loaded image
-    /// defines the kernel (the sm_80/sm_90 images of the file define none).
+    /// Whether this device runs the sm_90a kernel: compute capability 9.0
+    /// exactly (sm_90a code runs on no other, and the backend loads the
+    /// module there only), with the kernel in the loaded module.
     pub fn wgmma_fwd_available(&self, head_dim: usize) -> bool {
         flash_wgmma_supports(head_dim)
             && self.ctx.compute_capability().is_ok_and(|cc| cc == (9, 0))
