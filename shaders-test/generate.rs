@@ -214,8 +214,8 @@ fn sampled_case(case: &'static str) -> Case {
 /// generator with `enforce_eager`, in `precision` (bf16 runs the
 /// tensor-core split decode, whose grid the capture sizes for the longest
 /// sequence): the same tokens, log-probs within the device tolerance,
-/// every decode-only step replayed. Sampled, 9 samples over 4 seats, so
-/// steps pad 3 rows to 4 and graphs of 1, 2 and 4 rows are replayed.
+/// every decode-only step replayed. Sampled, 2 prompts x 3 samples over 4
+/// seats: steps of 3 rows pad to 4, and several buckets are captured.
 fn graphs_vs_eager_case(case: &'static str, precision: Precision) -> Case {
     Case {
         name: format!("generate CUDA graphs vs enforce_eager {precision:?} fixture {case}"),
