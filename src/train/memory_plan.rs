@@ -16,6 +16,7 @@ use super::config::{AlgoName, TrainConfig};
 use crate::model::config::ModelConfig;
 use crate::model::forward::LOSS_CHUNK_ROWS;
 use crate::model::params::ParamLayout;
+use crate::rollout::decode_graph::row_bucket;
 use crate::rollout::generate::{kv_block_bound, KV_BLOCK_SIZE};
 use std::fmt::Write as _;
 
@@ -105,6 +106,9 @@ pub struct Workload {
     pub kv_cache: KvSizing,
     /// Sequences decoding at once: the decode step's logits rows.
     pub max_num_seqs: usize,
+    /// Decode steps replayed from CUDA graphs (not `enforce_eager`): each
+    /// row bucket keeps its logits, and the graphs their temporaries.
+    pub decode_graphs: bool,
 }
 
 /// How the rollouts' KV cache is sized (the train config's settings, as
@@ -169,6 +173,7 @@ impl Workload {
                 KvSizing::WholeBatch
             },
             max_num_seqs: cfg.max_num_seqs,
+            decode_graphs: !cfg.enforce_eager,
         }
     }
 
@@ -725,8 +730,28 @@ fn rollout_phase(cfg: &ModelConfig, w: &Workload, free: u64) -> Phase {
                 "workspace (decode logits, one prefill block, cuBLAS)",
                 logits + prefill + CUBLAS_WORKSPACE_BYTES,
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(w.decode_graphs.then(|| {
+            row(
+                "CUDA graphs of decode steps (logits, temporaries)",
+                decode_graph_bytes(cfg, p, rows as usize),
+            )
+        }))
+        .collect(),
     }
+}
+
+/// What the decode graphs of a call with up to `rows` decode rows hold:
+/// every row bucket up to `rows`' keeps its logits, and the graph pool the
+/// largest step's temporaries (its head output and one layer's activations).
+fn decode_graph_bytes(cfg: &ModelConfig, p: Precision, rows: usize) -> u64 {
+    let t = &cfg.text;
+    let largest = row_bucket(rows);
+    let buckets: usize = (1..=largest).filter(|&b| row_bucket(b) == b).sum();
+    let logits_row = t.vocab_size as u64 * p.bytes();
+    let step = largest as u64 * (logits_row + BlockWidths::text(cfg).acts_per_row() * p.bytes());
+    buckets as u64 * logits_row + step
 }
 
 /// The old log-probs (and VPPO's dual pass: the micro-batch and its
@@ -978,6 +1003,7 @@ mod tests {
             zero_stage: 2,
             kv_cache: KvSizing::WholeBatch,
             max_num_seqs: 256,
+            decode_graphs: true,
         }
     }
 
@@ -999,6 +1025,26 @@ mod tests {
         let kv = &plan.phases[1].rows[0];
         assert!(kv.label.contains("24 blocks"), "{}", kv.label);
         assert_eq!(kv.bytes, 24 * 16 * 32 * 2 * 2 * 2);
+        // 6 samples decode at once: buckets 1, 2, 4 and 8 keep their bf16
+        // logits over the fixture's vocabulary, the 8-row step its
+        // temporaries; enforce_eager keeps none.
+        let graphs = plan.phases[1].rows.last().unwrap();
+        assert!(graphs.label.contains("CUDA graphs"), "{}", graphs.label);
+        let vocab = cfg.text.vocab_size as u64;
+        let acts = BlockWidths::text(&cfg).acts_per_row();
+        assert_eq!(
+            graphs.bytes,
+            (1 + 2 + 4 + 8) * vocab * 2 + 8 * (vocab + acts) * 2
+        );
+        let eager = MemoryPlan::new(
+            &cfg,
+            &Workload {
+                decode_graphs: false,
+                ..tiny_workload()
+            },
+            1 << 30,
+        );
+        assert_eq!(eager.phases[1].rows.len(), plan.phases[1].rows.len() - 1);
         // Without recompute the kept activations count, in bf16 with fp32
         // statistics and inputs: 123,136 x 2 + 57,558 x 4.
         let train = &plan.phases[0];
