@@ -96,6 +96,9 @@ pub fn tc_dynamic_smem(function: &str) -> Option<usize> {
     if let Some(d) = function.strip_prefix("flash_attn_wgmma_fwd_d") {
         return Some(super::flash_attn_wgmma::wgmma_fwd_smem_bytes(dim(d)?));
     }
+    if let Some(d) = function.strip_prefix("flash_attn_wgmma_bwd_d") {
+        return Some(super::flash_attn_wgmma_bwd::wgmma_bwd_smem_bytes(dim(d)?));
+    }
     if let Some(d) = function.strip_prefix("paged_attn_tc_split_d") {
         return Some(super::paged_attn_tc::split_smem_bytes(dim(d)?));
     }

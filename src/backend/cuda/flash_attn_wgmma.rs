@@ -65,7 +65,7 @@ pub fn wgmma_fwd_smem_bytes(head_dim: usize) -> usize {
 /// by value; the kernel declares it `const __grid_constant__`).
 #[repr(transparent)]
 #[derive(Clone, Copy)]
-struct TensorMap(sys::CUtensorMap);
+pub(super) struct TensorMap(sys::CUtensorMap);
 
 // SAFETY: plain bytes with the layout of the kernel parameter (`FaTmap`, 128
 // bytes); cudarc passes a pointer to it and the driver copies the bytes.
@@ -74,7 +74,7 @@ unsafe impl DeviceRepr for TensorMap {}
 /// A 3-D tiled tensor map over a packed `[tokens, heads, head_dim]` bf16
 /// tensor at `ptr`: dims (head_dim, heads, tokens), box (panel columns, 1
 /// head, `rows`), the panel's swizzle; reads outside the dims are zero.
-fn tensor_map(
+pub(super) fn tensor_map(
     ptr: sys::CUdeviceptr,
     tokens: usize,
     heads: usize,

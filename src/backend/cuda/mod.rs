@@ -14,6 +14,7 @@ mod embedding;
 mod flash_attn;
 mod flash_attn_tc;
 mod flash_attn_wgmma;
+mod flash_attn_wgmma_bwd;
 mod gemm;
 mod launch_util;
 mod logprob;
@@ -37,6 +38,7 @@ pub use flash_attn_wgmma::{
     flash_wgmma_supports, wgmma_disabled_by_env, wgmma_fwd_smem_bytes, WGMMA_MIN_SEQLEN_Q,
     WGMMA_QUERY_ROWS,
 };
+pub use flash_attn_wgmma_bwd::{wgmma_bwd_smem_bytes, WGMMA_BWD_KEYS, WGMMA_BWD_MIN_SEQLEN_Q};
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
 pub use logprob::{LogitChunk, LOGPROB_STATE_PER_ROW};
