@@ -773,6 +773,26 @@ impl Backend for CudaBackend {
                 inputs,
                 |shape, [q, k, v, o, d_o], delta, [dq, dk, dv]| {
                     let mut dq_acc = zeros_f32(self, q.len())?;
+                    // Hopper, long sequences: the wgmma (FlashAttention-3
+                    // structure) backward, same buffers and contract.
+                    if self.wgmma_bwd_chosen(shape) {
+                        return Ok(self.flash_attn_wgmma_bwd(
+                            shape,
+                            q,
+                            k,
+                            v,
+                            o,
+                            lse,
+                            d_o,
+                            &cu.dev,
+                            &cu.dev,
+                            delta,
+                            &mut dq_acc,
+                            dq,
+                            dk,
+                            dv,
+                        )?);
+                    }
                     Ok(self.flash_attn_tc_bwd(
                         shape,
                         q,
