@@ -5,7 +5,8 @@
 #    when a tensor-core kernel (flash_attn_tc_fwd_*, flash_attn_tc_bwd_*,
 #    paged_attn_tc_split_*) has no HMMA instruction for sm_80 or sm_90, or a
 #    kernel of an sm_90a file (wgmma) has no HGMMA for sm_90a, or when fewer
-#    than the 3 flash_attn_wgmma_fwd_* kernels are there for sm_90a;
+#    than the 3 flash_attn_wgmma_fwd_* or the 3 flash_attn_wgmma_bwd_* kernels
+#    are there for sm_90a;
 #  - FAILS when ptxas reports spill stores or loads for any of them.
 # Needs nvcc with cuobjdump + nvdisasm beside it (scripts/install-cuda-toolchain.sh
 # installs the pinned 13.2.51 wheels) or $CUOBJDUMP.
@@ -39,10 +40,11 @@ kernels="$out_dir/kernels"
 
 tc_pattern='^(flash_attn_tc_fwd_|flash_attn_tc_bwd_|paged_attn_tc_split_)'
 # The spill check also covers the sm_90a kernels (HGMMA, no HMMA).
-spill_pattern='^(flash_attn_tc_fwd_|flash_attn_tc_bwd_|paged_attn_tc_split_|flash_attn_wgmma_fwd_)'
+spill_pattern='^(flash_attn_tc_fwd_|flash_attn_tc_bwd_|paged_attn_tc_split_|flash_attn_wgmma_fwd_|flash_attn_wgmma_bwd_)'
 fail=0
 checked=0
 hgmma_checked=0
+hgmma_bwd_checked=0
 for fatbin in "$kernels"/*.fatbin; do
   # arch function hmma hgmma, one line per kernel and arch.
   counts="$("$cuobjdump" -sass "$fatbin" | awk '
@@ -69,6 +71,7 @@ for fatbin in "$kernels"/*.fatbin; do
       else
         echo "ok    $fn ($arch): $hgmma HGMMA"
         [[ "$fn" =~ ^flash_attn_wgmma_fwd_ ]] && hgmma_checked=$((hgmma_checked + 1))
+        [[ "$fn" =~ ^flash_attn_wgmma_bwd_ ]] && hgmma_bwd_checked=$((hgmma_bwd_checked + 1))
       fi
     fi
   done <<<"$counts"
@@ -81,6 +84,10 @@ if [ "$hgmma_checked" -lt 3 ]; then
   echo "check-tensor-cores: FAIL: only $hgmma_checked flash_attn_wgmma_fwd_* kernels with HGMMA for sm_90a" >&2
   fail=1
 fi
+if [ "$hgmma_bwd_checked" -lt 3 ]; then
+  echo "check-tensor-cores: FAIL: only $hgmma_bwd_checked flash_attn_wgmma_bwd_* kernels with HGMMA for sm_90a" >&2
+  fail=1
+fi
 
 # Spills, from the ptxas report the binary embeds.
 info="$(NVCC="$nvcc" VPPO_REQUIRE_KERNELS=1 cargo run --quiet -- info)"
@@ -91,7 +98,7 @@ if [ -n "$spills" ]; then
   fail=1
 fi
 spill_checked="$(echo "$info" | awk -v pat="$spill_pattern" '$1 ~ pat' | wc -l)"
-echo "check-tensor-cores: $checked kernel/arch pairs with HMMA and $hgmma_checked with HGMMA checked, $spill_checked ptxas entries checked for spills"
+echo "check-tensor-cores: $checked kernel/arch pairs with HMMA and $hgmma_checked + $hgmma_bwd_checked (fwd + bwd) with HGMMA checked, $spill_checked ptxas entries checked for spills"
 if [ "$fail" -ne 0 ]; then
   exit 1
 fi
