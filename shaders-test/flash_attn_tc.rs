@@ -43,7 +43,7 @@ pub(crate) fn check_lse(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f6
 /// wrong row or mask moves typical gradients (RMS ~0.1) by far more.
 const GRAD_FLOOR_RMS: f64 = 1e-3;
 
-fn check_grad(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String> {
+pub fn check_grad(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, String> {
     if gpu.len() != reference.len() || gpu.iter().any(|v| !v.is_finite()) {
         return Err(format!("{what}: length differs or not finite"));
     }
