@@ -13,6 +13,7 @@ mod embedding;
 mod flash_attn;
 mod flash_attn_tc;
 mod flash_attn_wgmma;
+mod flash_attn_wgmma_bwd;
 mod gemm;
 mod generate;
 mod logprob;
@@ -170,6 +171,7 @@ fn cases() -> Vec<Case> {
         paged_attn_tc::cases(),
         nccl::cases(),
         flash_attn_wgmma::cases(),
+        flash_attn_wgmma_bwd::cases(),
     ]
     .into_iter()
     .flatten()
