@@ -1025,7 +1025,10 @@ fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
 /// `WGMMA_MIN_SEQLEN_Q` queries per sequence.
 fn bench_flash_attn_wgmma(b: &mut Bench, c: &AttnCase) -> Result<()> {
     let fwd_id = format!("flash_wgmma_fwd_{}", c.name);
-    if !b.wants(&fwd_id) || c.len <= vppo_engine::backend::cuda::WGMMA_MIN_SEQLEN_Q {
+    let bwd_id = format!("flash_wgmma_bwd_{}", c.name);
+    if !(b.wants(&fwd_id) || b.wants(&bwd_id))
+        || c.len <= vppo_engine::backend::cuda::WGMMA_MIN_SEQLEN_Q
+    {
         return Ok(());
     }
     let cc = b.gpu.context().compute_capability()?;
@@ -1056,6 +1059,45 @@ fn bench_flash_attn_wgmma(b: &mut Bench, c: &AttnCase) -> Result<()> {
             note: "TMA + wgmma (FA3 structure: producer warpgroup, 2 consumer warpgroups), 128-row x 128-key tiles, 2-stage K/V ring",
         },
         &mut |g| Ok(g.flash_attn_wgmma_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?),
+    )?;
+    if !b.wants(&bwd_id) {
+        return Ok(());
+    }
+    // The backward (id flash_wgmma_bwd_*, SDPA's backward paired under it).
+    b.gpu
+        .flash_attn_wgmma_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?;
+    let dout = b.rand_bf16(nq)?;
+    let mut delta = b.zeros::<f32>(total * c.q_heads)?;
+    let mut dq_acc = b.zeros::<f32>(nq)?;
+    let mut dq = b.zeros::<bf16>(nq)?;
+    let mut dk = b.zeros::<bf16>(nk)?;
+    let mut dv = b.zeros::<bf16>(nk)?;
+    b.time(
+        Spec {
+            id: &bwd_id,
+            dtype: "bf16",
+            shape: c.shape_txt(),
+            work: Work::TensorFlops(2.5 * c.fwd_flops()),
+            note: "delta + TMA/wgmma kernel per 128 keys (2 consumer warpgroups, 64-row Q/dO ring, dq by f32 vector red) + dq convert; 2.5x fwd FLOPs counted",
+        },
+        &mut |g| {
+            Ok(g.flash_attn_wgmma_bwd(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &o,
+                &lse,
+                &dout,
+                &cu,
+                &cu,
+                &mut delta,
+                &mut dq_acc,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            )?)
+        },
     )
 }
 
