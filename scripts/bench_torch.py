@@ -516,7 +516,8 @@ def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     tc_fwd, tc_bwd = f"flash_tc_fwd_{name}", f"flash_tc_bwd_{name}"
     # (Only where attention_fwd takes the wgmma kernel: over 64 queries.)
     wg_fwd = (f"flash_wgmma_fwd_{name}",) if length > 64 else ()
-    if not any(b.wants(i) for i in (fwd_id, bwd_id, tc_fwd, tc_bwd, *wg_fwd)):
+    wg_bwd = (f"flash_wgmma_bwd_{name}",) if length > 64 else ()
+    if not any(b.wants(i) for i in (fwd_id, bwd_id, tc_fwd, tc_bwd, *wg_fwd, *wg_bwd)):
         return
     shape = f"seqs={seqs} len={length} hq={hq} hkv={hkv} d={d}" + (" causal" if causal else "")
     pairs = length * (length + 1) // 2 if causal else length * length
@@ -535,7 +536,7 @@ def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
         run, backend = with_backend(t, attn)
         b.time(fwd_id, "bf16", shape, run, flops=fwd_flops, tensor_core=True,
                note=f"F.scaled_dot_product_attention [{backend}], tensor cores", also=(tc_fwd, *wg_fwd))
-    if not (b.wants(bwd_id) or b.wants(tc_bwd)):
+    if not any(b.wants(i) for i in (bwd_id, tc_bwd, *wg_bwd)):
         return
     dout = b.rand(seqs, hq, length, d, dtype=bf)
     holder = {}
@@ -549,7 +550,7 @@ def bench_flash(b, name, seqs, length, hq, hkv, d, causal):
     b.time(bwd_id, "bf16", shape,
            lambda: t.autograd.grad(o, (q, k, v), dout, retain_graph=True),
            flops=2.5 * fwd_flops, tensor_core=True,
-           note=f"autograd of SDPA [{backend}], tensor cores", also=(tc_bwd,))
+           note=f"autograd of SDPA [{backend}], tensor cores", also=(tc_bwd, *wg_bwd))
 
 
 def bench_attention(b):
