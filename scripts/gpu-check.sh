@@ -101,7 +101,7 @@ for d in site.getsitepackages():
       # ---- against torch SDPA in the same run (same ids), then racecheck +
       # ---- synccheck of their small cases (cp.async into double-buffered
       # ---- shared memory, TMA into the mbarrier-guarded ring: where races hide).
-      step "tensor-core attention benches: ours (flash_tc_*, flash_wgmma_fwd_*, paged_decode_tc) vs torch SDPA"
+      step "tensor-core attention benches: ours (flash_tc_*, flash_wgmma_fwd_*, flash_wgmma_bwd_*, paged_decode_tc) vs torch SDPA"
       attn_ours="$results/bench-attn-kernels.jsonl"
       attn_theirs="$results/bench-attn-torch.jsonl"
       timeout 75 "$bundle/bench-kernels" --out "$attn_ours" --max-seconds 50 flash_tc flash_wgmma paged_decode ||
@@ -112,7 +112,9 @@ for d in site.getsitepackages():
       tc_cases=("flash_attn_tc fwd+bwd q=[1] " "flash_attn_tc fwd+bwd q=[200, 9]" "flash_attn_tc fwd+bwd q=[7, 40]"
         "flash_attn_tc fwd+bwd q=[64, 48]" "paged_attn_tc lens=[1] " "paged_attn_tc lens=[17, 300, 64]"
         "paged_attn_tc lens=[93, 2]" "flash_attn_wgmma fwd q=[200, 9]" "flash_attn_wgmma fwd q=[3, 140]"
-        "flash_attn_wgmma fwd q=[70, 0, 145]" "flash_attn_wgmma fwd q=[257]")
+        "flash_attn_wgmma fwd q=[70, 0, 145]" "flash_attn_wgmma fwd q=[257]"
+        "flash_attn_wgmma bwd q=[200, 9]" "flash_attn_wgmma bwd q=[3, 140]"
+        "flash_attn_wgmma bwd q=[70, 0, 145]" "flash_attn_wgmma bwd q=[257]")
       if command -v compute-sanitizer >/dev/null; then
         step "compute-sanitizer racecheck of the tensor-core attention kernels (small cases)"
         timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
