@@ -1,11 +1,16 @@
 //! Flash attention (forward + backward, f32 and bf16 storage) against
 //! `cpu::flash_attn`.
 
-use crate::{check, check_truth, cuda, drv, random, to_f64, Case, BF16_TOL, FP32_TOL};
+use crate::flash_attn_tc::{down_bf16, down_f32};
+use crate::{check, check_truth, cuda, drv, random, to_bf16, to_f64, widen, CaseResult};
+use crate::{Case, BF16_TOL, FP32_TOL};
+use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::bf16;
+use rand::rngs::StdRng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
-use vppo_engine::backend::cuda::FlashAttnShape;
+use vppo_engine::backend::cpu::Real;
+use vppo_engine::backend::cuda::{CudaBackend, FlashAttnShape};
 
 /// Like `check`, for log-sum-exps: infinities must agree exactly (a query
 /// that sees no key has lse = -inf), the finite values within `tol`.
@@ -38,6 +43,174 @@ pub(crate) fn offsets(lens: &[usize]) -> Vec<i32> {
     cu
 }
 
+/// One packed varlen attention problem of a case (`q_lens[s]` queries
+/// against `k_lens[s]` keys per sequence) with what every attention case
+/// derives from it: the offsets, the CPU op's config (scale 1/sqrt(D)) and
+/// the element counts of q-like `[Tq, q_heads, D]` (`nq`) and k-like
+/// `[Tk, kv_heads, D]` (`nk`) tensors and of lse rows `[Tq, q_heads]`.
+pub(crate) struct Problem {
+    pub q_lens: Vec<usize>,
+    pub k_lens: Vec<usize>,
+    pub cu_q: Vec<i32>,
+    pub cu_k: Vec<i32>,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub nq: usize,
+    pub nk: usize,
+    pub rows: usize,
+}
+
+impl Problem {
+    pub fn new(
+        q_lens: Vec<usize>,
+        k_lens: Vec<usize>,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        causal: bool,
+    ) -> Self {
+        let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
+        Self {
+            cu_q: offsets(&q_lens),
+            cu_k: offsets(&k_lens),
+            q_lens,
+            k_lens,
+            q_heads,
+            kv_heads,
+            head_dim,
+            causal,
+            nq: tq * q_heads * head_dim,
+            nk: tk * kv_heads * head_dim,
+            rows: tq * q_heads,
+        }
+    }
+
+    pub fn cfg(&self) -> VarlenAttention<'_> {
+        VarlenAttention {
+            cu_seqlens_q: &self.cu_q,
+            cu_seqlens_k: &self.cu_k,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            causal: self.causal,
+            scale: 1.0 / (self.head_dim as f64).sqrt(),
+        }
+    }
+
+    pub fn shape(&self) -> Result<FlashAttnShape, String> {
+        FlashAttnShape::of(&self.cfg()).map_err(cuda)
+    }
+
+    /// Random q, k (within 2) and v (within 1), drawn in that order.
+    pub fn random_qkv(&self, rng: &mut StdRng) -> [Vec<f32>; 3] {
+        let q = random(rng, self.nq, 2.0);
+        let k = random(rng, self.nk, 2.0);
+        let v = random(rng, self.nk, 1.0);
+        [q, k, v]
+    }
+
+    /// A random output gradient (within 1).
+    pub fn random_dout(&self, rng: &mut StdRng) -> Vec<f32> {
+        random(rng, self.nq, 1.0)
+    }
+
+    /// The device `cu_seqlens_q`, `cu_seqlens_k`.
+    pub fn upload_offsets(
+        &self,
+        gpu: &CudaBackend,
+    ) -> Result<(CudaSlice<i32>, CudaSlice<i32>), String> {
+        Ok((up(gpu, &self.cu_q)?, up(gpu, &self.cu_k)?))
+    }
+
+    /// The CPU twin's forward: `o` and `lse`.
+    pub fn cpu_fwd<R: Real>(&self, q: &[R], k: &[R], v: &[R]) -> Result<(Vec<R>, Vec<R>), String> {
+        let (mut o, mut lse) = (vec![R::default(); self.nq], vec![R::default(); self.rows]);
+        cpu::flash_attn::attention_fwd(&self.cfg(), q, k, v, &mut o, &mut lse)
+            .map_err(|e| e.to_string())?;
+        Ok((o, lse))
+    }
+
+    /// The CPU twin's backward from `o` and `lse`: `[dq, dk, dv]`.
+    pub fn cpu_bwd<R: Real>(
+        &self,
+        q: &[R],
+        k: &[R],
+        v: &[R],
+        o: &[R],
+        lse: &[R],
+        dout: &[R],
+    ) -> Result<[Vec<R>; 3], String> {
+        let zeros = |n: usize| vec![R::default(); n];
+        let [mut dq, mut dk, mut dv] = [zeros(self.nq), zeros(self.nk), zeros(self.nk)];
+        cpu::flash_attn::attention_bwd(
+            &self.cfg(),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            dout,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok([dq, dk, dv])
+    }
+}
+
+/// A case named `{kind} q=.. k=.. h=q_heads/kv_heads d=..[ causal]` that
+/// runs `run` on the problem.
+pub(crate) fn attn_case(
+    kind: &str,
+    p: Problem,
+    run: impl Fn(&CudaBackend, &mut StdRng, &Problem) -> CaseResult + 'static,
+) -> Case {
+    Case {
+        name: format!(
+            "{kind} q={:?} k={:?} h={}/{} d={}{}",
+            p.q_lens,
+            p.k_lens,
+            p.q_heads,
+            p.kv_heads,
+            p.head_dim,
+            if p.causal { " causal" } else { "" }
+        ),
+        run: Box::new(move |gpu, rng| run(gpu, rng, &p)),
+    }
+}
+
+/// Uploads `x`; an empty tensor still gets one element (the allocator
+/// takes no 0).
+pub(crate) fn up<T: DeviceRepr + Default>(
+    gpu: &CudaBackend,
+    x: &[T],
+) -> Result<CudaSlice<T>, String> {
+    let s = gpu.stream();
+    if x.is_empty() {
+        s.clone_htod(&[T::default()])
+    } else {
+        s.clone_htod(x)
+    }
+    .map_err(drv)
+}
+
+/// An output buffer of `n` (at least one) NaNs: what a kernel leaves
+/// unwritten shows.
+pub(crate) fn poison_bf16(gpu: &CudaBackend, n: usize) -> Result<CudaSlice<bf16>, String> {
+    gpu.stream()
+        .clone_htod(&vec![bf16::NAN; n.max(1)])
+        .map_err(drv)
+}
+
+pub(crate) fn poison_f32(gpu: &CudaBackend, n: usize) -> Result<CudaSlice<f32>, String> {
+    gpu.stream()
+        .clone_htod(&vec![f32::NAN; n.max(1)])
+        .map_err(drv)
+}
+
 /// `q_lens[s]` queries against `k_lens[s]` keys per sequence.
 pub fn flash_case(
     q_lens: Vec<usize>,
@@ -47,112 +220,57 @@ pub fn flash_case(
     head_dim: usize,
     causal: bool,
 ) -> Case {
-    Case {
-        name: format!(
-            "flash_attn fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
-            if causal { " causal" } else { "" }
-        ),
-        run: Box::new(move |gpu, rng| {
-            let s = gpu.stream();
-            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
-            let cfg = VarlenAttention {
-                cu_seqlens_q: &cu_q,
-                cu_seqlens_k: &cu_k,
-                q_heads,
-                kv_heads,
-                head_dim,
-                causal,
-                scale: 1.0 / (head_dim as f64).sqrt(),
-            };
-            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
-            let (nq, nk) = (tq * q_heads * head_dim, tk * kv_heads * head_dim);
-            let q = random(rng, nq, 2.0);
-            let k = random(rng, nk, 2.0);
-            let v = random(rng, nk, 1.0);
-            let dout = random(rng, nq, 1.0);
-            let mut o_ref = vec![0.0; nq];
-            let mut lse_ref = vec![0.0; tq * q_heads];
-            cpu::flash_attn::attention_fwd(&cfg, &q, &k, &v, &mut o_ref, &mut lse_ref)
-                .map_err(|e| e.to_string())?;
-            let (mut dq_ref, mut dk_ref, mut dv_ref) =
-                (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::flash_attn::attention_bwd(
-                &cfg,
-                &q,
-                &k,
-                &v,
-                &o_ref,
-                &lse_ref,
-                &dout,
-                &mut dq_ref,
-                &mut dk_ref,
-                &mut dv_ref,
-            )
-            .map_err(|e| e.to_string())?;
-            // dq with a single key is exactly 0 (softmax = 1): judged against f64.
-            let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
-            let (mut o64, mut lse64) = (vec![0.0; nq], vec![0.0; tq * q_heads]);
-            cpu::flash_attn::attention_fwd(&cfg, &q64, &k64, &v64, &mut o64, &mut lse64)
-                .map_err(|e| e.to_string())?;
-            let (mut dq64, mut dk64, mut dv64) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::flash_attn::attention_bwd(
-                &cfg,
-                &q64,
-                &k64,
-                &v64,
-                &o64,
-                &lse64,
-                &to_f64(&dout),
-                &mut dq64,
-                &mut dk64,
-                &mut dv64,
-            )
-            .map_err(|e| e.to_string())?;
+    let p = Problem::new(q_lens, k_lens, q_heads, kv_heads, head_dim, causal);
+    attn_case("flash_attn fwd+bwd", p, |gpu, rng, p| {
+        let (nq, nk, rows) = (p.nq, p.nk, p.rows);
+        let [q, k, v] = p.random_qkv(rng);
+        let dout = p.random_dout(rng);
+        let (o_ref, lse_ref) = p.cpu_fwd(&q, &k, &v)?;
+        let [dq_ref, dk_ref, dv_ref] = p.cpu_bwd(&q, &k, &v, &o_ref, &lse_ref, &dout)?;
+        // dq with a single key is exactly 0 (softmax = 1): judged against f64.
+        let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
+        let (o64, lse64) = p.cpu_fwd(&q64, &k64, &v64)?;
+        let [dq64, dk64, dv64] = p.cpu_bwd(&q64, &k64, &v64, &o64, &lse64, &to_f64(&dout))?;
 
-            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
-            let up = |x: &[f32]| s.clone_htod(x).map_err(drv);
-            let poison = |n: usize| s.clone_htod(&vec![f32::NAN; n.max(1)]).map_err(drv);
-            let (q_d, k_d, v_d, do_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
-            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
-            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
-            let (mut o_d, mut lse_d) = (poison(nq)?, poison(tq * q_heads)?);
-            gpu.flash_attn_fwd(
-                &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
-            )
-            .map_err(cuda)?;
-            let (mut dq_d, mut dk_d, mut dv_d) = (poison(nq)?, poison(nk)?, poison(nk)?);
-            let mut delta_d = poison(tq * q_heads)?;
-            gpu.flash_attn_bwd(
-                &shape,
-                &q_d,
-                &k_d,
-                &v_d,
-                &o_d,
-                &lse_d,
-                &do_d,
-                &cu_q_d,
-                &cu_k_d,
-                &mut delta_d,
-                &mut dq_d,
-                &mut dk_d,
-                &mut dv_d,
-            )
-            .map_err(cuda)?;
-            let down = |x: &cudarc::driver::CudaSlice<f32>, n: usize| -> Result<Vec<f32>, String> {
-                let mut v = s.clone_dtoh(x).map_err(drv)?;
-                v.truncate(n);
-                Ok(v)
-            };
-            let e_o = check("o", &down(&o_d, nq)?, &o_ref, FP32_TOL)?;
-            let e_l = check_lse(&down(&lse_d, tq * q_heads)?, &lse_ref, FP32_TOL)?;
-            let e_dq = check_truth("dq", &down(&dq_d, nq)?, &dq_ref, &dq64)?;
-            let e_dk = check_truth("dk", &down(&dk_d, nk)?, &dk_ref, &dk64)?;
-            let e_dv = check_truth("dv", &down(&dv_d, nk)?, &dv_ref, &dv64)?;
-            Ok(format!(
-                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
-            ))
-        }),
-    }
+        let shape = p.shape()?;
+        let (q_d, k_d, v_d, do_d) = (up(gpu, &q)?, up(gpu, &k)?, up(gpu, &v)?, up(gpu, &dout)?);
+        let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
+        let (mut o_d, mut lse_d) = (poison_f32(gpu, nq)?, poison_f32(gpu, rows)?);
+        gpu.flash_attn_fwd(
+            &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
+        )
+        .map_err(cuda)?;
+        let (mut dq_d, mut dk_d, mut dv_d) = (
+            poison_f32(gpu, nq)?,
+            poison_f32(gpu, nk)?,
+            poison_f32(gpu, nk)?,
+        );
+        let mut delta_d = poison_f32(gpu, rows)?;
+        gpu.flash_attn_bwd(
+            &shape,
+            &q_d,
+            &k_d,
+            &v_d,
+            &o_d,
+            &lse_d,
+            &do_d,
+            &cu_q_d,
+            &cu_k_d,
+            &mut delta_d,
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+        )
+        .map_err(cuda)?;
+        let e_o = check("o", &down_f32(gpu, &o_d, nq)?, &o_ref, FP32_TOL)?;
+        let e_l = check_lse(&down_f32(gpu, &lse_d, rows)?, &lse_ref, FP32_TOL)?;
+        let e_dq = check_truth("dq", &down_f32(gpu, &dq_d, nq)?, &dq_ref, &dq64)?;
+        let e_dk = check_truth("dk", &down_f32(gpu, &dk_d, nk)?, &dk_ref, &dk64)?;
+        let e_dv = check_truth("dv", &down_f32(gpu, &dv_d, nk)?, &dv_ref, &dv64)?;
+        Ok(format!(
+            "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
+        ))
+    })
 }
 
 /// bf16 storage (f32 arithmetic): inputs rounded to bf16, the CPU op on the
@@ -165,101 +283,53 @@ pub fn flash_bf16_case(
     head_dim: usize,
     causal: bool,
 ) -> Case {
-    Case {
-        name: format!(
-            "flash_attn bf16 fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
-            if causal { " causal" } else { "" }
-        ),
-        run: Box::new(move |gpu, rng| {
-            let s = gpu.stream();
-            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
-            let cfg = VarlenAttention {
-                cu_seqlens_q: &cu_q,
-                cu_seqlens_k: &cu_k,
-                q_heads,
-                kv_heads,
-                head_dim,
-                causal,
-                scale: 1.0 / (head_dim as f64).sqrt(),
-            };
-            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
-            let (nq, nk) = (tq * q_heads * head_dim, tk * kv_heads * head_dim);
-            let round = |v: Vec<f32>| -> Vec<bf16> {
-                let mut out = vec![bf16::ZERO; v.len()];
-                cpu::cast::f32_to_bf16(&v, &mut out);
-                out
-            };
-            let widen = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
-            let q = round(random(rng, nq, 2.0));
-            let k = round(random(rng, nk, 2.0));
-            let v = round(random(rng, nk, 1.0));
-            let dout = round(random(rng, nq, 1.0));
-            let (qf, kf, vf, df) = (widen(&q), widen(&k), widen(&v), widen(&dout));
-            let mut o_ref = vec![0.0; nq];
-            let mut lse_ref = vec![0.0; tq * q_heads];
-            cpu::flash_attn::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
-                .map_err(|e| e.to_string())?;
-            let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::flash_attn::attention_bwd(
-                &cfg,
-                &qf,
-                &kf,
-                &vf,
-                &o_ref,
-                &lse_ref,
-                &df,
-                &mut dq_ref,
-                &mut dk_ref,
-                &mut dv_ref,
-            )
-            .map_err(|e| e.to_string())?;
-            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
-            let up = |x: &[bf16]| s.clone_htod(x).map_err(drv);
-            let poison = |n: usize| s.clone_htod(&vec![bf16::NAN; n.max(1)]).map_err(drv);
-            let (q_d, k_d, v_d, do_d) = (up(&q)?, up(&k)?, up(&v)?, up(&dout)?);
-            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
-            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
-            let mut o_d = poison(nq)?;
-            let mut lse_d = s
-                .clone_htod(&vec![f32::NAN; (tq * q_heads).max(1)])
-                .map_err(drv)?;
-            gpu.flash_attn_fwd(&shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d)
-                .map_err(cuda)?;
-            let (mut dq_d, mut dk_d, mut dv_d) = (poison(nq)?, poison(nk)?, poison(nk)?);
-            let mut delta_d = s
-                .clone_htod(&vec![f32::NAN; (tq * q_heads).max(1)])
-                .map_err(drv)?;
-            gpu.flash_attn_bwd(
-                &shape,
-                &q_d,
-                &k_d,
-                &v_d,
-                &o_d,
-                &lse_d,
-                &do_d,
-                &cu_q_d,
-                &cu_k_d,
-                &mut delta_d,
-                &mut dq_d,
-                &mut dk_d,
-                &mut dv_d,
-            )
-            .map_err(cuda)?;
-            let down = |x: &cudarc::driver::CudaSlice<bf16>, n: usize| -> Result<Vec<f32>, String> {
-                Ok(widen(&s.clone_dtoh(x).map_err(drv)?[..n]))
-            };
-            let mut lse = s.clone_dtoh(&lse_d).map_err(drv)?;
-            lse.truncate(tq * q_heads);
-            let e_o = check("o", &down(&o_d, nq)?, &o_ref, BF16_TOL)?;
-            let e_l = check_lse(&lse, &lse_ref, FP32_TOL)?;
-            let e_dq = check("dq", &down(&dq_d, nq)?, &dq_ref, BF16_TOL)?;
-            let e_dk = check("dk", &down(&dk_d, nk)?, &dk_ref, BF16_TOL)?;
-            let e_dv = check("dv", &down(&dv_d, nk)?, &dv_ref, BF16_TOL)?;
-            Ok(format!(
-                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
-            ))
-        }),
-    }
+    let p = Problem::new(q_lens, k_lens, q_heads, kv_heads, head_dim, causal);
+    attn_case("flash_attn bf16 fwd+bwd", p, |gpu, rng, p| {
+        let (nq, nk, rows) = (p.nq, p.nk, p.rows);
+        let [q, k, v] = p.random_qkv(rng).map(|x| to_bf16(&x));
+        let dout = to_bf16(&p.random_dout(rng));
+        let (qf, kf, vf, df) = (widen(&q), widen(&k), widen(&v), widen(&dout));
+        let (o_ref, lse_ref) = p.cpu_fwd(&qf, &kf, &vf)?;
+        let [dq_ref, dk_ref, dv_ref] = p.cpu_bwd(&qf, &kf, &vf, &o_ref, &lse_ref, &df)?;
+        let shape = p.shape()?;
+        let (q_d, k_d, v_d, do_d) = (up(gpu, &q)?, up(gpu, &k)?, up(gpu, &v)?, up(gpu, &dout)?);
+        let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
+        let (mut o_d, mut lse_d) = (poison_bf16(gpu, nq)?, poison_f32(gpu, rows)?);
+        gpu.flash_attn_fwd(
+            &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
+        )
+        .map_err(cuda)?;
+        let (mut dq_d, mut dk_d, mut dv_d) = (
+            poison_bf16(gpu, nq)?,
+            poison_bf16(gpu, nk)?,
+            poison_bf16(gpu, nk)?,
+        );
+        let mut delta_d = poison_f32(gpu, rows)?;
+        gpu.flash_attn_bwd(
+            &shape,
+            &q_d,
+            &k_d,
+            &v_d,
+            &o_d,
+            &lse_d,
+            &do_d,
+            &cu_q_d,
+            &cu_k_d,
+            &mut delta_d,
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+        )
+        .map_err(cuda)?;
+        let e_o = check("o", &down_bf16(gpu, &o_d, nq)?, &o_ref, BF16_TOL)?;
+        let e_l = check_lse(&down_f32(gpu, &lse_d, rows)?, &lse_ref, FP32_TOL)?;
+        let e_dq = check("dq", &down_bf16(gpu, &dq_d, nq)?, &dq_ref, BF16_TOL)?;
+        let e_dk = check("dk", &down_bf16(gpu, &dk_d, nk)?, &dk_ref, BF16_TOL)?;
+        let e_dv = check("dv", &down_bf16(gpu, &dv_d, nk)?, &dv_ref, BF16_TOL)?;
+        Ok(format!(
+            "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
+        ))
+    })
 }
 
 pub fn cases() -> Vec<Case> {

@@ -3,13 +3,11 @@
 //! against the fp32 CUDA-core kernel on the same widened inputs, forward and
 //! backward.
 
-use crate::flash_attn::offsets;
-use crate::{check, cuda, drv, random, to_bf16, widen, Case, BF16_TOL};
+use crate::flash_attn::{attn_case, poison_bf16, poison_f32, up, Problem};
+use crate::{check, cuda, drv, to_bf16, widen, Case, BF16_TOL};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use vppo_engine::backend::cpu;
-use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
-use vppo_engine::backend::cuda::{CudaBackend, FlashAttnShape};
+use vppo_engine::backend::cuda::CudaBackend;
 
 /// The log-sum-exp is f32 in every kernel; the tensor-core kernel sums in
 /// another order and with exp2, so it is held to 1e-4 (a wrong row or
@@ -86,158 +84,119 @@ pub fn tc_case(
     head_dim: usize,
     causal: bool,
 ) -> Case {
-    Case {
-        name: format!(
-            "flash_attn_tc fwd+bwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
-            if causal { " causal" } else { "" }
-        ),
-        run: Box::new(move |gpu, rng| {
-            let s = gpu.stream();
-            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
-            let cfg = VarlenAttention {
-                cu_seqlens_q: &cu_q,
-                cu_seqlens_k: &cu_k,
-                q_heads,
-                kv_heads,
-                head_dim,
-                causal,
-                scale: 1.0 / (head_dim as f64).sqrt(),
-            };
-            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
-            let (nq, nk, rows) = (
-                tq * q_heads * head_dim,
-                tk * kv_heads * head_dim,
-                tq * q_heads,
-            );
-            let q = to_bf16(&random(rng, nq, 2.0));
-            let k = to_bf16(&random(rng, nk, 2.0));
-            let v = to_bf16(&random(rng, nk, 1.0));
-            let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
+    let p = Problem::new(q_lens, k_lens, q_heads, kv_heads, head_dim, causal);
+    attn_case("flash_attn_tc fwd+bwd", p, |gpu, rng, p| {
+        let (nq, nk, rows) = (p.nq, p.nk, p.rows);
+        let [q, k, v] = p.random_qkv(rng).map(|x| to_bf16(&x));
+        let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
 
-            // The CPU twin on the widened inputs.
-            let mut o_ref = vec![0.0; nq];
-            let mut lse_ref = vec![0.0; rows];
-            cpu::flash_attn::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
-                .map_err(|e| e.to_string())?;
+        // The CPU twin on the widened inputs.
+        let (o_ref, lse_ref) = p.cpu_fwd(&qf, &kf, &vf)?;
 
-            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
-            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
-            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
-            let up = |x: &[bf16]| s.clone_htod(x).map_err(drv);
-            let poison_bf16 = |n: usize| s.clone_htod(&vec![bf16::NAN; n.max(1)]).map_err(drv);
-            let poison_f32 = |n: usize| s.clone_htod(&vec![f32::NAN; n.max(1)]).map_err(drv);
-            let (q_d, k_d, v_d) = (up(&q)?, up(&k)?, up(&v)?);
-            let (mut o_d, mut lse_d) = (poison_bf16(nq)?, poison_f32(rows)?);
-            gpu.flash_attn_tc_fwd(
-                &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
-            )
-            .map_err(cuda)?;
-            let o_tc = down_bf16(gpu, &o_d, nq)?;
-            let lse_tc = down_f32(gpu, &lse_d, rows)?;
+        let shape = p.shape()?;
+        let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
+        let (q_d, k_d, v_d) = (up(gpu, &q)?, up(gpu, &k)?, up(gpu, &v)?);
+        let (mut o_d, mut lse_d) = (poison_bf16(gpu, nq)?, poison_f32(gpu, rows)?);
+        gpu.flash_attn_tc_fwd(
+            &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
+        )
+        .map_err(cuda)?;
+        let o_tc = down_bf16(gpu, &o_d, nq)?;
+        let lse_tc = down_f32(gpu, &lse_d, rows)?;
 
-            // The fp32 CUDA-core kernel on the same widened inputs.
-            let upf = |x: &[f32]| s.clone_htod(x).map_err(drv);
-            let (qf_d, kf_d, vf_d) = (upf(&qf)?, upf(&kf)?, upf(&vf)?);
-            let (mut o32_d, mut lse32_d) = (poison_f32(nq)?, poison_f32(rows)?);
-            gpu.flash_attn_fwd(
-                &shape,
-                &qf_d,
-                &kf_d,
-                &vf_d,
-                &cu_q_d,
-                &cu_k_d,
-                &mut o32_d,
-                &mut lse32_d,
-            )
-            .map_err(cuda)?;
-            let o32 = down_f32(gpu, &o32_d, nq)?;
-            let lse32 = down_f32(gpu, &lse32_d, rows)?;
+        // The fp32 CUDA-core kernel on the same widened inputs.
+        let (qf_d, kf_d, vf_d) = (up(gpu, &qf)?, up(gpu, &kf)?, up(gpu, &vf)?);
+        let (mut o32_d, mut lse32_d) = (poison_f32(gpu, nq)?, poison_f32(gpu, rows)?);
+        gpu.flash_attn_fwd(
+            &shape,
+            &qf_d,
+            &kf_d,
+            &vf_d,
+            &cu_q_d,
+            &cu_k_d,
+            &mut o32_d,
+            &mut lse32_d,
+        )
+        .map_err(cuda)?;
+        let o32 = down_f32(gpu, &o32_d, nq)?;
+        let lse32 = down_f32(gpu, &lse32_d, rows)?;
 
-            let e_o = check("o vs cpu", &o_tc, &o_ref, BF16_TOL)?;
-            let e_l = check_lse("lse vs cpu", &lse_tc, &lse_ref)?;
-            let e_o32 = check("o vs fp32 kernel", &o_tc, &o32, BF16_TOL)?;
-            let e_l32 = check_lse("lse vs fp32 kernel", &lse_tc, &lse32)?;
+        let e_o = check("o vs cpu", &o_tc, &o_ref, BF16_TOL)?;
+        let e_l = check_lse("lse vs cpu", &lse_tc, &lse_ref)?;
+        let e_o32 = check("o vs fp32 kernel", &o_tc, &o32, BF16_TOL)?;
+        let e_l32 = check_lse("lse vs fp32 kernel", &lse_tc, &lse32)?;
 
-            // Backward from the tensor-core forward's o and lse.
-            let dout = to_bf16(&random(rng, nq, 1.0));
-            let df = widen(&dout);
-            let (mut dq_ref, mut dk_ref, mut dv_ref) =
-                (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            cpu::flash_attn::attention_bwd(
-                &cfg,
-                &qf,
-                &kf,
-                &vf,
-                &o_ref,
-                &lse_ref,
-                &df,
-                &mut dq_ref,
-                &mut dk_ref,
-                &mut dv_ref,
-            )
-            .map_err(|e| e.to_string())?;
-            let do_d = up(&dout)?;
-            let (mut dq_d, mut dk_d, mut dv_d) =
-                (poison_bf16(nq)?, poison_bf16(nk)?, poison_bf16(nk)?);
-            let (mut delta_d, mut dq_acc_d) = (poison_f32(rows)?, poison_f32(nq)?);
-            gpu.flash_attn_tc_bwd(
-                &shape,
-                &q_d,
-                &k_d,
-                &v_d,
-                &o_d,
-                &lse_d,
-                &do_d,
-                &cu_q_d,
-                &cu_k_d,
-                &mut delta_d,
-                &mut dq_acc_d,
-                &mut dq_d,
-                &mut dk_d,
-                &mut dv_d,
-            )
-            .map_err(cuda)?;
-            let dq_tc = down_bf16(gpu, &dq_d, nq)?;
-            let dk_tc = down_bf16(gpu, &dk_d, nk)?;
-            let dv_tc = down_bf16(gpu, &dv_d, nk)?;
+        // Backward from the tensor-core forward's o and lse.
+        let dout = to_bf16(&p.random_dout(rng));
+        let df = widen(&dout);
+        let [dq_ref, dk_ref, dv_ref] = p.cpu_bwd(&qf, &kf, &vf, &o_ref, &lse_ref, &df)?;
+        let do_d = up(gpu, &dout)?;
+        let (mut dq_d, mut dk_d, mut dv_d) = (
+            poison_bf16(gpu, nq)?,
+            poison_bf16(gpu, nk)?,
+            poison_bf16(gpu, nk)?,
+        );
+        let (mut delta_d, mut dq_acc_d) = (poison_f32(gpu, rows)?, poison_f32(gpu, nq)?);
+        gpu.flash_attn_tc_bwd(
+            &shape,
+            &q_d,
+            &k_d,
+            &v_d,
+            &o_d,
+            &lse_d,
+            &do_d,
+            &cu_q_d,
+            &cu_k_d,
+            &mut delta_d,
+            &mut dq_acc_d,
+            &mut dq_d,
+            &mut dk_d,
+            &mut dv_d,
+        )
+        .map_err(cuda)?;
+        let dq_tc = down_bf16(gpu, &dq_d, nq)?;
+        let dk_tc = down_bf16(gpu, &dk_d, nk)?;
+        let dv_tc = down_bf16(gpu, &dv_d, nk)?;
 
-            // The fp32 kernel's backward from its own forward.
-            let do32_d = upf(&df)?;
-            let (mut dq32_d, mut dk32_d, mut dv32_d) =
-                (poison_f32(nq)?, poison_f32(nk)?, poison_f32(nk)?);
-            let mut delta32_d = poison_f32(rows)?;
-            gpu.flash_attn_bwd(
-                &shape,
-                &qf_d,
-                &kf_d,
-                &vf_d,
-                &o32_d,
-                &lse32_d,
-                &do32_d,
-                &cu_q_d,
-                &cu_k_d,
-                &mut delta32_d,
-                &mut dq32_d,
-                &mut dk32_d,
-                &mut dv32_d,
-            )
-            .map_err(cuda)?;
-            let dq32 = down_f32(gpu, &dq32_d, nq)?;
-            let dk32 = down_f32(gpu, &dk32_d, nk)?;
-            let dv32 = down_f32(gpu, &dv32_d, nk)?;
+        // The fp32 kernel's backward from its own forward.
+        let do32_d = up(gpu, &df)?;
+        let (mut dq32_d, mut dk32_d, mut dv32_d) = (
+            poison_f32(gpu, nq)?,
+            poison_f32(gpu, nk)?,
+            poison_f32(gpu, nk)?,
+        );
+        let mut delta32_d = poison_f32(gpu, rows)?;
+        gpu.flash_attn_bwd(
+            &shape,
+            &qf_d,
+            &kf_d,
+            &vf_d,
+            &o32_d,
+            &lse32_d,
+            &do32_d,
+            &cu_q_d,
+            &cu_k_d,
+            &mut delta32_d,
+            &mut dq32_d,
+            &mut dk32_d,
+            &mut dv32_d,
+        )
+        .map_err(cuda)?;
+        let dq32 = down_f32(gpu, &dq32_d, nq)?;
+        let dk32 = down_f32(gpu, &dk32_d, nk)?;
+        let dv32 = down_f32(gpu, &dv32_d, nk)?;
 
-            let e_dq = check_grad("dq vs cpu", &dq_tc, &dq_ref)?;
-            let e_dk = check_grad("dk vs cpu", &dk_tc, &dk_ref)?;
-            let e_dv = check_grad("dv vs cpu", &dv_tc, &dv_ref)?;
-            let e_dq32 = check_grad("dq vs fp32 kernel", &dq_tc, &dq32)?;
-            let e_dk32 = check_grad("dk vs fp32 kernel", &dk_tc, &dk32)?;
-            let e_dv32 = check_grad("dv vs fp32 kernel", &dv_tc, &dv32)?;
-            Ok(format!(
-                "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e} \
-                 (fp32 kernel: o {e_o32:.1e} lse {e_l32:.1e} dq {e_dq32:.1e} dk {e_dk32:.1e} dv {e_dv32:.1e})"
-            ))
-        }),
-    }
+        let e_dq = check_grad("dq vs cpu", &dq_tc, &dq_ref)?;
+        let e_dk = check_grad("dk vs cpu", &dk_tc, &dk_ref)?;
+        let e_dv = check_grad("dv vs cpu", &dv_tc, &dv_ref)?;
+        let e_dq32 = check_grad("dq vs fp32 kernel", &dq_tc, &dq32)?;
+        let e_dk32 = check_grad("dk vs fp32 kernel", &dk_tc, &dk32)?;
+        let e_dv32 = check_grad("dv vs fp32 kernel", &dv_tc, &dv32)?;
+        Ok(format!(
+            "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e} \
+             (fp32 kernel: o {e_o32:.1e} lse {e_l32:.1e} dq {e_dq32:.1e} dk {e_dk32:.1e} dv {e_dv32:.1e})"
+        ))
+    })
 }
 
 /// Every case of issue 14's table at test size, plus the edges: odd

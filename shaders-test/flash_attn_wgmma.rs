@@ -7,13 +7,65 @@
 //! sm_90 image, which defines none) FAILS: the dispatch would silently keep
 //! FA2 there, and this is where that shows.
 
-use crate::flash_attn::offsets;
+use crate::flash_attn::{attn_case, poison_bf16, poison_f32, up, Problem};
 use crate::flash_attn_tc::{check_lse, down_bf16, down_f32};
-use crate::{check, cuda, drv, random, to_bf16, widen, Case, BF16_TOL};
-use half::bf16;
-use vppo_engine::backend::cpu;
-use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
-use vppo_engine::backend::cuda::{wgmma_disabled_by_env, FlashAttnShape, WGMMA_MIN_SEQLEN_Q};
+use crate::{check, cuda, drv, to_bf16, widen, Case, BF16_TOL};
+use vppo_engine::backend::cuda::{
+    wgmma_disabled_by_env, CudaBackend, FlashAttnShape, WGMMA_MIN_SEQLEN_Q,
+};
+
+/// `Some(why)` on a device that is not compute capability 9.0: sm_90a code
+/// runs nowhere else, so the wgmma cases report themselves skipped there.
+pub(crate) fn skip_off_sm90(gpu: &CudaBackend) -> Result<Option<String>, String> {
+    let cc = gpu.context().compute_capability().map_err(drv)?;
+    Ok((cc != (9, 0)).then(|| {
+        format!(
+            "SKIPPED: device is sm_{}{}, the wgmma kernel runs on compute capability 9.0 only",
+            cc.0, cc.1
+        )
+    }))
+}
+
+/// A query row that sees no key (lse -inf in the CPU twin) must get exactly
+/// 0 in `x` (`what`: o or dq), not merely something small.
+pub(crate) fn check_no_key_rows(
+    what: &str,
+    x: &[f32],
+    lse_ref: &[f32],
+    head_dim: usize,
+) -> Result<(), String> {
+    match (0..lse_ref.len()).find(|&i| {
+        lse_ref[i] == f32::NEG_INFINITY
+            && x[i * head_dim..(i + 1) * head_dim]
+                .iter()
+                .any(|&x| x != 0.0)
+    }) {
+        Some(i) => Err(format!("row {i} sees no key but {what} is not 0")),
+        None => Ok(()),
+    }
+}
+
+/// The dispatch of `op` (`attention_fwd`/`attention_bwd`) on this device and
+/// shape, `chosen`, must be the wgmma kernel exactly when the shape has
+/// more than `min_seqlen_q` queries in a sequence and keys, and
+/// `VPPO_ATTN_WGMMA` does not disable it. Returns the kernel's name.
+pub(crate) fn check_dispatch(
+    op: &str,
+    shape: &FlashAttnShape,
+    min_seqlen_q: usize,
+    chosen: bool,
+) -> Result<&'static str, String> {
+    let want = shape.max_seqlen_q > min_seqlen_q && shape.total_k > 0 && !wgmma_disabled_by_env();
+    let name = |wgmma: bool| if wgmma { "wgmma" } else { "fa2" };
+    if chosen != want {
+        return Err(format!(
+            "{op} would take {} (expected {})",
+            name(chosen),
+            name(want)
+        ));
+    }
+    Ok(name(chosen))
+}
 
 /// `q_lens[s]` queries against `k_lens[s]` keys per sequence.
 pub fn wgmma_case(
@@ -24,119 +76,58 @@ pub fn wgmma_case(
     head_dim: usize,
     causal: bool,
 ) -> Case {
-    Case {
-        name: format!(
-            "flash_attn_wgmma fwd q={q_lens:?} k={k_lens:?} h={q_heads}/{kv_heads} d={head_dim}{}",
-            if causal { " causal" } else { "" }
-        ),
-        run: Box::new(move |gpu, rng| {
-            let cc = gpu.context().compute_capability().map_err(drv)?;
-            if cc != (9, 0) {
-                return Ok(format!(
-                    "SKIPPED: device is sm_{}{}, the wgmma kernel runs on compute capability 9.0 only",
-                    cc.0, cc.1
-                ));
-            }
-            let s = gpu.stream();
-            let (cu_q, cu_k) = (offsets(&q_lens), offsets(&k_lens));
-            let cfg = VarlenAttention {
-                cu_seqlens_q: &cu_q,
-                cu_seqlens_k: &cu_k,
-                q_heads,
-                kv_heads,
-                head_dim,
-                causal,
-                scale: 1.0 / (head_dim as f64).sqrt(),
-            };
-            let (tq, tk): (usize, usize) = (q_lens.iter().sum(), k_lens.iter().sum());
-            let (nq, nk, rows) = (
-                tq * q_heads * head_dim,
-                tk * kv_heads * head_dim,
-                tq * q_heads,
-            );
-            let q = to_bf16(&random(rng, nq, 2.0));
-            let k = to_bf16(&random(rng, nk, 2.0));
-            let v = to_bf16(&random(rng, nk, 1.0));
-            let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
+    let p = Problem::new(q_lens, k_lens, q_heads, kv_heads, head_dim, causal);
+    attn_case("flash_attn_wgmma fwd", p, |gpu, rng, p| {
+        if let Some(skip) = skip_off_sm90(gpu)? {
+            return Ok(skip);
+        }
+        let (nq, rows) = (p.nq, p.rows);
+        let [q, k, v] = p.random_qkv(rng).map(|x| to_bf16(&x));
+        let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
 
-            // The CPU twin on the widened inputs.
-            let mut o_ref = vec![0.0; nq];
-            let mut lse_ref = vec![0.0; rows];
-            cpu::flash_attn::attention_fwd(&cfg, &qf, &kf, &vf, &mut o_ref, &mut lse_ref)
-                .map_err(|e| e.to_string())?;
+        // The CPU twin on the widened inputs.
+        let (o_ref, lse_ref) = p.cpu_fwd(&qf, &kf, &vf)?;
 
-            let shape = FlashAttnShape::of(&cfg).map_err(cuda)?;
-            let cu_q_d = s.clone_htod(&cu_q).map_err(drv)?;
-            let cu_k_d = s.clone_htod(&cu_k).map_err(drv)?;
-            // An empty tensor still gets one element: the allocator takes no 0.
-            let up = |x: &[bf16]| {
-                if x.is_empty() {
-                    s.clone_htod(&[bf16::ZERO])
-                } else {
-                    s.clone_htod(x)
-                }
-                .map_err(drv)
-            };
-            let poison_bf16 = |n: usize| s.clone_htod(&vec![bf16::NAN; n.max(1)]).map_err(drv);
-            let poison_f32 = |n: usize| s.clone_htod(&vec![f32::NAN; n.max(1)]).map_err(drv);
-            let (q_d, k_d, v_d) = (up(&q)?, up(&k)?, up(&v)?);
+        let shape = p.shape()?;
+        let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
+        let (q_d, k_d, v_d) = (up(gpu, &q)?, up(gpu, &k)?, up(gpu, &v)?);
 
-            let (mut o_d, mut lse_d) = (poison_bf16(nq)?, poison_f32(rows)?);
-            gpu.flash_attn_wgmma_fwd(
-                &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
-            )
-            .map_err(cuda)?;
-            let o_wg = down_bf16(gpu, &o_d, nq)?;
-            let lse_wg = down_f32(gpu, &lse_d, rows)?;
+        let (mut o_d, mut lse_d) = (poison_bf16(gpu, nq)?, poison_f32(gpu, rows)?);
+        gpu.flash_attn_wgmma_fwd(
+            &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
+        )
+        .map_err(cuda)?;
+        let o_wg = down_bf16(gpu, &o_d, nq)?;
+        let lse_wg = down_f32(gpu, &lse_d, rows)?;
 
-            // The FA2 tensor-core kernel on the same bf16 inputs.
-            let (mut o2_d, mut lse2_d) = (poison_bf16(nq)?, poison_f32(rows)?);
-            gpu.flash_attn_tc_fwd(
-                &shape,
-                &q_d,
-                &k_d,
-                &v_d,
-                &cu_q_d,
-                &cu_k_d,
-                &mut o2_d,
-                &mut lse2_d,
-            )
-            .map_err(cuda)?;
-            let o_tc = down_bf16(gpu, &o2_d, nq)?;
-            let lse_tc = down_f32(gpu, &lse2_d, rows)?;
+        // The FA2 tensor-core kernel on the same bf16 inputs.
+        let (mut o2_d, mut lse2_d) = (poison_bf16(gpu, nq)?, poison_f32(gpu, rows)?);
+        gpu.flash_attn_tc_fwd(
+            &shape,
+            &q_d,
+            &k_d,
+            &v_d,
+            &cu_q_d,
+            &cu_k_d,
+            &mut o2_d,
+            &mut lse2_d,
+        )
+        .map_err(cuda)?;
+        let o_tc = down_bf16(gpu, &o2_d, nq)?;
+        let lse_tc = down_f32(gpu, &lse2_d, rows)?;
 
-            let e_o = check("o vs cpu", &o_wg, &o_ref, BF16_TOL)?;
-            let e_l = check_lse("lse vs cpu", &lse_wg, &lse_ref)?;
-            let e_o2 = check("o vs fa2 kernel", &o_wg, &o_tc, BF16_TOL)?;
-            let e_l2 = check_lse("lse vs fa2 kernel", &lse_wg, &lse_tc)?;
-            // The rows that see no key: exactly 0 (not merely small).
-            if let Some(i) = (0..rows).find(|&i| {
-                lse_ref[i] == f32::NEG_INFINITY
-                    && o_wg[i * head_dim..(i + 1) * head_dim]
-                        .iter()
-                        .any(|&x| x != 0.0)
-            }) {
-                return Err(format!("row {i} sees no key but o is not 0"));
-            }
+        let e_o = check("o vs cpu", &o_wg, &o_ref, BF16_TOL)?;
+        let e_l = check_lse("lse vs cpu", &lse_wg, &lse_ref)?;
+        let e_o2 = check("o vs fa2 kernel", &o_wg, &o_tc, BF16_TOL)?;
+        let e_l2 = check_lse("lse vs fa2 kernel", &lse_wg, &lse_tc)?;
+        check_no_key_rows("o", &o_wg, &lse_ref, p.head_dim)?;
 
-            // The dispatch of attention_fwd on this device and shape.
-            let want = shape.max_seqlen_q > WGMMA_MIN_SEQLEN_Q
-                && shape.total_k > 0
-                && !wgmma_disabled_by_env();
-            let chosen = gpu.wgmma_fwd_chosen(&shape);
-            if chosen != want {
-                return Err(format!(
-                    "attention_fwd would take {} (expected {})",
-                    if chosen { "wgmma" } else { "fa2" },
-                    if want { "wgmma" } else { "fa2" }
-                ));
-            }
-            Ok(format!(
-                "o {e_o:.1e} lse {e_l:.1e} (fa2 kernel: o {e_o2:.1e} lse {e_l2:.1e}); dispatch {}",
-                if chosen { "wgmma" } else { "fa2" }
-            ))
-        }),
-    }
+        let chosen = gpu.wgmma_fwd_chosen(&shape);
+        let dispatch = check_dispatch("attention_fwd", &shape, WGMMA_MIN_SEQLEN_Q, chosen)?;
+        Ok(format!(
+            "o {e_o:.1e} lse {e_l:.1e} (fa2 kernel: o {e_o2:.1e} lse {e_l2:.1e}); dispatch {dispatch}"
+        ))
+    })
 }
 
 /// Issue 14's shapes at test size plus the edges: several packed sequences
