@@ -107,6 +107,36 @@ impl FlashAttnShape {
         need(kernel, "cu_seqlens_k", k, self.seqs + 1)
     }
 
+    /// [`Self::check_buffers`] for a forward's buffers (`q`, `k`, `v`, both
+    /// `cu_seqlens`, `o`, `lse`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn check_fwd_buffers<T>(
+        &self,
+        kernel: &'static str,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        cu_seqlens_q: &CudaSlice<i32>,
+        cu_seqlens_k: &CudaSlice<i32>,
+        o: &CudaSlice<T>,
+        lse: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        self.check_buffers(
+            kernel,
+            &[("q", q.len()), ("o", o.len())],
+            &[("k", k.len()), ("v", v.len())],
+            &[("lse", lse.len())],
+            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+        )
+    }
+
+    /// The kernels' `int hq, int hkv, ..., int causal` arguments.
+    pub(super) fn kernel_ints(&self, kernel: &'static str) -> Result<(i32, i32, i32), CudaError> {
+        let hq = to_i32(kernel, "q_heads", self.q_heads)?;
+        let hkv = to_i32(kernel, "kv_heads", self.kv_heads)?;
+        Ok((hq, hkv, i32::from(self.causal)))
+    }
+
     pub(super) fn q_elems(&self) -> usize {
         self.total_q * self.q_heads * self.head_dim
     }
@@ -193,13 +223,7 @@ impl CudaBackend {
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_fwd";
-        shape.check_buffers(
-            K,
-            &[("q", q.len()), ("o", o.len())],
-            &[("k", k.len()), ("v", v.len())],
-            &[("lse", lse.len())],
-            [cu_seqlens_q.len(), cu_seqlens_k.len()],
-        )?;
+        shape.check_fwd_buffers(K, q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse)?;
         if shape.seqs == 0 || shape.max_seqlen_q == 0 {
             return Ok(());
         }
@@ -207,9 +231,7 @@ impl CudaBackend {
         let f = self.function("flash_attn", &format!("flash_attn_fwd_d{d}_{}", T::SUFFIX))?;
         let smem = fa_smem_bytes("fwd", d);
         opt_in_smem(&f, smem)?;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let causal = i32::from(shape.causal);
+        let (hq, hkv, causal) = shape.kernel_ints(K)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(q)
@@ -288,9 +310,7 @@ impl CudaBackend {
             return Ok(());
         }
         let d = shape.head_dim;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let causal = i32::from(shape.causal);
+        let (hq, hkv, causal) = shape.kernel_ints(K)?;
 
         self.flash_attn_bwd_delta(K, o, dout, delta, rows, d)?;
         if shape.max_seqlen_q > 0 {

@@ -5,7 +5,7 @@
 //! launcher keeps the C signature it launches in a comment.
 
 use super::flash_attn::FlashAttnShape;
-use super::launch_util::{elementwise_grid, opt_in_smem, to_i32};
+use super::launch_util::{elementwise_grid, opt_in_smem};
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -124,13 +124,7 @@ impl CudaBackend {
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_tc_fwd";
-        shape.check_buffers(
-            K,
-            &[("q", q.len()), ("o", o.len())],
-            &[("k", k.len()), ("v", v.len())],
-            &[("lse", lse.len())],
-            [cu_seqlens_q.len(), cu_seqlens_k.len()],
-        )?;
+        shape.check_fwd_buffers(K, q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse)?;
         if shape.seqs == 0 || shape.max_seqlen_q == 0 {
             return Ok(());
         }
@@ -140,9 +134,7 @@ impl CudaBackend {
         let f = self.function("flash_attn_tc", &name)?;
         let smem = tile.smem_bytes(d);
         opt_in_smem(&f, smem)?;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let causal = i32::from(shape.causal);
+        let (hq, hkv, causal) = shape.kernel_ints(K)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(q)
@@ -203,32 +195,19 @@ impl CudaBackend {
         dv: &mut CudaSlice<bf16>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_tc_bwd";
-        shape.check_buffers(
+        check_tc_bwd_buffers(
             K,
-            &[
-                ("q", q.len()),
-                ("o", o.len()),
-                ("dout", dout.len()),
-                ("dq", dq.len()),
-                ("dq_acc", dq_acc.len()),
-            ],
-            &[
-                ("k", k.len()),
-                ("v", v.len()),
-                ("dk", dk.len()),
-                ("dv", dv.len()),
-            ],
-            &[("lse", lse.len()), ("delta", delta.len())],
-            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+            shape,
+            [q, k, v, o, dout, dq, dk, dv],
+            [lse, delta, dq_acc],
+            [cu_seqlens_q, cu_seqlens_k],
         )?;
         let rows = shape.total_q * shape.q_heads;
         if shape.seqs == 0 {
             return Ok(());
         }
         let d = shape.head_dim;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let causal = i32::from(shape.causal);
+        let (hq, hkv, causal) = shape.kernel_ints(K)?;
         let n_q = shape.q_elems();
 
         self.flash_attn_bwd_delta(K, o, dout, delta, rows, d)?;
@@ -268,15 +247,60 @@ impl CudaBackend {
             unsafe { launch.launch(cfg) }?;
         }
         if n_q > 0 {
-            let f = self.function("flash_attn_tc", "flash_attn_tc_dq_convert")?;
-            let n = n_q as u64;
-            let mut launch = self.stream.launch_builder(&f);
-            launch.arg(&*dq_acc).arg(dq).arg(&n);
-            // SAFETY: matches the C signature above; dq_acc and dq hold n elements.
-            unsafe { launch.launch(elementwise_grid(n_q)) }?;
+            self.flash_attn_tc_dq_convert(dq_acc, dq, n_q)?;
         }
         Ok(())
     }
+
+    /// The tc and wgmma backwards' last pass: `dq = bf16(dq_acc)` over `n_q`
+    /// elements (both buffers checked to hold them).
+    // flash_attn_tc_dq_convert(const float* dq_acc, bf16* dq, size_t n)
+    pub(super) fn flash_attn_tc_dq_convert(
+        &self,
+        dq_acc: &CudaSlice<f32>,
+        dq: &mut CudaSlice<bf16>,
+        n_q: usize,
+    ) -> Result<(), CudaError> {
+        let f = self.function("flash_attn_tc", "flash_attn_tc_dq_convert")?;
+        let n = n_q as u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(dq_acc).arg(dq).arg(&n);
+        // SAFETY: matches the C signature above; dq_acc and dq hold n elements.
+        unsafe { launch.launch(elementwise_grid(n_q)) }?;
+        Ok(())
+    }
+}
+
+/// [`FlashAttnShape::check_buffers`] for the tc and wgmma backwards' buffers:
+/// `[q, k, v, o, dout, dq, dk, dv]` (bf16), `[lse, delta, dq_acc]` (f32) and
+/// both `cu_seqlens`.
+pub(super) fn check_tc_bwd_buffers(
+    kernel: &'static str,
+    shape: &FlashAttnShape,
+    bf16s: [&CudaSlice<bf16>; 8],
+    f32s: [&CudaSlice<f32>; 3],
+    cu_seqlens: [&CudaSlice<i32>; 2],
+) -> Result<(), CudaError> {
+    let [q, k, v, o, dout, dq, dk, dv] = bf16s;
+    let [lse, delta, dq_acc] = f32s;
+    shape.check_buffers(
+        kernel,
+        &[
+            ("q", q.len()),
+            ("o", o.len()),
+            ("dout", dout.len()),
+            ("dq", dq.len()),
+            ("dq_acc", dq_acc.len()),
+        ],
+        &[
+            ("k", k.len()),
+            ("v", v.len()),
+            ("dk", dk.len()),
+            ("dv", dv.len()),
+        ],
+        &[("lse", lse.len()), ("delta", delta.len())],
+        cu_seqlens.map(|cu| cu.len()),
+    )
 }
 
 #[cfg(test)]

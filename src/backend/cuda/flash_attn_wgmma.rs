@@ -10,7 +10,7 @@
 //! shared-memory panel layout below must match the .cu's `FaWgLayout`.
 
 use super::flash_attn::FlashAttnShape;
-use super::launch_util::{opt_in_smem, to_i32};
+use super::launch_util::opt_in_smem;
 use super::{CudaBackend, CudaError};
 use cudarc::driver::sys::{
     self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
@@ -37,6 +37,19 @@ pub const WGMMA_MIN_SEQLEN_Q: usize = 64;
 /// Head dims the wgmma kernel is built for.
 pub fn flash_wgmma_supports(head_dim: usize) -> bool {
     matches!(head_dim, 64 | 80 | 128)
+}
+
+/// The error of a wgmma launcher (`kernel`) called at a head dim it is not
+/// built for.
+pub(super) fn check_wgmma_head_dim(kernel: &'static str, d: usize) -> Result<(), CudaError> {
+    if flash_wgmma_supports(d) {
+        Ok(())
+    } else {
+        Err(CudaError::Unsupported {
+            kernel,
+            reason: format!("head_dim {d} (instantiated: 64, 80, 128)"),
+        })
+    }
 }
 
 /// Columns per shared-memory panel (one TMA box wide): 64 with the 128-byte
@@ -174,20 +187,9 @@ impl CudaBackend {
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_wgmma_fwd";
-        shape.check_buffers(
-            K,
-            &[("q", q.len()), ("o", o.len())],
-            &[("k", k.len()), ("v", v.len())],
-            &[("lse", lse.len())],
-            [cu_seqlens_q.len(), cu_seqlens_k.len()],
-        )?;
+        shape.check_fwd_buffers(K, q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse)?;
         let d = shape.head_dim;
-        if !flash_wgmma_supports(d) {
-            return Err(CudaError::Unsupported {
-                kernel: K,
-                reason: format!("head_dim {d} (instantiated: 64, 80, 128)"),
-            });
-        }
+        check_wgmma_head_dim(K, d)?;
         if shape.seqs == 0 || shape.max_seqlen_q == 0 {
             return Ok(());
         }
@@ -197,9 +199,7 @@ impl CudaBackend {
         let f = self.function(MODULE, &format!("flash_attn_wgmma_fwd_d{d}"))?;
         let smem = wgmma_fwd_smem_bytes(d);
         opt_in_smem(&f, smem)?;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let causal = i32::from(shape.causal);
+        let (hq, hkv, causal) = shape.kernel_ints(K)?;
         // The guards order the kernel's reads of q/k/v (through the tensor
         // maps, invisible to cudarc) after their writers on other streams.
         let (q_ptr, _q_sync) = q.device_ptr(&self.stream);

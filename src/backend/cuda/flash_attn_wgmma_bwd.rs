@@ -11,8 +11,11 @@
 //! must match the .cu's `FaWbLayout`.
 
 use super::flash_attn::FlashAttnShape;
-use super::flash_attn_wgmma::{flash_wgmma_supports, tensor_map, wgmma_disabled_by_env};
-use super::launch_util::{elementwise_grid, opt_in_smem, to_i32};
+use super::flash_attn_tc::check_tc_bwd_buffers;
+use super::flash_attn_wgmma::{
+    check_wgmma_head_dim, flash_wgmma_supports, tensor_map, wgmma_disabled_by_env,
+};
+use super::launch_util::opt_in_smem;
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -95,31 +98,15 @@ impl CudaBackend {
         dv: &mut CudaSlice<bf16>,
     ) -> Result<(), CudaError> {
         const K: &str = "flash_attn_wgmma_bwd";
-        shape.check_buffers(
+        check_tc_bwd_buffers(
             K,
-            &[
-                ("q", q.len()),
-                ("o", o.len()),
-                ("dout", dout.len()),
-                ("dq", dq.len()),
-                ("dq_acc", dq_acc.len()),
-            ],
-            &[
-                ("k", k.len()),
-                ("v", v.len()),
-                ("dk", dk.len()),
-                ("dv", dv.len()),
-            ],
-            &[("lse", lse.len()), ("delta", delta.len())],
-            [cu_seqlens_q.len(), cu_seqlens_k.len()],
+            shape,
+            [q, k, v, o, dout, dq, dk, dv],
+            [lse, delta, dq_acc],
+            [cu_seqlens_q, cu_seqlens_k],
         )?;
         let d = shape.head_dim;
-        if !flash_wgmma_supports(d) {
-            return Err(CudaError::Unsupported {
-                kernel: K,
-                reason: format!("head_dim {d} (instantiated: 64, 80, 128)"),
-            });
-        }
+        check_wgmma_head_dim(K, d)?;
         if shape.seqs == 0 {
             return Ok(());
         }
@@ -142,9 +129,7 @@ impl CudaBackend {
             );
         }
         let rows = shape.total_q * shape.q_heads;
-        let hq = to_i32(K, "q_heads", shape.q_heads)?;
-        let hkv = to_i32(K, "kv_heads", shape.kv_heads)?;
-        let causal = i32::from(shape.causal);
+        let (hq, hkv, causal) = shape.kernel_ints(K)?;
         let n_q = shape.q_elems();
 
         self.flash_attn_bwd_delta(K, o, dout, delta, rows, d)?;
@@ -198,13 +183,7 @@ impl CudaBackend {
             // shared memory is the kernel's FaWbLayout<D>::SMEM_BYTES.
             unsafe { launch.launch(cfg) }?;
         }
-        let f = self.function("flash_attn_tc", "flash_attn_tc_dq_convert")?;
-        let n = n_q as u64;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(&*dq_acc).arg(dq).arg(&n);
-        // SAFETY: matches the C signature above; dq_acc and dq hold n elements.
-        unsafe { launch.launch(elementwise_grid(n_q)) }?;
-        Ok(())
+        self.flash_attn_tc_dq_convert(dq_acc, dq, n_q)
     }
 }
 
