@@ -885,24 +885,142 @@ impl AttnCase {
     }
 }
 
+impl AttnCase {
+    /// Elements of q-like `[T, q_heads, D]` and k-like `[T, kv_heads, D]`
+    /// tensors, and rows `[T, q_heads]` of lse and delta.
+    fn sizes(&self) -> (usize, usize, usize) {
+        let total = self.seqs * self.len;
+        (
+            total * self.q_heads * self.head_dim,
+            total * self.kv_heads * self.head_dim,
+            total * self.q_heads,
+        )
+    }
+
+    /// The forward's buffers: `cu_seqlens` of the equal-length sequences,
+    /// random q, k, v, zeroed o and lse.
+    fn fwd_bufs(&self, b: &mut Bench) -> Result<AttnBufs> {
+        let (nq, nk, rows) = self.sizes();
+        let cu: Vec<i32> = (0..=self.seqs).map(|s| (s * self.len) as i32).collect();
+        Ok(AttnBufs {
+            cu: b.htod(&cu)?,
+            q: b.rand_bf16(nq)?,
+            k: b.rand_bf16(nk)?,
+            v: b.rand_bf16(nk)?,
+            o: b.zeros::<bf16>(nq)?,
+            lse: b.zeros::<f32>(rows)?,
+        })
+    }
+}
+
+struct AttnBufs {
+    cu: CudaSlice<i32>,
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    o: CudaSlice<bf16>,
+    lse: CudaSlice<f32>,
+}
+
+/// `flash_attn_fwd::<bf16>`, `flash_attn_tc_fwd` and `flash_attn_wgmma_fwd`
+/// (one signature).
+type FwdFn = fn(
+    &CudaBackend,
+    &FlashAttnShape,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<i32>,
+    &CudaSlice<i32>,
+    &mut CudaSlice<bf16>,
+    &mut CudaSlice<f32>,
+) -> Result<(), vppo_engine::backend::cuda::CudaError>;
+
+impl AttnBufs {
+    /// Runs the forward `f` on the buffers (o and lse overwritten).
+    fn fwd(&mut self, g: &CudaBackend, shape: &FlashAttnShape, f: FwdFn) -> Result<()> {
+        let cu = &self.cu;
+        Ok(f(
+            g,
+            shape,
+            &self.q,
+            &self.k,
+            &self.v,
+            cu,
+            cu,
+            &mut self.o,
+            &mut self.lse,
+        )?)
+    }
+}
+
+/// `flash_attn_tc_bwd` and `flash_attn_wgmma_bwd` (one signature).
+type TcBwdFn = fn(
+    &CudaBackend,
+    &FlashAttnShape,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<bf16>,
+    &CudaSlice<f32>,
+    &CudaSlice<bf16>,
+    &CudaSlice<i32>,
+    &CudaSlice<i32>,
+    &mut CudaSlice<f32>,
+    &mut CudaSlice<f32>,
+    &mut CudaSlice<bf16>,
+    &mut CudaSlice<bf16>,
+    &mut CudaSlice<bf16>,
+) -> Result<(), vppo_engine::backend::cuda::CudaError>;
+
+/// Times `bwd` (the tc or the wgmma backward) from the forward's `a` (o and
+/// lse already computed): random dout, zeroed delta, dq_acc, dq, dk, dv.
+fn time_tc_bwd(
+    b: &mut Bench,
+    c: &AttnCase,
+    spec: Spec,
+    bwd: TcBwdFn,
+    shape: &FlashAttnShape,
+    a: &AttnBufs,
+) -> Result<()> {
+    let (nq, nk, rows) = c.sizes();
+    let dout = b.rand_bf16(nq)?;
+    let mut delta = b.zeros::<f32>(rows)?;
+    let mut dq_acc = b.zeros::<f32>(nq)?;
+    let mut dq = b.zeros::<bf16>(nq)?;
+    let mut dk = b.zeros::<bf16>(nk)?;
+    let mut dv = b.zeros::<bf16>(nk)?;
+    b.time(spec, &mut |g| {
+        Ok(bwd(
+            g,
+            shape,
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.o,
+            &a.lse,
+            &dout,
+            &a.cu,
+            &a.cu,
+            &mut delta,
+            &mut dq_acc,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )?)
+    })
+}
+
 fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
     let fwd_id = format!("flash_fwd_{}", c.name);
     let bwd_id = format!("flash_bwd_{}", c.name);
     if !c.simt || (!b.wants(&fwd_id) && !b.wants(&bwd_id)) {
         return Ok(());
     }
-    let total = c.seqs * c.len;
     let (shape, shape_txt) = (c.shape(), c.shape_txt());
     let fwd_flops = c.fwd_flops();
-    let nq = total * c.q_heads * c.head_dim;
-    let nk = total * c.kv_heads * c.head_dim;
-    let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
-    let cu = b.htod(&cu)?;
-    let q = b.rand_bf16(nq)?;
-    let k = b.rand_bf16(nk)?;
-    let v = b.rand_bf16(nk)?;
-    let mut o = b.zeros::<bf16>(nq)?;
-    let mut lse = b.zeros::<f32>(total * c.q_heads)?;
+    let (nq, nk, rows) = c.sizes();
+    let mut a = c.fwd_bufs(b)?;
     let note = "packed varlen (cu_seqlens, equal lengths), bf16 storage, f32 SIMT arithmetic";
     b.time(
         Spec {
@@ -912,16 +1030,15 @@ fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
             work: Work::Flops(fwd_flops),
             note,
         },
-        &mut |g| Ok(g.flash_attn_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?),
+        &mut |g| a.fwd(g, &shape, CudaBackend::flash_attn_fwd::<bf16>),
     )?;
     if !b.wants(&bwd_id) {
         return Ok(());
     }
     // The backward needs the real forward's o and lse.
-    b.gpu
-        .flash_attn_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?;
+    a.fwd(&b.gpu, &shape, CudaBackend::flash_attn_fwd::<bf16>)?;
     let dout = b.rand_bf16(nq)?;
-    let mut delta = b.zeros::<f32>(total * c.q_heads)?;
+    let mut delta = b.zeros::<f32>(rows)?;
     let mut dq = b.zeros::<bf16>(nq)?;
     let mut dk = b.zeros::<bf16>(nk)?;
     let mut dv = b.zeros::<bf16>(nk)?;
@@ -935,8 +1052,8 @@ fn bench_flash_attn(b: &mut Bench, c: &AttnCase) -> Result<()> {
         },
         &mut |g| {
             Ok(g.flash_attn_bwd(
-                &shape, &q, &k, &v, &o, &lse, &dout, &cu, &cu, &mut delta, &mut dq, &mut dk,
-                &mut dv,
+                &shape, &a.q, &a.k, &a.v, &a.o, &a.lse, &dout, &a.cu, &a.cu, &mut delta, &mut dq,
+                &mut dk, &mut dv,
             )?)
         },
     )
@@ -951,18 +1068,9 @@ fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
     if !b.wants(&fwd_id) && !b.wants(&bwd_id) {
         return Ok(());
     }
-    let total = c.seqs * c.len;
     let (shape, shape_txt) = (c.shape(), c.shape_txt());
     let fwd_flops = c.fwd_flops();
-    let nq = total * c.q_heads * c.head_dim;
-    let nk = total * c.kv_heads * c.head_dim;
-    let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
-    let cu = b.htod(&cu)?;
-    let q = b.rand_bf16(nq)?;
-    let k = b.rand_bf16(nk)?;
-    let v = b.rand_bf16(nk)?;
-    let mut o = b.zeros::<bf16>(nq)?;
-    let mut lse = b.zeros::<f32>(total * c.q_heads)?;
+    let mut a = c.fwd_bufs(b)?;
     let tile = vppo_engine::backend::cuda::tc_fwd_tile(&shape);
     let fwd_note = format!(
         "tensor cores (mma.sync bf16, f32 accumulate), {}-row x {}-key tiles",
@@ -977,20 +1085,15 @@ fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
             work: Work::TensorFlops(fwd_flops),
             note: &fwd_note,
         },
-        &mut |g| Ok(g.flash_attn_tc_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?),
+        &mut |g| a.fwd(g, &shape, CudaBackend::flash_attn_tc_fwd),
     )?;
     if !b.wants(&bwd_id) {
         return Ok(());
     }
-    b.gpu
-        .flash_attn_tc_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?;
-    let dout = b.rand_bf16(nq)?;
-    let mut delta = b.zeros::<f32>(total * c.q_heads)?;
-    let mut dq_acc = b.zeros::<f32>(nq)?;
-    let mut dq = b.zeros::<bf16>(nq)?;
-    let mut dk = b.zeros::<bf16>(nk)?;
-    let mut dv = b.zeros::<bf16>(nk)?;
-    b.time(
+    a.fwd(&b.gpu, &shape, CudaBackend::flash_attn_tc_fwd)?;
+    time_tc_bwd(
+        b,
+        c,
         Spec {
             id: &bwd_id,
             dtype: "bf16",
@@ -998,24 +1101,9 @@ fn bench_flash_attn_tc(b: &mut Bench, c: &AttnCase) -> Result<()> {
             work: Work::TensorFlops(2.5 * fwd_flops),
             note: "delta + one tensor-core kernel per key tile (dq by f32 atomics) + dq convert; 2.5x fwd FLOPs counted",
         },
-        &mut |g| {
-            Ok(g.flash_attn_tc_bwd(
-                &shape,
-                &q,
-                &k,
-                &v,
-                &o,
-                &lse,
-                &dout,
-                &cu,
-                &cu,
-                &mut delta,
-                &mut dq_acc,
-                &mut dq,
-                &mut dk,
-                &mut dv,
-            )?)
-        },
+        CudaBackend::flash_attn_tc_bwd,
+        &shape,
+        &a,
     )
 }
 
@@ -1039,17 +1127,8 @@ fn bench_flash_attn_wgmma(b: &mut Bench, c: &AttnCase) -> Result<()> {
         );
         return Ok(());
     }
-    let total = c.seqs * c.len;
     let (shape, shape_txt) = (c.shape(), c.shape_txt());
-    let nq = total * c.q_heads * c.head_dim;
-    let nk = total * c.kv_heads * c.head_dim;
-    let cu: Vec<i32> = (0..=c.seqs).map(|s| (s * c.len) as i32).collect();
-    let cu = b.htod(&cu)?;
-    let q = b.rand_bf16(nq)?;
-    let k = b.rand_bf16(nk)?;
-    let v = b.rand_bf16(nk)?;
-    let mut o = b.zeros::<bf16>(nq)?;
-    let mut lse = b.zeros::<f32>(total * c.q_heads)?;
+    let mut a = c.fwd_bufs(b)?;
     b.time(
         Spec {
             id: &fwd_id,
@@ -1058,21 +1137,16 @@ fn bench_flash_attn_wgmma(b: &mut Bench, c: &AttnCase) -> Result<()> {
             work: Work::TensorFlops(c.fwd_flops()),
             note: "TMA + wgmma (FA3 structure: producer warpgroup, 2 consumer warpgroups), 128-row x 128-key tiles, 2-stage K/V ring",
         },
-        &mut |g| Ok(g.flash_attn_wgmma_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?),
+        &mut |g| a.fwd(g, &shape, CudaBackend::flash_attn_wgmma_fwd),
     )?;
     if !b.wants(&bwd_id) {
         return Ok(());
     }
     // The backward (id flash_wgmma_bwd_*, SDPA's backward paired under it).
-    b.gpu
-        .flash_attn_wgmma_fwd(&shape, &q, &k, &v, &cu, &cu, &mut o, &mut lse)?;
-    let dout = b.rand_bf16(nq)?;
-    let mut delta = b.zeros::<f32>(total * c.q_heads)?;
-    let mut dq_acc = b.zeros::<f32>(nq)?;
-    let mut dq = b.zeros::<bf16>(nq)?;
-    let mut dk = b.zeros::<bf16>(nk)?;
-    let mut dv = b.zeros::<bf16>(nk)?;
-    b.time(
+    a.fwd(&b.gpu, &shape, CudaBackend::flash_attn_wgmma_fwd)?;
+    time_tc_bwd(
+        b,
+        c,
         Spec {
             id: &bwd_id,
             dtype: "bf16",
@@ -1080,24 +1154,9 @@ fn bench_flash_attn_wgmma(b: &mut Bench, c: &AttnCase) -> Result<()> {
             work: Work::TensorFlops(2.5 * c.fwd_flops()),
             note: "delta + TMA/wgmma kernel per 128 keys (2 consumer warpgroups, 64-row Q/dO ring, dq by f32 vector red) + dq convert; 2.5x fwd FLOPs counted",
         },
-        &mut |g| {
-            Ok(g.flash_attn_wgmma_bwd(
-                &shape,
-                &q,
-                &k,
-                &v,
-                &o,
-                &lse,
-                &dout,
-                &cu,
-                &cu,
-                &mut delta,
-                &mut dq_acc,
-                &mut dq,
-                &mut dk,
-                &mut dv,
-            )?)
-        },
+        CudaBackend::flash_attn_wgmma_bwd,
+        &shape,
+        &a,
     )
 }
 
