@@ -10,6 +10,8 @@ use common::fixtures::{case_dir, fixture_input};
 use vppo_engine::model::engine::Engine;
 use vppo_engine::model::{ModelError, Qwen25Vl, SequenceInput};
 use vppo_engine::ops::cpu::{sample_row, CpuBackend};
+use vppo_engine::ops::cpu_bf16::CpuBf16Backend;
+use vppo_engine::ops::Precision;
 use vppo_engine::rollout::decode_graph::{row_bucket, DecodeMode};
 use vppo_engine::rollout::generate::{draw_uniform, FinishReason, Generator, KvBudget, Sample};
 use vppo_engine::rollout::sampling::{sample_rng, SamplingParams};
@@ -310,6 +312,33 @@ fn padded_decode_steps_give_the_samples_of_eager_steps() {
             assert_eq!(a.finish_reason, b.finish_reason);
         }
         check_against_reference(&model, &prompts, &padded, &params, seed, &[], max_new);
+    }
+}
+
+/// The padded path in bf16 storage (the bf16 twin, as the GPU's bf16
+/// decode stores): the bucket's logits take the head's storage, and the
+/// samples are the eager steps' bit for bit.
+#[test]
+fn padded_decode_steps_in_bf16_give_the_samples_of_eager_steps() {
+    let model = Qwen25Vl::load(&case_dir(CASE)).unwrap();
+    let engine = Engine::with_precision(CpuBf16Backend, &model, Precision::Bf16).unwrap();
+    let prompts = prompts();
+    let run = |mode: DecodeMode| {
+        let mut generator = Generator::new(&engine, vec![]);
+        generator.decode_mode = mode;
+        generator.schedule = ScheduleConfig {
+            max_num_seqs: 9,
+            max_num_batched_tokens: 200,
+        };
+        let out = generator.generate(&prompts, N, &sampled(), 8, 4).unwrap();
+        (out, generator.stats)
+    };
+    let (eager, _) = run(DecodeMode::Eager);
+    let (padded, stats) = run(DecodeMode::Graphs);
+    assert!(stats.bucketed_steps > 0, "{stats:?}");
+    for (a, b) in eager.iter().zip(&padded) {
+        assert_eq!(a.token_ids, b.token_ids);
+        assert_eq!(a.logprobs, b.logprobs);
     }
 }
 
