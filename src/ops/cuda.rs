@@ -510,6 +510,12 @@ impl Backend for CudaBackend {
             // SAFETY: resumes the tracking paused above.
             unsafe { ctx.enable_event_tracking() };
         }
+        if recorded.is_err() {
+            // The failed capture's temporaries were dropped inside it and
+            // their frees refused; cudarc keeps such errors for the next
+            // call, which would fail the eager fallback instead.
+            let _ = ctx.check_err();
+        }
         let graph = recorded?;
         // Loads the graph's resources now, not at its first replay.
         graph.upload()?;
