@@ -435,9 +435,12 @@ __device__ __forceinline__ void fa_wg_bwd(const FaTmap* tm_q, const FaTmap* tm_k
     }
 
     // Stage this warp's 16 rows of dK (times scale) and dV in its own rows of
-    // the K and V tiles (only this warpgroup's wgmmas read those rows, and
-    // its last one has completed; kv_full made the TMA writes land), in
-    // their swizzled layout; then 16-byte coalesced stores of the keys.
+    // the K and V tiles (only this warpgroup's wgmmas read those rows;
+    // kv_full made the TMA writes land), in their swizzled layout; then
+    // 16-byte coalesced stores of the keys. PTX promises a wgmma complete
+    // only to the thread that waited on it, so the whole warpgroup passes
+    // its last wait before any warp overwrites K rows the dQ wgmma read.
+    wg_bar_sync(c);
     const int lr_k = 64 * c + 16 * warp + group;  // row in the K/V tile
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
