@@ -1,11 +1,13 @@
 //! Decode steps replayed from captured graphs (CUDA graphs): a step of
 //! only decode rows is padded to a bucket of rows, and each bucket's
 //! forward (embedding, every layer with its cache write and paged
-//! attention, the final norm and the head) is captured once per generate
-//! call and replayed at every later step of that size, so the host does
-//! one launch instead of hundreds. Between replays the host only refills
-//! the bucket's inputs in place (token ids, positions, cache slots, block
-//! tables, lengths); the logits land in the bucket's own buffer.
+//! attention, the final norm) is captured once per generate call and
+//! replayed at every later step of that size, so the host does one launch
+//! instead of hundreds. Between replays the host only refills the bucket's
+//! inputs in place (token ids, positions, cache slots, block tables,
+//! lengths); the hidden states land in the bucket's own buffer, and the
+//! head and the sampler run after the replay (one GEMM: capturing it would
+//! keep a `[rows, vocab]` logits buffer per bucket, 0.6 GiB at 7B).
 //!
 //! Padding rows are harmless by construction: they read token 0 at
 //! position 0, write their key and value into a cache block that no
@@ -59,14 +61,15 @@ pub struct DecodeRow<'a> {
     pub slot: usize,
 }
 
-/// A bucket's inputs and logits, made before its capture and refilled in
-/// place at every step.
+/// A bucket's inputs and hidden states, made before its capture and
+/// refilled in place at every step.
 struct Bucket<B: Backend> {
     ids: B::Ids,
     rope: B::Rope,
     batch: DecodeBatch<B>,
-    /// `[rows, vocab]`, in the head's storage.
-    logits: B::Buf,
+    /// The final norm's output `[rows, hidden]`, in the activations'
+    /// storage.
+    hidden: B::Buf,
     graph: Option<B::Graph>,
 }
 
@@ -112,7 +115,8 @@ impl<B: Backend> DecodeGraphs<B> {
     }
 
     /// Runs the forward of `rows` (at most the call's batch) and returns
-    /// the logits of the padded batch: row `i < rows.len()` is `rows[i]`'s.
+    /// the final hidden states of the padded batch: row `i < rows.len()` is
+    /// `rows[i]`'s.
     pub fn run(
         &mut self,
         graph: &Graph<'_, B>,
@@ -134,7 +138,7 @@ impl<B: Backend> DecodeGraphs<B> {
             None => forward(graph, store, bucket)?,
         }
         self.steps += 1;
-        Ok(&bucket.logits)
+        Ok(&bucket.hidden)
     }
 
     /// A bucket of `n` rows, captured where the backend can. The capture
@@ -154,17 +158,17 @@ impl<B: Backend> DecodeGraphs<B> {
         let spans: Vec<(&[usize], usize)> = vec![(&widest[..], full); n];
         let slots = vec![pad.scratch_block * pad.block_size; n];
         let zeros = vec![0i32; n];
-        let head = graph.w(graph.head_id());
-        let logits = be.zeros(n * tc.vocab_size)?;
-        let logits = match head.dtype() {
-            DType::F32 => logits,
-            dtype => be.cast(&logits, dtype)?,
+        // The activations' storage is the token embedding's.
+        let hidden = be.zeros(n * tc.hidden_size)?;
+        let hidden = match graph.w(graph.layout.text.embed).dtype() {
+            DType::F32 => hidden,
+            dtype => be.cast(&hidden, dtype)?,
         };
         let mut bucket = Bucket {
             ids: be.ids(&vec![0; n])?,
             rope: be.rope(&pad.freqs, &[&zeros, &zeros, &zeros])?,
             batch: DecodeBatch::new(be, &spans, &slots)?,
-            logits,
+            hidden,
             graph: None,
         };
         if self.capturing {
@@ -242,7 +246,7 @@ impl Padding {
     }
 }
 
-/// The captured work: every row's forward into the bucket's logits. It
+/// The captured work: every row's forward into the bucket's hidden states. It
 /// reads and writes only buffers made before the capture (its temporaries
 /// are made and freed inside it).
 fn forward<B: Backend>(
@@ -254,8 +258,7 @@ fn forward<B: Backend>(
     let h = graph.cfg.text.hidden_size;
     let x = be.embedding_fwd(&bucket.ids, graph.w(graph.layout.text.embed), h)?;
     let hidden = graph.decode_step(x, &bucket.rope, store, &bucket.batch)?;
-    let logits = graph.lm_head(&hidden)?;
-    be.copy_into(&mut bucket.logits, &logits)
+    be.copy_into(&mut bucket.hidden, &hidden)
 }
 
 #[cfg(test)]

@@ -630,14 +630,15 @@ impl<B: Backend> StepRun<'_, B> {
                 slot: d.slot,
             })
             .collect();
-        let logits = graphs.run(&self.graph, store, &decode_rows)?;
+        let hidden = graphs.run(&self.graph, store, &decode_rows)?;
+        let logits = self.graph.lm_head(hidden)?;
         let mut uniforms = self.decode_uniforms(step, live);
         uniforms.resize(row_bucket(decode_rows.len()), 0.0);
         let vocab = self.graph.cfg.text.vocab_size;
         let (mut tokens, mut logprobs) =
             self.graph
                 .be
-                .sample(logits, vocab, self.params, self.banned, &uniforms)?;
+                .sample(&logits, vocab, self.params, self.banned, &uniforms)?;
         tokens.truncate(decode_rows.len());
         logprobs.truncate(decode_rows.len());
         Ok(Sampled {

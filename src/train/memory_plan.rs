@@ -734,7 +734,7 @@ fn rollout_phase(cfg: &ModelConfig, w: &Workload, free: u64) -> Phase {
         .into_iter()
         .chain(w.decode_graphs.then(|| {
             row(
-                "CUDA graphs of decode steps (logits, temporaries)",
+                "CUDA graphs of decode steps (hidden states, temporaries)",
                 decode_graph_bytes(cfg, p, rows as usize),
             )
         }))
@@ -743,15 +743,13 @@ fn rollout_phase(cfg: &ModelConfig, w: &Workload, free: u64) -> Phase {
 }
 
 /// What the decode graphs of a call with up to `rows` decode rows hold:
-/// every row bucket up to `rows`' keeps its logits, and the graph pool the
-/// largest step's temporaries (its head output and one layer's activations).
+/// every row bucket up to `rows`' keeps its final hidden states, and the
+/// graph pool the largest step's temporaries (one layer's activations).
 fn decode_graph_bytes(cfg: &ModelConfig, p: Precision, rows: usize) -> u64 {
-    let t = &cfg.text;
     let largest = row_bucket(rows);
     let buckets: usize = (1..=largest).filter(|&b| row_bucket(b) == b).sum();
-    let logits_row = t.vocab_size as u64 * p.bytes();
-    let step = largest as u64 * (logits_row + BlockWidths::text(cfg).acts_per_row() * p.bytes());
-    buckets as u64 * logits_row + step
+    let hidden = buckets as u64 * cfg.text.hidden_size as u64 * p.bytes();
+    hidden + largest as u64 * BlockWidths::text(cfg).acts_per_row() * p.bytes()
 }
 
 /// The old log-probs (and VPPO's dual pass: the micro-batch and its
@@ -1026,16 +1024,13 @@ mod tests {
         assert!(kv.label.contains("24 blocks"), "{}", kv.label);
         assert_eq!(kv.bytes, 24 * 16 * 32 * 2 * 2 * 2);
         // 6 samples decode at once: buckets 1, 2, 4 and 8 keep their bf16
-        // logits over the fixture's vocabulary, the 8-row step its
-        // temporaries; enforce_eager keeps none.
+        // hidden states, the 8-row step its temporaries; enforce_eager
+        // keeps none.
         let graphs = plan.phases[1].rows.last().unwrap();
         assert!(graphs.label.contains("CUDA graphs"), "{}", graphs.label);
-        let vocab = cfg.text.vocab_size as u64;
+        let hidden = cfg.text.hidden_size as u64;
         let acts = BlockWidths::text(&cfg).acts_per_row();
-        assert_eq!(
-            graphs.bytes,
-            (1 + 2 + 4 + 8) * vocab * 2 + 8 * (vocab + acts) * 2
-        );
+        assert_eq!(graphs.bytes, (1 + 2 + 4 + 8) * hidden * 2 + 8 * acts * 2);
         let eager = MemoryPlan::new(
             &cfg,
             &Workload {
