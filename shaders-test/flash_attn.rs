@@ -1,7 +1,6 @@
 //! Flash attention (forward + backward, f32 and bf16 storage) against
 //! `cpu::flash_attn`.
 
-use crate::flash_attn_tc::{down_bf16, down_f32};
 use crate::{check, check_truth, cuda, drv, random, to_bf16, to_f64, widen, CaseResult};
 use crate::{Case, BF16_TOL, FP32_TOL};
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -11,6 +10,26 @@ use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
 use vppo_engine::backend::cpu::Real;
 use vppo_engine::backend::cuda::{CudaBackend, FlashAttnShape};
+
+/// The first `n` values of a device buffer, widened to f32.
+pub(crate) fn down_bf16(
+    gpu: &CudaBackend,
+    x: &CudaSlice<bf16>,
+    n: usize,
+) -> Result<Vec<f32>, String> {
+    Ok(widen(&gpu.stream().clone_dtoh(x).map_err(drv)?[..n]))
+}
+
+/// The first `n` values of a device buffer.
+pub(crate) fn down_f32(
+    gpu: &CudaBackend,
+    x: &CudaSlice<f32>,
+    n: usize,
+) -> Result<Vec<f32>, String> {
+    let mut v = gpu.stream().clone_dtoh(x).map_err(drv)?;
+    v.truncate(n);
+    Ok(v)
+}
 
 /// Like `check`, for log-sum-exps: infinities must agree exactly (a query
 /// that sees no key has lse = -inf), the finite values within `tol`.

@@ -3,11 +3,8 @@
 //! against the fp32 CUDA-core kernel on the same widened inputs, forward and
 //! backward.
 
-use crate::flash_attn::{attn_case, poison_bf16, poison_f32, up, Problem};
-use crate::{check, cuda, drv, to_bf16, widen, Case, BF16_TOL};
-use cudarc::driver::CudaSlice;
-use half::bf16;
-use vppo_engine::backend::cuda::CudaBackend;
+use crate::flash_attn::{attn_case, down_bf16, down_f32, poison_bf16, poison_f32, up, Problem};
+use crate::{check, cuda, to_bf16, widen, Case, BF16_TOL};
 
 /// The log-sum-exp is f32 in every kernel; the tensor-core kernel sums in
 /// another order and with exp2, so it is held to 1e-4 (a wrong row or
@@ -55,24 +52,6 @@ pub fn check_grad(what: &str, gpu: &[f32], reference: &[f32]) -> Result<f64, Str
     } else {
         Err(format!("{what}: rel err {e:e} > {BF16_TOL:e}"))
     }
-}
-
-pub(crate) fn down_bf16(
-    gpu: &CudaBackend,
-    x: &CudaSlice<bf16>,
-    n: usize,
-) -> Result<Vec<f32>, String> {
-    Ok(widen(&gpu.stream().clone_dtoh(x).map_err(drv)?[..n]))
-}
-
-pub(crate) fn down_f32(
-    gpu: &CudaBackend,
-    x: &CudaSlice<f32>,
-    n: usize,
-) -> Result<Vec<f32>, String> {
-    let mut v = gpu.stream().clone_dtoh(x).map_err(drv)?;
-    v.truncate(n);
-    Ok(v)
 }
 
 /// `q_lens[s]` queries against `k_lens[s]` keys per sequence.

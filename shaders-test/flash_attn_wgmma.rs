@@ -8,7 +8,8 @@
 //! FA2 there, and this is where that shows.
 
 use crate::flash_attn::{attn_case, poison_bf16, poison_f32, up, Problem};
-use crate::flash_attn_tc::{check_lse, down_bf16, down_f32};
+use crate::flash_attn::{down_bf16, down_f32};
+use crate::flash_attn_tc::check_lse;
 use crate::{check, cuda, drv, to_bf16, widen, Case, BF16_TOL};
 use vppo_engine::backend::cuda::{
     wgmma_disabled_by_env, CudaBackend, FlashAttnShape, WGMMA_MIN_SEQLEN_Q,

@@ -6,8 +6,9 @@
 //! devices report the case skipped. On a 9.0 device a missing kernel FAILS
 //! (the dispatch would silently keep FA2 there).
 
+use crate::flash_attn::down_bf16;
 use crate::flash_attn::{attn_case, poison_bf16, poison_f32, up, Problem};
-use crate::flash_attn_tc::{check_grad, down_bf16};
+use crate::flash_attn_tc::check_grad;
 use crate::flash_attn_wgmma::{check_dispatch, check_no_key_rows, skip_off_sm90};
 use crate::{cuda, to_bf16, widen, Case};
 use vppo_engine::backend::cuda::WGMMA_BWD_MIN_SEQLEN_Q;

@@ -9,6 +9,7 @@
 
 mod activations;
 mod adamw;
+mod attn_smem;
 mod cast;
 mod embedding;
 mod flash_attn;
@@ -29,10 +30,10 @@ mod softmax_kl;
 mod topk_select;
 
 pub use adamw::AdamWTensor;
+pub use attn_smem::tc_dynamic_smem;
 pub use flash_attn::FlashAttnShape;
 pub use flash_attn_tc::{
-    flash_tc_supports, tc_bwd_query_tile, tc_bwd_smem_bytes, tc_dynamic_smem, tc_fwd_tile,
-    TcFwdTile, TC_BWD_KEYS,
+    flash_tc_supports, tc_bwd_query_tile, tc_bwd_smem_bytes, tc_fwd_tile, TcFwdTile, TC_BWD_KEYS,
 };
 pub use flash_attn_wgmma::{
     flash_wgmma_supports, wgmma_disabled_by_env, wgmma_fwd_smem_bytes, WGMMA_MIN_SEQLEN_Q,
