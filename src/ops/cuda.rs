@@ -495,6 +495,9 @@ impl Backend for CudaBackend {
         &self,
         body: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<cudarc::driver::CudaGraph>> {
+        // cuBLAS' handle and workspace are made on first use; made inside
+        // the capture, the workspace would belong to the graph.
+        self.blas()?;
         let ctx = self.context();
         let tracking = ctx.is_managing_stream_synchronization();
         if tracking {
