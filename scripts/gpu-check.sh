@@ -336,9 +336,13 @@ PY
         # every op launched eagerly.
         eager_s=$(($(left) / 4))
         [ "$eager_s" -gt 60 ] && eager_s=60
-        [ "$eager_s" -ge 20 ] && timeout "$eager_s" "$bundle/vppo-engine" bench-rollout --config "$rollout_cfg" \
-          --device cuda --batch 64 --mix-prompts 0 --enforce-eager \
-          --out "$results/bench-rollout-eager.jsonl" || echo "bench-rollout --enforce-eager: exited with $? (timeout: 124)"
+        if [ "$eager_s" -ge 20 ]; then
+          timeout "$eager_s" "$bundle/vppo-engine" bench-rollout --config "$rollout_cfg" \
+            --device cuda --batch 64 --mix-prompts 0 --enforce-eager \
+            --out "$results/bench-rollout-eager.jsonl" || echo "bench-rollout --enforce-eager: exited with $? (timeout: 124)"
+        else
+          echo "bench-rollout --enforce-eager: skipped (only $(left) s left)"
+        fi
         python3 - "$results/bench-rollout.jsonl" "$results/bench-rollout-torch.jsonl" "$results/bench-rollout-eager.jsonl" <<'PY' || true
 import json, sys
 def rows(path):
