@@ -11,7 +11,7 @@ use crate::flash_attn::{attn_case, poison_bf16, poison_f32, up, Problem};
 use crate::flash_attn_tc::check_grad;
 use crate::flash_attn_wgmma::{check_dispatch, check_no_key_rows, skip_off_sm90};
 use crate::{cuda, to_bf16, widen, Case};
-use vppo_engine::backend::cuda::WGMMA_BWD_MIN_SEQLEN_Q;
+use vppo_engine::backend::cuda::WGMMA_MIN_SEQLEN_Q;
 
 /// `q_lens[s]` queries against `k_lens[s]` keys per sequence.
 pub fn wgmma_bwd_case(
@@ -96,7 +96,7 @@ pub fn wgmma_bwd_case(
         check_no_key_rows("dq", &dq_wg, &lse_ref, p.head_dim)?;
 
         let chosen = gpu.wgmma_bwd_chosen(&shape);
-        let dispatch = check_dispatch("attention_bwd", &shape, WGMMA_BWD_MIN_SEQLEN_Q, chosen)?;
+        let dispatch = check_dispatch("attention_bwd", &shape, WGMMA_MIN_SEQLEN_Q, chosen)?;
         Ok(format!(
             "dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e} (fa2 kernel: dq {e_dq2:.1e} \
              dk {e_dk2:.1e} dv {e_dv2:.1e}); dispatch {dispatch}"

@@ -131,38 +131,38 @@ pub(super) fn tensor_map(
     Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
-/// `VPPO_ATTN_WGMMA=0` (or `false`/`off`) keeps `attention_fwd` on the FA2
-/// kernel, for debugging and benching that path.
+/// `VPPO_ATTN_WGMMA=0` (or `false`/`off`) keeps `attention_fwd` and
+/// `attention_bwd` on the FA2 kernels, for debugging and benching that
+/// path. Read once: every attention call asks.
 pub fn wgmma_disabled_by_env() -> bool {
-    std::env::var("VPPO_ATTN_WGMMA").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "0" | "false" | "off"
-        )
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| {
+        std::env::var("VPPO_ATTN_WGMMA").is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "0" | "false" | "off"
+            )
+        })
     })
 }
 
 impl CudaBackend {
-    /// Whether this device runs the sm_90a kernel: compute capability 9.0
-    /// exactly (sm_90a code runs on no other, and the backend loads the
-    /// module there only), with the kernel in the loaded module.
-    pub fn wgmma_fwd_available(&self, head_dim: usize) -> bool {
-        flash_wgmma_supports(head_dim)
-            && self.ctx.compute_capability().is_ok_and(|cc| cc == (9, 0))
-            && self
-                .function(MODULE, &format!("flash_attn_wgmma_fwd_d{head_dim}"))
-                .is_ok()
-    }
-
-    /// `attention_fwd`'s choice for a bf16 call: the wgmma kernel on Hopper
-    /// for long sequences (text, full-image vision: more than
-    /// `WGMMA_MIN_SEQLEN_Q` queries), unless `VPPO_ATTN_WGMMA=0`; the FA2
-    /// tensor-core kernel otherwise.
-    pub fn wgmma_fwd_chosen(&self, shape: &FlashAttnShape) -> bool {
+    /// Whether attention takes the wgmma kernels of `module` for `shape`:
+    /// Hopper (the backend loads sm_90a modules on compute capability 9.0
+    /// only), a built head dim, long sequences (text, full-image vision:
+    /// more than `WGMMA_MIN_SEQLEN_Q` queries), keys to map, and not
+    /// `VPPO_ATTN_WGMMA=0`; the FA2 tensor-core kernels otherwise.
+    pub(super) fn wgmma_chosen(&self, module: &'static str, shape: &FlashAttnShape) -> bool {
         shape.max_seqlen_q > WGMMA_MIN_SEQLEN_Q
             && shape.total_k > 0
+            && flash_wgmma_supports(shape.head_dim)
             && !wgmma_disabled_by_env()
-            && self.wgmma_fwd_available(shape.head_dim)
+            && self.has_module(module)
+    }
+
+    /// `attention_fwd`'s choice for a bf16 call ([`Self::wgmma_chosen`]).
+    pub fn wgmma_fwd_chosen(&self, shape: &FlashAttnShape) -> bool {
+        self.wgmma_chosen(MODULE, shape)
     }
 
     /// The Hopper twin of `flash_attn_tc_fwd` (same buffers, same results

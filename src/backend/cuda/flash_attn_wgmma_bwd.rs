@@ -12,9 +12,7 @@
 
 use super::flash_attn::FlashAttnShape;
 use super::flash_attn_tc::check_tc_bwd_buffers;
-use super::flash_attn_wgmma::{
-    check_wgmma_head_dim, flash_wgmma_supports, tensor_map, wgmma_disabled_by_env,
-};
+use super::flash_attn_wgmma::{check_wgmma_head_dim, tensor_map};
 use super::launch_util::opt_in_smem;
 use super::{CudaBackend, CudaError};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -30,10 +28,6 @@ const STAGES: usize = 2;
 /// Producer warpgroup + two consumer warpgroups.
 const THREADS: u32 = 384;
 
-/// Sequences up to this many queries stay on the FA2 backward, as for the
-/// forward (vision windows of 64 patches fill one FA2 tile).
-pub const WGMMA_BWD_MIN_SEQLEN_Q: usize = super::flash_attn_wgmma::WGMMA_MIN_SEQLEN_Q;
-
 /// Dynamic shared memory of the kernel (`FaWbLayout<D>::SMEM_BYTES`): K and
 /// V tiles, two stages of Q and dO tiles, two warpgroups' dS^T tiles (64 x
 /// 64 bf16), two stages of lse and delta rows, 64 bytes of barriers and
@@ -46,25 +40,10 @@ pub fn wgmma_bwd_smem_bytes(head_dim: usize) -> usize {
 }
 
 impl CudaBackend {
-    /// Whether this device runs the sm_90a backward (compute capability 9.0
-    /// exactly, and the module's image defines the kernel).
-    pub fn wgmma_bwd_available(&self, head_dim: usize) -> bool {
-        flash_wgmma_supports(head_dim)
-            && self.ctx.compute_capability().is_ok_and(|cc| cc == (9, 0))
-            && self
-                .function(MODULE, &format!("flash_attn_wgmma_bwd_d{head_dim}"))
-                .is_ok()
-    }
-
-    /// `attention_bwd`'s choice for a bf16 call: the wgmma backward on Hopper
-    /// for long sequences (more than `WGMMA_BWD_MIN_SEQLEN_Q` queries),
-    /// unless `VPPO_ATTN_WGMMA=0` (which disables the forward too); the FA2
-    /// tensor-core backward otherwise.
+    /// `attention_bwd`'s choice for a bf16 call: the forward's conditions
+    /// ([`Self::wgmma_chosen`]) on the backward's module.
     pub fn wgmma_bwd_chosen(&self, shape: &FlashAttnShape) -> bool {
-        shape.max_seqlen_q > WGMMA_BWD_MIN_SEQLEN_Q
-            && shape.total_k > 0
-            && !wgmma_disabled_by_env()
-            && self.wgmma_bwd_available(shape.head_dim)
+        self.wgmma_chosen(MODULE, shape)
     }
 
     /// The Hopper twin of `flash_attn_tc_bwd` (same buffers, same results at

@@ -39,7 +39,7 @@ pub use flash_attn_wgmma::{
     flash_wgmma_supports, wgmma_disabled_by_env, wgmma_fwd_smem_bytes, WGMMA_MIN_SEQLEN_Q,
     WGMMA_QUERY_ROWS,
 };
-pub use flash_attn_wgmma_bwd::{wgmma_bwd_smem_bytes, WGMMA_BWD_KEYS, WGMMA_BWD_MIN_SEQLEN_Q};
+pub use flash_attn_wgmma_bwd::{wgmma_bwd_smem_bytes, WGMMA_BWD_KEYS};
 pub use gemm::{blas_present, Blas, GemmElem, GemmImpl, GemmShape, Trans};
 pub use launch_util::Elem;
 pub use logprob::{LogitChunk, LOGPROB_STATE_PER_ROW};
@@ -219,6 +219,12 @@ impl CudaBackend {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Whether module `name` is loaded (Hopper-only modules load on
+    /// compute capability 9.0 only).
+    fn has_module(&self, name: &str) -> bool {
+        self.modules.contains_key(name)
     }
 
     fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction, CudaError> {
