@@ -311,29 +311,8 @@ def check_ring(n_tiles, seed, full_count=33, parity_flip=1, empty_count=256):
     the bytes; a consumer reads Q/dO and lse/delta of the stage."""
     r = np.random.default_rng(seed)
 
-    class Bar:
-        def __init__(self, count):
-            self.count, self.pending, self.phase, self.tx = count, count, 0, 0
-
-        def arrive(self, n=1, tx=0):
-            self.pending -= n
-            self.tx += tx
-            self.flip()
-
-        def complete_tx(self, b):
-            self.tx -= b
-            self.flip()
-
-        def flip(self):
-            if self.pending <= 0 and self.tx == 0:
-                self.phase += 1
-                self.pending = self.count
-
-        def done(self, parity):
-            return (self.phase & 1) != parity
-
-    full = [Bar(full_count) for _ in range(STAGES)]
-    empty = [Bar(empty_count) for _ in range(STAGES)]
+    full = [hw.MBarrier(full_count) for _ in range(STAGES)]
+    empty = [hw.MBarrier(empty_count) for _ in range(STAGES)]
     tma_tile, lse_tile = [None] * STAGES, [None] * STAGES
     in_use = [set() for _ in range(STAGES)]
     inflight = []

@@ -436,35 +436,40 @@ def check_fragment_maps():
     check("S accumulators pack into P's A fragments element for element", agree)
 
 
+class MBarrier:
+    """An mbarrier: `count` arrivals and the expected transaction bytes
+    complete the phase; try_wait.parity(p) passes once the phase parity
+    differs from p. Shared with check_wgmma_bwd.py."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.phase, self.tx = count, count, 0, 0
+
+    def arrive(self, n=1, tx=0):
+        self.pending -= n
+        self.tx += tx
+        self._maybe_flip()
+
+    def complete_tx(self, b):
+        self.tx -= b
+        self._maybe_flip()
+
+    def _maybe_flip(self):
+        if self.pending <= 0 and self.tx == 0:
+            self.phase += 1
+            self.pending = self.count
+
+    def done(self, parity):  # try_wait.parity
+        return (self.phase & 1) != parity
+
+
 def check_pipeline(n_tiles, seed, producer_parity_flip=1, empty_count=256):
     """Producer + 2 consumers over the STAGES-deep ring with mbarrier parity
     rules, random interleaving. Each consumer is one unit that arrives with
     its 128 threads' count at once (the empty barrier expects 256)."""
     r = np.random.default_rng(seed)
 
-    class Bar:
-        def __init__(self, count):
-            self.count, self.pending, self.phase, self.tx = count, count, 0, 0
-
-        def arrive(self, n=1, tx=0):
-            self.pending -= n
-            self.tx += tx
-            self._maybe_flip()
-
-        def complete_tx(self, b):
-            self.tx -= b
-            self._maybe_flip()
-
-        def _maybe_flip(self):
-            if self.pending == 0 and self.tx == 0:
-                self.phase += 1
-                self.pending = self.count
-
-        def done(self, parity):  # try_wait.parity
-            return (self.phase & 1) != parity
-
-    full = [Bar(1) for _ in range(STAGES)]
-    empty = [Bar(empty_count) for _ in range(STAGES)]
+    full = [MBarrier(1) for _ in range(STAGES)]
+    empty = [MBarrier(empty_count) for _ in range(STAGES)]
     stage_tile = [None] * STAGES
     in_use = [set() for _ in range(STAGES)]
     inflight = []  # (stage, tile) copies not landed yet
