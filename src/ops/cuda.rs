@@ -744,13 +744,14 @@ impl Backend for CudaBackend {
                 [q, k, v],
                 |shape, [q, k, v], o, lse| {
                     // Hopper, long sequences: the wgmma (FlashAttention-3
-                    // structure) kernel; VPPO_ATTN_WGMMA=0 keeps FA2.
-                    if self.wgmma_fwd_chosen(shape) {
-                        return Ok(
-                            self.flash_attn_wgmma_fwd(shape, q, k, v, &cu.dev, &cu.dev, o, lse)?
-                        );
-                    }
-                    Ok(self.flash_attn_tc_fwd(shape, q, k, v, &cu.dev, &cu.dev, o, lse)?)
+                    // structure) kernel, same buffers and contract;
+                    // VPPO_ATTN_WGMMA=0 keeps FA2.
+                    let fwd = if self.wgmma_fwd_chosen(shape) {
+                        CudaBackend::flash_attn_wgmma_fwd
+                    } else {
+                        CudaBackend::flash_attn_tc_fwd
+                    };
+                    Ok(fwd(self, shape, q, k, v, &cu.dev, &cu.dev, o, lse)?)
                 },
             );
         }
@@ -784,25 +785,13 @@ impl Backend for CudaBackend {
                     let mut dq_acc = zeros_f32(self, q.len())?;
                     // Hopper, long sequences: the wgmma (FlashAttention-3
                     // structure) backward, same buffers and contract.
-                    if self.wgmma_bwd_chosen(shape) {
-                        return Ok(self.flash_attn_wgmma_bwd(
-                            shape,
-                            q,
-                            k,
-                            v,
-                            o,
-                            lse,
-                            d_o,
-                            &cu.dev,
-                            &cu.dev,
-                            delta,
-                            &mut dq_acc,
-                            dq,
-                            dk,
-                            dv,
-                        )?);
-                    }
-                    Ok(self.flash_attn_tc_bwd(
+                    let bwd = if self.wgmma_bwd_chosen(shape) {
+                        CudaBackend::flash_attn_wgmma_bwd
+                    } else {
+                        CudaBackend::flash_attn_tc_bwd
+                    };
+                    Ok(bwd(
+                        self,
                         shape,
                         q,
                         k,
