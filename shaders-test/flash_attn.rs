@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use vppo_engine::backend::cpu;
 use vppo_engine::backend::cpu::flash_attn::VarlenAttention;
 use vppo_engine::backend::cpu::Real;
-use vppo_engine::backend::cuda::{CudaBackend, FlashAttnShape};
+use vppo_engine::backend::cuda::{CudaBackend, Elem, FlashAttnShape};
 
 /// The first `n` values of a device buffer, widened to f32.
 pub(crate) fn down_bf16(
@@ -230,6 +230,80 @@ pub(crate) fn poison_f32(gpu: &CudaBackend, n: usize) -> Result<CudaSlice<f32>, 
         .map_err(drv)
 }
 
+/// Storage the CUDA-core attention kernels run on (f32, bf16), as the
+/// cases upload, poison and read it back.
+trait CaseElem: Elem + DeviceRepr + Default {
+    const NAN: Self;
+    fn widen_all(x: Vec<Self>) -> Vec<f32>;
+}
+
+impl CaseElem for f32 {
+    const NAN: Self = f32::NAN;
+    fn widen_all(x: Vec<Self>) -> Vec<f32> {
+        x
+    }
+}
+
+impl CaseElem for bf16 {
+    const NAN: Self = bf16::NAN;
+    fn widen_all(x: Vec<Self>) -> Vec<f32> {
+        widen(&x)
+    }
+}
+
+/// The CUDA-core forward, then the backward, on `T` inputs (NaN-poisoned
+/// outputs): o, lse, dq, dk, dv read back as f32.
+fn cuda_core_fwd_bwd<T: CaseElem>(
+    gpu: &CudaBackend,
+    p: &Problem,
+    [q, k, v, dout]: [&[T]; 4],
+) -> Result<[Vec<f32>; 5], String> {
+    let (nq, nk, rows) = (p.nq, p.nk, p.rows);
+    let poison = |n: usize| {
+        gpu.stream()
+            .clone_htod(&vec![T::NAN; n.max(1)])
+            .map_err(drv)
+    };
+    let down = |x: &CudaSlice<T>, n: usize| -> Result<Vec<f32>, String> {
+        let mut host = gpu.stream().clone_dtoh(x).map_err(drv)?;
+        host.truncate(n);
+        Ok(T::widen_all(host))
+    };
+    let shape = p.shape()?;
+    let (q_d, k_d, v_d, do_d) = (up(gpu, q)?, up(gpu, k)?, up(gpu, v)?, up(gpu, dout)?);
+    let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
+    let (mut o_d, mut lse_d) = (poison(nq)?, poison_f32(gpu, rows)?);
+    gpu.flash_attn_fwd(
+        &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
+    )
+    .map_err(cuda)?;
+    let (mut dq_d, mut dk_d, mut dv_d) = (poison(nq)?, poison(nk)?, poison(nk)?);
+    let mut delta_d = poison_f32(gpu, rows)?;
+    gpu.flash_attn_bwd(
+        &shape,
+        &q_d,
+        &k_d,
+        &v_d,
+        &o_d,
+        &lse_d,
+        &do_d,
+        &cu_q_d,
+        &cu_k_d,
+        &mut delta_d,
+        &mut dq_d,
+        &mut dk_d,
+        &mut dv_d,
+    )
+    .map_err(cuda)?;
+    Ok([
+        down(&o_d, nq)?,
+        down_f32(gpu, &lse_d, rows)?,
+        down(&dq_d, nq)?,
+        down(&dk_d, nk)?,
+        down(&dv_d, nk)?,
+    ])
+}
+
 /// `q_lens[s]` queries against `k_lens[s]` keys per sequence.
 pub fn flash_case(
     q_lens: Vec<usize>,
@@ -241,7 +315,6 @@ pub fn flash_case(
 ) -> Case {
     let p = Problem::new(q_lens, k_lens, q_heads, kv_heads, head_dim, causal);
     attn_case("flash_attn fwd+bwd", p, |gpu, rng, p| {
-        let (nq, nk, rows) = (p.nq, p.nk, p.rows);
         let [q, k, v] = p.random_qkv(rng);
         let dout = p.random_dout(rng);
         let (o_ref, lse_ref) = p.cpu_fwd(&q, &k, &v)?;
@@ -251,41 +324,12 @@ pub fn flash_case(
         let (o64, lse64) = p.cpu_fwd(&q64, &k64, &v64)?;
         let [dq64, dk64, dv64] = p.cpu_bwd(&q64, &k64, &v64, &o64, &lse64, &to_f64(&dout))?;
 
-        let shape = p.shape()?;
-        let (q_d, k_d, v_d, do_d) = (up(gpu, &q)?, up(gpu, &k)?, up(gpu, &v)?, up(gpu, &dout)?);
-        let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
-        let (mut o_d, mut lse_d) = (poison_f32(gpu, nq)?, poison_f32(gpu, rows)?);
-        gpu.flash_attn_fwd(
-            &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
-        )
-        .map_err(cuda)?;
-        let (mut dq_d, mut dk_d, mut dv_d) = (
-            poison_f32(gpu, nq)?,
-            poison_f32(gpu, nk)?,
-            poison_f32(gpu, nk)?,
-        );
-        let mut delta_d = poison_f32(gpu, rows)?;
-        gpu.flash_attn_bwd(
-            &shape,
-            &q_d,
-            &k_d,
-            &v_d,
-            &o_d,
-            &lse_d,
-            &do_d,
-            &cu_q_d,
-            &cu_k_d,
-            &mut delta_d,
-            &mut dq_d,
-            &mut dk_d,
-            &mut dv_d,
-        )
-        .map_err(cuda)?;
-        let e_o = check("o", &down_f32(gpu, &o_d, nq)?, &o_ref, FP32_TOL)?;
-        let e_l = check_lse(&down_f32(gpu, &lse_d, rows)?, &lse_ref, FP32_TOL)?;
-        let e_dq = check_truth("dq", &down_f32(gpu, &dq_d, nq)?, &dq_ref, &dq64)?;
-        let e_dk = check_truth("dk", &down_f32(gpu, &dk_d, nk)?, &dk_ref, &dk64)?;
-        let e_dv = check_truth("dv", &down_f32(gpu, &dv_d, nk)?, &dv_ref, &dv64)?;
+        let [o, lse, dq, dk, dv] = cuda_core_fwd_bwd(gpu, p, [&q, &k, &v, &dout])?;
+        let e_o = check("o", &o, &o_ref, FP32_TOL)?;
+        let e_l = check_lse(&lse, &lse_ref, FP32_TOL)?;
+        let e_dq = check_truth("dq", &dq, &dq_ref, &dq64)?;
+        let e_dk = check_truth("dk", &dk, &dk_ref, &dk64)?;
+        let e_dv = check_truth("dv", &dv, &dv_ref, &dv64)?;
         Ok(format!(
             "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
         ))
@@ -304,47 +348,17 @@ pub fn flash_bf16_case(
 ) -> Case {
     let p = Problem::new(q_lens, k_lens, q_heads, kv_heads, head_dim, causal);
     attn_case("flash_attn bf16 fwd+bwd", p, |gpu, rng, p| {
-        let (nq, nk, rows) = (p.nq, p.nk, p.rows);
         let [q, k, v] = p.random_qkv(rng).map(|x| to_bf16(&x));
         let dout = to_bf16(&p.random_dout(rng));
         let (qf, kf, vf, df) = (widen(&q), widen(&k), widen(&v), widen(&dout));
         let (o_ref, lse_ref) = p.cpu_fwd(&qf, &kf, &vf)?;
         let [dq_ref, dk_ref, dv_ref] = p.cpu_bwd(&qf, &kf, &vf, &o_ref, &lse_ref, &df)?;
-        let shape = p.shape()?;
-        let (q_d, k_d, v_d, do_d) = (up(gpu, &q)?, up(gpu, &k)?, up(gpu, &v)?, up(gpu, &dout)?);
-        let (cu_q_d, cu_k_d) = p.upload_offsets(gpu)?;
-        let (mut o_d, mut lse_d) = (poison_bf16(gpu, nq)?, poison_f32(gpu, rows)?);
-        gpu.flash_attn_fwd(
-            &shape, &q_d, &k_d, &v_d, &cu_q_d, &cu_k_d, &mut o_d, &mut lse_d,
-        )
-        .map_err(cuda)?;
-        let (mut dq_d, mut dk_d, mut dv_d) = (
-            poison_bf16(gpu, nq)?,
-            poison_bf16(gpu, nk)?,
-            poison_bf16(gpu, nk)?,
-        );
-        let mut delta_d = poison_f32(gpu, rows)?;
-        gpu.flash_attn_bwd(
-            &shape,
-            &q_d,
-            &k_d,
-            &v_d,
-            &o_d,
-            &lse_d,
-            &do_d,
-            &cu_q_d,
-            &cu_k_d,
-            &mut delta_d,
-            &mut dq_d,
-            &mut dk_d,
-            &mut dv_d,
-        )
-        .map_err(cuda)?;
-        let e_o = check("o", &down_bf16(gpu, &o_d, nq)?, &o_ref, BF16_TOL)?;
-        let e_l = check_lse(&down_f32(gpu, &lse_d, rows)?, &lse_ref, FP32_TOL)?;
-        let e_dq = check("dq", &down_bf16(gpu, &dq_d, nq)?, &dq_ref, BF16_TOL)?;
-        let e_dk = check("dk", &down_bf16(gpu, &dk_d, nk)?, &dk_ref, BF16_TOL)?;
-        let e_dv = check("dv", &down_bf16(gpu, &dv_d, nk)?, &dv_ref, BF16_TOL)?;
+        let [o, lse, dq, dk, dv] = cuda_core_fwd_bwd(gpu, p, [&q, &k, &v, &dout])?;
+        let e_o = check("o", &o, &o_ref, BF16_TOL)?;
+        let e_l = check_lse(&lse, &lse_ref, FP32_TOL)?;
+        let e_dq = check("dq", &dq, &dq_ref, BF16_TOL)?;
+        let e_dk = check("dk", &dk, &dk_ref, BF16_TOL)?;
+        let e_dv = check("dv", &dv, &dv_ref, BF16_TOL)?;
         Ok(format!(
             "o {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dk {e_dk:.1e} dv {e_dv:.1e}"
         ))
