@@ -202,14 +202,26 @@ pub fn flatten_block_tables(seqs: &[PagedSeq]) -> (Vec<i32>, Vec<i32>, usize) {
         .max()
         .unwrap_or(0)
         .max(1);
+    let (tables, lens) = block_tables_at(seqs, stride);
+    (tables, lens, stride)
+}
+
+/// [`flatten_block_tables`] at a given `stride`, at least every table's
+/// length (a captured decode step keeps its table width).
+pub fn block_tables_at(seqs: &[PagedSeq], stride: usize) -> (Vec<i32>, Vec<i32>) {
     let mut tables = vec![0i32; seqs.len() * stride];
-    for (row, s) in tables.chunks_mut(stride).zip(seqs) {
+    for (row, s) in tables.chunks_mut(stride.max(1)).zip(seqs) {
+        assert!(
+            s.block_table.len() <= stride,
+            "a block table of {} blocks in rows of {stride}",
+            s.block_table.len()
+        );
         for (t, &b) in row.iter_mut().zip(s.block_table) {
             *t = b as i32;
         }
     }
     let lens = seqs.iter().map(|s| s.len as i32).collect();
-    (tables, lens, stride)
+    (tables, lens)
 }
 
 /// The clip coefficient `cpu::adamw::clip_grad_norm` applies for a global

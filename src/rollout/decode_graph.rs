@@ -18,7 +18,7 @@
 //! Where the backend records nothing (the CPU) the same padded buffers run
 //! op by op each step: that is how the CPU tests this path.
 
-use crate::backend::desc::RopeFreqs;
+use crate::backend::desc::{block_tables_at, PagedSeq, RopeFreqs};
 use crate::model::graph::Graph;
 use crate::model::kv_cache::{DecodeBatch, KvStore};
 use crate::ops::{Backend, Buffer, DType, Result};
@@ -219,21 +219,21 @@ impl Padding {
         positions.resize(n, 0);
         let mut slots: Vec<i32> = rows.iter().map(|r| r.slot as i32).collect();
         slots.resize(n, (self.scratch_block * self.block_size) as i32);
-        let mut lens: Vec<i32> = rows.iter().map(|r| r.len as i32).collect();
-        lens.resize(n, 1);
-        let mut tables = vec![0i32; n * self.stride];
-        for (i, r) in rows.iter().enumerate() {
-            assert!(
-                r.table.len() <= self.stride,
-                "a sequence holds more blocks than the call's bound"
-            );
-            for (t, &b) in tables[i * self.stride..].iter_mut().zip(r.table) {
-                *t = b as i32;
-            }
-        }
-        for i in n - pad..n {
-            tables[i * self.stride] = self.scratch_block as i32;
-        }
+        // Padding rows attend to the spare block alone.
+        let spare = [self.scratch_block];
+        let padding = PagedSeq {
+            block_table: &spare,
+            len: 1,
+        };
+        let seqs: Vec<PagedSeq> = rows
+            .iter()
+            .map(|r| PagedSeq {
+                block_table: r.table,
+                len: r.len,
+            })
+            .chain(std::iter::repeat_n(padding, pad))
+            .collect();
+        let (tables, lens) = block_tables_at(&seqs, self.stride);
         be.write_ids(&mut bucket.ids, &ids)?;
         be.write_rope(
             &mut bucket.rope,
